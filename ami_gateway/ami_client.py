@@ -1,0 +1,300 @@
+"""The asyncio shell around the sans-I/O AMI parser: one manager session to Asterisk.
+
+Theory of operation:
+
+* ``run()`` loops forever: connect, read the banner, log in (MD5 challenge when asked, else
+  plain), turn events on, hand the session to ``on_connected`` (the gateway resyncs there),
+  then read until the peer goes away; then back off (exponential, jittered) and retry.
+* Reading never waits on anything but the socket. Every event goes to ``on_event``
+  synchronously; that callback must only do in-memory work (the tracker plus an in-memory
+  outbox). This is what keeps Asterisk from dropping us: it cuts a manager session that does
+  not read within its write timeout (100 ms by default).
+* Actions are correlated by ActionID. ``send_action`` resolves with the response; event
+  lists (``EventList: start`` ... ``...Complete``) are collected and returned whole.
+* A Ping every ``ping_interval`` seconds without an answer within ``ping_timeout`` means the
+  TCP session is dead even if the kernel has not noticed: close and reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Gauge
+
+from ami_gateway.ami_protocol import (
+    AmiMessage,
+    AmiParser,
+    Banner,
+    MalformedMessage,
+    encode_action,
+    md5_login_key,
+)
+from services.backoff import Backoff
+
+log = logging.getLogger(__name__)
+
+AMI_CONNECTED = Gauge("cms_ami_connected", "1 while the gateway holds a logged-in AMI session")
+AMI_RECONNECTS = Counter("cms_ami_reconnects_total", "AMI connection attempts after the first")
+AMI_EVENTS = Counter("cms_ami_events_received_total", "AMI events received", ["event"])
+AMI_MALFORMED = Counter("cms_ami_malformed_messages_total", "AMI messages that could not be parsed")
+AMI_ACTIONS = Counter("cms_ami_actions_total", "AMI actions sent", ["action", "outcome"])
+
+# Event names we count individually; the rest fall into "other" so the label set stays bounded.
+_COUNTED_EVENTS = frozenset(
+    {
+        "Newchannel", "Newstate", "Hangup", "DialBegin", "DialEnd", "BridgeEnter", "BridgeLeave",
+        "NewConnectedLine", "NewCallerid", "Hold", "Unhold", "QueueCallerJoin", "QueueCallerLeave",
+        "AgentCalled", "AgentConnect", "AgentComplete", "AgentRingNoAnswer", "QueueMemberPause",
+        "QueueMemberStatus", "BlindTransfer", "AttendedTransfer", "OriginateResponse", "LocalBridge",
+        "CoreShowChannel", "QueueMember", "VarSet",
+    }
+)
+
+
+class AmiError(Exception):
+    """An action failed or the session is not usable."""
+
+
+class AmiAuthError(AmiError):
+    """Asterisk refused our credentials: retrying quickly will not help."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[list[AmiMessage]]
+    collecting: bool = False
+    items: list[AmiMessage] = field(default_factory=list)
+
+
+class AmiSession:
+    """One logged-in connection. Created by :class:`AmiClient`; valid until it closes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, parser: AmiParser) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._parser = parser
+        self._ids = itertools.count(1)
+        self._pending: dict[str, _Pending] = {}
+        self.banner = ""
+        self.closed = asyncio.Event()
+
+    def _next_id(self) -> str:
+        return f"cms-{next(self._ids)}"
+
+    async def send_action(
+        self,
+        action: str,
+        fields: Iterable[tuple[str, str]] | Mapping[str, str] = (),
+        *,
+        timeout: float = 10.0,
+        expect_list: bool = False,
+    ) -> list[AmiMessage]:
+        """Send an action; return ``[response]``, or ``[response, *list_events]`` for event lists."""
+        if self.closed.is_set():
+            raise AmiError("AMI session is closed")
+        action_id = self._next_id()
+        loop = asyncio.get_running_loop()
+        pending = _Pending(future=loop.create_future(), collecting=expect_list)
+        self._pending[action_id] = pending
+        self._writer.write(encode_action(action, fields, action_id=action_id))
+        try:
+            result = await asyncio.wait_for(pending.future, timeout)
+        except TimeoutError:
+            AMI_ACTIONS.labels(action=action, outcome="timeout").inc()
+            raise AmiError(f"{action}: no response within {timeout:.0f}s") from None
+        finally:
+            self._pending.pop(action_id, None)
+        outcome = "success" if (result[0].response or "").lower() in ("success", "follows", "goodbye") else "error"
+        AMI_ACTIONS.labels(action=action, outcome=outcome).inc()
+        return result
+
+    def dispatch_response(self, msg: AmiMessage) -> bool:
+        """Route a message that belongs to one of our actions. True if it was ours."""
+        action_id = msg.action_id
+        if action_id is None:
+            return False
+        pending = self._pending.get(action_id)
+        if pending is None or pending.future.done():
+            return False
+        if msg.response is not None:
+            if pending.collecting and (msg.get("EventList") or "").lower() == "start":
+                pending.items.append(msg)
+                return True
+            pending.future.set_result([msg])
+            return True
+        if pending.collecting and msg.event is not None:
+            pending.items.append(msg)
+            if (msg.get("EventList") or "").lower() == "complete" or msg.event.endswith("Complete"):
+                pending.future.set_result(pending.items)
+            return True
+        return False
+
+    def fail_all(self, reason: str) -> None:
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(AmiError(reason))
+        self._pending.clear()
+
+    def close(self) -> None:
+        if not self._writer.is_closing():
+            self._writer.close()
+
+
+EventHandler = Callable[[AmiMessage, float], None]
+ConnectedHandler = Callable[[AmiSession], Awaitable[None]]
+
+
+class AmiClient:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        username: str,
+        secret: str,
+        *,
+        on_event: EventHandler,
+        on_connected: ConnectedHandler,
+        on_disconnected: Callable[[], None] = lambda: None,
+        ping_interval: float = 10.0,
+        ping_timeout: float = 5.0,
+        backoff: Backoff | None = None,
+        max_message_bytes: int = 256 * 1024,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._username = username
+        self._secret = secret
+        self._on_event = on_event
+        self._on_connected = on_connected
+        self._on_disconnected = on_disconnected
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
+        self._max_message_bytes = max_message_bytes
+        self.session: AmiSession | None = None
+        self._stopping = False
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        first = True
+        while not self._stopping:
+            if not first:
+                AMI_RECONNECTS.inc()
+            first = False
+            try:
+                await self._run_once()
+                self._backoff.reset()
+            except AmiAuthError as exc:
+                log.error("AMI login refused by %s:%s: %s", self._host, self._port, exc)
+            except (OSError, AmiError, asyncio.IncompleteReadError) as exc:
+                log.warning("AMI connection to %s:%s lost: %s", self._host, self._port, exc)
+            finally:
+                self.ready.clear()
+                AMI_CONNECTED.set(0)
+                if self.session is not None:
+                    self.session.fail_all("AMI connection lost")
+                    self.session.close()
+                    self.session = None
+                    self._on_disconnected()
+            if self._stopping:
+                break
+            delay = self._backoff.next_delay()
+            log.info("AMI reconnect in %.1fs", delay)
+            await asyncio.sleep(delay)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        session = self.session
+        if session is not None:
+            try:
+                await asyncio.wait_for(session.send_action("Logoff"), 1.0)
+            except (AmiError, TimeoutError, OSError):
+                pass
+            session.close()
+
+    async def _run_once(self) -> None:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(self._host, self._port), 10)
+        parser = AmiParser(max_message_bytes=self._max_message_bytes)
+        session = AmiSession(reader, writer, parser)
+        self.session = session
+        read_task = asyncio.create_task(self._read_loop(session))
+        try:
+            await self._login(session)
+            AMI_CONNECTED.set(1)
+            log.info("AMI logged in to %s:%s (%s)", self._host, self._port, session.banner)
+            await self._on_connected(session)
+            self.ready.set()
+            ping_task = asyncio.create_task(self._keepalive(session))
+            try:
+                done, _ = await asyncio.wait({read_task, ping_task}, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+            finally:
+                ping_task.cancel()
+        finally:
+            if not read_task.done():
+                read_task.cancel()
+            session.close()
+            session.closed.set()
+
+    async def _login(self, session: AmiSession) -> None:
+        challenge = await session.send_action("Challenge", {"AuthType": "MD5"}, timeout=10)
+        if (challenge[0].response or "").lower() == "success" and challenge[0].get("Challenge"):
+            fields = {
+                "AuthType": "MD5",
+                "Username": self._username,
+                "Key": md5_login_key(challenge[0]["Challenge"], self._secret),
+                "Events": "on",
+            }
+        else:
+            fields = {"Username": self._username, "Secret": self._secret, "Events": "on"}
+        response = (await session.send_action("Login", fields, timeout=10))[0]
+        if (response.response or "").lower() != "success":
+            raise AmiAuthError(response.get("Message") or "authentication failed")
+
+    async def _read_loop(self, session: AmiSession) -> None:
+        try:
+            await self._read_messages(session)
+        finally:
+            session.closed.set()
+            session.fail_all("AMI connection lost")
+
+    async def _read_messages(self, session: AmiSession) -> None:
+        parser = session._parser
+        while True:
+            data = await session._reader.read(65536)
+            received_at = time.time()
+            parser.receive_data(data)
+            while True:
+                item = parser.next_event()
+                if item is None:
+                    break
+                if isinstance(item, Banner):
+                    session.banner = f"Asterisk Call Manager/{item.version}"
+                    continue
+                if isinstance(item, MalformedMessage):
+                    AMI_MALFORMED.inc()
+                    log.warning("malformed AMI message skipped: %s", item.reason)
+                    continue
+                if session.dispatch_response(item):
+                    continue
+                name = item.event
+                if name is None:
+                    continue
+                AMI_EVENTS.labels(event=name if name in _COUNTED_EVENTS else "other").inc()
+                self._on_event(item, received_at)
+            if not data:
+                raise AmiError("Asterisk closed the connection")
+
+    async def _keepalive(self, session: AmiSession) -> None:
+        while True:
+            await asyncio.sleep(self._ping_interval)
+            try:
+                await session.send_action("Ping", timeout=self._ping_timeout)
+            except AmiError as exc:
+                raise AmiError(f"keepalive failed: {exc}") from None

@@ -1,0 +1,282 @@
+"""The gateway process: AMI in, line events out, commands executed.
+
+Start order (each step waits for the one before): Redis (claim an epoch), metrics endpoint,
+outbox drain task, command consumer, AMI client (or the ``filePath`` replay). Ready means
+"logged in to AMI and resynced". Stop is the reverse, with a deadline for the outbox to flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import aio_pika
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractIncomingMessage
+from prometheus_client import Gauge
+
+from ami_gateway.ami_client import AmiClient, AmiError, AmiSession
+from ami_gateway.ami_protocol import AmiMessage
+from ami_gateway.command_executor import CommandExecutor
+from ami_gateway.event_outbox import (
+    BROKER_ERRORS,
+    BROKER_RECONNECTS,
+    EventOutbox,
+    EventPublisher,
+    Sequencer,
+)
+from ami_gateway.lines import LineMatcher
+from ami_gateway.packet_info import parse_packet_info
+from ami_gateway.tracker import CallTracker, TrackerOptions
+from services.backoff import Backoff
+from services.config import Settings, redact_url
+from services.line_state import LineStateWriter
+from services.observability import ObservabilityServer
+from services.topology import Topology
+from services.wire import Call, CallState, Command, EventType, LineEvent, WireError
+
+log = logging.getLogger(__name__)
+
+CALLS_IN_PROGRESS = Gauge("cms_calls_in_progress", "Calls the gateway currently tracks on agent lines")
+GATEWAY_READY = Gauge("cms_gateway_ready", "1 when the gateway is logged in to AMI and resynced")
+
+
+class Gateway:
+    def __init__(self, settings: Settings, *, metrics_host: str = "127.0.0.1", metrics_port: int = 0) -> None:
+        self.settings = settings
+        ast = settings.asterisk
+        self.topology = Topology(settings.cluster.prefix)
+        self.redis = aioredis.from_url(settings.cluster.redis_url)
+        self.writer = LineStateWriter(self.redis, settings.cluster.prefix, settings.cluster.history_length)
+        self.tracker = CallTracker(
+            LineMatcher(protocol=ast.protocol, queue_extension_format=ast.queue_extension_format),
+            TrackerOptions(
+                send_ring_started_on_ringing_state=ast.send_ring_started_on_ringing_state,
+                packet_info=parse_packet_info(ast.packet_info_config) if ast.packet_info_config else None,
+            ),
+        )
+        self.sequencer = Sequencer(epoch="")
+        self.outbox = EventOutbox(
+            self.writer,
+            EventPublisher(settings.cluster.amqp_url, self.topology),
+            self.sequencer,
+            on_continuity_lost=self._restate_all_lines,
+        )
+        self.ami: AmiClient | None = None
+        self.executor = CommandExecutor(
+            ast,
+            session=lambda: self.ami.session if self.ami is not None and self.ami.ready.is_set() else None,
+            calls_of=self.tracker.calls_of,
+            ttl_seconds=settings.cluster.command_ttl_seconds,
+        )
+        self.observability = ObservabilityServer(metrics_host, metrics_port, self._health)
+        self.ready = asyncio.Event()
+        self._resync_buffer: list[tuple[AmiMessage, float]] | None = None
+        self._stale_calls: dict[str, list[Call]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        epoch = await self._claim_epoch()
+        self.sequencer.restart(epoch)
+        self._stale_calls = {line: await self.writer.stored_calls(line) for line in await self.writer.known_lines()}
+        await self.observability.start()
+        self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
+        self._tasks.append(asyncio.create_task(self._consume_commands(), name="commands"))
+        ast = self.settings.asterisk
+        if ast.file_path:
+            self._tasks.append(asyncio.create_task(self._replay(ast.file_path), name="replay"))
+        else:
+            self.ami = AmiClient(
+                ast.url or "127.0.0.1",
+                ast.port,
+                ast.user_name,
+                ast.secret,
+                on_event=self._on_ami_event,
+                on_connected=self._on_ami_connected,
+                on_disconnected=self._on_ami_disconnected,
+            )
+            self._tasks.append(asyncio.create_task(self.ami.run(), name="ami"))
+        log.info(
+            "gateway started: epoch %s, AMI %s, broker %s, metrics on :%d",
+            epoch,
+            f"replay of {ast.file_path}" if ast.file_path else f"{ast.url}:{ast.port} as {ast.user_name}",
+            redact_url(self.settings.cluster.amqp_url),
+            self.observability.port,
+        )
+
+    async def stop(self, flush_timeout: float = 5.0) -> None:
+        GATEWAY_READY.set(0)
+        if self.ami is not None:
+            await self.ami.stop()
+        if not await self.outbox.wait_idle(flush_timeout):
+            log.warning("stopping with %d events not yet published", self.outbox.depth)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.observability.stop()
+        await self.redis.aclose()
+
+    async def _claim_epoch(self) -> str:
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        while True:
+            try:
+                return await self.writer.new_epoch()
+            except (OSError, aioredis.RedisError) as exc:
+                delay = backoff.next_delay()
+                log.warning("Redis unavailable at start (%s); retry in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+
+    def _health(self) -> tuple[bool, dict[str, object]]:
+        connected = self.ami.ready.is_set() if self.ami is not None else self.ready.is_set()
+        return connected, {"ami": "connected" if connected else "down", "outbox": self.outbox.depth}
+
+    # ---- AMI path (synchronous, in-memory only) --------------------------------------------
+
+    def _on_ami_event(self, msg: AmiMessage, received_at: float) -> None:
+        if self._resync_buffer is not None:
+            self._resync_buffer.append((msg, received_at))
+            return
+        self._emit(self.tracker.handle(msg, received_at))
+
+    def _emit(self, events: list[LineEvent]) -> None:
+        if events:
+            self.outbox.put(events)
+            CALLS_IN_PROGRESS.set(sum(len(self.tracker.calls_of(line)) for line in self.tracker.lines()))
+
+    async def _on_ami_connected(self, session: AmiSession) -> None:
+        """Rebuild the truth before emitting deltas: what ended or started while we were away."""
+        self._resync_buffer = []
+        try:
+            channels = await session.send_action("CoreShowChannels", expect_list=True, timeout=30)
+            members: list[AmiMessage] = []
+            try:
+                members = await session.send_action("QueueStatus", expect_list=True, timeout=30)
+            except AmiError as exc:
+                log.warning("QueueStatus failed (%s); agent pause states not refreshed", exc)
+            now = time.time()
+            self._emit(
+                self.tracker.resync(
+                    [m for m in channels if m.event == "CoreShowChannel"],
+                    [m for m in members if m.event == "QueueMember"],
+                    now,
+                )
+            )
+            self._finish_stale_calls(now)
+        finally:
+            buffered, self._resync_buffer = self._resync_buffer or [], None
+            for msg, received_at in buffered:
+                self._emit(self.tracker.handle(msg, received_at))
+        self.ready.set()
+        GATEWAY_READY.set(1)
+
+    def _on_ami_disconnected(self) -> None:
+        self.ready.clear()
+        GATEWAY_READY.set(0)
+
+    def _finish_stale_calls(self, now: float) -> None:
+        """Calls a previous gateway run left in Redis that are no longer live get their end."""
+        stale, self._stale_calls = self._stale_calls or {}, None
+        for line, calls in stale.items():
+            live = {c.id for c in self.tracker.calls_of(line)}
+            ended = [
+                LineEvent(
+                    line=line,
+                    type=EventType.RING_FINISHED,
+                    call=c.evolve(state=CallState.FINISHED, ended_at=now),
+                    ami_received_at=now,
+                )
+                for c in calls
+                if c.id not in live
+            ]
+            self._emit(ended)
+
+    async def _restate_all_lines(self) -> None:
+        """After the outbox lost events: new epoch, then every line's truth as fresh events."""
+        epoch = await self._claim_epoch()
+        self.sequencer.restart(epoch)
+        now = time.time()
+        events: list[LineEvent] = []
+        for line in self.tracker.lines():
+            for call in self.tracker.calls_of(line):
+                events.append(LineEvent(line=line, type=EventType.CALL_INFO_CHANGED, call=call, ami_received_at=now))
+            agent = self.tracker.agent_state(line)
+            if agent is not None:
+                events.append(LineEvent(line=line, type=EventType.AGENT_STATE_CHANGED, agent=agent, ami_received_at=now))
+        self.outbox.put(events)
+
+    async def _replay(self, path: str) -> None:
+        from ami_simulator.scenario import load_scenario
+
+        scenario = load_scenario(path)
+        self.ready.set()
+        GATEWAY_READY.set(1)
+        for delay, msg in scenario.steps:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if isinstance(msg, AmiMessage) and msg.event:
+                self._emit(self.tracker.handle(msg, time.time()))
+        log.info("replay of %s finished", path)
+
+    # ---- commands ----------------------------------------------------------------------------
+
+    async def _consume_commands(self) -> None:
+        backoff = Backoff(initial=0.2, maximum=10.0)
+        first = True
+        while True:
+            try:
+                if not first:
+                    BROKER_RECONNECTS.labels(process="gateway").inc()
+                first = False
+                connection = await aio_pika.connect(self.settings.cluster.amqp_url, timeout=10)
+                async with connection:
+                    channel = await connection.channel()
+                    await channel.set_qos(prefetch_count=64)
+                    queue = await channel.declare_queue(self.topology.commands_queue, durable=True)
+                    backoff.reset()
+                    async with queue.iterator() as messages:
+                        async for message in messages:
+                            await self._handle_command(channel, message)
+            except asyncio.CancelledError:
+                raise
+            except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
+                BROKER_ERRORS.labels(process="gateway").inc()
+                delay = backoff.next_delay()
+                log.warning("command queue unavailable (%s); retry in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _handle_command(self, channel: aio_pika.abc.AbstractChannel, message: AbstractIncomingMessage) -> None:
+        async with message.process(ignore_processed=True):
+            try:
+                command = Command.decode(message.body)
+            except WireError as exc:
+                log.warning("dropping undecodable command: %s", exc)
+                return
+            result = await self.executor.execute(command)
+            if message.reply_to:
+                await channel.default_exchange.publish(
+                    aio_pika.Message(body=result.encode(), correlation_id=command.id, content_type="application/json"),
+                    routing_key=message.reply_to,
+                    mandatory=False,
+                )
+
+
+async def run_gateway(settings: Settings, stop: asyncio.Event, *, metrics_host: str, metrics_port: int,
+                      on_ready: Callable[[Gateway], None] | None = None) -> None:
+    gateway = Gateway(settings, metrics_host=metrics_host, metrics_port=metrics_port)
+    await gateway.start()
+    if on_ready is not None:
+        on_ready(gateway)
+    try:
+        await stop.wait()
+    finally:
+        await gateway.stop()
+
+
+

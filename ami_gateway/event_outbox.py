@@ -1,0 +1,213 @@
+"""Between the AMI read path and the outside world: sequence, buffer, store, publish.
+
+The read path calls :meth:`EventOutbox.put` synchronously; it only assigns each event its
+line position and appends it to a bounded in-memory queue, so a slow or absent Redis or
+RabbitMQ never delays reading AMI. A single drain task takes batches in order and, for each
+batch, first writes Redis (state + history), then publishes to RabbitMQ with publisher
+confirms; either step is retried with backoff until it succeeds, so events leave in the order
+Asterisk produced them and none is skipped. A node may see an event twice after a retry; it
+drops duplicates by sequence number.
+
+If the buffer overflows (the broker or Redis away for very long), the oldest events are
+dropped and continuity is declared lost: the next events start a new epoch, which tells every
+reader to take a fresh snapshot instead of trusting its history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.backoff import Backoff
+from services.config import redact_url
+from services.line_state import LineStateWriter
+from services.topology import Topology
+from services.wire import LineEvent
+
+log = logging.getLogger(__name__)
+
+EVENTS_PUBLISHED = Counter("cms_call_events_published_total", "Line events confirmed by RabbitMQ")
+EVENTS_DROPPED = Counter("cms_call_events_dropped_total", "Line events dropped because the outbox overflowed")
+OUTBOX_DEPTH = Gauge("cms_outbox_events", "Line events waiting to be stored and published")
+PUBLISH_SECONDS = Histogram(
+    "cms_publish_batch_seconds",
+    "Time to store a batch in Redis and have RabbitMQ confirm it",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+BROKER_ERRORS = Counter("cms_broker_errors_total", "RabbitMQ operations that failed", ["process"])
+BROKER_RECONNECTS = Counter("cms_broker_reconnects_total", "RabbitMQ connections opened after the first", ["process"])
+REDIS_ERRORS = Counter("cms_redis_errors_total", "Redis operations that failed", ["process"])
+
+
+class Sequencer:
+    """Per-line gap-free numbering within an epoch."""
+
+    def __init__(self, epoch: str) -> None:
+        self.epoch = epoch
+        self._seq: dict[str, int] = collections.defaultdict(int)
+
+    def position(self, event: LineEvent) -> LineEvent:
+        self._seq[event.line] += 1
+        return event.positioned(self.epoch, self._seq[event.line])
+
+    def restart(self, epoch: str) -> None:
+        self.epoch = epoch
+        self._seq.clear()
+
+
+class EventPublisher:
+    """RabbitMQ side of the outbox: one connection, one confirming channel, reconnects on demand."""
+
+    def __init__(self, amqp_url: str, topology: Topology) -> None:
+        self._url = amqp_url
+        self._topology = topology
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._connected_once = False
+
+    async def _ensure(self) -> AbstractExchange:
+        if self._exchange is not None and self._connection is not None and not self._connection.is_closed:
+            return self._exchange
+        await self.close()
+        if self._connected_once:
+            BROKER_RECONNECTS.labels(process="gateway").inc()
+        self._connection = await aio_pika.connect(self._url, timeout=10)
+        self._connected_once = True
+        self._channel = await self._connection.channel(publisher_confirms=True)
+        self._exchange = await self._channel.declare_exchange(
+            self._topology.events_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        log.info("publishing events to %s on %s", self._topology.events_exchange, redact_url(self._url))
+        return self._exchange
+
+    async def publish(self, events: Sequence[LineEvent]) -> None:
+        exchange = await self._ensure()
+        # One channel keeps frames in order; awaiting the confirms together (a window as large as
+        # the batch) is what lifts throughput above one round trip per event.
+        await asyncio.gather(
+            *(
+                exchange.publish(
+                    aio_pika.Message(
+                        body=event.encode(),
+                        content_type="application/json",
+                        delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+                    ),
+                    routing_key=self._topology.line_routing_key(event.line),
+                    mandatory=False,
+                )
+                for event in events
+            )
+        )
+
+    async def close(self) -> None:
+        connection, self._connection, self._channel, self._exchange = self._connection, None, None, None
+        if connection is not None and not connection.is_closed:
+            try:
+                await connection.close()
+            except (aio_pika.exceptions.AMQPError, OSError, RuntimeError):
+                pass
+
+
+class EventOutbox:
+    def __init__(
+        self,
+        writer: LineStateWriter,
+        publisher: EventPublisher,
+        sequencer: Sequencer,
+        *,
+        capacity: int = 200_000,
+        batch_size: int = 256,
+        on_continuity_lost: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._writer = writer
+        self._publisher = publisher
+        self._sequencer = sequencer
+        self._capacity = capacity
+        self._batch_size = batch_size
+        self._queue: collections.deque[LineEvent] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._continuity_lost = False
+        self._on_continuity_lost = on_continuity_lost
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.published = 0
+
+    def put(self, events: Sequence[LineEvent]) -> None:
+        """Never blocks: the AMI read path calls this."""
+        if not events:
+            return
+        for event in events:
+            self._queue.append(self._sequencer.position(event))
+        if len(self._queue) > self._capacity:
+            # A partial history would have a hole readers cannot see; drop it all and restate
+            # every line under a new epoch instead (see on_continuity_lost).
+            dropped = len(self._queue)
+            self._queue.clear()
+            EVENTS_DROPPED.inc(dropped)
+            self._continuity_lost = True
+            log.error("outbox overflow: dropped %d events; every line restarts under a new epoch", dropped)
+        OUTBOX_DEPTH.set(len(self._queue))
+        self._idle.clear()
+        self._wakeup.set()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def run(self) -> None:
+        backoff = Backoff(initial=0.1, maximum=5.0)
+        while True:
+            if self._continuity_lost and self._on_continuity_lost is not None:
+                self._continuity_lost = False
+                await self._on_continuity_lost()
+            if not self._queue:
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
+            started = time.perf_counter()
+            try:
+                await self._writer.write(batch)
+            except (OSError, ConnectionError) as exc:
+                await self._failed("redis", exc, backoff)
+                continue
+            except Exception as exc:  # redis.exceptions.* do not share a base with OSError
+                if type(exc).__module__.startswith("redis"):
+                    await self._failed("redis", exc, backoff)
+                    continue
+                raise
+            try:
+                await self._publisher.publish(batch)
+            except (aio_pika.exceptions.AMQPError, OSError, ConnectionError, RuntimeError, TimeoutError) as exc:
+                await self._publisher.close()
+                await self._failed("rabbitmq", exc, backoff)
+                continue
+            PUBLISH_SECONDS.observe(time.perf_counter() - started)
+            backoff.reset()
+            for _ in batch:
+                self._queue.popleft()
+            self.published += len(batch)
+            EVENTS_PUBLISHED.inc(len(batch))
+            OUTBOX_DEPTH.set(len(self._queue))
+
+    async def _failed(self, what: str, exc: BaseException, backoff: Backoff) -> None:
+        (REDIS_ERRORS if what == "redis" else BROKER_ERRORS).labels(process="gateway").inc()
+        delay = backoff.next_delay()
+        log.warning("%s unavailable (%s); %d events wait; retry in %.1fs", what, exc, len(self._queue), delay)
+        await asyncio.sleep(delay)

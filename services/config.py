@@ -1,0 +1,292 @@
+"""Typed, validated configuration, loaded once per process.
+
+The Asterisk block is read exactly as the Creatio Messaging Service's ``appsettings.json``
+spells it, so an administrator's existing file works unchanged:
+
+* the block is found under a key named ``Asterisk`` (any case, at any depth), or is the
+  whole document when that already holds ``url``/``userName``;
+* key names are matched case-insensitively, as .NET configuration binding does;
+* values may be JSON strings (``"5038"``, ``"true"``) as in CMS's sample, or native JSON.
+
+Our own settings live beside it in an optional ``Cluster`` block; environment variables
+(``CMS_AMQP_URL``, ``CMS_REDIS_URL``, ``CMS_PREFIX``) override both. Every error names the
+offending key, so a typo fails at start with a message, not at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ASTERISK_KEYS = (
+    "url",
+    "port",
+    "userName",
+    "secret",
+    "originateContext",
+    "autoPauseOnCommutationStart",
+    "queueExtensionFormat",
+    "asyncOriginate",
+    "sendRingStartedOnRingingState",
+    "traceQueuesState",
+    "protocol",
+    "packetInfoConfig",
+    "filePath",
+    "parkingLotContext",
+)
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class AsteriskConfig:
+    """CMS's Asterisk block, with CMS's meaning for every key."""
+
+    url: str = ""
+    port: int = 5038
+    user_name: str = ""
+    secret: str = field(default="", repr=False)
+    originate_context: str = "from-internal"
+    auto_pause_on_commutation_start: bool = False
+    queue_extension_format: str = "Local/{0}@from-queue/n"
+    async_originate: bool = True
+    send_ring_started_on_ringing_state: bool = True
+    trace_queues_state: bool = False
+    protocol: str = "SIP"
+    packet_info_config: str = ""
+    file_path: str = ""
+    parking_lot_context: str = ""
+
+    @property
+    def uses_pbx(self) -> bool:
+        """True when a live AMI peer is configured (not a replay file, not the simulator)."""
+        return bool(self.url) and not self.file_path
+
+    def redacted(self) -> dict[str, Any]:
+        """The block as it may appear in logs: the secret never does."""
+        out: dict[str, Any] = {}
+        for name in self.__slots__:
+            value = getattr(self, name)
+            out[name] = "***" if name == "secret" and value else value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Where the shared infrastructure is, and the namespace this deployment uses in it."""
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: prefix of every exchange, queue and Redis key: lets several clusters (or test runs) share servers.
+    prefix: str = "cms"
+    #: how many recent events each line keeps in Redis for gap repair.
+    history_length: int = 1000
+    #: commands older than this when they reach the gateway are refused, not executed late.
+    command_ttl_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    asterisk: AsteriskConfig
+    cluster: ClusterConfig
+    source: str = ""
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    document: Any = {}
+    source = ""
+    if path:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8-sig")
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {source}: {exc.strerror}") from exc
+        try:
+            document = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{source} is not valid JSON: {exc}") from exc
+        if not isinstance(document, dict):
+            raise ConfigError(f"{source}: the top level must be a JSON object")
+    asterisk_block = _find_block(document, "asterisk") or _bare_asterisk_block(document) or {}
+    cluster_block = _find_block(document, "cluster") or {}
+    asterisk = parse_asterisk(asterisk_block)
+    cluster = parse_cluster(cluster_block, env)
+    return Settings(asterisk=asterisk, cluster=cluster, source=source)
+
+
+def parse_asterisk(block: Mapping[str, Any], where: str = "Asterisk") -> AsteriskConfig:
+    values = _fold_keys(block, where)
+    known = {k.lower(): k for k in ASTERISK_KEYS}
+    unknown = sorted(k for k in values if k not in known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(ASTERISK_KEYS)}"
+        )
+    reader = _Reader(values, where)
+    defaults = AsteriskConfig()
+    cfg = AsteriskConfig(
+        url=reader.text("url", defaults.url),
+        port=reader.integer("port", defaults.port, low=1, high=65535),
+        user_name=reader.text("userName", defaults.user_name),
+        secret=reader.text("secret", defaults.secret),
+        originate_context=reader.text("originateContext", defaults.originate_context),
+        auto_pause_on_commutation_start=reader.boolean(
+            "autoPauseOnCommutationStart", defaults.auto_pause_on_commutation_start
+        ),
+        queue_extension_format=reader.text("queueExtensionFormat", defaults.queue_extension_format),
+        async_originate=reader.boolean("asyncOriginate", defaults.async_originate),
+        send_ring_started_on_ringing_state=reader.boolean(
+            "sendRingStartedOnRingingState", defaults.send_ring_started_on_ringing_state
+        ),
+        trace_queues_state=reader.boolean("traceQueuesState", defaults.trace_queues_state),
+        protocol=reader.text("protocol", defaults.protocol),
+        packet_info_config=reader.text("packetInfoConfig", defaults.packet_info_config),
+        file_path=reader.text("filePath", defaults.file_path),
+        parking_lot_context=reader.text("parkingLotContext", defaults.parking_lot_context),
+    )
+    if cfg.queue_extension_format and "{0}" not in cfg.queue_extension_format:
+        raise ConfigError(
+            f"{where}.queueExtensionFormat: {cfg.queue_extension_format!r} must contain {{0}} "
+            "where the line number goes, e.g. Local/{0}@from-queue/n"
+        )
+    techs = [t.strip() for t in cfg.protocol.split(",") if t.strip()]
+    if not techs or any(not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", t) for t in techs):
+        raise ConfigError(f"{where}.protocol: {cfg.protocol!r} must be a channel technology such as SIP or PJSIP")
+    if cfg.url and not cfg.file_path and not cfg.user_name:
+        raise ConfigError(f"{where}.userName: required when {where}.url names a PBX")
+    return cfg
+
+
+def parse_cluster(block: Mapping[str, Any], env: Mapping[str, str], where: str = "Cluster") -> ClusterConfig:
+    values = _fold_keys(block, where)
+    defaults = ClusterConfig()
+    allowed = {"amqpurl", "redisurl", "prefix", "historylength", "commandttlseconds"}
+    unknown = sorted(k for k in values if k not in allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; expected some of "
+            "amqpUrl, redisUrl, prefix, historyLength, commandTtlSeconds"
+        )
+    for env_name, key in (("CMS_AMQP_URL", "amqpurl"), ("CMS_REDIS_URL", "redisurl"), ("CMS_PREFIX", "prefix")):
+        if env.get(env_name):
+            values[key] = env[env_name]
+    reader = _Reader(values, where)
+    cfg = ClusterConfig(
+        amqp_url=reader.text("amqpUrl", defaults.amqp_url),
+        redis_url=reader.text("redisUrl", defaults.redis_url),
+        prefix=reader.text("prefix", defaults.prefix),
+        history_length=reader.integer("historyLength", defaults.history_length, low=10, high=1_000_000),
+        command_ttl_seconds=reader.number("commandTtlSeconds", defaults.command_ttl_seconds, low=0.1, high=600),
+    )
+    if not cfg.amqp_url.startswith(("amqp://", "amqps://")):
+        raise ConfigError(f"{where}.amqpUrl: must start with amqp:// or amqps://")
+    if not cfg.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{where}.redisUrl: must start with redis://, rediss:// or unix://")
+    if not _PREFIX_RE.match(cfg.prefix):
+        raise ConfigError(f"{where}.prefix: {cfg.prefix!r} must be 1-64 letters, digits, '_', '.', '-'")
+    return cfg
+
+
+def redact_url(url: str) -> str:
+    """amqp://user:secret@host/ -> amqp://user:***@host/ (for logs)."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _find_block(document: Any, name: str) -> dict[str, Any] | None:
+    """Depth-first search for a key called ``name`` (any case) whose value is an object."""
+    if not isinstance(document, dict):
+        return None
+    for key, value in document.items():
+        if isinstance(key, str) and key.lower() == name and isinstance(value, dict):
+            return value
+    for value in document.values():
+        found = _find_block(value, name)
+        if found is not None:
+            return found
+    return None
+
+
+def _bare_asterisk_block(document: dict[str, Any]) -> dict[str, Any] | None:
+    """A document that is itself the Asterisk block (it holds url or userName at the top)."""
+    if any(str(k).lower() in ("url", "username") for k in document):
+        return {k: v for k, v in document.items() if str(k).lower() != "cluster"}
+    return None
+
+
+def _fold_keys(block: Mapping[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{where}: must be a JSON object")
+    folded: dict[str, Any] = {}
+    for key, value in block.items():
+        low = str(key).lower()
+        if low in folded:
+            raise ConfigError(f"{where}.{key}: given twice (keys are case-insensitive)")
+        folded[low] = value
+    return folded
+
+
+class _Reader:
+    def __init__(self, values: dict[str, Any], where: str) -> None:
+        self._values = values
+        self._where = where
+
+    def _get(self, key: str) -> Any:
+        return self._values.get(key.lower())
+
+    def text(self, key: str, default: str) -> str:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"{self._where}.{key}: expected a string, got {type(value).__name__}")
+        return str(value).strip()
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is None or value == "":
+            return default
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{self._where}.{key}: expected true or false, got {value!r}")
+
+    def integer(self, key: str, default: int, *, low: int, high: int) -> int:
+        value = self._get(key)
+        if value is None or value == "":
+            return default
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = int(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{self._where}.{key}: expected a whole number, got {value!r}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{self._where}.{key}: {number} is outside {low}..{high}")
+        return number
+
+    def number(self, key: str, default: float, *, low: float, high: float) -> float:
+        value = self._get(key)
+        if value is None or value == "":
+            return default
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{self._where}.{key}: expected a number, got {value!r}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{self._where}.{key}: {number} is outside {low}..{high}")
+        return number
