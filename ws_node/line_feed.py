@@ -1,0 +1,299 @@
+"""The node's link to the gateway: line events from RabbitMQ, truth from Redis, commands out.
+
+* One exclusive queue per node, bound to the routing key of each line an agent of this node
+  follows, and nothing else; bindings follow the agents (first agent of a line binds, last
+  one leaving unbinds).
+* Events are handled one at a time, in order. The :class:`LineRouter` says whether an event is
+  next, a duplicate, after a gap (repaired from the line's Redis history before going on) or
+  of a new epoch (every session of the line is resynced from a Redis snapshot).
+* After a broker reconnect the queue is declared and bound again, and every line is repaired
+  from the history, since events published while we were away went nowhere.
+* Commands go to the gateway's work queue with a per-message expiration; answers come back on
+  this node's reply queue, matched by correlation id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Protocol
+
+import aio_pika
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from prometheus_client import Counter, Gauge
+
+from services.backoff import Backoff
+from services.line_state import HistoryUnavailable, LineSnapshot, LineStateReader
+from services.topology import Topology
+from services.wire import Command, CommandResult, LineEvent, WireError
+from ws_node.line_router import LineRouter, Verdict
+
+log = logging.getLogger(__name__)
+
+NODE_BROKER_RECONNECTS = Counter("cms_node_broker_reconnects_total", "RabbitMQ reconnections of a node")
+NODE_BROKER_ERRORS = Counter("cms_node_broker_errors_total", "RabbitMQ failures seen by a node")
+NODE_REDIS_ERRORS = Counter("cms_node_redis_errors_total", "Redis failures seen by a node")
+LINE_EVENTS = Counter("cms_node_line_events_total", "Line events received by a node", ["verdict"])
+GAP_REPAIRS = Counter("cms_node_gap_repairs_total", "Gaps in a line's stream repaired from Redis", ["outcome"])
+LINES_BOUND = Gauge("cms_node_lines_bound", "Lines this node receives events for")
+
+
+class LineSubscriber(Protocol):
+    def deliver_event(self, event: LineEvent) -> None: ...
+
+    def resync(self, snapshot: LineSnapshot) -> None: ...
+
+
+class LineFeed:
+    def __init__(
+        self,
+        node_id: str,
+        amqp_url: str,
+        redis_client: aioredis.Redis,
+        topology: Topology,
+        *,
+        command_ttl_seconds: float = 5.0,
+    ) -> None:
+        self.node_id = node_id
+        self._url = amqp_url
+        self._topology = topology
+        self.reader = LineStateReader(redis_client, topology.prefix)
+        self.router: LineRouter[LineSubscriber] = LineRouter()
+        self._command_ttl = command_ttl_seconds
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._bound: set[str] = set()
+        self._pending: dict[str, asyncio.Future[CommandResult]] = {}
+        self._events: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self.connected = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._connection_loop(), name="broker"))
+        self._tasks.append(asyncio.create_task(self._process_events(), name="events"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._connection is not None and not self._connection.is_closed:
+            try:
+                await self._connection.close()
+            except (aio_pika.exceptions.AMQPError, OSError, RuntimeError):
+                pass
+
+    async def _connection_loop(self) -> None:
+        backoff = Backoff(initial=0.2, maximum=10.0)
+        first = True
+        while True:
+            try:
+                if not first:
+                    NODE_BROKER_RECONNECTS.inc()
+                first = False
+                connection = await aio_pika.connect(self._url, timeout=10)
+                self._connection = connection
+                closed = asyncio.Event()
+                connection.close_callbacks.add(lambda *_: closed.set())
+                await self._declare(connection)
+                backoff.reset()
+                self.connected.set()
+                log.info("node %s connected to the broker; %d lines bound", self.node_id, len(self._bound))
+                await self._repair_all()
+                await closed.wait()
+                raise ConnectionError("broker connection closed")
+            except asyncio.CancelledError:
+                raise
+            except (aio_pika.exceptions.AMQPError, OSError, RuntimeError, ConnectionError) as exc:
+                NODE_BROKER_ERRORS.inc()
+                self.connected.clear()
+                self._queue = None
+                self._channel = None
+                for future in self._pending.values():
+                    if not future.done():
+                        future.set_result(CommandResult("", ok=False, error="messaging broker connection lost"))
+                delay = backoff.next_delay()
+                log.warning("node %s: broker unavailable (%s); retry in %.1fs", self.node_id, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _declare(self, connection: AbstractConnection) -> None:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=512)
+        exchange = await channel.declare_exchange(
+            self._topology.events_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        queue = await channel.declare_queue(
+            self._topology.node_events_queue(self.node_id), exclusive=True, auto_delete=True
+        )
+        for line in self.router.lines():
+            await queue.bind(exchange, self._topology.line_routing_key(line))
+        self._bound = set(self.router.lines())
+        LINES_BOUND.set(len(self._bound))
+        await queue.consume(self._events.put, no_ack=True)
+        replies = await channel.declare_queue(
+            self._topology.node_replies_queue(self.node_id), exclusive=True, auto_delete=True
+        )
+        await replies.consume(self._on_reply, no_ack=True)
+        await channel.declare_queue(self._topology.commands_queue, durable=True)
+        self._channel = channel
+        self._queue = queue
+
+    # ---- membership ------------------------------------------------------------------------
+
+    async def follow(self, subscriber: LineSubscriber, line: str) -> LineSnapshot:
+        """Start delivering ``line`` to ``subscriber``; returns the line's snapshot to start from."""
+        if self.router.attach(subscriber, line):
+            await self._bind(line)
+        snapshot = await self.reader.snapshot(line)
+        self.router.start_from(line, snapshot.epoch, snapshot.seq)
+        return snapshot
+
+    async def unfollow(self, subscriber: LineSubscriber, line: str) -> None:
+        if self.router.detach(subscriber, line):
+            await self._unbind(line)
+
+    async def _bind(self, line: str) -> None:
+        queue = self._queue
+        if queue is None or line in self._bound:
+            return
+        try:
+            await queue.bind(self._topology.events_exchange, self._topology.line_routing_key(line))
+            self._bound.add(line)
+            LINES_BOUND.set(len(self._bound))
+        except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
+            # The reconnect loop binds every followed line again.
+            NODE_BROKER_ERRORS.inc()
+            log.warning("bind of line %s failed (%s); will bind on reconnect", line, exc)
+
+    async def _unbind(self, line: str) -> None:
+        queue = self._queue
+        self._bound.discard(line)
+        LINES_BOUND.set(len(self._bound))
+        if queue is None:
+            return
+        try:
+            await queue.unbind(self._topology.events_exchange, self._topology.line_routing_key(line))
+        except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
+            NODE_BROKER_ERRORS.inc()
+            log.warning("unbind of line %s failed: %s", line, exc)
+
+    # ---- events ----------------------------------------------------------------------------
+
+    async def _process_events(self) -> None:
+        while True:
+            message = await self._events.get()
+            try:
+                event = LineEvent.decode(message.body)
+            except WireError as exc:
+                LINE_EVENTS.labels(verdict="undecodable").inc()
+                log.warning("dropping undecodable line event: %s", exc)
+                continue
+            try:
+                await self.handle_event(event)
+            except (OSError, aioredis.RedisError) as exc:
+                NODE_REDIS_ERRORS.inc()
+                log.warning("line %s: cannot reach Redis (%s); delivering without repair", event.line, exc)
+                self._deliver(event)
+
+    async def handle_event(self, event: LineEvent) -> None:
+        verdict = self.router.classify(event)
+        LINE_EVENTS.labels(verdict=verdict.value).inc()
+        if verdict is Verdict.DELIVER:
+            self._deliver(event)
+        elif verdict is Verdict.GAP:
+            await self._repair(event.line)
+            if self.router.classify(event) is Verdict.DELIVER:
+                self._deliver(event)
+        elif verdict is Verdict.NEW_EPOCH:
+            await self._resync(event.line)
+
+    def _deliver(self, event: LineEvent) -> None:
+        self.router.delivered(event)
+        for subscriber in self.router.sessions(event.line):
+            subscriber.deliver_event(event)
+
+    async def _repair(self, line: str) -> None:
+        position = self.router.position(line)
+        if position is None:
+            return
+        try:
+            missed = await self.reader.events_after(line, position[0], position[1])
+        except HistoryUnavailable as exc:
+            GAP_REPAIRS.labels(outcome="resync").inc()
+            log.info("line %s: %s; resyncing from a snapshot", line, exc)
+            await self._resync(line)
+            return
+        GAP_REPAIRS.labels(outcome="repaired").inc()
+        for event in missed:
+            if self.router.classify(event) is Verdict.DELIVER:
+                self._deliver(event)
+
+    async def _resync(self, line: str) -> None:
+        snapshot = await self.reader.snapshot(line)
+        self.router.reset(line, snapshot.epoch, snapshot.seq)
+        for subscriber in self.router.sessions(line):
+            subscriber.resync(snapshot)
+
+    async def _repair_all(self) -> None:
+        for line in self.router.lines():
+            try:
+                await self._repair(line)
+            except (OSError, aioredis.RedisError) as exc:
+                NODE_REDIS_ERRORS.inc()
+                log.warning("line %s: repair after reconnect failed: %s", line, exc)
+
+    # ---- commands --------------------------------------------------------------------------
+
+    async def send_command(self, command: Command, timeout: float = 10.0) -> CommandResult:
+        channel = self._channel
+        if channel is None or not self.connected.is_set():
+            return CommandResult(command.id, ok=False, error="messaging broker unavailable; try again")
+        future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
+        self._pending[command.id] = future
+        try:
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    body=command.encode(),
+                    content_type="application/json",
+                    correlation_id=command.id,
+                    reply_to=self._topology.node_replies_queue(self.node_id),
+                    expiration=self._command_ttl,
+                ),
+                routing_key=self._topology.commands_queue,
+                mandatory=False,
+            )
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return CommandResult(command.id, ok=False, error="the telephony gateway did not answer in time")
+        except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
+            NODE_BROKER_ERRORS.inc()
+            return CommandResult(command.id, ok=False, error=f"messaging broker error: {exc}")
+        finally:
+            self._pending.pop(command.id, None)
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        try:
+            result = CommandResult.decode(message.body)
+        except WireError as exc:
+            log.warning("dropping undecodable command result: %s", exc)
+            return
+        future = self._pending.get(message.correlation_id or result.command_id)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+
+def new_command_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now() -> float:
+    return time.time()
