@@ -1,0 +1,404 @@
+"""The whole production topology on one machine's loopback, for `make run` and the tests.
+
+    simulator (or the PBX in CONFIG) -> ami_gateway -> RabbitMQ -> ws_node x N -> HAProxy
+
+RabbitMQ and Redis already listening on their default ports are reused (each run keeps to its
+own namespace prefix); otherwise private instances are started under the run directory. Every
+child runs in its own process group, so stopping kills exactly what was started, children
+included, and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from balancer.cluster import ClusterDescription, Node
+from balancer.haproxy_ctl import check_config, find_haproxy
+from balancer.render import render_config
+from services.config import load_settings
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.3) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback URLs we built
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
+@dataclass
+class ClusterOptions:
+    run_dir: Path = ROOT / ".run"
+    prefix: str = ""
+    config: Path | None = None
+    nodes: int = 2
+    haproxy_port: int = 2013
+    node_ports: tuple[int, ...] = ()
+    gateway_metrics_port: int = 9101
+    stats_port: int = 8404
+    ami_port: int = 5038
+    simulator_control_port: int = 5039
+    demo: bool = True
+    demo_lines: str = "305,306,307,308"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    deployment_key: str = ""
+    log_json: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def ephemeral(cls, run_dir: Path, **overrides: Any) -> ClusterOptions:
+        """Options for a test run: free ports everywhere and a unique namespace."""
+        options = cls(
+            run_dir=run_dir,
+            prefix=f"t{uuid.uuid4().hex[:10]}",
+            haproxy_port=free_port(),
+            node_ports=(free_port(), free_port()),
+            gateway_metrics_port=free_port(),
+            stats_port=free_port(),
+            ami_port=free_port(),
+            simulator_control_port=free_port(),
+            demo=False,
+        )
+        for key, value in overrides.items():
+            setattr(options, key, value)
+        return options
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+class LocalCluster:
+    def __init__(self, options: ClusterOptions) -> None:
+        self.options = options
+        self.prefix = options.prefix or "cms"
+        self.run_dir = options.run_dir
+        self.children: list[Child] = []
+        self.node_ports: list[int] = list(options.node_ports) or [2101 + i for i in range(options.nodes)]
+        if len(self.node_ports) < options.nodes:
+            raise LaunchError("fewer node ports than nodes")
+        self.node_ports = self.node_ports[: options.nodes]
+        self.amqp_url = options.amqp_url
+        self.redis_url = options.redis_url
+        self.uses_simulator = True
+        self.settings_path = self.run_dir / f"appsettings-{self.prefix}.json"
+
+    # ---- start -------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._ensure_redis()
+            self._ensure_rabbitmq(deadline)
+            self._write_settings()
+            if self.uses_simulator:
+                self._start_simulator()
+                self._wait(lambda: port_open(self.options.ami_port), deadline, "simulator AMI port")
+            self._spawn(
+                "gateway",
+                [sys.executable, "-m", "ami_gateway", "--config", str(self.settings_path),
+                 "--metrics-port", str(self.options.gateway_metrics_port), *self._log_flags()],
+            )
+            for index, port in enumerate(self.node_ports):
+                self.start_node(index, port)
+            self._start_haproxy()
+            self._wait(self._gateway_ready, deadline, "gateway /health")
+            for port in self.node_ports:
+                self._wait(lambda p=port: self._node_ready(p), deadline, f"node :{port} /health")  # type: ignore[misc]
+            self._wait(self._haproxy_ready, deadline, "HAProxy marking the nodes up")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _log_flags(self) -> list[str]:
+        return ["--log-json"] if self.options.log_json else []
+
+    def start_node(self, index: int, port: int) -> Child:
+        args = [sys.executable, "-m", "ws_node", "--config", str(self.settings_path), "--port", str(port),
+                "--node-id", f"{self.prefix}-n{index + 1}-{uuid.uuid4().hex[:4]}", "--drain-seconds", "2",
+                *self._log_flags()]
+        if self.options.deployment_key:
+            args += ["--key", self.options.deployment_key]
+        return self._spawn(f"node{index + 1}", args)
+
+    def _ensure_redis(self) -> None:
+        if port_open(6379) and self.redis_url == "redis://127.0.0.1:6379/0":
+            return
+        if self.redis_url != "redis://127.0.0.1:6379/0":
+            return
+        port = free_port()
+        data = self.run_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        server = shutil.which("redis-server")
+        if server is None:
+            raise LaunchError("no Redis listening on 6379 and redis-server is not installed (run `make setup`)")
+        self._spawn("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                              "--dir", str(data)])
+        self._wait(lambda: port_open(port), time.monotonic() + 10, "private Redis")
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+
+    def _ensure_rabbitmq(self, deadline: float) -> None:
+        if self.amqp_url != "amqp://guest:guest@127.0.0.1:5672/" or port_open(5672):
+            return
+        server = shutil.which("rabbitmq-server") or "/usr/sbin/rabbitmq-server"
+        if not Path(server).exists():
+            raise LaunchError("no RabbitMQ listening on 5672 and rabbitmq-server is not installed (run `make setup`)")
+        port = free_port()
+        base = self.run_dir / "rabbitmq"
+        base.mkdir(parents=True, exist_ok=True)
+        env = {
+            "RABBITMQ_NODENAME": f"cms{port}@localhost",
+            "RABBITMQ_NODE_PORT": str(port),
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
+        }
+        (base / "enabled_plugins").write_text("[].\n")
+        self._spawn("rabbitmq", [server], env=env)
+        self._wait(lambda: port_open(port), max(deadline, time.monotonic() + 60), "private RabbitMQ")
+        self.amqp_url = f"amqp://guest:guest@127.0.0.1:{port}/"
+
+    def _write_settings(self) -> None:
+        document: dict[str, Any]
+        if self.options.config is not None:
+            document = json.loads(self.options.config.read_text(encoding="utf-8-sig"))
+            settings = load_settings(self.options.config)
+            self.uses_simulator = not (settings.asterisk.url or settings.asterisk.file_path)
+        else:
+            document = {}
+        if self.uses_simulator:
+            document["Asterisk"] = {
+                "url": "127.0.0.1",
+                "port": str(self.options.ami_port),
+                "userName": "cms",
+                "secret": "simulator-secret",
+                "originateContext": "from-internal",
+                "queueExtensionFormat": "Local/{0}@from-queue/n",
+                "protocol": "SIP",
+                "asyncOriginate": "true",
+                "sendRingStartedOnRingingState": "true",
+                "autoPauseOnCommutationStart": "false",
+                "traceQueuesState": "false",
+                "packetInfoConfig": "",
+                "filePath": "",
+            }
+        document["Cluster"] = {"amqpUrl": self.amqp_url, "redisUrl": self.redis_url, "prefix": self.prefix}
+        self.settings_path.write_text(json.dumps(document, indent=2))
+        self.settings_path.chmod(0o600)
+        load_settings(self.settings_path)  # fail here, with the key named, not in a child
+
+    def _start_simulator(self) -> None:
+        args = [sys.executable, "-m", "ami_simulator", "--port", str(self.options.ami_port),
+                "--control-port", str(self.options.simulator_control_port),
+                "--username", "cms", "--secret", "simulator-secret"]
+        if self.options.demo:
+            args += ["--demo-lines", self.options.demo_lines, "--loop"]
+        self._spawn("simulator", args)
+
+    def _start_haproxy(self) -> None:
+        description = ClusterDescription(
+            nodes=tuple(Node(name=f"node{i + 1}", host="127.0.0.1", port=p) for i, p in enumerate(self.node_ports)),
+            bind="127.0.0.1",
+            ws_port=self.options.haproxy_port,
+            tls_cert=None,
+            deployment_key=self.options.deployment_key or None,
+            stats_port=self.options.stats_port,
+            runtime_socket=self.run_dir / f"haproxy-{self.prefix}.sock",
+            pidfile=self.run_dir / f"haproxy-{self.prefix}.pid",
+            master_worker=False,
+        )
+        config = self.run_dir / f"haproxy-{self.prefix}.cfg"
+        config.write_text(render_config(description))
+        check_config(config)
+        self._spawn("haproxy", [find_haproxy(), "-db", "-f", str(config)])
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
+        log_path = self.run_dir / f"{self.prefix}-{name}.log"
+        full_env = {**os.environ, **self.options.extra_env, **(env or {})}
+        full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        with open(log_path, "ab") as out:
+            process = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env, start_new_session=True
+            )
+        child = Child(name, process, log_path)
+        self.children = [c for c in self.children if c.name != name] + [child]
+        return child
+
+    def _wait(self, ready: Any, deadline: float, what: str) -> None:
+        while time.monotonic() < deadline:
+            dead = [c for c in self.children if not c.alive()]
+            if dead:
+                tail = dead[0].log_path.read_text(errors="replace")[-3000:]
+                raise LaunchError(f"{dead[0].name} exited while waiting for {what}:\n{tail}")
+            if ready():
+                return
+            time.sleep(0.1)
+        raise LaunchError(f"timed out waiting for {what}")
+
+    def _gateway_ready(self) -> bool:
+        return self._healthy(self.options.gateway_metrics_port)
+
+    def _node_ready(self, port: int) -> bool:
+        return self._healthy(port)
+
+    @staticmethod
+    def _healthy(port: int) -> bool:
+        try:
+            status, _ = http_get(f"http://127.0.0.1:{port}/health", timeout=0.5)
+        except OSError:
+            return False
+        return status == 200
+
+    def _haproxy_ready(self) -> bool:
+        try:
+            status, body = http_get(f"http://127.0.0.1:{self.options.stats_port}/stats;csv", timeout=0.5)
+        except OSError:
+            return False
+        if status != 200:
+            return False
+        up = [row for row in body.decode().splitlines() if row.startswith("ws_nodes,node") and ",UP," in row]
+        return len(up) == len(self.node_ports)
+
+    # ---- control -----------------------------------------------------------------------------
+
+    def child(self, name: str) -> Child:
+        for c in self.children:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        child = self.child(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.process.pid, sig)
+        child.process.wait(timeout=10)
+
+    def play(self, scenario: str, **variables: str) -> dict[str, Any]:
+        body = json.dumps({"scenario": scenario, "vars": variables}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.options.simulator_control_port}/play", data=body, method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
+            result: dict[str, Any] = json.loads(response.read())
+            return result
+
+    @property
+    def client_url(self) -> str:
+        key = f"/?key={self.options.deployment_key}" if self.options.deployment_key else "/"
+        return f"ws://127.0.0.1:{self.options.haproxy_port}{key}"
+
+    def urls(self) -> dict[str, str]:
+        urls = {
+            "client (Creatio 'Message exchange server')": self.client_url,
+            "agent console": f"http://127.0.0.1:{self.options.haproxy_port}/console",
+            "HAProxy stats": f"http://127.0.0.1:{self.options.stats_port}/stats",
+            "HAProxy metrics": f"http://127.0.0.1:{self.options.stats_port}/metrics",
+            "gateway metrics": f"http://127.0.0.1:{self.options.gateway_metrics_port}/metrics",
+        }
+        for i, port in enumerate(self.node_ports):
+            urls[f"node{i + 1} metrics"] = f"http://127.0.0.1:{port}/metrics"
+        if self.uses_simulator:
+            urls["simulator control"] = f"http://127.0.0.1:{self.options.simulator_control_port}/calls"
+        return urls
+
+    # ---- stop --------------------------------------------------------------------------------
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM every child (newest first, so nodes drain before the broker goes), then SIGKILL."""
+        for child in reversed(self.children):
+            if child.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in reversed(self.children):
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                child.process.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.process.pid, signal.SIGKILL)
+                child.process.wait(timeout=5)
+        self.children.clear()
+        self._cleanup_namespace()
+
+    def _cleanup_namespace(self) -> None:
+        """Test runs leave nothing behind in the shared Redis; queues are exclusive/auto-delete."""
+        if not self.options.prefix or self.options.prefix == "cms":
+            return
+        try:
+            import redis
+
+            client = redis.Redis.from_url(self.redis_url)
+            keys = list(client.scan_iter(f"{self.prefix}:*", count=1000))
+            if keys:
+                client.delete(*keys)
+            client.close()
+        except Exception as exc:  # cleanup is best effort; the test already has its verdict
+            log.warning("could not clean Redis namespace %s: %s", self.prefix, exc)
+        try:
+            asyncio.run(_delete_broker_objects(self.amqp_url, self.prefix))
+        except Exception as exc:
+            log.warning("could not clean RabbitMQ namespace %s: %s", self.prefix, exc)
+
+
+async def _delete_broker_objects(amqp_url: str, prefix: str) -> None:
+    import aio_pika
+
+    from services.topology import Topology
+
+    topology = Topology(prefix)
+    connection = await aio_pika.connect(amqp_url, timeout=5)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(topology.commands_queue)
+        await channel.exchange_delete(topology.events_exchange)
