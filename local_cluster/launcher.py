@@ -15,9 +15,7 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +28,7 @@ from typing import Any
 from balancer.cluster import ClusterDescription, Node
 from balancer.haproxy_ctl import check_config, find_haproxy
 from balancer.render import render_config
+from local_cluster.infra import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, Infrastructure, free_port, port_open
 from services.config import load_settings
 
 log = logging.getLogger(__name__)
@@ -39,20 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class LaunchError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.3) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -77,8 +62,8 @@ class ClusterOptions:
     simulator_control_port: int = 5039
     demo: bool = True
     demo_lines: str = "305,306,307,308"
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    amqp_url: str = DEFAULT_AMQP_URL
+    redis_url: str = DEFAULT_REDIS_URL
     deployment_key: str = ""
     log_json: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -126,6 +111,7 @@ class LocalCluster:
         self.redis_url = options.redis_url
         self.uses_simulator = True
         self.settings_path = self.run_dir / f"appsettings-{self.prefix}.json"
+        self._infra: Infrastructure | None = None
 
     # ---- start -------------------------------------------------------------------------------
 
@@ -133,8 +119,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._ensure_redis()
-            self._ensure_rabbitmq(deadline)
+            self._ensure_infrastructure()
             self._write_settings()
             if self.uses_simulator:
                 self._start_simulator()
@@ -166,45 +151,13 @@ class LocalCluster:
             args += ["--key", self.options.deployment_key]
         return self._spawn(f"node{index + 1}", args)
 
-    def _ensure_redis(self) -> None:
-        if port_open(6379) and self.redis_url == "redis://127.0.0.1:6379/0":
+    def _ensure_infrastructure(self) -> None:
+        """Reuse RabbitMQ/Redis given in the options or listening on the default ports; else start private ones."""
+        if self.amqp_url != DEFAULT_AMQP_URL or self.redis_url != DEFAULT_REDIS_URL:
             return
-        if self.redis_url != "redis://127.0.0.1:6379/0":
-            return
-        port = free_port()
-        data = self.run_dir / "redis"
-        data.mkdir(parents=True, exist_ok=True)
-        server = shutil.which("redis-server")
-        if server is None:
-            raise LaunchError("no Redis listening on 6379 and redis-server is not installed (run `make setup`)")
-        self._spawn("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                              "--dir", str(data)])
-        self._wait(lambda: port_open(port), time.monotonic() + 10, "private Redis")
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
-
-    def _ensure_rabbitmq(self, deadline: float) -> None:
-        if self.amqp_url != "amqp://guest:guest@127.0.0.1:5672/" or port_open(5672):
-            return
-        server = shutil.which("rabbitmq-server") or "/usr/sbin/rabbitmq-server"
-        if not Path(server).exists():
-            raise LaunchError("no RabbitMQ listening on 5672 and rabbitmq-server is not installed (run `make setup`)")
-        port = free_port()
-        base = self.run_dir / "rabbitmq"
-        base.mkdir(parents=True, exist_ok=True)
-        env = {
-            "RABBITMQ_NODENAME": f"cms{port}@localhost",
-            "RABBITMQ_NODE_PORT": str(port),
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-            "RABBITMQ_DIST_PORT": str(free_port()),
-            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(base / "log"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-            "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
-        }
-        (base / "enabled_plugins").write_text("[].\n")
-        self._spawn("rabbitmq", [server], env=env)
-        self._wait(lambda: port_open(port), max(deadline, time.monotonic() + 60), "private RabbitMQ")
-        self.amqp_url = f"amqp://guest:guest@127.0.0.1:{port}/"
+        self._infra = Infrastructure(self.run_dir / "infra")
+        self._infra.start()
+        self.amqp_url, self.redis_url = self._infra.amqp_url, self._infra.redis_url
 
     def _write_settings(self) -> None:
         document: dict[str, Any]
@@ -370,6 +323,9 @@ class LocalCluster:
                 child.process.wait(timeout=5)
         self.children.clear()
         self._cleanup_namespace()
+        if self._infra is not None:
+            self._infra.stop()
+            self._infra = None
 
     def _cleanup_namespace(self) -> None:
         """Test runs leave nothing behind in the shared Redis; queues are exclusive/auto-delete."""

@@ -1,0 +1,46 @@
+# Two commands are all a fresh Debian/Ubuntu machine needs: `make run` and `make test`.
+# Both install what is missing first (virtualenv, Python packages, HAProxy, and Redis/RabbitMQ
+# servers when none is listening).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?=
+
+.PHONY: run test setup system-deps lint typecheck unit integration e2e clean
+
+run: setup
+	$(PY) -m local_cluster $(if $(CONFIG),--config $(CONFIG),)
+
+test: setup lint typecheck
+	$(PY) -m pytest -q
+
+setup: system-deps $(STAMP)
+
+system-deps:
+	@bash scripts/setup-system.sh
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+integration: setup
+	$(PY) -m pytest -q tests/integration
+
+e2e: setup
+	$(PY) -m pytest -q tests/e2e
+
+clean:
+	rm -rf .run .pytest_cache .mypy_cache .ruff_cache

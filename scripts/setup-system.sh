@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the OS packages the cluster and its tests need, only when missing:
+# HAProxy always; Redis and RabbitMQ servers only when none is listening on the default port
+# (a machine that already runs them keeps its own). Debian/Ubuntu (apt) only.
+set -euo pipefail
+
+need=()
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+if ! listening 6379 && ! command -v redis-server >/dev/null 2>&1; then need+=(redis-server); fi
+if ! listening 5672 && ! command -v rabbitmq-server >/dev/null 2>&1 && [ ! -x /usr/sbin/rabbitmq-server ]; then
+  need+=(rabbitmq-server)
+fi
+[ ${#need[@]} -eq 0 ] && exit 0
+
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "setup: please install ${need[*]} with your package manager (apt-get not found)" >&2
+  exit 1
+fi
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null 2>&1 || { echo "setup: need root (or sudo) to install ${need[*]}" >&2; exit 1; }
+  sudo="sudo"
+fi
+echo "setup: installing ${need[*]} from the OS packages"
+# Do not let the packages' init scripts start system-wide services: the cluster starts private
+# instances when none is listening, and never touches a machine's own services.
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
