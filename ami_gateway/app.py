@@ -208,7 +208,9 @@ class Gateway:
                 events.append(LineEvent(line=line, type=EventType.CALL_INFO_CHANGED, call=call, ami_received_at=now))
             agent = self.tracker.agent_state(line)
             if agent is not None:
-                events.append(LineEvent(line=line, type=EventType.AGENT_STATE_CHANGED, agent=agent, ami_received_at=now))
+                events.append(
+                    LineEvent(line=line, type=EventType.AGENT_STATE_CHANGED, agent=agent, ami_received_at=now)
+                )
         self.outbox.put(events)
 
     async def _replay(self, path: str) -> None:

@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         print(f"cluster did not start: {exc}", file=sys.stderr)
         return 1
-    print(f"\ncluster up in {time.monotonic() - started:.1f}s "
-          f"({'built-in Asterisk simulator, demo traffic on lines ' + options.demo_lines if cluster.uses_simulator else 'PBX from ' + str(args.config)})")
+    pbx = (f"built-in Asterisk simulator, demo traffic on lines {options.demo_lines}"
+           if cluster.uses_simulator else f"PBX from {args.config}")
+    print(f"\ncluster up in {time.monotonic() - started:.1f}s ({pbx})")
     for name, url in cluster.urls().items():
         print(f"  {name:<45} {url}")
     print(f"  logs: {cluster.run_dir}/\nCtrl-C stops everything.", flush=True)

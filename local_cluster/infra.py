@@ -64,7 +64,9 @@ class Infrastructure:
     def _start_rabbitmq(self, timeout: float) -> str:
         server = shutil.which("rabbitmq-server") or "/usr/sbin/rabbitmq-server"
         if not Path(server).exists():
-            raise InfrastructureError("no RabbitMQ on 5672 and no rabbitmq-server installed (run scripts/setup-system.sh)")
+            raise InfrastructureError(
+                "no RabbitMQ on 5672 and no rabbitmq-server installed (run scripts/setup-system.sh)"
+            )
         port = free_port()
         base = self.run_dir / "rabbitmq"
         base.mkdir(parents=True, exist_ok=True)

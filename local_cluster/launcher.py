@@ -134,7 +134,7 @@ class LocalCluster:
             self._start_haproxy()
             self._wait(self._gateway_ready, deadline, "gateway /health")
             for port in self.node_ports:
-                self._wait(lambda p=port: self._node_ready(p), deadline, f"node :{port} /health")  # type: ignore[misc]
+                self._wait(lambda p=port: self._node_ready(p), deadline, f"node :{port} /health")
             self._wait(self._haproxy_ready, deadline, "HAProxy marking the nodes up")
         except BaseException:
             self.stop()

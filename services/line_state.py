@@ -79,7 +79,7 @@ class LineStateWriter:
             "local nxt = math.max(cur + 1, tonumber(ARGV[1])) "
             "redis.call('SET', KEYS[1], nxt) return nxt"
         )
-        value = await self._redis.eval(script, 1, self._keys.epoch, now_ms)  # type: ignore[misc]
+        value = await self._redis.eval(script, 1, self._keys.epoch, now_ms)
         return str(int(value))
 
     async def write(self, events: Sequence[LineEvent]) -> None:
@@ -115,10 +115,10 @@ class LineStateWriter:
         await pipe.execute()
 
     async def known_lines(self) -> set[str]:
-        return {_text(v) for v in await self._redis.smembers(self._keys.lines)}  # type: ignore[misc]
+        return {_text(v) for v in await self._redis.smembers(self._keys.lines)}
 
     async def stored_calls(self, line: str) -> list[Call]:
-        raw = await self._redis.hgetall(self._keys.calls(line))  # type: ignore[misc]
+        raw = await self._redis.hgetall(self._keys.calls(line))
         return [_call(v) for v in raw.values()]
 
     async def clear_line(self, line: str) -> None:
@@ -153,10 +153,8 @@ class LineStateReader:
         i.e. when "nothing missed" cannot be proven.
         """
         key = self._keys.events(line)
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrange(
-            key, min=f"({epoch}-{seq}", max="+", count=limit
-        )
-        events = [LineEvent.decode(fields[b"e"]) for _id, fields in entries]
+        entries = await self._redis.xrange(key, min=f"({epoch}-{seq}", max="+", count=limit) or []
+        events = [LineEvent.decode(fields[b"e"]) for _id, fields in entries if fields]
         if events and (events[0].epoch != epoch or events[0].seq != seq + 1):
             raise HistoryUnavailable(
                 f"line {line}: history continues at {events[0].epoch}/{events[0].seq}, not {epoch}/{seq + 1}"

@@ -103,7 +103,7 @@ class LineFeed:
                 connection = await aio_pika.connect(self._url, timeout=10)
                 self._connection = connection
                 closed = asyncio.Event()
-                connection.close_callbacks.add(lambda *_: closed.set())
+                connection.close_callbacks.add(lambda *_, ev=closed: ev.set())
                 await self._declare(connection)
                 backoff.reset()
                 self.connected.set()
@@ -210,7 +210,7 @@ class LineFeed:
         if verdict is Verdict.DELIVER:
             self._deliver(event)
         elif verdict is Verdict.GAP:
-            await self._repair(event.line)
+            await self._repair(event.line, event.epoch)
             if self.router.classify(event) is Verdict.DELIVER:
                 self._deliver(event)
         elif verdict is Verdict.NEW_EPOCH:
@@ -221,12 +221,15 @@ class LineFeed:
         for subscriber in self.router.sessions(event.line):
             subscriber.deliver_event(event)
 
-    async def _repair(self, line: str) -> None:
+    async def _repair(self, line: str, epoch_hint: str = "") -> None:
         position = self.router.position(line)
         if position is None:
             return
+        epoch = position[0] or epoch_hint
+        if not epoch:
+            return
         try:
-            missed = await self.reader.events_after(line, position[0], position[1])
+            missed = await self.reader.events_after(line, epoch, position[1])
         except HistoryUnavailable as exc:
             GAP_REPAIRS.labels(outcome="resync").inc()
             log.info("line %s: %s; resyncing from a snapshot", line, exc)

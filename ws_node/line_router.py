@@ -73,9 +73,12 @@ class LineRouter(Generic[S]):
         return self._positions.get(line)
 
     def start_from(self, line: str, epoch: str, seq: int) -> None:
-        """Set where a line stands (from a snapshot) unless the node is already further on."""
+        """Set where a line stands (from a snapshot) unless the node is already further on.
+
+        An empty epoch means the line has no history yet: its first event will be seq 1.
+        """
         current = self._positions.get(line)
-        if current is None or current[0] != epoch or current[1] < seq:
+        if current is None or (epoch and (current[0] != epoch or current[1] < seq)):
             self._positions[line] = (epoch, seq)
 
     def reset(self, line: str, epoch: str, seq: int) -> None:
@@ -90,6 +93,10 @@ class LineRouter(Generic[S]):
         if current is None:
             return Verdict.DELIVER
         epoch, seq = current
+        if epoch == "":
+            # The line had never been written when we started following it: its first epoch
+            # starts at seq 1, so anything later than 1 is still a detectable gap.
+            epoch = event.epoch
         if event.epoch != epoch:
             return Verdict.NEW_EPOCH
         if event.seq <= seq:
