@@ -1,0 +1,703 @@
+"""AgentSession flows against an in-memory SessionEnvironment (a double for the I/O shell)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.wire import (
+    AgentState,
+    Call,
+    CallState,
+    Command,
+    CommandName,
+    CommandResult,
+    Direction,
+    EventType,
+    LineEvent,
+)
+from ws_node import creatio_protocol as cp
+from ws_node.agent_session import AgentSession, FrameMemo, SessionOptions, SessionState
+from ws_node.creatio_protocol import CallFeaturesSet, MsgErrorType
+
+LINE = "101"
+
+
+class FakeEnv:
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+        self.claimed: list[str] = []
+        self.released: list[str] = []
+        self.snapshots: list[str] = []
+        self.commands: list[Command] = []
+        self.closed: list[tuple[int, str]] = []
+
+    def send_frame(self, text: str) -> None:
+        self.frames.append(text)
+
+    def claim_line(self, session: AgentSession, line: str) -> None:
+        self.claimed.append(line)
+
+    def release_line(self, session: AgentSession, line: str) -> None:
+        self.released.append(line)
+
+    def request_snapshot(self, session: AgentSession, line: str) -> None:
+        self.snapshots.append(line)
+
+    def submit_command(self, session: AgentSession, command: Command) -> None:
+        self.commands.append(command)
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed.append((code, reason))
+
+    def take(self) -> list[dict[str, Any]]:
+        out = [json.loads(f) for f in self.frames]
+        self.frames.clear()
+        return out
+
+
+def content(msg: dict[str, Any]) -> Any:
+    c = msg["content"]
+    return json.loads(c) if isinstance(c, str) else c
+
+
+def make_call(**kw: Any) -> Call:
+    base: dict[str, Any] = dict(
+        id="a1", line=LINE, linked_id="a1", channel="PJSIP/101-1", direction=Direction.INBOUND,
+        state=CallState.RINGING, caller_number="+74951234567", called_number=LINE, started_at=100.0,
+    )
+    base.update(kw)
+    return Call(**base)
+
+
+def cmd(command: str, parameters: dict[str, Any] | None = None, executor: Call | None = None, **extra: Any) -> str:
+    msg: dict[str, Any] = {
+        "commandUId": "", "command": command, "libraryInstanceUId": "", "connectionUId": "",
+        "commandExecutorId": "", "commandExecutorType": "",
+    }
+    if executor is not None:
+        obj = cp.call_to_creatio(executor)
+        msg["commandExecutorId"] = obj["id"]
+        msg["commandExecutorType"] = cp.EXECUTOR_TYPE_CALL
+        msg["commandExecutor"] = json.dumps(obj)
+    if parameters is not None:
+        msg["parameters"] = parameters
+    msg.update(extra)
+    return json.dumps(msg)
+
+
+def open_cmd(line: str = LINE, **params: Any) -> str:
+    return cmd(
+        "OpenConnection",
+        {
+            "connectionParams": json.dumps({"ExtensionName": line, **params}),
+            "sessionServiceParams": json.dumps({"UserUId": "user-1", "UserContactUId": "c", "ServiceUrl": "x"}),
+        },
+    )
+
+
+def new_session(**kw: Any) -> tuple[AgentSession, FakeEnv]:
+    env = FakeEnv()
+    ids = itertools.count(1)
+    session = AgentSession(env, clock=lambda: 1000.0, new_id=lambda: f"cmd-{next(ids)}", **kw)
+    return session, env
+
+
+def opened(**params: Any) -> tuple[AgentSession, FakeEnv]:
+    session, env = new_session()
+    session.on_text(cmd("LoadLibrary", {"AssemblyName": "Terrasoft.Messaging.Asterisk"}))
+    session.on_text(open_cmd(**params))
+    env.take()
+    return session, env
+
+
+def with_calls(*calls: Call) -> tuple[AgentSession, FakeEnv]:
+    session, env = opened()
+    session.on_snapshot(list(calls))
+    env.take()
+    return session, env
+
+
+def only_error(env: FakeEnv) -> dict[str, Any]:
+    msgs = env.take()
+    assert len(msgs) == 1 and msgs[0]["eventType"] == 3, msgs
+    err: dict[str, Any] = content(msgs[0])
+    return err
+
+
+# --------------------------------------------------------------------------------------
+# handshake
+# --------------------------------------------------------------------------------------
+
+
+def test_load_library_then_open_connection() -> None:
+    session, env = new_session()
+    session.on_text(cmd("LoadLibrary", {"AssemblyName": "x"}))
+    (lib,) = env.take()
+    assert lib["eventType"] == 1
+    assert lib["content"] == session.library_instance_uid  # raw, not JSON
+    assert session.state is SessionState.LIBRARY
+
+    session.on_text(open_cmd(OriginateContext="from-creatio", debugMode=True))
+    (created,) = env.take()
+    assert created["eventType"] == 2
+    assert created["connectionUId"] == cp.connection_uid_for_line(LINE)
+    assert session.state is SessionState.OPEN
+    assert session.line == LINE
+    assert session.originate_context == "from-creatio"
+    assert session.debug_mode is True
+    assert session.user_uid == "user-1"
+    assert env.claimed == [LINE]
+
+
+def test_repeated_load_library_and_open_connection() -> None:
+    session, env = opened()
+    uid = session.library_instance_uid
+    session.on_text(cmd("LoadLibrary"))
+    assert env.take()[0]["content"] == uid
+    session.on_text(open_cmd())
+    assert [m["eventType"] for m in env.take()] == [2]
+    assert env.claimed == [LINE]  # not claimed twice
+    assert session.state is SessionState.OPEN
+
+
+def test_open_connection_other_line_switches() -> None:
+    session, env = opened()
+    session.on_snapshot([make_call()])
+    session.on_text(open_cmd("102"))
+    assert env.released == [LINE]
+    assert env.claimed == [LINE, "102"]
+    assert session.calls == []
+    assert env.take()[-1]["connectionUId"] == cp.connection_uid_for_line("102")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"ExtensionName": ""},
+        {"ExtensionName": "10 1"},
+        {"ExtensionName": "101.1"},
+        {"ExtensionName": "1" * 33},
+        {"ExtensionName": 101},
+        {},
+        {"ExtensionName": "101", "OriginateContext": "bad context"},
+    ],
+)
+def test_open_connection_bad_config(params: dict[str, Any]) -> None:
+    session, env = new_session()
+    session.on_text(cmd("OpenConnection", {"connectionParams": json.dumps(params)}))
+    err = only_error(env)
+    assert err["errorType"] == MsgErrorType.CONNECTION_CONFIG_ERROR
+    assert session.state is SessionState.NEW
+    assert env.claimed == []
+
+
+def test_open_connection_key_case_insensitive() -> None:
+    session, env = new_session()
+    session.on_text(cmd("OpenConnection", {"connectionParams": json.dumps({"extensionName": "7001"})}))
+    assert session.line == "7001"
+
+
+def test_commands_before_open_are_refused() -> None:
+    session, env = new_session()
+    session.on_text(cmd("MakeCall", {"targetAddress": "200"}))
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
+    session.on_text(cmd("QueryActiveCallSnapshot"))
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
+    assert env.commands == [] and env.snapshots == []
+
+
+@pytest.mark.parametrize(
+    ("text", "error_type"),
+    [
+        ("garbage", MsgErrorType.GENERAL_ERROR),
+        ('{"command":"Reboot"}', MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR),
+        ('{"command":"OpenConnection","parameters":{"connectionParams":"{"}}', MsgErrorType.COMMAND_ERROR),
+    ],
+)
+def test_malformed_frames_become_errors(text: str, error_type: MsgErrorType) -> None:
+    session, env = opened()
+    session.on_text(text)
+    assert only_error(env)["errorType"] == error_type
+    assert session.state is SessionState.OPEN
+
+
+def test_oversized_frame() -> None:
+    session, env = opened()
+    session._opts = SessionOptions(max_message_bytes=100)
+    session.on_text(cmd("MakeCall", {"targetAddress": "2" * 200}))
+    assert only_error(env)["errorType"] == MsgErrorType.GENERAL_ERROR
+
+
+# --------------------------------------------------------------------------------------
+# snapshot, line state, agent state
+# --------------------------------------------------------------------------------------
+
+
+def test_snapshot_flow() -> None:
+    session, env = opened()
+    session.on_text(cmd("QueryActiveCallSnapshot"))
+    assert env.snapshots == [LINE]
+    main = make_call(state=CallState.HELD, started_at=1.0)
+    consult = make_call(id="b2", direction=Direction.OUTBOUND, state=CallState.CONNECTED, started_at=2.0)
+    foreign = make_call(id="zz", line="999")
+    session.on_snapshot([consult, main, foreign], agent=AgentState(line=LINE, paused=True))
+    msgs = env.take()
+    assert [m["eventType"] for m in msgs] == [10, 12]
+    snap = content(msgs[0])
+    assert [c["id"] for c in snap["ActiveCalls"]] == [cp.call_guid("a1"), cp.call_guid("b2")]
+    assert snap["CurrentCall"]["id"] == cp.call_guid("a1")
+    assert content(msgs[1]) == "Paused"
+    assert session.current_call == main
+
+
+def test_empty_snapshot_sets_idle_line() -> None:
+    session, env = opened()
+    session.on_snapshot([])
+    msgs = env.take()
+    assert [m["eventType"] for m in msgs] == [10, 11]
+    assert content(msgs[1]) == {"callFeaturesSet": int(CallFeaturesSet.CAN_DIAL)}
+
+
+def test_query_line_state() -> None:
+    session, env = opened()
+    session.on_text(cmd("QueryLineState"))
+    assert content(env.take()[0]) == {"callFeaturesSet": 2}
+    session.on_snapshot([make_call(state=CallState.CONNECTED)])
+    env.take()
+    session.on_text(cmd("QueryLineState"))
+    (msg,) = env.take()
+    assert msg["eventType"] == 11
+    assert content(msg)["callId"] == cp.call_guid("a1")
+    assert content(msg)["callFeaturesSet"] & CallFeaturesSet.CAN_HOLD
+
+
+def test_query_user_state() -> None:
+    session, env = opened()
+    session.on_text(cmd("QueryMsgUserState"))
+    assert env.take() == []  # unknown yet: no guess
+    session.on_line_event(LineEvent(line=LINE, type=EventType.AGENT_STATE_CHANGED, agent=AgentState(LINE, False)))
+    assert content(env.take()[0]) == "Active"
+    session.on_text(cmd("QueryMsgUserState"))
+    (msg,) = env.take()
+    assert msg["eventType"] == 12 and content(msg) == "Active"
+
+
+# --------------------------------------------------------------------------------------
+# call tracking from events
+# --------------------------------------------------------------------------------------
+
+
+def event(etype: EventType, call: Call | None = None, seq: int = 1, **kw: Any) -> LineEvent:
+    return LineEvent(line=LINE, type=etype, epoch="e1", seq=seq, call=call, **kw)
+
+
+def test_events_are_forwarded_and_tracked() -> None:
+    session, env = opened()
+    ring = make_call()
+    session.on_line_event(event(EventType.RING_STARTED, ring))
+    (msg,) = env.take()
+    assert msg["eventType"] == 5
+    assert content(msg)["id"] == cp.call_guid("a1")
+    assert session.calls == [ring]
+    talk = ring.evolve(state=CallState.CONNECTED)
+    session.on_line_event(event(EventType.COMMUTATION_STARTED, talk, seq=2))
+    assert [m["eventType"] for m in env.take()] == [7]
+    session.on_line_event(event(EventType.RING_FINISHED, talk.evolve(state=CallState.FINISHED), seq=3))
+    assert [m["eventType"] for m in env.take()] == [6, 11]
+    assert session.calls == []
+
+
+def test_events_of_other_lines_or_before_open_are_ignored() -> None:
+    session, env = new_session()
+    session.on_line_event(event(EventType.RING_STARTED, make_call()))
+    assert env.frames == []
+    session, env = opened()
+    session.on_line_event(LineEvent(line="999", type=EventType.RING_STARTED, call=make_call(line="999")))
+    assert env.frames == [] and session.calls == []
+
+
+def test_consult_flow_line_state_for_main_call() -> None:
+    main = make_call(state=CallState.CONNECTED, started_at=1.0)
+    session, env = with_calls(main)
+    session.on_line_event(event(EventType.HOLD_STARTED, main.evolve(state=CallState.HELD)))
+    assert [m["eventType"] for m in env.take()] == [8]
+    consult = make_call(id="c2", direction=Direction.OUTBOUND, called_number="200", started_at=2.0)
+    session.on_line_event(event(EventType.RING_STARTED, consult, seq=2))
+    msgs = env.take()
+    assert [m["eventType"] for m in msgs] == [5, 11]
+    assert content(msgs[1])["callId"] == cp.call_guid("a1")
+    assert content(msgs[1])["callFeaturesSet"] & CallFeaturesSet.CAN_COMPLETE_TRANSFER
+    assert session.current_call is not None and session.current_call.id == "a1"
+
+
+def test_frame_memo_shares_encoding() -> None:
+    memo = FrameMemo()
+    s1, e1 = new_session(frame_memo=memo)
+    s2, e2 = new_session(frame_memo=memo)
+    for s, e in ((s1, e1), (s2, e2)):
+        s.on_text(open_cmd())
+        e.take()
+    ev = event(EventType.RING_STARTED, make_call())
+    s1.on_line_event(ev)
+    s2.on_line_event(ev)
+    assert e1.frames == e2.frames
+    assert e1.frames[0] is e2.frames[0]  # the same str object: encoded once
+
+
+def test_frame_memo_is_bounded() -> None:
+    memo = FrameMemo(max_entries=2)
+    for i in range(5):
+        memo.get_or_build((i,), lambda: ["x"])
+    assert len(memo._entries) == 2
+
+
+# --------------------------------------------------------------------------------------
+# call control
+# --------------------------------------------------------------------------------------
+
+
+def last_command(env: FakeEnv) -> Command:
+    assert env.frames == [], env.frames
+    assert len(env.commands) == 1, env.commands
+    command = env.commands.pop()
+    assert command.line == LINE
+    assert command.issued_at == 1000.0
+    return command
+
+
+def test_make_call() -> None:
+    session, env = opened(OriginateContext="from-crm")
+    session.on_text(cmd("MakeCall", {"targetAddress": "+7 (495) 123-45-67"}))
+    c = last_command(env)
+    assert c.name is CommandName.MAKE_CALL
+    assert c.args == {"number": "+74951234567", "context": "from-crm"}
+    assert c.id == "cmd-1"
+
+
+@pytest.mark.parametrize("target", [None, "", "200;drop", "2" * 65, ["200"]])
+def test_make_call_bad_target(target: Any) -> None:
+    session, env = opened()
+    params = {} if target is None else {"targetAddress": target}
+    session.on_text(cmd("MakeCall", params))
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
+    assert env.commands == []
+
+
+def test_default_originate_context() -> None:
+    session, env = new_session(originate_context="from-internal")
+    session.on_text(open_cmd())
+    env.take()
+    session.on_text(cmd("MakeCall", {"targetAddress": "200"}))
+    assert last_command(env).args == {"number": "200", "context": "from-internal"}
+    session.on_text(open_cmd("102", OriginateContext="vip"))
+    env.take()
+    assert session.originate_context == "vip"
+
+
+def test_calls_known_seeds_silently() -> None:
+    session, env = opened()
+    call = make_call(state=CallState.CONNECTED)
+    session.on_calls_known([call, make_call(id="f", state=CallState.FINISHED), make_call(id="o", line="9")])
+    assert env.frames == []
+    assert session.calls == [call]
+    session.on_text(cmd("DropCall", None, call))
+    assert last_command(env).args == {"call_id": "a1"}
+
+
+def test_snapshot_failed() -> None:
+    session, env = opened()
+    session.on_snapshot_failed("call state store unavailable: ConnectionError")
+    err = only_error(env)
+    assert err["errorType"] == MsgErrorType.GENERAL_ERROR
+    assert err["data"] == "call state store unavailable: ConnectionError"
+    assert session.state is SessionState.OPEN
+    fresh, fresh_env = new_session()
+    fresh.on_snapshot_failed("x")
+    fresh.on_calls_known([make_call()])
+    assert fresh_env.frames == [] and fresh.calls == []
+
+
+def test_answer_drop() -> None:
+    call = make_call()
+    session, env = with_calls(call)
+    session.on_text(cmd("AnswerCall", None, call))
+    assert last_command(env) == Command("cmd-1", LINE, CommandName.ANSWER, {"call_id": "a1"}, 1000.0)
+    session.on_text(cmd("DropCall", None, call))
+    assert last_command(env).args == {"call_id": "a1"}
+
+
+def test_answer_connected_call_refused() -> None:
+    call = make_call(state=CallState.CONNECTED)
+    session, env = with_calls(call)
+    session.on_text(cmd("AnswerCall", None, call))
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
+
+
+def test_hold_is_a_toggle() -> None:
+    call = make_call(state=CallState.CONNECTED)
+    session, env = with_calls(call)
+    session.on_text(cmd("HoldCall", None, call))
+    assert last_command(env).name is CommandName.HOLD
+    session.on_line_event(event(EventType.HOLD_STARTED, call.evolve(state=CallState.HELD)))
+    env.take()
+    session.on_text(cmd("HoldCall", None, call))  # the client's copy may be stale: our state rules
+    assert last_command(env).name is CommandName.UNHOLD
+    session.on_line_event(event(EventType.HOLD_ENDED, call, seq=2))
+    env.take()
+    session.on_text(cmd("HoldCall", None, call))
+    assert last_command(env).name is CommandName.HOLD
+
+
+def test_hold_ringing_refused() -> None:
+    call = make_call()
+    session, env = with_calls(call)
+    session.on_text(cmd("HoldCall", None, call))
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
+
+
+def test_unknown_call_refused() -> None:
+    session, env = with_calls(make_call())
+    stranger = make_call(id="not-mine")
+    for name in ("DropCall", "AnswerCall", "HoldCall"):
+        session.on_text(cmd(name, None, stranger))
+        err = only_error(env)
+        assert err["errorType"] == MsgErrorType.COMMAND_ERROR
+        assert "unknown call" in err["data"]
+    session.on_text(cmd("DropCall"))  # no executor at all
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
+    assert env.commands == []
+
+
+def test_call_of_another_line_is_not_commandable() -> None:
+    session, env = opened()
+    session.on_snapshot([make_call(id="x", line="102")])
+    env.take()
+    session.on_text(cmd("DropCall", None, make_call(id="x", line="102")))
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
+
+
+def test_executor_id_from_executor_object() -> None:
+    call = make_call()
+    session, env = with_calls(call)
+    text = json.loads(cmd("DropCall", None, call))
+    text["commandExecutorId"] = ""
+    session.on_text(json.dumps(text))
+    assert last_command(env).args == {"call_id": "a1"}
+
+
+def test_blind_transfer_and_consult() -> None:
+    call = make_call(state=CallState.CONNECTED)
+    session, env = with_calls(call)
+    session.on_text(cmd("BlindTransferCall", {"targetAddress": "300"}, call))
+    c = last_command(env)
+    assert (c.name, c.args) == (CommandName.BLIND_TRANSFER, {"call_id": "a1", "number": "300"})
+    session.on_text(cmd("MakeConsultCall", {"targetAddress": "301"}, call))
+    c = last_command(env)
+    assert (c.name, c.args) == (CommandName.CONSULT_CALL, {"call_id": "a1", "number": "301"})
+
+
+def test_transfer_and_cancel() -> None:
+    main = make_call(state=CallState.HELD, started_at=1.0)
+    consult = make_call(id="c2", direction=Direction.OUTBOUND, state=CallState.CONNECTED, started_at=2.0)
+    session, env = with_calls(main, consult)
+    session.on_text(cmd("TransferCall", {"consultationCall": json.dumps(cp.call_to_creatio(consult))}, main))
+    c = last_command(env)
+    assert (c.name, c.args) == (CommandName.COMPLETE_TRANSFER, {"call_id": "a1", "consult_call_id": "c2"})
+    session.on_text(
+        cmd(
+            "CancelTransfer",
+            {
+                "currentCall": json.dumps(cp.call_to_creatio(main)),
+                "consultCall": json.dumps(cp.call_to_creatio(consult)),
+            },
+        )
+    )
+    c = last_command(env)
+    assert (c.name, c.args) == (CommandName.CANCEL_TRANSFER, {"call_id": "a1", "consult_call_id": "c2"})
+
+
+def test_transfer_needs_known_distinct_consult_call() -> None:
+    main = make_call(state=CallState.HELD)
+    session, env = with_calls(main)
+    session.on_text(cmd("TransferCall", {"consultationCall": json.dumps(cp.call_to_creatio(main))}, main))
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
+    session.on_text(cmd("TransferCall", {}, main))
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
+    session.on_text(cmd("CancelTransfer", {"currentCall": json.dumps(cp.call_to_creatio(main))}))
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
+
+
+def test_send_dtmf() -> None:
+    call = make_call(state=CallState.CONNECTED)
+    session, env = with_calls(call)
+    session.on_text(cmd("SendDtmf", {"digits": "1#"}, call))
+    assert last_command(env).args == {"call_id": "a1", "digits": "1#"}
+    session.on_text(cmd("SendDtmf", {"digits": 5}, call))
+    assert last_command(env).args["digits"] == "5"
+    session.on_text(cmd("SendDtmf", {"digits": "1;x"}, call))
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
+
+
+def test_set_dnd() -> None:
+    session, env = opened()
+    session.on_text(cmd("SetDnd"))
+    assert last_command(env).name is CommandName.SET_DND
+
+
+def test_agent_states() -> None:
+    session, env = opened()
+    session.on_text(cmd("SetMsgUserState", {"code": "Active", "reason": ""}))
+    assert last_command(env).name is CommandName.AGENT_UNPAUSE
+    session.on_text(cmd("SetMsgUserState", {"code": "Paused", "reason": "Lunch"}))
+    c = last_command(env)
+    assert (c.name, c.args) == (CommandName.AGENT_PAUSE, {"reason": "Lunch", "state_code": "Paused"})
+    session.on_text(cmd("SetMsgUserState", {"code": "Break", "reason": ""}))
+    assert last_command(env).args == {"reason": "Break", "state_code": "Break"}
+    session.on_text(cmd("SetMsgUserState", {"code": "WrapUp"}))
+    c = last_command(env)
+    assert (c.name, c.args) == (CommandName.WRAP_UP, {"active": "true"})
+    session.on_text(cmd("SetWrapUpUserState", {"isWrapUpActive": False}))
+    c = last_command(env)
+    assert (c.name, c.args) == (CommandName.WRAP_UP, {"active": "false"})
+    session.on_text(cmd("SetWrapUpUserState", {"isWrapUpActive": "yes"}))
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
+    session.on_text(cmd("SetMsgUserState", {"reason": "x"}))
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
+
+
+def test_call_centre_disabled() -> None:
+    session, env = opened(disableCallCentre=True)
+    assert session.call_centre_enabled is False
+    for text in (
+        cmd("SetMsgUserState", {"code": "Active"}),
+        cmd("SetWrapUpUserState", {"isWrapUpActive": True}),
+        cmd("QueryMsgUserState"),
+    ):
+        session.on_text(text)
+        err = only_error(env)
+        assert err["errorType"] == MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR
+        assert "call centre" in err["data"]
+    session.on_line_event(LineEvent(line=LINE, type=EventType.AGENT_STATE_CHANGED, agent=AgentState(LINE, True)))
+    assert env.frames == []
+    # call control still works
+    session.on_text(cmd("MakeCall", {"targetAddress": "200"}))
+    assert last_command(env).name is CommandName.MAKE_CALL
+
+
+@pytest.mark.parametrize("name", ["ProcessLogs", "SetLogFilePath"])
+def test_log_commands_disabled(name: str) -> None:
+    session, env = opened()
+    session.on_text(cmd(name, {"filePath": "/etc/passwd"}))
+    err = only_error(env)
+    assert err["errorType"] == MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR
+    assert "disabled" in err["data"]
+
+
+@pytest.mark.parametrize(
+    "name", ["Hookup", "SetupTransferCall", "RegisterConnectionSession", "PostRawData", "LibrarySpecificService"]
+)
+def test_unsupported_commands(name: str) -> None:
+    session, env = opened()
+    session.on_text(cmd(name))
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR
+    assert env.commands == []
+
+
+def test_command_result() -> None:
+    session, env = opened()
+    session.on_text(cmd("MakeCall", {"targetAddress": "200"}))
+    command = env.commands.pop()
+    session.on_command_result(CommandResult(command.id, ok=True), command)
+    assert env.frames == []
+    session.on_command_result(CommandResult(command.id, ok=False, error="Originate failed: no such extension"), command)
+    err = only_error(env)
+    assert err == {
+        "errorType": 3,
+        "internalErrorCode": None,
+        "data": "Originate failed: no such extension",
+        "source": "asterisk-cms",
+    }
+    session.on_command_result(CommandResult(command.id, ok=False), command)
+    assert "make_call" in only_error(env)["data"]
+
+
+# --------------------------------------------------------------------------------------
+# close
+# --------------------------------------------------------------------------------------
+
+
+def test_close_connection() -> None:
+    session, env = with_calls(make_call())
+    session.on_text(cmd("CloseConnection"))
+    (msg,) = env.take()
+    assert msg["eventType"] == 14
+    assert msg["privateData"] == {"ignoreTryReconnection": True}
+    assert env.released == [LINE]
+    assert session.state is SessionState.LIBRARY
+    assert session.calls == []
+    session.on_text(cmd("MakeCall", {"targetAddress": "200"}))
+    assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
+    session.on_text(open_cmd())
+    assert env.claimed == [LINE, LINE]
+
+
+def test_disconnect_releases_once_and_goes_quiet() -> None:
+    session, env = with_calls(make_call())
+    session.on_disconnect()
+    session.on_disconnect()
+    assert env.released == [LINE]
+    assert session.state is SessionState.CLOSED
+    session.on_text(cmd("LoadLibrary"))
+    session.on_line_event(event(EventType.RING_STARTED, make_call()))
+    session.on_snapshot([make_call()])
+    session.on_command_result(CommandResult("x", ok=False, error="e"), Command("x", LINE, CommandName.HANGUP))
+    assert env.frames == [] and env.commands == []
+
+
+def test_disconnect_before_open() -> None:
+    session, env = new_session()
+    session.on_disconnect()
+    assert env.released == []
+
+
+# --------------------------------------------------------------------------------------
+# fuzz: any frame sequence, never an exception, every answer is a valid frame
+# --------------------------------------------------------------------------------------
+
+frames_strategy = st.lists(
+    st.one_of(
+        st.text(max_size=50),
+        st.sampled_from([c.value for c in cp.CtiCommand]).map(lambda n: cmd(n)),
+        st.sampled_from([c.value for c in cp.CtiCommand]).flatmap(
+            lambda n: st.dictionaries(
+                st.sampled_from(["targetAddress", "digits", "code", "reason", "isWrapUpActive", "consultationCall"]),
+                st.one_of(st.text(max_size=10), st.integers(), st.booleans(), st.none()),
+                max_size=3,
+            ).map(lambda p: cmd(n, p, make_call()))
+        ),
+        st.just(open_cmd()),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames_strategy)
+def test_fuzz_session(frames: list[str]) -> None:
+    session, env = new_session()
+    session.on_snapshot([make_call()])
+    for text in frames:
+        session.on_text(text)
+    for frame in env.frames:
+        msg = json.loads(frame)
+        assert isinstance(msg["eventType"], int)
+        if msg["eventType"] == 3:
+            assert isinstance(content(msg)["errorType"], int)
+    for command in env.commands:
+        assert command.line == LINE

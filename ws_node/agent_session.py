@@ -1,0 +1,561 @@
+"""One Creatio client connection as a sans-I/O state machine.
+
+Theory of operation
+-------------------
+The I/O shell owns the WebSocket, RabbitMQ and Redis. It feeds this object what happened
+(``on_text``, ``on_line_event``, ``on_snapshot``, ``on_command_result``, ``on_disconnect``)
+and carries out what it asks through :class:`SessionEnvironment` (send a frame, claim or
+release a line, fetch a snapshot, submit a command, close). Nothing here blocks, awaits
+or raises on bad input: a bad frame becomes an ERROR frame.
+
+States::
+
+    NEW --LoadLibrary--> LIBRARY --OpenConnection--> OPEN --CloseConnection--> LIBRARY
+     \\________________________\\_________________________\\--on_disconnect--> CLOSED
+
+Rules, from the client's source (docs/creatio-protocol.md has the details):
+
+1. LoadLibrary is answered with LIBRARY_INITIALIZED, whose content the client keeps raw as
+   its library instance uid; every such answer makes the client send OpenConnection.
+2. OpenConnection carries ``connectionParams`` (JSON in JSON). ``ExtensionName`` is the
+   line. The answer is CONNECTION_CREATED with the connection uid *in the envelope*; the
+   client then asks for QueryActiveCallSnapshot. A repeated OpenConnection for the same
+   line is answered again without claiming the line twice.
+3. Commands other than LoadLibrary/OpenConnection need an open connection.
+4. Call commands name the call by the GUID we gave it; the session keeps the calls of its
+   line (from the snapshot and from events) keyed by that GUID and refuses calls it does
+   not know. The same table decides the HoldCall toggle (the client sends HoldCall for
+   both hold and unhold) and the snapshot's CurrentCall (the oldest active call, as the
+   client keeps its first call current while consulting).
+5. ``commandUId`` is always empty, so results cannot be correlated by the client: a
+   failed command is reported as an ERROR frame with the gateway's message, a success
+   is silent (the call events tell the story).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from services.wire import AgentState, Call, CallState, Command, CommandName, CommandResult, EventType, LineEvent
+from ws_node import creatio_protocol as cp
+from ws_node.creatio_protocol import CtiCommand, MsgErrorType, ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+class SessionEnvironment(Protocol):
+    """What the I/O shell does for a session."""
+
+    def send_frame(self, text: str) -> None: ...
+
+    def claim_line(self, session: AgentSession, line: str) -> None: ...
+
+    def release_line(self, session: AgentSession, line: str) -> None: ...
+
+    def request_snapshot(self, session: AgentSession, line: str) -> None: ...
+
+    def submit_command(self, session: AgentSession, command: Command) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class SessionState(enum.Enum):
+    NEW = "new"
+    LIBRARY = "library"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    max_message_bytes: int = 64 * 1024
+    agent_codes: cp.AgentStateCodes = cp.DEFAULT_AGENT_CODES
+    #: longest line name accepted from ``connectionParams.ExtensionName``
+    max_line_length: int = 32
+
+
+class FrameMemo:
+    """Optional node-wide memo of encoded line-event frames.
+
+    Every tab of a line receives the same event and, with the same view of the line,
+    would encode the same frames; one memo per node makes that happen once. The key is
+    the event's stream position plus the calls that shape the output, so it is only used
+    for positioned events (non-empty epoch).
+    """
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._max = max_entries
+        self._entries: OrderedDict[tuple[Any, ...], list[str]] = OrderedDict()
+
+    def get_or_build(self, key: tuple[Any, ...], build: Callable[[], list[str]]) -> list[str]:
+        frames = self._entries.get(key)
+        if frames is None:
+            frames = build()
+            self._entries[key] = frames
+            if len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+        return frames
+
+
+_LINE_RE = re.compile(r"[A-Za-z0-9_-]+")
+_CONTEXT_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
+_TARGET_RE = re.compile(r"[0-9A-Za-z+*#_]{1,64}")
+_DTMF_RE = re.compile(r"[0-9A-Da-d*#]{1,32}")
+
+_CALL_CENTRE_COMMANDS = frozenset(
+    {CtiCommand.SET_MSG_USER_STATE, CtiCommand.QUERY_MSG_USER_STATE, CtiCommand.SET_WRAP_UP_USER_STATE}
+)
+_NOT_IMPLEMENTED = frozenset(
+    {
+        CtiCommand.HOOKUP,
+        CtiCommand.SETUP_TRANSFER_CALL,
+        CtiCommand.REGISTER_CONNECTION_SESSION,
+        CtiCommand.POST_RAW_DATA,
+        CtiCommand.LIBRARY_SPECIFIC_SERVICE,
+    }
+)
+_DISABLED = frozenset({CtiCommand.PROCESS_LOGS, CtiCommand.SET_LOG_FILE_PATH})
+
+
+class _Refused(Exception):
+    """Internal: a command that is answered with an ERROR frame."""
+
+    def __init__(self, error_type: MsgErrorType, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+class AgentSession:
+    def __init__(
+        self,
+        env: SessionEnvironment,
+        *,
+        options: SessionOptions | None = None,
+        frame_memo: FrameMemo | None = None,
+        originate_context: str = "",
+        clock: Callable[[], float] = time.time,
+        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        self._env = env
+        self._opts = options or SessionOptions()
+        self._memo = frame_memo
+        self._clock = clock
+        self._new_id = new_id
+        self.state = SessionState.NEW
+        self.library_instance_uid = ""
+        self.connection_uid = ""
+        self.line: str | None = None
+        #: node default; ``connectionParams.OriginateContext`` overrides it per user
+        self.default_originate_context = originate_context
+        self.originate_context = originate_context
+        self.debug_mode = False
+        self.call_centre_enabled = True
+        self.user_uid = ""
+        #: calls of the line, client GUID -> Call, oldest first
+        self._calls: OrderedDict[str, Call] = OrderedDict()
+        self._agent: AgentState | None = None
+
+    # ---- introspection ---------------------------------------------------------------
+
+    @property
+    def calls(self) -> list[Call]:
+        return list(self._calls.values())
+
+    @property
+    def agent(self) -> AgentState | None:
+        return self._agent
+
+    @property
+    def current_call(self) -> Call | None:
+        for call in self._calls.values():
+            if call.active:
+                return call
+        return None
+
+    # ---- inputs from the shell ---------------------------------------------------------
+
+    def on_text(self, text: str | bytes) -> None:
+        if self.state is SessionState.CLOSED:
+            return
+        try:
+            cmd = cp.decode_client_message(text, max_bytes=self._opts.max_message_bytes)
+        except ProtocolError as exc:
+            log.info("bad client frame conn=%s line=%s: %s", self.connection_uid, self.line, exc.message)
+            self._error(exc.error_type, exc.message)
+            return
+        try:
+            self._dispatch(cmd)
+        except _Refused as exc:
+            log.info("refused %s conn=%s line=%s: %s", cmd.name, self.connection_uid, self.line, exc.message)
+            self._error(exc.error_type, exc.message)
+
+    def on_line_event(self, event: LineEvent) -> None:
+        if self.state is not SessionState.OPEN or event.line != self.line:
+            return
+        if event.type is EventType.AGENT_STATE_CHANGED:
+            if event.agent is not None:
+                self._agent = event.agent
+            if not self.call_centre_enabled:
+                return
+        elif event.call is not None:
+            self._track(event)
+        frames = self._frames_for(event)
+        send = self._env.send_frame
+        for frame in frames:
+            send(frame)
+
+    def on_snapshot(self, calls: Sequence[Call], agent: AgentState | None = None) -> None:
+        """The line's calls (and, if known, agent state) as read by the shell."""
+        if self.state is not SessionState.OPEN:
+            return
+        mine = sorted((c for c in calls if c.line == self.line and c.active), key=lambda c: c.started_at)
+        self._calls = OrderedDict((cp.call_guid(c.id), c) for c in mine)
+        self._env.send_frame(cp.snapshot_frame(mine, self.current_call, self.connection_uid))
+        if not mine:
+            self._env.send_frame(cp.line_state_frame(cp.IDLE_LINE_FEATURES, connection_uid=self.connection_uid))
+        if agent is not None:
+            self._agent = agent
+            if self.call_centre_enabled:
+                self._send_agent_state()
+
+    def on_calls_known(self, calls: Sequence[Call]) -> None:
+        """Seed the call table (e.g. from the snapshot taken when the line was claimed)
+        without telling the client; it asks for its own snapshot after CONNECTION_CREATED."""
+        if self.state is not SessionState.OPEN:
+            return
+        mine = sorted((c for c in calls if c.line == self.line and c.active), key=lambda c: c.started_at)
+        self._calls = OrderedDict((cp.call_guid(c.id), c) for c in mine)
+
+    def on_snapshot_failed(self, message: str) -> None:
+        """The shell could not read the line's state: tell the client, keep the session."""
+        if self.state is not SessionState.OPEN:
+            return
+        self._error(MsgErrorType.GENERAL_ERROR, message or "active call snapshot unavailable")
+
+    def on_command_result(self, result: CommandResult, command: Command) -> None:
+        if self.state is SessionState.CLOSED or result.ok:
+            return
+        message = result.error or f"{command.name.value} failed"
+        log.info("command failed conn=%s line=%s cmd=%s: %s", self.connection_uid, self.line, command.name, message)
+        self._error(MsgErrorType.COMMAND_ERROR, message)
+
+    def on_disconnect(self) -> None:
+        if self.state is SessionState.CLOSED:
+            return
+        self._release()
+        self.state = SessionState.CLOSED
+
+    # ---- command dispatch --------------------------------------------------------------
+
+    def _dispatch(self, cmd: cp.ClientCommand) -> None:
+        name = CtiCommand(cmd.name)
+        if name is CtiCommand.LOAD_LIBRARY:
+            self._load_library()
+            return
+        if name is CtiCommand.OPEN_CONNECTION:
+            self._open_connection(cmd)
+            return
+        if self.state is not SessionState.OPEN:
+            raise _Refused(MsgErrorType.COMMAND_ERROR, f"{cmd.name}: connection is not open")
+        if name in _DISABLED:
+            raise _Refused(MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR, f"{cmd.name} is disabled")
+        if name in _NOT_IMPLEMENTED:
+            raise _Refused(MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR, f"{cmd.name} is not supported")
+        if name in _CALL_CENTRE_COMMANDS and not self.call_centre_enabled:
+            # Not CALL_CENTRE_NOT_AVAILABLE_ERROR: the client answers that one by tearing the
+            # connection down and reconnecting, which cannot help a disabled call centre.
+            raise _Refused(
+                MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR, f"{cmd.name}: call centre is disabled for this user"
+            )
+        handler = self._handlers[name]
+        handler(self, cmd)
+
+    def _load_library(self) -> None:
+        if not self.library_instance_uid:
+            self.library_instance_uid = str(uuid.uuid4())
+        if self.state is SessionState.NEW:
+            self.state = SessionState.LIBRARY
+        self._env.send_frame(cp.library_initialized_frame(self.library_instance_uid))
+
+    def _open_connection(self, cmd: cp.ClientCommand) -> None:
+        params = cmd.params.get("connectionParams") or {}
+        line = _get_ci(params, "ExtensionName")
+        if not isinstance(line, str) or not line.strip():
+            raise _Refused(MsgErrorType.CONNECTION_CONFIG_ERROR, "connectionParams.ExtensionName is missing")
+        line = line.strip()
+        if len(line) > self._opts.max_line_length or not _LINE_RE.fullmatch(line):
+            raise _Refused(MsgErrorType.CONNECTION_CONFIG_ERROR, f"bad ExtensionName {line[:40]!r}")
+        context = _get_ci(params, "OriginateContext")
+        if context is None or context == "":
+            context = ""
+        elif not isinstance(context, str) or not _CONTEXT_RE.fullmatch(context):
+            raise _Refused(MsgErrorType.CONNECTION_CONFIG_ERROR, "bad OriginateContext")
+        session_params = cmd.params.get("sessionServiceParams") or {}
+        user = _get_ci(session_params, "UserUId")
+
+        self.originate_context = context or self.default_originate_context
+        self.debug_mode = _truthy(_get_ci(params, "debugMode"))
+        self.call_centre_enabled = not _truthy(_get_ci(params, "disableCallCentre"))
+        self.user_uid = user if isinstance(user, str) else ""
+        if not self.library_instance_uid:
+            self.library_instance_uid = cmd.library_instance_uid or str(uuid.uuid4())
+        if self.line != line:
+            self._release()
+            self.line = line
+            self.connection_uid = cp.connection_uid_for_line(line)
+            self.state = SessionState.OPEN
+            log.info("connection open conn=%s line=%s user=%s", self.connection_uid, line, self.user_uid)
+            self._env.claim_line(self, line)
+        self.state = SessionState.OPEN
+        self._env.send_frame(cp.connection_created_frame(self.connection_uid))
+
+    def _close_connection(self, cmd: cp.ClientCommand) -> None:
+        uid = self.connection_uid
+        self._release()
+        self.state = SessionState.LIBRARY
+        # ignoreTryReconnection: CloseConnection is sent on logout; the panel must not retry.
+        self._env.send_frame(cp.disconnected_frame("CloseConnection", connection_uid=uid, reconnect=False))
+
+    def _make_call(self, cmd: cp.ClientCommand) -> None:
+        target = self._target(cmd)
+        self._submit(CommandName.MAKE_CALL, self._with_context({"number": target}))
+
+    def _answer(self, cmd: cp.ClientCommand) -> None:
+        call = self._executor_call(cmd)
+        if call.state is not CallState.RINGING:
+            raise _Refused(MsgErrorType.COMMAND_ERROR, "AnswerCall: the call is not ringing")
+        self._submit(CommandName.ANSWER, {"call_id": call.id})
+
+    def _hold_toggle(self, cmd: cp.ClientCommand) -> None:
+        call = self._executor_call(cmd)
+        if call.state is CallState.HELD:
+            self._submit(CommandName.UNHOLD, {"call_id": call.id})
+        elif call.state is CallState.CONNECTED:
+            self._submit(CommandName.HOLD, {"call_id": call.id})
+        else:
+            raise _Refused(MsgErrorType.COMMAND_ERROR, "HoldCall: the call is neither connected nor held")
+
+    def _drop(self, cmd: cp.ClientCommand) -> None:
+        call = self._executor_call(cmd)
+        self._submit(CommandName.HANGUP, {"call_id": call.id})
+
+    def _blind_transfer(self, cmd: cp.ClientCommand) -> None:
+        call = self._executor_call(cmd)
+        target = self._target(cmd)
+        self._submit(CommandName.BLIND_TRANSFER, self._with_context({"call_id": call.id, "number": target}))
+
+    def _consult(self, cmd: cp.ClientCommand) -> None:
+        call = self._executor_call(cmd)
+        target = self._target(cmd)
+        self._submit(CommandName.CONSULT_CALL, self._with_context({"call_id": call.id, "number": target}))
+
+    def _transfer(self, cmd: cp.ClientCommand) -> None:
+        call = self._executor_call(cmd)
+        consult = self._call_param(cmd, "consultationCall")
+        if consult.id == call.id:
+            raise _Refused(MsgErrorType.COMMAND_ERROR, "TransferCall: consultation call is the call itself")
+        self._submit(CommandName.COMPLETE_TRANSFER, {"call_id": call.id, "consult_call_id": consult.id})
+
+    def _cancel_transfer(self, cmd: cp.ClientCommand) -> None:
+        call = self._call_param(cmd, "currentCall")
+        consult = self._call_param(cmd, "consultCall")
+        if consult.id == call.id:
+            raise _Refused(MsgErrorType.COMMAND_ERROR, "CancelTransfer: consultation call is the call itself")
+        self._submit(CommandName.CANCEL_TRANSFER, {"call_id": call.id, "consult_call_id": consult.id})
+
+    def _dtmf(self, cmd: cp.ClientCommand) -> None:
+        call = self._executor_call(cmd)
+        digits = cmd.params.get("digits")
+        if isinstance(digits, int) and not isinstance(digits, bool):
+            digits = str(digits)
+        if not isinstance(digits, str) or not _DTMF_RE.fullmatch(digits):
+            raise _Refused(MsgErrorType.COMMAND_ERROR, "SendDtmf: bad digits")
+        self._submit(CommandName.DTMF, {"call_id": call.id, "digits": digits})
+
+    def _set_dnd(self, cmd: cp.ClientCommand) -> None:
+        # The client sends no parameter: SetDnd is a toggle, as with TAPI.
+        self._submit(CommandName.SET_DND, {"mode": "toggle"})
+
+    def _query_line_state(self, cmd: cp.ClientCommand) -> None:
+        current = self.current_call
+        if current is None:
+            frame = cp.line_state_frame(cp.IDLE_LINE_FEATURES, connection_uid=self.connection_uid)
+        else:
+            consulting = sum(1 for c in self._calls.values() if c.active) > 1
+            frame = cp.line_state_frame(
+                cp.call_features(current, consulting=consulting),
+                connection_uid=self.connection_uid,
+                call_id=cp.call_guid(current.id),
+            )
+        self._env.send_frame(frame)
+
+    def _query_snapshot(self, cmd: cp.ClientCommand) -> None:
+        assert self.line is not None
+        self._env.request_snapshot(self, self.line)
+
+    def _set_user_state(self, cmd: cp.ClientCommand) -> None:
+        code = cmd.params.get("code")
+        reason = cmd.params.get("reason")
+        if not isinstance(code, str) or not code or len(code) > 100:
+            raise _Refused(MsgErrorType.COMMAND_ERROR, "SetMsgUserState: bad code")
+        reason = reason if isinstance(reason, str) else ""
+        codes = self._opts.agent_codes
+        if code == codes.ready:
+            self._submit(CommandName.AGENT_UNPAUSE, {})
+        elif code == codes.wrap_up:
+            self._submit(CommandName.WRAP_UP, {"active": "true"})
+        else:
+            self._submit(CommandName.AGENT_PAUSE, {"reason": (reason or code)[:200], "state_code": code})
+
+    def _set_wrap_up(self, cmd: cp.ClientCommand) -> None:
+        active = cmd.params.get("isWrapUpActive")
+        if not isinstance(active, bool):
+            raise _Refused(MsgErrorType.COMMAND_ERROR, "SetWrapUpUserState: isWrapUpActive must be a boolean")
+        self._submit(CommandName.WRAP_UP, {"active": "true" if active else "false"})
+
+    def _query_user_state(self, cmd: cp.ClientCommand) -> None:
+        # Unknown yet (no snapshot or event carried it): say nothing rather than guess; the
+        # state is sent as soon as a snapshot or an event brings it.
+        if self._agent is not None:
+            self._send_agent_state()
+
+    _handlers: dict[CtiCommand, Callable[[AgentSession, cp.ClientCommand], None]] = {
+        CtiCommand.CLOSE_CONNECTION: _close_connection,
+        CtiCommand.MAKE_CALL: _make_call,
+        CtiCommand.ANSWER_CALL: _answer,
+        CtiCommand.HOLD_CALL: _hold_toggle,
+        CtiCommand.DROP_CALL: _drop,
+        CtiCommand.BLIND_TRANSFER_CALL: _blind_transfer,
+        CtiCommand.MAKE_CONSULT_CALL: _consult,
+        CtiCommand.TRANSFER_CALL: _transfer,
+        CtiCommand.CANCEL_TRANSFER: _cancel_transfer,
+        CtiCommand.SEND_DTMF: _dtmf,
+        CtiCommand.SET_DND: _set_dnd,
+        CtiCommand.QUERY_LINE_STATE: _query_line_state,
+        CtiCommand.QUERY_ACTIVE_CALL_SNAPSHOT: _query_snapshot,
+        CtiCommand.SET_MSG_USER_STATE: _set_user_state,
+        CtiCommand.SET_WRAP_UP_USER_STATE: _set_wrap_up,
+        CtiCommand.QUERY_MSG_USER_STATE: _query_user_state,
+    }
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _submit(self, name: CommandName, args: dict[str, str]) -> None:
+        assert self.line is not None
+        command = Command(id=self._new_id(), line=self.line, name=name, args=args, issued_at=self._clock())
+        log.debug("submit conn=%s line=%s cmd=%s args=%s", self.connection_uid, self.line, name, args)
+        self._env.submit_command(self, command)
+
+    def _with_context(self, args: dict[str, str]) -> dict[str, str]:
+        if self.originate_context:
+            args["context"] = self.originate_context
+        return args
+
+    def _target(self, cmd: cp.ClientCommand) -> str:
+        target = cmd.params.get("targetAddress")
+        if isinstance(target, int) and not isinstance(target, bool):
+            target = str(target)
+        if not isinstance(target, str):
+            raise _Refused(MsgErrorType.COMMAND_ERROR, f"{cmd.name}: targetAddress is missing")
+        # The panel passes what the user typed or clicked: "+7 (495) 123-45-67" and the like.
+        cleaned = re.sub(r"[\s().-]", "", target)
+        if not _TARGET_RE.fullmatch(cleaned):
+            raise _Refused(MsgErrorType.COMMAND_ERROR, f"{cmd.name}: bad targetAddress")
+        return cleaned
+
+    def _lookup(self, guid: Any, what: str) -> Call:
+        call = self._calls.get(guid) if isinstance(guid, str) else None
+        if call is None:
+            raise _Refused(MsgErrorType.COMMAND_ERROR, f"{what}: unknown call")
+        return call
+
+    def _executor_call(self, cmd: cp.ClientCommand) -> Call:
+        guid: Any = cmd.executor_id
+        if not guid and cmd.executor is not None:
+            guid = cmd.executor.get("id")
+        return self._lookup(guid, cmd.name)
+
+    def _call_param(self, cmd: cp.ClientCommand, key: str) -> Call:
+        obj = cmd.params.get(key)
+        if not isinstance(obj, dict):
+            raise _Refused(MsgErrorType.COMMAND_ERROR, f"{cmd.name}: {key} is missing")
+        return self._lookup(obj.get("id"), f"{cmd.name} {key}")
+
+    def _track(self, event: LineEvent) -> None:
+        call = event.call
+        assert call is not None
+        guid = cp.call_guid(call.id)
+        if event.type is EventType.RING_FINISHED or call.state is CallState.FINISHED:
+            self._calls.pop(guid, None)
+        else:
+            self._calls[guid] = call  # an existing key keeps its place: oldest stays first
+
+    def _frames_for(self, event: LineEvent) -> list[str]:
+        own_id = event.call.id if event.call is not None else None
+        others = [c for c in self._calls.values() if c.id != own_id and c.active]
+
+        def build() -> list[str]:
+            return cp.line_event_to_frames(
+                event, self.connection_uid, other_calls=others, agent_codes=self._opts.agent_codes
+            )
+
+        if self._memo is None or not event.epoch:
+            return build()
+        key = (
+            event.line,
+            event.epoch,
+            event.seq,
+            event.type,
+            self.connection_uid,
+            self._opts.agent_codes,
+            tuple((c.id, c.state, c.direction) for c in others),
+        )
+        return self._memo.get_or_build(key, build)
+
+    def _send_agent_state(self) -> None:
+        assert self._agent is not None
+        code = self._opts.agent_codes.code_for(self._agent)
+        self._env.send_frame(cp.agent_state_frame(code, connection_uid=self.connection_uid))
+
+    def _error(self, error_type: MsgErrorType, message: str) -> None:
+        self._env.send_frame(cp.error_frame(error_type, message, connection_uid=self.connection_uid))
+
+    def _release(self) -> None:
+        line = self.line
+        self.line = None
+        self._calls.clear()
+        self._agent = None
+        if line is not None:
+            log.info("connection released conn=%s line=%s", self.connection_uid, line)
+            self._env.release_line(self, line)
+
+
+def _get_ci(obj: Any, key: str) -> Any:
+    """``obj[key]`` with the key matched case-insensitively (Creatio configs vary in case)."""
+    if not isinstance(obj, dict):
+        return None
+    if key in obj:
+        return obj[key]
+    lowered = key.lower()
+    for k, v in obj.items():
+        if isinstance(k, str) and k.lower() == lowered:
+            return v
+    return None
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+__all__ = ["AgentSession", "FrameMemo", "SessionEnvironment", "SessionOptions", "SessionState"]
