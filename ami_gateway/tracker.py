@@ -1,0 +1,1085 @@
+"""The call tracker: raw AMI events in, one clean call model per agent line out.
+
+Pure: no sockets, no clock reads of its own, no asyncio. :meth:`CallTracker.handle` takes one parsed AMI
+message and returns the :class:`~services.wire.LineEvent` values it causes (without stream positions; the
+sequencer numbers them later). Replaying a recorded transcript therefore reproduces the exact events.
+
+Theory of operation
+-------------------
+Asterisk (12+) describes a call as *channels* (one per leg: the caller's trunk, Local ``;1``/``;2`` halves,
+the agent's phone) that are created, dialled, bridged and hung up. All legs of one call share a
+``Linkedid``. Every channel event carries a full snapshot of its channel (``Channel``, ``Uniqueid``,
+``Linkedid``, ``ChannelState``, caller id, connected line...), Dial events carry a second one prefixed
+``Dest``. The tracker keeps a table of live channels, updated from every snapshot it sees, so it never
+depends on having seen ``Newchannel``.
+
+Rule 1 - lines. A channel is an agent line's *phone channel* when :class:`~ami_gateway.lines.LineMatcher`
+says so (``SIP/305-00000004`` -> ``305``). Only phone channels get calls. Trunks are remote parties; Local
+channels are hops.
+
+Rule 2 - the path back. ``DialBegin`` records who dialled whom (``dialed_by``); a ``DialBegin`` without a
+``Channel`` is an ``Originate`` (click-to-dial). A Local ``;2`` half leads back to its ``;1`` half (paired
+by ``LocalBridge`` and by name). Walking that path upwards from a phone channel, through any number of Local
+hops, gives the call's *origin*: the first real channel (the caller), or "originated".
+
+Rule 3 - roles and direction. A phone channel has one of three roles:
+
+* INCOMING - it was dialled by someone: the agent is the called party. Direction ``internal`` if the origin
+  is another line's phone, else ``inbound``.
+* ORIGINATED - click-to-dial: the agent's own phone is rung first, then the dialplan dials the number.
+  Direction ``outbound`` (``internal`` once it turns out to dial a line).
+* DIALING - the agent dialled from the phone (its channel runs ``Dial``). ``outbound`` or ``internal``.
+
+Rule 4 - the moments. Per line and call, exactly this order, each at most once:
+
+* RING_STARTED. INCOMING/ORIGINATED: on the phone channel's ``Newstate`` Ringing (state 5) if
+  ``send_ring_started_on_ringing_state`` (the default), else on the ``DialBegin`` that dials it. DIALING: on
+  the phone channel's first ``DialBegin`` as the caller. Any later moment (an answer without ringing, a
+  resync) announces the call first if it was not announced.
+* COMMUTATION_STARTED. The agent's leg is answered *and connected to the other party*: ``DialEnd`` with
+  ``DialStatus: ANSWER`` for the agent's leg (as the dialled party when INCOMING, as the dialler when
+  DIALING/ORIGINATED - the answer of an Originate only means the agent picked up their own phone). Fallback:
+  the phone channel, Up, entering a bridge with another channel.
+* HOLD_STARTED / HOLD_ENDED on ``Hold``/``Unhold`` of the phone channel; for Asterisk without those events,
+  ``MusicOnHoldStart``/``Stop`` on a channel bridged with the agent's phone.
+* CALL_INFO_CHANGED when a field the client shows (numbers, names, queue, redirecting/redirection numbers,
+  direction, extra) changes: ``NewCallerid``, ``NewConnectedLine``, queue events, ``BlindTransfer``,
+  ``AttendedTransfer``. View fields are sticky: information is never replaced by an empty value, so the
+  Local halves hanging up before the phone does not blank the queue or the caller.
+* ABONENT_BUSY (state ``busy``) on ``DialEnd`` ``BUSY`` of the agent's leg.
+* RING_FINISHED (state ``finished``), exactly once, last: on ``Hangup`` of the phone channel with its cause,
+  or at once on ``DialEnd`` ``CANCEL``/``NOANSWER``/``BUSY``/... when the agent was the dialled party (the
+  ring is over; ``hangup_cause_text`` is then the dial status). The call then leaves the live tables.
+
+Rule 5 - ids. A call's id is ``"<linkedid>:<line>"`` (``":2"``, ``":3"``... if the same line is rung again
+in the same call, e.g. a queue retry). It is fixed when the call is announced, so it survives transfers and
+Local hops.
+
+Rule 6 - robustness. Events about unknown or already hung-up channels, duplicates, missing or garbage
+headers are ignored (debug log); a hung-up channel is remembered for a while so a late event cannot bring
+it back. Channels, bridges and Local pairs are dropped on ``Hangup``; per-call data when the last channel
+of a Linkedid goes; a hard cap bounds the channel table if Hangups were lost.
+
+Rule 7 - agent state. ``QueueMemberStatus``/``QueueMemberPause``/``QueueMemberAdded``/``QueueMemberRemoved``
+keep, per line, each queue's pause flag (the member ``Interface``/``StateInterface`` mapped through the
+matcher). The agent is paused when paused in all its queues. AGENT_STATE_CHANGED is emitted only when the
+pause flag or reason changes (learning a membership is not a change).
+
+Rule 8 - resync. After an AMI (re)connect, ``CoreShowChannel`` and ``QueueMember`` lists are the truth:
+calls whose phone channel is gone are finished, new phone channels are announced as their state says, a
+ringing call found answered gets its COMMUTATION_STARTED, pause states are refreshed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from ami_gateway.ami_protocol import AmiMessage
+from ami_gateway.lines import LineMatcher
+from ami_gateway.packet_info import PacketInfoSpec, Source
+from services.wire import AgentState, Call, CallState, Direction, EventType, LineEvent
+
+__all__ = ["CallTracker", "TrackerOptions"]
+
+log = logging.getLogger(__name__)
+
+_RINGING = 5
+_UP = 6
+_UNKNOWN = frozenset({"", "<unknown>", "unknown", "<null>", "(null)"})
+# Events that may describe a channel we never saw: anything else only updates known channels, so an event
+# about a dead channel (OriginateResponse of a failed call, a late Hangup...) cannot create a phantom.
+_CREATING = frozenset(
+    {
+        "newchannel",
+        "newstate",
+        "newcallerid",
+        "newconnectedline",
+        "newexten",
+        "dialbegin",
+        "dialstate",
+        "dialend",
+        "localbridge",
+        "bridgeenter",
+        "hold",
+        "unhold",
+        "musiconholdstart",
+        "queuecallerjoin",
+        "agentcalled",
+        "agentconnect",
+        "blindtransfer",
+        "attendedtransfer",
+        "coreshowchannel",
+    }
+)
+_FAILED_DIAL = frozenset({"CANCEL", "NOANSWER", "BUSY", "CONGESTION", "CHANUNAVAIL", "DONTCALL", "TORTURE"})
+_MEMBER_EVENTS = frozenset(
+    {"queuememberstatus", "queuememberpause", "queuememberpaused", "queuememberadded", "queuememberremoved"}
+)
+_QUEUE_AGENT_EVENTS = frozenset({"agentcalled", "agentconnect", "agentcomplete", "agentringnoanswer", "agentdump"})
+
+
+def _meaningful(value: str | None) -> bool:
+    return value is not None and value.strip().lower() not in _UNKNOWN
+
+
+def _dialled(exten: str) -> bool:
+    """An Exten that is a number someone dialled (not the "s" start extension)."""
+    return _meaningful(exten) and exten not in ("s", "h", "i", "t")
+
+
+def _int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return int(value) if value.isdigit() and len(value) < 10 else None
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class TrackerOptions:
+    #: CMS's sendRingStartedOnRingingState: announce an incoming call when the phone rings (state 5), not
+    #: when Asterisk starts dialling it.
+    send_ring_started_on_ringing_state: bool = True
+    packet_info: PacketInfoSpec | None = None
+    #: hard cap on tracked channels (only reached if Hangup events were lost); the oldest are dropped.
+    max_channels: int = 50_000
+    #: how many hung-up channel ids are remembered to ignore late events about them.
+    remember_hangups: int = 10_000
+
+
+class _Role(Enum):
+    INCOMING = "incoming"
+    ORIGINATED = "originated"
+    DIALING = "dialing"
+
+
+@dataclass(eq=False, slots=True)
+class _LineCall:
+    id: str
+    line: str
+    uid: str
+    linked_id: str
+    role: _Role
+    direction: Direction
+    state: CallState
+    started_at: float
+    call: Call
+    answered_at: float | None = None
+    dial_exten: str = ""
+    remote: tuple[str, str] | None = None  # set by a transfer: who the agent now talks to
+    redirecting: str = ""
+    redirection: str = ""
+
+
+@dataclass(eq=False, slots=True)
+class _Chan:
+    key: str
+    name: str
+    linkedid: str
+    line: str | None = None
+    local_half: str = ""  # ";1" / ";2" for Local channels
+    state: int = -1
+    caller_num: str = ""
+    caller_name: str = ""
+    own_name: str = ""  # CallerIDName when first seen: the phone's own name
+    connected_num: str = ""
+    connected_name: str = ""
+    exten: str = ""
+    pair: str | None = None
+    dialed_by: str | None = None
+    originated: bool = False
+    children: set[str] = field(default_factory=set)
+    queue: str = ""
+    bridge: str = ""
+    transferred_by: str = ""
+    transfer_target: str = ""
+    data: dict[str, str] = field(default_factory=dict)
+    call: _LineCall | None = None
+    done: bool = False  # its call is over: never announce another one on this channel
+
+
+@dataclass(eq=False, slots=True)
+class _Group:
+    """What the tracker keeps per Linkedid; dropped with the last channel."""
+
+    chans: set[str] = field(default_factory=set)
+    hints: dict[str, str] = field(default_factory=dict)  # line -> queue (from AgentCalled & co)
+    used_ids: set[str] = field(default_factory=set)
+    calls: set[_LineCall] = field(default_factory=set)
+
+
+class CallTracker:
+    """See the module docstring. Not thread-safe; one instance per AMI connection's event stream."""
+
+    def __init__(
+        self,
+        matcher: LineMatcher,
+        options: TrackerOptions = TrackerOptions(),  # noqa: B008 - frozen, safe to share
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._matcher = matcher
+        self._opts = options
+        self._clock = clock
+        self._chans: dict[str, _Chan] = {}
+        self._by_name: dict[str, str] = {}
+        self._locals: dict[str, dict[str, str]] = {}
+        self._bridges: dict[str, set[str]] = {}
+        self._groups: dict[str, _Group] = {}
+        self._calls: dict[str, dict[str, _LineCall]] = {}
+        self._members: dict[str, dict[str, tuple[bool, str]]] = {}
+        self._agents: dict[str, AgentState] = {}
+        self._gone: OrderedDict[str, None] = OrderedDict()
+
+    # ---- queries ---------------------------------------------------------------------------------
+
+    def calls_of(self, line: str) -> list[Call]:
+        """The line's live calls (announced, not finished), oldest first."""
+        return [lc.call for lc in self._calls.get(line, {}).values()]
+
+    def agent_state(self, line: str) -> AgentState | None:
+        return self._agents.get(line)
+
+    def lines(self) -> set[str]:
+        """Lines with a live call or a known agent state."""
+        return {line for line, calls in self._calls.items() if calls} | set(self._agents)
+
+    # ---- input -----------------------------------------------------------------------------------
+
+    def handle(self, msg: AmiMessage, received_at: float) -> list[LineEvent]:
+        """Feed one AMI message; returns the line events it causes, in order."""
+        event = (msg.event or "").strip().lower()
+        if not event:
+            return []
+        out: list[LineEvent] = []
+        handler = _HANDLERS.get(event)
+        if handler is not None:
+            handler(self, msg, event, received_at, out)
+        elif event in _MEMBER_EVENTS:
+            self._on_member(msg, event, received_at, out)
+        elif event in _QUEUE_AGENT_EVENTS:
+            self._on_queue_agent(msg, event, received_at, out)
+        elif "channel" in msg and "uniqueid" in msg:
+            self._snap(msg, "", event)
+        return out
+
+    # ---- channel table ---------------------------------------------------------------------------
+
+    def _find(self, msg: AmiMessage, prefix: str) -> _Chan | None:
+        uid = msg.get(prefix + "Uniqueid")
+        if _meaningful(uid):
+            assert uid is not None
+            ch = self._chans.get(uid.strip())
+            if ch is not None:
+                return ch
+        name = msg.get(prefix + "Channel")
+        if _meaningful(name):
+            assert name is not None
+            key = self._by_name.get(name.strip())
+            if key is not None:
+                return self._chans.get(key)
+        return None
+
+    def _snap(self, msg: AmiMessage, prefix: str, event: str) -> _Chan | None:
+        """Create or update a channel from the snapshot headers with ``prefix``; None if there is none."""
+        ch = self._find(msg, prefix)
+        if ch is None:
+            ch = self._create(msg, prefix, event)
+            if ch is None:
+                return None
+        p = prefix
+        state = _int(msg.get(p + "ChannelState"))
+        if state is not None:
+            ch.state = state
+        for attr, header in (
+            ("caller_num", "CallerIDNum"),
+            ("caller_name", "CallerIDName"),
+            ("connected_num", "ConnectedLineNum"),
+            ("connected_name", "ConnectedLineName"),
+            ("exten", "Exten"),
+        ):
+            value = msg.get(p + header)
+            if value is not None:
+                setattr(ch, attr, value.strip())
+        if not ch.own_name and _meaningful(ch.caller_name):
+            ch.own_name = ch.caller_name
+        spec = self._opts.packet_info
+        if spec:
+            self._capture(ch, msg, prefix, spec)
+        return ch
+
+    def _create(self, msg: AmiMessage, prefix: str, event: str) -> _Chan | None:
+        if event not in _CREATING:
+            return None
+        name = (msg.get(prefix + "Channel") or "").strip()
+        uid = (msg.get(prefix + "Uniqueid") or "").strip()
+        if not _meaningful(name):
+            return None
+        key = uid if _meaningful(uid) else f"name:{name}"
+        if key in self._gone:
+            log.debug("ignoring %s about hung-up channel %s", event, name)
+            return None
+        linkedid = (msg.get(prefix + "Linkedid") or "").strip() or key
+        ch = _Chan(key=key, name=name, linkedid=linkedid, line=self._matcher.line_of_channel(name))
+        if self._matcher.is_local(name) and name[-2:] in (";1", ";2"):
+            ch.local_half = name[-2:]
+            halves = self._locals.setdefault(name[:-2], {})
+            halves[ch.local_half] = key
+            other = halves.get(";2" if ch.local_half == ";1" else ";1")
+            if other is not None and other in self._chans:
+                self._pair(key, other, ch, self._chans[other])
+        if len(self._chans) >= self._opts.max_channels:
+            oldest = next(iter(self._chans.values()))
+            log.warning("channel table full (%d): dropping %s", len(self._chans), oldest.name)
+            self._drop(oldest)
+        self._chans[key] = ch
+        self._by_name[name] = key
+        self._groups.setdefault(linkedid, _Group()).chans.add(key)
+        return ch
+
+    @staticmethod
+    def _pair(key_a: str, key_b: str, a: _Chan, b: _Chan) -> None:
+        a.pair = key_b
+        b.pair = key_a
+
+    def _drop(self, ch: _Chan) -> None:
+        """Forget a channel (hung up) and everything only it kept alive."""
+        self._chans.pop(ch.key, None)
+        if self._by_name.get(ch.name) == ch.key:
+            del self._by_name[ch.name]
+        if ch.local_half:
+            halves = self._locals.get(ch.name[:-2])
+            if halves is not None and halves.get(ch.local_half) == ch.key:
+                del halves[ch.local_half]
+                if not halves:
+                    del self._locals[ch.name[:-2]]
+        self._leave_bridge(ch)
+        if ch.dialed_by is not None:
+            parent = self._chans.get(ch.dialed_by)
+            if parent is not None:
+                parent.children.discard(ch.key)
+        if ch.call is not None:
+            self._forget_call(ch.call)
+        group = self._groups.get(ch.linkedid)
+        if group is not None:
+            group.chans.discard(ch.key)
+            if not group.chans:
+                for lc in list(group.calls):
+                    self._forget_call(lc)
+                del self._groups[ch.linkedid]
+        self._gone[ch.key] = None
+        while len(self._gone) > self._opts.remember_hangups:
+            self._gone.popitem(last=False)
+
+    def _leave_bridge(self, ch: _Chan) -> None:
+        if ch.bridge:
+            members = self._bridges.get(ch.bridge)
+            if members is not None:
+                members.discard(ch.key)
+                if not members:
+                    del self._bridges[ch.bridge]
+            ch.bridge = ""
+
+    def _capture(self, ch: _Chan, msg: AmiMessage, prefix: str, spec: PacketInfoSpec) -> None:
+        variables: dict[str, str] | None = None
+        for item in spec.items:
+            if item.source is Source.HEADER:
+                value = msg.get(prefix + item.name)
+            else:
+                if variables is None:
+                    variables = msg.variables() if not prefix else _prefixed_vars(msg, prefix)
+                value = variables.get(item.name)
+            if value is not None and value.strip():
+                ch.data[item.key] = value.strip()
+
+    # ---- paths -----------------------------------------------------------------------------------
+
+    def _up(self, ch: _Chan) -> _Chan | None:
+        if ch.dialed_by is not None:
+            return self._chans.get(ch.dialed_by)
+        if ch.local_half == ";2" and ch.pair is not None:
+            return self._chans.get(ch.pair)
+        return None
+
+    def _chain(self, ch: _Chan) -> list[_Chan]:
+        """The channel, then each channel upstream of it (bounded; cycles cannot loop)."""
+        chain = [ch]
+        seen = {ch.key}
+        cur = self._up(ch)
+        while cur is not None and cur.key not in seen and len(chain) < 32:
+            chain.append(cur)
+            seen.add(cur.key)
+            cur = self._up(cur)
+        return chain
+
+    def _origin(self, ch: _Chan) -> tuple[_Chan | None, bool]:
+        """(first real channel upstream, None if none) and whether the path starts with an Originate."""
+        chain = self._chain(ch)
+        for c in chain[1:]:
+            if not c.local_half:
+                return c, False
+        return None, chain[-1].originated
+
+    def _lines_behind(self, ch: _Chan) -> list[_Chan]:
+        """Phone channels that place a call made by ``ch``: itself, or the phone behind a Local ``;1``."""
+        if ch.line is not None:
+            return [ch]
+        if ch.local_half == ";1" and ch.pair is not None:
+            two = self._chans.get(ch.pair)
+            if two is not None:
+                return [c for k in sorted(two.children) if (c := self._chans.get(k)) is not None and c.line]
+        return []
+
+    # ---- calls -----------------------------------------------------------------------------------
+
+    def _role_of(self, ch: _Chan) -> _Role:
+        origin, originated = self._origin(ch)
+        if origin is None and (originated or ch.dialed_by is None):
+            return _Role.ORIGINATED
+        return _Role.INCOMING
+
+    def _direction_for(self, ch: _Chan, role: _Role, dest: _Chan | None = None) -> Direction:
+        if role is _Role.INCOMING:
+            origin, _ = self._origin(ch)
+            if origin is not None and origin.line is not None and origin.line != ch.line:
+                return Direction.INTERNAL
+            return Direction.INBOUND
+        if dest is not None and self._dest_line(dest) not in (None, ch.line):
+            return Direction.INTERNAL
+        return Direction.OUTBOUND
+
+    def _dest_line(self, dest: _Chan) -> str | None:
+        return dest.line or self._matcher.line_of_local(dest.name)
+
+    def _announce(
+        self, ch: _Chan, role: _Role, at: float, out: list[LineEvent], dest: _Chan | None = None
+    ) -> _LineCall:
+        assert ch.line is not None
+        group = self._groups.setdefault(ch.linkedid, _Group())
+        base = f"{ch.linkedid}:{ch.line}"
+        call_id, n = base, 1
+        while call_id in group.used_ids:
+            n += 1
+            call_id = f"{base}:{n}"
+        group.used_ids.add(call_id)
+        direction = self._direction_for(ch, role, dest)
+        placeholder = Call(
+            id=call_id,
+            line=ch.line,
+            linked_id=ch.linkedid,
+            channel=ch.name,
+            direction=direction,
+            state=CallState.RINGING,
+            started_at=at,
+        )
+        lc = _LineCall(
+            id=call_id,
+            line=ch.line,
+            uid=ch.key,
+            linked_id=ch.linkedid,
+            role=role,
+            direction=direction,
+            state=CallState.RINGING,
+            started_at=at,
+            call=placeholder,
+        )
+        if role is not _Role.INCOMING and dest is not None and _dialled(ch.exten):
+            lc.dial_exten = ch.exten
+        lc.call = self._compose(lc)
+        ch.call = lc
+        group.calls.add(lc)
+        self._calls.setdefault(ch.line, {})[call_id] = lc
+        out.append(LineEvent(line=ch.line, type=EventType.RING_STARTED, call=lc.call, ami_received_at=at))
+        log.debug("call %s started on line %s (%s, %s)", call_id, ch.line, role.value, direction.value)
+        return lc
+
+    def _ensure(self, ch: _Chan, at: float, out: list[LineEvent]) -> _LineCall | None:
+        if ch.call is not None:
+            return ch.call
+        if ch.line is None or ch.done:
+            return None
+        return self._announce(ch, self._role_of(ch), at, out)
+
+    def _forget_call(self, lc: _LineCall) -> None:
+        calls = self._calls.get(lc.line)
+        if calls is not None:
+            calls.pop(lc.id, None)
+            if not calls:
+                del self._calls[lc.line]
+        group = self._groups.get(lc.linked_id)
+        if group is not None:
+            group.calls.discard(lc)
+        ch = self._chans.get(lc.uid)
+        if ch is not None and ch.call is lc:
+            ch.call = None
+            ch.done = True
+
+    def _emit(self, lc: _LineCall, kind: EventType, at: float, out: list[LineEvent]) -> None:
+        lc.call = lc.call.evolve(state=lc.state, direction=lc.direction, answered_at=lc.answered_at)
+        out.append(LineEvent(line=lc.line, type=kind, call=lc.call, ami_received_at=at))
+
+    def _connect(self, lc: _LineCall, at: float, out: list[LineEvent]) -> None:
+        if lc.answered_at is not None or lc.state is not CallState.RINGING:
+            return
+        lc.state = CallState.CONNECTED
+        lc.answered_at = at
+        self._refresh(lc, at, out, announce=False)
+        self._emit(lc, EventType.COMMUTATION_STARTED, at, out)
+
+    def _busy(self, lc: _LineCall, at: float, out: list[LineEvent]) -> None:
+        if lc.state is CallState.BUSY:
+            return
+        lc.state = CallState.BUSY
+        self._emit(lc, EventType.ABONENT_BUSY, at, out)
+
+    def _finish(self, lc: _LineCall, at: float, out: list[LineEvent], cause: int | None, text: str) -> None:
+        lc.state = CallState.FINISHED
+        lc.call = lc.call.evolve(
+            state=CallState.FINISHED,
+            direction=lc.direction,
+            answered_at=lc.answered_at,
+            ended_at=at,
+            hangup_cause=cause,
+            hangup_cause_text=text,
+        )
+        out.append(LineEvent(line=lc.line, type=EventType.RING_FINISHED, call=lc.call, ami_received_at=at))
+        self._forget_call(lc)
+        log.debug("call %s finished on line %s (%s)", lc.id, lc.line, text or cause)
+
+    # ---- the view the client sees ----------------------------------------------------------------
+
+    def _compose(self, lc: _LineCall) -> Call:
+        prev = lc.call
+        ch = self._chans.get(lc.uid)
+        if ch is None:
+            return prev
+        chain = self._chain(ch)
+        origin = next((c for c in chain[1:] if not c.local_half), None)
+        if lc.role is _Role.INCOMING:
+            if lc.remote is not None:
+                caller_num, caller_name = lc.remote
+            elif _meaningful(ch.connected_num):
+                caller_num = ch.connected_num
+                caller_name = ch.connected_name if _meaningful(ch.connected_name) else ""
+            elif origin is not None:
+                caller_num, caller_name = _party(origin)
+            else:
+                caller_num, caller_name = "", ""
+            called_num, called_name = lc.line, ch.own_name
+        else:
+            caller_num, caller_name = lc.line, ch.own_name
+            if lc.remote is not None:
+                called_num, called_name = lc.remote
+            elif lc.dial_exten:
+                called_num, called_name = lc.dial_exten, ""
+            elif _meaningful(ch.connected_num):
+                called_num = ch.connected_num
+                called_name = ch.connected_name if _meaningful(ch.connected_name) else ""
+            else:
+                called_num, called_name = "", ""
+        queue = next((c.queue for c in chain if c.queue), "")
+        if not queue:
+            group = self._groups.get(lc.linked_id)
+            queue = group.hints.get(lc.line, "") if group is not None else ""
+        redirecting, redirection = lc.redirecting, lc.redirection
+        if not redirecting:
+            src = next((c for c in chain if c.transferred_by), None)
+            if src is not None:
+                redirecting, redirection = src.transferred_by, src.transfer_target
+        extra = dict(prev.extra)
+        if self._opts.packet_info:
+            for c in reversed(chain):
+                extra.update(c.data)
+
+        def keep(new: str, old: str) -> str:
+            return new if new else old
+
+        return prev.evolve(
+            channel=ch.name,
+            direction=lc.direction,
+            state=lc.state,
+            caller_number=keep(caller_num, prev.caller_number),
+            caller_name=keep(caller_name, prev.caller_name),
+            called_number=keep(called_num, prev.called_number),
+            called_name=keep(called_name, prev.called_name),
+            queue=keep(queue, prev.queue),
+            redirecting_number=keep(redirecting, prev.redirecting_number),
+            redirection_number=keep(redirection, prev.redirection_number),
+            answered_at=lc.answered_at,
+            extra=extra,
+        )
+
+    def _refresh(self, lc: _LineCall, at: float, out: list[LineEvent], announce: bool = True) -> None:
+        new = self._compose(lc)
+        changed = _shown(new) != _shown(lc.call)
+        lc.call = new
+        if changed and announce:
+            out.append(LineEvent(line=lc.line, type=EventType.CALL_INFO_CHANGED, call=new, ami_received_at=at))
+
+    def _refresh_group(self, linkedid: str, at: float, out: list[LineEvent]) -> None:
+        group = self._groups.get(linkedid)
+        if group is None:
+            return
+        for lc in sorted(group.calls, key=lambda c: (c.started_at, c.id)):
+            self._refresh(lc, at, out)
+
+    # ---- event handlers --------------------------------------------------------------------------
+
+    def _on_snapshot(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        ch = self._snap(msg, "", event)
+        if ch is None:
+            return
+        if event == "newstate" and ch.state == _RINGING:
+            self._on_ringing(ch, at, out)
+        elif event in ("newcallerid", "newconnectedline"):
+            self._refresh_group(ch.linkedid, at, out)
+
+    def _on_ringing(self, ch: _Chan, at: float, out: list[LineEvent]) -> None:
+        if ch.line is not None and ch.call is None and not ch.done and self._opts.send_ring_started_on_ringing_state:
+            self._ensure(ch, at, out)
+
+    def _on_dial_begin(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        caller = self._snap(msg, "", event)
+        dest = self._snap(msg, "Dest", event)
+        if dest is None:
+            log.debug("DialBegin without a destination channel ignored")
+            return
+        if caller is not None and caller is not dest:
+            if dest.dialed_by is None and not dest.originated:
+                dest.dialed_by = caller.key
+                caller.children.add(dest.key)
+            exten = (msg.get("Exten") or "").strip()
+            for phone in self._lines_behind(caller):
+                lc = phone.call
+                if lc is None and phone is caller and not phone.done:
+                    lc = self._announce(phone, _Role.DIALING, at, out, dest=dest)
+                elif lc is not None and lc.role is not _Role.INCOMING:
+                    if _dialled(exten) and not lc.dial_exten:
+                        lc.dial_exten = exten
+                    if self._dest_line(dest) not in (None, lc.line):
+                        lc.direction = Direction.INTERNAL
+                    self._refresh(lc, at, out)
+        elif caller is None and dest.dialed_by is None:
+            dest.originated = True
+        if dest.line is not None and dest.call is None and not dest.done:
+            if not self._opts.send_ring_started_on_ringing_state or dest.state == _RINGING:
+                self._ensure(dest, at, out)
+        if dest.line is not None:
+            # A line rung by another line: the other line's outbound call is in fact internal.
+            origin, _ = self._origin(dest)
+            if origin is not None and origin.call is not None and origin.line != dest.line:
+                lc = origin.call
+                if lc.role is not _Role.INCOMING and lc.direction is Direction.OUTBOUND:
+                    lc.direction = Direction.INTERNAL
+                    self._refresh(lc, at, out)
+
+    def _on_dial_state(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        self._snap(msg, "", event)
+        dest = self._snap(msg, "Dest", event)
+        if dest is not None and (msg.get("DialStatus") or "").strip().upper() == "RINGING":
+            self._on_ringing(dest, at, out)
+
+    def _on_dial_end(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        caller = self._snap(msg, "", event)
+        dest = self._snap(msg, "Dest", event)
+        status = (msg.get("DialStatus") or "").strip().upper()
+        if dest is not None and dest.line is not None:
+            lc = dest.call
+            if status == "ANSWER":
+                lc = self._ensure(dest, at, out)
+                if lc is not None and lc.role is _Role.INCOMING:
+                    self._connect(lc, at, out)
+            elif status in _FAILED_DIAL and lc is not None:
+                # The agent was the dialled party: its ring is over now, whatever the dialplan does next.
+                if status == "BUSY":
+                    self._busy(lc, at, out)
+                self._finish(lc, at, out, None, status)
+        if caller is not None and caller is not dest:
+            for phone in self._lines_behind(caller):
+                lc = phone.call
+                if lc is None or lc.role is _Role.INCOMING:
+                    continue
+                if status == "ANSWER":
+                    self._connect(lc, at, out)
+                elif status == "BUSY":
+                    self._busy(lc, at, out)
+
+    def _on_hangup(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        ch = self._find(msg, "")
+        if ch is None:
+            log.debug("Hangup of unknown channel %s ignored", msg.get("Channel"))
+            return
+        if ch.call is not None:
+            cause = _int(msg.get("Cause"))
+            self._finish(ch.call, at, out, cause, (msg.get("Cause-txt") or "").strip())
+        self._drop(ch)
+
+    def _on_local_bridge(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        one = self._snap(msg, "LocalOne", event)
+        two = self._snap(msg, "LocalTwo", event)
+        if one is not None and two is not None and one is not two:
+            self._pair(one.key, two.key, one, two)
+
+    def _on_bridge_enter(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        ch = self._snap(msg, "", event)
+        bridge = (msg.get("BridgeUniqueid") or "").strip()
+        if ch is None or not bridge:
+            return
+        if ch.bridge != bridge:
+            self._leave_bridge(ch)
+            self._bridges.setdefault(bridge, set()).add(ch.key)
+            ch.bridge = bridge
+        members = self._bridges.get(bridge, set())
+        if len(members) < 2:
+            return
+        for key in sorted(members):
+            m = self._chans.get(key)
+            if m is not None and m.call is not None and m.state == _UP:
+                self._connect(m.call, at, out)
+
+    def _on_bridge_leave(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        ch = self._snap(msg, "", event)
+        if ch is not None and ch.bridge == (msg.get("BridgeUniqueid") or "").strip():
+            self._leave_bridge(ch)
+
+    def _on_bridge_destroy(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        bridge = (msg.get("BridgeUniqueid") or "").strip()
+        for key in self._bridges.pop(bridge, set()):
+            ch = self._chans.get(key)
+            if ch is not None and ch.bridge == bridge:
+                ch.bridge = ""
+
+    def _on_hold(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        ch = self._snap(msg, "", event)
+        if ch is None or ch.call is None:
+            return
+        self._set_held(ch.call, event == "hold", at, out)
+
+    def _set_held(self, lc: _LineCall, held: bool, at: float, out: list[LineEvent]) -> None:
+        if held and lc.state is CallState.CONNECTED:
+            lc.state = CallState.HELD
+            self._emit(lc, EventType.HOLD_STARTED, at, out)
+        elif not held and lc.state is CallState.HELD:
+            lc.state = CallState.CONNECTED
+            self._emit(lc, EventType.HOLD_ENDED, at, out)
+
+    def _on_moh(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        """Older Asterisk: music on hold on X while bridged with the agent's phone means the agent holds."""
+        ch = self._snap(msg, "", event)
+        if ch is None or not ch.bridge:
+            return
+        for key in sorted(self._bridges.get(ch.bridge, ())):
+            m = self._chans.get(key)
+            if m is not None and m is not ch and m.call is not None:
+                self._set_held(m.call, event == "musiconholdstart", at, out)
+
+    def _on_queue_caller_join(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        ch = self._snap(msg, "", event)
+        queue = (msg.get("Queue") or "").strip()
+        if ch is not None and queue:
+            ch.queue = queue
+            self._refresh_group(ch.linkedid, at, out)
+
+    def _on_queue_agent(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        caller = self._snap(msg, "", event)
+        dest = self._snap(msg, "Dest", event)
+        queue = (msg.get("Queue") or "").strip()
+        if not queue:
+            return
+        if dest is not None and not dest.queue:
+            dest.queue = queue
+        line = self._matcher.line_of_interface(msg.get("Interface") or "")
+        if line is None and dest is not None:
+            line = dest.line or self._matcher.line_of_local(dest.name)
+        linkedid = (msg.get("Linkedid") or msg.get("DestLinkedid") or "").strip()
+        if not linkedid and caller is not None:
+            linkedid = caller.linkedid
+        group = self._groups.get(linkedid)
+        if group is not None and line is not None:
+            group.hints.setdefault(line, queue)
+        self._refresh_group(linkedid, at, out)
+
+    def _on_blind_transfer(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        transferer = self._snap(msg, "Transferer", event)
+        transferee = self._snap(msg, "Transferee", event)
+        if (msg.get("Result") or "").strip().lower() != "success":
+            return
+        target = (msg.get("Extension") or "").strip()
+        by = _party(transferer)[0] if transferer is not None else ""
+        if transferer is not None and transferer.call is not None:
+            lc = transferer.call
+            lc.redirecting, lc.redirection = lc.line, target
+            self._refresh(lc, at, out)
+        if transferee is not None:
+            transferee.transferred_by, transferee.transfer_target = by, target
+            if transferee.call is not None:
+                lc = transferee.call
+                lc.redirecting, lc.redirection = by, target
+                self._refresh(lc, at, out)
+
+    def _on_attended_transfer(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        first = self._snap(msg, "OrigTransferer", event)
+        second = self._snap(msg, "SecondTransferer", event)
+        transferee = self._snap(msg, "Transferee", event)
+        target = self._snap(msg, "TransferTarget", event)
+        if (msg.get("Result") or "").strip().lower() != "success":
+            return
+        if transferee is None and first is not None:
+            transferee = self._bridge_peer(first, msg.get("OrigBridgeUniqueid"))
+        if target is None and second is not None:
+            target = self._bridge_peer(second, msg.get("SecondBridgeUniqueid"))
+        by = next((c.line for c in (first, second) if c is not None and c.line), "")
+        if not by and first is not None:
+            by = _party(first)[0]
+        target_party = _party(target) if target is not None else ("", "")
+        transferee_party = _party(transferee) if transferee is not None else ("", "")
+        for c in (first, second):
+            if c is not None and c.call is not None:
+                c.call.redirecting, c.call.redirection = by, target_party[0]
+                self._refresh(c.call, at, out)
+        if target is not None and target.call is not None and _meaningful(transferee_party[0]):
+            lc = target.call
+            lc.remote = transferee_party
+            lc.redirecting, lc.redirection = by, target_party[0]
+            self._refresh(lc, at, out)
+        if transferee is not None:
+            transferee.transferred_by, transferee.transfer_target = by, target_party[0]
+            if transferee.call is not None and _meaningful(target_party[0]):
+                lc = transferee.call
+                lc.remote = target_party
+                lc.redirecting, lc.redirection = by, target_party[0]
+                self._refresh(lc, at, out)
+
+    def _bridge_peer(self, ch: _Chan, bridge: str | None) -> _Chan | None:
+        members = self._bridges.get((bridge or ch.bridge).strip(), set())
+        for key in sorted(members):
+            if key != ch.key and key in self._chans:
+                return self._chans[key]
+        return None
+
+    def _on_rename(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        ch = self._find(msg, "")
+        new = (msg.get("Newname") or "").strip()
+        if ch is None or not _meaningful(new):
+            return
+        if self._by_name.get(ch.name) == ch.key:
+            del self._by_name[ch.name]
+        ch.name = new
+        self._by_name[new] = ch.key
+        if ch.call is not None:
+            self._refresh(ch.call, at, out)
+
+    # ---- agent (queue member) state --------------------------------------------------------------
+
+    def _on_member(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        queue = (msg.get("Queue") or "").strip()
+        line = None
+        for header in ("Interface", "Location", "StateInterface"):
+            value = msg.get(header)
+            if value:
+                line = self._matcher.line_of_interface(value)
+                if line is not None:
+                    break
+        if line is None or not queue:
+            log.debug("%s for a non-line member ignored", event)
+            return
+        queues = self._members.setdefault(line, {})
+        if event == "queuememberremoved":
+            queues.pop(queue, None)
+        else:
+            queues[queue] = _member_pause(msg, queues.get(queue))
+        self._publish_agent(line, at, out)
+
+    def _publish_agent(self, line: str, at: float, out: list[LineEvent]) -> None:
+        queues = self._members.get(line, {})
+        names = tuple(sorted(queues))
+        paused = bool(names) and all(queues[q][0] for q in names)
+        reason = next((queues[q][1] for q in names if queues[q][1]), "") if paused else ""
+        state = AgentState(line=line, paused=paused, reason=reason, queues=names)
+        previous = self._agents.get(line)
+        self._agents[line] = state
+        before = (previous.paused, previous.reason) if previous is not None else (False, "")
+        if (paused, reason) != before:
+            out.append(LineEvent(line=line, type=EventType.AGENT_STATE_CHANGED, agent=state, ami_received_at=at))
+
+    # ---- resync ----------------------------------------------------------------------------------
+
+    def resync(
+        self, channels: list[AmiMessage], queue_members: list[AmiMessage], received_at: float
+    ) -> list[LineEvent]:
+        """Align with the PBX after an AMI (re)connect; see Rule 8 of the module docstring."""
+        at = received_at
+        out: list[LineEvent] = []
+        present: dict[str, AmiMessage] = {}
+        for msg in channels:
+            uid = (msg.get("Uniqueid") or "").strip()
+            if _meaningful(uid) and _meaningful(msg.get("Channel")):
+                present[uid] = msg
+        # 1. what ended while we were away
+        for old in list(self._chans.values()):
+            if old.key not in present:
+                if old.call is not None:
+                    self._finish(old.call, at, out, None, "")
+                self._drop(old)
+        for key in present:
+            self._gone.pop(key, None)
+        # 2. the channel table as the PBX sees it
+        self._bridges.clear()
+        for msg in present.values():
+            ch = self._snap(msg, "", "coreshowchannel")
+            if ch is None:
+                continue
+            ch.bridge = ""
+            bridge = (msg.get("BridgeId") or msg.get("BridgeUniqueid") or "").strip()
+            if bridge:
+                self._bridges.setdefault(bridge, set()).add(ch.key)
+                ch.bridge = bridge
+        # 3. calls: announce the new, bring the known up to date
+        for uid, msg in present.items():
+            ch = self._chans.get(uid)
+            if ch is None or ch.line is None or ch.done:
+                continue
+            app = (msg.get("Application") or "").strip().lower()
+            bridged = bool(ch.bridge) and len(self._bridges.get(ch.bridge, ())) > 1
+            lc = ch.call
+            if lc is None:
+                lc = self._resync_announce(ch, app, bridged, msg, at, out)
+            elif lc.state is CallState.RINGING and ch.state == _UP and (bridged or lc.role is _Role.INCOMING):
+                self._connect(lc, at, out)
+        # 4. pause states
+        old_lines = set(self._members)
+        self._members = {}
+        for msg in queue_members:
+            queue = (msg.get("Queue") or "").strip()
+            line = None
+            for header in ("Location", "Interface", "StateInterface"):
+                value = msg.get(header)
+                if value and (line := self._matcher.line_of_interface(value)) is not None:
+                    break
+            if line is not None and queue:
+                self._members.setdefault(line, {})[queue] = _member_pause(msg, None)
+        for line in sorted(old_lines | set(self._members)):
+            self._publish_agent(line, at, out)
+        return out
+
+    def _resync_announce(
+        self, ch: _Chan, app: str, bridged: bool, msg: AmiMessage, at: float, out: list[LineEvent]
+    ) -> _LineCall:
+        group = self._groups.get(ch.linkedid)
+        others = [self._chans[k] for k in sorted(group.chans) if k != ch.key and k in self._chans] if group else []
+        other_line = any(o.line is not None and o.line != ch.line for o in others)
+        if app == "appdial2" or (ch.state == _RINGING and not others):
+            role = _Role.ORIGINATED
+        elif app in ("appdial", "appqueue") or ch.state == _RINGING:
+            role = _Role.INCOMING
+        else:
+            role = _Role.DIALING
+        lc = self._announce_quiet(ch, role, at)
+        lc.direction = (
+            Direction.INTERNAL if other_line else (Direction.INBOUND if role is _Role.INCOMING else Direction.OUTBOUND)
+        )
+        if role is _Role.DIALING and _dialled(ch.exten):
+            lc.dial_exten = ch.exten
+        duration = _duration(msg.get("Duration"))
+        if duration is not None:
+            lc.started_at = at - duration
+            lc.call = lc.call.evolve(started_at=lc.started_at)
+        connected = ch.state == _UP and (bridged or role is _Role.INCOMING)
+        if connected:
+            lc.state = CallState.CONNECTED
+            lc.answered_at = at
+        lc.call = self._compose(lc)
+        kind = EventType.COMMUTATION_STARTED if connected else EventType.RING_STARTED
+        self._emit(lc, kind, at, out)
+        return lc
+
+    def _announce_quiet(self, ch: _Chan, role: _Role, at: float) -> _LineCall:
+        sink: list[LineEvent] = []
+        return self._announce(ch, role, at, sink)
+
+
+def _party(ch: _Chan) -> tuple[str, str]:
+    """How a channel is shown as the other party: a line by its number, anything else by its caller id."""
+    if ch.line is not None:
+        return ch.line, ch.own_name
+    num = ch.caller_num if _meaningful(ch.caller_num) else ""
+    name = ch.caller_name if _meaningful(ch.caller_name) else ""
+    return num, name
+
+
+def _shown(call: Call) -> tuple[object, ...]:
+    return (
+        call.channel,
+        call.direction,
+        call.caller_number,
+        call.caller_name,
+        call.called_number,
+        call.called_name,
+        call.queue,
+        call.redirecting_number,
+        call.redirection_number,
+        tuple(sorted(call.extra.items())),
+    )
+
+
+def _member_pause(msg: AmiMessage, previous: tuple[bool, str] | None) -> tuple[bool, str]:
+    paused_header = msg.get("Paused")
+    if paused_header is None:
+        return previous if previous is not None else (False, "")
+    paused = _truthy(paused_header)
+    reason = (msg.get("PausedReason") or msg.get("Reason") or "").strip() if paused else ""
+    return paused, reason
+
+
+def _prefixed_vars(msg: AmiMessage, prefix: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for value in msg.getall(prefix + "ChanVariable"):
+        name, sep, val = value.partition("=")
+        if sep:
+            result[name] = val
+    return result
+
+
+def _duration(value: str | None) -> float | None:
+    """CoreShowChannel's Duration, ``HH:MM:SS`` (or plain seconds)."""
+    if not value:
+        return None
+    parts = value.strip().split(":")
+    if not all(p.isdigit() and len(p) < 9 for p in parts) or len(parts) > 3:
+        return None
+    seconds = 0
+    for p in parts:
+        seconds = seconds * 60 + int(p)
+    return float(seconds)
+
+
+_Handler = Callable[[CallTracker, AmiMessage, str, float, list[LineEvent]], None]
+_HANDLERS: dict[str, _Handler] = {
+    "newchannel": CallTracker._on_snapshot,
+    "newstate": CallTracker._on_snapshot,
+    "newcallerid": CallTracker._on_snapshot,
+    "newconnectedline": CallTracker._on_snapshot,
+    "dialbegin": CallTracker._on_dial_begin,
+    "dialstate": CallTracker._on_dial_state,
+    "dialend": CallTracker._on_dial_end,
+    "hangup": CallTracker._on_hangup,
+    "localbridge": CallTracker._on_local_bridge,
+    "bridgeenter": CallTracker._on_bridge_enter,
+    "bridgeleave": CallTracker._on_bridge_leave,
+    "bridgedestroy": CallTracker._on_bridge_destroy,
+    "hold": CallTracker._on_hold,
+    "unhold": CallTracker._on_hold,
+    "musiconholdstart": CallTracker._on_moh,
+    "musiconholdstop": CallTracker._on_moh,
+    "queuecallerjoin": CallTracker._on_queue_caller_join,
+    "blindtransfer": CallTracker._on_blind_transfer,
+    "attendedtransfer": CallTracker._on_attended_transfer,
+    "rename": CallTracker._on_rename,
+}
