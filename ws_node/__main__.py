@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet import asyncioreactor
 
     asyncioreactor.install(loop)
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
 
     from services import logs
     from services.config import ConfigError, load_settings
@@ -60,16 +63,16 @@ def main(argv: list[str] | None = None) -> int:
             return
         stopping = True
         d = run_coroutine(node.drain_and_stop())
-        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+        d.addBoth(lambda _: reactor.stop())
 
     def on_start_failed(failure: object) -> None:
         log.error("node failed to start: %s", failure)
-        reactor.stop()  # type: ignore[attr-defined]
+        reactor.stop()
 
     loop.add_signal_handler(signal.SIGTERM, on_signal)
     loop.add_signal_handler(signal.SIGINT, on_signal)
-    reactor.callWhenRunning(lambda: run_coroutine(node.start()).addErrback(on_start_failed))  # type: ignore[attr-defined]
-    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(lambda: run_coroutine(node.start()).addErrback(on_start_failed))
+    reactor.run(installSignalHandlers=False)
     return 0
 
 

@@ -70,11 +70,13 @@ class Node:
         }
 
     async def start(self) -> None:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as _reactor
+
+        reactor: Any = _reactor
 
         await self.feed.start()
         site = build_site(self.factory, self.health)
-        self._port = reactor.listenTCP(self.options.port, site, interface=self.options.host)  # type: ignore[attr-defined]
+        self._port = reactor.listenTCP(self.options.port, site, interface=self.options.host)
         log.info(
             "node %s listening on %s:%d (broker %s)",
             self.node_id, self.options.host, self.listening_port, redact_url(self.settings.cluster.amqp_url),

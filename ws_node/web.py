@@ -41,13 +41,17 @@ class MetricsResource(Resource):
 
 
 def build_site(ws_factory: Any, health: Callable[[], tuple[bool, dict[str, Any]]]) -> Site:
-    root = Resource()
-    root.putChild(b"", WebSocketResource(ws_factory))
-    root.putChild(b"health", HealthResource(health))
-    root.putChild(b"metrics", MetricsResource())
+    root: Any = Resource()
+    children: dict[bytes, Any] = {
+        b"": WebSocketResource(ws_factory),
+        b"health": HealthResource(health),
+        b"metrics": MetricsResource(),
+    }
     if STATIC_DIR.is_dir():
-        root.putChild(b"console", File(str(STATIC_DIR / "console.html"), defaultType="text/html"))
-        root.putChild(b"static", File(str(STATIC_DIR)))
+        children[b"console"] = File(str(STATIC_DIR / "console.html"), defaultType="text/html")
+        children[b"static"] = File(str(STATIC_DIR))
+    for path, resource in children.items():
+        root.putChild(path, resource)
     site = Site(root)
     site.displayTracebacks = False
     site.noisy = False

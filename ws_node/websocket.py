@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 
 from services.line_state import LineSnapshot
 from services.wire import Command, CommandResult, LineEvent
-from ws_node.agent_session import AgentSession
+from ws_node.agent_session import AgentSession, FrameMemo
 from ws_node.line_feed import LineFeed
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,9 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
             raise ConnectionDeny(problem[0], problem[1])
 
     def onOpen(self) -> None:
-        self.transport.registerProducer(self, True)
-        self.session = AgentSession(self, **self.factory.session_options)
+        transport: Any = self.transport
+        transport.registerProducer(self, True)
+        self.session = AgentSession(self, frame_memo=self.factory.frame_memo, **self.factory.session_options)
         self.factory.connections.add(self)
         CLIENTS.labels(transport="websocket").inc()
         log.debug("agent connected", extra={"conn": self.conn_id})
@@ -161,7 +162,7 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
                 session.on_snapshot_failed(f"call state store unavailable: {exc.__class__.__name__}")
             return
         if self.session is session:
-            session.on_snapshot(list(snapshot.calls))
+            session.on_snapshot(list(snapshot.calls), snapshot.agent)
 
     def submit_command(self, session: AgentSession, command: Command) -> None:
         run_coroutine(self._command(session, command))
@@ -187,11 +188,11 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
 
     def resync(self, snapshot: LineSnapshot) -> None:
         if self.session is not None:
-            self.session.on_snapshot(list(snapshot.calls))
+            self.session.on_snapshot(list(snapshot.calls), snapshot.agent)
 
 
 class AgentServerFactory(WebSocketServerFactory):  # type: ignore[misc]
-    protocol = AgentProtocol
+    protocol = AgentProtocol  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -212,6 +213,8 @@ class AgentServerFactory(WebSocketServerFactory):  # type: ignore[misc]
         self.max_backlog_frames = max_backlog_frames
         self.session_options = session_options or {}
         self.connections: set[AgentProtocol] = set()
+        # One event's frames are encoded once per node and shared by every tab of the line.
+        self.frame_memo = FrameMemo()
         self.is_draining = is_draining
         self.setProtocolOptions(
             maxFramePayloadSize=max_message_bytes,
