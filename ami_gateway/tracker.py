@@ -41,7 +41,8 @@ Rule 4 - the moments. Per line and call, exactly this order, each at most once:
   DIALING/ORIGINATED - the answer of an Originate only means the agent picked up their own phone). Fallback:
   the phone channel, Up, entering a bridge with another channel.
 * HOLD_STARTED / HOLD_ENDED on ``Hold``/``Unhold`` of the phone channel; for Asterisk without those events,
-  ``MusicOnHoldStart``/``Stop`` on a channel bridged with the agent's phone.
+  ``MusicOnHoldStart``/``Stop`` on a channel bridged with the agent's phone (only until the first
+  ``Hold``/``Unhold`` shows the PBX reports holds itself).
 * CALL_INFO_CHANGED when a field the client shows (numbers, names, queue, redirecting/redirection numbers,
   direction, extra) changes: ``NewCallerid``, ``NewConnectedLine``, queue events, ``BlindTransfer``,
   ``AttendedTransfer``. View fields are sticky: information is never replaced by an empty value, so the
@@ -217,7 +218,12 @@ class _Group:
 
 
 class CallTracker:
-    """See the module docstring. Not thread-safe; one instance per AMI connection's event stream."""
+    """See the module docstring. Not thread-safe; one instance per AMI connection's event stream.
+
+    Every timestamp in a :class:`~services.wire.Call` comes from the ``received_at`` given with the message,
+    so replaying a transcript is deterministic; ``clock`` is accepted (and kept) for callers that need the
+    tracker's notion of now, but no path reads it today.
+    """
 
     def __init__(
         self,
@@ -237,6 +243,9 @@ class CallTracker:
         self._members: dict[str, dict[str, tuple[bool, str]]] = {}
         self._agents: dict[str, AgentState] = {}
         self._gone: OrderedDict[str, None] = OrderedDict()
+        # Set by the first Hold/Unhold event: this PBX reports holds natively, music on hold is then only
+        # a consequence (and stops when a held call is transferred away, which is not an unhold).
+        self._native_hold = False
 
     # ---- queries ---------------------------------------------------------------------------------
 
@@ -320,9 +329,9 @@ class CallTracker:
             return None
         name = (msg.get(prefix + "Channel") or "").strip()
         uid = (msg.get(prefix + "Uniqueid") or "").strip()
-        if not _meaningful(name):
-            return None
-        key = uid if _meaningful(uid) else f"name:{name}"
+        if not _meaningful(name) or not _meaningful(uid):
+            return None  # every channel snapshot since Asterisk 1.8 has a Uniqueid: without one it is garbage
+        key = uid
         if key in self._gone:
             log.debug("ignoring %s about hung-up channel %s", event, name)
             return None
@@ -757,6 +766,7 @@ class CallTracker:
                 ch.bridge = ""
 
     def _on_hold(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        self._native_hold = True
         ch = self._snap(msg, "", event)
         if ch is None or ch.call is None:
             return
@@ -773,7 +783,7 @@ class CallTracker:
     def _on_moh(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         """Older Asterisk: music on hold on X while bridged with the agent's phone means the agent holds."""
         ch = self._snap(msg, "", event)
-        if ch is None or not ch.bridge:
+        if ch is None or not ch.bridge or self._native_hold:
             return
         for key in sorted(self._bridges.get(ch.bridge, ())):
             m = self._chans.get(key)
