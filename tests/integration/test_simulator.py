@@ -1,0 +1,474 @@
+"""The AMI simulator over real TCP on 127.0.0.1 (ephemeral ports), driven like the gateway drives Asterisk."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import socket
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from ami_gateway.ami_protocol import AmiMessage, AmiParser, Banner, encode_action, md5_login_key
+from ami_simulator.server import AmiSimulator, User, parse_classes
+
+SECRET = "s3cret"
+TIMEOUT = 10.0
+
+
+class Client:
+    """A minimal AMI client for tests: actions with ActionIDs, events queued in arrival order."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.parser = AmiParser()
+        self.inbox: list[AmiMessage | Banner] = []
+        self.ids = itertools.count(1)
+
+    open_clients: list[Client] = []
+
+    @classmethod
+    async def connect(cls, port: int) -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = cls(reader, writer)
+        cls.open_clients.append(client)
+        return client
+
+    async def next(self, pred: Callable[[AmiMessage | Banner], bool] = lambda m: True) -> AmiMessage | Banner:
+        async def go() -> AmiMessage | Banner:
+            while True:
+                for i, m in enumerate(self.inbox):
+                    if pred(m):
+                        return self.inbox.pop(i)
+                data = await self.reader.read(65536)
+                if not data:
+                    raise ConnectionError("closed")
+                self.parser.receive_data(data)
+                while (item := self.parser.next_event()) is not None:
+                    assert isinstance(item, AmiMessage | Banner), item
+                    self.inbox.append(item)
+
+        return await asyncio.wait_for(go(), TIMEOUT)
+
+    async def event(self, name: str, **match: str) -> AmiMessage:
+        def pred(m: AmiMessage | Banner) -> bool:
+            return isinstance(m, AmiMessage) and m.event == name and all(m.get(k) == v for k, v in match.items())
+
+        m = await self.next(pred)
+        assert isinstance(m, AmiMessage)
+        return m
+
+    async def action(self, name: str, fields: dict[str, str] | None = None, action_id: str | None = None) -> AmiMessage:
+        aid = action_id or f"t-{next(self.ids)}"
+        self.writer.write(encode_action(name, fields or {}, aid))
+        m = await self.next(
+            lambda m: isinstance(m, AmiMessage) and m.response is not None and m.action_id == aid and m.event is None
+        )
+        assert isinstance(m, AmiMessage)
+        return m
+
+    async def event_list(self, name: str, fields: dict[str, str] | None = None) -> tuple[AmiMessage, list[AmiMessage]]:
+        response = await self.action(name, fields)
+        aid = response.action_id
+        items: list[AmiMessage] = []
+        if response.response != "Success":
+            return response, items
+        while True:
+            m = await self.next(lambda m: isinstance(m, AmiMessage) and m.event is not None and m.action_id == aid)
+            assert isinstance(m, AmiMessage)
+            if m.get("EventList") == "Complete":
+                assert m["ListItems"] == str(len(items))
+                return response, items
+            items.append(m)
+
+    async def login(self, username: str = "admin", secret: str = SECRET) -> AmiMessage:
+        banner = await self.next()
+        assert isinstance(banner, Banner)
+        return await self.action("Login", {"Username": username, "Secret": secret})
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+def run(test: Callable[[AmiSimulator], Awaitable[None]], **kwargs: Any) -> None:
+    async def main() -> None:
+        options: dict[str, Any] = {"port": 0, "users": {"admin": SECRET}, "time_scale": 0.02} | kwargs
+        try:
+            async with AmiSimulator(**options) as sim:
+                await test(sim)
+        finally:
+            while Client.open_clients:
+                await Client.open_clients.pop().close()
+
+    asyncio.run(main())
+
+
+def test_login_plain_banner_and_ping() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        banner = await c.next()
+        assert banner == Banner("9.0.0")
+        r = await c.action("Login", {"Username": "admin", "Secret": SECRET}, action_id="login-1")
+        assert r.headers[:3] == (
+            ("Response", "Success"),
+            ("ActionID", "login-1"),
+            ("Message", "Authentication accepted"),
+        )
+        await c.event("FullyBooted")
+        pong = await c.action("Ping", action_id="p 1")
+        assert pong.response == "Success" and pong["Ping"] == "Pong" and pong.action_id == "p 1"
+        assert float(pong["Timestamp"]) > 0
+        bye = await c.action("Logoff")
+        assert bye.response == "Goodbye" and bye["Message"] == "Thanks for all the fish."
+        assert await c.reader.read() == b""
+
+    run(t)
+
+
+def test_login_md5_and_old_banner() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        assert await c.next() == Banner("2.10.6")
+        ch = await c.action("Challenge", {"AuthType": "MD5"})
+        assert ch.response == "Success"
+        r = await c.action(
+            "Login", {"AuthType": "MD5", "Username": "admin", "Key": md5_login_key(ch["Challenge"], SECRET)}
+        )
+        assert r["Message"] == "Authentication accepted"
+        bad = await c.action("Challenge", {"AuthType": "plain"})
+        assert bad.response == "Error" and bad["Message"] == "Must specify AuthType"
+
+    run(t, version="2.10.6")
+
+
+def test_bad_password_closes_the_session() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        r = await c.login(secret="wrong")
+        assert r.response == "Error" and r["Message"] == "Authentication failed"
+        assert await c.reader.read() == b""
+        c2 = await Client.connect(sim.port)
+        ch = await c2.next()
+        assert isinstance(ch, Banner)
+        challenge = await c2.action("Challenge", {"AuthType": "MD5"})
+        r2 = await c2.action(
+            "Login", {"AuthType": "MD5", "Username": "admin", "Key": md5_login_key(challenge["Challenge"], "wrong")}
+        )
+        assert r2["Message"] == "Authentication failed"
+
+    run(t)
+
+
+def test_errors_like_asterisk() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        await c.next()
+        denied = await c.action("Ping")
+        assert denied.response == "Error" and denied["Message"] == "Permission denied"
+        await c.action("Login", {"Username": "admin", "Secret": SECRET})
+        unknown = await c.action("FlyToTheMoon")
+        assert unknown.response == "Error" and unknown["Message"] == "Invalid/unknown command"
+        assert unknown.action_id is not None
+        c.writer.write(b"ActionID: no-action\r\nFoo: bar\r\n\r\n")
+        missing = await c.next(lambda m: isinstance(m, AmiMessage) and m.action_id == "no-action")
+        assert isinstance(missing, AmiMessage) and missing["Message"] == "Missing action in request"
+        nochan = await c.action("Hangup", {"Channel": "SIP/999-00000000"})
+        assert nochan.response == "Error" and nochan["Message"] == "No such channel"
+        status = await c.action("Status", {"Channel": "SIP/999-00000000"})
+        assert status["Message"] == "No such channel"
+        cmd = await c.action("Command", {"Command": "core show version"})
+        assert cmd.response == "Success" and cmd["Output"].startswith("Asterisk 20")
+        await c.action("Setvar", {"Variable": "GLOBALX", "Value": "42"})
+        got = await c.action("Getvar", {"Variable": "GLOBALX"})
+        assert got["Value"] == "42"
+        for action, fields, message in (
+            ("SIPnotify", {"Channel": "305", "Variable": "Event=check-sync"}, "Notify Sent"),
+            ("PJSIPNotify", {"Endpoint": "305", "Variable": "Event=check-sync"}, "NOTIFY sent"),
+        ):
+            r = await c.action(action, fields)
+            assert r.response == "Success" and r["Message"] == message
+
+    run(t)
+
+
+def test_write_permissions_like_cms_user() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        await c.login(username="cms", secret="x")
+        denied = await c.action("CoreShowChannels")  # needs system or reporting
+        assert denied.response == "Error" and denied["Message"] == "Permission denied"
+        ok = await c.action(
+            "Originate",
+            {"Channel": "SIP/305", "Context": "from-internal", "Exten": "5551234", "Priority": "1", "Async": "true"},
+        )
+        assert ok.response == "Success"
+        # read = call,agent,originate: FullyBooted (system) never arrives, call events do
+        ev = await c.event("Newchannel")
+        assert ev["Privilege"] == "call,all"
+        assert not any(isinstance(m, AmiMessage) and m.event == "FullyBooted" for m in c.inbox)
+
+    perms = parse_classes("call,agent,originate")
+    run(t, users={"cms": User("x", perms, perms)})
+
+
+def test_events_mask_off_and_on() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        quiet = await Client.connect(sim.port)
+        await quiet.login()
+        r = await quiet.action("Events", {"EventMask": "off"})
+        assert r.response == "Success" and r["Events"] == "Off"
+        loud = await Client.connect(sim.port)
+        await loud.login()
+        call = sim.play("inbound-busy", line="307")
+        await sim.wait_call(call, TIMEOUT)
+        await loud.event("Hangup", Cause="17")
+        pong = await quiet.action("Ping")
+        assert pong.response == "Success"
+        assert not any(isinstance(m, AmiMessage) and m.get("Channel") for m in quiet.inbox)
+        r = await quiet.action("Events", {"EventMask": "agent"})
+        assert r["Events"] == "On"
+        await quiet.action("QueuePause", {"Interface": "Local/305@from-queue/n", "Paused": "true"})
+        await quiet.event("QueueMemberPause")
+
+    run(t)
+
+
+def test_core_show_channels_follows_a_call() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        await c.login()
+        _, empty = await c.event_list("CoreShowChannels")
+        assert empty == []
+        call = sim.play("inbound-direct-answered", line="305", caller="79035550101")
+        assert call.planned[0].startswith("SIP/trunk-in-") and call.planned[1].startswith("SIP/305-")
+        await c.event("BridgeEnter", Channel=call.planned[0])
+        response, items = await c.event_list("CoreShowChannels")
+        assert response["EventList"] == "start" and response["Message"] == "Channels will follow"
+        by_name = {m["Channel"]: m for m in items}
+        assert set(by_name) == set(call.planned)
+        trunk, agent = by_name[call.planned[0]], by_name[call.planned[1]]
+        assert trunk["Uniqueid"] == trunk["Linkedid"] == agent["Linkedid"] == call.id
+        assert trunk["ChannelState"] == "6" and trunk["CallerIDNum"] == "79035550101"
+        assert trunk["ConnectedLineNum"] == "305" and trunk["Application"] == "Dial"
+        assert agent["Application"] == "AppDial" and trunk["BridgeId"] == agent["BridgeId"] != ""
+        assert trunk["Duration"].count(":") == 2
+        _, status = await c.event_list("Status")
+        assert {m["Channel"] for m in status} == set(call.planned)
+        await sim.wait_call(call, TIMEOUT)
+        _, after = await c.event_list("CoreShowChannels")
+        assert after == []
+        assert call.state == "finished" and call.ended is not None
+
+    run(t)
+
+
+def test_originate_click_to_dial() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        await c.login()
+        r = await c.action(
+            "Originate",
+            {
+                "Channel": "PJSIP/306",
+                "Context": "from-internal",
+                "Exten": "84951112233",
+                "Priority": "1",
+                "CallerID": "84951112233",
+                "Async": "true",
+                "Variable": "CMS_CALL=1",
+            },
+            action_id="c2d-42",
+        )
+        assert r.response == "Success" and r["Message"] == "Originate successfully queued"
+        first = await c.event("Newchannel")
+        assert first["Channel"].startswith("PJSIP/306-") and first["Exten"] == "s"
+        ring = await c.event("DialBegin")
+        assert "Channel" not in ring and ring["DestChannel"] == first["Channel"]  # the agent's phone rings first
+        resp = await c.event("OriginateResponse")
+        assert resp["ActionID"] == "c2d-42" and resp["Response"] == "Success" and resp["Reason"] == "4"
+        assert resp["Uniqueid"] == first["Uniqueid"] and resp["Exten"] == "84951112233"
+        far = await c.event("DialBegin", Channel=first["Channel"])
+        assert far["DestChannel"].startswith("PJSIP/carrier-") and far["DialString"] == "carrier/84951112233"
+        hangups = [await c.event("Hangup"), await c.event("Hangup")]
+        assert {h["Channel"] for h in hangups} == {first["Channel"], far["DestChannel"]}
+        # synchronous Originate: the answer comes when the phone is up, and there is no OriginateResponse
+        sync = await c.action(
+            "Originate", {"Channel": "SIP/307", "Context": "from-internal", "Exten": "5550000", "Priority": "1"}
+        )
+        assert sync.response == "Success"
+        assert not any(isinstance(m, AmiMessage) and m.event == "OriginateResponse" for m in c.inbox)
+
+    run(t)
+
+
+def test_hangup_ends_the_call() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        await c.login()
+        call = sim.play("inbound-queue", line="305", agent2="306")
+        connect = await c.event("AgentConnect")
+        agent_channel = next(ch for ch in call.planned if ch.startswith("SIP/305-"))
+        r = await c.action("Hangup", {"Channel": agent_channel, "Cause": "16"})
+        assert r.response == "Success" and r["Message"] == "Channel Hungup"
+        await c.event("HangupRequest", Channel=agent_channel)
+        await sim.wait_call(call, TIMEOUT)
+        assert call.state == "hungup" and not call.live
+        hung = {m["Channel"] for m in c.inbox if isinstance(m, AmiMessage) and m.event == "Hangup"}
+        hung.add((await c.event("Hangup", Channel=connect["Channel"]))["Channel"])
+        _, items = await c.event_list("CoreShowChannels")
+        assert items == []
+        assert not sim.model.bridges
+
+    run(t)
+
+
+def test_queue_pause_and_queue_status() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        await c.login()
+        r = await c.action(
+            "QueuePause",
+            {"Interface": "Local/306@from-queue/n", "Paused": "true", "Queue": "support", "Reason": "Lunch break"},
+        )
+        assert r.response == "Success" and r["Message"] == "Interface paused successfully"
+        ev = await c.event("QueueMemberPause")
+        assert ev["Privilege"] == "agent,all" and ev["Queue"] == "support" and ev["Paused"] == "1"
+        assert ev["PausedReason"] == "Lunch break" and ev["Interface"] == "Local/306@from-queue/n"
+        resp, items = await c.event_list("QueueStatus", {"Queue": "support"})
+        assert resp["EventList"] == "start"
+        params = [m for m in items if m.event == "QueueParams"]
+        members = {m["Location"]: m for m in items if m.event == "QueueMember"}
+        assert params[0]["Strategy"] == "ringall"
+        assert members["Local/306@from-queue/n"]["Paused"] == "1"
+        assert members["Local/306@from-queue/n"]["PausedReason"] == "Lunch break"
+        assert members["Local/305@from-queue/n"]["Paused"] == "0"
+        # a scenario's QueueMemberStatus is re-stamped with the model's pause state
+        call = sim.play("inbound-queue", line="305", agent2="306")
+        st = await c.event("QueueMemberStatus", Interface="Local/306@from-queue/n")
+        assert st["Paused"] == "1" and st["PausedReason"] == "Lunch break"
+        await sim.wait_call(call, TIMEOUT)
+        _, items = await c.event_list("QueueStatus")
+        member305 = next(m for m in items if m.event == "QueueMember" and m["Location"].startswith("Local/305"))
+        assert member305["CallsTaken"] == "1"
+        unpause = await c.action("QueuePause", {"Interface": "SIP/306", "Paused": "false"})
+        assert unpause["Message"] == "Interface unpaused successfully"
+        assert (await c.event("QueueMemberPause"))["Paused"] == "0"
+        missing = await c.action("QueuePause", {"Interface": "SIP/999", "Paused": "true"})
+        assert missing.response == "Error" and missing["Message"] == "Interface not found"
+        _, summary = await c.event_list("QueueSummary")
+        assert summary[0]["Queue"] == "support" and summary[0]["LoggedIn"] == "2"
+
+    run(t)
+
+
+def test_blind_transfer_moves_the_caller() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        await c.login()
+        call = sim.play("inbound-direct-answered", line="305")
+        trunk, agent = call.planned
+        await c.event("BridgeEnter", Channel=trunk)
+        r = await c.action("BlindTransfer", {"Channel": agent, "Exten": "308", "Context": "from-internal"})
+        assert r.response == "Success"
+        bt = await c.event("BlindTransfer")
+        assert bt["TransfererChannel"] == agent and bt["TransfereeChannel"] == trunk and bt["Extension"] == "308"
+        await c.event("Hangup", Channel=agent)
+        dial = await c.event("DialBegin", Channel=trunk)  # the original call's dial
+        assert dial["DestChannel"] == agent
+        dial = await c.event("DialBegin", Channel=trunk)  # the transfer's
+        assert dial["DestChannel"].startswith("SIP/308-") and dial["DestLinkedid"] == call.id
+        await c.event("BridgeEnter", Channel=trunk)
+        _, items = await c.event_list("CoreShowChannels")
+        assert {m["Channel"] for m in items} == {trunk, dial["DestChannel"]}
+        await sim.wait_call(call, TIMEOUT)
+        _, items = await c.event_list("CoreShowChannels")
+        assert items == []
+
+    run(t)
+
+
+def test_non_reading_client_is_dropped_without_stalling_others() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        # A client with a tiny receive window that logs in and then never reads.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", sim.port))
+        stuck_reader, stuck_writer = await asyncio.open_connection(sock=sock)
+        stuck_writer.write(encode_action("Login", {"Username": "admin", "Secret": SECRET}))
+        good = await Client.connect(sim.port)
+        await good.login()
+        await asyncio.sleep(0.1)
+        assert len(sim._sessions) == 2
+        # Calls one after another, the good client reading each one; the stuck one fills its kernel buffers,
+        # then its user-space buffer passes the limit and it is dropped.
+        rounds = 0
+        while len(sim._sessions) == 2:
+            rounds += 1
+            assert rounds < 1000, "the stuck client was never dropped"
+            call = sim.play("inbound-queue", line="305")
+            await sim.wait_call(call, TIMEOUT)
+            await good.event("Hangup", Channel=call.planned[0])
+            good.inbox.clear()
+        pong = await good.action("Ping")
+        assert pong.response == "Success"
+        with contextlib.suppress(ConnectionError):
+            while await asyncio.wait_for(stuck_reader.read(65536), TIMEOUT):
+                pass  # what the kernel held, then EOF or reset
+        stuck_writer.close()
+        with contextlib.suppress(ConnectionError):
+            await stuck_writer.wait_closed()
+
+    run(t, time_scale=0.0, max_client_buffer=64 * 1024)
+
+
+def http(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> Coroutine[Any, Any, Any]:
+    async def go() -> Any:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        data = json.dumps(body).encode() if body is not None else b""
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        raw = await reader.read()
+        writer.close()
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        status = int(head.split()[1])
+        return status, json.loads(payload)
+
+    return go()
+
+
+def test_control_endpoint() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        port = sim.control_port
+        assert port
+        c = await Client.connect(sim.port)
+        await c.login()
+        status, names = await http(port, "GET", "/scenarios")
+        assert status == 200 and "inbound-queue" in names["scenarios"]
+        status, played = await http(
+            port,
+            "POST",
+            "/play",
+            {"scenario": "inbound-direct-noanswer", "vars": {"line": "308", "caller": "74950001122"}},
+        )
+        assert status == 200 and played["linkedid"] and played["channels"][1].startswith("SIP/308-")
+        ev = await c.event("Newchannel", Channel=played["channels"][0])
+        assert ev["CallerIDNum"] == "74950001122" and ev["Linkedid"] == played["linkedid"]
+        await c.event("DialState", Channel=played["channels"][0])
+        status, calls = await http(port, "GET", "/calls")
+        assert [x["linkedid"] for x in calls["live"]] == [played["linkedid"]]
+        status, result = await http(port, "POST", "/hangup-all")
+        assert result == {"hungup": 1}
+        await c.event("Hangup", Channel=played["channels"][1])
+        await c.event("Hangup", Channel=played["channels"][0])
+        await asyncio.sleep(0.05)
+        status, calls = await http(port, "GET", "/calls")
+        assert calls["live"] == [] and calls["finished"][0]["state"] == "hungup"
+        status, err = await http(port, "POST", "/play", {"scenario": "nope"})
+        assert status == 400 and "nope" in err["error"]
+        status, _ = await http(port, "GET", "/nowhere")
+        assert status == 404
+
+    run(t, control_port=0)
