@@ -154,27 +154,49 @@ class Gateway:
         """Rebuild the truth before emitting deltas: what ended or started while we were away."""
         self._resync_buffer = []
         try:
-            channels = await session.send_action("CoreShowChannels", expect_list=True, timeout=30)
-            members: list[AmiMessage] = []
-            try:
-                members = await session.send_action("QueueStatus", expect_list=True, timeout=30)
-            except AmiError as exc:
-                log.warning("QueueStatus failed (%s); agent pause states not refreshed", exc)
+            channels = await self._live_channels(session)
+            members = await self._queue_members(session)
             now = time.time()
-            self._emit(
-                self.tracker.resync(
-                    [m for m in channels if m.event == "CoreShowChannel"],
-                    [m for m in members if m.event == "QueueMember"],
-                    now,
-                )
-            )
-            self._finish_stale_calls(now)
+            if channels is None:
+                log.error("cannot list live channels (grant the AMI user 'reporting' or 'call' read); "
+                          "calls that ended while disconnected stay open until their next event")
+            else:
+                self._emit(self.tracker.resync(channels, members or [], now))
+                self._finish_stale_calls(now)
         finally:
             buffered, self._resync_buffer = self._resync_buffer or [], None
             for msg, received_at in buffered:
                 self._emit(self.tracker.handle(msg, received_at))
         self.ready.set()
         GATEWAY_READY.set(1)
+
+    @staticmethod
+    async def _live_channels(session: AmiSession) -> list[AmiMessage] | None:
+        """Every live channel, as CoreShowChannel events; None when the PBX will not say.
+
+        CoreShowChannels needs the 'system' or 'reporting' class, which CMS's documented AMI user
+        (call,agent,originate) lacks; Status needs only 'call' and carries the same facts.
+        """
+        listing = await session.send_action("CoreShowChannels", expect_list=True, timeout=30)
+        if _succeeded(listing):
+            return [m for m in listing if m.event == "CoreShowChannel"]
+        log.info("CoreShowChannels refused (%s); listing channels with Status", listing[0].get("Message"))
+        listing = await session.send_action("Status", expect_list=True, timeout=30)
+        if not _succeeded(listing):
+            return None
+        return [status_as_core_show_channel(m) for m in listing if m.event == "Status"]
+
+    @staticmethod
+    async def _queue_members(session: AmiSession) -> list[AmiMessage] | None:
+        try:
+            listing = await session.send_action("QueueStatus", expect_list=True, timeout=30)
+        except AmiError as exc:
+            log.warning("QueueStatus failed (%s); agent pause states not refreshed", exc)
+            return None
+        if not _succeeded(listing):
+            log.warning("QueueStatus refused (%s); agent pause states not refreshed", listing[0].get("Message"))
+            return None
+        return [m for m in listing if m.event == "QueueMember"]
 
     def _on_ami_disconnected(self) -> None:
         self.ready.clear()
@@ -219,9 +241,10 @@ class Gateway:
         scenario = load_scenario(path)
         self.ready.set()
         GATEWAY_READY.set(1)
-        for delay, msg in scenario.steps:
-            if delay > 0:
-                await asyncio.sleep(delay)
+        for step in scenario.steps:
+            if step.delay > 0:
+                await asyncio.sleep(step.delay)
+            msg = step.item
             if isinstance(msg, AmiMessage) and msg.event:
                 self._emit(self.tracker.handle(msg, time.time()))
         log.info("replay of %s finished", path)
@@ -267,6 +290,30 @@ class Gateway:
                     routing_key=message.reply_to,
                     mandatory=False,
                 )
+
+
+def _succeeded(listing: list[AmiMessage]) -> bool:
+    return bool(listing) and (listing[0].response or "").lower() == "success"
+
+
+def status_as_core_show_channel(status: AmiMessage) -> AmiMessage:
+    """A ``Status`` list entry restated as the ``CoreShowChannel`` event the tracker resyncs from."""
+    headers = [("Event", "CoreShowChannel")]
+    for name, value in status.headers:
+        if name.lower() in ("event", "actionid"):
+            continue
+        if name.lower() == "seconds":
+            headers.append(("Duration", _hms(value)))
+        headers.append((name, value))
+    return AmiMessage(headers=tuple(headers))
+
+
+def _hms(seconds: str) -> str:
+    try:
+        total = int(seconds)
+    except ValueError:
+        return "00:00:00"
+    return f"{total // 3600:02d}:{total // 60 % 60:02d}:{total % 60:02d}"
 
 
 async def run_gateway(settings: Settings, stop: asyncio.Event, *, metrics_host: str, metrics_port: int,

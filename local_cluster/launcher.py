@@ -207,6 +207,7 @@ class LocalCluster:
             runtime_socket=self.run_dir / f"haproxy-{self.prefix}.sock",
             pidfile=self.run_dir / f"haproxy-{self.prefix}.pid",
             master_worker=False,
+            maxconn=_haproxy_maxconn(),
         )
         config = self.run_dir / f"haproxy-{self.prefix}.cfg"
         config.write_text(render_config(description))
@@ -345,6 +346,16 @@ class LocalCluster:
             asyncio.run(_delete_broker_objects(self.amqp_url, self.prefix))
         except Exception as exc:
             log.warning("could not clean RabbitMQ namespace %s: %s", self.prefix, exc)
+
+
+def _haproxy_maxconn() -> int:
+    """HAProxy needs two descriptors per proxied connection; stay within what this machine allows."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return 50_000
+    return max(1000, min(50_000, hard // 2 - 100))
 
 
 async def _delete_broker_objects(amqp_url: str, prefix: str) -> None:

@@ -71,6 +71,9 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
 
     def onOpen(self) -> None:
         transport: Any = self.transport
+        if getattr(transport, "producer", None) is not None:
+            # twisted.web's HTTPChannel stays registered after the upgrade; the connection is ours now.
+            transport.unregisterProducer()
         transport.registerProducer(self, True)
         self.session = AgentSession(self, frame_memo=self.factory.frame_memo, **self.factory.session_options)
         self.factory.connections.add(self)

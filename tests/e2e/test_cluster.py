@@ -1,0 +1,119 @@
+"""The whole production topology: simulator -> gateway -> RabbitMQ -> 2 nodes -> HAProxy -> agent.
+
+Every process is a real subprocess started by the same launcher `make run` uses, on free
+ports and under a namespace of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from local_cluster.infra import Infrastructure
+from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
+from tests.support.creatio_client import (
+    COMMUTATION_STARTED,
+    RING_FINISHED,
+    RING_STARTED,
+    CreatioAgent,
+    calls_in_snapshot,
+)
+
+pytestmark = pytest.mark.e2e
+
+CALLER = "79161234567"
+
+
+@pytest.fixture
+def cluster(infra: Infrastructure, tmp_path: Path) -> Iterator[LocalCluster]:
+    options = ClusterOptions.ephemeral(tmp_path / "run", amqp_url=infra.amqp_url, redis_url=infra.redis_url)
+    local = LocalCluster(options)
+    local.start(timeout=60)
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+def _call_of(content: object) -> dict[str, object]:
+    assert isinstance(content, dict), content
+    return content
+
+
+def test_every_process_serves_metrics_and_health(cluster: LocalCluster) -> None:
+    for name, url in cluster.urls().items():
+        if url.endswith("/metrics"):
+            status, body = http_get(url)
+            assert status == 200, name
+            assert b"# TYPE" in body, name
+    status, body = http_get(f"http://127.0.0.1:{cluster.options.gateway_metrics_port}/health")
+    assert status == 200 and json.loads(body)["ami"] == "connected"
+
+
+def test_inbound_call_rings_the_agent_through_haproxy(cluster: LocalCluster) -> None:
+    async def main() -> None:
+        agent = CreatioAgent(cluster.client_url, "305")
+        await agent.connect()
+        try:
+            snapshot = await agent.open()
+            assert calls_in_snapshot(snapshot) == []
+            mark = len(agent.events)
+            await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="305", caller=CALLER)
+            ring = await agent.wait_for(RING_STARTED, after=mark, timeout=15)
+            call = _call_of(ring.content)
+            assert call["callerId"] == CALLER
+            assert call["calledId"] in ("305", "4950000305")
+            talk = await agent.wait_for(COMMUTATION_STARTED, after=mark, timeout=15)
+            assert _call_of(talk.content)["id"] == call["id"]
+            end = await agent.wait_for(RING_FINISHED, after=mark, timeout=20)
+            assert _call_of(end.content)["id"] == call["id"]
+            assert _call_of(end.content)["callerId"] == CALLER
+        finally:
+            await agent.close()
+
+    asyncio.run(main())
+
+
+def _node_of_agent(cluster: LocalCluster) -> str:
+    for index, port in enumerate(cluster.node_ports):
+        status, body = http_get(f"http://127.0.0.1:{port}/health")
+        if status == 200 and json.loads(body)["clients"] > 0:
+            return f"node{index + 1}"
+    raise AssertionError("no node reports the agent")
+
+
+def test_killing_the_agents_node_mid_call_keeps_the_call_in_the_snapshot(cluster: LocalCluster) -> None:
+    async def main() -> None:
+        agent = CreatioAgent(cluster.client_url, "306")
+        await agent.connect()
+        await agent.open()
+        mark = len(agent.events)
+        await asyncio.to_thread(cluster.play, "inbound-direct-long", line="306", caller=CALLER)
+        talk = await agent.wait_for(COMMUTATION_STARTED, after=mark, timeout=15)
+        call_id = _call_of(talk.content)["id"]
+
+        cluster.kill(_node_of_agent(cluster))
+        for _ in range(100):
+            if agent.closed:
+                break
+            await asyncio.sleep(0.05)
+        assert agent.closed, "HAProxy should cut the tunnel of the dead node"
+        await agent.close()
+
+        # Creatio's client reconnects to the same URL, then LoadLibrary/OpenConnection/snapshot.
+        again = CreatioAgent(cluster.client_url, "306")
+        await again.connect()
+        try:
+            snapshot = await again.open()
+            calls = calls_in_snapshot(snapshot)
+            assert [c["id"] for c in calls] == [call_id]
+            assert calls[0]["callerId"] == CALLER
+            assert calls[0]["state"] == 2  # GeneralizedCallState.CONNECTED
+        finally:
+            await again.close()
+
+    asyncio.run(main())
