@@ -31,13 +31,14 @@ def main(argv: list[str] | None = None) -> int:
 
     asyncioreactor.install(loop)
     from twisted.internet import reactor as _reactor
+    from twisted.internet.defer import Deferred
 
     reactor: Any = _reactor
 
     from services import logs
     from services.config import ConfigError, load_settings
+    from ws_node.agent_connection import spawn
     from ws_node.app import Node, NodeOptions
-    from ws_node.websocket import run_coroutine
 
     logs.configure(f"ws_node[{args.port}]", json_lines=args.log_json, level=args.log_level)
     log = logging.getLogger("ws_node")
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if stopping:
             return
         stopping = True
-        d = run_coroutine(node.drain_and_stop())
+        d = Deferred.fromFuture(spawn(node.drain_and_stop()))
         d.addBoth(lambda _: reactor.stop())
 
     def on_start_failed(failure: object) -> None:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     loop.add_signal_handler(signal.SIGTERM, on_signal)
     loop.add_signal_handler(signal.SIGINT, on_signal)
-    reactor.callWhenRunning(lambda: run_coroutine(node.start()).addErrback(on_start_failed))
+    reactor.callWhenRunning(lambda: Deferred.fromFuture(spawn(node.start())).addErrback(on_start_failed))
     reactor.run(installSignalHandlers=False)
     return 0
 

@@ -16,6 +16,7 @@ from prometheus_client import Gauge
 
 from services.config import Settings, redact_url
 from services.topology import Topology
+from ws_node.agent_connection import ConnectionHub
 from ws_node.line_feed import LineFeed
 from ws_node.web import build_site
 from ws_node.websocket import AgentServerFactory
@@ -49,12 +50,12 @@ class Node:
             command_ttl_seconds=settings.cluster.command_ttl_seconds,
         )
         self.draining = False
+        self.hub = ConnectionHub(self.feed, session_options={"originate_context": settings.asterisk.originate_context})
         self.factory = AgentServerFactory(
-            self.feed,
+            self.hub,
             url=f"ws://{options.host}:{options.port}",
             deployment_key=options.deployment_key,
             allowed_origins=options.allowed_origins,
-            session_options={"originate_context": settings.asterisk.originate_context},
             is_draining=lambda: self.draining,
         )
         self._port: Any = None
@@ -66,7 +67,7 @@ class Node:
             "node": self.node_id,
             "broker": "connected" if self.feed.connected.is_set() else "down",
             "draining": self.draining,
-            "clients": len(self.factory.connections),
+            "clients": len(self.hub.connections),
         }
 
     async def start(self) -> None:
@@ -89,10 +90,10 @@ class Node:
     async def drain_and_stop(self) -> None:
         self.draining = True
         NODE_READY.set(0)
-        log.info("node %s draining: %d agents", self.node_id, len(self.factory.connections))
-        if self.factory.connections:
+        log.info("node %s draining: %d agents", self.node_id, len(self.hub.connections))
+        if self.hub.connections:
             await asyncio.sleep(self.options.drain_seconds)
-        self.factory.close_all(1001, "node restarting, reconnect")
+        self.hub.close_all(1001, "node restarting, reconnect")
         await asyncio.sleep(0.5)
         if self._port is not None:
             await self._port.stopListening()
