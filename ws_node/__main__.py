@@ -5,23 +5,89 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Any
 
+ENV_PREFIX = "CMS_NODE_"
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in _env(name).split(",") if item.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag has an environment twin, ``CMS_NODE_<FLAG>`` (secrets are better passed that way:
+    a command line is visible to every user of the machine through ``ps``)."""
+    parser = argparse.ArgumentParser(prog="ws_node", description=__doc__)
+    parser.add_argument("--config", default=_env("CONFIG") or None,
+                        help="CMS-style appsettings.json (the Cluster block is used) [CMS_NODE_CONFIG]")
+    parser.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=_env("PORT", "2013"))
+    parser.add_argument("--node-id", default=_env("NODE_ID"))
+    security = parser.add_argument_group("admission (both transports)")
+    security.add_argument("--key", default=_env("KEY"),
+                          help="deployment key required as ?key=... on every request (optional) [CMS_NODE_KEY]")
+    security.add_argument("--allowed-origin", action="append", default=_env_list("ALLOWED_ORIGINS"),
+                          help="allowed browser Origin, repeatable; '*' for any "
+                               "[CMS_NODE_ALLOWED_ORIGINS, comma-separated]")
+    security.add_argument("--max-connections", type=int, default=_env("MAX_CONNECTIONS", "20000"),
+                          help="open agent sockets per node; 0 = no cap [CMS_NODE_MAX_CONNECTIONS]")
+    security.add_argument("--max-message-bytes", type=int, default=_env("MAX_MESSAGE_BYTES", str(64 * 1024)),
+                          help="largest client message [CMS_NODE_MAX_MESSAGE_BYTES]")
+    security.add_argument("--rate", type=float, default=_env("RATE", "20"),
+                          help="sustained client messages per second per connection; 0 = no limit [CMS_NODE_RATE]")
+    security.add_argument("--burst", type=int, default=_env("BURST", "60"),
+                          help="messages allowed in a burst above the rate [CMS_NODE_BURST]")
+    security.add_argument("--flood-tolerance", type=int, default=_env("FLOOD_TOLERANCE", "50"),
+                          help="messages over the rate within 10 s before disconnecting [CMS_NODE_FLOOD_TOLERANCE]")
+    security.add_argument("--handshake-timeout", type=float, default=_env("HANDSHAKE_TIMEOUT", "15"),
+                          help="seconds from socket open to the first message / SignalR handshake "
+                               "[CMS_NODE_HANDSHAKE_TIMEOUT]")
+    signalr_group = parser.add_argument_group("SignalR (Creatio 8.x)")
+    signalr_group.add_argument("--signalr-token-secret", default=_env("SIGNALR_TOKEN_SECRET"),
+                               help="secret shared by all nodes that signs negotiate tokens; default: derived "
+                                    "from --key [CMS_NODE_SIGNALR_TOKEN_SECRET]")
+    signalr_group.add_argument("--signalr-token-lifetime", type=float, default=_env("SIGNALR_TOKEN_LIFETIME", "300"))
+    signalr_group.add_argument("--signalr-ping-interval", type=float, default=_env("SIGNALR_PING_INTERVAL", "15"))
+    signalr_group.add_argument("--signalr-client-timeout", type=float, default=_env("SIGNALR_CLIENT_TIMEOUT", "30"))
+    parser.add_argument("--max-backlog-frames", type=int, default=_env("MAX_BACKLOG_FRAMES", "2000"),
+                        help="frames queued for a client that does not read before it is disconnected "
+                             "[CMS_NODE_MAX_BACKLOG_FRAMES]")
+    parser.add_argument("--drain-seconds", type=float, default=_env("DRAIN_SECONDS", "3"))
+    parser.add_argument("--log-json", action="store_true", default=_env("LOG_JSON") in ("1", "true", "yes"))
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    return parser
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ws_node", description=__doc__)
-    parser.add_argument("--config", help="CMS-style appsettings.json (the Cluster block is used)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=2013)
-    parser.add_argument("--node-id", default="")
-    parser.add_argument("--key", default="", help="deployment key required as ?key=... (optional)")
-    parser.add_argument("--allowed-origin", action="append", default=[], help="repeat for each allowed Origin")
-    parser.add_argument("--drain-seconds", type=float, default=3.0)
-    parser.add_argument("--log-json", action="store_true")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse reports the bad flag or CMS_NODE_* value itself
+        return int(exc.code or 0)
+
+    from ws_node.admission import AdmissionPolicy
+
+    try:
+        admission = AdmissionPolicy(
+            deployment_key=args.key,
+            allowed_origins=tuple(args.allowed_origin),
+            max_connections=args.max_connections,
+            max_message_bytes=args.max_message_bytes,
+            messages_per_second=args.rate,
+            message_burst=args.burst,
+            flood_tolerance=args.flood_tolerance,
+            handshake_timeout_seconds=args.handshake_timeout,
+        )
+    except ValueError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
 
     # The asyncio reactor must be installed, on the loop asyncio will use, before anything
     # imports twisted.internet.reactor (see FACTS.md).
@@ -47,13 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    if args.key:
-        logs.register_secret(args.key)
+    for secret in (args.key, args.signalr_token_secret):
+        logs.register_secret(secret)
     node = Node(
         settings,
         NodeOptions(
-            host=args.host, port=args.port, node_id=args.node_id, deployment_key=args.key,
-            allowed_origins=tuple(args.allowed_origin), drain_seconds=args.drain_seconds,
+            host=args.host, port=args.port, node_id=args.node_id, admission=admission,
+            signalr_token_secret=args.signalr_token_secret, signalr_token_lifetime=args.signalr_token_lifetime,
+            signalr_ping_interval=args.signalr_ping_interval, signalr_client_timeout=args.signalr_client_timeout,
+            max_backlog_frames=args.max_backlog_frames, drain_seconds=args.drain_seconds,
         ),
     )
     stopping = False

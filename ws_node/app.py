@@ -16,9 +16,11 @@ from prometheus_client import Gauge
 
 from services.config import Settings, redact_url
 from services.topology import Topology
+from ws_node.admission import AdmissionPolicy
 from ws_node.agent_connection import ConnectionHub
 from ws_node.line_feed import LineFeed
-from ws_node.web import build_site
+from ws_node.signalr_token import ConnectionTokens, derive_secret
+from ws_node.web import NegotiateResource, build_site
 from ws_node.websocket import AgentServerFactory
 
 log = logging.getLogger(__name__)
@@ -31,9 +33,20 @@ class NodeOptions:
     host: str = "127.0.0.1"
     port: int = 2013
     node_id: str = ""
-    deployment_key: str = ""
-    allowed_origins: tuple[str, ...] = ()
+    admission: AdmissionPolicy = AdmissionPolicy()
+    #: shared by every node of the cluster, so a SignalR token from one node is accepted by all
+    signalr_token_secret: str = ""
+    signalr_token_lifetime: float = 300.0
+    signalr_ping_interval: float = 15.0
+    signalr_client_timeout: float = 30.0
+    max_backlog_frames: int = 2000
     drain_seconds: float = 3.0
+
+    def __repr__(self) -> str:  # the token secret never reaches a log through a repr
+        return (
+            f"NodeOptions(host={self.host!r}, port={self.port}, node_id={self.node_id!r}, "
+            f"admission={self.admission!r}, token_secret={'set' if self.signalr_token_secret else 'derived'})"
+        )
 
 
 class Node:
@@ -50,12 +63,28 @@ class Node:
             command_ttl_seconds=settings.cluster.command_ttl_seconds,
         )
         self.draining = False
-        self.hub = ConnectionHub(self.feed, session_options={"originate_context": settings.asterisk.originate_context})
+        self.hub = ConnectionHub(
+            self.feed,
+            max_backlog_frames=options.max_backlog_frames,
+            session_options={"originate_context": settings.asterisk.originate_context},
+        )
+        self.tokens = ConnectionTokens(
+            derive_secret(options.signalr_token_secret, options.admission.deployment_key),
+            lifetime_seconds=options.signalr_token_lifetime,
+        )
         self.factory = AgentServerFactory(
             self.hub,
             url=f"ws://{options.host}:{options.port}",
-            deployment_key=options.deployment_key,
-            allowed_origins=options.allowed_origins,
+            policy=options.admission,
+            tokens=self.tokens,
+            is_draining=lambda: self.draining,
+            ping_interval=options.signalr_ping_interval,
+            client_timeout=options.signalr_client_timeout,
+        )
+        self.negotiate = NegotiateResource(
+            options.admission,
+            self.tokens,
+            open_connections=lambda: len(self.factory.live),
             is_draining=lambda: self.draining,
         )
         self._port: Any = None
@@ -68,6 +97,7 @@ class Node:
             "broker": "connected" if self.feed.connected.is_set() else "down",
             "draining": self.draining,
             "clients": len(self.hub.connections),
+            "sockets": len(self.factory.live),
         }
 
     async def start(self) -> None:
@@ -76,8 +106,9 @@ class Node:
         reactor: Any = _reactor
 
         await self.feed.start()
-        site = build_site(self.factory, self.health)
+        site = build_site(self.factory, self.health, self.negotiate)
         self._port = reactor.listenTCP(self.options.port, site, interface=self.options.host)
+        self.factory.start_sweeping()
         log.info(
             "node %s listening on %s:%d (broker %s)",
             self.node_id, self.options.host, self.listening_port, redact_url(self.settings.cluster.amqp_url),
@@ -94,7 +125,9 @@ class Node:
         if self.hub.connections:
             await asyncio.sleep(self.options.drain_seconds)
         self.hub.close_all(1001, "node restarting, reconnect")
+        self.factory.close_unattached(1001, "node restarting, reconnect")
         await asyncio.sleep(0.5)
+        self.factory.stop_sweeping()
         if self._port is not None:
             await self._port.stopListening()
         await self.feed.stop()

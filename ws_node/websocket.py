@@ -1,25 +1,62 @@
-"""Autobahn/Twisted adapter for the raw-WebSocket transport (Creatio 7.x: ``ws://host:2013``).
+"""Autobahn/Twisted adapter for both agent transports on one WebSocket endpoint.
 
-It only admits or refuses the handshake, moves text frames between the socket and an
-:class:`AgentConnection`, and relays Twisted's producer calls (``pauseProducing`` when the
-kernel buffer is full) so the connection can apply its bounded backlog.
+* Raw WebSocket (Creatio 7.x, ``ws://host:2013``): one JSON text frame per message.
+* SignalR (Creatio 8.x, ``http://host:2013``): after ``POST /negotiate`` the client opens the
+  socket with ``?id=<token>``; with ``skipNegotiation`` it comes without one and its first
+  message is the handshake record. The protocol itself lives in :mod:`ws_node.signalr`.
+
+A socket with a valid ``id`` is SignalR from the start; any other is decided by its first message
+(a handshake record ends with 0x1E, a Creatio command never does). Either way the socket then
+drives an :class:`AgentConnection`, with this class as its :class:`FrameSink`; Twisted's producer
+calls (``pauseProducing`` when the kernel buffer is full) are relayed so the connection applies
+its bounded backlog, whatever the transport.
+
+Admission (key, Origin, connection cap, size and rate limits) is :mod:`ws_node.admission`; one
+node-wide sweep, not a timer per socket, enforces handshake deadlines and SignalR keep-alives.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from prometheus_client import Counter
+from twisted.internet.task import LoopingCall
 
+from ws_node import signalr
+from ws_node.admission import (
+    OVERSIZED,
+    PROTOCOL_VIOLATIONS,
+    REFUSED,
+    AdmissionPolicy,
+    RateGuard,
+    RateVerdict,
+    admit,
+)
 from ws_node.agent_connection import AgentConnection, ConnectionHub
+from ws_node.creatio_protocol import MsgErrorType, error_frame
+from ws_node.signalr_token import ConnectionTokens
 
 log = logging.getLogger(__name__)
 
-BAD_REQUESTS = Counter("cms_node_rejected_connections_total", "Connections refused at the handshake", ["reason"])
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_MESSAGE_TOO_BIG = 1009
+
+RATE_WARNING = "too many messages: slow down (messages over the limit are dropped)"
+
+
+class Mode(enum.Enum):
+    UNDECIDED = "undecided"
+    RAW = "websocket"
+    SIGNALR = "signalr"
 
 
 class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
@@ -28,12 +65,31 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
     def __init__(self) -> None:
         super().__init__()
         self.connection: AgentConnection | None = None
+        self.mode = Mode.UNDECIDED
+        self.hub_protocol: signalr.HubConnection | None = None
+        self.keepalive: signalr.KeepAlive | None = None
+        self.rate: RateGuard | None = None
+        self.opened_at = 0.0
+        self._transport_paused = False
+
+    # ---- handshake ---------------------------------------------------------------------------
 
     def onConnect(self, request: ConnectionRequest) -> None:
-        problem = self.factory.admission(request)
-        if problem is not None:
-            BAD_REQUESTS.labels(reason=problem[1]).inc()
-            raise ConnectionDeny(problem[0], problem[1])
+        factory = self.factory
+        key = (request.params.get("key") or [None])[0]
+        refusal = admit(
+            factory.policy, key=key, origin=request.headers.get("origin"),
+            open_connections=len(factory.live), draining=factory.is_draining(),
+        )
+        if refusal is not None:
+            raise ConnectionDeny(refusal.status, refusal.reason)
+        token = (request.params.get("id") or [None])[0]
+        if token is not None:
+            if not factory.tokens.verify(token, factory.wall_clock()):
+                REFUSED.labels(reason="bad connection token").inc()
+                # What ASP.NET answers for an unknown id; the client negotiates again.
+                raise ConnectionDeny(404, "No Connection with that ID")
+            self.mode = Mode.SIGNALR
 
     def onOpen(self) -> None:
         transport: Any = self.transport
@@ -41,25 +97,165 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
             # twisted.web's HTTPChannel stays registered after the upgrade; the connection is ours now.
             transport.unregisterProducer()
         transport.registerProducer(self, True)
-        self.connection = AgentConnection(self.factory.hub, self, "websocket")
+        self.opened_at = self.factory.clock()
+        self.rate = RateGuard(self.factory.policy, self.factory.clock)
+        self.factory.live.add(self)
+        if self.mode is Mode.SIGNALR:
+            self._start_signalr()
+
+    def _start_signalr(self) -> None:
+        self.mode = Mode.SIGNALR
+        self.hub_protocol = signalr.HubConnection(max_record_chars=self.factory.policy.max_message_bytes)
+        self.keepalive = signalr.KeepAlive(
+            self.factory.clock(), ping_interval=self.factory.ping_interval, client_timeout=self.factory.client_timeout
+        )
+
+    def _attach(self, transport_name: str) -> AgentConnection:
+        connection = AgentConnection(self.factory.hub, self, transport_name)
+        if self._transport_paused:
+            connection.pause()
+        self.connection = connection
+        return connection
+
+    # ---- inbound -----------------------------------------------------------------------------
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.connection is None:
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
             return
-        self.connection.received(payload.decode("utf-8", errors="replace"))
+        if isBinary:
+            PROTOCOL_VIOLATIONS.labels(kind="binary").inc()
+            self._close_with_error(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported")
+            return
+        # Autobahn has validated the UTF-8 of text frames (invalid ones are closed with 1007).
+        text = payload.decode("utf-8", errors="replace")
+        if self.mode is Mode.UNDECIDED:
+            if signalr.looks_like_handshake(text):
+                self._start_signalr()
+            else:
+                self.mode = Mode.RAW
+                self._attach("websocket")
+        if self.mode is Mode.SIGNALR:
+            self._signalr_text(text)
+        else:
+            self._raw_text(text)
+
+    def _raw_text(self, text: str) -> None:
+        verdict = self._rate_verdict()
+        if verdict is RateVerdict.ACCEPT:
+            if self.connection is not None:
+                self.connection.received(text)
+
+    def _rate_verdict(self) -> RateVerdict:
+        verdict = self.rate.check() if self.rate is not None else RateVerdict.ACCEPT
+        if verdict is RateVerdict.REFUSE_AND_WARN and self.connection is not None:
+            self.connection.send_frame(error_frame(MsgErrorType.GENERAL_ERROR, RATE_WARNING))
+        elif verdict is RateVerdict.DISCONNECT:
+            log.warning("client floods; disconnecting", extra={"conn": self._conn_id()})
+            self._close_with_error(CLOSE_POLICY_VIOLATION, "too many messages")
+        return verdict
+
+    def _signalr_text(self, text: str) -> None:
+        hub, keepalive = self.hub_protocol, self.keepalive
+        if hub is None or keepalive is None:
+            return
+        keepalive.received(self.factory.clock())
+        for event in hub.receive_text(text):
+            if self.state != WebSocketServerProtocol.STATE_OPEN:
+                return
+            if isinstance(event, signalr.HandshakeCompleted):
+                self._send_record(signalr.HANDSHAKE_OK)
+                self._attach("signalr")
+            elif isinstance(event, signalr.Invocation):
+                self._invoke(event)
+            elif isinstance(event, signalr.HandshakeFailed):
+                PROTOCOL_VIOLATIONS.labels(kind="signalr-handshake").inc()
+                self._send_record(signalr.handshake_error(event.message))
+                self.sendClose(code=CLOSE_PROTOCOL_ERROR, reason="handshake failed")
+            elif isinstance(event, signalr.ProtocolViolation):
+                PROTOCOL_VIOLATIONS.labels(kind="signalr-record").inc()
+                self._close_with_error(CLOSE_PROTOCOL_ERROR, event.message)
+            elif isinstance(event, signalr.CloseReceived):
+                self.sendClose(code=CLOSE_NORMAL)
+            # PingReceived: the keep-alive clock is already updated.
+
+    def _invoke(self, invocation: signalr.Invocation) -> None:
+        call = signalr.dispatch(invocation)
+        if call.session_text is not None:
+            verdict = self._rate_verdict()
+            if verdict is RateVerdict.DISCONNECT:
+                return
+            if verdict is not RateVerdict.ACCEPT:
+                if invocation.invocation_id is not None:
+                    self._send_record(signalr.completion(invocation.invocation_id, error=RATE_WARNING))
+                return
+            if self.connection is not None:
+                self.connection.received(call.session_text)
+        if call.reply is not None and self.state == WebSocketServerProtocol.STATE_OPEN:
+            self._send_record(call.reply)
+
+    def _max_message_size_exceeded(self, msg_size: int, max_msg_size: int, reason: str) -> None:
+        # Autobahn closes with 1009 here; a SignalR client is told why first, in its own terms.
+        OVERSIZED.inc()
+        if self.mode is Mode.SIGNALR and self.state == WebSocketServerProtocol.STATE_OPEN:
+            error = f"Connection closed with an error. A message is over {max_msg_size} bytes."
+            self._send_record(signalr.close_record(error))
+        super()._max_message_size_exceeded(msg_size, max_msg_size, reason)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.live.discard(self)
         connection, self.connection = self.connection, None
         if connection is not None:
             connection.lost()
 
+    # ---- the node-wide sweep -------------------------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
+        if self.connection is None:
+            # No first message (raw) or no handshake record (SignalR) yet.
+            limit = self.factory.policy.handshake_timeout_seconds
+            if limit and now - self.opened_at > limit:
+                PROTOCOL_VIOLATIONS.labels(kind="handshake-timeout").inc()
+                self._close_with_error(CLOSE_POLICY_VIOLATION, "handshake timeout")
+            return
+        if self.keepalive is not None:
+            verdict = self.keepalive.check(now)
+            if verdict is signalr.KeepAliveVerdict.TIMED_OUT:
+                log.info("SignalR client silent for %.0fs; closing", now - self.keepalive.last_received,
+                         extra={"conn": self._conn_id()})
+                self._close_with_error(CLOSE_GOING_AWAY, "client timeout", allow_reconnect=True)
+            elif verdict is signalr.KeepAliveVerdict.SEND_PING:
+                self._send_record(signalr.PING_RECORD)
+
+    # ---- outbound ------------------------------------------------------------------------------
+
+    def _send_record(self, record: str) -> None:
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendMessage(record.encode("utf-8"), isBinary=False)
+            if self.keepalive is not None:
+                self.keepalive.sent(self.factory.clock())
+
+    def _close_with_error(self, code: int, message: str, *, allow_reconnect: bool = False) -> None:
+        if self.mode is Mode.SIGNALR and self.hub_protocol is not None:
+            self._send_record(
+                signalr.close_record(f"Connection closed with an error. {message}", allow_reconnect=allow_reconnect)
+            )
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendClose(code=code, reason=message[:120])
+
+    def _conn_id(self) -> str:
+        return self.connection.conn_id if self.connection is not None else "-"
+
     # ---- IPushProducer, relayed to the connection ----------------------------------------------
 
     def pauseProducing(self) -> None:
+        self._transport_paused = True
         if self.connection is not None:
             self.connection.pause()
 
     def resumeProducing(self) -> None:
+        self._transport_paused = False
         if self.connection is not None:
             self.connection.resume()
 
@@ -69,11 +265,16 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
     # ---- FrameSink -----------------------------------------------------------------------------
 
     def write_text(self, text: str) -> None:
-        if self.state == WebSocketServerProtocol.STATE_OPEN:
+        if self.mode is Mode.SIGNALR:
+            self._send_record(signalr.server_message(text))
+        elif self.state == WebSocketServerProtocol.STATE_OPEN:
             self.sendMessage(text.encode("utf-8"), isBinary=False)
 
     def close(self, code: int, reason: str) -> None:
-        self.sendClose(code=code, reason=reason)
+        if self.mode is Mode.SIGNALR and self.hub_protocol is not None:
+            error = None if code in (CLOSE_NORMAL, CLOSE_GOING_AWAY) else reason
+            self._send_record(signalr.close_record(error, allow_reconnect=code == CLOSE_GOING_AWAY))
+        self.sendClose(code=code, reason=reason[:120])
 
     def abort(self) -> None:
         self.dropConnection(abort=True)
@@ -87,19 +288,29 @@ class AgentServerFactory(WebSocketServerFactory):  # type: ignore[misc]
         hub: ConnectionHub,
         *,
         url: str,
-        deployment_key: str = "",
-        allowed_origins: tuple[str, ...] = (),
-        max_message_bytes: int = 64 * 1024,
+        policy: AdmissionPolicy,
+        tokens: ConnectionTokens,
         is_draining: Callable[[], bool] = lambda: False,
+        ping_interval: float = 15.0,
+        client_timeout: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(url)
         self.hub = hub
-        self.deployment_key = deployment_key
-        self.allowed_origins = allowed_origins
+        self.policy = policy
+        self.tokens = tokens
         self.is_draining = is_draining
+        self.ping_interval = ping_interval
+        self.client_timeout = client_timeout
+        self.clock = clock
+        self.wall_clock = wall_clock
+        #: open sockets of either transport, including those not past their first message yet
+        self.live: set[AgentProtocol] = set()
+        self._sweeper = LoopingCall(self.sweep)
         self.setProtocolOptions(
-            maxFramePayloadSize=max_message_bytes,
-            maxMessagePayloadSize=max_message_bytes,
+            maxFramePayloadSize=policy.max_message_bytes,
+            maxMessagePayloadSize=policy.max_message_bytes,
             autoPingInterval=30,
             autoPingTimeout=15,
             openHandshakeTimeout=10,
@@ -107,14 +318,21 @@ class AgentServerFactory(WebSocketServerFactory):  # type: ignore[misc]
             failByDrop=False,
         )
 
-    def admission(self, request: ConnectionRequest) -> tuple[int, str] | None:
-        if self.is_draining():
-            return 503, "node draining"
-        if self.deployment_key:
-            given = (request.params.get("key") or [""])[0]
-            if given != self.deployment_key:
-                return 403, "bad key"
-        if self.allowed_origins and request.origin and request.origin != "null":
-            if request.origin not in self.allowed_origins:
-                return 403, "origin not allowed"
-        return None
+    def sweep(self) -> None:
+        now = self.clock()
+        for protocol in list(self.live):
+            protocol.sweep(now)
+
+    def close_unattached(self, code: int, reason: str) -> None:
+        """Sockets still before their first message or handshake: not in the hub, closed here on drain."""
+        for protocol in list(self.live):
+            if protocol.connection is None and protocol.state == WebSocketServerProtocol.STATE_OPEN:
+                protocol.sendClose(code=code, reason=reason)
+
+    def start_sweeping(self, interval: float = 1.0) -> None:
+        if not self._sweeper.running:
+            self._sweeper.start(interval, now=False)
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
