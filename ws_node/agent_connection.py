@@ -9,6 +9,17 @@ Flow control lives here too, so both transports behave the same: while the sink 
 cannot take more (the kernel buffer is full and Twisted paused us), frames wait in a bounded
 backlog; a client still stuck when the backlog is full is disconnected instead of growing the
 node's memory.
+
+Reconnects lose no call: every event handed to a session is noted in the node's
+:class:`DeliveryLog` (a dict update; written to Redis in batches). When a line is claimed, the
+connection reads where that agent stood when it left (on whatever node), reads the line's
+history from there to the current snapshot and hands both to the session, which replays the
+calls that ended in the gap before the snapshot. When the history no longer covers the gap,
+that is logged and counted and the agent gets the snapshot alone.
+
+Shared lines: a second Creatio user claiming a line that another user held within the last
+minute is let in (a supervisor, or a line reassigned in Creatio, must not be locked out by a
+stale claim), with a warning in the log and ``cms_node_shared_line_claims_total``.
 """
 
 from __future__ import annotations
@@ -21,10 +32,12 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
+import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.line_state import LineSnapshot
-from services.wire import Command, CommandResult, LineEvent
+from services.delivery_log import AgentKey, DeliveryLog, Position
+from services.line_state import HistoryUnavailable, LineSnapshot
+from services.wire import Command, CommandResult, LineEvent, WireError
 from ws_node.agent_session import AgentSession, FrameMemo
 from ws_node.line_feed import LineFeed
 
@@ -34,6 +47,15 @@ CLIENTS = Gauge("cms_node_clients", "Agent connections open on this node", ["tra
 FRAMES_SENT = Counter("cms_node_frames_sent_total", "Frames sent to agents")
 FRAMES_DROPPED = Counter("cms_node_frames_dropped_total", "Frames not sent because the client was gone or stuck")
 SLOW_CLIENT_DISCONNECTS = Counter("cms_node_slow_client_disconnects_total", "Clients dropped for not reading")
+CATCH_UPS = Counter(
+    "cms_node_reconnect_catchups_total",
+    "Lines claimed by an agent, by what its gap since it last left looked like",
+    ["outcome"],
+)
+REPLAYED_EVENTS = Counter("cms_node_replayed_events_total", "Missed call events replayed to reconnecting agents")
+SHARED_LINE_CLAIMS = Counter(
+    "cms_node_shared_line_claims_total", "Lines claimed by a Creatio user while another user held them"
+)
 END_TO_END = Histogram(
     "cms_end_to_end_latency_seconds",
     "From AMI bytes received by the gateway to the WebSocket frame handed to the socket",
@@ -55,7 +77,12 @@ class ConnectionHub:
     """Node-wide state the connections share: the feed, the frame memo, the open connections."""
 
     def __init__(
-        self, feed: LineFeed, *, max_backlog_frames: int = 2000, session_options: dict[str, Any] | None = None
+        self,
+        feed: LineFeed,
+        *,
+        max_backlog_frames: int = 2000,
+        session_options: dict[str, Any] | None = None,
+        delivery_log: DeliveryLog | None = None,
     ) -> None:
         self.feed = feed
         self.max_backlog_frames = max_backlog_frames
@@ -63,6 +90,8 @@ class ConnectionHub:
         # One event's frames are encoded once per node and shared by every tab of the line.
         self.frame_memo = FrameMemo()
         self.connections: set[AgentConnection] = set()
+        self.delivery_log = delivery_log or DeliveryLog(feed.redis, feed.prefix)
+        feed.before_stop.append(self.delivery_log.close)
 
     def close_all(self, code: int = 1001, reason: str = "server going away") -> None:
         for connection in list(self.connections):
@@ -81,6 +110,8 @@ class AgentConnection:
         self.conn_id = uuid.uuid4().hex[:12]
         self.session: AgentSession | None = AgentSession(self, frame_memo=hub.frame_memo, **hub.session_options)
         self._lines: set[str] = set()
+        #: the delivery-log identity of each followed line, once the line is caught up
+        self._agents: dict[str, AgentKey] = {}
         self._paused = False
         self._closing = False
         self._backlog: collections.deque[str] = collections.deque()
@@ -103,6 +134,7 @@ class AgentConnection:
             session.on_disconnect()
         for line in list(self._lines):
             self._lines.discard(line)
+            self._forget(line)
             spawn(self.hub.feed.unfollow(self, line))
         self._backlog.clear()
 
@@ -139,17 +171,85 @@ class AgentConnection:
         spawn(self._follow(session, line))
 
     async def _follow(self, session: AgentSession, line: str) -> None:
+        agent = session.agent_key
         try:
             snapshot = await self.hub.feed.follow(self, line)
-        except Exception as exc:  # Redis down: the session still gets live events
+        except (OSError, aioredis.RedisError, WireError) as exc:  # Redis down: live events still flow
             log.warning("line %s: no snapshot at claim (%s)", line, exc, extra={"conn": self.conn_id})
+            CATCH_UPS.labels(outcome="error").inc()
+            if self.session is session:
+                session.on_claimed(())
             return
-        if self.session is session:
-            session.on_calls_known(list(snapshot.calls))
+        missed: list[LineEvent] = []
+        if agent is not None:
+            missed = await self._missed(agent, snapshot)
+            await self._check_holders(agent)
+        if self.session is not session or line not in self._lines:
+            return
+        session.on_claimed(list(snapshot.calls), missed)
+        REPLAYED_EVENTS.inc(session.replayed)
+        if agent is not None:
+            # Everything up to the snapshot, and whatever the feed delivered since (held back
+            # during the catch-up, now sent), has reached the session.
+            self._agents[line] = agent
+            self.hub.delivery_log.attach(agent, Position(snapshot.epoch, snapshot.seq))
+            delivered = self.hub.feed.router.position(line)
+            if delivered is not None and delivered[0]:
+                self.hub.delivery_log.note(agent, delivered[0], delivered[1])
+
+    async def _missed(self, agent: AgentKey, snapshot: LineSnapshot) -> list[LineEvent]:
+        """The line's events between where ``agent`` last stood and ``snapshot``."""
+        try:
+            last = await self.hub.delivery_log.last(agent)
+            if last is None:
+                CATCH_UPS.labels(outcome="first_time").inc()
+                return []
+            if last.order() >= Position(snapshot.epoch, snapshot.seq).order():
+                CATCH_UPS.labels(outcome="nothing_missed").inc()
+                return []
+            if last.epoch:
+                events = await self.hub.feed.reader.events_after(agent.line, last.epoch, last.seq)
+            else:
+                # it left before the line had any history: the gap is the first epoch from seq 1
+                events = await self.hub.feed.reader.events_after(agent.line, snapshot.epoch, 0)
+        except HistoryUnavailable as exc:
+            CATCH_UPS.labels(outcome="history_gone").inc()
+            log.warning(
+                "line %s user %s: the history no longer covers the gap since %s (%s); sending the snapshot only",
+                agent.line, agent.user or "-", last.encode() if last else "?", exc, extra={"conn": self.conn_id},
+            )
+            return []
+        except (OSError, aioredis.RedisError, WireError) as exc:
+            CATCH_UPS.labels(outcome="error").inc()
+            log.warning("line %s: catch-up failed (%s); sending the snapshot only", agent.line, exc,
+                        extra={"conn": self.conn_id})
+            return []
+        gap = [e for e in events if e.epoch == snapshot.epoch and e.seq <= snapshot.seq]
+        CATCH_UPS.labels(outcome="replayed").inc()
+        log.info("line %s user %s: %d events missed since %s", agent.line, agent.user or "-", len(gap),
+                 last.encode(), extra={"conn": self.conn_id})
+        return gap
+
+    async def _check_holders(self, agent: AgentKey) -> None:
+        try:
+            others = await self.hub.delivery_log.claim(agent)
+        except (OSError, aioredis.RedisError) as exc:
+            log.info("line %s: holders unknown (%s)", agent.line, exc)
+            return
+        if others:
+            SHARED_LINE_CLAIMS.inc()
+            log.warning("line %s claimed by user %s while held by %s; both get its events",
+                        agent.line, agent.user, ", ".join(others), extra={"conn": self.conn_id})
+
+    def _forget(self, line: str) -> None:
+        agent = self._agents.pop(line, None)
+        if agent is not None:
+            self.hub.delivery_log.detach(agent)
 
     def release_line(self, session: AgentSession, line: str) -> None:
         if line in self._lines:
             self._lines.discard(line)
+            self._forget(line)
             spawn(self.hub.feed.unfollow(self, line))
 
     def request_snapshot(self, session: AgentSession, line: str) -> None:
@@ -165,6 +265,18 @@ class AgentConnection:
             return
         if self.session is session:
             session.on_snapshot(list(snapshot.calls), snapshot.agent)
+
+    def request_agent_state(self, session: AgentSession, line: str) -> None:
+        spawn(self._agent_state(session, line))
+
+    async def _agent_state(self, session: AgentSession, line: str) -> None:
+        try:
+            snapshot = await self.hub.feed.reader.snapshot(line)
+        except (OSError, aioredis.RedisError, WireError) as exc:
+            log.warning("line %s: agent state unavailable (%s)", line, exc, extra={"conn": self.conn_id})
+            return
+        if self.session is session:
+            session.on_agent_state(snapshot.agent)
 
     def submit_command(self, session: AgentSession, command: Command) -> None:
         spawn(self._command(session, command))
@@ -186,9 +298,15 @@ class AgentConnection:
         if session is None:
             return
         session.on_line_event(event)
+        agent = self._agents.get(event.line)
+        if agent is not None:
+            self.hub.delivery_log.note(agent, event.epoch, event.seq)
         if event.ami_received_at:
             END_TO_END.observe(max(0.0, time.time() - event.ami_received_at))
 
     def resync(self, snapshot: LineSnapshot) -> None:
         if self.session is not None:
             self.session.on_snapshot(list(snapshot.calls), snapshot.agent)
+            agent = self._agents.get(snapshot.line)
+            if agent is not None:
+                self.hub.delivery_log.note(agent, snapshot.epoch, snapshot.seq)

@@ -30,11 +30,20 @@ Rules, from the client's source (docs/creatio-protocol.md has the details):
 5. ``commandUId`` is always empty, so results cannot be correlated by the client: a
    failed command is reported as an ERROR frame with the gateway's message, a success
    is silent (the call events tell the story).
+6. Catch-up after a reconnect. Claiming the line starts a *catch-up*: the shell follows the
+   line, reads where this agent stood when it left (``services.delivery_log``) and the line's
+   history since, and calls :meth:`AgentSession.on_claimed` exactly once. Until then live
+   events are held back (in order) and a snapshot request waits, so the client sees: the
+   gap's ended calls (RING_STARTED ... RING_FINISHED, so the CRM logs them), then the live
+   events that came meanwhile, then the snapshot it asked for.
+7. ``debugMode`` in ``connectionParams`` logs this session's traffic in full (both ways), and
+   only this session's; the flag is per session, nothing global changes.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import re
 import time
@@ -44,6 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from services.delivery_log import AgentKey, clean_id
 from services.wire import AgentState, Call, CallState, Command, CommandName, CommandResult, EventType, LineEvent
 from ws_node import creatio_protocol as cp
 from ws_node.creatio_protocol import CtiCommand, MsgErrorType, ProtocolError
@@ -61,6 +71,8 @@ class SessionEnvironment(Protocol):
     def release_line(self, session: AgentSession, line: str) -> None: ...
 
     def request_snapshot(self, session: AgentSession, line: str) -> None: ...
+
+    def request_agent_state(self, session: AgentSession, line: str) -> None: ...
 
     def submit_command(self, session: AgentSession, command: Command) -> None: ...
 
@@ -80,6 +92,8 @@ class SessionOptions:
     agent_codes: cp.AgentStateCodes = cp.DEFAULT_AGENT_CODES
     #: longest line name accepted from ``connectionParams.ExtensionName``
     max_line_length: int = 32
+    #: live events held back while a catch-up runs; past this the catch-up is given up
+    max_held_events: int = 1000
 
 
 class FrameMemo:
@@ -124,6 +138,20 @@ _NOT_IMPLEMENTED = frozenset(
 )
 _DISABLED = frozenset({CtiCommand.PROCESS_LOGS, CtiCommand.SET_LOG_FILE_PATH})
 
+#: Events of a gap worth replaying: what a call went through. Not CALL_INFO_CHANGED (the client
+#: matches it by databaseUId, which could pick the wrong call), not DTMF or agent state (the
+#: snapshot that follows carries the agent state; past digits mean nothing).
+_REPLAYED = frozenset(
+    {
+        EventType.RING_STARTED,
+        EventType.COMMUTATION_STARTED,
+        EventType.HOLD_STARTED,
+        EventType.HOLD_ENDED,
+        EventType.ABONENT_BUSY,
+        EventType.RING_FINISHED,
+    }
+)
+
 
 class _Refused(Exception):
     """Internal: a command that is answered with an ERROR frame."""
@@ -163,6 +191,12 @@ class AgentSession:
         #: calls of the line, client GUID -> Call, oldest first
         self._calls: OrderedDict[str, Call] = OrderedDict()
         self._agent: AgentState | None = None
+        #: between claiming the line and ``on_claimed``: live events held back, snapshot waiting
+        self._catching_up = False
+        self._held: list[LineEvent] = []
+        self._snapshot_wanted = False
+        #: events replayed at the last catch-up (for tests and logs)
+        self.replayed = 0
 
     # ---- introspection ---------------------------------------------------------------
 
@@ -173,6 +207,17 @@ class AgentSession:
     @property
     def agent(self) -> AgentState | None:
         return self._agent
+
+    @property
+    def agent_key(self) -> AgentKey | None:
+        """Who this session is, for the delivery log: (line, Creatio user, browser tab)."""
+        if self.line is None:
+            return None
+        return AgentKey(self.line, self.user_uid, self.library_instance_uid)
+
+    @property
+    def catching_up(self) -> bool:
+        return self._catching_up
 
     @property
     def current_call(self) -> Call | None:
@@ -186,6 +231,8 @@ class AgentSession:
     def on_text(self, text: str | bytes) -> None:
         if self.state is SessionState.CLOSED:
             return
+        if self.debug_mode:
+            self._debug("in", text if isinstance(text, str) else text.decode("utf-8", "replace"))
         try:
             cmd = cp.decode_client_message(text, max_bytes=self._opts.max_message_bytes)
         except ProtocolError as exc:
@@ -201,6 +248,12 @@ class AgentSession:
     def on_line_event(self, event: LineEvent) -> None:
         if self.state is not SessionState.OPEN or event.line != self.line:
             return
+        if self._catching_up:
+            if len(self._held) < self._opts.max_held_events:
+                self._held.append(event)
+                return
+            log.warning("catch-up of line %s took too long; live events resume", self.line)
+            self._end_catch_up(())
         if event.type is EventType.AGENT_STATE_CHANGED:
             if event.agent is not None:
                 self._agent = event.agent
@@ -209,7 +262,7 @@ class AgentSession:
         elif event.call is not None:
             self._track(event)
         frames = self._frames_for(event)
-        send = self._env.send_frame
+        send = self._send if self.debug_mode else self._env.send_frame
         for frame in frames:
             send(frame)
 
@@ -219,9 +272,9 @@ class AgentSession:
             return
         mine = sorted((c for c in calls if c.line == self.line and c.active), key=lambda c: c.started_at)
         self._calls = OrderedDict((cp.call_guid(c.id), c) for c in mine)
-        self._env.send_frame(cp.snapshot_frame(mine, self.current_call, self.connection_uid))
+        self._send(cp.snapshot_frame(mine, self.current_call, self.connection_uid))
         if not mine:
-            self._env.send_frame(cp.line_state_frame(cp.IDLE_LINE_FEATURES, connection_uid=self.connection_uid))
+            self._send(cp.line_state_frame(cp.IDLE_LINE_FEATURES, connection_uid=self.connection_uid))
         if agent is not None:
             self._agent = agent
             if self.call_centre_enabled:
@@ -235,11 +288,72 @@ class AgentSession:
         mine = sorted((c for c in calls if c.line == self.line and c.active), key=lambda c: c.started_at)
         self._calls = OrderedDict((cp.call_guid(c.id), c) for c in mine)
 
+    def on_claimed(self, calls: Sequence[Call], missed: Sequence[LineEvent] = ()) -> None:
+        """The shell followed the line: ``calls`` are its active calls at position S, ``missed``
+        the line's events between where this agent stood when it left and S (empty when nothing
+        was missed or it cannot be known). Ends the catch-up (rule 6)."""
+        if self.state is not SessionState.OPEN:
+            return
+        self.on_calls_known(calls)
+        self._end_catch_up(missed)
+
+    def _end_catch_up(self, missed: Sequence[LineEvent]) -> None:
+        if not self._catching_up:
+            return
+        self._catching_up = False
+        held, self._held = self._held, []
+        self.replayed = self._replay(missed, held[0] if held else None)
+        for event in held:
+            self.on_line_event(event)
+        if self._snapshot_wanted:
+            self._snapshot_wanted = False
+            assert self.line is not None
+            self._env.request_snapshot(self, self.line)
+
+    def _replay(self, missed: Sequence[LineEvent], first_live: LineEvent | None) -> int:
+        """Send the gap's ended calls. Calls still active are left to the snapshot; events the
+        session gets live anyway (from ``first_live`` on) are not sent twice."""
+        active = {c.id for c in self._calls.values()}
+        ended = {
+            e.call.id
+            for e in missed
+            if e.call is not None and e.call.id not in active
+        }
+        sent = 0
+        for event in missed:
+            if first_live is not None and event.epoch == first_live.epoch and event.seq >= first_live.seq:
+                break
+            if event.call is None or event.call.id not in ended or event.type not in _REPLAYED:
+                continue
+            call = event.call
+            if event.type is EventType.RING_FINISHED and call.state is not CallState.FINISHED:
+                call = call.evolve(state=CallState.FINISHED)
+            frames = cp.line_event_to_frames(
+                LineEvent(line=event.line, type=event.type, call=call), self.connection_uid,
+                agent_codes=self._opts.agent_codes,
+            )
+            # only the call event itself: the buttons are set by the snapshot that follows
+            self._send(frames[0])
+            sent += 1
+        if sent:
+            log.info("replayed %d missed events conn=%s line=%s user=%s", sent, self.connection_uid, self.line,
+                     self.user_uid)
+        return sent
+
     def on_snapshot_failed(self, message: str) -> None:
         """The shell could not read the line's state: tell the client, keep the session."""
         if self.state is not SessionState.OPEN:
             return
         self._error(MsgErrorType.GENERAL_ERROR, message or "active call snapshot unavailable")
+
+    def on_agent_state(self, agent: AgentState | None) -> None:
+        """Answer to ``request_agent_state`` (QueryMsgUserState when the state was not known)."""
+        if self.state is not SessionState.OPEN:
+            return
+        if agent is not None and agent.line == self.line:
+            self._agent = agent
+        if self._agent is not None and self.call_centre_enabled:
+            self._send_agent_state()
 
     def on_command_result(self, result: CommandResult, command: Command) -> None:
         if self.state is SessionState.CLOSED or result.ok:
@@ -251,6 +365,8 @@ class AgentSession:
     def on_disconnect(self) -> None:
         if self.state is SessionState.CLOSED:
             return
+        if self.debug_mode:
+            self._debug("closed", "")
         self._release()
         self.state = SessionState.CLOSED
 
@@ -259,7 +375,7 @@ class AgentSession:
     def _dispatch(self, cmd: cp.ClientCommand) -> None:
         name = CtiCommand(cmd.name)
         if name is CtiCommand.LOAD_LIBRARY:
-            self._load_library()
+            self._load_library(cmd)
             return
         if name is CtiCommand.OPEN_CONNECTION:
             self._open_connection(cmd)
@@ -271,20 +387,23 @@ class AgentSession:
         if name in _NOT_IMPLEMENTED:
             raise _Refused(MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR, f"{cmd.name} is not supported")
         if name in _CALL_CENTRE_COMMANDS and not self.call_centre_enabled:
-            # Not CALL_CENTRE_NOT_AVAILABLE_ERROR: the client answers that one by tearing the
-            # connection down and reconnecting, which cannot help a disabled call centre.
+            # The error type the issue asks for. The stock client never connects a user with
+            # disableCallCentre, and on this error it runs its reconnect timer (a fresh
+            # connection and snapshot 5 s later), which is harmless.
             raise _Refused(
-                MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR, f"{cmd.name}: call centre is disabled for this user"
+                MsgErrorType.CALL_CENTRE_NOT_AVAILABLE_ERROR, f"{cmd.name}: call centre is disabled for this user"
             )
         handler = self._handlers[name]
         handler(self, cmd)
 
-    def _load_library(self) -> None:
+    def _load_library(self, cmd: cp.ClientCommand) -> None:
         if not self.library_instance_uid:
-            self.library_instance_uid = str(uuid.uuid4())
+            # After a drop the client reconnects with the uid we gave this tab before: keeping
+            # it lets the delivery log recognise the tab on any node (rule 6).
+            self.library_instance_uid = clean_id(cmd.library_instance_uid) or str(uuid.uuid4())
         if self.state is SessionState.NEW:
             self.state = SessionState.LIBRARY
-        self._env.send_frame(cp.library_initialized_frame(self.library_instance_uid))
+        self._send(cp.library_initialized_frame(self.library_instance_uid))
 
     def _open_connection(self, cmd: cp.ClientCommand) -> None:
         params = cmd.params.get("connectionParams") or {}
@@ -302,28 +421,34 @@ class AgentSession:
         session_params = cmd.params.get("sessionServiceParams") or {}
         user = _get_ci(session_params, "UserUId")
 
+        debug = _truthy(_get_ci(params, "debugMode"))
+        if debug and not self.debug_mode:
+            self.debug_mode = True
+            self._debug("in", json.dumps(cmd.raw, ensure_ascii=False))
+        self.debug_mode = debug
         self.originate_context = context or self.default_originate_context
-        self.debug_mode = _truthy(_get_ci(params, "debugMode"))
         self.call_centre_enabled = not _truthy(_get_ci(params, "disableCallCentre"))
-        self.user_uid = user if isinstance(user, str) else ""
+        user_uid = clean_id(user)
         if not self.library_instance_uid:
-            self.library_instance_uid = cmd.library_instance_uid or str(uuid.uuid4())
-        if self.line != line:
+            self.library_instance_uid = clean_id(cmd.library_instance_uid) or str(uuid.uuid4())
+        if self.line != line or self.user_uid != user_uid:
             self._release()
             self.line = line
+            self.user_uid = user_uid
             self.connection_uid = cp.connection_uid_for_line(line)
             self.state = SessionState.OPEN
             log.info("connection open conn=%s line=%s user=%s", self.connection_uid, line, self.user_uid)
+            self._catching_up = True
             self._env.claim_line(self, line)
         self.state = SessionState.OPEN
-        self._env.send_frame(cp.connection_created_frame(self.connection_uid))
+        self._send(cp.connection_created_frame(self.connection_uid))
 
     def _close_connection(self, cmd: cp.ClientCommand) -> None:
         uid = self.connection_uid
         self._release()
         self.state = SessionState.LIBRARY
         # ignoreTryReconnection: CloseConnection is sent on logout; the panel must not retry.
-        self._env.send_frame(cp.disconnected_frame("CloseConnection", connection_uid=uid, reconnect=False))
+        self._send(cp.disconnected_frame("CloseConnection", connection_uid=uid, reconnect=False))
 
     def _make_call(self, cmd: cp.ClientCommand) -> None:
         target = self._target(cmd)
@@ -396,10 +521,13 @@ class AgentSession:
                 connection_uid=self.connection_uid,
                 call_id=cp.call_guid(current.id),
             )
-        self._env.send_frame(frame)
+        self._send(frame)
 
     def _query_snapshot(self, cmd: cp.ClientCommand) -> None:
         assert self.line is not None
+        if self._catching_up:
+            self._snapshot_wanted = True  # answered once the gap is replayed (rule 6)
+            return
         self._env.request_snapshot(self, self.line)
 
     def _set_user_state(self, cmd: cp.ClientCommand) -> None:
@@ -423,10 +551,13 @@ class AgentSession:
         self._submit(CommandName.WRAP_UP, {"active": "true" if active else "false"})
 
     def _query_user_state(self, cmd: cp.ClientCommand) -> None:
-        # Unknown yet (no snapshot or event carried it): say nothing rather than guess; the
-        # state is sent as soon as a snapshot or an event brings it.
         if self._agent is not None:
             self._send_agent_state()
+            return
+        # Not known to this session yet: the gateway keeps it in Redis. If Redis does not know
+        # either (the line is in no queue), nothing is sent rather than a guess.
+        assert self.line is not None
+        self._env.request_agent_state(self, self.line)
 
     _handlers: dict[CtiCommand, Callable[[AgentSession, cp.ClientCommand], None]] = {
         CtiCommand.CLOSE_CONNECTION: _close_connection,
@@ -452,7 +583,10 @@ class AgentSession:
     def _submit(self, name: CommandName, args: dict[str, str]) -> None:
         assert self.line is not None
         command = Command(id=self._new_id(), line=self.line, name=name, args=args, issued_at=self._clock())
-        log.debug("submit conn=%s line=%s cmd=%s args=%s", self.connection_uid, self.line, name, args)
+        if self.debug_mode:
+            self._debug("command", command.encode().decode())
+        else:
+            log.debug("submit conn=%s line=%s cmd=%s args=%s", self.connection_uid, self.line, name, args)
         self._env.submit_command(self, command)
 
     def _with_context(self, args: dict[str, str]) -> dict[str, str]:
@@ -524,16 +658,30 @@ class AgentSession:
     def _send_agent_state(self) -> None:
         assert self._agent is not None
         code = self._opts.agent_codes.code_for(self._agent)
-        self._env.send_frame(cp.agent_state_frame(code, connection_uid=self.connection_uid))
+        self._send(cp.agent_state_frame(code, connection_uid=self.connection_uid))
 
     def _error(self, error_type: MsgErrorType, message: str) -> None:
-        self._env.send_frame(cp.error_frame(error_type, message, connection_uid=self.connection_uid))
+        self._send(cp.error_frame(error_type, message, connection_uid=self.connection_uid))
+
+    def _send(self, frame: str) -> None:
+        if self.debug_mode:
+            self._debug("out", frame)
+        self._env.send_frame(frame)
+
+    def _debug(self, direction: str, text: str) -> None:
+        # INFO, not DEBUG: the point is to see one agent's traffic without turning the whole
+        # node's log level down. Frames carry no secrets (the deployment key is in the URL).
+        log.info("debug %s line=%s user=%s lib=%s: %s", direction, self.line, self.user_uid,
+                 self.library_instance_uid, text)
 
     def _release(self) -> None:
         line = self.line
         self.line = None
         self._calls.clear()
         self._agent = None
+        self._catching_up = False
+        self._held = []
+        self._snapshot_wanted = False
         if line is not None:
             log.info("connection released conn=%s line=%s", self.connection_uid, line)
             self._env.release_line(self, line)

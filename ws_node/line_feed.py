@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import aio_pika
@@ -60,7 +61,11 @@ class LineFeed:
         self.node_id = node_id
         self._url = amqp_url
         self._topology = topology
+        self.redis = redis_client
+        self.prefix = topology.prefix
         self.reader = LineStateReader(redis_client, topology.prefix)
+        #: awaited first thing in :meth:`stop` (e.g. the delivery log's last write)
+        self.before_stop: list[Callable[[], Awaitable[None]]] = []
         self.router: LineRouter[LineSubscriber] = LineRouter()
         self._command_ttl = command_ttl_seconds
         self._connection: AbstractConnection | None = None
@@ -79,6 +84,11 @@ class LineFeed:
         self._tasks.append(asyncio.create_task(self._process_events(), name="events"))
 
     async def stop(self) -> None:
+        for hook in self.before_stop:
+            try:
+                await hook()
+            except (OSError, aioredis.RedisError) as exc:
+                log.warning("stop hook failed: %s", exc)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -34,6 +34,7 @@ class FakeEnv:
         self.claimed: list[str] = []
         self.released: list[str] = []
         self.snapshots: list[str] = []
+        self.agent_queries: list[str] = []
         self.commands: list[Command] = []
         self.closed: list[tuple[int, str]] = []
 
@@ -48,6 +49,9 @@ class FakeEnv:
 
     def request_snapshot(self, session: AgentSession, line: str) -> None:
         self.snapshots.append(line)
+
+    def request_agent_state(self, session: AgentSession, line: str) -> None:
+        self.agent_queries.append(line)
 
     def submit_command(self, session: AgentSession, command: Command) -> None:
         self.commands.append(command)
@@ -112,6 +116,7 @@ def opened(**params: Any) -> tuple[AgentSession, FakeEnv]:
     session, env = new_session()
     session.on_text(cmd("LoadLibrary", {"AssemblyName": "Terrasoft.Messaging.Asterisk"}))
     session.on_text(open_cmd(**params))
+    session.on_claimed([])  # what the shell does once it follows the line (no gap)
     env.take()
     return session, env
 
@@ -342,6 +347,7 @@ def test_frame_memo_shares_encoding() -> None:
     s2, e2 = new_session(frame_memo=memo)
     for s, e in ((s1, e1), (s2, e2)):
         s.on_text(open_cmd())
+        s.on_claimed([])
         e.take()
     ev = event(EventType.RING_STARTED, make_call())
     s1.on_line_event(ev)
@@ -581,7 +587,7 @@ def test_call_centre_disabled() -> None:
     ):
         session.on_text(text)
         err = only_error(env)
-        assert err["errorType"] == MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR
+        assert err["errorType"] == MsgErrorType.CALL_CENTRE_NOT_AVAILABLE_ERROR
         assert "call centre" in err["data"]
     session.on_line_event(LineEvent(line=LINE, type=EventType.AGENT_STATE_CHANGED, agent=AgentState(LINE, True)))
     assert env.frames == []
@@ -701,3 +707,152 @@ def test_fuzz_session(frames: list[str]) -> None:
             assert isinstance(content(msg)["errorType"], int)
     for command in env.commands:
         assert command.line == LINE
+
+
+# --------------------------------------------------------------------------------------
+# catch-up after a reconnect (missed calls replayed before the snapshot)
+# --------------------------------------------------------------------------------------
+
+
+def claimed_without_catch_up(**params: Any) -> tuple[AgentSession, FakeEnv]:
+    session, env = new_session()
+    session.on_text(cmd("LoadLibrary", {"AssemblyName": "x"}))
+    session.on_text(open_cmd(**params))
+    env.take()
+    return session, env
+
+
+def gap_of_one_call(call_id: str = "gone", first_seq: int = 5) -> list[LineEvent]:
+    ring = make_call(id=call_id)
+    talk = ring.evolve(state=CallState.CONNECTED)
+    end = talk.evolve(state=CallState.FINISHED)
+    return [
+        event(EventType.RING_STARTED, ring, seq=first_seq),
+        event(EventType.COMMUTATION_STARTED, talk, seq=first_seq + 1),
+        event(EventType.DTMF_ENTERED, None, seq=first_seq + 2, digits="1"),
+        event(EventType.RING_FINISHED, end, seq=first_seq + 3),
+    ]
+
+
+def test_snapshot_waits_for_the_catch_up_and_the_gap_comes_first() -> None:
+    session, env = claimed_without_catch_up()
+    assert session.catching_up
+    session.on_text(cmd("QueryActiveCallSnapshot"))
+    assert env.snapshots == [] and env.frames == []  # held until the gap is known
+
+    still_on = make_call(id="still", state=CallState.CONNECTED, started_at=50.0)
+    missed = gap_of_one_call() + [event(EventType.RING_STARTED, still_on.evolve(state=CallState.RINGING), seq=9)]
+    session.on_claimed([still_on], missed)
+    types = [m["eventType"] for m in env.take()]
+    # the ended call's story (no DTMF), nothing of the call still on (the snapshot shows it)
+    assert types == [5, 7, 6]
+    assert session.replayed == 3
+    assert env.snapshots == [LINE]  # then the snapshot the client asked for
+    assert [c.id for c in session.calls] == ["still"]
+
+
+def test_replayed_finish_is_a_finished_call() -> None:
+    session, env = claimed_without_catch_up()
+    missed = gap_of_one_call()
+    # a RING_FINISHED whose call still says connected is sent as finished (state NONE)
+    missed[-1] = event(EventType.RING_FINISHED, make_call(id="gone", state=CallState.CONNECTED), seq=8)
+    session.on_claimed([], missed)
+    msgs = env.take()
+    assert content(msgs[-1])["state"] == cp.GeneralizedCallState.NONE
+    assert all(content(m)["id"] == cp.call_guid("gone") for m in msgs)
+
+
+def test_live_events_during_catch_up_are_held_and_not_sent_twice() -> None:
+    session, env = claimed_without_catch_up()
+    gap = gap_of_one_call(first_seq=5)
+    # the node got seq 7 and 8 live while Redis was being read: they are held, in order
+    session.on_line_event(gap[2])
+    session.on_line_event(gap[3])
+    assert env.frames == []
+    session.on_claimed([], gap)
+    types = [m["eventType"] for m in env.take()]
+    # replay up to seq 6, then the held live events (DTMF, RING_FINISHED + idle line state)
+    assert types == [5, 7, 18, 6, 11]
+
+
+def test_nothing_missed_sends_nothing() -> None:
+    session, env = claimed_without_catch_up()
+    session.on_claimed([make_call()], [])
+    assert env.frames == [] and session.replayed == 0
+
+
+def test_too_many_held_events_end_the_catch_up() -> None:
+    session, env = new_session(options=SessionOptions(max_held_events=2))
+    session.on_text(open_cmd())
+    env.take()
+    for seq in (1, 2, 3):
+        session.on_line_event(event(EventType.DTMF_ENTERED, None, seq=seq, digits=str(seq)))
+    assert not session.catching_up
+    assert [content(m) for m in env.take()] == ["1", "2", "3"]
+    session.on_claimed([], gap_of_one_call())  # late: ignored
+    assert env.frames == []
+
+
+def test_load_library_keeps_the_tab_uid_across_reconnects() -> None:
+    first, env = opened()
+    uid = first.library_instance_uid
+    again, env2 = new_session()
+    again.on_text(cmd("LoadLibrary", {"AssemblyName": "x"}, libraryInstanceUId=uid))
+    assert env2.take()[0]["content"] == uid
+    again.on_text(open_cmd())
+    assert again.agent_key is not None
+    assert again.agent_key == first.agent_key
+    assert again.agent_key.user == "user-1"
+
+
+def test_hostile_library_uid_is_not_adopted() -> None:
+    session, env = new_session()
+    session.on_text(cmd("LoadLibrary", {}, libraryInstanceUId="x:y*" * 5))
+    assert session.library_instance_uid != "x:y*" * 5
+    assert ":" not in session.library_instance_uid
+
+
+def test_another_user_on_the_same_session_reclaims() -> None:
+    session, env = opened()
+    session.on_text(cmd("OpenConnection", {
+        "connectionParams": json.dumps({"ExtensionName": LINE}),
+        "sessionServiceParams": json.dumps({"UserUId": "user-2"}),
+    }))
+    assert env.released == [LINE] and env.claimed == [LINE, LINE]
+    assert session.user_uid == "user-2"
+
+
+def test_query_user_state_unknown_is_read_from_redis() -> None:
+    session, env = opened()
+    session.on_text(cmd("QueryMsgUserState"))
+    assert env.frames == [] and env.agent_queries == [LINE]
+    session.on_agent_state(AgentState(LINE, paused=True))
+    (msg,) = env.take()
+    assert msg["eventType"] == 12 and content(msg) == "Paused"
+    session.on_text(cmd("QueryMsgUserState"))  # now known: answered at once
+    assert [m["eventType"] for m in env.take()] == [12]
+    assert env.agent_queries == [LINE]
+
+
+def test_query_user_state_nobody_knows() -> None:
+    session, env = opened()
+    session.on_text(cmd("QueryMsgUserState"))
+    session.on_agent_state(None)
+    assert env.frames == []
+
+
+def test_debug_mode_logs_only_that_sessions_traffic(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="ws_node.agent_session")
+    loud, loud_env = opened(debugMode=True)
+    quiet, quiet_env = opened(debugMode=False)
+    quiet.on_text(cmd("MakeCall", {"targetAddress": "55501"}))
+    quiet.on_line_event(event(EventType.RING_STARTED, make_call(id="q", caller_number="111222")))
+    assert "55501" not in caplog.text and "111222" not in caplog.text
+
+    loud.on_text(cmd("MakeCall", {"targetAddress": "55502"}))
+    loud.on_line_event(event(EventType.RING_STARTED, make_call(id="l", caller_number="333444")))
+    debug_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("debug ")]
+    assert any("debug in" in m and "55502" in m for m in debug_lines)  # the client's frame
+    assert any("debug command" in m and "55502" in m for m in debug_lines)  # what went to the gateway
+    assert any("debug out" in m and "333444" in m for m in debug_lines)  # the event frame
+    assert all("user-1" in m for m in debug_lines)

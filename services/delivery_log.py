@@ -1,0 +1,261 @@
+"""What each agent was last delivered, and who holds a line: the nodes' shared memory in Redis.
+
+Creatio's client, after a drop, comes back about 5 s later (on any node) and only asks for a
+snapshot: calls that rang and ended meanwhile would never reach the CRM. So every node records,
+per agent, the stream position ``(epoch, seq)`` of the last line event it handed to that agent;
+the node the agent comes back to reads it and replays the gap from the line's history.
+
+Who is "the agent": Creatio sends no credentials, but its ``OpenConnection`` carries
+``sessionServiceParams.UserUId`` (the Creatio user) and the line (``ExtensionName``), and every
+``LoadLibrary`` after a reconnect carries the ``libraryInstanceUId`` we gave that browser tab
+before. So an agent is ``(line, user, tab)``; two records are kept:
+
+* ``P:delivered:L:U:T`` for the tab, exact across the client's automatic reconnects;
+* ``P:delivered:L:U`` for the user, the fallback when the tab is new (a reloaded page).
+
+Without a user id ``U`` is ``-``: the record is then per line (documented in
+docs/creatio-protocol.md). Values are ``"<epoch> <seq>"`` strings with a TTL: a position
+older than the TTL is useless anyway (the history is trimmed by then).
+
+Writes are cheap: :meth:`DeliveryLog.note` only updates a dict (the per-event hot path); a
+background task writes the changed records in one pipeline every ``flush_interval`` seconds,
+and rewrites the records of connected agents well before their TTL runs out. A node killed
+outright loses at most ``flush_interval`` of positions: the agent then gets a few events twice
+rather than missing any.
+
+``P:line:L:holders`` (hash user -> last seen, unix seconds) tells a node claiming a line for one
+user whether another user holds it (the shared-line policy lives in ws_node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+
+log = logging.getLogger(__name__)
+
+FLUSHES = Counter("cms_node_delivery_log_flushes_total", "Batches of delivery positions written to Redis")
+FLUSH_ERRORS = Counter("cms_node_delivery_log_errors_total", "Failed writes or reads of delivery positions")
+
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+NO_USER = "-"
+
+
+def clean_id(value: object) -> str:
+    """An identifier safe to put in a Redis key, or ``""``."""
+    return value if isinstance(value, str) and _ID_RE.fullmatch(value) else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    epoch: str
+    seq: int
+
+    def order(self) -> tuple[int, int]:
+        return (int(self.epoch) if self.epoch.isdigit() else 0, self.seq)
+
+    def encode(self) -> str:
+        return f"{self.epoch or '-'} {self.seq}"
+
+    @classmethod
+    def decode(cls, raw: bytes | str | None) -> Position | None:
+        if raw is None:
+            return None
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        epoch, _, seq = text.partition(" ")
+        if not seq.isdigit():
+            return None
+        return cls("" if epoch == "-" else epoch, int(seq))
+
+
+@dataclass(frozen=True, slots=True)
+class AgentKey:
+    """One agent's tab on one line. ``user`` and ``tab`` may be empty (not known)."""
+
+    line: str
+    user: str = ""
+    tab: str = ""
+
+
+class DeliveryLog:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str,
+        *,
+        ttl_seconds: float = 900.0,
+        flush_interval: float = 0.5,
+        holder_window: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._redis = client
+        self._prefix = prefix
+        self.ttl = max(10, int(ttl_seconds))
+        self.flush_interval = flush_interval
+        self.holder_window = holder_window
+        #: connected agents are rewritten this often so their records and holder entries stay fresh
+        self.refresh_interval = min(self.ttl / 4, holder_window / 3)
+        self._clock = clock
+        self._positions: dict[AgentKey, Position] = {}
+        self._live: dict[AgentKey, int] = {}
+        self._dirty: set[AgentKey] = set()
+        self._last_refresh = clock()
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- keys --------------------------------------------------------------------------------
+
+    def _user_key(self, agent: AgentKey) -> str:
+        return f"{self._prefix}:delivered:{agent.line}:{agent.user or NO_USER}"
+
+    def _tab_key(self, agent: AgentKey) -> str:
+        return f"{self._user_key(agent)}:{agent.tab}"
+
+    def _holders_key(self, line: str) -> str:
+        return f"{self._prefix}:line:{line}:holders"
+
+    # ---- the hot path ------------------------------------------------------------------------
+
+    def note(self, agent: AgentKey, epoch: str, seq: int) -> None:
+        """``agent`` was handed the event at ``(epoch, seq)``. Only moves forward."""
+        current = self._positions.get(agent)
+        if current is not None:
+            if current.epoch == epoch:
+                if seq <= current.seq:
+                    return
+            elif Position(epoch, seq).order() < current.order():
+                return
+        self._positions[agent] = Position(epoch, seq)
+        self._dirty.add(agent)
+
+    # ---- membership --------------------------------------------------------------------------
+
+    def attach(self, agent: AgentKey, position: Position) -> None:
+        self._live[agent] = self._live.get(agent, 0) + 1
+        self.note(agent, position.epoch, position.seq)
+        self._dirty.add(agent)
+        self._ensure_task()
+
+    def detach(self, agent: AgentKey) -> None:
+        count = self._live.get(agent, 0) - 1
+        if count > 0:
+            self._live[agent] = count
+            return
+        self._live.pop(agent, None)
+        if agent in self._positions:
+            self._dirty.add(agent)  # final write; the record then ages out by its TTL
+        self._ensure_task()
+
+    def connected(self) -> int:
+        return len(self._live)
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    async def last(self, agent: AgentKey) -> Position | None:
+        """Where ``agent`` stood: its tab's record, else its user's record on that line."""
+        local = self._positions.get(agent)
+        if local is not None and agent not in self._live:
+            return local  # it left this node a moment ago; the write may still be pending
+        keys = [self._user_key(agent)]
+        if agent.tab:
+            keys.insert(0, self._tab_key(agent))
+        values = await self._redis.mget(keys)
+        for value in values:
+            position = Position.decode(value)
+            if position is not None:
+                return position
+        return None
+
+    async def claim(self, agent: AgentKey) -> list[str]:
+        """Mark ``agent.user`` as holding the line; returns the *other* users seen on it lately."""
+        if not agent.user:
+            return []
+        key = self._holders_key(agent.line)
+        now = self._clock()
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(key)
+        pipe.hset(key, agent.user, f"{now:.0f}")
+        pipe.expire(key, int(self.holder_window * 2))
+        holders, _, _ = await pipe.execute()
+        others = []
+        for raw_user, raw_seen in holders.items():
+            user = raw_user.decode() if isinstance(raw_user, bytes) else str(raw_user)
+            try:
+                seen = float(raw_seen)
+            except ValueError:
+                continue
+            if user != agent.user and now - seen <= self.holder_window:
+                others.append(user)
+        return sorted(others)
+
+    # ---- writes ------------------------------------------------------------------------------
+
+    def _ensure_task(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while self._live or self._dirty:
+            await asyncio.sleep(self.flush_interval)
+            try:
+                await self.flush()
+            except (OSError, aioredis.RedisError) as exc:
+                FLUSH_ERRORS.inc()
+                log.warning("delivery positions not written (%s); will retry", exc)
+
+    async def flush(self) -> None:
+        now = self._clock()
+        if self._live and now - self._last_refresh >= self.refresh_interval:
+            self._last_refresh = now
+            self._dirty.update(self._live)
+        if not self._dirty:
+            return
+        batch, self._dirty = self._dirty, set()
+        pipe = self._redis.pipeline(transaction=False)
+        holder_lines: set[str] = set()
+        for agent in batch:
+            position = self._positions.get(agent)
+            if position is None:
+                continue
+            value = position.encode()
+            pipe.set(self._user_key(agent), value, ex=self.ttl)
+            if agent.tab:
+                pipe.set(self._tab_key(agent), value, ex=self.ttl)
+            if agent in self._live and agent.user:
+                pipe.hset(self._holders_key(agent.line), agent.user, f"{now:.0f}")
+                holder_lines.add(agent.line)
+        for line in holder_lines:
+            pipe.expire(self._holders_key(line), int(self.holder_window * 2))
+        try:
+            await pipe.execute()
+        except BaseException:
+            self._dirty.update(batch)  # written next time
+            raise
+        FLUSHES.inc()
+        for agent in batch:
+            if agent not in self._live:
+                self._positions.pop(agent, None)
+
+    async def close(self) -> None:
+        """Write what is pending, then stop the background task."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            await self.flush()
+        except (OSError, aioredis.RedisError) as exc:
+            FLUSH_ERRORS.inc()
+            log.warning("delivery positions lost at shutdown: %s", exc)
+
+
+__all__ = ["NO_USER", "AgentKey", "DeliveryLog", "Position", "clean_id"]
