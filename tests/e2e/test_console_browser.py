@@ -1,0 +1,367 @@
+"""The agent console page in a real headless browser (Debian's chromium + chromedriver), against the
+whole cluster: simulator -> gateway -> RabbitMQ -> nodes -> HAProxy -> the page.
+
+What the page shows is read from its DOM; what it sends is read from Chromium's own network log
+(``Network.webSocketFrameSent``), not from the page's word. ``scripts/setup-browser.sh`` installs the
+browser and its driver.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from local_cluster.infra import Infrastructure
+from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+except ImportError:  # pragma: no cover - reported by the fixture below
+    webdriver = None  # type: ignore[assignment]
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,800",
+)
+LINE = "305"
+CALLER = "79161234567"
+DIALLED = "4951234567"
+
+T = TypeVar("T")
+
+
+def _start_cluster(infra: Infrastructure, run_dir: Path, **overrides: Any) -> Iterator[LocalCluster]:
+    options = ClusterOptions.ephemeral(run_dir, amqp_url=infra.amqp_url, redis_url=infra.redis_url, **overrides)
+    local = LocalCluster(options)
+    local.start(timeout=60)
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture
+def cluster(infra: Infrastructure, tmp_path: Path) -> Iterator[LocalCluster]:
+    yield from _start_cluster(infra, tmp_path / "run")
+
+
+@pytest.fixture
+def keyed_cluster(infra: Infrastructure, tmp_path: Path) -> Iterator[LocalCluster]:
+    yield from _start_cluster(infra, tmp_path / "run", deployment_key=f"console-{uuid.uuid4().hex}")
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.fail(
+            f"{' and '.join(missing)} not found: run `scripts/setup-browser.sh` (installs Debian's "
+            "chromium and chromium-driver) before the browser tests",
+            pytrace=False,
+        )
+    if webdriver is None:
+        pytest.fail("the Python package `selenium` is missing: `.venv/bin/pip install -e '.[dev]'`", pytrace=False)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    # browser: console messages; performance: DevTools network events, WebSocket frames included.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    # --window-size sizes the window, not the page: pin the viewport to the size the layout targets.
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False}
+    )
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def wait_until(
+    what: str,
+    probe: Callable[[], T | None],
+    timeout: float = 15.0,
+    interval: float = 0.05,
+    explain: Callable[[], str] = lambda: "",
+) -> T:
+    """Poll ``probe`` until it returns something truthy; fail with ``what`` (and ``explain()``) otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = probe()
+        except StaleElementReferenceException:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}. {explain()}")
+        time.sleep(interval)
+
+
+def page_state(driver: WebDriver) -> str:
+    """A short description of the page for failure messages."""
+    status = driver.find_element(By.ID, "connection-status").text
+    calls = [c.text.replace("\n", " | ") for c in driver.find_elements(By.CSS_SELECTOR, "#calls .call")]
+    log = [li.text.replace("\n", " ") for li in driver.find_elements(By.CSS_SELECTOR, "#log li")[:12]]
+    alerts = driver.find_element(By.ID, "alerts").text
+    return f"status={status!r} calls={calls} alerts={alerts!r} log(newest first)={log}"
+
+
+def connection_state(driver: WebDriver) -> str:
+    return str(driver.find_element(By.ID, "connection-status").get_attribute("data-state"))
+
+
+def log_names(driver: WebDriver) -> list[str]:
+    """The event log's frame names, newest first."""
+    names = driver.execute_script("return Array.from(document.querySelectorAll('#log li')).map(li => li.dataset.name)")
+    assert isinstance(names, list)
+    return [str(n) for n in names]
+
+
+def call_card(driver: WebDriver, number: str) -> Any:
+    for card in driver.find_elements(By.CSS_SELECTOR, "#calls .call"):
+        if card.find_element(By.CSS_SELECTOR, "[data-part=number]").text == number:
+            return card
+    return None
+
+
+def sent_frames(driver: WebDriver) -> list[dict[str, Any]]:
+    """WebSocket text frames the browser really sent, from Chromium's DevTools network log."""
+    frames = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.webSocketFrameSent":
+            payload = message["params"]["response"]["payloadData"]
+            frames.append(json.loads(payload))
+    return frames
+
+
+def console_errors(driver: WebDriver) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+
+
+# ---- the test ------------------------------------------------------------------------------------
+
+
+def test_console_shows_an_inbound_call_and_dials_out(cluster: LocalCluster, browser: WebDriver, tmp_path: Path) -> None:
+    driver = browser
+    base = f"http://127.0.0.1:{cluster.options.haproxy_port}"
+    status, body = http_get(f"{base}/console")
+    assert status == 200 and b"Agent console" in body, "HAProxy should route /console to a node"
+
+    driver.get(f"{base}/console?line={LINE}")
+    explain = lambda: page_state(driver)  # noqa: E731 - a one-line closure reads best here
+    wait_until("the page to connect and sign in the line", lambda: connection_state(driver) == "open", explain=explain)
+    assert f"line {LINE}" in driver.find_element(By.ID, "connection-status").text
+    wait_until(
+        "the snapshot after CONNECTION_CREATED", lambda: "ACTIVE_CALL_SNAPSHOT" in log_names(driver), explain=explain
+    )
+    assert driver.find_element(By.ID, "no-calls").is_displayed()
+
+    # The handshake the browser really sent, in Creatio's order and shape.
+    handshake = sent_frames(driver)
+    assert [f["command"] for f in handshake][:3] == ["LoadLibrary", "OpenConnection", "QueryActiveCallSnapshot"]
+    assert json.loads(handshake[1]["parameters"]["connectionParams"])["ExtensionName"] == LINE
+    assert handshake[1]["libraryInstanceUId"], "OpenConnection must echo the library instance uid"
+    assert handshake[2]["connectionUId"], "commands after CONNECTION_CREATED carry the connection uid"
+
+    # An inbound call: ringing with the caller's number, then connected, then finished.
+    cluster.play("inbound-direct-answered", line=LINE, caller=CALLER)
+    card = wait_until(
+        "a ringing call from the caller",
+        lambda: (c := call_card(driver, CALLER)) is not None and c.get_attribute("data-state") == "ringing" and c,
+        interval=0.03,
+        explain=explain,
+    )
+    call_id = card.get_attribute("data-call-id")
+    assert card.find_element(By.CSS_SELECTOR, "[data-part=state]").text.lower() == "ringing"
+    assert card.find_element(By.CSS_SELECTOR, "[data-part=direction]").text == "Incoming"
+    assert card.find_element(By.CSS_SELECTOR, "[data-action=answer]").is_displayed()
+    assert "(1 ringing)" in driver.title
+
+    wait_until(
+        "the call to be connected",
+        lambda: (c := call_card(driver, CALLER)) is not None and c.get_attribute("data-state") == "connected",
+        explain=explain,
+    )
+    card = call_card(driver, CALLER)
+    hold = card.find_element(By.CSS_SELECTOR, "[data-action=hold]")
+    assert hold.is_enabled() and hold.text == "Hold"
+    assert not card.find_element(By.CSS_SELECTOR, "[data-action=answer]").is_displayed()
+    wait_until(
+        "the answer timer to run",
+        lambda: card.find_element(By.CSS_SELECTOR, "[data-part=talk-timer]").text not in ("", "\u2014"),
+        explain=explain,
+    )
+    assert driver.find_element(By.ID, "blind-transfer-button").is_enabled()
+    assert driver.find_element(By.ID, "consult-button").is_enabled()
+    assert not driver.find_element(By.ID, "call-button").is_enabled(), "no dialling while on a call"
+
+    wait_until(
+        "the call to leave the active list", lambda: call_card(driver, CALLER) is None, timeout=20, explain=explain
+    )
+    recent = wait_until(
+        "the call among finished calls",
+        lambda: driver.find_elements(By.CSS_SELECTOR, f"#recent li[data-call-id='{call_id}']"),
+        explain=explain,
+    )[0]
+    assert CALLER in recent.text and "talked" in recent.text
+    assert driver.find_element(By.ID, "no-calls").is_displayed()
+
+    names = log_names(driver)
+    for name in ("RING_STARTED", "COMMUTATION_STARTED", "RING_FINISHED"):
+        assert name in names, f"{name} missing from the event log: {names[:30]}"
+    # newest on top
+    assert names.index("RING_FINISHED") < names.index("COMMUTATION_STARTED") < names.index("RING_STARTED")
+
+    # Dial out: the MakeCall frame really leaves the browser, and the page shows what came back.
+    wait_until("the Call button", lambda: driver.find_element(By.ID, "call-button").is_enabled(), explain=explain)
+    driver.find_element(By.ID, "number-input").send_keys(f"+{DIALLED[:3]} {DIALLED[3:]}")
+    before = len(driver.find_elements(By.CSS_SELECTOR, "#log li"))
+    driver.find_element(By.ID, "call-button").click()
+    make_calls = wait_until(
+        "a MakeCall frame on the wire",
+        lambda: [f for f in sent_frames(driver) if f.get("command") == "MakeCall"],
+        timeout=5,
+        explain=explain,
+    )
+    assert len(make_calls) == 1
+    frame = make_calls[0]
+    assert frame["parameters"] == {"targetAddress": f"+{DIALLED}"}
+    assert frame["commandUId"] == "" and frame["connectionUId"] and frame["libraryInstanceUId"]
+
+    def answer() -> str | None:
+        items = driver.find_elements(By.CSS_SELECTOR, "#log li")
+        newer = items[: len(items) - before]  # newest first: the MakeCall line and anything after it
+        replies = [li.get_attribute("data-name") for li in newer if "log-in" in (li.get_attribute("class") or "")]
+        alerts = driver.find_element(By.ID, "alerts").text
+        if "ERROR" in replies and alerts:
+            return f"error: {alerts}"
+        if call_card(driver, f"+{DIALLED}") is not None or call_card(driver, DIALLED) is not None:
+            return "call"
+        if driver.find_elements(By.CSS_SELECTOR, "#recent li") and any(
+            r in replies for r in ("RING_STARTED", "RING_FINISHED", "ABONENT_BUSY")
+        ):
+            return "call"
+        return None
+
+    outcome = wait_until(
+        "an answer to MakeCall (a call on the page, or an ERROR shown)", answer, timeout=20, explain=explain
+    )
+    print(f"MakeCall answered with {outcome}")
+
+    shot = tmp_path / "console.png"
+    assert driver.save_screenshot(str(shot))
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000, f"screenshot looks empty ({len(data)} B)"
+    assert driver.execute_script("return [window.innerWidth, window.innerHeight]") == [1280, 800]
+    overflow = driver.execute_script("return document.documentElement.scrollWidth > window.innerWidth")
+    assert not overflow, "the page should not scroll sideways at 1280x800"
+
+    errors = console_errors(driver)
+    assert errors == [], f"browser console errors: {errors}"
+
+
+def test_console_reconnects_to_the_other_node_and_keeps_the_call(cluster: LocalCluster, browser: WebDriver) -> None:
+    driver = browser
+    base = f"http://127.0.0.1:{cluster.options.haproxy_port}"
+    driver.get(f"{base}/console?line=306")
+    explain = lambda: page_state(driver)  # noqa: E731
+    wait_until("the page to connect", lambda: connection_state(driver) == "open", explain=explain)
+    cluster.play("inbound-direct-long", line="306", caller=CALLER)
+    wait_until(
+        "the call to be connected",
+        lambda: (c := call_card(driver, CALLER)) is not None and c.get_attribute("data-state") == "connected",
+        explain=explain,
+    )
+    call_id = call_card(driver, CALLER).get_attribute("data-call-id")
+
+    node = _node_serving_clients(cluster)
+    cluster.kill(node)
+    dropped = time.monotonic()
+    status = wait_until(
+        "the page to notice the drop and wait to reconnect",
+        lambda: (s := driver.find_element(By.ID, "connection-status")).get_attribute("data-state") == "waiting" and s,
+        timeout=10,
+        explain=explain,
+    )
+    assert "Reconnecting in" in status.text
+    wait_until("the page to reconnect", lambda: connection_state(driver) == "open", timeout=15, explain=explain)
+    waited = time.monotonic() - dropped
+    # Creatio's client waits about 5 s before its first retry (+-10 % jitter here).
+    assert 4.0 <= waited <= 9.0, f"reconnected after {waited:.1f}s"
+    card = wait_until("the call back from the snapshot", lambda: call_card(driver, CALLER), explain=explain)
+    assert card.get_attribute("data-call-id") == call_id
+    assert card.get_attribute("data-state") == "connected"
+    names = log_names(driver)
+    assert names.index("ACTIVE_CALL_SNAPSHOT") < names.index("RECONNECT"), names[:20]
+    errors = [e for e in console_errors(driver) if "WebSocket" not in e]
+    assert errors == [], f"browser console errors: {errors}"
+
+
+def _node_serving_clients(cluster: LocalCluster) -> str:
+    for index, port in enumerate(cluster.node_ports):
+        status, body = http_get(f"http://127.0.0.1:{port}/health")
+        if status == 200 and json.loads(body).get("clients", 0) > 0:
+            return f"node{index + 1}"
+    raise AssertionError("no node reports the console's connection")
+
+
+def test_console_page_needs_no_third_party_resources() -> None:
+    static = Path(__file__).resolve().parents[2] / "ws_node" / "static"
+    for path in static.iterdir():
+        text = path.read_text(encoding="utf-8")
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, path
+
+
+def test_console_passes_the_key_from_its_url(keyed_cluster: LocalCluster, browser: WebDriver) -> None:
+    driver = browser
+    # Straight to a node: HAProxy (balancer template) refuses every keyless request, the page's
+    # static files included, so through it the page would not load.
+    node = f"http://127.0.0.1:{keyed_cluster.options.node_ports[0]}"
+    key = keyed_cluster.options.deployment_key
+    driver.get(f"{node}/console?line=307&key={key}")
+    explain = lambda: page_state(driver)  # noqa: E731
+    wait_until("the page to connect with the key", lambda: connection_state(driver) == "open", explain=explain)
+    assert driver.find_element(By.ID, "key-input").get_attribute("value") == key
+    assert driver.find_element(By.ID, "key-input").get_attribute("type") == "password"
+    assert console_errors(driver) == []
+
+    driver.get(f"{node}/console?line=307&key=wrong-{key}")
+    status = wait_until(
+        "the refused handshake to be reported",
+        lambda: (s := driver.find_element(By.ID, "connection-status")).get_attribute("data-state") == "waiting" and s,
+        timeout=10,
+        explain=explain,
+    )
+    assert "Reconnecting in" in status.text
+    assert "could not connect" in driver.find_element(By.CSS_SELECTOR, "#log li").text
+    assert "RECONNECT" in log_names(driver) and "LIBRARY_INITIALIZED" not in log_names(driver)
