@@ -53,6 +53,13 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 RATE_WARNING = "too many messages: slow down (messages over the limit are dropped)"
 
 
+def _close_reason(reason: str) -> bytes | None:
+    """A close frame's reason is at most 123 bytes of UTF-8; cut on a character boundary."""
+    if not reason:
+        return None
+    return reason.encode("utf-8")[:123].decode("utf-8", errors="ignore").encode("utf-8")
+
+
 class Mode(enum.Enum):
     UNDECIDED = "undecided"
     RAW = "websocket"
@@ -170,12 +177,12 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
             elif isinstance(event, signalr.HandshakeFailed):
                 PROTOCOL_VIOLATIONS.labels(kind="signalr-handshake").inc()
                 self._send_record(signalr.handshake_error(event.message))
-                self.sendClose(code=CLOSE_PROTOCOL_ERROR, reason="handshake failed")
+                self._send_close(CLOSE_PROTOCOL_ERROR, "handshake failed")
             elif isinstance(event, signalr.ProtocolViolation):
                 PROTOCOL_VIOLATIONS.labels(kind="signalr-record").inc()
                 self._close_with_error(CLOSE_PROTOCOL_ERROR, event.message)
             elif isinstance(event, signalr.CloseReceived):
-                self.sendClose(code=CLOSE_NORMAL)
+                self._send_close(CLOSE_NORMAL, "")
             # PingReceived: the keep-alive clock is already updated.
 
     def _invoke(self, invocation: signalr.Invocation) -> None:
@@ -241,8 +248,13 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
             self._send_record(
                 signalr.close_record(f"Connection closed with an error. {message}", allow_reconnect=allow_reconnect)
             )
+        self._send_close(code, message)
+
+    def _send_close(self, code: int, reason: str) -> None:
+        # Autobahn's sendClose() only lets applications use 1000 and 3000-4999; the standard codes
+        # a server owes its clients (1001 going away, 1008 policy, 1009 too big...) go this way.
         if self.state == WebSocketServerProtocol.STATE_OPEN:
-            self.sendClose(code=code, reason=message[:120])
+            self.sendCloseFrame(code=code, reasonUtf8=_close_reason(reason), isReply=False)
 
     def _conn_id(self) -> str:
         return self.connection.conn_id if self.connection is not None else "-"
@@ -274,7 +286,7 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
         if self.mode is Mode.SIGNALR and self.hub_protocol is not None:
             error = None if code in (CLOSE_NORMAL, CLOSE_GOING_AWAY) else reason
             self._send_record(signalr.close_record(error, allow_reconnect=code == CLOSE_GOING_AWAY))
-        self.sendClose(code=code, reason=reason[:120])
+        self._send_close(code, reason)
 
     def abort(self) -> None:
         self.dropConnection(abort=True)
@@ -321,13 +333,16 @@ class AgentServerFactory(WebSocketServerFactory):  # type: ignore[misc]
     def sweep(self) -> None:
         now = self.clock()
         for protocol in list(self.live):
-            protocol.sweep(now)
+            try:
+                protocol.sweep(now)
+            except Exception:  # one broken socket must not stop keep-alives and deadlines for all
+                log.exception("sweep failed for one socket", extra={"conn": protocol._conn_id()})
 
     def close_unattached(self, code: int, reason: str) -> None:
         """Sockets still before their first message or handshake: not in the hub, closed here on drain."""
         for protocol in list(self.live):
             if protocol.connection is None and protocol.state == WebSocketServerProtocol.STATE_OPEN:
-                protocol.sendClose(code=code, reason=reason)
+                protocol._send_close(code, reason)
 
     def start_sweeping(self, interval: float = 1.0) -> None:
         if not self._sweeper.running:
