@@ -3,7 +3,9 @@
 Frames are built as ``Terrasoft.MsgCommandInfo`` serialises them: ``command`` + ``parameters``,
 with ``connectionParams`` and ``commandExecutor`` as JSON strings inside the JSON, and an
 empty ``commandUId``. The sequence after every (re)connect is the client's: LoadLibrary,
-then OpenConnection on LIBRARY_INITIALIZED, then QueryActiveCallSnapshot.
+then OpenConnection on LIBRARY_INITIALIZED, then QueryActiveCallSnapshot. Like the real client
+(a singleton provider), the agent keeps ``libraryInstanceUId`` and ``connectionUId`` across
+reconnects and sends them in every command, LoadLibrary included.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +26,17 @@ ERROR = 3
 RING_STARTED = 5
 RING_FINISHED = 6
 COMMUTATION_STARTED = 7
+PUT_HOLD_ACTION = 8
+END_HOLD_ACTION = 9
 ACTIVE_CALL_SNAPSHOT = 10
+LINE_STATE_CHANGED = 11
+AGENT_STATE_CHANGED = 12
+ABONENT_BUSY = 13
+DISCONNECTED = 14
+CALL_INFO_CHANGED = 17
+DTMF_ENTERED = 18
+
+CALL_EXECUTOR_TYPE = "Terrasoft.Messaging.Common.Call, Terrasoft.Messaging.Common"
 
 
 @dataclass
@@ -44,15 +57,30 @@ def decode_content(raw: Any) -> Any:
 
 
 class CreatioAgent:
-    def __init__(self, url: str, line: str, *, origin: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        line: str,
+        *,
+        origin: str | None = None,
+        user_uid: str | None = None,
+        connection_params: dict[str, Any] | None = None,
+    ) -> None:
         self.url = url
         self.line = line
         self.origin = origin
+        #: Terrasoft.SysValue.CURRENT_USER.value: a GUID
+        self.user_uid = user_uid if user_uid is not None else str(uuid.uuid4())
+        self.connection_params: dict[str, Any] = {"ExtensionName": line, "OriginateContext": "", "debugMode": False}
+        self.connection_params.update(connection_params or {})
         self.ws: Any = None
         self.events: list[Received] = []
         self.connection_uid = ""
+        self.library_instance_uid = ""
         self._new = asyncio.Condition()
         self._reader: asyncio.Task[None] | None = None
+        #: index in ``events`` of the first event after the last CONNECTION_CREATED
+        self.opened_at = 0
 
     async def connect(self, timeout: float = 10.0) -> None:
         headers = {"Origin": self.origin} if self.origin else None
@@ -82,13 +110,19 @@ class CreatioAgent:
     async def send(self, command: str, parameters: dict[str, Any] | None = None,
                    executor: dict[str, Any] | None = None) -> None:
         body: dict[str, Any] = {
-            "command": command,
-            "parameters": parameters or {},
             "commandUId": "",
+            "command": command,
+            "libraryInstanceUId": self.library_instance_uid,
             "connectionUId": self.connection_uid,
+            "commandExecutorId": "",
+            "commandExecutorType": "",
         }
         if executor is not None:
+            body["commandExecutorId"] = executor.get("id", "")
+            body["commandExecutorType"] = CALL_EXECUTOR_TYPE
             body["commandExecutor"] = json.dumps(executor)
+        if parameters is not None:
+            body["parameters"] = parameters
         await self.ws.send(json.dumps(body))
 
     async def wait_for(self, event_type: int, predicate: Callable[[Received], bool] = lambda r: True,
@@ -109,19 +143,41 @@ class CreatioAgent:
                     pass
 
     async def open(self, timeout: float = 10.0) -> Received:
-        """LoadLibrary -> OpenConnection -> QueryActiveCallSnapshot; returns the snapshot."""
+        """LoadLibrary -> OpenConnection -> QueryActiveCallSnapshot; returns the snapshot.
+
+        As the client does, the snapshot is asked for as soon as CONNECTION_CREATED arrives.
+        """
         mark = len(self.events)
-        await self.send("LoadLibrary", {"libraryName": "Asterisk"})
-        await self.wait_for(LIBRARY_INITIALIZED, timeout=timeout, after=mark)
+        await self.send("LoadLibrary", {"AssemblyName": "Terrasoft.Messaging.Asterisk"})
+        library = await self.wait_for(LIBRARY_INITIALIZED, timeout=timeout, after=mark)
+        self.library_instance_uid = str(library.envelope["content"])
         await self.send(
             "OpenConnection",
-            {"connectionParams": json.dumps({"ExtensionName": self.line, "OriginateContext": "", "debugMode": False})},
+            {
+                "connectionParams": json.dumps(self.connection_params),
+                "sessionServiceParams": json.dumps(
+                    {"UserUId": self.user_uid, "UserContactUId": str(uuid.uuid4()), "ServiceUrl": "http://creatio"}
+                ),
+            },
         )
         created = await self.wait_for(CONNECTION_CREATED, timeout=timeout, after=mark)
         self.connection_uid = str(created.envelope.get("connectionUId") or "")
-        mark = len(self.events)
-        await self.send("QueryActiveCallSnapshot", {})
-        return await self.wait_for(ACTIVE_CALL_SNAPSHOT, timeout=timeout, after=mark)
+        self.opened_at = len(self.events)
+        await self.send("QueryActiveCallSnapshot")
+        return await self.wait_for(ACTIVE_CALL_SNAPSHOT, timeout=timeout, after=self.opened_at)
+
+    async def reconnect(self, timeout: float = 10.0) -> Received:
+        """What the client's reconnect timer does: a new socket to the same URL, then ``open``."""
+        await self.close()
+        await self.connect(timeout)
+        return await self.open(timeout)
+
+    async def call_command(self, command: str, call: dict[str, Any], parameters: dict[str, Any] | None = None) -> None:
+        """A call command as ``postCallCommand`` sends it: the call serialised as the executor."""
+        await self.send(command, parameters, executor=call)
+
+    def of_type(self, event_type: int, after: int = 0) -> list[Received]:
+        return [e for e in self.events[after:] if e.event_type == event_type]
 
     async def close(self) -> None:
         if self.ws is not None:
