@@ -153,15 +153,54 @@ def call_card(driver: WebDriver, number: str) -> Any:
     return None
 
 
-def sent_frames(driver: WebDriver) -> list[dict[str, Any]]:
-    """WebSocket text frames the browser really sent, from Chromium's DevTools network log."""
-    frames = []
-    for entry in driver.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message.get("method") == "Network.webSocketFrameSent":
-            payload = message["params"]["response"]["payloadData"]
-            frames.append(json.loads(payload))
-    return frames
+class WireTap:
+    """WebSocket text frames the browser really sent, from Chromium's DevTools network log
+    (``Network.webSocketFrameSent``). Reading that log drains it, so the frames are kept here."""
+
+    def __init__(self, driver: WebDriver) -> None:
+        self.driver = driver
+        self.frames: list[dict[str, Any]] = []
+
+    def sent(self, command: str | None = None) -> list[dict[str, Any]]:
+        for entry in self.driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message.get("method") == "Network.webSocketFrameSent":
+                self.frames.append(json.loads(message["params"]["response"]["payloadData"]))
+        return [f for f in self.frames if command is None or f.get("command") == command]
+
+    def click(self, element: Any, command: str, explain: Callable[[], str] = lambda: "") -> dict[str, Any]:
+        """Click ``element`` and return the ``command`` frame that click put on the wire."""
+        before = len(self.sent(command))
+        element.click()
+        frames = wait_until(
+            f"a {command} frame on the wire", lambda: self.sent(command)[before:], timeout=5, explain=explain
+        )
+        assert len(frames) == 1, f"one click, one {command}: {frames}"
+        return frames[0]
+
+
+def received_since(driver: WebDriver, command: str) -> list[str]:
+    """Names of the frames the page logged as received after its newest ``command`` line, newest first."""
+    script = """
+        const items = Array.from(document.querySelectorAll('#log li'));
+        const i = items.findIndex(li => li.dataset.name === arguments[0] && li.classList.contains('log-out'));
+        return i < 0 ? [] : items.slice(0, i).filter(li => li.classList.contains('log-in')).map(li => li.dataset.name);
+    """
+    return [str(n) for n in driver.execute_script(script, command)]
+
+
+def alert_texts(driver: WebDriver) -> list[str]:
+    return [a.text for a in driver.find_elements(By.CSS_SELECTOR, "#alerts .alert-text")]
+
+
+def newest_error_on_top(driver: WebDriver) -> bool:
+    """The newest ERROR in the log is the alert on top (same server message, agent-facing title)."""
+    errors = driver.find_elements(By.CSS_SELECTOR, "#log li[data-name=ERROR] .sum")
+    alerts = alert_texts(driver)
+    if not errors or not alerts:
+        return False
+    message = errors[0].text.split(": ", 1)[-1]
+    return alerts[0].split(": ", 1)[-1] == message
 
 
 def console_errors(driver: WebDriver) -> list[str]:
@@ -187,7 +226,8 @@ def test_console_shows_an_inbound_call_and_dials_out(cluster: LocalCluster, brow
     assert driver.find_element(By.ID, "no-calls").is_displayed()
 
     # The handshake the browser really sent, in Creatio's order and shape.
-    handshake = sent_frames(driver)
+    tap = WireTap(driver)
+    handshake = tap.sent()
     assert [f["command"] for f in handshake][:3] == ["LoadLibrary", "OpenConnection", "QueryActiveCallSnapshot"]
     assert json.loads(handshake[1]["parameters"]["connectionParams"])["ExtensionName"] == LINE
     assert handshake[1]["libraryInstanceUId"], "OpenConnection must echo the library instance uid"
@@ -245,32 +285,21 @@ def test_console_shows_an_inbound_call_and_dials_out(cluster: LocalCluster, brow
     # Dial out: the MakeCall frame really leaves the browser, and the page shows what came back.
     wait_until("the Call button", lambda: driver.find_element(By.ID, "call-button").is_enabled(), explain=explain)
     driver.find_element(By.ID, "number-input").send_keys(f"+{DIALLED[:3]} {DIALLED[3:]}")
-    before = len(driver.find_elements(By.CSS_SELECTOR, "#log li"))
-    driver.find_element(By.ID, "call-button").click()
-    make_calls = wait_until(
-        "a MakeCall frame on the wire",
-        lambda: [f for f in sent_frames(driver) if f.get("command") == "MakeCall"],
-        timeout=5,
-        explain=explain,
-    )
-    assert len(make_calls) == 1
-    frame = make_calls[0]
+    frame = tap.click(driver.find_element(By.ID, "call-button"), "MakeCall", explain)
     assert frame["parameters"] == {"targetAddress": f"+{DIALLED}"}
     assert frame["commandUId"] == "" and frame["connectionUId"] and frame["libraryInstanceUId"]
+    assert frame["commandExecutorId"] == "" and "commandExecutor" not in frame
 
+    # The gateway may place the call (call events) or refuse it (ERROR): either way the page shows it.
     def answer() -> str | None:
-        items = driver.find_elements(By.CSS_SELECTOR, "#log li")
-        newer = items[: len(items) - before]  # newest first: the MakeCall line and anything after it
-        replies = [li.get_attribute("data-name") for li in newer if "log-in" in (li.get_attribute("class") or "")]
-        alerts = driver.find_element(By.ID, "alerts").text
-        if "ERROR" in replies and alerts:
-            return f"error: {alerts}"
-        if call_card(driver, f"+{DIALLED}") is not None or call_card(driver, DIALLED) is not None:
+        replies = received_since(driver, "MakeCall")
+        if "ERROR" in replies:
+            return f"error: {alert_texts(driver)[0]}" if newest_error_on_top(driver) else None
+        if call_card(driver, f"+{DIALLED}") is not None:
             return "call"
-        if driver.find_elements(By.CSS_SELECTOR, "#recent li") and any(
-            r in replies for r in ("RING_STARTED", "RING_FINISHED", "ABONENT_BUSY")
-        ):
-            return "call"
+        if "RING_FINISHED" in replies or "ABONENT_BUSY" in replies:
+            recent = driver.find_elements(By.CSS_SELECTOR, "#recent li")
+            return "finished call" if recent and f"+{DIALLED}" in recent[0].text else None
         return None
 
     outcome = wait_until(
@@ -283,8 +312,10 @@ def test_console_shows_an_inbound_call_and_dials_out(cluster: LocalCluster, brow
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000, f"screenshot looks empty ({len(data)} B)"
     assert driver.execute_script("return [window.innerWidth, window.innerHeight]") == [1280, 800]
-    overflow = driver.execute_script("return document.documentElement.scrollWidth > window.innerWidth")
-    assert not overflow, "the page should not scroll sideways at 1280x800"
+    size = driver.execute_script(
+        "const e = document.documentElement; return [e.scrollWidth, e.scrollHeight, e.clientWidth, e.clientHeight]"
+    )
+    assert size[0] <= size[2] and size[1] <= size[3], f"the page itself should not scroll at 1280x800: {size}"
 
     errors = console_errors(driver)
     assert errors == [], f"browser console errors: {errors}"
@@ -365,3 +396,82 @@ def test_console_passes_the_key_from_its_url(keyed_cluster: LocalCluster, browse
     assert "Reconnecting in" in status.text
     assert "could not connect" in driver.find_element(By.CSS_SELECTOR, "#log li").text
     assert "RECONNECT" in log_names(driver) and "LIBRARY_INITIALIZED" not in log_names(driver)
+
+
+def test_console_call_buttons_speak_creatio(cluster: LocalCluster, browser: WebDriver) -> None:
+    """Hold, pause/unpause, consult, cancel and hang up: each click sends the command Creatio's panel
+    would send (checked on the wire), and whatever the cluster answers (events or ERROR) is shown."""
+    driver = browser
+    tap = WireTap(driver)
+    driver.get(f"http://127.0.0.1:{cluster.options.haproxy_port}/console?line=308")
+    explain = lambda: page_state(driver)  # noqa: E731
+    wait_until("the page to connect", lambda: connection_state(driver) == "open", explain=explain)
+    cluster.play("inbound-direct-long", line="308", caller=CALLER)
+    card = wait_until(
+        "the call to be connected",
+        lambda: (c := call_card(driver, CALLER)) is not None and c.get_attribute("data-state") == "connected" and c,
+        explain=explain,
+    )
+    call_id = card.get_attribute("data-call-id")
+
+    def answered(command: str, shown: Callable[[list[str]], bool]) -> list[str]:
+        """Wait until the page logged a reply to ``command`` and shows it (``shown``), or shows its ERROR."""
+
+        def probe() -> list[str] | None:
+            replies = received_since(driver, command)
+            if "ERROR" in replies:
+                return replies if newest_error_on_top(driver) else None
+            return replies if replies and shown(replies) else None
+
+        return wait_until(f"the page to show the answer to {command}", probe, timeout=10, explain=explain)
+
+    # Hold is a toggle in Creatio's protocol; the call goes in commandExecutor as a JSON string.
+    frame = tap.click(card.find_element(By.CSS_SELECTOR, "[data-action=hold]"), "HoldCall", explain)
+    assert frame["commandExecutorId"] == call_id
+    assert frame["commandExecutorType"] == "Terrasoft.Messaging.Common.Call, Terrasoft.Messaging.Common"
+    executor = json.loads(frame["commandExecutor"])
+    assert executor["id"] == call_id and executor["callerId"] == CALLER and executor["deviceId"] == "308"
+    assert "callFeaturesSet" not in executor, "Call.serialize() does not write callFeaturesSet"
+    replies = answered("HoldCall", lambda r: call_card(driver, CALLER).get_attribute("data-state") == "held")
+    if "ERROR" not in replies:
+        resume = call_card(driver, CALLER).find_element(By.CSS_SELECTOR, "[data-action=hold]")
+        assert resume.text == "Resume"
+        tap.click(resume, "HoldCall", explain)
+        answered("HoldCall", lambda r: call_card(driver, CALLER).get_attribute("data-state") == "connected")
+
+    agent = driver.find_element(By.ID, "agent-state")
+    driver.find_element(By.ID, "pause-reason").send_keys("lunch")
+    frame = tap.click(driver.find_element(By.ID, "pause-button"), "SetMsgUserState", explain)
+    assert frame["parameters"] == {"code": "Paused", "reason": "lunch"}
+    answered("SetMsgUserState", lambda r: agent.text == "Paused")
+    frame = tap.click(driver.find_element(By.ID, "unpause-button"), "SetMsgUserState", explain)
+    assert frame["parameters"] == {"code": "Active", "reason": ""}
+    answered("SetMsgUserState", lambda r: agent.text == "Active")
+
+    # Consult 306: the page then shows two calls and the consultation bar.
+    driver.find_element(By.ID, "number-input").send_keys("306")
+    frame = tap.click(driver.find_element(By.ID, "consult-button"), "MakeConsultCall", explain)
+    assert frame["commandExecutorId"] == call_id and frame["parameters"] == {"targetAddress": "306"}
+    replies = answered("MakeConsultCall", lambda r: driver.find_element(By.ID, "consult-bar").is_displayed())
+    if "ERROR" not in replies:
+        consult = wait_until("the consultation call", lambda: call_card(driver, "306"), explain=explain)
+        consult_id = consult.get_attribute("data-call-id")
+        assert call_card(driver, CALLER).get_attribute("data-state") == "held"
+        assert "current" in (call_card(driver, CALLER).get_attribute("class") or "")
+        wait_until(
+            "Complete transfer to be offered",
+            lambda: driver.find_element(By.ID, "complete-transfer-button").is_enabled(),
+            explain=explain,
+        )
+        frame = tap.click(driver.find_element(By.ID, "cancel-transfer-button"), "CancelTransfer", explain)
+        assert frame["commandExecutorId"] == "" and "commandExecutor" not in frame
+        assert json.loads(frame["parameters"]["currentCall"])["id"] == call_id
+        assert json.loads(frame["parameters"]["consultCall"])["id"] == consult_id
+        answered("CancelTransfer", lambda r: call_card(driver, "306") is None)
+
+    frame = tap.click(
+        call_card(driver, CALLER).find_element(By.CSS_SELECTOR, "[data-action=drop]"), "DropCall", explain
+    )
+    assert frame["commandExecutorId"] == call_id
+    answered("DropCall", lambda r: call_card(driver, CALLER) is None)
+    assert console_errors(driver) == []

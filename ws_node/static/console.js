@@ -8,7 +8,7 @@ import {
 
 const LOG_LIMIT = 300;
 const RECENT_LIMIT = 10;
-const ALERT_LIMIT = 4;
+const ALERT_LIMIT = 3;
 const ALERT_LIFETIME_MS = 30000;
 const TARGET_PATTERN = /^[0-9A-Za-z+*#_]{1,64}$/;
 
@@ -29,6 +29,12 @@ const STATE_KEYS = {
   [CallState.CONFERENCED]: "conference",
   [CallState.UNKNOWN]: "unknown",
   [CallState.BUSY]: "busy",
+};
+// What the agent reads for each MsgErrorType (the log keeps the protocol names).
+const ERROR_TITLES = {
+  0: "Error", 1: "Library not loaded", 2: "Connection not opened", 3: "Command failed", 4: "Not supported",
+  5: "Call centre not available", 6: "Not authorised", 7: "Call not saved", 8: "Event not handled",
+  9: "Configuration error",
 };
 const TALKING_STATES = new Set([CallState.CONNECTED, CallState.HOLDED, CallState.CONFERENCED]);
 const CALL_EVENTS = new Set([
@@ -111,14 +117,25 @@ function has(features, bit) {
 
 function featureNames(features) {
   const names = Object.entries(Feature).filter(([, bit]) => has(features, bit)).map(([name]) => name);
-  return names.length ? names.join("|") : "NOTHING";
+  return names.length ? names.join(" ") : "NOTHING";
 }
 
 // ---- alerts -----------------------------------------------------------------------------------
 
 function alertUser(message, kind = "error") {
-  const item = h("div", { class: `alert ${kind}` },
+  // The same message again (a button clicked twice) bumps a counter instead of stacking up.
+  for (const existing of ui.alerts.children) {
+    if (existing.dataset.message === message) {
+      const count = Number(existing.dataset.count) + 1;
+      existing.dataset.count = String(count);
+      existing.querySelector(".alert-count").textContent = `\u00d7${count}`;
+      ui.alerts.prepend(existing);
+      return;
+    }
+  }
+  const item = h("div", { class: `alert ${kind}`, "data-message": message, "data-count": "1" },
     h("span", { class: "alert-text", text: message }),
+    h("span", { class: "alert-count" }),
     h("button", { type: "button", class: "alert-close", "aria-label": "Dismiss", text: "\u00d7", onclick: () => item.remove() }));
   ui.alerts.prepend(item);
   while (ui.alerts.children.length > ALERT_LIMIT) ui.alerts.lastElementChild.remove();
@@ -312,7 +329,7 @@ function onMessage(message) {
       break;
     case MsgEventType.ERROR: {
       const text = content && typeof content === "object"
-        ? `${ERROR_NAMES[content.errorType] ?? `error ${content.errorType}`}: ${content.data || "no details"}`
+        ? `${ERROR_TITLES[content.errorType] ?? `Error ${content.errorType}`}: ${content.data || "no details"}`
         : `Server error: ${String(content)}`;
       alertUser(text);
       break;
