@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import urllib.parse
 
 import aio_pika
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from ami_gateway.event_outbox import EventOutbox, EventPublisher, Sequencer
 from local_cluster.infra import Infrastructure
@@ -148,6 +150,118 @@ def test_commands_round_trip_and_stale_commands_expire(infra: Infrastructure, pr
         finally:
             await feed.stop()
             await connection.close()
+            await _cleanup(infra, prefix, redis_client)
+            await redis_client.aclose()
+
+    asyncio.run(main())
+
+
+class TcpProxy:
+    """A loopback TCP relay we can cut: the node's broker link goes through it, nothing else."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            dst.close()
+            self._writers.discard(dst)
+
+    async def cut(self) -> None:
+        """Refuse new connections and reset the open ones, as a dead link would."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            transport = writer.transport
+            transport.abort()
+        self._writers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def restore(self) -> None:
+        await self.start()  # same port
+
+
+def test_broker_link_cut_events_published_meanwhile_arrive_in_order(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        topology = Topology(prefix)
+        redis_client = aioredis.from_url(infra.redis_url)
+        writer = LineStateWriter(redis_client, prefix)
+        sequencer = Sequencer(await writer.new_epoch())
+        publisher = EventPublisher(infra.amqp_url, topology)  # the gateway's link is not cut
+        outbox = EventOutbox(writer, publisher, sequencer)
+        amqp = urllib.parse.urlsplit(infra.amqp_url)
+        proxy = TcpProxy(amqp.hostname or "127.0.0.1", amqp.port or 5672)
+        await proxy.start()
+        credentials = amqp.netloc.rpartition("@")[0]
+        proxied_url = amqp._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}").geturl()
+        feed = LineFeed("n1", proxied_url, redis_client, topology)
+        collector = Collector()
+        drain = asyncio.create_task(outbox.run())
+        reconnects = REGISTRY.get_sample_value("cms_node_broker_reconnects_total") or 0.0
+        repaired = REGISTRY.get_sample_value("cms_node_gap_repairs_total", {"outcome": "repaired"}) or 0.0
+        try:
+            await feed.start()
+            await asyncio.wait_for(feed.connected.wait(), 10)
+            outbox.put([_event("999", 0)])  # the gateway declares the exchange
+            assert await outbox.wait_idle(10)
+            await feed.follow(collector, "305")
+            outbox.put([_event("305", n) for n in range(1, 4)])
+            await _wait_until(lambda: len(collector.events) == 3)
+
+            await proxy.cut()
+            await _wait_until(lambda: not feed.connected.is_set())
+            outbox.put([_event("305", n) for n in range(4, 31)])  # published while the node is away
+            assert await outbox.wait_idle(10)
+            await asyncio.sleep(0.5)
+            assert len(collector.events) == 3
+
+            await proxy.restore()
+            await asyncio.wait_for(feed.connected.wait(), 20)
+            await _wait_until(lambda: len(collector.events) == 30)
+            outbox.put([_event("305", n) for n in range(31, 36)])  # and live again after
+            await _wait_until(lambda: len(collector.events) == 35)
+            await asyncio.sleep(0.2)
+            assert [e.seq for e in collector.events] == list(range(1, 36))
+            assert [e.call.caller_number for e in collector.events if e.call] == [str(1000 + n) for n in range(1, 36)]
+            assert (REGISTRY.get_sample_value("cms_node_broker_reconnects_total") or 0.0) > reconnects
+            assert (REGISTRY.get_sample_value("cms_node_gap_repairs_total", {"outcome": "repaired"}) or 0.0) > repaired
+        finally:
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
+            await feed.stop()
+            await proxy.cut()
+            await publisher.close()
             await _cleanup(infra, prefix, redis_client)
             await redis_client.aclose()
 
