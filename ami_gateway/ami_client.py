@@ -13,6 +13,17 @@ Theory of operation:
   lists (``EventList: start`` ... ``...Complete``) are collected and returned whole.
 * A Ping every ``ping_interval`` seconds without an answer within ``ping_timeout`` means the
   TCP session is dead even if the kernel has not noticed: close and reconnect.
+* Some answers come as an event after the response: ``Originate`` with ``Async: true`` is
+  answered at once ("successfully queued") and its outcome arrives later as ``OriginateResponse``
+  carrying our ActionID. ``send_action(..., until_event="OriginateResponse")`` waits for both, so
+  a command learns whether the call really started.
+
+Less work for Asterisk and for us: ``Events:`` at login is an event *mask* (``call,agent`` by
+default), so Asterisk never formats the classes we ignore (``dialplan`` - Newexten and VarSet on
+every dialplan step -, ``reporting`` - RTCP -, ``cdr``, ``cel``, ``dtmf``, ``log``, ``verbose``...).
+``event_filters`` adds AMI ``Filter`` actions (``!Event: Foo`` excludes) after login when the
+user has the ``system`` write class; a refused filter is logged and skipped (the mask already did
+the heavy lifting). An ``eventfilter`` line in manager.conf does the same without that permission.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from ami_gateway.ami_protocol import (
     AmiMessage,
@@ -43,6 +54,21 @@ AMI_RECONNECTS = Counter("cms_ami_reconnects_total", "AMI connection attempts af
 AMI_EVENTS = Counter("cms_ami_events_received_total", "AMI events received", ["event"])
 AMI_MALFORMED = Counter("cms_ami_malformed_messages_total", "AMI messages that could not be parsed")
 AMI_ACTIONS = Counter("cms_ami_actions_total", "AMI actions sent", ["action", "outcome"])
+AMI_DISCONNECTS = Counter(
+    "cms_ami_disconnects_total", "AMI sessions lost or refused, by reason", ["reason"]
+)
+AMI_CONNECT_SECONDS = Histogram(
+    "cms_ami_connect_seconds",
+    "Time from starting a connection attempt to a logged-in, resynced session",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+AMI_PING_SECONDS = Histogram(
+    "cms_ami_ping_seconds",
+    "Round trip of the keepalive Ping",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
+#: Event classes the gateway needs: channels, bridges, dials, parking, transfers (call) and queues (agent).
+DEFAULT_EVENT_MASK = "call,agent"
 
 # Event names we count individually; the rest fall into "other" so the label set stays bounded.
 _COUNTED_EVENTS = frozenset(
@@ -64,11 +90,16 @@ class AmiAuthError(AmiError):
     """Asterisk refused our credentials: retrying quickly will not help."""
 
 
+class AmiKeepaliveError(AmiError):
+    """The keepalive Ping went unanswered: the session is dead even if TCP has not noticed."""
+
+
 @dataclass(slots=True)
 class _Pending:
     future: asyncio.Future[list[AmiMessage]]
     collecting: bool = False
     items: list[AmiMessage] = field(default_factory=list)
+    until_event: str = ""  # lower-case name of the event that completes the action after its response
 
 
 class AmiSession:
@@ -93,13 +124,19 @@ class AmiSession:
         *,
         timeout: float = 10.0,
         expect_list: bool = False,
+        until_event: str = "",
     ) -> list[AmiMessage]:
-        """Send an action; return ``[response]``, or ``[response, *list_events]`` for event lists."""
+        """Send an action; return ``[response]``, or ``[response, *list_events]`` for event lists.
+
+        With ``until_event``, a successful response is followed by waiting for that event with our
+        ActionID (``OriginateResponse``): the result is then ``[response, event]``. The event still
+        reaches the event handler too. ``timeout`` bounds the whole wait.
+        """
         if self.closed.is_set():
             raise AmiError("AMI session is closed")
         action_id = self._next_id()
         loop = asyncio.get_running_loop()
-        pending = _Pending(future=loop.create_future(), collecting=expect_list)
+        pending = _Pending(future=loop.create_future(), collecting=expect_list, until_event=until_event.lower())
         self._pending[action_id] = pending
         self._writer.write(encode_action(action, fields, action_id=action_id))
         try:
@@ -121,8 +158,14 @@ class AmiSession:
         pending = self._pending.get(action_id)
         if pending is None or pending.future.done():
             return False
+        if pending.until_event and msg.event is not None and msg.event.lower() == pending.until_event:
+            pending.future.set_result([*pending.items, msg])
+            return False  # an event like any other for the tracker
         if msg.response is not None:
             if pending.collecting and (msg.get("EventList") or "").lower() == "start":
+                pending.items.append(msg)
+                return True
+            if pending.until_event and (msg.response or "").lower() == "success":
                 pending.items.append(msg)
                 return True
             pending.future.set_result([msg])
@@ -164,6 +207,9 @@ class AmiClient:
         ping_timeout: float = 5.0,
         backoff: Backoff | None = None,
         max_message_bytes: int = 256 * 1024,
+        event_mask: str = DEFAULT_EVENT_MASK,
+        event_filters: Iterable[str] = (),
+        connect_timeout: float = 10.0,
     ) -> None:
         self._host = host
         self._port = port
@@ -176,7 +222,12 @@ class AmiClient:
         self._ping_timeout = ping_timeout
         self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
         self._max_message_bytes = max_message_bytes
+        self._event_mask = event_mask
+        self._event_filters = tuple(event_filters)
+        self._connect_timeout = connect_timeout
         self.session: AmiSession | None = None
+        #: sessions that reached "logged in and resynced" (tests and health read it).
+        self.sessions_established = 0
         self._stopping = False
         self.ready = asyncio.Event()
 
@@ -190,8 +241,13 @@ class AmiClient:
                 await self._run_once()
                 self._backoff.reset()
             except AmiAuthError as exc:
+                AMI_DISCONNECTS.labels(reason="auth").inc()
                 log.error("AMI login refused by %s:%s: %s", self._host, self._port, exc)
-            except (OSError, AmiError, asyncio.IncompleteReadError) as exc:
+            except AmiKeepaliveError as exc:
+                AMI_DISCONNECTS.labels(reason="ping_timeout").inc()
+                log.warning("AMI connection to %s:%s dead: %s", self._host, self._port, exc)
+            except (OSError, AmiError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                AMI_DISCONNECTS.labels(reason="connect" if self.session is None else "lost").inc()
                 log.warning("AMI connection to %s:%s lost: %s", self._host, self._port, exc)
             finally:
                 self.ready.clear()
@@ -218,7 +274,10 @@ class AmiClient:
             session.close()
 
     async def _run_once(self) -> None:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(self._host, self._port), 10)
+        started = time.perf_counter()
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self._host, self._port), self._connect_timeout
+        )
         parser = AmiParser(max_message_bytes=self._max_message_bytes)
         session = AmiSession(reader, writer, parser)
         self.session = session
@@ -227,8 +286,13 @@ class AmiClient:
             await self._login(session)
             AMI_CONNECTED.set(1)
             log.info("AMI logged in to %s:%s (%s)", self._host, self._port, session.banner)
+            await self._add_filters(session)
             await self._on_connected(session)
             self.ready.set()
+            # A session that worked restarts the backoff: the next loss retries quickly (still jittered).
+            self._backoff.reset()
+            self.sessions_established += 1
+            AMI_CONNECT_SECONDS.observe(time.perf_counter() - started)
             ping_task = asyncio.create_task(self._keepalive(session))
             try:
                 done, _ = await asyncio.wait({read_task, ping_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -249,13 +313,21 @@ class AmiClient:
                 "AuthType": "MD5",
                 "Username": self._username,
                 "Key": md5_login_key(challenge[0]["Challenge"], self._secret),
-                "Events": "on",
+                "Events": self._event_mask,
             }
         else:
-            fields = {"Username": self._username, "Secret": self._secret, "Events": "on"}
+            fields = {"Username": self._username, "Secret": self._secret, "Events": self._event_mask}
         response = (await session.send_action("Login", fields, timeout=10))[0]
         if (response.response or "").lower() != "success":
             raise AmiAuthError(response.get("Message") or "authentication failed")
+
+    async def _add_filters(self, session: AmiSession) -> None:
+        for text in self._event_filters:
+            answer = (await session.send_action("Filter", {"Operation": "Add", "Filter": text}))[0]
+            if (answer.response or "").lower() != "success":
+                log.warning("AMI Filter %r refused (%s); continuing with the event mask only", text,
+                            answer.get("Message"))
+                return
 
     async def _read_loop(self, session: AmiSession) -> None:
         try:
@@ -294,7 +366,9 @@ class AmiClient:
     async def _keepalive(self, session: AmiSession) -> None:
         while True:
             await asyncio.sleep(self._ping_interval)
+            sent = time.perf_counter()
             try:
                 await session.send_action("Ping", timeout=self._ping_timeout)
             except AmiError as exc:
-                raise AmiError(f"keepalive failed: {exc}") from None
+                raise AmiKeepaliveError(f"keepalive failed: {exc}") from None
+            AMI_PING_SECONDS.observe(time.perf_counter() - sent)

@@ -1,8 +1,13 @@
 """The gateway process: AMI in, line events out, commands executed.
 
 Start order (each step waits for the one before): Redis (claim an epoch), metrics endpoint,
-outbox drain task, command consumer, AMI client (or the ``filePath`` replay). Ready means
-"logged in to AMI and resynced". Stop is the reverse, with a deadline for the outbox to flush.
+outbox drain task, command consumer, queue-pause worker, AMI client (or the ``filePath``
+replay). Ready means "logged in to AMI and resynced". Stop is the reverse, with a deadline for
+the outbox to flush.
+
+The AMI read path (``_on_ami_event``) is synchronous and in-memory only: tracker, outbox put,
+auto-pause policy, queue trace. Whatever needs I/O (QueuePause for autoPauseOnCommutationStart)
+is queued to a worker task, so reading never waits.
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ from collections.abc import Callable
 import aio_pika
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from ami_gateway.ami_client import AmiClient, AmiError, AmiSession
-from ami_gateway.ami_protocol import AmiMessage
+from ami_gateway.ami_protocol import AmiMessage, AmiParser
 from ami_gateway.command_executor import CommandExecutor
 from ami_gateway.event_outbox import (
     BROKER_ERRORS,
@@ -30,18 +35,27 @@ from ami_gateway.event_outbox import (
 )
 from ami_gateway.lines import LineMatcher
 from ami_gateway.packet_info import parse_packet_info
+from ami_gateway.queue_policy import AutoPausePolicy, PauseRequest, QueueChange, QueueStateTrace
 from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.backoff import Backoff
 from services.config import Settings, redact_url
 from services.line_state import LineStateWriter
 from services.observability import ObservabilityServer
 from services.topology import Topology
-from services.wire import Call, CallState, Command, EventType, LineEvent, WireError
+from services.wire import Call, CallState, Command, CommandName, CommandResult, EventType, LineEvent, WireError
 
 log = logging.getLogger(__name__)
 
 CALLS_IN_PROGRESS = Gauge("cms_calls_in_progress", "Calls the gateway currently tracks on agent lines")
 GATEWAY_READY = Gauge("cms_gateway_ready", "1 when the gateway is logged in to AMI and resynced")
+AUTO_PAUSES = Counter("cms_auto_pause_actions_total", "QueuePause actions sent by autoPauseOnCommutationStart",
+                      ["paused", "outcome"])
+RESYNC_SECONDS = Histogram(
+    "cms_ami_resync_seconds",
+    "Time to list channels and queue members after an AMI (re)connect",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+queue_log = logging.getLogger("ami_gateway.queues")
 
 
 class Gateway:
@@ -51,8 +65,9 @@ class Gateway:
         self.topology = Topology(settings.cluster.prefix)
         self.redis = aioredis.from_url(settings.cluster.redis_url)
         self.writer = LineStateWriter(self.redis, settings.cluster.prefix, settings.cluster.history_length)
+        self.matcher = LineMatcher(protocol=ast.protocol, queue_extension_format=ast.queue_extension_format)
         self.tracker = CallTracker(
-            LineMatcher(protocol=ast.protocol, queue_extension_format=ast.queue_extension_format),
+            self.matcher,
             TrackerOptions(
                 send_ring_started_on_ringing_state=ast.send_ring_started_on_ringing_state,
                 packet_info=parse_packet_info(ast.packet_info_config) if ast.packet_info_config else None,
@@ -66,17 +81,24 @@ class Gateway:
             on_continuity_lost=self._restate_all_lines,
         )
         self.ami: AmiClient | None = None
+        self.auto_pause = AutoPausePolicy(ast.auto_pause_on_commutation_start)
+        self.queue_trace = QueueStateTrace(self.matcher) if ast.trace_queues_state else None
+        self._pause_requests: asyncio.Queue[PauseRequest] = asyncio.Queue()
         self.executor = CommandExecutor(
             ast,
-            session=lambda: self.ami.session if self.ami is not None and self.ami.ready.is_set() else None,
-            calls_of=self.tracker.calls_of,
+            self.matcher,
+            session=self._session,
+            view=self.tracker,
             ttl_seconds=settings.cluster.command_ttl_seconds,
+            on_done=self._command_done,
         )
         self.observability = ObservabilityServer(metrics_host, metrics_port, self._health)
         self.ready = asyncio.Event()
+        self.replay_done = asyncio.Event()
         self._resync_buffer: list[tuple[AmiMessage, float]] | None = None
         self._stale_calls: dict[str, list[Call]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._command_tasks: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -87,6 +109,7 @@ class Gateway:
         await self.observability.start()
         self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
         self._tasks.append(asyncio.create_task(self._consume_commands(), name="commands"))
+        self._tasks.append(asyncio.create_task(self._pause_worker(), name="queue-pause"))
         ast = self.settings.asterisk
         if ast.file_path:
             self._tasks.append(asyncio.create_task(self._replay(ast.file_path), name="replay"))
@@ -115,9 +138,9 @@ class Gateway:
             await self.ami.stop()
         if not await self.outbox.wait_idle(flush_timeout):
             log.warning("stopping with %d events not yet published", self.outbox.depth)
-        for task in self._tasks:
+        for task in [*self._tasks, *self._command_tasks]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._command_tasks]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.observability.stop()
@@ -139,34 +162,89 @@ class Gateway:
 
     # ---- AMI path (synchronous, in-memory only) --------------------------------------------
 
+    def _session(self) -> AmiSession | None:
+        return self.ami.session if self.ami is not None and self.ami.ready.is_set() else None
+
     def _on_ami_event(self, msg: AmiMessage, received_at: float) -> None:
         if self._resync_buffer is not None:
             self._resync_buffer.append((msg, received_at))
             return
+        self._handle(msg, received_at)
+
+    def _handle(self, msg: AmiMessage, received_at: float) -> None:
+        if self.queue_trace is not None:
+            self._trace(self.queue_trace.observe(msg))
         self._emit(self.tracker.handle(msg, received_at))
 
+    def _trace(self, changes: list[QueueChange]) -> None:
+        for change in changes:
+            queue_log.info(change.log_text(), extra={"line": change.line})
+
     def _emit(self, events: list[LineEvent]) -> None:
-        if events:
-            self.outbox.put(events)
-            CALLS_IN_PROGRESS.set(sum(len(self.tracker.calls_of(line)) for line in self.tracker.lines()))
+        if not events:
+            return
+        self.outbox.put(events)
+        CALLS_IN_PROGRESS.set(sum(len(self.tracker.calls_of(line)) for line in self.tracker.lines()))
+        if self.auto_pause.enabled:
+            for event in events:
+                line = event.line
+                for request in self.auto_pause.observe(
+                    event, self.tracker.agent_state(line), len(self.tracker.calls_of(line))
+                ):
+                    self._pause_requests.put_nowait(request)
+
+    async def _pause_worker(self) -> None:
+        """Carries out autoPauseOnCommutationStart's QueuePause requests in order, off the read path."""
+        while True:
+            request = await self._pause_requests.get()
+            outcome = "error"
+            try:
+                session = self._session()
+                if session is None:
+                    log.warning("auto pause of line %s skipped: AMI not connected", request.line)
+                    continue
+                fields = {"Interface": self.matcher.interface_for(request.line),
+                          "Paused": "true" if request.paused else "false"}
+                if request.paused and request.reason:
+                    fields["Reason"] = request.reason
+                answer = (await session.send_action("QueuePause", fields))[0]
+                if (answer.response or "").lower() == "success":
+                    outcome = "success"
+                else:
+                    log.warning("auto %s of line %s refused: %s", "pause" if request.paused else "unpause",
+                                request.line, answer.get("Message"), extra={"line": request.line})
+            except AmiError as exc:
+                log.warning("auto pause of line %s failed: %s", request.line, exc, extra={"line": request.line})
+            finally:
+                AUTO_PAUSES.labels(paused=str(request.paused).lower(), outcome=outcome).inc()
+                if outcome != "success" and request.paused:
+                    self.auto_pause.pause_failed(request.line)
+
+    def _command_done(self, command: Command, result: CommandResult) -> None:
+        if command.name is CommandName.WRAP_UP and result.ok:
+            self.auto_pause.set_wrap_up(command.line, command.args.get("active", "true").lower() == "true")
 
     async def _on_ami_connected(self, session: AmiSession) -> None:
         """Rebuild the truth before emitting deltas: what ended or started while we were away."""
         self._resync_buffer = []
+        started = time.perf_counter()
         try:
             channels = await self._live_channels(session)
             members = await self._queue_members(session)
             now = time.time()
+            RESYNC_SECONDS.observe(time.perf_counter() - started)
             if channels is None:
                 log.error("cannot list live channels (grant the AMI user 'reporting' or 'call' read); "
                           "calls that ended while disconnected stay open until their next event")
             else:
                 self._emit(self.tracker.resync(channels, members or [], now))
                 self._finish_stale_calls(now)
+            if self.queue_trace is not None and members is not None:
+                self._trace(self.queue_trace.resync(members))
         finally:
             buffered, self._resync_buffer = self._resync_buffer or [], None
             for msg, received_at in buffered:
-                self._emit(self.tracker.handle(msg, received_at))
+                self._handle(msg, received_at)
         self.ready.set()
         GATEWAY_READY.set(1)
 
@@ -236,18 +314,36 @@ class Gateway:
         self.outbox.put(events)
 
     async def _replay(self, path: str) -> None:
-        from ami_simulator.scenario import load_scenario
+        """``filePath``: play a scenario file (a raw AMI capture is one) through the same path as live AMI."""
+        from ami_simulator.scenario import ScenarioError, load_scenario
 
-        scenario = load_scenario(path)
+        try:
+            scenario = load_scenario(path)
+        except (OSError, ScenarioError) as exc:
+            log.error("filePath %s cannot be replayed: %s", path, exc)
+            return
         self.ready.set()
         GATEWAY_READY.set(1)
+        raw_parser = AmiParser(expect_banner=False)
+        replayed = 0
         for step in scenario.steps:
             if step.delay > 0:
                 await asyncio.sleep(step.delay)
-            msg = step.item
-            if isinstance(msg, AmiMessage) and msg.event:
-                self._emit(self.tracker.handle(msg, time.time()))
-        log.info("replay of %s finished", path)
+            item = step.item
+            messages: list[AmiMessage] = []
+            if isinstance(item, AmiMessage):
+                messages.append(item)
+            else:  # "#@ raw" bytes: parsed like bytes from a socket (garbage is skipped, as live)
+                raw_parser.receive_data(item)
+                while (parsed := raw_parser.next_event()) is not None:
+                    if isinstance(parsed, AmiMessage):
+                        messages.append(parsed)
+            for msg in messages:
+                if msg.event:
+                    replayed += 1
+                    self._handle(msg, time.time())
+        self.replay_done.set()
+        log.info("replay of %s finished: %d events", path, replayed)
 
     # ---- commands ----------------------------------------------------------------------------
 
@@ -267,7 +363,11 @@ class Gateway:
                     backoff.reset()
                     async with queue.iterator() as messages:
                         async for message in messages:
-                            await self._handle_command(channel, message)
+                            # Concurrently (at most prefetch_count at a time): a click-to-dial that waits
+                            # for the phone to answer must not hold up another agent's hangup.
+                            task = asyncio.create_task(self._handle_command(channel, message))
+                            self._command_tasks.add(task)
+                            task.add_done_callback(self._command_tasks.discard)
             except asyncio.CancelledError:
                 raise
             except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
@@ -277,19 +377,26 @@ class Gateway:
                 await asyncio.sleep(delay)
 
     async def _handle_command(self, channel: aio_pika.abc.AbstractChannel, message: AbstractIncomingMessage) -> None:
-        async with message.process(ignore_processed=True):
-            try:
-                command = Command.decode(message.body)
-            except WireError as exc:
-                log.warning("dropping undecodable command: %s", exc)
-                return
-            result = await self.executor.execute(command)
-            if message.reply_to:
-                await channel.default_exchange.publish(
-                    aio_pika.Message(body=result.encode(), correlation_id=command.id, content_type="application/json"),
-                    routing_key=message.reply_to,
-                    mandatory=False,
-                )
+        try:
+            async with message.process(ignore_processed=True):
+                try:
+                    command = Command.decode(message.body)
+                except WireError as exc:
+                    log.warning("dropping undecodable command: %s", exc)
+                    return
+                result = await self.executor.execute(command)
+                if message.reply_to:
+                    await channel.default_exchange.publish(
+                        aio_pika.Message(
+                            body=result.encode(), correlation_id=command.id, content_type="application/json"
+                        ),
+                        routing_key=message.reply_to,
+                        mandatory=False,
+                    )
+        except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
+            # The broker went away mid-command: the answer (or the ack) is lost; the node times the command out.
+            BROKER_ERRORS.labels(process="gateway").inc()
+            log.warning("command answer or ack lost: %s", exc)
 
 
 def _succeeded(listing: list[AmiMessage]) -> bool:

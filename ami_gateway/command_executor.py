@@ -1,9 +1,10 @@
 """Agents' commands, carried out as AMI actions.
 
-Commands come from the nodes over one durable RabbitMQ queue. Each is checked (fresh enough,
-about a call of the agent's own line) and turned into the AMI action(s) that do it; the
-answer (success, or an error that says why) goes back to the node's reply queue. The AMI
-response is correlated by ActionID inside :class:`AmiSession`.
+Commands come from the nodes over one durable RabbitMQ queue. Each is checked (fresh enough, about a call
+of the agent's own line), planned by :func:`~ami_gateway.command_plan.plan_command` (pure) and sent here;
+the answer (success, or an error that says why) goes back to the node's reply queue. Every action is
+correlated with its response - and, for an asynchronous ``Originate``, with its ``OriginateResponse`` event -
+by ActionID inside :class:`~ami_gateway.ami_client.AmiSession`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ from collections.abc import Callable
 from prometheus_client import Counter, Histogram
 
 from ami_gateway.ami_client import AmiError, AmiSession
+from ami_gateway.ami_protocol import AmiMessage
+from ami_gateway.command_plan import AmiAction, CommandRefused, LineView, check_fresh, plan_command
+from ami_gateway.lines import LineMatcher
 from services.config import AsteriskConfig
-from services.wire import Call, CallState, Command, CommandName, CommandResult
+from services.wire import Command, CommandName, CommandResult
+
+__all__ = ["CommandExecutor", "CommandRefused"]
 
 log = logging.getLogger(__name__)
 
@@ -24,136 +30,132 @@ COMMANDS = Counter("cms_commands_total", "Agent commands handled by the gateway"
 COMMAND_SECONDS = Histogram(
     "cms_command_seconds",
     "Time from a node accepting a command to the gateway's answer",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 
+# The manager.conf write class each action needs (Asterisk registers them so): named in "permission denied".
+WRITE_CLASS = {
+    "Originate": "originate",
+    "Hangup": "call",
+    "SIPnotify": "system",
+    "PJSIPNotify": "system",
+    "Park": "call",
+    "Redirect": "call",
+    "BlindTransfer": "call",
+    "Atxfer": "call",
+    "CancelAtxfer": "call",
+    "Bridge": "call",
+    "PlayDTMF": "call",
+    "SetVar": "call",
+    "DBGet": "system",
+    "DBPut": "system",
+    "DBDel": "system",
+    "QueuePause": "agent",
+}
+# OriginateResponse Reason: the AST_CONTROL code the originated channel ended its dial with.
+_ORIGINATE_REASONS = {
+    "0": "the line could not be dialled (unknown, unregistered or refused)",
+    "1": "the line hung up",
+    "3": "the agent's phone did not answer",
+    "5": "the agent's phone is busy",
+    "8": "the line is congested",
+}
 
-class CommandRefused(Exception):
-    """The command cannot be carried out; the message is shown to the agent."""
+
+def _ok(message: AmiMessage) -> bool:
+    return (message.response or "").lower() == "success"
+
+
+def explain(action: AmiAction, message: str) -> str:
+    """An AMI error as the agent (and the administrator reading the log) should read it."""
+    if message.lower() == "permission denied":
+        needed = WRITE_CLASS.get(action.name, "?")
+        return f"{action.name} was refused: the AMI user needs write = {needed} in manager.conf"
+    if message.lower() in ("invalid/unknown command", "unknown command"):
+        return f"{action.name} is not available on this Asterisk (module not loaded or version too old)"
+    return f"{action.name} failed: {message or 'no reason given'}"
 
 
 class CommandExecutor:
     def __init__(
         self,
         config: AsteriskConfig,
+        matcher: LineMatcher,
         session: Callable[[], AmiSession | None],
-        calls_of: Callable[[str], list[Call]],
+        view: LineView,
         *,
         ttl_seconds: float = 5.0,
         clock: Callable[[], float] = time.time,
+        on_done: Callable[[Command, CommandResult], None] | None = None,
     ) -> None:
         self._config = config
+        self._matcher = matcher
         self._session = session
-        self._calls_of = calls_of
+        self._view = view
         self._ttl = ttl_seconds
         self._clock = clock
-        self._tech = config.protocol.split(",")[0].strip() or "SIP"
+        self._on_done = on_done
 
     async def execute(self, command: Command) -> CommandResult:
-        age = self._clock() - command.issued_at
         outcome = "error"
         try:
-            if age > self._ttl:
-                raise CommandRefused(f"command expired: it reached the gateway {age:.1f}s after it was sent")
+            check_fresh(command, self._clock(), self._ttl)
             session = self._session()
             if session is None:
                 raise CommandRefused("the PBX is not connected; try again in a moment")
-            data = await self._dispatch(session, command)
+            dnd_now = None
+            if command.name is CommandName.SET_DND and command.args.get("mode", "toggle").lower() == "toggle":
+                dnd_now = await self._dnd_state(session, command.line)
+            plan = plan_command(command, self._view, self._config, self._matcher, dnd_now=dnd_now)
+            data = dict(plan.data)
+            for action in plan.actions:
+                data.update(await self._run(session, action))
             outcome = "success"
-            return CommandResult(command_id=command.id, ok=True, data=data)
+            result = CommandResult(command_id=command.id, ok=True, data=data)
         except CommandRefused as exc:
             log.info("command %s refused: %s", command.name.value, exc, extra={"line": command.line})
-            return CommandResult(command_id=command.id, ok=False, error=str(exc))
+            result = CommandResult(command_id=command.id, ok=False, error=str(exc))
         except AmiError as exc:
             log.warning("command %s failed: %s", command.name.value, exc, extra={"line": command.line})
-            return CommandResult(command_id=command.id, ok=False, error=f"PBX error: {exc}")
-        finally:
-            COMMANDS.labels(command=command.name.value, outcome=outcome).inc()
-            if command.issued_at:
-                COMMAND_SECONDS.observe(max(0.0, self._clock() - command.issued_at))
+            result = CommandResult(command_id=command.id, ok=False, error=f"PBX error: {exc}")
+        COMMANDS.labels(command=command.name.value, outcome=outcome).inc()
+        if command.issued_at:
+            COMMAND_SECONDS.observe(max(0.0, self._clock() - command.issued_at))
+        if self._on_done is not None:
+            self._on_done(command, result)
+        return result
 
-    def _own_call(self, command: Command) -> Call:
-        call_id = command.args.get("call_id", "")
-        calls = self._calls_of(command.line)
-        if not call_id and len(calls) == 1:
-            return calls[0]
-        for call in calls:
-            if call.id == call_id:
-                return call
-        raise CommandRefused(f"no call {call_id or '(none given)'} on line {command.line}")
+    async def _run(self, session: AmiSession, action: AmiAction) -> dict[str, str]:
+        answer = await session.send_action(
+            action.name, action.fields, timeout=action.timeout, until_event=action.until_event
+        )
+        response = answer[0]
+        if not _ok(response):
+            message = (response.get("Message") or "").strip()
+            if message in action.tolerated:
+                return {}
+            if action.fallback is not None:
+                log.info("%s failed (%s); trying %s", action.name, message, action.fallback.name)
+                return await self._run(session, action.fallback)
+            raise CommandRefused(explain(action, message))
+        if action.until_event:
+            outcome = answer[-1]
+            if outcome.event != action.until_event:
+                raise CommandRefused(f"{action.name}: no {action.until_event} came back")
+            if not _ok(outcome):
+                reason = (outcome.get("Reason") or "").strip()
+                why = _ORIGINATE_REASONS.get(reason, f"reason {reason or 'unknown'}")
+                raise CommandRefused(f"the call could not be started: {why}")
+            return {"uniqueid": outcome.get("Uniqueid") or ""}
+        return {}
 
-    async def _action(self, session: AmiSession, action: str, fields: dict[str, str]) -> dict[str, str]:
-        response = (await session.send_action(action, fields))[0]
-        if (response.response or "").lower() != "success":
-            raise CommandRefused(f"{action} failed: {response.get('Message') or 'no reason given'}")
-        return {"message": response.get("Message") or ""}
-
-    async def _dispatch(self, session: AmiSession, command: Command) -> dict[str, str]:
-        name = command.name
-        args = command.args
-        line = command.line
-        if name is CommandName.MAKE_CALL:
-            number = args.get("number", "").strip()
-            if not number or len(number) > 64 or any(c in number for c in "\r\n&,|"):
-                raise CommandRefused("make_call needs a valid number")
-            context = args.get("context") or self._config.originate_context
-            return await self._action(
-                session,
-                "Originate",
-                {
-                    "Channel": f"{self._tech}/{line}",
-                    "Context": context,
-                    "Exten": number,
-                    "Priority": "1",
-                    "CallerID": f"{number} <{number}>",
-                    "Async": "true" if self._config.async_originate else "false",
-                    "Timeout": "30000",
-                },
-            )
-        if name is CommandName.HANGUP:
-            call = self._own_call(command)
-            return await self._action(session, "Hangup", {"Channel": call.channel, "Cause": "16"})
-        if name is CommandName.BLIND_TRANSFER:
-            call = self._own_call(command)
-            target = args.get("number", "").strip()
-            if not target:
-                raise CommandRefused("blind_transfer needs a number")
-            return await self._action(
-                session,
-                "BlindTransfer",
-                {"Channel": call.channel, "Exten": target, "Context": self._config.originate_context},
-            )
-        if name is CommandName.CONSULT_CALL:
-            call = self._own_call(command)
-            target = args.get("number", "").strip()
-            if not target:
-                raise CommandRefused("consult_call needs a number")
-            return await self._action(
-                session, "Atxfer", {"Channel": call.channel, "Exten": target, "Context": self._config.originate_context}
-            )
-        if name is CommandName.DTMF:
-            call = self._own_call(command)
-            digits = args.get("digits", "")
-            if not digits or any(d not in "0123456789*#ABCD" for d in digits):
-                raise CommandRefused("dtmf needs digits 0-9, *, #, A-D")
-            for digit in digits:
-                await self._action(session, "PlayDTMF", {"Channel": call.channel, "Digit": digit})
-            return {}
-        if name in (CommandName.AGENT_PAUSE, CommandName.AGENT_UNPAUSE):
-            interface = self._config.queue_extension_format.format(line)
-            fields = {"Interface": interface, "Paused": "true" if name is CommandName.AGENT_PAUSE else "false"}
-            if args.get("reason"):
-                fields["Reason"] = args["reason"]
-            return await self._action(session, "QueuePause", fields)
-        if name in (CommandName.HOLD, CommandName.UNHOLD):
-            call = self._own_call(command)
-            if not self._config.parking_lot_context:
-                raise CommandRefused("hold is not supported: set parkingLotContext to hold calls by parking them")
-            if name is CommandName.HOLD:
-                if call.state is not CallState.CONNECTED:
-                    raise CommandRefused("only a connected call can be put on hold")
-                return await self._action(
-                    session, "Park", {"Channel": call.channel, "Parkinglot": self._config.parking_lot_context}
-                )
-            raise CommandRefused("resume a parked call by picking it up from the parking lot")
-        raise CommandRefused(f"{name.value} is not supported yet")
+    async def _dnd_state(self, session: AmiSession, line: str) -> bool:
+        action = AmiAction("DBGet", (("Family", "DND"), ("Key", line)))
+        answer = await session.send_action(action.name, action.fields, expect_list=True)
+        if not _ok(answer[0]):
+            message = (answer[0].get("Message") or "").strip()
+            if message.lower().startswith("database entry not found"):
+                return False
+            raise CommandRefused(explain(action, message))
+        values = [m.get("Val") or "" for m in answer[1:] if m.event == "DBGetResponse"]
+        return bool(values) and values[0].strip().upper() not in ("", "NO", "0", "FALSE")

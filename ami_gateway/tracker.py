@@ -66,6 +66,21 @@ keep, per line, each queue's pause flag (the member ``Interface``/``StateInterfa
 matcher). The agent is paused when paused in all its queues. AGENT_STATE_CHANGED is emitted only when the
 pause flag or reason changes (learning a membership is not a change).
 
+Rule 9 - consultation by ``Atxfer``. Asterisk 12+ carries out the AMI ``Atxfer`` action by calling a Local
+channel ``Local/<exten>@<context>-<seq>;1`` on behalf of the transferer (same Linkedid) and moving the
+transferer's phone channel out of its bridge into a new one with that ``;1`` half; the ``;2`` half runs the
+dialplan and dials the target. A phone channel that enters a bridge with a ``;1`` half nobody dialled, of its own
+Linkedid, is therefore consulting: the ``;1`` half becomes the line's *consultation leg* and carries a second
+call on the line (its own id, ``<linkedid>:<line>:2``, role DIALING, called number = the target), the
+original call is held (HOLD_STARTED) until the phone is back in a bridge with another party (HOLD_ENDED, the
+transfer was cancelled) or hangs up (the transfer completed: the consultation leg's call finishes with it).
+The target's view follows the ``;1`` half back to the transferer, so it is an internal call from the line.
+
+Rule 10 - parking. ``ParkedCall`` about a channel that just left a bridge holds the calls of the phones that
+stayed in that bridge (HOLD_STARTED); ``UnParkedCall`` ends that hold (HOLD_ENDED); ``ParkedCallGiveUp`` /
+``ParkedCallTimeOut`` forget the parking space. The space and lot are kept for :meth:`CallTracker.control`, so
+a resume command knows where to pick the call up.
+
 Rule 8 - resync. After an AMI (re)connect, ``CoreShowChannel`` and ``QueueMember`` lists are the truth:
 calls whose phone channel is gone are finished, new phone channels are announced as their state says, a
 ringing call found answered gets its COMMUTATION_STARTED, pause states are refreshed.
@@ -85,7 +100,7 @@ from ami_gateway.lines import LineMatcher
 from ami_gateway.packet_info import PacketInfoSpec, Source
 from services.wire import AgentState, Call, CallState, Direction, EventType, LineEvent
 
-__all__ = ["CallTracker", "TrackerOptions"]
+__all__ = ["CallControl", "CallTracker", "TrackerOptions"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +130,8 @@ _CREATING = frozenset(
         "blindtransfer",
         "attendedtransfer",
         "coreshowchannel",
+        "parkedcall",
+        "unparkedcall",
     }
 )
 _FAILED_DIAL = frozenset({"CANCEL", "NOANSWER", "BUSY", "CONGESTION", "CHANUNAVAIL", "DONTCALL", "TORTURE"})
@@ -156,6 +173,26 @@ class TrackerOptions:
     remember_hangups: int = 10_000
 
 
+@dataclass(frozen=True, slots=True)
+class CallControl:
+    """What a command needs to act on one call of a line (see :meth:`CallTracker.control`)."""
+
+    call: Call
+    #: the line's own channel of this call: the phone channel, or the Local ;1 leg of an Atxfer consultation.
+    channel: str
+    #: the channel the line talks to (bridged with ``channel``; for a consultation, the dialled target), or "".
+    peer: str = ""
+    #: for an Atxfer consultation: the phone channel that is transferring (hang it up to complete the transfer).
+    transferer: str = ""
+    #: while the far end is parked (hold by parking): the parking space and lot.
+    parked_space: str = ""
+    parking_lot: str = ""
+    #: the parked channel (the party the line talked to) while parked.
+    parked_channel: str = ""
+    #: the phone channel's technology (SIP, PJSIP...).
+    tech: str = ""
+
+
 class _Role(Enum):
     INCOMING = "incoming"
     ORIGINATED = "originated"
@@ -176,6 +213,8 @@ class _LineCall:
     answered_at: float | None = None
     dial_exten: str = ""
     remote: tuple[str, str] | None = None  # set by a transfer: who the agent now talks to
+    held_by_consult: bool = False  # held because the line's phone is consulting (Atxfer), not by Hold
+    parked: tuple[str, str, str] | None = None  # (space, lot, parkee channel key) while its far end is parked
     redirecting: str = ""
     redirection: str = ""
 
@@ -205,6 +244,8 @@ class _Chan:
     data: dict[str, str] = field(default_factory=dict)
     call: _LineCall | None = None
     done: bool = False  # its call is over: never announce another one on this channel
+    consult_of: str | None = None  # for an Atxfer consultation leg (Local ;1): the transferer phone's key
+    left_bridge: str = ""  # the bridge it left last (to know whom a parked channel was talking to)
 
 
 @dataclass(eq=False, slots=True)
@@ -243,6 +284,7 @@ class CallTracker:
         self._members: dict[str, dict[str, tuple[bool, str]]] = {}
         self._agents: dict[str, AgentState] = {}
         self._gone: OrderedDict[str, None] = OrderedDict()
+        self._line_tech: dict[str, str] = {}  # line -> technology of its last phone channel (SIP, PJSIP)
         # Set by the first Hold/Unhold event: this PBX reports holds natively, music on hold is then only
         # a consequence (and stops when a held call is transferred away, which is not an unhold).
         self._native_hold = False
@@ -259,6 +301,40 @@ class CallTracker:
     def lines(self) -> set[str]:
         """Lines with a live call or a known agent state."""
         return {line for line, calls in self._calls.items() if calls} | set(self._agents)
+
+    def control(self, line: str, call_id: str) -> CallControl | None:
+        """The channels behind a live call of ``line`` (``None`` if the line has no such call)."""
+        lc = self._calls.get(line, {}).get(call_id)
+        if lc is None:
+            return None
+        ch = self._chans.get(lc.uid)
+        if ch is None:
+            return None
+        peer = ""
+        transferer = ""
+        if ch.consult_of is not None:
+            phone = self._chans.get(ch.consult_of)
+            transferer = phone.name if phone is not None else ""
+            target = self._consult_target(ch)
+            peer = target.name if target is not None else ""
+        else:
+            other = self._bridge_peer(ch, None) if ch.bridge else None
+            peer = other.name if other is not None else ""
+        space, lot, parked = "", "", ""
+        if lc.parked is not None:
+            space, lot, parkee_key = lc.parked
+            parkee = self._chans.get(parkee_key)
+            parked = parkee.name if parkee is not None else ""
+        tech = ch.name.split("/", 1)[0] if ch.consult_of is None else transferer.split("/", 1)[0]
+        return CallControl(lc.call, ch.name, peer, transferer, space, lot, parked, tech)
+
+    def tech_of(self, line: str) -> str | None:
+        """The channel technology the line's phone last used (``PJSIP``), ``None`` if never seen."""
+        return self._line_tech.get(line)
+
+    def controls(self, line: str) -> list[CallControl]:
+        """:meth:`control` for every live call of the line, oldest first."""
+        return [c for lc in list(self._calls.get(line, {}).values()) if (c := self.control(line, lc.id)) is not None]
 
     # ---- input -----------------------------------------------------------------------------------
 
@@ -337,6 +413,8 @@ class CallTracker:
             return None
         linkedid = (msg.get(prefix + "Linkedid") or "").strip() or key
         ch = _Chan(key=key, name=name, linkedid=linkedid, line=self._matcher.line_of_channel(name))
+        if ch.line is not None and len(self._line_tech) < self._opts.max_channels:
+            self._line_tech[ch.line] = name.split("/", 1)[0]
         if self._matcher.is_local(name) and name[-2:] in (";1", ";2"):
             ch.local_half = name[-2:]
             halves = self._locals.setdefault(name[:-2], {})
@@ -415,6 +493,8 @@ class CallTracker:
             return self._chans.get(ch.dialed_by)
         if ch.local_half == ";2" and ch.pair is not None:
             return self._chans.get(ch.pair)
+        if ch.consult_of is not None:
+            return self._chans.get(ch.consult_of)
         return None
 
     def _chain(self, ch: _Chan) -> list[_Chan]:
@@ -437,9 +517,15 @@ class CallTracker:
         return None, chain[-1].originated
 
     def _lines_behind(self, ch: _Chan) -> list[_Chan]:
-        """Phone channels that place a call made by ``ch``: itself, or the phone behind a Local ``;1``."""
+        """Phone channels that place a call made by ``ch``: itself, or the phone behind a Local ``;1``.
+
+        A consultation leg's ``;2`` half dials for the consultation leg (Rule 9).
+        """
         if ch.line is not None:
             return [ch]
+        if ch.local_half == ";2" and ch.pair is not None:
+            one = self._chans.get(ch.pair)
+            return [one] if one is not None and one.consult_of is not None else []
         if ch.local_half == ";1" and ch.pair is not None:
             two = self._chans.get(ch.pair)
             if two is not None:
@@ -468,7 +554,13 @@ class CallTracker:
         return dest.line or self._matcher.line_of_local(dest.name)
 
     def _announce(
-        self, ch: _Chan, role: _Role, at: float, out: list[LineEvent], dest: _Chan | None = None
+        self,
+        ch: _Chan,
+        role: _Role,
+        at: float,
+        out: list[LineEvent],
+        dest: _Chan | None = None,
+        dial_exten: str = "",
     ) -> _LineCall:
         assert ch.line is not None
         group = self._groups.setdefault(ch.linkedid, _Group())
@@ -479,6 +571,8 @@ class CallTracker:
             call_id = f"{base}:{n}"
         group.used_ids.add(call_id)
         direction = self._direction_for(ch, role, dest)
+        if dial_exten and self._matcher.is_line(dial_exten) and dial_exten != ch.line:
+            direction = Direction.INTERNAL
         placeholder = Call(
             id=call_id,
             line=ch.line,
@@ -501,6 +595,8 @@ class CallTracker:
         )
         if role is not _Role.INCOMING and dest is not None and _dialled(ch.exten):
             lc.dial_exten = ch.exten
+        if dial_exten:
+            lc.dial_exten = dial_exten
         lc.call = self._compose(lc)
         ch.call = lc
         group.calls.add(lc)
@@ -725,9 +821,17 @@ class CallTracker:
         if ch is None:
             log.debug("Hangup of unknown channel %s ignored", msg.get("Channel"))
             return
+        cause = _int(msg.get("Cause"))
+        cause_text = (msg.get("Cause-txt") or "").strip()
         if ch.call is not None:
-            cause = _int(msg.get("Cause"))
-            self._finish(ch.call, at, out, cause, (msg.get("Cause-txt") or "").strip())
+            self._finish(ch.call, at, out, cause, cause_text)
+        if ch.line is not None and ch.consult_of is None:
+            # The transferer hung up: its consultation legs are over for this line (the transfer completed).
+            for leg in [c for c in self._chans.values() if c.consult_of == ch.key]:
+                if leg.call is not None:
+                    self._finish(leg.call, at, out, cause, cause_text)
+                leg.consult_of = None
+                leg.line = None
         self._drop(ch)
 
     def _on_local_bridge(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
@@ -748,14 +852,56 @@ class CallTracker:
         members = self._bridges.get(bridge, set())
         if len(members) < 2:
             return
+        self._detect_consultation(members, at, out)
         for key in sorted(members):
             m = self._chans.get(key)
-            if m is not None and m.call is not None and m.state == _UP:
+            if m is None or m.call is None:
+                continue
+            if m.state == _UP:
                 self._connect(m.call, at, out)
+            lc = m.call
+            if lc.held_by_consult and m.line is not None and m.consult_of is None:
+                others = [self._chans[k] for k in members if k != m.key and k in self._chans]
+                if any(o.consult_of is None for o in others):
+                    # Back with the other party: the consultation was cancelled.
+                    lc.held_by_consult = False
+                    self._set_held(lc, False, at, out)
+
+    def _detect_consultation(self, members: set[str], at: float, out: list[LineEvent]) -> None:
+        """Rule 9: a phone bridged with a Local ;1 half nobody dialled, of its own call, is consulting."""
+        chans = [self._chans[k] for k in sorted(members) if k in self._chans]
+        phones = [c for c in chans if c.line is not None and c.consult_of is None and c.call is not None]
+        for leg in chans:
+            if leg.local_half != ";1" or leg.consult_of is not None or leg.dialed_by is not None or leg.originated:
+                continue
+            if leg.call is not None or leg.done:
+                continue
+            phone = next((p for p in phones if p.linkedid == leg.linkedid), None)
+            if phone is None or phone.call is None or phone.call.state not in (CallState.CONNECTED, CallState.HELD):
+                continue
+            original = phone.call
+            leg.consult_of = phone.key
+            leg.line = phone.line
+            leg.own_name = phone.own_name
+            if original.state is CallState.CONNECTED:
+                original.held_by_consult = True
+                self._set_held(original, True, at, out)
+            target = _local_exten(leg.name)
+            self._announce(leg, _Role.DIALING, at, out, dial_exten=target if _dialled(target) else "")
+            log.debug("line %s consults %s in call %s", leg.line, target, original.id)
+
+    def _consult_target(self, leg: _Chan) -> _Chan | None:
+        """The channel a consultation leg's ``;2`` half dialled (the transfer target), if any."""
+        two = self._chans.get(leg.pair) if leg.pair is not None else None
+        if two is None:
+            return None
+        children = [self._chans[k] for k in sorted(two.children) if k in self._chans]
+        return children[0] if children else None
 
     def _on_bridge_leave(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         ch = self._snap(msg, "", event)
         if ch is not None and ch.bridge == (msg.get("BridgeUniqueid") or "").strip():
+            ch.left_bridge = ch.bridge
             self._leave_bridge(ch)
 
     def _on_bridge_destroy(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
@@ -845,6 +991,11 @@ class CallTracker:
             transferee = self._bridge_peer(first, msg.get("OrigBridgeUniqueid"))
         if target is None and second is not None:
             target = self._bridge_peer(second, msg.get("SecondBridgeUniqueid"))
+        if target is not None and target.local_half == ";1":
+            # Atxfer's consultation leg (Rule 9) or any Local hop: the party is what its ;2 half dialled.
+            target = self._consult_target(target) or target
+        if target is not None and target.consult_of is not None:
+            target = None
         by = next((c.line for c in (first, second) if c is not None and c.line), "")
         if not by and first is not None:
             by = _party(first)[0]
@@ -866,6 +1017,38 @@ class CallTracker:
                 lc.remote = target_party
                 lc.redirecting, lc.redirection = by, target_party[0]
                 self._refresh(lc, at, out)
+
+    def _on_parked_call(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        parkee = self._snap(msg, "Parkee", event)
+        if parkee is None:
+            return
+        space = (msg.get("ParkingSpace") or "").strip()
+        lot = (msg.get("Parkinglot") or msg.get("ParkingLot") or "").strip()
+        bridge = parkee.left_bridge
+        for key in sorted(self._bridges.get(bridge, ())) if bridge else ():
+            phone = self._chans.get(key)
+            if phone is None or phone.call is None or phone.line is None:
+                continue
+            lc = phone.call
+            lc.parked = (space, lot, parkee.key)
+            self._set_held(lc, True, at, out)
+
+    def _on_unparked_call(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        parkee = self._snap(msg, "Parkee", event)
+        if parkee is None:
+            return
+        self._snap(msg, "Retriever", event)
+        for lc in self._calls_parking(parkee):
+            lc.parked = None
+            if event == "unparkedcall":
+                self._set_held(lc, False, at, out)
+
+    def _calls_parking(self, parkee: _Chan) -> list[_LineCall]:
+        group = self._groups.get(parkee.linkedid)
+        calls = group.calls if group is not None else set()
+        return sorted(
+            (lc for lc in calls if lc.parked is not None and lc.parked[2] == parkee.key), key=lambda c: c.id
+        )
 
     def _bridge_peer(self, ch: _Chan, bridge: str | None) -> _Chan | None:
         members = self._bridges.get((bridge or ch.bridge).strip(), set())
@@ -1048,6 +1231,12 @@ def _member_pause(msg: AmiMessage, previous: tuple[bool, str] | None) -> tuple[b
     return paused, reason
 
 
+def _local_exten(name: str) -> str:
+    """``Local/306@from-internal-0000000a;1`` -> ``306``."""
+    rest = name.split("/", 1)[1] if "/" in name else name
+    return rest.split("@", 1)[0]
+
+
 def _prefixed_vars(msg: AmiMessage, prefix: str) -> dict[str, str]:
     result: dict[str, str] = {}
     for value in msg.getall(prefix + "ChanVariable"):
@@ -1092,4 +1281,8 @@ _HANDLERS: dict[str, _Handler] = {
     "blindtransfer": CallTracker._on_blind_transfer,
     "attendedtransfer": CallTracker._on_attended_transfer,
     "rename": CallTracker._on_rename,
+    "parkedcall": CallTracker._on_parked_call,
+    "unparkedcall": CallTracker._on_unparked_call,
+    "parkedcallgiveup": CallTracker._on_unparked_call,
+    "parkedcalltimeout": CallTracker._on_unparked_call,
 }

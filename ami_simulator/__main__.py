@@ -56,7 +56,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME:LINE,LINE",
-        help="queue and its member lines (repeatable); default support:<first two demo lines>",
+        help="queue and its member lines (repeatable); default: the demo lines in pairs, "
+        "support:<1st,2nd>, sales:<3rd,4th>, queue3:<5th,6th>...",
     )
     p.add_argument("--demo-lines", default="", help="comma-separated lines for demo traffic")
     p.add_argument("--loop", action="store_true", help="play demo traffic on --demo-lines until stopped")
@@ -77,21 +78,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+QUEUE_NAMES = ("support", "sales")
+
+
 def _queues(args: argparse.Namespace, lines: list[str]) -> dict[str, list[str]]:
+    """``--queue`` as given; by default the demo lines in pairs, so every demo line gets ringall queue calls."""
     queues: dict[str, list[str]] = {}
     for spec in args.queue:
         name, _, members = spec.partition(":")
         queues[name] = [m for m in members.split(",") if m]
     if not queues:
-        queues["support"] = lines[:2] if lines else ["305", "306"]
+        if len(lines) < 2:
+            return {"support": ["305", "306"]}
+        for i in range(0, len(lines) - 1, 2):
+            n = i // 2
+            queues[QUEUE_NAMES[n] if n < len(QUEUE_NAMES) else f"queue{n + 1}"] = lines[i : i + 2]
+        if len(lines) % 2:
+            # the odd line out joins the last queue: its calls ring it and one partner
+            queues[list(queues)[-1]].append(lines[-1])
     return queues
+
+
+def queue_partners(sim: AmiSimulator, line: str) -> list[tuple[str, list[str]]]:
+    """(queue, other member lines) for every queue ``line`` belongs to."""
+    result = []
+    for queue in sim.model.queues.values():
+        members = [m.state_interface.split("/", 1)[1] for m in queue.members.values()]
+        if line in members:
+            result.append((queue.name, [x for x in members if x != line]))
+    return result
 
 
 async def demo_line(sim: AmiSimulator, line: str, lines: list[str], busy: set[str], pause: tuple[float, float]) -> None:
     """One line's endless traffic: a call, an idle pause, another call..."""
-    queue = next(iter(sim.model.queues.values()), None)
-    queue_name = queue.name if queue else "support"
-    member_lines = {m.state_interface.split("/", 1)[1] for m in queue.members.values()} if queue else set()
     while True:
         await asyncio.sleep(random.uniform(*pause))
         if line in busy:
@@ -102,11 +121,14 @@ async def demo_line(sim: AmiSimulator, line: str, lines: list[str], busy: set[st
         variables = {"line": line, "caller": caller, "callerName": caller_name or caller}
         involved = [line]
         if scenario == "inbound-queue":
-            others = [x for x in lines if x != line and x not in busy]
-            if not others or line not in member_lines:
+            # ringall: the queue rings this line and a free partner; this line answers, the partner's ring ends
+            options = [(q, [x for x in others if x not in busy]) for q, others in queue_partners(sim, line)]
+            options = [(q, free) for q, free in options if free]
+            if not options:
                 scenario = "inbound-direct-answered"
             else:
-                agent2 = random.choice(others)
+                queue_name, free = random.choice(options)
+                agent2 = random.choice(free)
                 variables |= {"agent2": agent2, "queue": queue_name, "did": "4950000100"}
                 involved.append(agent2)
         if scenario == "outbound-originate":

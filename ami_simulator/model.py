@@ -64,6 +64,7 @@ class Channel:
     bridge: str = ""
     application: str = ""
     application_data: str = ""
+    dialed_by: str = ""  # name of the channel whose Dial created this one ("" if none)
 
     @property
     def name(self) -> str:
@@ -71,6 +72,10 @@ class Channel:
 
     def block(self, prefix: str = "") -> list[tuple[str, str]]:
         return [(prefix + k, self.snapshot.get(k, "")) for k in CHANNEL_FIELDS]
+
+    @staticmethod
+    def block_keys() -> tuple[str, ...]:
+        return CHANNEL_FIELDS
 
     @property
     def device(self) -> str | None:
@@ -272,6 +277,7 @@ class PbxModel:
             if dest is not None:
                 dest.application = "AppDial"
                 dest.application_data = "(Outgoing Line)"
+                dest.dialed_by = caller.name if caller is not None else ""
         elif event == "QueueCallerJoin":
             q = self.queues.setdefault(msg.get("Queue", "") or "", Queue(msg.get("Queue", "") or ""))
             ch = msg.get("Channel", "") or ""

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import random
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,7 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
 from ami_gateway.ami_protocol import AmiMessage, AmiParser, MalformedMessage, encode_message, md5_login_key
+from ami_simulator import features
+from ami_simulator.features import Consult, Parked
 from ami_simulator.model import CAUSE_TEXT, STATE_DESC, Call, Channel, PbxModel, event
 from ami_simulator.scenario import (
     IdAllocator,
@@ -79,6 +84,13 @@ ACTION_PERMS: dict[str, frozenset[str]] = {
     "redirect": frozenset({"call"}),
     "blindtransfer": frozenset({"call"}),
     "atxfer": frozenset({"call"}),
+    "cancelatxfer": frozenset({"call"}),
+    "park": frozenset({"call"}),
+    "bridge": frozenset({"call"}),
+    "dbget": frozenset({"system", "reporting"}),
+    "dbput": frozenset({"system"}),
+    "dbdel": frozenset({"system"}),
+    "filter": frozenset({"system"}),
     "playdtmf": frozenset({"call"}),
     "setvar": frozenset({"call"}),
     "getvar": frozenset({"call", "reporting"}),
@@ -96,6 +108,9 @@ ACTION_PERMS: dict[str, frozenset[str]] = {
     "events": frozenset(),
 }
 TALK_AFTER_TRANSFER = 5.0
+# How long a consultation or a parked call waits for the agent's next step before the simulator ends the call.
+WAIT_FOR_AGENT = 120.0
+PARKING_SPACES = tuple(str(n) for n in range(701, 751))
 
 
 def parse_classes(text: str) -> frozenset[str]:
@@ -140,6 +155,9 @@ class _Session:
         self.challenge: str | None = None
         self.eventmask: frozenset[str] | None = ALL_CLASSES  # classes wanted; empty = Events off
         self.closed = False
+        # Filter action (manager.c): events must match one include filter (if any) and no exclude filter.
+        self.include_filters: list[re.Pattern[str]] = []
+        self.exclude_filters: list[re.Pattern[str]] = []
 
     @property
     def authenticated(self) -> bool:
@@ -149,8 +167,11 @@ class _Session:
         if self.closed:
             return
         self.writer.write(data)
+        if data.startswith(b"Event:"):
+            self.sim.metrics.events_sent.inc()
         transport = self.writer.transport
         if transport.get_write_buffer_size() > self.sim.max_client_buffer:
+            self.sim.metrics.clients_dropped.inc()
             log.warning(
                 "conn=%s user=%s: not reading, write buffer over %d bytes; dropping the client",
                 self.peer,
@@ -172,9 +193,15 @@ class _Session:
         if self.user is None or not self.eventmask:
             return False
         classes = _privilege_classes(msg)
-        if classes is None:
-            return True
-        return bool(classes & self.user.read & self.eventmask)
+        if classes is not None and not classes & self.user.read & self.eventmask:
+            return False
+        if self.include_filters or self.exclude_filters:
+            text = "\r\n".join(f"{k}: {v}" for k, v in msg.headers)
+            if self.include_filters and not any(f.search(text) for f in self.include_filters):
+                return False
+            if any(f.search(text) for f in self.exclude_filters):
+                return False
+        return True
 
     def respond(self, request: AmiMessage, response: str, headers: Iterable[tuple[str, str]] = ()) -> None:
         out: list[tuple[str, str]] = [("Response", response)]
@@ -235,6 +262,31 @@ class _Play:
     suppress: frozenset[str] = frozenset()
 
 
+class SimulatorMetrics:
+    """Prometheus counters of one simulator (a private registry, so several simulators can share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.connections = Counter(
+            "ami_simulator_connections_total", "AMI client connections accepted", registry=self.registry
+        )
+        self.actions = Counter(
+            "ami_simulator_actions_total", "AMI actions received", ["action", "response"], registry=self.registry
+        )
+        self.events_sent = Counter(
+            "ami_simulator_events_sent_total", "AMI events written to clients (one per client)", registry=self.registry
+        )
+        self.clients_dropped = Counter(
+            "ami_simulator_clients_dropped_total", "Clients cut because they did not read", registry=self.registry
+        )
+        self.plays = Counter("ami_simulator_plays_total", "Scenario plays started", registry=self.registry)
+        self.clients = Gauge("ami_simulator_clients", "AMI clients connected", registry=self.registry)
+        self.calls = Gauge("ami_simulator_calls", "Calls in progress", registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
 class AmiSimulator:
     """A scenario-driven Asterisk AMI server.
 
@@ -284,6 +336,15 @@ class AmiSimulator:
         self._control: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._globals: dict[str, str] = {}
+        self.metrics = SimulatorMetrics()
+        #: Atxfer consultations in progress, by transferer channel name.
+        self.consults: dict[str, Consult] = {}
+        #: parked calls by space (the single lot "default", context ``parking_context``).
+        self.parked: dict[str, Parked] = {}
+        self.parking_context = "parkedcalls"
+        #: AstDB (DBGet/DBPut/DBDel), by (family, key).
+        self.astdb: dict[tuple[str, str], str] = {}
+        self._notify_supported = True
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -402,6 +463,7 @@ class AmiSimulator:
         play = _Play(call, on_event=on_event, suppress=frozenset(suppress))
         self._plays[call_id] = play
         play.task = asyncio.get_running_loop().create_task(self._run_steps(play, rendered.steps))
+        self.metrics.plays.inc()
         log.info(
             "call=%s scenario=%s vars=%s channels=%s", call_id, sc.name, call.variables, ",".join(rendered.channels)
         )
@@ -517,6 +579,23 @@ class AmiSimulator:
                         )
                     )
         for ch in channels:
+            for space, parked in list(self.parked.items()):
+                if parked.channel == ch.name:
+                    del self.parked[space]
+                    msgs.append(
+                        event(
+                            "ParkedCallGiveUp",
+                            "call,all",
+                            ch.block("Parkee"),
+                            ParkerDialString="",
+                            Parkinglot=parked.lot,
+                            ParkingSpace=space,
+                            ParkingTimeout="0",
+                            ParkingDuration=str(int(time.monotonic() - parked.parked_at)),
+                        )
+                    )
+            self.consults.pop(ch.name, None)
+        for ch in channels:
             c = cause if ch is first else "16"
             msgs.append(event("Hangup", "call,all", ch.block(), Cause=c, Cause_txt=CAUSE_TEXT.get(c, "Unknown")))
             if ch.device:
@@ -544,7 +623,9 @@ class AmiSimulator:
         tech = self.tech
         uid = self.ids.uniqueid()
         linked = caller.snapshot.get("Linkedid", caller.snapshot.get("Uniqueid", ""))
-        name = f"{tech}/{target}-{self.ids.channel_suffix()}"
+        # Extensions are phones of the PBX; longer numbers leave through the carrier trunk.
+        is_phone = len(target) <= 6
+        name = f"{tech}/{target if is_phone else 'carrier'}-{self.ids.channel_suffix()}"
         dest = Channel(
             {
                 "Channel": name,
@@ -584,7 +665,13 @@ class AmiSimulator:
         }
         steps = [
             Step(0.0, event("Newchannel", "call,all", dest.block())),
-            Step(0.01, event("DialBegin", "call,all", src.block(), dblock("0"), DialString=target)),
+            Step(
+                0.01,
+                event(
+                    "DialBegin", "call,all", src.block(), dblock("0"),
+                    DialString=target if is_phone else f"carrier/{target}",
+                ),
+            ),
             Step(
                 0.01,
                 event(
@@ -593,7 +680,7 @@ class AmiSimulator:
                     (dest.snapshot | {"ChannelState": "5", "ChannelStateDesc": "Ringing"}).items(),
                 ),
             ),
-            Step(0.0, event("DeviceStateChange", "call,all", Device=f"{tech}/{target}", State="RINGING")),
+            Step(0.0, event("DeviceStateChange", "call,all", Device=name.rsplit("-", 1)[0], State="RINGING")),
             Step(0.01, event("DialState", "call,all", src.block(), dblock("5"), DialStatus="RINGING")),
             Step(
                 1.0,
@@ -601,7 +688,7 @@ class AmiSimulator:
                     "Newstate", "call,all", (dest.snapshot | {"ChannelState": "6", "ChannelStateDesc": "Up"}).items()
                 ),
             ),
-            Step(0.0, event("DeviceStateChange", "call,all", Device=f"{tech}/{target}", State="INUSE")),
+            Step(0.0, event("DeviceStateChange", "call,all", Device=name.rsplit("-", 1)[0], State="INUSE")),
             Step(0.01, event("DialEnd", "call,all", src.block(), dblock("6"), DialStatus="ANSWER")),
             Step(0.01, event("BridgeCreate", "call,all", bh.items())),
             Step(0.0, event("BridgeEnter", "call,all", (bh | {"BridgeNumChannels": "1"}).items(), dest.block())),
@@ -685,8 +772,10 @@ class AmiSimulator:
             return
         needed = ACTION_PERMS.get(key, frozenset())
         if needed and s.user is not None and not (needed & s.user.write):
+            self.metrics.actions.labels(action=key, response="denied").inc()
             s.error(m, "Permission denied")
             return
+        self.metrics.actions.labels(action=key, response="handled").inc()
         handler(s, m)
 
     def _act_login(self, s: _Session, m: AmiMessage) -> None:
@@ -770,6 +859,14 @@ class AmiSimulator:
             return
         cause = m.get("Cause") or "16"
         s.success(m, "Channel Hungup")
+        consult = self.consults.get(channel.name)
+        if consult is not None:
+            self._complete_consult(consult, cause if cause.isdigit() else "16")
+            return
+        consult = self._consult_with_leg(channel.name)
+        if consult is not None:
+            self._cancel_consult(consult)
+            return
         self._hangup(channel, cause if cause.isdigit() else "16")
 
     def _act_originate(self, s: _Session, m: AmiMessage) -> None:
@@ -814,6 +911,9 @@ class AmiSimulator:
             s.error(m, "Exten not set")
             return
         s.success(m, "Redirect successful")
+        if (m.get("Context") or "") == self.parking_context:
+            self._retrieve_parked(channel, exten)
+            return
         partners = self.model.bridge_partners(channel)
         self._transfer(channel, partners, exten, m.get("Context") or "from-internal", [])
 
@@ -856,53 +956,262 @@ class AmiSimulator:
         if not exten:
             s.error(m, "No extension specified")
             return
+        if transferer.name in self.consults or not self.model.bridge_partners(transferer):
+            # Asterisk 12+: the transferer must be bridged, and not already transferring.
+            s.error(m, "Transferer is not in a bridge" if transferer.name not in self.consults
+                    else "Transfer already in progress")
+            return
+        context = m.get("Context") or "from-internal"
         s.success(m, "Atxfer successfully queued")
+        self._start_consult(transferer, exten, context)
+
+    def _start_consult(self, transferer: Channel, exten: str, context: str) -> None:
         call = self.model.call_of(transferer)
         play = self._plays.get(call.id) if call else None
-        partners = self.model.bridge_partners(transferer)
-        msgs = [event("MusicOnHoldStart", "call,all", p.block(), Class="default") for p in partners]
-        bridge = self.model.bridges.get(transferer.bridge)
-        if bridge is not None:
-            left = len(bridge.channels) - 1
-            msgs.append(
-                event(
-                    "BridgeLeave",
-                    "call,all",
-                    (bridge.headers | {"BridgeNumChannels": str(left)}).items(),
-                    transferer.block(),
-                )
-            )
+        linked = transferer.snapshot.get("Linkedid", transferer.snapshot.get("Uniqueid", ""))
+        suffix = self.ids.channel_suffix()
+        base = {
+            "CallerIDNum": transferer.snapshot.get("CallerIDNum", ""),
+            "CallerIDName": transferer.snapshot.get("CallerIDName", ""),
+            "ConnectedLineNum": "<unknown>",
+            "ConnectedLineName": "<unknown>",
+            "Language": "en",
+            "AccountCode": "",
+            "Context": context,
+            "Exten": exten,
+            "Priority": "1",
+            "Linkedid": linked,
+        }
+        local1 = {"Channel": f"Local/{exten}@{context}-{suffix};1", "ChannelState": "0", "ChannelStateDesc": "Down",
+                  **base, "Uniqueid": self.ids.uniqueid()}
+        local2 = {"Channel": f"Local/{exten}@{context}-{suffix};2", "ChannelState": "4", "ChannelStateDesc": "Ring",
+                  **base, "Uniqueid": self.ids.uniqueid()}
+        # Asterisk's order of headers in a channel snapshot.
+        local1 = {k: local1[k] for k in Channel.block_keys()}
+        local2 = {k: local2[k] for k in Channel.block_keys()}
+        consult_bridge = features.new_bridge()
+        msgs = features.consult_prelude(self.model, transferer, local1, local2, consult_bridge)
         steps = [Step(0.0, x) for x in msgs]
-        leg, _dest = self._dial_leg_steps(transferer, exten, m.get("Context") or "from-internal")
+        leg, dest = self._dial_leg_steps(Channel(dict(local2), 0.0, transferer.call_id), exten, context)
         steps.extend(leg)
+        self.consults[transferer.name] = Consult(
+            transferer=transferer.name,
+            orig_bridge=transferer.bridge,
+            local1=local1["Channel"],
+            local2=local2["Channel"],
+            consult_bridge=consult_bridge["BridgeUniqueid"],
+            target=dest.name,
+        )
         if play is None:
             for st in steps:
                 self.emit(st.item)
             return
-        self._continue(play, steps, "transferred")
-        # The consultation lasts a moment, then the transferer hangs up and the call ends after a talk.
-        self._schedule_after(play, TALK_AFTER_TRANSFER, self._ending(play))
+        self._continue(play, steps, "consulting")
+        self._schedule_after(play, WAIT_FOR_AGENT, self._ending(play))
+
+    def _consult_with_leg(self, name: str) -> Consult | None:
+        return next((c for c in self.consults.values() if name in (c.local1, c.local2, c.target)), None)
+
+    def _complete_consult(self, consult: Consult, cause: str) -> None:
+        """The transferer hangs up in the consultation: the transfer completes, the call goes on."""
+        self.consults.pop(consult.transferer, None)
+        transferer = self.model.channels.get(consult.transferer)
+        if transferer is None:
+            return
+        msgs = features.complete_consult_events(self.model, consult)
+        msgs.append(event("Hangup", "call,all", transferer.block(), Cause=cause,
+                          Cause_txt=CAUSE_TEXT.get(cause, "Unknown")))
+        if transferer.device:
+            msgs.append(event("DeviceStateChange", "call,all", Device=transferer.device, State="NOT_INUSE"))
+        self._run_feature(transferer, msgs, "transferred", TALK_AFTER_TRANSFER)
+
+    def _cancel_consult(self, consult: Consult) -> None:
+        self.consults.pop(consult.transferer, None)
+        transferer = self.model.channels.get(consult.transferer)
+        msgs = features.cancel_consult_events(self.model, consult)
+        if transferer is not None:
+            self._run_feature(transferer, msgs, "talking", TALK_AFTER_TRANSFER)
+
+    def _run_feature(self, channel: Channel, msgs: list[AmiMessage], state: str, then_end_after: float) -> None:
+        """Play synthesised events in the call of ``channel``; end the call after a while unless changed again."""
+        call = self.model.call_of(channel)
+        play = self._plays.get(call.id) if call else None
+        if play is None:
+            for msg in msgs:
+                self.emit(msg)
+            return
+        self._continue(play, [Step(0.0, x) for x in msgs], state)
+        self._schedule_after(play, then_end_after, self._ending(play))
+
+    def _act_cancelatxfer(self, s: _Session, m: AmiMessage) -> None:
+        transferer = self._channel(s, m)
+        if transferer is None:
+            return
+        consult = self.consults.get(transferer.name)
+        if consult is None:
+            s.error(m, "No attended transfer to cancel")
+            return
+        s.success(m, "CancelAtxfer successfully queued")
+        self._cancel_consult(consult)
+
+    def _act_park(self, s: _Session, m: AmiMessage) -> None:
+        channel = self._channel(s, m)
+        if channel is None:
+            return
+        lot = m.get("Parkinglot") or "default"
+        if lot != "default":
+            s.error(m, f"Could not find parking lot '{lot}'")
+            return
+        wanted = m.get("ParkingSpace")
+        free = [x for x in PARKING_SPACES if x not in self.parked]
+        if wanted:
+            space = wanted if wanted in free else (free[0] if free else "")
+        else:
+            space = free[0] if free else ""
+        if not space or any(p.channel == channel.name for p in self.parked.values()):
+            s.error(m, "Park action failed")
+            return
+        parked = Parked(space, lot, channel.name, features.new_bridge()["BridgeUniqueid"], time.monotonic())
+        self.parked[space] = parked
+        s.success(m, "Park successful")
+        self._run_feature(channel, features.park_events(self.model, channel, parked), "parked", WAIT_FOR_AGENT)
+
+    def _retrieve_parked(self, retriever: Channel, space: str) -> None:
+        """``retriever`` runs ParkedCall(space): picks the parked call up, or hangs up if the space is empty."""
+        parked = self.parked.pop(space, None)
+        if parked is None or parked.channel not in self.model.channels:
+            self._hangup(retriever, "16")
+            return
+        msgs = features.unpark_events(self.model, parked, retriever, int(time.monotonic() - parked.parked_at))
+        self._run_feature(retriever, msgs, "talking", TALK_AFTER_TRANSFER)
+
+    def _act_bridge(self, s: _Session, m: AmiMessage) -> None:
+        names = (m.get("Channel1") or "", m.get("Channel2") or "")
+        if not all(names):
+            s.error(m, "Channel1 and Channel2 must be specified")
+            return
+        found = [self.model.channels.get(n) for n in names]
+        for i, ch in enumerate(found, start=1):
+            if ch is None:
+                s.error(m, f"Channel{i} does not exist: {names[i - 1]}")
+                return
+        first, second = found
+        assert first is not None and second is not None
+        if first is second:
+            s.error(m, "Unable to bridge a channel with itself")
+            return
+        s.success(m, "Channels have been bridged")
+        for space, parked in list(self.parked.items()):
+            if parked.channel in names:
+                del self.parked[space]
+        self._run_feature(first, features.bridge_events(self.model, first, second), "transferred",
+                          TALK_AFTER_TRANSFER)
 
     def _act_playdtmf(self, s: _Session, m: AmiMessage) -> None:
         channel = self._channel(s, m)
         if channel is None:
             return
-        if not m.get("Digit"):
+        digit = m.get("Digit") or ""
+        if not digit:
             s.error(m, "No digit specified")
             return
+        duration = m.get("Duration") or ""
         s.success(m, "DTMF successfully queued")
+        for msg in features.dtmf_events(channel, digit[0], int(duration) if duration.isdigit() else 250):
+            self.emit(msg)
+
+    def _ring_answered_by_notify(self, peer: str, m: AmiMessage) -> None:
+        """A phone that supports it answers a ringing call when told ``Event: talk`` (SIP NOTIFY)."""
+        if "event=talk" not in {v.replace(" ", "").lower() for v in m.getall("Variable")}:
+            return
+        for channel in list(self.model.channels.values()):
+            if channel.device is None or channel.device.split("/", 1)[1] != peer:
+                continue
+            msgs = features.answer_events(self.model, channel)
+            if msgs:
+                self._run_feature(channel, msgs, "talking", TALK_AFTER_TRANSFER)
+                return
 
     def _act_sipnotify(self, s: _Session, m: AmiMessage) -> None:
-        if not m.get("Channel"):
+        peer = m.get("Channel")
+        if not peer:
             s.error(m, "SIPNotify requires a channel name")
             return
+        if not m.getall("Variable"):
+            s.error(m, "At least one variable required")
+            return
         s.success(m, "Notify Sent")
+        self._ring_answered_by_notify(peer, m)
 
     def _act_pjsipnotify(self, s: _Session, m: AmiMessage) -> None:
-        if not (m.get("Endpoint") or m.get("URI") or m.get("Channel")):
+        endpoint = m.get("Endpoint")
+        if not (endpoint or m.get("URI") or m.get("Channel")):
             s.error(m, "PJSIPNotify requires either an endpoint name, a SIP URI, or a channel.")
             return
+        if not (m.getall("Variable") or m.get("Option")):
+            s.error(m, "PJSIPNotify requires either an Option or Variable(s)")
+            return
         s.success(m, "NOTIFY sent")
+        if endpoint:
+            self._ring_answered_by_notify(endpoint, m)
+
+    def _act_dbget(self, s: _Session, m: AmiMessage) -> None:
+        family, key = m.get("Family"), m.get("Key")
+        if not family:
+            s.error(m, "No family specified.")
+            return
+        if not key:
+            s.error(m, "No key specified.")
+            return
+        value = self.astdb.get((family, key))
+        if value is None:
+            s.error(m, "Database entry not found")
+            return
+        s.success(m, "Result will follow", ("EventList", "start"))
+        s.list_event(m, "DBGetResponse", [("Family", family), ("Key", key), ("Val", value)])
+        s.list_event(m, "DBGetComplete", [("EventList", "Complete"), ("ListItems", "1")])
+
+    def _act_dbput(self, s: _Session, m: AmiMessage) -> None:
+        family, key = m.get("Family"), m.get("Key")
+        if not family:
+            s.error(m, "No family specified")
+            return
+        if not key:
+            s.error(m, "No key specified")
+            return
+        self.astdb[(family, key)] = m.get("Val") or ""
+        s.success(m, "Updated database successfully")
+
+    def _act_dbdel(self, s: _Session, m: AmiMessage) -> None:
+        family, key = m.get("Family"), m.get("Key")
+        if not family:
+            s.error(m, "No family specified.")
+            return
+        if not key:
+            s.error(m, "No key specified.")
+            return
+        if self.astdb.pop((family, key), None) is None:
+            s.error(m, "Database entry not found")
+            return
+        s.success(m, "Key deleted successfully")
+
+    def _act_filter(self, s: _Session, m: AmiMessage) -> None:
+        operation = (m.get("Operation") or "").lower()
+        if operation != "add":
+            s.error(m, "Unknown operation")
+            return
+        text = m.get("Filter") or ""
+        if not text:
+            s.error(m, "Filter must be specified")
+            return
+        exclude = text.startswith("!")
+        try:
+            pattern = re.compile(text[1:] if exclude else text)
+        except re.error:
+            s.error(m, "Filter Not Added")
+            return
+        (s.exclude_filters if exclude else s.include_filters).append(pattern)
+        s.success(m, "Filter Added Successfully")
 
     def _act_setvar(self, s: _Session, m: AmiMessage) -> None:
         name = m.get("Variable")
@@ -1159,6 +1468,7 @@ class AmiSimulator:
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = _Session(self, reader, writer)
         self._sessions.add(session)
+        self.metrics.connections.inc()
         log.info("conn=%s: connected", session.peer)
         await session.run()
 
@@ -1181,6 +1491,19 @@ class AmiSimulator:
             payload = json.loads(raw) if raw.strip() else {}
             if not isinstance(payload, dict):
                 raise ValueError("JSON body must be an object")
+            if method.upper() == "GET" and path.split("?", 1)[0] == "/metrics":
+                self.metrics.clients.set(len(self._sessions))
+                self.metrics.calls.set(len(self.model.calls))
+                text = self.metrics.render()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                    + f"Content-Length: {len(text)}\r\nConnection: close\r\n\r\n".encode()
+                    + text
+                )
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+                writer.close()
+                return
             status, body = self._control_request(method.upper(), path.split("?", 1)[0], payload)
         except (ValueError, ScenarioError, KeyError) as exc:
             status, body = 400, {"error": str(exc)}

@@ -1,0 +1,371 @@
+"""Agents' commands turned into AMI actions: pure planning, no I/O.
+
+:func:`plan_command` takes a :class:`~services.wire.Command`, what the tracker knows about the agent's line
+(:class:`LineView`) and CMS's settings, and returns the AMI actions that carry the command out, in order, or
+raises :class:`CommandRefused` with a message for the agent. The executor (``command_executor.py``) sends them
+and judges the answers. Keeping the decision here makes every rule testable with plain data.
+
+The command list, with the AMI action each one uses and the write class it needs:
+
+================= ================================================================== ==================
+command           AMI action(s)                                                      write class
+================= ================================================================== ==================
+make_call         ``Originate`` Channel=<tech>/<line>, Context=args.context or         originate
+                  originateContext, Exten=number; Async per asyncOriginate, then
+                  ``OriginateResponse`` (same ActionID) tells whether it started
+hangup            ``Hangup`` of the line's channel (and of its parked party)          call (or system)
+answer            ``SIPnotify`` (SIP) / ``PJSIPNotify`` (PJSIP) ``Event=talk``         system
+                  to the line's phone; phones that support it answer
+hold              ``Park`` of the party the line talks to (parkingLotContext set)     call
+unhold            ``Redirect`` of the line's channel to <space>@parkingLotContext     call
+blind_transfer    ``BlindTransfer`` Channel=<line's channel>                          call
+consult_call      ``Atxfer`` Channel=<line's channel>                                 call
+complete_transfer ``Hangup`` of the transferer (Atxfer), else ``Bridge`` of the two  call
+                  far ends and ``Hangup`` of the line's two channels
+cancel_transfer   ``CancelAtxfer`` (fallback ``Hangup`` of the consultation leg),     call
+                  else ``Hangup`` of the consultation call (+ unpark the first)
+dtmf              ``PlayDTMF`` on the party the line talks to, one per digit           call
+set_dnd           ``DBGet``/``DBPut``/``DBDel`` DND/<line> (FreePBX's key) and         system, call
+                  ``SetVar`` DEVICE_STATE(Custom:DND<line>)
+agent_pause       ``QueuePause`` Interface=queueExtensionFormat(line), Paused=true,    agent
+                  Reason; no Queue = every queue of the interface
+agent_unpause     ``QueuePause`` Paused=false                                         agent
+wrap_up           ``QueuePause`` Paused=true Reason=Wrap-up / Paused=false             agent
+================= ================================================================== ==================
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ami_gateway.lines import LineMatcher
+from ami_gateway.tracker import CallControl
+from services.config import AsteriskConfig
+from services.wire import CallState, Command, CommandName
+
+__all__ = [
+    "AmiAction",
+    "CommandPlan",
+    "CommandRefused",
+    "LineView",
+    "WRAP_UP_REASON",
+    "check_fresh",
+    "plan_command",
+]
+
+#: QueuePause reason used while the agent is in wrap-up (after-call work).
+WRAP_UP_REASON = "Wrap-up"
+#: How long the agent's phone rings for a click-to-dial before Asterisk gives up (Originate Timeout).
+ORIGINATE_RING_SECONDS = 30
+
+_NUMBER_RE = re.compile(r"^\+?[0-9A-Za-z*#._-]{1,64}$")
+_CONTEXT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
+_DTMF_RE = re.compile(r"^[0-9*#A-D]{1,32}$")
+_REASON_MAX = 200
+
+
+class CommandRefused(Exception):
+    """The command cannot be carried out; the message is shown to the agent."""
+
+
+class LineView(Protocol):
+    """What the planner needs from the tracker."""
+
+    def controls(self, line: str) -> list[CallControl]: ...
+
+    def tech_of(self, line: str) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AmiAction:
+    name: str
+    fields: tuple[tuple[str, str], ...]
+    #: an event that completes the action after its response (``OriginateResponse``), matched by ActionID.
+    until_event: str = ""
+    timeout: float = 10.0
+    #: error messages that mean "already so" and are not a failure (DBDel of a missing key...).
+    tolerated: tuple[str, ...] = ()
+    #: tried instead when this action fails (CancelAtxfer without the atxferabort feature...).
+    fallback: AmiAction | None = None
+
+    def field(self, name: str) -> str:
+        return next((v for k, v in self.fields if k == name), "")
+
+
+@dataclass(frozen=True, slots=True)
+class CommandPlan:
+    actions: tuple[AmiAction, ...]
+    #: returned to the node with a success (what the command did: the channel parked, the DND state...).
+    data: dict[str, str] = field(default_factory=dict)
+
+
+def _action(name: str, *fields: tuple[str, str], **options: object) -> AmiAction:
+    return AmiAction(name, tuple(fields), **options)  # type: ignore[arg-type]
+
+
+def check_fresh(command: Command, now: float, ttl: float) -> None:
+    age = now - command.issued_at
+    if age > ttl:
+        raise CommandRefused(f"command expired: it reached the gateway {age:.1f}s after it was sent (limit {ttl:g}s)")
+
+
+def _own_call(command: Command, view: LineView, key: str = "call_id") -> CallControl:
+    call_id = command.args.get(key, "")
+    controls = view.controls(command.line)
+    if not call_id:
+        if len(controls) == 1 and key == "call_id":
+            return controls[0]
+        raise CommandRefused(
+            f"{command.name.value}: say which call ({key}); line {command.line} has {len(controls)} calls"
+        )
+    for control in controls:
+        if control.call.id == call_id:
+            return control
+    raise CommandRefused(f"no call {call_id} on line {command.line}")
+
+
+def _number(command: Command) -> str:
+    number = command.args.get("number", "").strip()
+    if not _NUMBER_RE.fullmatch(number):
+        raise CommandRefused(f"{command.name.value} needs a valid number (digits, * # +), got {number!r}")
+    return number
+
+
+def _context(command: Command, config: AsteriskConfig) -> str:
+    context = command.args.get("context", "").strip() or config.originate_context
+    if not _CONTEXT_RE.fullmatch(context):
+        raise CommandRefused(f"{command.name.value}: bad dialplan context {context!r}")
+    return context
+
+
+def _require(control: CallControl, states: Sequence[CallState], what: str) -> None:
+    if control.call.state not in states:
+        raise CommandRefused(f"{what}: the call is {control.call.state.value}")
+
+
+def _peer_name(channel: str) -> str:
+    """``SIP/305-0000000a`` -> ``305`` (the SIP peer / PJSIP endpoint of a phone channel)."""
+    resource = channel.split("/", 1)[1] if "/" in channel else channel
+    return resource.rsplit("-", 1)[0] if "-" in resource else resource
+
+
+def plan_command(
+    command: Command,
+    view: LineView,
+    config: AsteriskConfig,
+    matcher: LineMatcher,
+    *,
+    dnd_now: bool | None = None,
+) -> CommandPlan:
+    """The AMI actions for ``command`` (see the module docstring); raises :class:`CommandRefused`.
+
+    ``set_dnd`` with ``mode=toggle`` needs the current state: the executor reads it (``DBGet``) and passes it
+    as ``dnd_now``.
+    """
+    name = command.name
+    line = command.line
+    args = command.args
+    if not matcher.is_line(line):
+        raise CommandRefused(f"{line!r} is not an agent line")
+
+    if name is CommandName.MAKE_CALL:
+        number = _number(command)
+        context = _context(command, config)
+        tech = view.tech_of(line) or matcher.protocols[0]
+        wait = float(ORIGINATE_RING_SECONDS + 10)
+        return CommandPlan(
+            (
+                _action(
+                    "Originate",
+                    ("Channel", f"{tech}/{line}"),
+                    ("Context", context),
+                    ("Exten", number),
+                    ("Priority", "1"),
+                    ("CallerID", f"{number} <{number}>"),
+                    ("Timeout", str(ORIGINATE_RING_SECONDS * 1000)),
+                    ("Async", "true" if config.async_originate else "false"),
+                    until_event="OriginateResponse" if config.async_originate else "",
+                    timeout=wait,
+                ),
+            ),
+            {"number": number, "context": context},
+        )
+
+    if name is CommandName.HANGUP:
+        control = _own_call(command, view)
+        actions = [_action("Hangup", ("Channel", control.channel), ("Cause", "16"))]
+        if control.parked_channel:
+            # A parked far end would otherwise wait in the lot for nobody.
+            actions.append(_action("Hangup", ("Channel", control.parked_channel), ("Cause", "16"),
+                                   tolerated=("No such channel",)))
+        return CommandPlan(tuple(actions))
+
+    if name is CommandName.ANSWER:
+        control = _own_call(command, view)
+        _require(control, (CallState.RINGING,), "answer")
+        if control.transferer:
+            raise CommandRefused("answer: a consultation call is answered by the other party")
+        peer = _peer_name(control.channel)
+        tech = control.tech.upper()
+        if tech == "SIP":
+            return CommandPlan((_action("SIPnotify", ("Channel", peer), ("Variable", "Event=talk")),))
+        if tech == "PJSIP":
+            return CommandPlan((_action("PJSIPNotify", ("Endpoint", peer), ("Variable", "Event=talk")),))
+        raise CommandRefused(f"answer: only SIP and PJSIP phones can be told to answer, not {control.tech}")
+
+    if name in (CommandName.HOLD, CommandName.UNHOLD):
+        control = _own_call(command, view)
+        lot_context = config.parking_lot_context
+        if not lot_context:
+            raise CommandRefused(
+                "hold is not supported: set parkingLotContext to hold calls by parking them "
+                "(or hold from the phone)"
+            )
+        if name is CommandName.HOLD:
+            _require(control, (CallState.CONNECTED,), "hold")
+            if control.transferer:
+                raise CommandRefused("hold: a consultation call cannot be parked; cancel or complete the transfer")
+            if not control.peer:
+                raise CommandRefused("hold: the call has no other party to park")
+            return CommandPlan((_action("Park", ("Channel", control.peer)),), {"parked_channel": control.peer})
+        _require(control, (CallState.HELD,), "resume")
+        if not control.parked_space:
+            raise CommandRefused("resume: the call was held from the phone; resume it from the phone")
+        return CommandPlan(
+            (
+                _action(
+                    "Redirect",
+                    ("Channel", control.channel),
+                    ("Context", lot_context),
+                    ("Exten", control.parked_space),
+                    ("Priority", "1"),
+                ),
+            ),
+            {"parking_space": control.parked_space},
+        )
+
+    if name is CommandName.BLIND_TRANSFER:
+        control = _own_call(command, view)
+        number = _number(command)
+        _require(control, (CallState.CONNECTED,), "blind_transfer")
+        if control.transferer:
+            raise CommandRefused("blind_transfer: complete or cancel the consultation first")
+        context = _context(command, config)
+        return CommandPlan(
+            (_action("BlindTransfer", ("Channel", control.channel), ("Exten", number), ("Context", context)),)
+        )
+
+    if name is CommandName.CONSULT_CALL:
+        control = _own_call(command, view)
+        number = _number(command)
+        _require(control, (CallState.CONNECTED,), "consult_call")
+        if control.transferer:
+            raise CommandRefused("consult_call: already consulting; complete or cancel that transfer first")
+        context = _context(command, config)
+        return CommandPlan(
+            (_action("Atxfer", ("Channel", control.channel), ("Exten", number), ("Context", context)),),
+            {"transferer": control.channel},
+        )
+
+    if name in (CommandName.COMPLETE_TRANSFER, CommandName.CANCEL_TRANSFER):
+        original = _own_call(command, view)
+        consult = _own_call(command, view, "consult_call_id")
+        if consult.call.id == original.call.id:
+            raise CommandRefused(f"{name.value}: the consultation call is the call itself")
+        atxfer = bool(consult.transferer) and consult.transferer == original.channel
+        if name is CommandName.COMPLETE_TRANSFER:
+            if atxfer:
+                # Asterisk completes an attended transfer when the transferer hangs up.
+                return CommandPlan((_action("Hangup", ("Channel", original.channel), ("Cause", "16")),))
+            first = original.parked_channel or original.peer
+            second = consult.peer
+            if not first or not second:
+                raise CommandRefused("complete_transfer: both calls need another party to connect together")
+            tolerate = ("No such channel",)
+            return CommandPlan(
+                (
+                    _action("Bridge", ("Channel1", first), ("Channel2", second), ("Tone", "no")),
+                    _action("Hangup", ("Channel", original.channel), ("Cause", "16"), tolerated=tolerate),
+                    _action("Hangup", ("Channel", consult.channel), ("Cause", "16"), tolerated=tolerate),
+                )
+            )
+        if atxfer:
+            return CommandPlan(
+                (
+                    _action(
+                        "CancelAtxfer",
+                        ("Channel", original.channel),
+                        fallback=_action("Hangup", ("Channel", consult.channel), ("Cause", "16")),
+                    ),
+                )
+            )
+        actions = [_action("Hangup", ("Channel", consult.channel), ("Cause", "16"))]
+        if original.parked_space and config.parking_lot_context:
+            actions.append(
+                _action(
+                    "Redirect",
+                    ("Channel", original.channel),
+                    ("Context", config.parking_lot_context),
+                    ("Exten", original.parked_space),
+                    ("Priority", "1"),
+                )
+            )
+        return CommandPlan(tuple(actions))
+
+    if name is CommandName.DTMF:
+        control = _own_call(command, view)
+        digits = args.get("digits", "")
+        if not _DTMF_RE.fullmatch(digits):
+            raise CommandRefused("dtmf needs 1-32 digits among 0-9, *, #, A-D")
+        _require(control, (CallState.CONNECTED,), "dtmf")
+        if not control.peer:
+            raise CommandRefused("dtmf: the call has no other party yet")
+        return CommandPlan(
+            tuple(_action("PlayDTMF", ("Channel", control.peer), ("Digit", d), ("Duration", "250")) for d in digits)
+        )
+
+    if name is CommandName.SET_DND:
+        mode = args.get("mode", "toggle").strip().lower()
+        if mode not in ("on", "off", "toggle"):
+            raise CommandRefused(f"set_dnd: mode must be on, off or toggle, not {mode!r}")
+        if mode == "toggle":
+            if dnd_now is None:
+                raise CommandRefused("set_dnd: the current DND state is unknown")
+            turn_on = not dnd_now
+        else:
+            turn_on = mode == "on"
+        device_state = ("Variable", f"DEVICE_STATE(Custom:DND{line})")
+        dnd_actions: tuple[AmiAction, ...]
+        if turn_on:
+            dnd_actions = (
+                _action("DBPut", ("Family", "DND"), ("Key", line), ("Val", "YES")),
+                _action("SetVar", device_state, ("Value", "BUSY")),
+            )
+        else:
+            dnd_actions = (
+                _action("DBDel", ("Family", "DND"), ("Key", line), tolerated=("Database entry not found",)),
+                _action("SetVar", device_state, ("Value", "NOT_INUSE")),
+            )
+        return CommandPlan(dnd_actions, {"dnd": "on" if turn_on else "off"})
+
+    if name in (CommandName.AGENT_PAUSE, CommandName.AGENT_UNPAUSE, CommandName.WRAP_UP):
+        interface = matcher.interface_for(line)
+        if name is CommandName.WRAP_UP:
+            active = args.get("active", "true").strip().lower()
+            if active not in ("true", "false"):
+                raise CommandRefused(f"wrap_up: active must be true or false, not {active!r}")
+            pause, reason = active == "true", WRAP_UP_REASON
+        else:
+            pause = name is CommandName.AGENT_PAUSE
+            reason = args.get("reason", "").strip()[:_REASON_MAX]
+            if any(c in reason for c in "\r\n"):
+                raise CommandRefused("agent_pause: the reason must be one line")
+        fields: list[tuple[str, str]] = [("Interface", interface), ("Paused", "true" if pause else "false")]
+        if pause and reason:
+            fields.append(("Reason", reason))
+        return CommandPlan((_action("QueuePause", *fields),), {"interface": interface, "paused": str(pause).lower()})
+
+    raise CommandRefused(f"{name.value} is not supported")
