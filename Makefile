@@ -8,13 +8,17 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?=
 
-.PHONY: run test setup system-deps lint typecheck unit integration e2e clean
+.PHONY: run test drill setup system-deps lint typecheck unit integration e2e clean
 
 run: setup
 	$(PY) -m local_cluster $(if $(CONFIG),--config $(CONFIG),)
 
 test: setup lint typecheck
 	$(PY) -m pytest -q
+
+# Failover drill: 200 simulated Creatio agents, a node SIGKILLed under traffic; DRILL_ARGS for more.
+drill: setup
+	$(PY) -m ops.drill --agents 200 $(DRILL_ARGS)
 
 setup: system-deps $(STAMP)
 

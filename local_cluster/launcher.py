@@ -92,6 +92,8 @@ class Child:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    args: list[str]
+    env: dict[str, str] | None
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -223,7 +225,7 @@ class LocalCluster:
             process = subprocess.Popen(
                 args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env, start_new_session=True
             )
-        child = Child(name, process, log_path)
+        child = Child(name, process, log_path, args, env)
         self.children = [c for c in self.children if c.name != name] + [child]
         return child
 
@@ -275,6 +277,16 @@ class LocalCluster:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.process.pid, sig)
         child.process.wait(timeout=10)
+
+    def restart(self, name: str, timeout: float = 30.0) -> Child:
+        """Start a stopped (or killed) child again with its original command line; wait for /health."""
+        old = self.child(name)
+        if old.alive():
+            self.kill(name, signal.SIGTERM)
+        child = self._spawn(name, old.args, old.env)
+        if name == "gateway":
+            self._wait(self._gateway_ready, time.monotonic() + timeout, "gateway /health after restart")
+        return child
 
     def play(self, scenario: str, **variables: str) -> dict[str, Any]:
         body = json.dumps({"scenario": scenario, "vars": variables}).encode()

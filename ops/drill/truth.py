@@ -1,0 +1,152 @@
+"""What every agent should have seen, from the simulator's ground truth, and what it did see.
+
+Pure functions over plain data, so the verdict logic is unit-tested without a cluster.
+
+Ground truth: the simulator's ``GET /calls`` lists every call it played with its Linkedid, the
+variables it was played with (``line``, ``agent2`` for queue calls, ``caller``) and its start
+and end times. A call that rang line L is, for L's agent, the Creatio call whose id is
+``call_guid(f"{linkedid}:{L}")`` (the gateway's call id for that line, as the node encodes it).
+
+Verdict per agent line:
+* missing: a call that rang the line and never reached the agent (no event at all);
+* unfinished: a call that ended before the drill's end but whose end never reached the agent;
+* wrong: the agent saw the call with another caller number than the one played.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+RING_STARTED = 5
+RING_FINISHED = 6
+COMMUTATION_STARTED = 7
+
+
+#: Scenarios in which the line's own leg lasts as long as the whole call, so "the simulator says
+#: the call is live" implies "the agent's call is live". In the others (no answer, a queue's
+#: second agent) the agent's ring may end while the call goes on.
+WHOLE_CALL_SCENARIOS = frozenset({"inbound-direct-answered", "inbound-direct-long"})
+
+
+@dataclass(frozen=True, slots=True)
+class TruthCall:
+    linkedid: str
+    lines: tuple[str, ...]
+    caller: str
+    started: float
+    ended: float | None
+    scenario: str = ""
+
+
+@dataclass(slots=True)
+class SeenCall:
+    caller: str = ""
+    event_types: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return RING_FINISHED in self.event_types
+
+
+@dataclass(frozen=True, slots=True)
+class LineVerdict:
+    line: str
+    expected: int
+    missing: tuple[str, ...]
+    unfinished: tuple[str, ...]
+    wrong: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unfinished or self.wrong)
+
+
+def parse_truth(payload: Mapping[str, Any], agent_lines: Iterable[str]) -> list[TruthCall]:
+    """Calls from the simulator's /calls answer that involve one of the agents' lines."""
+    wanted = set(agent_lines)
+    calls: list[TruthCall] = []
+    for item in [*payload.get("finished", []), *payload.get("live", [])]:
+        variables = item.get("vars") or {}
+        lines = tuple(v for v in (variables.get("line"), variables.get("agent2")) if v and v in wanted)
+        if not lines or not item.get("linkedid"):
+            continue
+        calls.append(
+            TruthCall(
+                linkedid=str(item["linkedid"]),
+                lines=lines,
+                caller=str(variables.get("caller", "")),
+                started=float(item.get("started") or 0.0),
+                ended=float(item["ended"]) if item.get("ended") else None,
+                scenario=str(item.get("scenario", "")),
+            )
+        )
+    return calls
+
+
+def judge(
+    truth: Iterable[TruthCall],
+    seen_by_line: Mapping[str, Mapping[str, SeenCall]],
+    guid: Callable[[str], str],
+) -> list[LineVerdict]:
+    expected: dict[str, list[TruthCall]] = {}
+    for call in truth:
+        for line in call.lines:
+            expected.setdefault(line, []).append(call)
+    verdicts = []
+    for line in sorted(set(expected) | set(seen_by_line)):
+        seen = seen_by_line.get(line, {})
+        missing, unfinished, wrong = [], [], []
+        for call in expected.get(line, []):
+            observed = seen.get(guid(f"{call.linkedid}:{line}"))
+            if observed is None:
+                missing.append(call.linkedid)
+                continue
+            if call.ended is not None and not observed.finished:
+                unfinished.append(call.linkedid)
+            if call.caller and observed.caller and observed.caller != call.caller:
+                wrong.append(call.linkedid)
+        verdicts.append(
+            LineVerdict(line, len(expected.get(line, [])), tuple(missing), tuple(unfinished), tuple(wrong))
+        )
+    return verdicts
+
+
+def snapshot_is_correct(
+    snapshot_call_ids: Iterable[str],
+    truth: Iterable[TruthCall],
+    line: str,
+    at: float,
+    guid: Callable[[str], str],
+    slack: float = 1.0,
+) -> bool:
+    """Every call surely live on the line at ``at`` is in the snapshot, and nothing surely dead is.
+
+    ``slack`` absorbs the few hundred milliseconds between the simulator's clock and the
+    moment the gateway processed the event: calls starting or ending that close to ``at`` may
+    legitimately be on either side.
+    """
+    in_snapshot = set(snapshot_call_ids)
+    for call in truth:
+        if line not in call.lines:
+            continue
+        call_id = guid(f"{call.linkedid}:{line}")
+        whole = call.scenario in WHOLE_CALL_SCENARIOS and call.lines[0] == line
+        surely_live = whole and call.started < at - slack and (call.ended is None or call.ended > at + slack)
+        surely_dead = (call.ended is not None and call.ended < at - slack) or call.started > at + slack
+        if surely_live and call_id not in in_snapshot:
+            return False
+        if surely_dead and call_id in in_snapshot:
+            return False
+    return True
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = q / 100 * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)

@@ -1,0 +1,75 @@
+"""The drill's verdicts: ground truth vs what agents saw."""
+
+from __future__ import annotations
+
+from ops.drill.truth import (
+    RING_FINISHED,
+    RING_STARTED,
+    SeenCall,
+    TruthCall,
+    judge,
+    parse_truth,
+    percentile,
+    snapshot_is_correct,
+)
+
+
+def guid(call_id: str) -> str:
+    return f"g-{call_id}"
+
+
+PAYLOAD = {
+    "finished": [
+        {"linkedid": "1.1", "scenario": "inbound-direct-answered", "vars": {"line": "4000", "caller": "79160000001"},
+         "started": 100.0, "ended": 110.0},
+        {"linkedid": "1.2", "scenario": "inbound-queue",
+         "vars": {"line": "4001", "agent2": "4000", "caller": "79160000002"}, "started": 105.0, "ended": 115.0},
+        {"linkedid": "1.3", "scenario": "inbound-direct-answered", "vars": {"line": "9999", "caller": "1"},
+         "started": 100.0, "ended": 101.0},
+    ],
+    "live": [
+        {"linkedid": "1.4", "scenario": "inbound-direct-long", "vars": {"line": "4001", "caller": "79160000004"},
+         "started": 120.0, "ended": None},
+    ],
+}
+
+
+def test_truth_keeps_only_the_agents_lines() -> None:
+    truth = parse_truth(PAYLOAD, ["4000", "4001"])
+    assert {c.linkedid: c.lines for c in truth} == {"1.1": ("4000",), "1.2": ("4001", "4000"), "1.4": ("4001",)}
+
+
+def test_missing_unfinished_and_wrong_are_told_apart() -> None:
+    truth = parse_truth(PAYLOAD, ["4000", "4001"])
+    seen = {
+        "4000": {
+            "g-1.1:4000": SeenCall("79160000001", [RING_STARTED, RING_FINISHED]),
+            "g-1.2:4000": SeenCall("79160000002", [RING_STARTED]),  # its end never arrived
+        },
+        "4001": {
+            "g-1.2:4001": SeenCall("79169999999", [RING_STARTED, RING_FINISHED]),  # wrong caller
+            # 1.4 never seen at all
+        },
+    }
+    verdicts = {v.line: v for v in judge(truth, seen, guid)}
+    assert verdicts["4000"].unfinished == ("1.2",) and not verdicts["4000"].missing
+    assert verdicts["4001"].wrong == ("1.2",) and verdicts["4001"].missing == ("1.4",)
+    everything = {
+        "4000": {"g-1.1:4000": SeenCall("79160000001", [5, 6]), "g-1.2:4000": SeenCall("79160000002", [5, 6])},
+        "4001": {"g-1.2:4001": SeenCall("79160000002", [5, 7, 6]), "g-1.4:4001": SeenCall("79160000004", [5])},
+    }
+    assert all(v.ok for v in judge(truth, everything, guid))
+
+
+def test_snapshot_check_allows_slack_but_not_errors() -> None:
+    truth = [TruthCall("2.1", ("4000",), "1", 100.0, None, "inbound-direct-long"),
+             TruthCall("2.2", ("4000",), "1", 90.0, 95.0, "inbound-direct-answered")]
+    assert snapshot_is_correct(["g-2.1:4000"], truth, "4000", at=110.0, guid=guid)
+    assert not snapshot_is_correct([], truth, "4000", at=110.0, guid=guid)  # a live call is missing
+    assert not snapshot_is_correct(["g-2.1:4000", "g-2.2:4000"], truth, "4000", at=110.0, guid=guid)  # a dead one
+    assert snapshot_is_correct([], truth, "4000", at=100.5, guid=guid)  # too close to the start to judge
+
+
+def test_percentile() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
