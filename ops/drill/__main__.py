@@ -219,8 +219,8 @@ def print_report(result: DrillResult, max_reconnect: float) -> None:
             print(f"  line {verdict.line}: missing={list(verdict.missing)} unfinished={list(verdict.unfinished)} "
                   f"wrong={list(verdict.wrong)}")
     ok = result.passed and share >= 99.0
-    verdict = "PASS" if ok else "FAIL"
-    print(f"\n{verdict}: {result.lost} calls lost or wrong, {len(result.bad_snapshots)} bad snapshots, "
+    outcome = "PASS" if ok else "FAIL"
+    print(f"\n{outcome}: {result.lost} calls lost or wrong, {len(result.bad_snapshots)} bad snapshots, "
           f"{share:.1f}% reconnected within {max_reconnect:.0f}s", flush=True)
 
 
