@@ -1,11 +1,14 @@
 """The node process: Twisted's asyncio reactor, so Autobahn, aio-pika and redis.asyncio share
 one loop. Start: Redis client, line feed (broker), HTTP+WebSocket listener; ready once the
-broker is connected. Stop (SIGTERM): drain first: /health turns 503 so HAProxy sends no new
-agents, then open connections are closed with 1001 so their clients reconnect elsewhere."""
+broker is connected. Stop (SIGTERM): drain first: /health turns 503 and new sockets and
+negotiations are refused, so HAProxy sends no new agents; open connections are closed at once
+with 1001 (SignalR: a close record without error), so their clients reconnect elsewhere. Closing
+at once matters: HAProxy cuts the tunnels of a server it marks down (on-marked-down
+shutdown-sessions), about two health checks later, and a cut tunnel gives the client no close
+frame. Then the node waits, up to ``drain_seconds``, for the close handshakes, and stops."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -122,11 +125,9 @@ class Node:
         self.draining = True
         NODE_READY.set(0)
         log.info("node %s draining: %d agents", self.node_id, len(self.hub.connections))
-        if self.hub.connections:
-            await asyncio.sleep(self.options.drain_seconds)
         self.hub.close_all(1001, "node restarting, reconnect")
         self.factory.close_unattached(1001, "node restarting, reconnect")
-        await asyncio.sleep(0.5)
+        await self.factory.wait_until_empty(max(0.5, self.options.drain_seconds))
         self.factory.stop_sweeping()
         if self._port is not None:
             await self._port.stopListening()

@@ -17,6 +17,8 @@ node-wide sweep, not a timer per socket, enforces handshake deadlines and Signal
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -209,7 +211,7 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
         super()._max_message_size_exceeded(msg_size, max_msg_size, reason)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.factory.live.discard(self)
+        self.factory.forget(self)
         connection, self.connection = self.connection, None
         if connection is not None:
             connection.lost()
@@ -320,6 +322,7 @@ class AgentServerFactory(WebSocketServerFactory):  # type: ignore[misc]
         #: open sockets of either transport, including those not past their first message yet
         self.live: set[AgentProtocol] = set()
         self._sweeper = LoopingCall(self.sweep)
+        self._emptied: asyncio.Future[None] | None = None
         self.setProtocolOptions(
             maxFramePayloadSize=policy.max_message_bytes,
             maxMessagePayloadSize=policy.max_message_bytes,
@@ -337,6 +340,19 @@ class AgentServerFactory(WebSocketServerFactory):  # type: ignore[misc]
                 protocol.sweep(now)
             except Exception:  # one broken socket must not stop keep-alives and deadlines for all
                 log.exception("sweep failed for one socket", extra={"conn": protocol._conn_id()})
+
+    def forget(self, protocol: AgentProtocol) -> None:
+        self.live.discard(protocol)
+        if not self.live and self._emptied is not None and not self._emptied.done():
+            self._emptied.set_result(None)
+
+    async def wait_until_empty(self, timeout: float) -> None:
+        """Until every socket has closed, or ``timeout`` seconds (on drain)."""
+        if not self.live:
+            return
+        self._emptied = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._emptied, timeout)
 
     def close_unattached(self, code: int, reason: str) -> None:
         """Sockets still before their first message or handshake: not in the hub, closed here on drain."""

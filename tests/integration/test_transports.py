@@ -502,7 +502,9 @@ def test_garbage_signalr_records_close_with_an_error(nodes: tuple[NodeProcess, N
 
 
 @pytest.mark.parametrize("transport", ["raw", "signalr"])
-def test_a_flood_is_warned_then_disconnected_and_counted(nodes: tuple[NodeProcess, NodeProcess], transport: str) -> None:
+def test_a_flood_is_warned_then_disconnected_and_counted(
+    nodes: tuple[NodeProcess, NodeProcess], transport: str
+) -> None:
     node, _ = nodes
     before_limited = node.metric("cms_node_rate_limited_messages_total")
     before_cut = node.metric("cms_node_rate_limit_disconnects_total")

@@ -74,7 +74,7 @@ async function main() {
     options.headers = { Origin: args.origin };
   }
   const connection = new signalR.HubConnectionBuilder()
-    .withUrl(args.skipNegotiation ? args.url.replace(/^http/, "ws") : args.url, options)
+    .withUrl(args.url, options)
     .configureLogging(logger)
     .build();
 
