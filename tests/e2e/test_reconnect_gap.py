@@ -85,7 +85,8 @@ async def wait_line_idle_after(cluster: LocalCluster, line: str, min_seq: int, t
             if seq >= min_seq and client.hlen(f"{cluster.prefix}:line:{line}:calls") == 0:
                 return seq
             await asyncio.sleep(0.1)
-        history = [f[b"e"][:300] for _id, f in client.xrange(f"{cluster.prefix}:line:{line}:events")]
+        entries: Any = client.xrange(f"{cluster.prefix}:line:{line}:events")
+        history = [fields[b"e"][:300] for _id, fields in entries]
         raise AssertionError(f"line {line} did not settle: {pos}, history {history}")
     finally:
         client.close()
