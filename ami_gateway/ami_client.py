@@ -247,8 +247,11 @@ class AmiClient:
                 AMI_DISCONNECTS.labels(reason="ping_timeout").inc()
                 log.warning("AMI connection to %s:%s dead: %s", self._host, self._port, exc)
             except (OSError, AmiError, asyncio.IncompleteReadError, TimeoutError) as exc:
-                AMI_DISCONNECTS.labels(reason="connect" if self.session is None else "lost").inc()
-                log.warning("AMI connection to %s:%s lost: %s", self._host, self._port, exc)
+                if self._stopping:
+                    log.info("AMI session to %s:%s closed", self._host, self._port)
+                else:
+                    AMI_DISCONNECTS.labels(reason="connect" if self.session is None else "lost").inc()
+                    log.warning("AMI connection to %s:%s lost: %s", self._host, self._port, exc)
             finally:
                 self.ready.clear()
                 AMI_CONNECTED.set(0)

@@ -59,8 +59,17 @@ queue_log = logging.getLogger("ami_gateway.queues")
 
 
 class Gateway:
-    def __init__(self, settings: Settings, *, metrics_host: str = "127.0.0.1", metrics_port: int = 0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics_host: str = "127.0.0.1",
+        metrics_port: int = 0,
+        ping_interval: float = 10.0,
+        ping_timeout: float = 5.0,
+    ) -> None:
         self.settings = settings
+        self._ping = (ping_interval, ping_timeout)
         ast = settings.asterisk
         self.topology = Topology(settings.cluster.prefix)
         self.redis = aioredis.from_url(settings.cluster.redis_url)
@@ -122,6 +131,8 @@ class Gateway:
                 on_event=self._on_ami_event,
                 on_connected=self._on_ami_connected,
                 on_disconnected=self._on_ami_disconnected,
+                ping_interval=self._ping[0],
+                ping_timeout=self._ping[1],
             )
             self._tasks.append(asyncio.create_task(self.ami.run(), name="ami"))
         log.info(
@@ -143,6 +154,7 @@ class Gateway:
         for task in [*self._tasks, *self._command_tasks]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.outbox.close()
         await self.observability.stop()
         await self.redis.aclose()
 

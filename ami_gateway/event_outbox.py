@@ -139,6 +139,10 @@ class EventOutbox:
         self._idle = asyncio.Event()
         self._idle.set()
         self.published = 0
+        # How many events at the head of the queue are already in Redis: a batch whose publish failed is
+        # retried on RabbitMQ only (its stream ids are taken; XADD would refuse them a second time).
+        self._stored = 0
+        self._generation = 0  # bumped when an overflow clears the queue under a batch in flight
 
     def put(self, events: Sequence[LineEvent]) -> None:
         """Never blocks: the AMI read path calls this."""
@@ -151,6 +155,8 @@ class EventOutbox:
             # every line under a new epoch instead (see on_continuity_lost).
             dropped = len(self._queue)
             self._queue.clear()
+            self._stored = 0
+            self._generation += 1
             EVENTS_DROPPED.inc(dropped)
             self._continuity_lost = True
             log.error("outbox overflow: dropped %d events; every line restarts under a new epoch", dropped)
@@ -169,6 +175,10 @@ class EventOutbox:
         except TimeoutError:
             return False
 
+    async def close(self) -> None:
+        """Close the broker connection (after :meth:`run` was cancelled)."""
+        await self._publisher.close()
+
     async def run(self) -> None:
         backoff = Backoff(initial=0.1, maximum=5.0)
         while True:
@@ -181,17 +191,27 @@ class EventOutbox:
                 await self._wakeup.wait()
                 continue
             batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
+            generation = self._generation
             started = time.perf_counter()
             try:
-                await self._writer.write(batch)
+                if self._stored < len(batch):
+                    await self._writer.write(batch[self._stored:])
+                    if generation != self._generation:
+                        continue
+                    self._stored = len(batch)
             except (OSError, ConnectionError) as exc:
                 await self._failed("redis", exc, backoff)
                 continue
             except Exception as exc:  # redis.exceptions.* do not share a base with OSError
-                if type(exc).__module__.startswith("redis"):
+                if not type(exc).__module__.startswith("redis"):
+                    raise
+                if "equal or smaller than the target stream top item" not in str(exc):
                     await self._failed("redis", exc, backoff)
                     continue
-                raise
+                # The previous attempt was stored but its reply was lost: the stream already holds these
+                # ids (stream ids only grow). The rest of that transaction is idempotent; go on and publish.
+                log.warning("batch of %d events was already stored; publishing it", len(batch))
+                self._stored = len(batch)
             try:
                 await self._publisher.publish(batch)
             except (aio_pika.exceptions.AMQPError, OSError, ConnectionError, RuntimeError, TimeoutError) as exc:
@@ -200,8 +220,11 @@ class EventOutbox:
                 continue
             PUBLISH_SECONDS.observe(time.perf_counter() - started)
             backoff.reset()
+            if generation != self._generation:
+                continue  # the queue was cleared meanwhile: these events are gone from it already
             for _ in batch:
                 self._queue.popleft()
+            self._stored = max(0, self._stored - len(batch))
             self.published += len(batch)
             EVENTS_PUBLISHED.inc(len(batch))
             OUTBOX_DEPTH.set(len(self._queue))

@@ -1,0 +1,385 @@
+"""Every agent command through the real path: node side -> RabbitMQ -> gateway -> AMI (simulator over TCP) ->
+events back on RabbitMQ, with the gateway's state in the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from ami_gateway.app import Gateway
+from ami_gateway.queue_policy import AUTO_PAUSE_REASON
+from ami_simulator.model import Call as SimCall
+from ami_simulator.server import AmiSimulator, User, parse_classes
+from local_cluster.infra import Infrastructure
+from services.wire import CallState, CommandName, EventType, LineEvent
+from tests.integration.test_gateway_proxy import (
+    SECRET,
+    CommandClient,
+    EventListener,
+    cleanup,
+    gateway_settings,
+    running_gateway,
+    wait_until,
+)
+from tests.integration.test_simulator import Client
+
+pytestmark = pytest.mark.integration
+
+LINES = ["305", "306", "307", "308"]
+
+
+@dataclass
+class Rig:
+    sim: AmiSimulator
+    gateway: Gateway
+    events: EventListener
+    commands: CommandClient
+
+    async def send(self, line: str, name: CommandName, **args: str) -> Any:
+        return await self.commands.send(line, name, **args)
+
+    async def event(self, line: str, kind: EventType, call_id: str | None = None, **match: Any) -> LineEvent:
+        def pred(e: LineEvent) -> bool:
+            if e.line != line or e.type is not kind:
+                return False
+            if call_id is not None and (e.call is None or e.call.id != call_id):
+                return False
+            return all(getattr(e.call if k != "agent" else e, k) == v for k, v in match.items())
+
+        return await self.events.wait_for(pred, what=f"{kind.value} on {line}")
+
+    async def connected_call(self, scenario: str = "inbound-direct-long", line: str = "305", **variables: str) \
+            -> tuple[SimCall, str]:
+        call = self.sim.play(scenario, line=line, **variables)
+        event = await self.event(line, EventType.COMMUTATION_STARTED, linked_id=call.id)
+        assert event.call is not None
+        call_id = event.call.id
+        # DialEnd ANSWER comes a moment before the bridge: transfers need the agent's phone bridged.
+        await wait_until(lambda: bool((c := self.gateway.tracker.control(line, call_id)) and c.peer), what="bridged")
+        return call, call_id
+
+
+@contextlib.asynccontextmanager
+async def rig(infra: Infrastructure, prefix: str, *, sim_options: dict[str, Any] | None = None,
+              **asterisk: Any) -> AsyncIterator[Rig]:
+    options: dict[str, Any] = {"port": 0, "users": {"admin": SECRET}, "time_scale": 0.2,
+                               "queues": {"support": ["305", "306"], "sales": ["305", "307"]}}
+    options.update(sim_options or {})
+    listener = await EventListener(infra.amqp_url, prefix).start(LINES)
+    commands = await CommandClient(infra.amqp_url, prefix).start()
+    try:
+        async with AmiSimulator(**options) as sim:
+            async with running_gateway(gateway_settings(infra, prefix, sim.port, **asterisk)) as gateway:
+                await asyncio.wait_for(gateway.ready.wait(), 10)
+                yield Rig(sim, gateway, listener, commands)
+                sim.hangup_all()
+    finally:
+        await commands.close()
+        await listener.close()
+        await cleanup(infra, prefix)
+
+
+def run(coro: Any) -> None:
+    asyncio.run(coro)
+
+
+def test_make_call_originates_from_the_agent_line_in_the_users_context(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix) as r:
+            result = await r.send("306", CommandName.MAKE_CALL, number="84951112233", context="from-users-306")
+            assert result.ok, result.error
+            # asyncOriginate: the answer waited for the OriginateResponse of the same ActionID
+            assert result.data["uniqueid"] and result.data["context"] == "from-users-306"
+            ring = await r.event("306", EventType.RING_STARTED)
+            assert ring.call is not None and ring.call.direction.value == "outbound"
+            played = next(c for c in [*r.sim.model.calls.values(), *r.sim.model.finished]
+                          if c.variables.get("line") == "306")
+            assert played.variables["context"] == "from-users-306" and played.variables["number"] == "84951112233"
+            connected = await r.event("306", EventType.COMMUTATION_STARTED)
+            assert connected.call is not None and connected.call.called_number == "84951112233"
+            bad = await r.send("306", CommandName.MAKE_CALL, number="12;Hangup")
+            assert not bad.ok and "valid number" in bad.error
+
+    run(main())
+
+
+def test_synchronous_originate_answers_when_the_phone_is_up(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix, async_originate=False) as r:
+            started = time.monotonic()
+            result = await r.send("307", CommandName.MAKE_CALL, number="5550000")
+            assert result.ok, result.error
+            assert time.monotonic() - started > 0.15  # the Response came once the agent's phone answered (1 s x 0.2)
+            played = next(c for c in [*r.sim.model.calls.values(), *r.sim.model.finished]
+                          if c.variables.get("line") == "307")
+            assert played.variables["context"] == "from-internal"  # originateContext when the user has none
+
+    run(main())
+
+
+def test_hangup_acts_only_on_the_agents_own_line_and_stale_commands_are_refused(
+    infra: Infrastructure, prefix: str
+) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix) as r:
+            call, call_id = await r.connected_call()
+            other = await r.send("306", CommandName.HANGUP, call_id=call_id)
+            assert not other.ok and other.error == f"no call {call_id} on line 306"
+            stale = await r.commands.send("305", CommandName.HANGUP, issued_at=time.time() - 30, call_id=call_id)
+            assert not stale.ok and "expired" in stale.error
+            assert call.live  # neither touched the call
+            done = await r.send("305", CommandName.HANGUP, call_id=call_id)
+            assert done.ok, done.error
+            end = await r.event("305", EventType.RING_FINISHED, call_id)
+            assert end.call is not None and end.call.hangup_cause == 16
+            await r.sim.wait_call(call, 10)
+
+    run(main())
+
+
+@pytest.mark.parametrize("tech", ["SIP", "PJSIP"])
+def test_answer_tells_the_phone_to_answer(infra: Infrastructure, prefix: str, tech: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix, sim_options={"tech": tech}) as r:
+            observer = await Client.connect(r.sim.port)
+            await observer.login(secret=SECRET)
+            r.sim.play("inbound-direct-noanswer", line="305")  # would ring 15 s x 0.2 = 3 s, then give up
+            ring = await r.event("305", EventType.RING_STARTED)
+            assert ring.call is not None
+            result = await r.send("305", CommandName.ANSWER, call_id=ring.call.id)
+            assert result.ok, result.error
+            connected = await r.event("305", EventType.COMMUTATION_STARTED, ring.call.id)
+            assert connected.call is not None and connected.call.state is CallState.CONNECTED
+            # the phone answered because of the NOTIFY, not because the scenario said so
+            await observer.event("DialEnd", DialStatus="ANSWER")
+            wrong = await r.send("305", CommandName.ANSWER, call_id=ring.call.id)
+            assert not wrong.ok and wrong.error == "answer: the call is connected"
+
+    run(main())
+
+
+def test_answer_without_the_system_class_says_which_permission_is_missing(
+    infra: Infrastructure, prefix: str
+) -> None:
+    cms_user = User(SECRET, parse_classes("call,agent,originate"), parse_classes("call,agent,originate"))
+    async def main() -> None:
+        async with rig(infra, prefix, sim_options={"users": {"admin": cms_user}}) as r:
+            r.sim.play("inbound-direct-noanswer", line="305")
+            ring = await r.event("305", EventType.RING_STARTED)
+            assert ring.call is not None
+            result = await r.send("305", CommandName.ANSWER, call_id=ring.call.id)
+            assert not result.ok
+            assert result.error == "SIPnotify was refused: the AMI user needs write = system in manager.conf"
+
+    run(main())
+
+
+def test_hold_and_resume_by_parking_the_far_end(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix, parking_lot_context="parkedcalls") as r:
+            call, call_id = await r.connected_call()
+            trunk = call.planned[0]
+            held = await r.send("305", CommandName.HOLD, call_id=call_id)
+            assert held.ok and held.data["parked_channel"] == trunk
+            await r.event("305", EventType.HOLD_STARTED, call_id, state=CallState.HELD)
+            assert [p.channel for p in r.sim.parked.values()] == [trunk]  # the far end, not the agent
+            resumed = await r.send("305", CommandName.UNHOLD, call_id=call_id)
+            assert resumed.ok, resumed.error
+            await r.event("305", EventType.HOLD_ENDED, call_id, state=CallState.CONNECTED)
+            assert not r.sim.parked
+            partners = r.sim.model.bridge_partners(r.sim.model.channels[trunk])
+            assert [p.name for p in partners] == [call.planned[1]]  # back with the agent's phone
+
+    run(main())
+
+
+def test_hold_without_a_parking_lot_is_not_supported(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix) as r:
+            _, call_id = await r.connected_call()
+            result = await r.send("305", CommandName.HOLD, call_id=call_id)
+            assert not result.ok and result.error.startswith("hold is not supported: set parkingLotContext")
+
+    run(main())
+
+
+def test_blind_transfer(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix) as r:
+            _, call_id = await r.connected_call()
+            result = await r.send("305", CommandName.BLIND_TRANSFER, call_id=call_id, number="308")
+            assert result.ok, result.error
+            await r.event("305", EventType.RING_FINISHED, call_id)
+            moved = await r.event("308", EventType.COMMUTATION_STARTED)
+            assert moved.call is not None and moved.call.caller_number == "79161234567"
+            assert (moved.call.redirecting_number, moved.call.redirection_number) == ("305", "308")
+
+    run(main())
+
+
+def test_consult_then_complete_the_transfer(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix) as r:
+            _, call_id = await r.connected_call()
+            result = await r.send("305", CommandName.CONSULT_CALL, call_id=call_id, number="306")
+            assert result.ok, result.error
+            await r.event("305", EventType.HOLD_STARTED, call_id)
+            consult = await r.event("305", EventType.COMMUTATION_STARTED, f"{call_id.rsplit(':', 1)[0]}:305:2")
+            assert consult.call is not None and consult.call.called_number == "306"
+            assert consult.call.direction.value == "internal"
+            await r.event("306", EventType.COMMUTATION_STARTED)
+            done = await r.send("305", CommandName.COMPLETE_TRANSFER, call_id=call_id,
+                                consult_call_id=consult.call.id)
+            assert done.ok, done.error
+            await r.event("305", EventType.RING_FINISHED, call_id)
+            await r.event("305", EventType.RING_FINISHED, consult.call.id)
+            talking = await r.event("306", EventType.CALL_INFO_CHANGED, caller_number="79161234567")
+            assert talking.call is not None and talking.call.redirecting_number == "305"
+
+    run(main())
+
+
+def test_consult_then_cancel_the_transfer(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix) as r:
+            call, call_id = await r.connected_call()
+            assert (await r.send("305", CommandName.CONSULT_CALL, call_id=call_id, number="306")).ok
+            consult = await r.event("305", EventType.COMMUTATION_STARTED, f"{call_id.rsplit(':', 1)[0]}:305:2")
+            assert consult.call is not None
+            done = await r.send("305", CommandName.CANCEL_TRANSFER, call_id=call_id, consult_call_id=consult.call.id)
+            assert done.ok, done.error
+            await r.event("305", EventType.RING_FINISHED, consult.call.id)
+            await r.event("305", EventType.HOLD_ENDED, call_id, state=CallState.CONNECTED)
+            await r.event("306", EventType.RING_FINISHED)
+            partners = r.sim.model.bridge_partners(r.sim.model.channels[call.planned[1]])
+            assert [p.name for p in partners] == [call.planned[0]]  # the agent talks to the caller again
+            same = await r.send("305", CommandName.CANCEL_TRANSFER, call_id=call_id, consult_call_id=call_id)
+            assert not same.ok and "is the call itself" in same.error
+
+    run(main())
+
+
+def test_dtmf_is_played_to_the_far_end(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix) as r:
+            observer = await Client.connect(r.sim.port)
+            await observer.login(secret=SECRET)
+            call, call_id = await r.connected_call()
+            result = await r.send("305", CommandName.DTMF, call_id=call_id, digits="1#")
+            assert result.ok, result.error
+            first = await observer.event("DTMFEnd", Digit="1")
+            second = await observer.event("DTMFEnd", Digit="#")
+            assert first["Channel"] == second["Channel"] == call.planned[0]  # the trunk, toward the caller
+            bad = await r.send("305", CommandName.DTMF, call_id=call_id, digits="9x")
+            assert not bad.ok and "digits" in bad.error
+
+    run(main())
+
+
+def test_dnd_toggles_freepbx_keys(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix) as r:
+            on = await r.send("305", CommandName.SET_DND, mode="toggle")
+            assert on.ok and on.data["dnd"] == "on"
+            assert r.sim.astdb[("DND", "305")] == "YES"
+            assert r.sim._globals["DEVICE_STATE(Custom:DND305)"] == "BUSY"
+            off = await r.send("305", CommandName.SET_DND, mode="toggle")
+            assert off.ok and off.data["dnd"] == "off"
+            assert ("DND", "305") not in r.sim.astdb
+            assert r.sim._globals["DEVICE_STATE(Custom:DND305)"] == "NOT_INUSE"
+            again = await r.send("305", CommandName.SET_DND, mode="off")
+            assert again.ok  # already off: DBDel of a missing key is not an error
+
+    run(main())
+
+
+def test_pause_and_unpause_in_every_queue_with_a_reason(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix) as r:
+            paused = await r.send("305", CommandName.AGENT_PAUSE, reason="Lunch")
+            assert paused.ok and paused.data["interface"] == "Local/305@from-queue/n"
+            event = await r.events.wait_for(
+                lambda e: e.line == "305" and e.agent is not None and e.agent.paused, what="paused"
+            )
+            assert event.agent is not None and event.agent.reason == "Lunch"
+            assert event.agent.queues == ("sales", "support")
+            assert all(m.paused for m in r.sim.model.find_members("Local/305@from-queue/n"))
+            assert (await r.send("305", CommandName.AGENT_UNPAUSE)).ok
+            await r.events.wait_for(
+                lambda e: e.line == "305" and e.agent is not None and not e.agent.paused, what="unpaused"
+            )
+            stranger = await r.send("308", CommandName.AGENT_PAUSE, reason="x")
+            assert not stranger.ok and stranger.error == "QueuePause failed: Interface not found"
+
+    run(main())
+
+
+def test_auto_pause_on_answer_and_restore_after_the_call(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix, auto_pause_on_commutation_start=True) as r:
+            call = r.sim.play("inbound-direct-answered", line="305")
+            paused = await r.events.wait_for(
+                lambda e: e.line == "305" and e.agent is not None and e.agent.paused, what="auto pause"
+            )
+            assert paused.agent is not None and paused.agent.reason == AUTO_PAUSE_REASON
+            kinds = [e.type for e in r.events.of_line("305")]
+            assert kinds.index(EventType.COMMUTATION_STARTED) < kinds.index(EventType.AGENT_STATE_CHANGED)
+            await r.sim.wait_call(call, 10)
+            await r.events.wait_for(
+                lambda e: e.line == "305" and e.agent is not None and not e.agent.paused, what="restored"
+            )
+            assert not any(m.paused for m in r.sim.model.find_members("Local/305@from-queue/n"))
+
+    run(main())
+
+
+def test_auto_pause_keeps_the_agents_own_choice_and_wrap_up(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix, auto_pause_on_commutation_start=True) as r:
+            # 1. the agent pauses for lunch during the call: stays paused after it
+            call, _ = await r.connected_call()
+            await r.events.wait_for(lambda e: e.line == "305" and e.agent is not None and e.agent.paused)
+            assert (await r.send("305", CommandName.AGENT_PAUSE, reason="Lunch")).ok
+            await r.events.wait_for(lambda e: e.agent is not None and e.agent.reason == "Lunch")
+            r.sim.hangup_all()
+            await r.sim.wait_call(call, 10)
+            await asyncio.sleep(0.5)
+            assert [m.paused_reason for m in r.sim.model.find_members("305")] == ["Lunch", "Lunch"]
+            # 2. ready again; a call with wrap-up switched on during it: paused (Wrap-up) after it
+            assert (await r.send("305", CommandName.AGENT_UNPAUSE)).ok
+            await wait_until(lambda: not any(m.paused for m in r.sim.model.find_members("305")))
+            call, _ = await r.connected_call(scenario="inbound-direct-answered")
+            await wait_until(lambda: all(m.paused for m in r.sim.model.find_members("305")), what="auto pause")
+            assert (await r.send("305", CommandName.WRAP_UP, active="true")).ok
+            await r.sim.wait_call(call, 10)
+            await asyncio.sleep(0.5)
+            assert [m.paused_reason for m in r.sim.model.find_members("305")] == ["Wrap-up", "Wrap-up"]
+            assert (await r.send("305", CommandName.WRAP_UP, active="false")).ok
+            await wait_until(lambda: not any(m.paused for m in r.sim.model.find_members("305")), what="ready")
+
+    run(main())
+
+
+def test_trace_queues_state_logs_one_line_per_change(
+    infra: Infrastructure, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ami_gateway.queues")
+
+    async def main() -> None:
+        async with rig(infra, prefix, trace_queues_state=True) as r:
+            await wait_until(lambda: sum("change=added" in m for m in caplog.messages) == 4, what="memberships")
+            assert (await r.send("305", CommandName.AGENT_PAUSE, reason="Break")).ok
+            await wait_until(lambda: sum("change=paused" in m for m in caplog.messages) == 2, what="pause lines")
+
+    run(main())
+    lines = [m for m in caplog.messages if m.startswith("queue_state")]
+    assert "queue_state line=305 queue=sales change=paused paused=true reason='Break' status=1 " \
+           "interface=Local/305@from-queue/n" in lines
+    assert sum("line=305" in m and "change=paused" in m for m in lines) == 2

@@ -1,0 +1,221 @@
+"""The gateway against outages, with TCP proxies the tests control: RabbitMQ unreachable during a burst (reading
+AMI never stops, nothing is lost, order is kept), the PBX restarted mid-call (the truth comes back), a silent
+AMI session (the keepalive notices)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from ami_gateway.ami_client import AMI_DISCONNECTS
+from ami_gateway.ami_protocol import AmiMessage, AmiParser, encode_action
+from ami_gateway.lines import LineMatcher
+from ami_gateway.tracker import CallTracker
+from ami_simulator.server import AmiSimulator
+from local_cluster.infra import Infrastructure
+from services.wire import CallState, EventType, LineEvent
+from tests.integration.test_gateway_proxy import (
+    SECRET,
+    EventListener,
+    TcpProxy,
+    cleanup,
+    gateway_settings,
+    running_gateway,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _via(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+
+class Recorder:
+    """A second AMI client on the simulator: what Asterisk said, in order, to compute the expected events."""
+
+    def __init__(self) -> None:
+        self.messages: list[AmiMessage] = []
+        self._task: asyncio.Task[None] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def start(self, port: int) -> Recorder:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        self._writer = writer
+        writer.write(encode_action("Login", {"Username": "admin", "Secret": SECRET, "Events": "call,agent"}, "r"))
+        parser = AmiParser()
+
+        async def read() -> None:
+            while data := await reader.read(65536):
+                parser.receive_data(data)
+                while (item := parser.next_event()) is not None:
+                    if isinstance(item, AmiMessage) and item.event:
+                        self.messages.append(item)
+
+        self._task = asyncio.create_task(read())
+        return self
+
+    def expected(self, lines: set[str]) -> dict[str, list[tuple[str, str, str]]]:
+        tracker = CallTracker(LineMatcher("SIP,PJSIP", "Local/{0}@from-queue/n"))
+        out: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+        for i, msg in enumerate(self.messages):
+            for e in tracker.handle(msg, float(i)):
+                if e.line in lines:
+                    out[e.line].append(_view(e))
+        return dict(out)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _view(e: LineEvent) -> tuple[str, str, str]:
+    return e.type.value, e.call.id if e.call else "", e.call.state.value if e.call else ""
+
+
+def test_broker_outage_during_a_burst_loses_nothing_and_keeps_order(infra: Infrastructure, prefix: str) -> None:
+    burst_lines = [str(n) for n in range(401, 421)]
+
+    async def main() -> None:
+        amqp_port = urlsplit(infra.amqp_url).port or 5672
+        broker = await TcpProxy(amqp_port).start()
+        listener = await EventListener(infra.amqp_url, prefix).start(["399", *burst_lines])
+        # A small per-client buffer: a gateway that stopped reading for a moment would be cut by the simulator.
+        sim = AmiSimulator(port=0, users={"admin": SECRET}, time_scale=0.01, max_client_buffer=128 * 1024,
+                           queues={})
+        await sim.start()
+        recorder = await Recorder().start(sim.port)
+        try:
+            settings = gateway_settings(infra, prefix, sim.port, amqp_url=_via(infra.amqp_url, broker.port))
+            async with running_gateway(settings) as gateway:
+                await asyncio.wait_for(gateway.ready.wait(), 10)
+                warmup = sim.play("inbound-direct-answered", line="399")
+                await sim.wait_call(warmup, 10)
+                await listener.wait_for(lambda e: e.line == "399" and e.type is EventType.RING_FINISHED)
+                assert gateway.ami is not None and gateway.ami.sessions_established == 1
+
+                broker.cut()  # RabbitMQ unreachable from the gateway
+                seen_before = len(listener.events)
+                calls = [sim.play("inbound-direct-answered", line=line, caller=f"7916{n:07d}")
+                         for n in range(3) for line in burst_lines]
+                for call in calls:
+                    await sim.wait_call(call, 30)
+                await asyncio.sleep(0.5)
+                # every event was read and is waiting in the outbox; nothing reached the bus
+                produced = sum(len(v) for v in recorder.expected(set(burst_lines)).values())
+                assert produced == 3 * len(burst_lines) * 3  # ring, answer, end per call
+                assert gateway.outbox.depth >= produced
+                assert len(listener.events) == seen_before
+                assert sim.metrics.clients_dropped._value.get() == 0  # the simulator never had to cut us
+                assert gateway.ami.sessions_established == 1 and gateway.ami.ready.is_set()
+
+                broker.restore()
+                await wait_until(lambda: gateway.outbox.depth == 0, 30, "outbox drained")
+                await wait_until(lambda: len(listener.events) - seen_before >= produced, 30, "all events delivered")
+        finally:
+            await recorder.close()
+            await sim.stop()
+            await listener.close()
+            await broker.stop()
+            await cleanup(infra, prefix)
+
+        expected = recorder.expected(set(burst_lines))
+        epochs = {e.epoch for e in listener.events}
+        assert len(epochs) == 1  # continuity was never lost: no new epoch
+        for line in burst_lines:
+            got = listener.of_line(line)
+            assert [e.seq for e in got] == list(range(1, len(got) + 1)), line  # no gap, no duplicate
+            assert [_view(e) for e in got] == expected[line], line  # Asterisk's order
+
+    asyncio.run(main())
+
+
+def test_pbx_restart_mid_call_ends_the_call_and_announces_the_new_truth(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        listener = await EventListener(infra.amqp_url, prefix).start(["305", "306"])
+        first = AmiSimulator(port=0, users={"admin": SECRET}, queues={"support": ["305", "306"]})
+        await first.start()
+        ami = await TcpProxy(first.port).start()
+        second: AmiSimulator | None = None
+        try:
+            settings = gateway_settings(infra, prefix, ami.port)
+            async with running_gateway(settings) as gateway:
+                await asyncio.wait_for(gateway.ready.wait(), 10)
+                old = first.play("inbound-direct-long", line="305")
+                up = await listener.wait_for(lambda e: e.line == "305" and e.type is EventType.COMMUTATION_STARTED)
+                assert up.call is not None and up.call.linked_id == old.id
+
+                # The PBX dies with the call up; while the gateway is away a new PBX has other calls and states.
+                ami.cut()
+                await first.stop()
+                second = AmiSimulator(port=0, users={"admin": SECRET}, queues={"support": ["305", "306"]})
+                await second.start()
+                for member in second.model.find_members("305"):
+                    member.paused, member.paused_reason = True, "Meeting"
+                new = second.play("inbound-direct-long", line="306")
+                await wait_until(lambda: any(c.bridge for c in second.model.channels.values()), what="new call up")
+                ami.retarget(second.port)
+                ami.restore()
+
+                ended = await listener.wait_for(
+                    lambda e: e.line == "305" and e.type is EventType.RING_FINISHED, what="end of the old call"
+                )
+                assert ended.call is not None and ended.call.id == up.call.id
+                assert ended.call.state is CallState.FINISHED
+                announced = await listener.wait_for(
+                    lambda e: e.line == "306" and e.type is EventType.COMMUTATION_STARTED, what="the new call"
+                )
+                assert announced.call is not None and announced.call.linked_id == new.id
+                assert announced.call.caller_number == "79161234567"
+                paused = await listener.wait_for(
+                    lambda e: e.line == "305" and e.type is EventType.AGENT_STATE_CHANGED, what="pause state"
+                )
+                assert paused.agent is not None and paused.agent.paused and paused.agent.reason == "Meeting"
+                assert gateway.ami is not None and gateway.ami.sessions_established == 2
+                # the same epoch, no gap: a reader knows it missed nothing
+                line305 = listener.of_line("305")
+                assert [e.seq for e in line305] == list(range(1, len(line305) + 1))
+                assert len({e.epoch for e in listener.events}) == 1
+        finally:
+            if second is not None:
+                await second.stop()
+            await first.stop()
+            await ami.stop()
+            await listener.close()
+            await cleanup(infra, prefix)
+
+    asyncio.run(main())
+
+
+def test_a_silent_ami_session_is_dropped_by_the_keepalive_and_reopened(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        sim = AmiSimulator(port=0, users={"admin": SECRET})
+        await sim.start()
+        ami = await TcpProxy(sim.port).start()
+        before = AMI_DISCONNECTS.labels(reason="ping_timeout")._value.get()
+        try:
+            settings = gateway_settings(infra, prefix, ami.port)
+            async with running_gateway(settings, ping_interval=0.3, ping_timeout=0.5) as gateway:
+                await asyncio.wait_for(gateway.ready.wait(), 10)
+                assert gateway.ami is not None
+                ami.pause()  # TCP stays up, nothing gets through: only the Ping can tell
+                await wait_until(lambda: not gateway.ami.ready.is_set(), 5, "session declared dead")  # type: ignore[union-attr]
+                assert AMI_DISCONNECTS.labels(reason="ping_timeout")._value.get() == before + 1
+                ami.resume()
+                await wait_until(lambda: gateway.ami.sessions_established == 2, 15, "session reopened")  # type: ignore[union-attr]
+                assert ami.connections >= 2
+        finally:
+            await sim.stop()
+            await ami.stop()
+            await cleanup(infra, prefix)
+
+    asyncio.run(main())
