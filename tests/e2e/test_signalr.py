@@ -36,8 +36,12 @@ RING_FINISHED, COMMUTATION_STARTED, ACTIVE_CALL_SNAPSHOT = 6, 7, 10
 
 @pytest.fixture(scope="session")
 def signalr_client() -> Path:
-    """``npm ci`` once, and only when the lock file changed since the last install (npm's own cache
-    makes the reinstall offline-fast)."""
+    return ensure_signalr_client()
+
+
+def ensure_signalr_client() -> Path:
+    """``npm ci``, only when the lock file changed since the last install (npm's own cache makes
+    the reinstall offline-fast); returns the harness script."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.fail("Node.js (node and npm, 18+) is needed for the SignalR compatibility tests")
