@@ -1,0 +1,369 @@
+"""A swarm of simulated Creatio agents: lean asyncio WebSocket clients spread over worker processes.
+
+Each agent does what Creatio's panel does after connecting (LoadLibrary, then OpenConnection on
+LIBRARY_INITIALIZED, open on CONNECTION_CREATED), answers pings, and from then on only counts the
+frames it gets: the load generator must stay cheap next to the node it measures. Workers are
+spawned processes driven over a pipe; :class:`Swarm` is the parent's handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import multiprocessing
+import os
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, cast
+
+from bench.wsproto import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameDecoder,
+    HandshakeError,
+    encode_frame,
+    handshake_request,
+    parse_handshake_response,
+)
+
+__all__ = ["ConnectResult", "Swarm", "raise_fd_limit"]
+
+LIBRARY_INITIALIZED = 1
+CONNECTION_CREATED = 2
+ERROR = 3
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Soft descriptor limit up to the hard one; returns (soft, hard) after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def load_library_frame() -> bytes:
+    return json.dumps(
+        {"command": "LoadLibrary", "parameters": {"libraryName": "Asterisk"}, "commandUId": "", "connectionUId": ""}
+    ).encode()
+
+
+def open_connection_frame(line: str) -> bytes:
+    params = json.dumps({"ExtensionName": line, "OriginateContext": "", "debugMode": False})
+    return json.dumps(
+        {"command": "OpenConnection", "parameters": {"connectionParams": params}, "commandUId": "",
+         "connectionUId": ""}
+    ).encode()
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self.frames = 0  # text frames received by open agents
+        self.bytes = 0
+        self.pings = 0
+        self.open = 0
+        self.closed_by_server = 0
+        self.sample: str | None = None
+
+
+class AgentClient(asyncio.Protocol):
+    """One agent; ``opened`` resolves when CONNECTION_CREATED arrives (or fails with the reason)."""
+
+    def __init__(self, counters: _Counters, host: str, port: int, path: str, line: str) -> None:
+        self.counters = counters
+        self.host, self.port, self.path, self.line = host, port, path, line
+        self.transport: asyncio.Transport | None = None
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.state = "handshake"
+        self._head = bytearray()
+        self._key = ""
+        self._decoder = FrameDecoder()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        transport = self.transport
+        request, self._key = handshake_request(self.host, self.port, self.path)
+        transport.write(request)
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode_frame(opcode, payload, mask=os.urandom(4)))
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == "handshake":
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._head) > 16384:
+                    self._fail("oversized handshake answer")
+                return
+            head, rest = bytes(self._head[: end + 4]), bytes(self._head[end + 4 :])
+            self._head.clear()
+            try:
+                parse_handshake_response(head, self._key)
+            except HandshakeError as exc:
+                self._fail(str(exc))
+                return
+            self.state = "loading"
+            self._send(OP_TEXT, load_library_frame())
+            data = rest
+            if not data:
+                return
+        try:
+            messages = self._decoder.feed(data)
+        except ValueError as exc:
+            self._fail(str(exc))
+            return
+        for opcode, payload in messages:
+            if opcode == OP_TEXT:
+                self._on_text(payload)
+            elif opcode == OP_PING:
+                self.counters.pings += 1
+                self._send(OP_PONG, payload)
+            elif opcode == OP_CLOSE:
+                self._send(OP_CLOSE, payload[:2])
+                if self.state == "open":
+                    self.counters.closed_by_server += 1
+                if self.transport is not None:
+                    self.transport.close()
+
+    def _on_text(self, payload: bytes) -> None:
+        if self.state == "open":
+            counters = self.counters
+            counters.frames += 1
+            counters.bytes += len(payload)
+            if counters.sample is None and b'"eventType": 2' not in payload:
+                counters.sample = payload.decode("utf-8", "replace")
+            return
+        try:
+            event_type = json.loads(payload).get("eventType")
+        except (ValueError, AttributeError):
+            return
+        if self.state == "loading" and event_type == LIBRARY_INITIALIZED:
+            self.state = "opening"
+            self._send(OP_TEXT, open_connection_frame(self.line))
+        elif self.state == "opening" and event_type == CONNECTION_CREATED:
+            self.state = "open"
+            self.counters.open += 1
+            if not self.opened.done():
+                self.opened.set_result(None)
+        elif event_type == ERROR:
+            self._fail(f"server error before open: {payload[:120]!r}")
+
+    def _fail(self, reason: str) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(reason))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state == "open":
+            self.counters.open -= 1
+        self.state = "closed"
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"closed before open: {exc or 'EOF'}"))
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._send(OP_CLOSE, b"\x03\xe8")
+            self.transport.close()
+
+
+# ---- worker process ---------------------------------------------------------------------------
+
+
+class _Worker:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.counters = _Counters()
+        self.agents: list[AgentClient] = []
+
+    async def connect(self, host: str, port: int, path: str, lines: Sequence[str], concurrency: int,
+                      timeout: float) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Semaphore(max(1, concurrency))
+        latencies: list[float] = []
+        errors: collections.Counter[str] = collections.Counter()
+
+        async def one(line: str) -> None:
+            async with gate:
+                started = time.perf_counter()
+                try:
+                    _transport, agent = await asyncio.wait_for(
+                        loop.create_connection(lambda: AgentClient(self.counters, host, port, path, line), host, port),
+                        timeout,
+                    )
+                    self.agents.append(agent)
+                    await asyncio.wait_for(asyncio.shield(agent.opened), timeout)
+                    latencies.append(time.perf_counter() - started)
+                except (OSError, ConnectionError, TimeoutError) as exc:
+                    errors[f"{type(exc).__name__}: {str(exc)[:80]}"] += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(line) for line in lines))
+        return {
+            "ok": len(latencies),
+            "failed": sum(errors.values()),
+            "seconds": time.perf_counter() - started,
+            "latencies": latencies,
+            "errors": dict(errors.most_common(5)),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        c = self.counters
+        return {
+            "frames": c.frames, "bytes": c.bytes, "pings": c.pings, "open": c.open,
+            "closed_by_server": c.closed_by_server, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "sample": c.sample,
+        }
+
+    async def close_all(self) -> dict[str, Any]:
+        for agent in self.agents:
+            agent.close()
+        self.agents.clear()
+        await asyncio.sleep(0.2)
+        return {"closed": True}
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        loop.add_reader(self.conn.fileno(), ready.set)
+        while True:
+            await ready.wait()
+            ready.clear()
+            while self.conn.poll():
+                command, args = self.conn.recv()
+                if command == "exit":
+                    await self.close_all()
+                    self.conn.send(("ok", {}))
+                    return
+                try:
+                    if command == "connect":
+                        reply: dict[str, Any] = await self.connect(**args)
+                    elif command == "stats":
+                        reply = self.stats()
+                    elif command == "close":
+                        reply = await self.close_all()
+                    else:
+                        raise ValueError(f"unknown command {command!r}")
+                    self.conn.send(("ok", reply))
+                except Exception as exc:  # the parent must get an answer, whatever happened
+                    self.conn.send(("error", {"error": f"{type(exc).__name__}: {exc}"}))
+
+
+def _worker_main(conn: Connection) -> None:
+    raise_fd_limit()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # the plain loop only makes the client heavier, not wrong
+        pass
+    asyncio.run(_Worker(conn).serve())
+
+
+# ---- parent handle ----------------------------------------------------------------------------
+
+
+@dataclass
+class ConnectResult:
+    ok: int
+    failed: int
+    wall_seconds: float
+    latencies: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+
+class Swarm:
+    """``with Swarm(2) as swarm: swarm.connect(host, port, lines)``; every worker is ended on exit."""
+
+    def __init__(self, processes: int = 2) -> None:
+        self.processes = max(1, processes)
+        self._workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+
+    def __enter__(self) -> Swarm:
+        ctx = multiprocessing.get_context("spawn")
+        for _ in range(self.processes):
+            parent, child = ctx.Pipe()
+            process = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+            process.start()
+            child.close()
+            self._workers.append((process, parent))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _all(self, commands: Sequence[tuple[str, dict[str, Any]]], timeout: float) -> list[dict[str, Any]]:
+        for (_process, conn), command in zip(self._workers, commands, strict=True):
+            conn.send(command)
+        replies: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        for process, conn in self._workers:
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"agent worker {process.pid} did not answer {commands[0][0]!r} in {timeout:.0f}s")
+            status, reply = conn.recv()
+            if status != "ok":
+                raise RuntimeError(f"agent worker {process.pid}: {reply.get('error')}")
+            replies.append(reply)
+        return replies
+
+    def connect(self, host: str, port: int, lines: Sequence[str], *, path: str = "/", concurrency: int = 64,
+                timeout: float = 20.0) -> ConnectResult:
+        """Open one agent per entry of ``lines`` (repeat a line for several tabs), spread over the workers."""
+        shares = [list(lines[i :: self.processes]) for i in range(self.processes)]
+        per_worker = max(1, concurrency // self.processes)
+        started = time.perf_counter()
+        replies = self._all(
+            [("connect", {"host": host, "port": port, "path": path, "lines": share, "concurrency": per_worker,
+                          "timeout": timeout}) for share in shares],
+            timeout=timeout * (1 + len(lines) / max(1, concurrency)) + 30,
+        )
+        wall = time.perf_counter() - started
+        errors: collections.Counter[str] = collections.Counter()
+        for reply in replies:
+            errors.update(reply["errors"])
+        return ConnectResult(
+            ok=sum(r["ok"] for r in replies),
+            failed=sum(r["failed"] for r in replies),
+            wall_seconds=wall,
+            latencies=[x for r in replies for x in r["latencies"]],
+            errors=dict(errors.most_common(5)),
+        )
+
+    def stats(self) -> dict[str, Any]:
+        replies = self._all([("stats", {})] * self.processes, timeout=30)
+        total: dict[str, Any] = {
+            key: sum(r[key] for r in replies)
+            for key in ("frames", "bytes", "pings", "open", "closed_by_server", "cpu_seconds")
+        }
+        total["sample"] = next((r["sample"] for r in replies if r["sample"]), None)
+        return total
+
+    def close_all(self) -> None:
+        self._all([("close", {})] * self.processes, timeout=60)
+
+    def stop(self) -> None:
+        for _process, conn in self._workers:
+            try:
+                conn.send(("exit", {}))
+                conn.poll(10)
+            except (OSError, EOFError):
+                pass
+        for process, conn in self._workers:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+            conn.close()
+        self._workers.clear()
