@@ -472,3 +472,250 @@ def test_control_endpoint() -> None:
         assert status == 404
 
     run(t, control_port=0)
+
+
+async def http_text(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+    raw = await reader.read()
+    writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), payload.decode()
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of the samples of ``name`` (any labels) in Prometheus text."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name)] in " {":
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_count_connections_actions_and_events() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        port = sim.control_port
+        assert port
+        c = await Client.connect(sim.port)
+        await c.login()
+        await c.action("Ping")
+        await c.action("Nonsense")
+        call = sim.play("inbound-direct-answered", line="305")
+        await sim.wait_call(call, TIMEOUT)
+        await c.event("Hangup", Channel=call.planned[0])
+        status, text = await http_text(port, "/metrics")
+        assert status == 200 and "# TYPE ami_simulator_connections_total counter" in text
+        assert metric(text, "ami_simulator_connections_total") == 1
+        assert 'ami_simulator_actions_total{action="ping",response="handled"} 1.0' in text
+        assert metric(text, "ami_simulator_events_sent_total") >= 20  # FullyBooted + the call
+        assert metric(text, "ami_simulator_clients") == 1 and metric(text, "ami_simulator_plays_total") == 1
+        status, health = await http(port, "GET", "/health")
+        assert status == 200 and health["ok"] is True and health["clients"] == 1
+
+    run(t, control_port=0)
+
+
+def test_park_and_pick_up_from_the_parking_context() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        await c.login()
+        call = sim.play("inbound-direct-long", line="305")
+        trunk, agent = call.planned
+        await c.event("BridgeEnter", Channel=trunk)
+        missing = await c.action("Park", {"Channel": "SIP/nobody-1"})
+        assert missing.response == "Error" and missing["Message"] == "No such channel"
+        r = await c.action("Park", {"Channel": trunk})
+        assert r.response == "Success" and r["Message"] == "Park successful"
+        await c.event("BridgeLeave", Channel=trunk)
+        parked = await c.event("ParkedCall")
+        assert parked["ParkeeChannel"] == trunk and parked["ParkingSpace"] == "701"
+        assert parked["Parkinglot"] == "default"
+        redirect = await c.action(
+            "Redirect", {"Channel": agent, "Context": "parkedcalls", "Exten": "701", "Priority": "1"}
+        )
+        assert redirect.response == "Success"
+        unparked = await c.event("UnParkedCall")
+        assert unparked["ParkeeChannel"] == trunk and unparked["RetrieverChannel"] == agent
+        await c.event("BridgeEnter", Channel=agent)
+        assert [p.name for p in sim.model.bridge_partners(sim.model.channels[agent])] == [trunk]
+        # parked again, then the caller gives up: ParkedCallGiveUp
+        await c.action("Park", {"Channel": trunk})
+        await c.event("ParkedCall")
+        sim.hangup_all()
+        giveup = await c.event("ParkedCallGiveUp")
+        assert giveup["ParkeeChannel"] == trunk and not sim.parked
+
+    run(t, time_scale=0.1)
+
+
+def test_atxfer_consults_through_a_local_channel_and_cancelatxfer_returns() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        await c.login()
+        call = sim.play("inbound-direct-long", line="305")
+        trunk, agent = call.planned
+        await c.event("BridgeEnter", Channel=trunk)
+        nothing = await c.action("CancelAtxfer", {"Channel": agent})
+        assert nothing.response == "Error"
+        c.inbox.clear()
+        r = await c.action("Atxfer", {"Channel": agent, "Exten": "306", "Context": "from-internal"})
+        assert r.response == "Success"
+        assert (await c.event("MusicOnHoldStart"))["Channel"] == trunk
+        one = await c.event("Newchannel")
+        assert one["Channel"].startswith("Local/306@from-internal-") and one["Channel"].endswith(";1")
+        assert one["Linkedid"] == call.id  # the consultation belongs to the call
+        await c.event("LocalBridge")
+        enter = await c.event("BridgeEnter", Channel=agent)  # with the ;1 half, before the target answers
+        dial = await c.event("DialBegin")
+        assert dial["Channel"].endswith(";2") and dial["DestChannel"].startswith("SIP/306-")
+        assert enter["BridgeUniqueid"] != ""
+        await c.event("DialEnd", DialStatus="ANSWER")
+        again = await c.action("Atxfer", {"Channel": agent, "Exten": "307"})
+        assert again.response == "Error" and again["Message"] == "Transfer already in progress"
+        cancel = await c.action("CancelAtxfer", {"Channel": agent})
+        assert cancel.response == "Success"
+        await c.event("Hangup", Channel=dial["DestChannel"])
+        back = await c.event("BridgeEnter", Channel=agent)
+        assert [p.name for p in sim.model.bridge_partners(sim.model.channels[agent])] == [trunk]
+        assert back["BridgeUniqueid"] == sim.model.channels[trunk].bridge
+
+    run(t, time_scale=0.1)
+
+
+def test_atxfer_completes_when_the_transferer_hangs_up() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        await c.login()
+        call = sim.play("inbound-direct-long", line="305")
+        trunk, agent = call.planned
+        await c.event("BridgeEnter", Channel=trunk)
+        await c.action("Atxfer", {"Channel": agent, "Exten": "306", "Context": "from-internal"})
+        await c.event("DialEnd", DialStatus="ANSWER")
+        await c.action("Hangup", {"Channel": agent})
+        done = await c.event("AttendedTransfer")
+        assert done["Result"] == "Success" and done["OrigTransfererChannel"] == agent
+        assert done["TransfereeChannel"] == trunk and done["TransferTargetChannel"].endswith(";1")
+        await c.event("Hangup", Channel=agent)
+        await c.event("BridgeEnter", Channel=trunk)
+        partners = {p.name for p in sim.model.bridge_partners(sim.model.channels[trunk])}
+        assert partners == {done["TransferTargetChannel"]}
+        await sim.wait_call(call, TIMEOUT)
+
+    run(t, time_scale=0.1)
+
+
+def test_notify_talk_answers_a_ringing_phone_and_dtmf_is_reported() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        await c.login()
+        call = sim.play("inbound-direct-noanswer", line="305")
+        trunk, agent = call.planned
+        await c.event("Newstate", Channel=agent, ChannelState="5")
+        no_var = await c.action("SIPnotify", {"Channel": "305"})
+        assert no_var.response == "Error" and no_var["Message"] == "At least one variable required"
+        r = await c.action("SIPnotify", {"Channel": "305", "Variable": "Event=talk"})
+        assert r.response == "Success" and r["Message"] == "Notify Sent"
+        await c.event("DialEnd", DialStatus="ANSWER", DestChannel=agent)
+        await c.event("BridgeEnter", Channel=trunk)
+        d = await c.action("PlayDTMF", {"Channel": trunk, "Digit": "5", "Duration": "120"})
+        assert d.response == "Success"
+        end = await c.event("DTMFEnd", Channel=trunk)
+        assert (end["Digit"], end["DurationMs"], end["Direction"]) == ("5", "120", "Sent")
+
+    run(t, time_scale=0.5)
+
+
+def test_astdb_actions_and_filters() -> None:
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        await c.login()
+        missing = await c.action("DBGet", {"Family": "DND", "Key": "305"})
+        assert missing.response == "Error" and missing["Message"] == "Database entry not found"
+        assert (await c.action("DBPut", {"Family": "DND", "Key": "305", "Val": "YES"})).response == "Success"
+        response, items = await c.event_list("DBGet", {"Family": "DND", "Key": "305"})
+        assert response["Message"] == "Result will follow" and items[0]["Val"] == "YES"
+        assert (await c.action("DBDel", {"Family": "DND", "Key": "305"}))["Message"] == "Key deleted successfully"
+        assert (await c.action("DBDel", {"Family": "DND", "Key": "305"})).response == "Error"
+        r = await c.action("Filter", {"Operation": "Add", "Filter": "!Event: Newstate"})
+        assert r.response == "Success"
+        call = sim.play("inbound-direct-answered", line="305")
+        await sim.wait_call(call, TIMEOUT)
+        await c.event("Hangup", Channel=call.planned[0])
+        assert not any(isinstance(m, AmiMessage) and m.event == "Newstate" for m in c.inbox)
+        cms = await Client.connect(sim.port)
+        await cms.login("cms")
+        denied = await cms.action("DBPut", {"Family": "DND", "Key": "305", "Val": "YES"})
+        assert denied.response == "Error" and denied["Message"] == "Permission denied"
+
+    cms_user = User(SECRET, parse_classes("call,agent"), parse_classes("call,agent,originate"))
+    run(t, time_scale=0.02, users={"admin": SECRET, "cms": cms_user})
+
+
+def test_demo_loop_plays_a_realistic_mix_on_the_demo_lines(tmp_path: Any) -> None:
+    """``python -m ami_simulator --demo-lines 305,306,307,308 --loop``, sped up: every line gets calls, queue
+    calls ring two agents of a queue, and /health and /metrics answer on the control port."""
+    import subprocess
+    import sys
+    import time
+
+    from local_cluster.infra import free_port, port_open
+
+    ami_port, control_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ami_simulator", "--port", str(ami_port), "--control-port", str(control_port),
+         "--secret", SECRET, "--demo-lines", "305,306,307,308", "--loop", "--time-scale", "0.05",
+         "--pause", "0.05", "0.2", "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not port_open(ami_port) or not port_open(control_port):
+            assert process.poll() is None and time.monotonic() < deadline, "simulator did not start"
+            time.sleep(0.05)
+
+        async def watch() -> tuple[list[AmiMessage], dict[str, Any], str]:
+            c = await Client.connect(ami_port)
+            await c.login()
+            seen: list[AmiMessage] = []
+            end = asyncio.get_running_loop().time() + 12
+            while asyncio.get_running_loop().time() < end:
+                with contextlib.suppress(TimeoutError):
+                    m = await asyncio.wait_for(c.next(), 1)
+                    if isinstance(m, AmiMessage):
+                        seen.append(m)
+                queue_rings = _queue_calls_ringing_two(seen)
+                lines = {m["DestChannel"].split("/")[1].split("-")[0] for m in seen
+                         if m.event == "DialBegin" and m.get("DestChannel", "").startswith("SIP/3")}
+                if len(queue_rings) >= 2 and lines >= {"305", "306", "307", "308"}:
+                    break
+            _, queues = await http(control_port, "GET", "/queues")
+            _, text = await http_text(control_port, "/metrics")
+            await c.close()
+            return seen, queues, text
+
+        seen, queues, text = asyncio.run(watch())
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert set(queues) == {"support", "sales"}
+    support = {m["Interface"] for m in queues["support"]["members"]}
+    assert support == {"Local/305@from-queue/n", "Local/306@from-queue/n"}
+    rung = _queue_calls_ringing_two(seen)
+    assert len(rung) >= 2, "no queue call rang two agents"
+    for queue, interfaces in rung:
+        members = {m["Interface"] for m in queues[queue]["members"]}
+        assert interfaces <= members and len(interfaces) == 2
+    scenarios = {m.event for m in seen}
+    assert {"OriginateResponse", "AgentConnect", "Hangup"} <= scenarios
+    assert metric(text, "ami_simulator_plays_total") >= 4
+
+
+def _queue_calls_ringing_two(seen: list[AmiMessage]) -> list[tuple[str, set[str]]]:
+    """(queue, interfaces rung) of every call whose AgentCalled events rang two different members."""
+    by_call: dict[str, tuple[str, set[str]]] = {}
+    for m in seen:
+        if m.event == "AgentCalled":
+            queue, interfaces = by_call.setdefault(m.get("Linkedid") or "", (m.get("Queue") or "", set()))
+            interfaces.add(m.get("Interface") or "")
+    return [v for v in by_call.values() if len(v[1]) == 2]

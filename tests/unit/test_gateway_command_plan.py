@@ -1,0 +1,248 @@
+"""Which AMI actions each command becomes, and every refusal, as pure data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from ami_gateway.command_executor import explain
+from ami_gateway.command_plan import (
+    WRAP_UP_REASON,
+    AmiAction,
+    CommandRefused,
+    check_fresh,
+    plan_command,
+)
+from ami_gateway.lines import LineMatcher
+from ami_gateway.tracker import CallControl
+from services.config import AsteriskConfig
+from services.wire import Call, CallState, Command, CommandName, Direction
+from tests.unit.test_tracker import load, play
+
+CONFIG = AsteriskConfig(originate_context="from-internal", async_originate=True)
+MATCHER = LineMatcher("SIP,PJSIP", "Local/{0}@from-queue/n")
+
+
+@dataclass
+class View:
+    """A line's calls as the tracker would describe them (plain data)."""
+
+    calls: dict[str, list[CallControl]] = field(default_factory=dict)
+    techs: dict[str, str] = field(default_factory=dict)
+
+    def controls(self, line: str) -> list[CallControl]:
+        return self.calls.get(line, [])
+
+    def tech_of(self, line: str) -> str | None:
+        return self.techs.get(line)
+
+
+def control(call_id: str = "1.1:305", state: CallState = CallState.CONNECTED, channel: str = "SIP/305-0000000a",
+            peer: str = "SIP/trunk-0000000b", **more: str) -> CallControl:
+    call = Call(id=call_id, line="305", linked_id="1.1", channel=channel, direction=Direction.INBOUND, state=state)
+    return CallControl(call, channel, peer, tech=channel.split("/", 1)[0], **more)
+
+
+def cmd(name: CommandName, line: str = "305", **args: str) -> Command:
+    return Command(id="c1", line=line, name=name, args=args, issued_at=1000.0)
+
+
+def plan(command: Command, view: View | None = None, config: AsteriskConfig = CONFIG,
+         dnd_now: bool | None = None) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    result = plan_command(command, view or View(), config, MATCHER, dnd_now=dnd_now)
+    return [(a.name, a.fields) for a in result.actions]
+
+
+def refused(command: Command, view: View | None = None, config: AsteriskConfig = CONFIG) -> str:
+    with pytest.raises(CommandRefused) as info:
+        plan_command(command, view or View(), config, MATCHER, dnd_now=None)
+    return str(info.value)
+
+
+def test_stale_commands_are_refused() -> None:
+    check_fresh(cmd(CommandName.HANGUP), now=1004.9, ttl=5)
+    with pytest.raises(CommandRefused, match=r"expired: it reached the gateway 6.0s after it was sent \(limit 5s\)"):
+        check_fresh(cmd(CommandName.HANGUP), now=1006.0, ttl=5)
+
+
+def test_make_call_originates_from_the_line_in_the_users_context() -> None:
+    result = plan_command(cmd(CommandName.MAKE_CALL, number="+74951234567", context="from-user-305"),
+                          View(techs={"305": "PJSIP"}), CONFIG, MATCHER)
+    [action] = result.actions
+    assert action.name == "Originate" and action.until_event == "OriginateResponse"
+    assert dict(action.fields) == {
+        "Channel": "PJSIP/305", "Context": "from-user-305", "Exten": "+74951234567", "Priority": "1",
+        "CallerID": "+74951234567 <+74951234567>", "Timeout": "30000", "Async": "true",
+    }
+    assert action.timeout > 30
+    default = plan_command(cmd(CommandName.MAKE_CALL, number="5551234"), View(), CONFIG, MATCHER).actions[0]
+    assert default.field("Channel") == "SIP/305" and default.field("Context") == "from-internal"
+    sync = plan_command(cmd(CommandName.MAKE_CALL, number="5551234"), View(),
+                        AsteriskConfig(async_originate=False), MATCHER).actions[0]
+    assert sync.field("Async") == "false" and sync.until_event == ""
+
+
+@pytest.mark.parametrize("number", ["", "12 34", "1\r\nAction: Hangup", "5;6", "x" * 65])
+def test_make_call_refuses_a_bad_number(number: str) -> None:
+    assert "needs a valid number" in refused(cmd(CommandName.MAKE_CALL, number=number))
+
+
+def test_make_call_refuses_a_bad_context_and_a_non_line() -> None:
+    assert "bad dialplan context" in refused(cmd(CommandName.MAKE_CALL, number="1", context="a b"))
+    assert "'trunk-in' is not an agent line" in refused(cmd(CommandName.MAKE_CALL, line="trunk-in", number="1"))
+
+
+def test_commands_act_only_on_calls_of_the_agents_own_line() -> None:
+    view = View({"306": [control("1.1:306")]})
+    assert refused(cmd(CommandName.HANGUP, call_id="1.1:306"), view) == "no call 1.1:306 on line 305"
+    assert refused(cmd(CommandName.HANGUP), View()) == "hangup: say which call (call_id); line 305 has 0 calls"
+
+
+def test_hangup_and_the_single_call_shortcut() -> None:
+    view = View({"305": [control()]})
+    assert plan(cmd(CommandName.HANGUP), view) == [("Hangup", (("Channel", "SIP/305-0000000a"), ("Cause", "16")))]
+    parked = View({"305": [control(state=CallState.HELD, peer="", parked_space="701",
+                                   parked_channel="SIP/trunk-0000000b")]})
+    assert [a for a, _ in plan(cmd(CommandName.HANGUP, call_id="1.1:305"), parked)] == ["Hangup", "Hangup"]
+
+
+def test_answer_uses_the_notify_of_the_phones_technology() -> None:
+    ringing = View({"305": [control(state=CallState.RINGING, peer="")]})
+    assert plan(cmd(CommandName.ANSWER), ringing) == [
+        ("SIPnotify", (("Channel", "305"), ("Variable", "Event=talk")))
+    ]
+    pjsip = View({"305": [control(state=CallState.RINGING, channel="PJSIP/305-0000001f", peer="")]})
+    assert plan(cmd(CommandName.ANSWER), pjsip) == [
+        ("PJSIPNotify", (("Endpoint", "305"), ("Variable", "Event=talk")))
+    ]
+    assert refused(cmd(CommandName.ANSWER), View({"305": [control()]})) == "answer: the call is connected"
+    iax = View({"305": [control(state=CallState.RINGING, channel="IAX2/305-1", peer="")]})
+    assert "only SIP and PJSIP phones" in refused(cmd(CommandName.ANSWER), iax)
+
+
+def test_hold_parks_the_far_end_and_resume_picks_it_up() -> None:
+    parking = AsteriskConfig(parking_lot_context="parkedcalls")
+    view = View({"305": [control()]})
+    assert plan(cmd(CommandName.HOLD), view, parking) == [("Park", (("Channel", "SIP/trunk-0000000b"),))]
+    held = View({"305": [control(state=CallState.HELD, peer="", parked_space="702")]})
+    assert plan(cmd(CommandName.UNHOLD), held, parking) == [
+        ("Redirect", (("Channel", "SIP/305-0000000a"), ("Context", "parkedcalls"), ("Exten", "702"),
+                      ("Priority", "1")))
+    ]
+    phone_hold = View({"305": [control(state=CallState.HELD)]})
+    assert "held from the phone" in refused(cmd(CommandName.UNHOLD), phone_hold, parking)
+    assert refused(cmd(CommandName.HOLD), View({"305": [control(peer="")]}), parking) == \
+        "hold: the call has no other party to park"
+    assert refused(cmd(CommandName.HOLD), view).startswith("hold is not supported: set parkingLotContext")
+    assert refused(cmd(CommandName.UNHOLD), held).startswith("hold is not supported")
+
+
+def test_blind_transfer_and_consultation() -> None:
+    view = View({"305": [control()]})
+    assert plan(cmd(CommandName.BLIND_TRANSFER, number="308", context="from-user"), view) == [
+        ("BlindTransfer", (("Channel", "SIP/305-0000000a"), ("Exten", "308"), ("Context", "from-user")))
+    ]
+    assert plan(cmd(CommandName.CONSULT_CALL, number="306"), view) == [
+        ("Atxfer", (("Channel", "SIP/305-0000000a"), ("Exten", "306"), ("Context", "from-internal")))
+    ]
+    ringing = View({"305": [control(state=CallState.RINGING)]})
+    assert refused(cmd(CommandName.CONSULT_CALL, number="306"), ringing) == "consult_call: the call is ringing"
+
+
+def _atxfer_view() -> View:
+    original = control(state=CallState.HELD, peer="")
+    consult = control("1.1:305:2", channel="Local/306@from-internal-0000000c;1", peer="SIP/306-0000000e",
+                      transferer="SIP/305-0000000a")
+    return View({"305": [original, consult]})
+
+
+def test_complete_and_cancel_an_atxfer_consultation() -> None:
+    view = _atxfer_view()
+    both = {"call_id": "1.1:305", "consult_call_id": "1.1:305:2"}
+    assert plan(cmd(CommandName.COMPLETE_TRANSFER, **both), view) == [
+        ("Hangup", (("Channel", "SIP/305-0000000a"), ("Cause", "16")))
+    ]
+    result = plan_command(cmd(CommandName.CANCEL_TRANSFER, **both), view, CONFIG, MATCHER)
+    [cancel] = result.actions
+    assert (cancel.name, cancel.fields) == ("CancelAtxfer", (("Channel", "SIP/305-0000000a"),))
+    assert cancel.fallback is not None and cancel.fallback.field("Channel") == "Local/306@from-internal-0000000c;1"
+    with pytest.raises(CommandRefused, match="say which call"):
+        plan_command(cmd(CommandName.COMPLETE_TRANSFER, call_id="1.1:305"), view, CONFIG, MATCHER)
+
+
+def test_complete_and_cancel_with_two_independent_calls() -> None:
+    parking = AsteriskConfig(parking_lot_context="parkedcalls")
+    first = control(state=CallState.HELD, peer="", parked_space="701", parked_channel="SIP/trunk-0000000b")
+    second = control("2.2:305", channel="SIP/305-0000000f", peer="SIP/carrier-00000010")
+    view = View({"305": [first, second]})
+    both = {"call_id": "1.1:305", "consult_call_id": "2.2:305"}
+    assert [(a, dict(f)) for a, f in plan(cmd(CommandName.COMPLETE_TRANSFER, **both), view, parking)] == [
+        ("Bridge", {"Channel1": "SIP/trunk-0000000b", "Channel2": "SIP/carrier-00000010", "Tone": "no"}),
+        ("Hangup", {"Channel": "SIP/305-0000000a", "Cause": "16"}),
+        ("Hangup", {"Channel": "SIP/305-0000000f", "Cause": "16"}),
+    ]
+    assert [(a, dict(f)) for a, f in plan(cmd(CommandName.CANCEL_TRANSFER, **both), view, parking)] == [
+        ("Hangup", {"Channel": "SIP/305-0000000f", "Cause": "16"}),
+        ("Redirect", {"Channel": "SIP/305-0000000a", "Context": "parkedcalls", "Exten": "701", "Priority": "1"}),
+    ]
+
+
+def test_dtmf_goes_to_the_far_end_one_digit_at_a_time() -> None:
+    view = View({"305": [control()]})
+    assert plan(cmd(CommandName.DTMF, digits="1*#"), view) == [
+        ("PlayDTMF", (("Channel", "SIP/trunk-0000000b"), ("Digit", d), ("Duration", "250"))) for d in "1*#"
+    ]
+    assert "digits" in refused(cmd(CommandName.DTMF, digits="12e"), view)
+
+
+def test_dnd_on_off_toggle() -> None:
+    on = plan(cmd(CommandName.SET_DND, mode="on"))
+    assert on == [
+        ("DBPut", (("Family", "DND"), ("Key", "305"), ("Val", "YES"))),
+        ("SetVar", (("Variable", "DEVICE_STATE(Custom:DND305)"), ("Value", "BUSY"))),
+    ]
+    assert plan(cmd(CommandName.SET_DND, mode="toggle"), dnd_now=True)[0][0] == "DBDel"
+    assert plan(cmd(CommandName.SET_DND, mode="toggle"), dnd_now=False)[0][0] == "DBPut"
+    assert "mode must be on, off or toggle" in refused(cmd(CommandName.SET_DND, mode="maybe"))
+    off = plan_command(cmd(CommandName.SET_DND, mode="off"), View(), CONFIG, MATCHER)
+    assert off.data == {"dnd": "off"} and off.actions[0].tolerated == ("Database entry not found",)
+
+
+def test_pause_unpause_and_wrap_up_in_every_queue() -> None:
+    assert plan(cmd(CommandName.AGENT_PAUSE, reason="Lunch")) == [
+        ("QueuePause", (("Interface", "Local/305@from-queue/n"), ("Paused", "true"), ("Reason", "Lunch")))
+    ]
+    assert plan(cmd(CommandName.AGENT_UNPAUSE)) == [
+        ("QueuePause", (("Interface", "Local/305@from-queue/n"), ("Paused", "false")))
+    ]
+    assert plan(cmd(CommandName.WRAP_UP, active="true"))[0][1][-1] == ("Reason", WRAP_UP_REASON)
+    assert plan(cmd(CommandName.WRAP_UP, active="false"))[0][1] == (
+        ("Interface", "Local/305@from-queue/n"), ("Paused", "false"),
+    )
+    sip_members = LineMatcher("SIP", "SIP/{0}")
+    result = plan_command(cmd(CommandName.AGENT_PAUSE), View(), CONFIG, sip_members)
+    assert result.actions[0].field("Interface") == "SIP/305"
+    assert "one line" in refused(cmd(CommandName.AGENT_PAUSE, reason="a\r\nAction: Logoff"))
+
+
+def test_plans_from_a_real_tracker_state() -> None:
+    """The tracker's view of a recorded consultation plans the right completion."""
+    msgs = load("atxfer-complete.ami")
+    cut = next(i for i, m in enumerate(msgs) if m.event == "AttendedTransfer")
+    tracker, events = play(msgs[:cut])
+    linked = events[0].call.linked_id  # type: ignore[union-attr]
+    actions = plan_command(cmd(CommandName.COMPLETE_TRANSFER, call_id=f"{linked}:305",
+                               consult_call_id=f"{linked}:305:2"), tracker, CONFIG, MATCHER).actions
+    transferer = tracker.control("305", f"{linked}:305")
+    assert transferer is not None
+    assert [(a.name, a.field("Channel")) for a in actions] == [("Hangup", transferer.channel)]
+
+
+def test_errors_say_why() -> None:
+    pause = AmiAction("QueuePause", ())
+    assert explain(pause, "Permission denied") == \
+        "QueuePause was refused: the AMI user needs write = agent in manager.conf"
+    assert explain(AmiAction("CancelAtxfer", ()), "Invalid/unknown command") == \
+        "CancelAtxfer is not available on this Asterisk (module not loaded or version too old)"
+    assert explain(pause, "Interface not found") == "QueuePause failed: Interface not found"

@@ -1,0 +1,142 @@
+"""The tracker on flows driven by AMI actions: Atxfer consultations (completed, cancelled) and hold by parking.
+
+The transcripts are raw captures of the simulator carrying the actions out (``Atxfer``, ``Hangup`` of the
+transferer, ``CancelAtxfer``, ``Park``, ``Redirect`` into the parking context), as a plain TCP client read them.
+"""
+
+from __future__ import annotations
+
+from ami_gateway.ami_protocol import AmiMessage
+from ami_gateway.tracker import CallTracker
+from services.wire import CallState, Direction, EventType
+from tests.unit.test_tracker import assert_clean, by_line, load, matcher, play
+
+
+def view(events: list, line: str) -> list[tuple[str, str, str]]:  # type: ignore[type-arg]
+    return [(e.type.value, e.call.id, e.call.state.value) for e in by_line(events).get(line, []) if e.call]
+
+
+def until(msgs: list[AmiMessage], name: str, **match: str) -> int:
+    """Index just after the first message called ``name`` whose headers match."""
+    for i, m in enumerate(msgs):
+        if m.event == name and all((m.get(k) or "").startswith(v) for k, v in match.items()):
+            return i + 1
+    raise AssertionError(f"no {name} {match}")
+
+
+def test_atxfer_consultation_then_completion() -> None:
+    msgs = load("atxfer-complete.ami")
+    tracker, events = play(msgs)
+    linked = events[0].call.linked_id  # type: ignore[union-attr]
+    first, consult = f"{linked}:305", f"{linked}:305:2"
+    assert view(events, "305") == [
+        ("ring_started", first, "ringing"),
+        ("commutation_started", first, "connected"),
+        ("hold_started", first, "held"),  # the transferee hears music while the agent consults
+        ("ring_started", consult, "ringing"),  # the consultation is a second call of the line
+        ("commutation_started", consult, "connected"),
+        ("call_info_changed", first, "held"),  # transferred: 305 -> 306
+        ("ring_finished", first, "finished"),  # the transferer hung up: that completes the transfer
+        ("ring_finished", consult, "finished"),
+    ]
+    line305 = by_line(events)["305"]
+    leg = next(e.call for e in line305 if e.call and e.call.id == consult)
+    assert leg is not None and leg.channel.startswith("Local/306@from-internal-") and leg.channel.endswith(";1")
+    assert (leg.caller_number, leg.called_number, leg.direction) == ("305", "306", Direction.INTERNAL)
+    assert view(events, "306") == [
+        ("ring_started", f"{linked}:306", "ringing"),
+        ("commutation_started", f"{linked}:306", "connected"),
+        ("call_info_changed", f"{linked}:306", "connected"),
+        ("ring_finished", f"{linked}:306", "finished"),
+    ]
+    before, after = (e.call for e in by_line(events)["306"][1:3])
+    assert before is not None and after is not None
+    assert (before.caller_number, before.direction) == ("305", Direction.INTERNAL)  # the agent consulting
+    assert (after.caller_number, after.caller_name) == ("79161234567", "Ivan Petrov")  # then the caller
+    assert (after.redirecting_number, after.redirection_number) == ("305", "306")
+    completed = next(e.call for e in line305 if e.type is EventType.CALL_INFO_CHANGED)
+    assert completed is not None and (completed.redirecting_number, completed.redirection_number) == ("305", "306")
+    assert_clean(tracker)
+
+
+def test_atxfer_control_names_the_transferer_and_the_target() -> None:
+    msgs = load("atxfer-complete.ami")
+    cut = until(msgs, "AttendedTransfer")
+    tracker, events = play(msgs[: cut - 1])
+    linked = events[0].call.linked_id  # type: ignore[union-attr]
+    original = tracker.control("305", f"{linked}:305")
+    consult = tracker.control("305", f"{linked}:305:2")
+    assert original is not None and consult is not None
+    assert original.call.state is CallState.HELD and original.transferer == ""
+    assert consult.transferer == original.channel  # hang it up to complete
+    assert consult.peer.startswith("SIP/306-")  # the target, for DTMF during the consultation
+    assert consult.tech == "SIP"
+    assert [c.call.id for c in tracker.controls("305")] == [f"{linked}:305", f"{linked}:305:2"]
+    assert tracker.control("306", f"{linked}:305") is None  # never another line's call
+
+
+def test_atxfer_cancelled_brings_the_agent_back() -> None:
+    tracker, events = play(load("atxfer-cancel.ami"))
+    linked = events[0].call.linked_id  # type: ignore[union-attr]
+    first, consult = f"{linked}:305", f"{linked}:305:2"
+    assert view(events, "305") == [
+        ("ring_started", first, "ringing"),
+        ("commutation_started", first, "connected"),
+        ("hold_started", first, "held"),
+        ("ring_started", consult, "ringing"),
+        ("commutation_started", consult, "connected"),
+        ("ring_finished", consult, "finished"),
+        ("hold_ended", first, "connected"),
+        ("ring_finished", first, "finished"),
+    ]
+    assert [e.type for e in by_line(events)["306"]] == [
+        EventType.RING_STARTED, EventType.COMMUTATION_STARTED, EventType.RING_FINISHED
+    ]
+    assert_clean(tracker)
+
+
+def test_atxfer_cancel_ends_the_hold_even_when_the_pbx_reports_holds_natively() -> None:
+    """Without the music-on-hold heuristic (a Hold event was seen), the bridge tells the hold is over."""
+    tracker = CallTracker(matcher())
+    tracker._native_hold = True
+    tracker, events = play(load("atxfer-cancel.ami"), tracker)
+    kinds = [(e.type.value, e.call.id.count(":")) for e in by_line(events)["305"] if e.call]
+    assert kinds.count(("hold_started", 1)) == 1 and kinds.count(("hold_ended", 1)) == 1
+    assert kinds.index(("hold_ended", 1)) > kinds.index(("ring_finished", 2))
+    assert_clean(tracker)
+
+
+def test_hold_by_parking_and_resume() -> None:
+    msgs = load("park-resume.ami")
+    tracker, events = play(msgs)
+    linked = events[0].call.linked_id  # type: ignore[union-attr]
+    call_id = f"{linked}:305"
+    assert view(events, "305") == [
+        ("ring_started", call_id, "ringing"),
+        ("commutation_started", call_id, "connected"),
+        ("hold_started", call_id, "held"),
+        ("hold_ended", call_id, "connected"),
+        ("ring_finished", call_id, "finished"),
+    ]
+    assert_clean(tracker)
+
+
+def test_parking_is_remembered_for_the_resume_command() -> None:
+    msgs = load("park-resume.ami")
+    tracker, _ = play(msgs[: until(msgs, "ParkedCall")])
+    [control] = tracker.controls("305")
+    trunk = next(m for m in msgs if m.event == "ParkedCall")["ParkeeChannel"]
+    assert control.call.state is CallState.HELD
+    assert (control.parked_space, control.parking_lot, control.parked_channel) == ("701", "default", trunk)
+    assert control.peer == ""  # the agent's phone is alone in its bridge while the far end is parked
+    tracker2, _ = play(msgs[: until(msgs, "UnParkedCall")])
+    [after] = tracker2.controls("305")
+    assert after.parked_space == "" and after.call.state is CallState.CONNECTED
+
+
+def test_connected_call_control_gives_the_party_the_line_talks_to() -> None:
+    msgs = load("park-resume.ami")
+    tracker, _ = play(msgs[: until(msgs, "BridgeEnter", Channel="SIP/trunk-in")])
+    [control] = tracker.controls("305")
+    assert control.channel.startswith("SIP/305-") and control.peer.startswith("SIP/trunk-in-")
+    assert tracker.tech_of("305") == "SIP" and tracker.tech_of("399") is None
