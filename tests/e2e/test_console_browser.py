@@ -8,8 +8,11 @@ browser and its driver.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,6 +35,7 @@ except ImportError:  # pragma: no cover - reported by the fixture below
 
 pytestmark = pytest.mark.e2e
 
+STATIC_DIR = Path(__file__).resolve().parents[2] / "ws_node" / "static"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = (
@@ -246,6 +250,8 @@ def test_console_shows_an_inbound_call_and_dials_out(cluster: LocalCluster, brow
     assert card.find_element(By.CSS_SELECTOR, "[data-part=direction]").text == "Incoming"
     assert card.find_element(By.CSS_SELECTOR, "[data-action=answer]").is_displayed()
     assert "(1 ringing)" in driver.title
+    # screen readers hear about it ("Incoming call from ...", then "Connected with ...")
+    assert CALLER in driver.find_element(By.ID, "announcer").get_attribute("textContent")
 
     wait_until(
         "the call to be connected",
@@ -367,8 +373,7 @@ def _node_serving_clients(cluster: LocalCluster) -> str:
 
 
 def test_console_page_needs_no_third_party_resources() -> None:
-    static = Path(__file__).resolve().parents[2] / "ws_node" / "static"
-    for path in static.iterdir():
+    for path in STATIC_DIR.iterdir():
         text = path.read_text(encoding="utf-8")
         assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, path
 
@@ -474,4 +479,76 @@ def test_console_call_buttons_speak_creatio(cluster: LocalCluster, browser: WebD
     )
     assert frame["commandExecutorId"] == call_id
     answered("DropCall", lambda r: call_card(driver, CALLER) is None)
+    assert console_errors(driver) == []
+
+
+@pytest.fixture
+def static_server() -> Iterator[str]:
+    """ws_node/static over plain HTTP on a free loopback port, for the page's modules on their own."""
+    handler = functools.partial(StaticHandler, directory=str(STATIC_DIR))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+class StaticHandler(http.server.SimpleHTTPRequestHandler):
+    """The node's layout: ``/console`` is console.html, ``/static/<file>`` the folder's files."""
+
+    def translate_path(self, path: str) -> str:
+        route = path.split("?", 1)[0]
+        if route == "/console":
+            return str(STATIC_DIR / "console.html")
+        if route.startswith("/static/"):
+            return super().translate_path(route[len("/static") :])
+        return str(STATIC_DIR / "missing")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_protocol_module_builds_creatio_frames(static_server: str, browser: WebDriver) -> None:
+    """creatio-channel.js on its own, in the browser: backoff, URL, call serialisation, content decoding."""
+    driver = browser
+    driver.get(f"{static_server}/console")  # idle: no line given, so it does not connect
+    result = driver.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        import(arguments[0]).then((m) => done({
+          delays: [1, 2, 3, 4, 5, 6, 7, 200].map(
+            (n) => [m.reconnectDelayMs(n, () => 0), m.reconnectDelayMs(n, () => 1)]),
+          url: m.socketUrl("https://crm.example/ops/console?line=1#x", "k y"),
+          plain: m.socketUrl("http://127.0.0.1:2013/console?line=305", ""),
+          call: m.serializeCall(
+            {id: "a", state: 0, callerId: "", calledId: null, callFeaturesSet: 12, deviceId: "305"}),
+          decoded: [m.decodeContent('{"a":1}'), m.decodeContent("raw"), m.decodeContent({b: 2})],
+          names: [m.EVENT_NAMES[5], m.ERROR_NAMES[3]],
+          line: [m.LINE_PATTERN.test("305"), m.LINE_PATTERN.test("30 5"), m.LINE_PATTERN.test("x".repeat(33))],
+        }), (e) => done({error: String(e)}));
+        """,
+        f"{static_server}/static/creatio-channel.js",
+    )
+    assert "error" not in result, result
+    # about 5 s first, doubling, capped near 185 s, +-10 %
+    assert result["delays"] == [
+        [4500, 5500],
+        [9000, 11000],
+        [18000, 22000],
+        [36000, 44000],
+        [72000, 88000],
+        [144000, 176000],
+        [166500, 203500],
+        [166500, 203500],
+    ]
+    assert result["url"] == "wss://crm.example/ops/?key=k+y"
+    assert result["plain"] == "ws://127.0.0.1:2013/"
+    assert result["call"] == {"id": "a", "deviceId": "305", "state": 0}
+    assert result["decoded"] == [{"a": 1}, "raw", {"b": 2}]
+    assert result["names"] == ["RING_STARTED", "COMMAND_ERROR"]
+    assert result["line"] == [True, False, False]
     assert console_errors(driver) == []

@@ -59,7 +59,7 @@ const ui = {
   consultBar: $("consult-bar"), completeButton: $("complete-transfer-button"), cancelButton: $("cancel-transfer-button"),
   calls: $("calls"), callsCount: $("calls-count"), noCalls: $("no-calls"),
   recent: $("recent"), noRecent: $("no-recent"),
-  log: $("log"), rawToggle: $("raw-toggle"), clearLog: $("clear-log-button"),
+  log: $("log"), rawToggle: $("raw-toggle"), clearLog: $("clear-log-button"), announcer: $("announcer"),
 };
 
 const query = new URLSearchParams(window.location.search);
@@ -233,6 +233,11 @@ function upsertCall(call, { fromSnapshot = false, answered = false } = {}) {
   return entry;
 }
 
+/** Tell screen reader users about what changes the agent's next move (a ring, an answer, an end). */
+function announce(text) {
+  ui.announcer.textContent = text;
+}
+
 function finishCall(call, note = "") {
   const entry = view.calls.get(call.id);
   const merged = entry ? { ...entry.call, ...call } : call;
@@ -299,12 +304,22 @@ function onMessage(message) {
       const call = asCall(content);
       if (call === null) break;
       if (type === MsgEventType.ABONENT_BUSY) call.state = CallState.BUSY;
+      const known = view.calls.has(call.id);
       upsertCall(call, { answered: type === MsgEventType.COMMUTATION_STARTED });
+      const party = call.direction === Direction.OUT ? call.calledId : call.callerId;
+      if (!known && call.state === CallState.ALERTING) {
+        announce(`${call.direction === Direction.OUT ? "Calling" : "Incoming call from"} ${party || "unknown number"}`);
+      } else if (type === MsgEventType.COMMUTATION_STARTED) {
+        announce(`Connected with ${party || "unknown number"}`);
+      }
       break;
     }
     case MsgEventType.RING_FINISHED: {
       const call = asCall(content);
-      if (call !== null) finishCall(call);
+      if (call !== null) {
+        finishCall(call);
+        announce(`Call with ${(call.direction === Direction.OUT ? call.calledId : call.callerId) || "unknown number"} ended`);
+      }
       break;
     }
     case MsgEventType.ACTIVE_CALL_SNAPSHOT:
