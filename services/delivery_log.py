@@ -35,6 +35,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter
@@ -75,9 +76,10 @@ class Position:
         return cls("" if epoch == "-" else epoch, int(seq))
 
 
-@dataclass(frozen=True, slots=True)
-class AgentKey:
-    """One agent's tab on one line. ``user`` and ``tab`` may be empty (not known)."""
+class AgentKey(NamedTuple):
+    """One agent's tab on one line. ``user`` and ``tab`` may be empty (not known).
+
+    A tuple, not a dataclass: it is hashed for every event handed to every tab."""
 
     line: str
     user: str = ""
@@ -103,7 +105,8 @@ class DeliveryLog:
         #: connected agents are rewritten this often so their records and holder entries stay fresh
         self.refresh_interval = min(self.ttl / 4, holder_window / 3)
         self._clock = clock
-        self._positions: dict[AgentKey, Position] = {}
+        #: agent -> (epoch, seq): plain tuples, built on the hot path
+        self._positions: dict[AgentKey, tuple[str, int]] = {}
         self._live: dict[AgentKey, int] = {}
         self._dirty: set[AgentKey] = set()
         self._last_refresh = clock()
@@ -126,12 +129,12 @@ class DeliveryLog:
         """``agent`` was handed the event at ``(epoch, seq)``. Only moves forward."""
         current = self._positions.get(agent)
         if current is not None:
-            if current.epoch == epoch:
-                if seq <= current.seq:
+            if current[0] == epoch:
+                if seq <= current[1]:
                     return
-            elif Position(epoch, seq).order() < current.order():
+            elif Position(epoch, seq).order() < Position(*current).order():
                 return
-        self._positions[agent] = Position(epoch, seq)
+        self._positions[agent] = (epoch, seq)
         self._dirty.add(agent)
 
     # ---- membership --------------------------------------------------------------------------
@@ -161,7 +164,7 @@ class DeliveryLog:
         """Where ``agent`` stood: its tab's record, else its user's record on that line."""
         local = self._positions.get(agent)
         if local is not None and agent not in self._live:
-            return local  # it left this node a moment ago; the write may still be pending
+            return Position(*local)  # it left this node a moment ago; the write may still be pending
         keys = [self._user_key(agent)]
         if agent.tab:
             keys.insert(0, self._tab_key(agent))
@@ -223,7 +226,7 @@ class DeliveryLog:
             position = self._positions.get(agent)
             if position is None:
                 continue
-            value = position.encode()
+            value = Position(*position).encode()
             pipe.set(self._user_key(agent), value, ex=self.ttl)
             if agent.tab:
                 pipe.set(self._tab_key(agent), value, ex=self.ttl)
