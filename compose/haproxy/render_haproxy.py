@@ -22,6 +22,8 @@ Settings come from the environment (the compose file sets them; see compose/.env
     CMS_ALLOWED_ORIGINS    comma-separated Origin allowlist             (unset)
     CMS_HAPROXY_MAXCONN    global maxconn                               (50000)
     CMS_RUN_DIR            runtime socket + pidfile directory           (/run/cms)
+    CMS_BIND, CMS_WS_PORT, CMS_WSS_PORT        client listeners         (0.0.0.0, 2013, 2014)
+    CMS_STATS_BIND, CMS_STATS_PORT             stats + /metrics         (0.0.0.0, 8404)
 
 Exit codes: 0 written (and checked unless --no-check), 1 haproxy rejected it, 2 bad settings.
 """
@@ -76,6 +78,13 @@ def render(env: Mapping[str, str]) -> str:
         raise SettingsError(f"CMS_DNS_RESOLVER: expected ip:port, got {resolver!r}")
     maxconn = _integer(env, "CMS_HAPROXY_MAXCONN", 50000, 1, 1_000_000)
     run_dir = Path(env.get("CMS_RUN_DIR", "").strip() or "/run/cms")
+    ws_port = _integer(env, "CMS_WS_PORT", 2013, 1, 65535)
+    wss_port = _integer(env, "CMS_WSS_PORT", 2014, 1, 65535)
+    stats_port = _integer(env, "CMS_STATS_PORT", 8404, 1, 65535)
+    # Inside the container the listeners take every interface; the compose file decides what the
+    # host publishes (the stats port only on the host's loopback).
+    bind = env.get("CMS_BIND", "").strip() or "0.0.0.0"
+    stats_bind = env.get("CMS_STATS_BIND", "").strip() or "0.0.0.0"
 
     tls_cert: Path | None = None
     if env.get("CMS_TLS_CERT", "").strip():
@@ -94,12 +103,14 @@ def render(env: Mapping[str, str]) -> str:
     try:
         description = ClusterDescription(
             nodes=(_PLACEHOLDER,),
-            bind="0.0.0.0",
+            bind=bind,
+            ws_port=ws_port,
+            wss_port=wss_port,
             tls_cert=tls_cert,
             deployment_key=key,
             allowed_origins=origins,
-            # Inside the compose network only; the compose file publishes it on the host's loopback.
-            stats_bind="0.0.0.0",
+            stats_port=stats_port,
+            stats_bind=stats_bind,
             runtime_socket=run_dir / "haproxy.sock",
             pidfile=run_dir / "haproxy.pid",
             master_worker=True,
@@ -150,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     write_config(text, out)
+    # The runtime socket and pidfile go there; haproxy does not create the directory.
+    (Path(os.environ.get("CMS_RUN_DIR", "").strip() or "/run/cms")).mkdir(parents=True, exist_ok=True)
     if not args.no_check:
         try:
             check_config(out)

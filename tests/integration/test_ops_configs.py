@@ -16,21 +16,27 @@ promtool and the compose client come from `scripts/setup-ops.sh`; missing tools 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from balancer import RuntimeAPI, RuntimeAPIError
 from balancer.haproxy_ctl import HAProxyNotFoundError, find_haproxy
 from local_cluster.infra import Infrastructure
 
@@ -449,7 +455,6 @@ def test_entrypoint_gateway_without_pbx_is_unhealthy(
         time.sleep(0.1)
     # The metrics endpoint answers (503 while AMI is down), and the health check says unhealthy.
     import urllib.error
-    import urllib.request
 
     status = 0
     while time.monotonic() < deadline and status == 0:
@@ -516,3 +521,163 @@ def test_compose_haproxy_bad_setting_names_the_variable(tmp_path: Path, variable
     assert result.returncode == 2, result.stdout + result.stderr
     assert variable in result.stderr or "allowed_origins" in result.stderr, result.stderr
     assert not (tmp_path / "haproxy.cfg").exists()
+
+
+# ---- DNS discovery of scaled nodes: the server-template + resolvers part, on the real haproxy ----
+
+
+class TinyDns:
+    """A UDP DNS server on 127.0.0.1 answering A queries for one name from a list we change.
+
+    Stands in for Docker's embedded DNS (127.0.0.11), which returns one A record per running
+    replica of a service; AAAA and other names get an empty NOERROR / NXDOMAIN answer.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name.lower()
+        self.addresses: list[str] = []
+        self.queries = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> TinyDns:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                packet, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            answer = self.answer(packet)
+            if answer:
+                self.sock.sendto(answer, peer)
+
+    def answer(self, packet: bytes) -> bytes | None:
+        if len(packet) < 12:
+            return None
+        labels, offset = [], 12
+        while offset < len(packet) and packet[offset] != 0:
+            length = packet[offset]
+            labels.append(packet[offset + 1: offset + 1 + length].decode("ascii", "replace"))
+            offset += 1 + length
+        offset += 1
+        if offset + 4 > len(packet):
+            return None
+        qtype = struct.unpack("!H", packet[offset: offset + 2])[0]
+        question = packet[12: offset + 4]
+        self.queries += 1
+        known = ".".join(labels).lower() == self.name
+        records = [ipaddress.IPv4Address(a).packed for a in self.addresses] if known and qtype == 1 else []
+        flags = 0x8180 if known else 0x8183  # response, recursion desired+available; rcode 0 or 3
+        header = packet[:2] + struct.pack("!HHHHH", flags, 1, len(records), 0, 0)
+        body = b"".join(struct.pack("!HHHIH", 0xC00C, 1, 1, 1, 4) + rdata for rdata in records)
+        return header + question + body
+
+
+class Backend:
+    """An HTTP server on one loopback address answering /health and naming itself on /."""
+
+    def __init__(self, address: str, port: int) -> None:
+        name = address
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                body = b"ok" if self.path == "/health" else name.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+                pass
+
+        self.server = ThreadingHTTPServer((address, port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def test_scaled_nodes_are_found_and_dropped_through_dns(haproxy_bin: str, tmp_path: Path) -> None:
+    node_port = free_port()
+    backends = [Backend(address, node_port) for address in ("127.0.0.2", "127.0.0.3")]
+    ws_port, stats_port = free_port(), free_port()
+    with TinyDns("ws-node") as dns:
+        dns.addresses = ["127.0.0.2"]
+        result = render_compose_haproxy(
+            tmp_path, CMS_NODE_PORT=str(node_port), CMS_NODE_SLOTS="4", CMS_DNS_RESOLVER=f"127.0.0.1:{dns.port}",
+            CMS_BIND="127.0.0.1", CMS_WS_PORT=str(ws_port), CMS_STATS_BIND="127.0.0.1",
+            CMS_STATS_PORT=str(stats_port), CMS_HAPROXY_MAXCONN="1000",
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        log = (tmp_path / "haproxy.log").open("wb")
+        with log:
+            haproxy = subprocess.Popen([haproxy_bin, "-W", "-db", "-f", str(tmp_path / "haproxy.cfg")],
+                                       stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        api = RuntimeAPI(tmp_path / "run" / "haproxy.sock")
+
+        def slots() -> dict[str, tuple[str, str]]:
+            try:
+                return {s.name: (s.address.rsplit(":", 1)[0], s.status) for s in api.servers()}
+            except (OSError, RuntimeAPIError):
+                return {}
+
+        def wait_for(what: str, predicate: Any, timeout: float = 25) -> None:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if haproxy.poll() is not None:
+                    pytest.fail(f"haproxy exited: {(tmp_path / 'haproxy.log').read_text(errors='replace')}")
+                if predicate():
+                    return
+                time.sleep(0.2)
+            pytest.fail(f"timed out waiting for {what}; slots {slots()}, DNS queries {dns.queries}")
+
+        def up() -> set[str]:
+            return {addr for addr, status in slots().values() if status == "UP"}
+
+        def hits(n: int) -> set[str]:
+            seen = set()
+            for _ in range(n):
+                with urllib.request.urlopen(f"http://127.0.0.1:{ws_port}/", timeout=2) as response:  # noqa: S310
+                    seen.add(response.read().decode())
+            return seen
+
+        try:
+            wait_for("the first replica UP", lambda: up() == {"127.0.0.2"})
+            # Unused slots wait in maintenance until DNS gives them an address.
+            assert len(slots()) == 4
+            assert sum(status.startswith("MAINT") for _, status in slots().values()) == 3
+            assert hits(4) == {"127.0.0.2"}
+            dns.addresses = ["127.0.0.2", "127.0.0.3"]  # docker compose up --scale ws_node=2
+            wait_for("the new replica UP", lambda: up() == {"127.0.0.2", "127.0.0.3"})
+            assert hits(20) == {"127.0.0.2", "127.0.0.3"}
+            dns.addresses = ["127.0.0.3"]  # --scale ws_node=1 (its container is gone)
+            backends[0].close()
+            wait_for("the removed replica's slot freed", lambda: "127.0.0.2" not in {a for a, _ in slots().values()}
+                     and up() == {"127.0.0.3"}, timeout=40)
+            assert hits(6) == {"127.0.0.3"}
+        finally:
+            haproxy.send_signal(signal.SIGTERM)
+            try:
+                haproxy.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                haproxy.kill()
+                haproxy.wait(timeout=5)
+            for backend in backends[1:]:
+                backend.close()
