@@ -246,7 +246,7 @@ class Gateway:
             now = time.time()
             RESYNC_SECONDS.observe(time.perf_counter() - started)
             if channels is None:
-                log.error("cannot list live channels (grant the AMI user 'reporting' or 'call' read); "
+                log.error("cannot list live channels (the AMI user needs write = call for Status, or reporting); "
                           "calls that ended while disconnected stay open until their next event")
             else:
                 self._emit(self.tracker.resync(channels, members or [], now))

@@ -140,3 +140,34 @@ def test_connected_call_control_gives_the_party_the_line_talks_to() -> None:
     [control] = tracker.controls("305")
     assert control.channel.startswith("SIP/305-") and control.peer.startswith("SIP/trunk-in-")
     assert tracker.tech_of("305") == "SIP" and tracker.tech_of("399") is None
+
+
+def test_a_second_call_while_the_first_is_on_hold() -> None:
+    """Call A is held from the phone; call B rings, is answered and ends; A is resumed and ends."""
+    first = load("hold-resume.ami")
+    held = until(first, "Hold")
+    tracker, events = play(first[:held])
+    tracker, during = play(load("inbound-direct.ami"), tracker)
+    a, b = "1700000600.1:305", "1795685548.7:305"
+    assert [c.id for c in tracker.calls_of("305")] == [a]
+    tracker, rest = play(first[held:], tracker)
+    assert view(events + during + rest, "305") == [
+        ("ring_started", a, "ringing"),
+        ("commutation_started", a, "connected"),
+        ("hold_started", a, "held"),
+        ("ring_started", b, "ringing"),
+        ("commutation_started", b, "connected"),
+        ("ring_finished", b, "finished"),
+        ("hold_ended", a, "connected"),
+        ("ring_finished", a, "finished"),
+    ]
+    assert_clean(tracker)
+
+
+def test_both_calls_are_live_while_the_second_one_rings() -> None:
+    first = load("hold-resume.ami")
+    second = load("inbound-direct.ami")
+    tracker, _ = play(first[: until(first, "Hold")])
+    tracker, _ = play(second[: until(second, "DialEnd")], tracker)
+    states = [(c.id, c.state) for c in tracker.calls_of("305")]
+    assert states == [("1700000600.1:305", CallState.HELD), ("1795685548.7:305", CallState.CONNECTED)]
