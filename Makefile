@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?=
 
-.PHONY: run test drill setup system-deps lint typecheck unit integration e2e clean
+.PHONY: run test drill setup system-deps browser-deps lint typecheck unit integration e2e clean
 
 run: setup
 	$(PY) -m local_cluster $(if $(CONFIG),--config $(CONFIG),)
@@ -20,10 +20,14 @@ test: setup lint typecheck
 drill: setup
 	$(PY) -m ops.drill --agents 200 $(DRILL_ARGS)
 
-setup: system-deps $(STAMP)
+setup: system-deps browser-deps $(STAMP)
 
 system-deps:
 	@bash scripts/setup-system.sh
+	@bash scripts/setup-ops.sh
+
+browser-deps:
+	@bash scripts/setup-browser.sh
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -306,7 +306,8 @@ class LocalCluster:
     def urls(self) -> dict[str, str]:
         urls = {
             "client (Creatio 'Message exchange server')": self.client_url,
-            "agent console": f"http://127.0.0.1:{self.options.haproxy_port}/console",
+            "agent console (demo line 305)": f"http://127.0.0.1:{self.options.haproxy_port}/console?line=305"
+            + (f"&key={self.options.deployment_key}" if self.options.deployment_key else ""),
             "HAProxy stats": f"http://127.0.0.1:{self.options.stats_port}/stats",
             "HAProxy metrics": f"http://127.0.0.1:{self.options.stats_port}/metrics",
             "gateway metrics": f"http://127.0.0.1:{self.options.gateway_metrics_port}/metrics",

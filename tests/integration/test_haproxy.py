@@ -504,6 +504,9 @@ def test_deployment_key_is_required(backends: dict[str, Backend], start_haproxy:
     assert request(port, "/negotiate", method="POST")[0] == 403
     assert backend_of(port, f"/?key={KEY}") in ("a", "b")
     assert backend_of(port, f"/console?key={KEY}") in ("a", "b")
+    # The console page needs the key; its static assets (no data in them) load without it.
+    assert request(port, "/console")[0] == 403
+    assert backend_of(port, "/static/console.css") in ("a", "b")
     # SignalR: negotiate, then the socket URL carries the key plus the connection token.
     assert backend_of(port, f"/negotiate?key={KEY}&negotiateVersion=1", method="POST") in ("a", "b")
     with websocket(port, f"/?key={KEY}&id=token123") as (sock, _):

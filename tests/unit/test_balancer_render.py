@@ -107,8 +107,9 @@ def test_key_rule_only_with_a_key() -> None:
     assert "urlp(key)" not in render_config(BASE)
     front = section(render_config(replace(BASE, deployment_key=KEY)), "frontend fe_clients")
     assert f"acl key_ok urlp(key) -m str {KEY}" in front
-    deny = front.index("http-request deny deny_status 403 if !key_ok")
+    deny = front.index("http-request deny deny_status 403 if !key_ok !console_asset")
     assert deny < front.index("default_backend ws_nodes")
+    assert "acl console_asset path_beg /static/" in front
 
 
 def test_origin_rule_only_with_an_allowlist() -> None:
