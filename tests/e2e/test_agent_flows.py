@@ -97,6 +97,17 @@ async def no_event(agent: CreatioAgent, event_type: int, after: int, seconds: fl
     assert unexpected == [], unexpected
 
 
+async def answered_call(cluster: LocalCluster, agent: CreatioAgent) -> dict[str, Any]:
+    """An inbound call the agent answers with AnswerCall (the phone is told to pick up)."""
+    mark = len(agent.events)
+    await play(cluster, "inbound-direct-noanswer", line=agent.line, caller=CALLER)
+    ring = obj(await agent.wait_for(RING_STARTED, after=mark, timeout=15))
+    await agent.call_command("AnswerCall", ring)
+    call = obj(await agent.wait_for(COMMUTATION_STARTED, after=mark, timeout=10))
+    assert call["id"] == ring["id"]
+    return call
+
+
 # ---- inbound calls -------------------------------------------------------------------------------------
 
 
@@ -347,9 +358,7 @@ def test_dtmf_on_a_connected_call_is_carried_out(cluster: LocalCluster) -> None:
     async def main() -> None:
         agent = await opened(cluster, "455")
         try:
-            mark = len(agent.events)
-            await play(cluster, "inbound-direct-long", line="455", caller=CALLER)
-            call = obj(await agent.wait_for(COMMUTATION_STARTED, after=mark, timeout=15))
+            call = await answered_call(cluster, agent)
             mark = len(agent.events)
             await agent.call_command("SendDtmf", call, {"digits": "12#"})
             await no_event(agent, ERROR, mark, 1.5)  # a success is silent
@@ -421,6 +430,65 @@ def test_refusals_carry_the_right_error_type(cluster: LocalCluster) -> None:
             mark = len(agent.events)
             await agent.send("OpenConnection", {"connectionParams": json.dumps({"ExtensionName": "4 54"})})
             assert obj(await agent.wait_for(ERROR, after=mark))["errorType"] == 9
+        finally:
+            await agent.close()
+
+    asyncio.run(main())
+
+
+def test_answer_blind_transfer_consult_and_cancel_dnd_wrap_up(cluster: LocalCluster) -> None:
+    async def main() -> None:
+        agent = await opened(cluster, "306")  # 306: a queue member, for the wrap-up
+        try:
+            call = await answered_call(cluster, agent)
+
+            # MakeConsultCall: a second call on the line; CancelTransfer ends it, the first stays
+            mark = len(agent.events)
+            await agent.call_command("MakeConsultCall", call, {"targetAddress": "307"})
+            consult = obj(await agent.wait_for(RING_STARTED, after=mark, timeout=10,
+                                               predicate=lambda r: obj(r)["id"] != call["id"]))
+            await agent.send("CancelTransfer", {"currentCall": json.dumps(call), "consultCall": json.dumps(consult)})
+            gone = obj(await agent.wait_for(RING_FINISHED, after=mark, timeout=10))
+            assert gone["id"] == consult["id"]
+            assert agent.of_type(ERROR, mark) == []
+
+            # BlindTransferCall: the call leaves the line
+            mark = len(agent.events)
+            await agent.call_command("BlindTransferCall", call, {"targetAddress": "5559000"})
+            end = obj(await agent.wait_for(RING_FINISHED, after=mark, timeout=15))
+            assert end["id"] == call["id"]
+
+            # SetDnd and SetWrapUpUserState are carried out silently or shown by their events
+            mark = len(agent.events)
+            await agent.send("SetDnd")
+            await agent.send("SetWrapUpUserState", {"isWrapUpActive": True})
+            assert (await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10)).content == "Paused"
+            await agent.send("SetWrapUpUserState", {"isWrapUpActive": False})
+            await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10,
+                                 predicate=lambda r: r.content == "Active")
+            assert agent.of_type(ERROR, mark) == []
+        finally:
+            await agent.close()
+
+    asyncio.run(main())
+
+
+def test_consult_then_complete_transfer(cluster: LocalCluster) -> None:
+    async def main() -> None:
+        agent = await opened(cluster, "456")
+        try:
+            call = await answered_call(cluster, agent)
+            mark = len(agent.events)
+            await agent.call_command("MakeConsultCall", call, {"targetAddress": "457"})
+            consult = obj(await agent.wait_for(RING_STARTED, after=mark, timeout=10,
+                                               predicate=lambda r: obj(r)["id"] != call["id"]))
+            await agent.call_command("TransferCall", call, {"consultationCall": json.dumps(consult)})
+            finished = set()
+            while finished != {call["id"], consult["id"]}:
+                item = await agent.wait_for(RING_FINISHED, after=mark, timeout=15,
+                                            predicate=lambda r: obj(r)["id"] not in finished)
+                finished.add(obj(item)["id"])
+            assert agent.of_type(ERROR, mark) == []
         finally:
             await agent.close()
 
