@@ -319,6 +319,12 @@ class CallTracker:
             peer = target.name if target is not None else ""
         else:
             other = self._bridge_peer(ch, None) if ch.bridge else None
+            if other is None and lc.state is CallState.CONNECTED:
+                # Answered a moment ago, not bridged yet: the party is the one dialling it, or the one it dials.
+                if ch.dialed_by is not None:
+                    other = self._chans.get(ch.dialed_by)
+                else:
+                    other = next((self._chans[k] for k in sorted(ch.children) if k in self._chans), None)
             peer = other.name if other is not None else ""
         space, lot, parked = "", "", ""
         if lc.parked is not None:

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -41,6 +41,15 @@ class Rig:
     gateway: Gateway
     events: EventListener
     commands: CommandClient
+    observers: list[Client] = field(default_factory=list)
+
+    async def observe(self) -> Client:
+        """A plain AMI client watching the simulator; closed with the rig."""
+        observer = await Client.connect(self.sim.port)
+        Client.open_clients.remove(observer)  # not left to test_simulator's cleanup, which runs in its own loop
+        self.observers.append(observer)
+        await observer.login(secret=SECRET)
+        return observer
 
     async def send(self, line: str, name: CommandName, **args: str) -> Any:
         return await self.commands.send(line, name, **args)
@@ -78,8 +87,13 @@ async def rig(infra: Infrastructure, prefix: str, *, sim_options: dict[str, Any]
         async with AmiSimulator(**options) as sim:
             async with running_gateway(gateway_settings(infra, prefix, sim.port, **asterisk)) as gateway:
                 await asyncio.wait_for(gateway.ready.wait(), 10)
-                yield Rig(sim, gateway, listener, commands)
-                sim.hangup_all()
+                r = Rig(sim, gateway, listener, commands)
+                try:
+                    yield r
+                finally:
+                    for observer in r.observers:
+                        await observer.close()
+                    sim.hangup_all()
     finally:
         await commands.close()
         await listener.close()
@@ -88,6 +102,7 @@ async def rig(infra: Infrastructure, prefix: str, *, sim_options: dict[str, Any]
 
 def run(coro: Any) -> None:
     asyncio.run(coro)
+
 
 
 def test_make_call_originates_from_the_agent_line_in_the_users_context(infra: Infrastructure, prefix: str) -> None:
@@ -148,8 +163,7 @@ def test_hangup_acts_only_on_the_agents_own_line_and_stale_commands_are_refused(
 def test_answer_tells_the_phone_to_answer(infra: Infrastructure, prefix: str, tech: str) -> None:
     async def main() -> None:
         async with rig(infra, prefix, sim_options={"tech": tech}) as r:
-            observer = await Client.connect(r.sim.port)
-            await observer.login(secret=SECRET)
+            observer = await r.observe()
             r.sim.play("inbound-direct-noanswer", line="305")  # would ring 15 s x 0.2 = 3 s, then give up
             ring = await r.event("305", EventType.RING_STARTED)
             assert ring.call is not None
@@ -269,8 +283,7 @@ def test_consult_then_cancel_the_transfer(infra: Infrastructure, prefix: str) ->
 def test_dtmf_is_played_to_the_far_end(infra: Infrastructure, prefix: str) -> None:
     async def main() -> None:
         async with rig(infra, prefix) as r:
-            observer = await Client.connect(r.sim.port)
-            await observer.login(secret=SECRET)
+            observer = await r.observe()
             call, call_id = await r.connected_call()
             result = await r.send("305", CommandName.DTMF, call_id=call_id, digits="1#")
             assert result.ok, result.error

@@ -675,6 +675,7 @@ def test_demo_loop_plays_a_realistic_mix_on_the_demo_lines(tmp_path: Any) -> Non
 
         async def watch() -> tuple[list[AmiMessage], dict[str, Any], str]:
             c = await Client.connect(ami_port)
+            Client.open_clients.remove(c)  # closed below, in this loop
             await c.login()
             seen: list[AmiMessage] = []
             end = asyncio.get_running_loop().time() + 12
