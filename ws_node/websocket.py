@@ -108,12 +108,18 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
         transport.registerProducer(self, True)
         self.opened_at = self.factory.clock()
         self.rate = RateGuard(self.factory.policy, self.factory.clock)
-        self.factory.live.add(self)
+        self.factory.admit_socket(self)
         if self.mode is Mode.SIGNALR:
             self._start_signalr()
 
     def _start_signalr(self) -> None:
         self.mode = Mode.SIGNALR
+        # SignalR pings (type 6) keep both sides alive; WebSocket-level auto-pings would only double
+        # the idle traffic of every connection.
+        self.autoPingInterval = 0
+        if self.autoPingPendingCall is not None:
+            self.autoPingPendingCall.cancel()
+            self.autoPingPendingCall = None
         self.hub_protocol = signalr.HubConnection(max_record_chars=self.factory.policy.max_message_bytes)
         self.keepalive = signalr.KeepAlive(
             self.factory.clock(), ping_interval=self.factory.ping_interval, client_timeout=self.factory.client_timeout
@@ -279,10 +285,11 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
     # ---- FrameSink -----------------------------------------------------------------------------
 
     def write_text(self, text: str) -> None:
-        if self.mode is Mode.SIGNALR:
-            self._send_record(signalr.server_message(text))
-        elif self.state == WebSocketServerProtocol.STATE_OPEN:
-            self.sendMessage(text.encode("utf-8"), isBinary=False)
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
+        self.sendMessage(self.factory.payload_for(text, self.mode), isBinary=False)
+        if self.keepalive is not None:
+            self.keepalive.sent(self.factory.clock())
 
     def close(self, code: int, reason: str) -> None:
         if self.mode is Mode.SIGNALR and self.hub_protocol is not None:
@@ -321,8 +328,20 @@ class AgentServerFactory(WebSocketServerFactory):  # type: ignore[misc]
         self.wall_clock = wall_clock
         #: open sockets of either transport, including those not past their first message yet
         self.live: set[AgentProtocol] = set()
+        # Deadlines and keep-alives are checked by one sweep, not a timer per socket, and each
+        # tick visits one slice of the sockets, so idle sockets cost a few microseconds every few
+        # seconds. Each socket is visited once per ``sweep_period``: short enough for the
+        # tightest timing configured.
+        timings = [t for t in (ping_interval / 3, client_timeout / 6, policy.handshake_timeout_seconds / 3) if t > 0]
+        self.sweep_tick = 0.1 if min(timings, default=1.0) < 1.0 else 0.5
+        self.sweep_period = max(self.sweep_tick, min([5.0, *timings]))
+        slices = max(1, round(self.sweep_period / self.sweep_tick))
+        self._slices: list[set[AgentProtocol]] = [set() for _ in range(slices)]
+        self._next_slice = 0
+        self._next_slot = 0
         self._sweeper = LoopingCall(self.sweep)
         self._emptied: asyncio.Future[None] | None = None
+        self._last_payload: tuple[str, Mode, bytes] | None = None
         self.setProtocolOptions(
             maxFramePayloadSize=policy.max_message_bytes,
             maxMessagePayloadSize=policy.max_message_bytes,
@@ -333,16 +352,38 @@ class AgentServerFactory(WebSocketServerFactory):  # type: ignore[misc]
             failByDrop=False,
         )
 
+    def admit_socket(self, protocol: AgentProtocol) -> None:
+        self.live.add(protocol)
+        self._slices[self._next_slot % len(self._slices)].add(protocol)
+        self._next_slot += 1
+
     def sweep(self) -> None:
+        """One tick: the next slice of sockets."""
         now = self.clock()
-        for protocol in list(self.live):
+        chosen = self._slices[self._next_slice % len(self._slices)]
+        self._next_slice += 1
+        for protocol in list(chosen):
             try:
                 protocol.sweep(now)
             except Exception:  # one broken socket must not stop keep-alives and deadlines for all
                 log.exception("sweep failed for one socket", extra={"conn": protocol._conn_id()})
 
+    def payload_for(self, text: str, mode: Mode) -> bytes:
+        """The bytes of one event for one transport. A line's event reaches every tab of the line
+        one after another as the same string, so one remembered encoding saves the JSON wrapping
+        and UTF-8 encoding for all but the first."""
+        last = self._last_payload
+        if last is not None and last[0] is text and last[1] is mode:
+            return last[2]
+        wire = signalr.server_message(text) if mode is Mode.SIGNALR else text
+        payload = wire.encode("utf-8")
+        self._last_payload = (text, mode, payload)
+        return payload
+
     def forget(self, protocol: AgentProtocol) -> None:
         self.live.discard(protocol)
+        for bucket in self._slices:
+            bucket.discard(protocol)
         if not self.live and self._emptied is not None and not self._emptied.done():
             self._emptied.set_result(None)
 
@@ -360,9 +401,9 @@ class AgentServerFactory(WebSocketServerFactory):  # type: ignore[misc]
             if protocol.connection is None and protocol.state == WebSocketServerProtocol.STATE_OPEN:
                 protocol._send_close(code, reason)
 
-    def start_sweeping(self, interval: float = 1.0) -> None:
+    def start_sweeping(self) -> None:
         if not self._sweeper.running:
-            self._sweeper.start(interval, now=False)
+            self._sweeper.start(self.sweep_tick, now=False)
 
     def stop_sweeping(self) -> None:
         if self._sweeper.running:
