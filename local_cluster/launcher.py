@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -65,6 +66,9 @@ class ClusterOptions:
     amqp_url: str = DEFAULT_AMQP_URL
     redis_url: str = DEFAULT_REDIS_URL
     deployment_key: str = ""
+    #: shared by every node so a SignalR token from /negotiate on one node is valid on all
+    signalr_token_secret: str = ""
+    allowed_origins: tuple[str, ...] = ()
     log_json: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -114,6 +118,7 @@ class LocalCluster:
         self.uses_simulator = True
         self.settings_path = self.run_dir / f"appsettings-{self.prefix}.json"
         self._infra: Infrastructure | None = None
+        self.signalr_token_secret = options.signalr_token_secret or secrets.token_urlsafe(32)
 
     # ---- start -------------------------------------------------------------------------------
 
@@ -149,9 +154,13 @@ class LocalCluster:
         args = [sys.executable, "-m", "ws_node", "--config", str(self.settings_path), "--port", str(port),
                 "--node-id", f"{self.prefix}-n{index + 1}-{uuid.uuid4().hex[:4]}", "--drain-seconds", "2",
                 *self._log_flags()]
+        # Secrets go through the environment: a command line is visible to every user in `ps`.
+        env = {"CMS_NODE_SIGNALR_TOKEN_SECRET": self.signalr_token_secret}
         if self.options.deployment_key:
-            args += ["--key", self.options.deployment_key]
-        return self._spawn(f"node{index + 1}", args)
+            env["CMS_NODE_KEY"] = self.options.deployment_key
+        if self.options.allowed_origins:
+            env["CMS_NODE_ALLOWED_ORIGINS"] = ",".join(self.options.allowed_origins)
+        return self._spawn(f"node{index + 1}", args, env)
 
     def _ensure_infrastructure(self) -> None:
         """Reuse RabbitMQ/Redis given in the options or listening on the default ports; else start private ones."""
@@ -205,6 +214,7 @@ class LocalCluster:
             ws_port=self.options.haproxy_port,
             tls_cert=None,
             deployment_key=self.options.deployment_key or None,
+            allowed_origins=self.options.allowed_origins,
             stats_port=self.options.stats_port,
             runtime_socket=self.run_dir / f"haproxy-{self.prefix}.sock",
             pidfile=self.run_dir / f"haproxy-{self.prefix}.pid",
@@ -303,9 +313,15 @@ class LocalCluster:
         key = f"/?key={self.options.deployment_key}" if self.options.deployment_key else "/"
         return f"ws://127.0.0.1:{self.options.haproxy_port}{key}"
 
+    @property
+    def signalr_url(self) -> str:
+        key = f"?key={self.options.deployment_key}" if self.options.deployment_key else ""
+        return f"http://127.0.0.1:{self.options.haproxy_port}/{key}"
+
     def urls(self) -> dict[str, str]:
         urls = {
-            "client (Creatio 'Message exchange server')": self.client_url,
+            "client, Creatio 7.x (raw WebSocket)": self.client_url,
+            "client, Creatio 8.x (SignalR)": self.signalr_url,
             "agent console (demo line 305)": f"http://127.0.0.1:{self.options.haproxy_port}/console?line=305"
             + (f"&key={self.options.deployment_key}" if self.options.deployment_key else ""),
             "HAProxy stats": f"http://127.0.0.1:{self.options.stats_port}/stats",

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the OS packages the cluster and its tests need, only when missing:
-# HAProxy always; Redis and RabbitMQ servers only when none is listening on the default port
+# HAProxy and Node.js always; Redis and RabbitMQ servers only when none is listening on the default port
 # (a machine that already runs them keeps its own). Debian/Ubuntu (apt) only.
 set -euo pipefail
 
 need=()
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# Node.js runs Microsoft's @microsoft/signalr client in the SignalR compatibility tests.
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 if ! listening 6379 && ! command -v redis-server >/dev/null 2>&1; then need+=(redis-server); fi
 if ! listening 5672 && ! command -v rabbitmq-server >/dev/null 2>&1 && [ ! -x /usr/sbin/rabbitmq-server ]; then
   need+=(rabbitmq-server)
