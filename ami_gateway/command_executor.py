@@ -73,7 +73,14 @@ def explain(action: AmiAction, message: str) -> str:
         return f"{action.name} was refused: the AMI user needs write = {needed} in manager.conf"
     if message.lower() in ("invalid/unknown command", "unknown command"):
         return f"{action.name} is not available on this Asterisk (module not loaded or version too old)"
-    return f"{action.name} failed: {message or 'no reason given'}"
+    if message.lower().startswith(action.name.lower()):
+        text = message  # "Originate failed": the name is already there
+    else:
+        text = f"{action.name} failed: {message or 'no reason given'}"
+    if action.name == "Originate":
+        # A synchronous Originate fails without a reason when the agent's phone cannot be rung.
+        text += " (is the agent's phone registered and reachable?)"
+    return text
 
 
 class CommandExecutor:

@@ -807,6 +807,12 @@ class CallTracker:
                 lc = self._ensure(dest, at, out)
                 if lc is not None and lc.role is _Role.INCOMING:
                     self._connect(lc, at, out)
+            elif status == "BUSY" and lc is None and not dest.done and dest.call is None:
+                # Rejected as busy before it ever rang (DND, call waiting off): still the line's call, busy.
+                lc = self._ensure(dest, at, out)
+                if lc is not None:
+                    self._busy(lc, at, out)
+                    self._finish(lc, at, out, None, status)
             elif status in _FAILED_DIAL and lc is not None:
                 # The agent was the dialled party: its ring is over now, whatever the dialplan does next.
                 if status == "BUSY":

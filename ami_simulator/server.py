@@ -344,7 +344,8 @@ class AmiSimulator:
         self.parking_context = "parkedcalls"
         #: AstDB (DBGet/DBPut/DBDel), by (family, key).
         self.astdb: dict[tuple[str, str], str] = {}
-        self._notify_supported = True
+        #: lines whose phone is not registered: Originate to them fails like chan_sip/chan_pjsip would.
+        self.unregistered: set[str] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -890,6 +891,28 @@ class AmiSimulator:
             "actionid": m.action_id or "",
         }
         tech = tech.upper() if tech.upper() in ("SIP", "PJSIP") else self.tech
+        if line in self.unregistered:
+            # The phone cannot be reached (chan_sip/chan_pjsip refuse the request): no channel is created.
+            if _truthy(m.get("Async")):
+                s.success(m, "Originate successfully queued")
+                self.broadcast(
+                    event(
+                        "OriginateResponse",
+                        "call,all",
+                        [("ActionID", m.action_id or "")] if m.action_id else [],
+                        Response="Failure",
+                        Channel=dial,
+                        Context=variables["context"],
+                        Exten=exten,
+                        Reason="0",
+                        Uniqueid="<null>",
+                        CallerIDNum="<unknown>",
+                        CallerIDName="<unknown>",
+                    )
+                )
+            else:
+                s.error(m, "Originate failed")
+            return
         if _truthy(m.get("Async")):
             s.success(m, "Originate successfully queued")
             self.start_play("outbound-originate", variables, tech=tech)

@@ -139,6 +139,23 @@ def test_synchronous_originate_answers_when_the_phone_is_up(infra: Infrastructur
     run(main())
 
 
+@pytest.mark.parametrize("async_originate", [True, False])
+def test_make_call_to_an_unreachable_phone_says_why(infra: Infrastructure, prefix: str, async_originate: bool) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix, async_originate=async_originate) as r:
+            r.sim.unregistered.add("308")
+            result = await r.send("308", CommandName.MAKE_CALL, number="5551234")
+            assert not result.ok
+            if async_originate:  # the OriginateResponse with our ActionID said Failure, Reason 0
+                assert result.error == (
+                    "the call could not be started: the line could not be dialled (unknown, unregistered or refused)"
+                )
+            else:
+                assert result.error == "Originate failed (is the agent's phone registered and reachable?)"
+
+    run(main())
+
+
 def test_hangup_acts_only_on_the_agents_own_line_and_stale_commands_are_refused(
     infra: Infrastructure, prefix: str
 ) -> None:

@@ -171,3 +171,18 @@ def test_both_calls_are_live_while_the_second_one_rings() -> None:
     tracker, _ = play(second[: until(second, "DialEnd")], tracker)
     states = [(c.id, c.state) for c in tracker.calls_of("305")]
     assert states == [("1700000600.1:305", CallState.HELD), ("1795685548.7:305", CallState.CONNECTED)]
+
+
+def test_a_phone_that_rejects_as_busy_before_ringing_still_shows_busy() -> None:
+    """The simulator's inbound-busy flow: DialBegin, then DialEnd BUSY with no Ringing state in between."""
+    from ami_simulator.scenario import IdAllocator, builtin_scenario
+
+    rendered = builtin_scenario("inbound-busy").render(IdAllocator(), {"line": "305"})
+    msgs = [s.item for s in rendered.steps if isinstance(s.item, AmiMessage)]
+    assert not any(m.event == "Newstate" and m.get("ChannelState") == "5" for m in msgs)
+    for ring_on_ringing in (True, False):
+        tracker, events = play(msgs, ring_on_ringing=ring_on_ringing)
+        evs = by_line(events)["305"]
+        assert [e.type for e in evs] == [EventType.RING_STARTED, EventType.ABONENT_BUSY, EventType.RING_FINISHED]
+        assert evs[-1].call is not None and evs[-1].call.hangup_cause_text == "BUSY"
+        assert_clean(tracker)
