@@ -28,10 +28,9 @@ from ops.drill.truth import LineVerdict, judge, parse_truth, percentile, snapsho
 from ws_node.creatio_protocol import call_guid
 
 #: (scenario, weight). Inbound flows only: their ground truth (the caller) is unambiguous.
-#: Not inbound-busy: a phone that rejects a call as busy never rings, so with
-#: sendRingStartedOnRingingState (CMS's usual setting) its agent is rightly shown nothing.
 TRAFFIC_MIX = (
     ("inbound-direct-answered", 5),
+    ("inbound-busy", 1),
     ("inbound-queue", 2),
     ("inbound-direct-noanswer", 1),
     ("inbound-direct-abandoned", 1),

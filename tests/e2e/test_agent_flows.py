@@ -159,11 +159,6 @@ def test_inbound_never_answered_rings_then_finishes(cluster: LocalCluster, scena
     asyncio.run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway: with sendRingStartedOnRingingState (the cluster's setting) a call the phone rejects as busy "
-    "before ringing produces no line event at all (tracker); see the report of issue 4",
-)
 def test_inbound_busy_is_abonent_busy_then_ring_finished(cluster: LocalCluster) -> None:
     async def main() -> None:
         agent = await opened(cluster, "414")
