@@ -259,7 +259,7 @@ async def _stall(ctx: Context) -> StageResult:
 
     events_per_second = ctx.size(1000.0, 500.0)
     calls_per_second = events_per_second / mean_events_per_call()
-    seconds = ctx.size(6.0, 2.5)
+    seconds = ctx.size(6.0, 1.5)
     driver = _PlayDriver(control_port, calls_per_second, agent_lines(400))
     monitor: asyncio.Task[None] | None = None
     phases: dict[str, _Phase] = {}
@@ -395,7 +395,7 @@ def stage_publish(ctx: Context) -> StageResult:
     from services.topology import Topology
 
     result = StageResult("publish")
-    count = ctx.size(20_000, 3_000)
+    count = ctx.size(10_000, 3_000)
     ctx.say(f"{count:,} line events from the tracker; outbox (Redis + confirmed publish) vs bare aio-pika")
     events = _line_events(count)
     bodies = [(Topology.line_routing_key(e.line), e.positioned("1", i + 1).encode()) for i, e in enumerate(events)]

@@ -48,7 +48,7 @@ def stage_e2e(ctx: Context) -> StageResult:
     result = StageResult("e2e")
     agents = ctx.size(2000, 200)
     rate = 500.0
-    seconds = ctx.size(30.0, 8.0)
+    seconds = ctx.size(30.0, 3.0)
     raise_fd_limit()
     signalr = importlib.util.find_spec("ws_node.signalr") is not None
     with local_cluster(ctx) as cluster, Swarm(2) as swarm:
@@ -62,7 +62,7 @@ def stage_e2e(ctx: Context) -> StageResult:
         calls_per_second = rate / mean_events_per_call()
         driver = _PlayDriver(cluster.options.simulator_control_port, calls_per_second, lines)
         pids = [_pid(cluster, "gateway")] + [_pid(cluster, f"node{i + 1}") for i in range(len(node_ports))]
-        warmup = ctx.size(10.0, 4.0)
+        warmup = ctx.size(10.0, 2.0)
         ctx.say(f"{rate:.0f} AMI events/s ({calls_per_second:.1f} calls/s) for {seconds:.0f} s after {warmup:.0f} s "
                 "of warm-up and calibration")
         driver.start()
@@ -78,6 +78,7 @@ def stage_e2e(ctx: Context) -> StageResult:
             ami_before = scrape_counter([gw_port], "cms_ami_events_received_total")
             published_before = scrape_counter([gw_port], "cms_call_events_published_total")
             frames_before = scrape_counter(node_ports, "cms_node_frames_sent_total")
+            verdicts_before = _node_verdicts(node_ports)
             window = CpuWindow.of(pids).start()
             if ctx.profiler is not None:
                 ctx.profiler.attach("e2e-gateway", pids[0], seconds)
@@ -88,6 +89,7 @@ def stage_e2e(ctx: Context) -> StageResult:
             ami = scrape_counter([gw_port], "cms_ami_events_received_total") - ami_before
             published = scrape_counter([gw_port], "cms_call_events_published_total") - published_before
             frames = scrape_counter(node_ports, "cms_node_frames_sent_total") - frames_before
+            verdicts = {k: v - verdicts_before.get(k, 0.0) for k, v in _node_verdicts(node_ports).items()}
         finally:
             driver.stop()
         if ctx.profiler is not None:
@@ -118,7 +120,8 @@ def stage_e2e(ctx: Context) -> StageResult:
     result.details = {
         "agents_connected": connected.ok, "agents_failed": connected.failed, "window_seconds": window.wall,
         "observations": observed.get(float("inf"), 0.0), "line_events_per_second": published_rate,
-        "frames_per_second": frames / window.wall, "calls_played": driver.played, "play_failures": driver.failures,
+        "frames_per_second": frames / window.wall, "node_line_event_verdicts": verdicts,
+        "calls_played": driver.played, "play_failures": driver.failures,
         "last_play_error": driver.last_error,
         "transports": "raw WebSocket" + ("" if not signalr else "; ws_node.signalr exists but the bench client "
                                          "speaks raw WebSocket only"),
@@ -128,6 +131,19 @@ def stage_e2e(ctx: Context) -> StageResult:
                     "rate, exact quantiles; the floor under the pipeline's own broker hop",
     }
     return result
+
+
+def _node_verdicts(ports: list[int]) -> dict[str, float]:
+    """What the nodes' routers said of each line event (deliver, duplicate, gap...), and gap repairs."""
+    from bench.stats import parse_samples
+
+    out: dict[str, float] = {}
+    for port in ports:
+        for sample in parse_samples(scrape(port)):
+            if sample.name in ("cms_node_line_events_total", "cms_node_gap_repairs_total"):
+                key = f"{sample.name}:{sample.label('verdict') or sample.label('outcome')}"
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
 
 
 # ---- 4. fan-out -----------------------------------------------------------------------------------
@@ -197,7 +213,7 @@ def stage_fanout(ctx: Context) -> StageResult:
     result = StageResult("fanout")
     groups = ctx.size(20, 8)
     per_line = ctx.size(100, 50)
-    seconds = ctx.size(8.0, 3.0)
+    seconds = ctx.size(8.0, 2.0)
     target_frames = 10_000.0
     raise_fd_limit()
     lines = [f"9{i:03d}" for i in range(groups)]
@@ -277,7 +293,7 @@ def stage_fanout(ctx: Context) -> StageResult:
 
 
 def _idle_measure(swarm: Swarm, port: int, pid: int, count: int, window_seconds: float,
-                  settle: Any) -> dict[str, float]:
+                  settle: Any, profile: Any = None) -> dict[str, float]:
     rss_before = rss_bytes(pid)
     connected: ConnectResult = swarm.connect("127.0.0.1", port, agent_lines(count, 20000), concurrency=64,
                                              timeout=30)
@@ -285,6 +301,8 @@ def _idle_measure(swarm: Swarm, port: int, pid: int, count: int, window_seconds:
     time.sleep(2.0)
     rss_after = rss_bytes(pid)
     pings_before = swarm.stats()["pings"]
+    if profile is not None:
+        profile("idle-node", pid, window_seconds)
     window = CpuWindow.of([pid]).start()
     time.sleep(window_seconds)
     window.stop()
@@ -296,9 +314,9 @@ def _idle_measure(swarm: Swarm, port: int, pid: int, count: int, window_seconds:
 
 def stage_idle(ctx: Context) -> StageResult:
     result = StageResult("idle")
-    count = ctx.size(10_000, 1_000)
+    count = ctx.size(10_000, 500)
     # The node pings every 30 s: a full window sees each agent's keepalive once.
-    window_seconds = ctx.size(32.0, 5.0)
+    window_seconds = ctx.size(32.0, 3.0)
     soft, hard = raise_fd_limit()
     if hard < count + 500:
         return StageResult("idle", "not run", f"fd hard limit {hard} < {count + 500} (ulimit -Hn)")
@@ -310,9 +328,8 @@ def stage_idle(ctx: Context) -> StageResult:
             if not wait_until(lambda: counter_value(scrape(port), "cms_node_lines_bound") >= count, 120, 0.5):
                 result.details["lines_bound_timeout"] = True
 
-        if ctx.profiler is not None:
-            ctx.profiler.attach("idle-node", pid, window_seconds)
-        node = _idle_measure(swarm, port, pid, count, window_seconds, lines_bound)
+        node = _idle_measure(swarm, port, pid, count, window_seconds, lines_bound,
+                             ctx.profiler.attach if ctx.profiler is not None else None)
         if ctx.profiler is not None:
             ctx.profiler.collect()
     with BareServer() as bare, Swarm(2) as swarm:
@@ -336,7 +353,7 @@ def stage_idle(ctx: Context) -> StageResult:
 
 def stage_handshake(ctx: Context) -> StageResult:
     result = StageResult("handshake")
-    count = ctx.size(3000, 500)
+    count = ctx.size(3000, 300)
     raise_fd_limit()
     lines = agent_lines(count, 40000)
     rates: list[float] = []
