@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?=
 
-.PHONY: run test drill setup system-deps browser-deps lint typecheck unit integration e2e clean
+.PHONY: run test drill bench setup system-deps browser-deps lint typecheck unit integration e2e clean
 
 run: setup
 	$(PY) -m local_cluster $(if $(CONFIG),--config $(CONFIG),)
@@ -19,6 +19,10 @@ test: setup lint typecheck
 # Failover drill: 200 simulated Creatio agents, a node SIGKILLed under traffic; DRILL_ARGS for more.
 drill: setup
 	$(PY) -m ops.drill --agents 200 $(DRILL_ARGS)
+
+# Benchmarks of every stage against same-run baselines; BENCH_ARGS=--quick for a smoke run.
+bench: setup
+	$(PY) -m bench $(BENCH_ARGS)
 
 setup: system-deps browser-deps $(STAMP)
 
