@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from local_cluster.infra import Infrastructure
-from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
+from local_cluster.launcher import LocalCluster, http_get
 from tests.support.creatio_client import (
     COMMUTATION_STARTED,
     RING_FINISHED,
@@ -26,17 +23,6 @@ from tests.support.creatio_client import (
 pytestmark = pytest.mark.e2e
 
 CALLER = "79161234567"
-
-
-@pytest.fixture
-def cluster(infra: Infrastructure, tmp_path: Path) -> Iterator[LocalCluster]:
-    options = ClusterOptions.ephemeral(tmp_path / "run", amqp_url=infra.amqp_url, redis_url=infra.redis_url)
-    local = LocalCluster(options)
-    local.start(timeout=60)
-    try:
-        yield local
-    finally:
-        local.stop()
 
 
 def _call_of(content: object) -> dict[str, object]:

@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 import pytest
 
 from local_cluster.infra import Infrastructure
-from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
+from local_cluster.launcher import LocalCluster, http_get
+from tests.e2e.conftest import running_cluster
 
 try:
     from selenium import webdriver
@@ -57,18 +58,8 @@ T = TypeVar("T")
 
 
 def _start_cluster(infra: Infrastructure, run_dir: Path, **overrides: Any) -> Iterator[LocalCluster]:
-    options = ClusterOptions.ephemeral(run_dir, amqp_url=infra.amqp_url, redis_url=infra.redis_url, **overrides)
-    local = LocalCluster(options)
-    local.start(timeout=60)
-    try:
+    with running_cluster(infra, run_dir, **overrides) as local:
         yield local
-    finally:
-        local.stop()
-
-
-@pytest.fixture
-def cluster(infra: Infrastructure, tmp_path: Path) -> Iterator[LocalCluster]:
-    yield from _start_cluster(infra, tmp_path / "run")
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from local_cluster.infra import Infrastructure
-from local_cluster.launcher import ClusterOptions, LocalCluster
 from ops.drill.__main__ import Drill, DrillOptions, print_report
+from tests.e2e.conftest import running_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -17,14 +17,10 @@ pytestmark = pytest.mark.e2e
 def test_drill_loses_nothing(infra: Infrastructure, tmp_path: Path, fault: str) -> None:
     import asyncio
 
-    cluster = LocalCluster(ClusterOptions.ephemeral(tmp_path, amqp_url=infra.amqp_url, redis_url=infra.redis_url))
-    cluster.start(timeout=60)
-    try:
-        options = DrillOptions(agents=30, cps=4, duration=14, fault=fault, fault_at=5, reconnect_delay=2.0,
-                               settle_timeout=50)
+    options = DrillOptions(agents=30, cps=4, duration=14, fault=fault, fault_at=5, reconnect_delay=2.0,
+                           settle_timeout=50)
+    with running_cluster(infra, tmp_path) as cluster:
         result = asyncio.run(Drill(options, cluster).run())
-    finally:
-        cluster.stop()
     print_report(result, options.max_reconnect_seconds)
     assert result.affected > 0, "the fault should have disconnected some agents"
     assert result.calls_played > 20

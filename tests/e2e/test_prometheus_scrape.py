@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from local_cluster.infra import Infrastructure, free_port
-from local_cluster.launcher import ClusterOptions, LocalCluster
+from local_cluster.infra import free_port
+from local_cluster.launcher import LocalCluster
 from tests.support.creatio_client import RING_STARTED, CreatioAgent
 
 pytestmark = pytest.mark.e2e
@@ -86,17 +86,6 @@ def local_config(cluster: LocalCluster, prom_port: int) -> str:
         assert text.count(old) == 1, f"prometheus-local.yml no longer has exactly one {old}"
         text = text.replace(old, new)
     return text
-
-
-@pytest.fixture
-def cluster(infra: Infrastructure, tmp_path: Path) -> Iterator[LocalCluster]:
-    options = ClusterOptions.ephemeral(tmp_path / "run", amqp_url=infra.amqp_url, redis_url=infra.redis_url)
-    local = LocalCluster(options)
-    local.start(timeout=60)
-    try:
-        yield local
-    finally:
-        local.stop()
 
 
 @pytest.fixture

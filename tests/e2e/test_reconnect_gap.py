@@ -12,15 +12,12 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from local_cluster.infra import Infrastructure
-from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
+from local_cluster.launcher import LocalCluster, http_get
 from tests.support.creatio_client import (
     ACTIVE_CALL_SNAPSHOT,
     COMMUTATION_STARTED,
@@ -34,17 +31,6 @@ from tests.support.creatio_client import (
 pytestmark = pytest.mark.e2e
 
 CALLER = "79160001122"
-
-
-@pytest.fixture
-def cluster(infra: Infrastructure, tmp_path: Path) -> Iterator[LocalCluster]:
-    options = ClusterOptions.ephemeral(tmp_path / "run", amqp_url=infra.amqp_url, redis_url=infra.redis_url)
-    local = LocalCluster(options)
-    local.start(timeout=60)
-    try:
-        yield local
-    finally:
-        local.stop()
 
 
 def metric(cluster: LocalCluster, name: str, **labels: str) -> float:
