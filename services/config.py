@@ -264,29 +264,23 @@ class _Reader:
         raise ConfigError(f"{self._where}.{key}: expected true or false, got {value!r}")
 
     def integer(self, key: str, default: int, *, low: int, high: int) -> int:
-        value = self._get(key)
-        if value is None or value == "":
-            return default
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            number = int(str(value).strip())
-        except ValueError:
-            raise ConfigError(f"{self._where}.{key}: expected a whole number, got {value!r}") from None
-        if not low <= number <= high:
-            raise ConfigError(f"{self._where}.{key}: {number} is outside {low}..{high}")
-        return number
+        return int(self._bounded(key, default, int, "a whole number", low, high))
 
     def number(self, key: str, default: float, *, low: float, high: float) -> float:
+        return float(self._bounded(key, default, float, "a number", low, high))
+
+    def _bounded(
+        self, key: str, default: float, convert: type[int] | type[float], kind: str, low: float, high: float
+    ) -> float:
         value = self._get(key)
         if value is None or value == "":
             return default
         try:
             if isinstance(value, bool):
                 raise ValueError
-            number = float(str(value).strip())
+            number = convert(str(value).strip())
         except ValueError:
-            raise ConfigError(f"{self._where}.{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{self._where}.{key}: expected {kind}, got {value!r}") from None
         if not low <= number <= high:
             raise ConfigError(f"{self._where}.{key}: {number} is outside {low}..{high}")
         return number
