@@ -114,6 +114,8 @@ class CommandExecutor:
             if command.name is CommandName.SET_DND and command.args.get("mode", "toggle").lower() == "toggle":
                 dnd_now = await self._dnd_state(session, command.line)
             plan = plan_command(command, self._view, self._config, self._matcher, dnd_now=dnd_now)
+            if plan.retriever is not None:
+                self._view.expect_retriever(command.line, *plan.retriever)
             data = dict(plan.data)
             for action in plan.actions:
                 data.update(await self._run(session, action))

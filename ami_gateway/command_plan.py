@@ -16,8 +16,11 @@ make_call         ``Originate`` Channel=<tech>/<line>, Context=args.context or  
 hangup            ``Hangup`` of the line's channel (and of its parked party)          call (or system)
 answer            ``SIPnotify`` (SIP) / ``PJSIPNotify`` (PJSIP) ``Event=talk``         system
                   to the line's phone; phones that support it answer
-hold              ``Park`` of the party the line talks to (parkingLotContext set)     call
-unhold            ``Redirect`` of the line's channel to <space>@parkingLotContext     call
+hold              ``Park`` of the party the line talks to, TimeoutChannel = the        call
+                  line's channel (parkingLotContext set)
+unhold            the line's phone is called into <space>@parkingLotContext:          originate (call)
+                  ``Originate`` (ChannelId announced to the tracker); ``Redirect``
+                  of the line's channel there if it is still alive
 blind_transfer    ``BlindTransfer`` Channel=<line's channel>                          call
 consult_call      ``Atxfer`` Channel=<line's channel>                                 call
 complete_transfer ``Hangup`` of the transferer (Atxfer), else ``Bridge`` of the two  call
@@ -36,6 +39,7 @@ wrap_up           ``QueuePause`` Paused=true Reason=Wrap-up / Paused=false      
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,7 +48,7 @@ from typing import Protocol
 from ami_gateway.lines import LineMatcher
 from ami_gateway.tracker import CallControl
 from services.config import AsteriskConfig
-from services.wire import CallState, Command, CommandName
+from services.wire import Call, CallState, Command, CommandName
 
 __all__ = [
     "AmiAction",
@@ -78,6 +82,8 @@ class LineView(Protocol):
 
     def tech_of(self, line: str) -> str | None: ...
 
+    def expect_retriever(self, line: str, call_id: str, uniqueid: str) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class AmiAction:
@@ -100,6 +106,9 @@ class CommandPlan:
     actions: tuple[AmiAction, ...]
     #: returned to the node with a success (what the command did: the channel parked, the DND state...).
     data: dict[str, str] = field(default_factory=dict)
+    #: (call id, ChannelId) of a phone called into the parking lot to resume that call: the executor tells
+    #: the tracker before it sends the ``Originate`` (so the ringing phone is not announced as a new call).
+    retriever: tuple[str, str] | None = None
 
 
 def _action(name: str, *fields: tuple[str, str], **options: object) -> AmiAction:
@@ -152,6 +161,69 @@ def _peer_name(channel: str) -> str:
     return resource.rsplit("-", 1)[0] if "-" in resource else resource
 
 
+def _far_party(call: Call) -> tuple[str, str]:
+    """The number and name of the party the line talks to (the caller of an incoming call, else the called)."""
+    if call.caller_number and call.caller_number != call.line:
+        return call.caller_number, call.caller_name
+    return call.called_number, call.called_name
+
+
+def _caller_id(number: str, name: str) -> str:
+    clean_name = re.sub(r'[<>"\r\n]', "", name).strip()
+    clean_number = re.sub(r"[^0-9A-Za-z*#+]", "", number)
+    return f'"{clean_name}" <{clean_number}>' if clean_name else f"<{clean_number}>"
+
+
+def _pick_up(command: Command, control: CallControl, config: AsteriskConfig, matcher: LineMatcher,
+             view: LineView) -> CommandPlan:
+    """Bring the line back to its parked far end: ``ParkedCall(<space>)`` in the lot's context (Rule 10 of the
+    tracker). A live channel of the line is redirected there; after Asterisk hung the phone's channel up (the
+    usual case: the bridge dissolves when its peer is parked), the phone is called into the lot."""
+    lot_context = config.parking_lot_context
+    space = control.parked_space
+    if control.channel:
+        return CommandPlan(
+            (
+                _action(
+                    "Redirect",
+                    ("Channel", control.channel),
+                    ("Context", lot_context),
+                    ("Exten", space),
+                    ("Priority", "1"),
+                ),
+            ),
+            {"parking_space": space},
+        )
+    tech = control.tech or view.tech_of(command.line) or matcher.protocols[0]
+    # A Uniqueid of our own (Originate ChannelId, Asterisk 12+), so the tracker knows the ringing phone is
+    # this call coming back. 28 characters: fits the 32 of common CDR uniqueid columns.
+    channel_id = "cms-" + hashlib.sha256(f"{command.id}|{control.call.id}".encode()).hexdigest()[:24]
+    number, name = _far_party(control.call)
+    fields: list[tuple[str, str]] = [
+        ("Channel", f"{tech}/{command.line}"),
+        ("Context", lot_context),
+        ("Exten", space),
+        ("Priority", "1"),
+        ("Timeout", str(ORIGINATE_RING_SECONDS * 1000)),
+        ("ChannelId", channel_id),
+        ("Async", "true" if config.async_originate else "false"),
+    ]
+    if number:
+        fields.insert(4, ("CallerID", _caller_id(number, name)))
+    return CommandPlan(
+        (
+            _action(
+                "Originate",
+                *fields,
+                until_event="OriginateResponse" if config.async_originate else "",
+                timeout=float(ORIGINATE_RING_SECONDS + 10),
+            ),
+        ),
+        {"parking_space": space, "retriever": channel_id},
+        retriever=(control.call.id, channel_id),
+    )
+
+
 def plan_command(
     command: Command,
     view: LineView,
@@ -196,11 +268,15 @@ def plan_command(
 
     if name is CommandName.HANGUP:
         control = _own_call(command, view)
-        actions = [_action("Hangup", ("Channel", control.channel), ("Cause", "16"))]
+        actions = []
+        if control.channel:
+            actions.append(_action("Hangup", ("Channel", control.channel), ("Cause", "16")))
         if control.parked_channel:
             # A parked far end would otherwise wait in the lot for nobody.
             actions.append(_action("Hangup", ("Channel", control.parked_channel), ("Cause", "16"),
-                                   tolerated=("No such channel",)))
+                                   tolerated=("No such channel",) if control.channel else ()))
+        if not actions:
+            raise CommandRefused("hangup: the call has no channel left to hang up")
         return CommandPlan(tuple(actions))
 
     if name is CommandName.ANSWER:
@@ -230,22 +306,16 @@ def plan_command(
                 raise CommandRefused("hold: a consultation call cannot be parked; cancel or complete the transfer")
             if not control.peer:
                 raise CommandRefused("hold: the call has no other party to park")
-            return CommandPlan((_action("Park", ("Channel", control.peer)),), {"parked_channel": control.peer})
+            # TimeoutChannel: when parkingtime runs out, Asterisk calls the line's phone back with the call
+            # (ParkerDialString); without it, it would try to call the parked party itself.
+            return CommandPlan(
+                (_action("Park", ("Channel", control.peer), ("TimeoutChannel", control.channel)),),
+                {"parked_channel": control.peer},
+            )
         _require(control, (CallState.HELD,), "resume")
         if not control.parked_space:
             raise CommandRefused("resume: the call was held from the phone; resume it from the phone")
-        return CommandPlan(
-            (
-                _action(
-                    "Redirect",
-                    ("Channel", control.channel),
-                    ("Context", lot_context),
-                    ("Exten", control.parked_space),
-                    ("Priority", "1"),
-                ),
-            ),
-            {"parking_space": control.parked_space},
-        )
+        return _pick_up(command, control, config, matcher, view)
 
     if name is CommandName.BLIND_TRANSFER:
         control = _own_call(command, view)
@@ -285,13 +355,13 @@ def plan_command(
             if not first or not second:
                 raise CommandRefused("complete_transfer: both calls need another party to connect together")
             tolerate = ("No such channel",)
-            return CommandPlan(
-                (
-                    _action("Bridge", ("Channel1", first), ("Channel2", second), ("Tone", "no")),
-                    _action("Hangup", ("Channel", original.channel), ("Cause", "16"), tolerated=tolerate),
-                    _action("Hangup", ("Channel", consult.channel), ("Cause", "16"), tolerated=tolerate),
-                )
-            )
+            bridge = [_action("Bridge", ("Channel1", first), ("Channel2", second), ("Tone", "no"))]
+            bridge += [
+                _action("Hangup", ("Channel", own), ("Cause", "16"), tolerated=tolerate)
+                for own in (original.channel, consult.channel)
+                if own  # a parked call's phone channel may be gone already
+            ]
+            return CommandPlan(tuple(bridge))
         if atxfer:
             return CommandPlan(
                 (
@@ -302,18 +372,11 @@ def plan_command(
                     ),
                 )
             )
-        actions = [_action("Hangup", ("Channel", consult.channel), ("Cause", "16"))]
+        hangup = _action("Hangup", ("Channel", consult.channel), ("Cause", "16"))
         if original.parked_space and config.parking_lot_context:
-            actions.append(
-                _action(
-                    "Redirect",
-                    ("Channel", original.channel),
-                    ("Context", config.parking_lot_context),
-                    ("Exten", original.parked_space),
-                    ("Priority", "1"),
-                )
-            )
-        return CommandPlan(tuple(actions))
+            back = _pick_up(command, original, config, matcher, view)
+            return CommandPlan((hangup, *back.actions), back.data, back.retriever)
+        return CommandPlan((hangup,))
 
     if name is CommandName.DTMF:
         control = _own_call(command, view)

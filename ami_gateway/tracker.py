@@ -77,9 +77,15 @@ transfer was cancelled) or hangs up (the transfer completed: the consultation le
 The target's view follows the ``;1`` half back to the transferer, so it is an internal call from the line.
 
 Rule 10 - parking. ``ParkedCall`` about a channel that just left a bridge holds the calls of the phones that
-stayed in that bridge (HOLD_STARTED); ``UnParkedCall`` ends that hold (HOLD_ENDED); ``ParkedCallGiveUp`` /
-``ParkedCallTimeOut`` forget the parking space. The space and lot are kept for :meth:`CallTracker.control`, so
-a resume command knows where to pick the call up.
+were in that bridge with it (HOLD_STARTED); parked between answer and bridge, those of its Dial partner. The
+space and lot are kept for :meth:`CallTracker.control`, so a resume command knows where to pick the call up.
+Asterisk does not leave the agent's phone in the call: the two-party bridge dissolves behind the parkee and the
+phone's channel hangs up (or runs on in the dialplan after ``Dial``). While its far end is parked, that
+``Hangup`` does not finish the call: the call stays held, *detached* from any channel. ``UnParkedCall`` ends
+the hold (HOLD_ENDED): the retriever becomes the call's channel when it is a phone of the same line (the
+channel announced by :meth:`CallTracker.expect_retriever` is never announced as a call of its own); picked up
+by anyone else, or given up (``ParkedCallGiveUp``), or timed out (``ParkedCallTimeOut``: Asterisk then calls
+the parker back, a new call), a detached call finishes.
 
 Rule 8 - resync. After an AMI (re)connect, ``CoreShowChannel`` and ``QueueMember`` lists are the truth:
 calls whose phone channel is gone are finished, new phone channels are announced as their state says, a
@@ -288,6 +294,8 @@ class CallTracker:
         # Set by the first Hold/Unhold event: this PBX reports holds natively, music on hold is then only
         # a consequence (and stops when a held call is transferred away, which is not an unhold).
         self._native_hold = False
+        # Channel Uniqueid -> (line, call id): a phone the gateway calls into the parking lot to resume a call.
+        self._retrievers: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
     # ---- queries ---------------------------------------------------------------------------------
 
@@ -309,7 +317,13 @@ class CallTracker:
             return None
         ch = self._chans.get(lc.uid)
         if ch is None:
-            return None
+            if lc.parked is None:
+                return None
+            # Detached (Rule 10): the far end waits in the lot, the line's phone has left the call.
+            space, lot, parkee_key = lc.parked
+            parkee = self._chans.get(parkee_key)
+            return CallControl(lc.call, "", "", "", space, lot, parkee.name if parkee is not None else "",
+                               self._line_tech.get(line, ""))
         peer = ""
         transferer = ""
         if ch.consult_of is not None:
@@ -333,6 +347,13 @@ class CallTracker:
             parked = parkee.name if parkee is not None else ""
         tech = ch.name.split("/", 1)[0] if ch.consult_of is None else transferer.split("/", 1)[0]
         return CallControl(lc.call, ch.name, peer, transferer, space, lot, parked, tech)
+
+    def expect_retriever(self, line: str, call_id: str, uniqueid: str) -> None:
+        """The channel with ``uniqueid`` (an ``Originate`` ``ChannelId``) is ``line``'s phone called into the
+        parking lot to resume ``call_id``: it carries that call, it is not announced as a new one."""
+        self._retrievers[uniqueid] = (line, call_id)
+        while len(self._retrievers) > 1000:
+            self._retrievers.popitem(last=False)
 
     def tech_of(self, line: str) -> str | None:
         """The channel technology the line's phone last used (``PJSIP``), ``None`` if never seen."""
@@ -435,6 +456,11 @@ class CallTracker:
         self._chans[key] = ch
         self._by_name[name] = key
         self._groups.setdefault(linkedid, _Group()).chans.add(key)
+        resumes = self._retrievers.pop(key, None)
+        if resumes is not None and ch.line == resumes[0]:
+            held = self._calls.get(resumes[0], {}).get(resumes[1])
+            if held is not None and held.parked is not None:
+                ch.call = held  # Rule 10: it rings and answers for the held call, which it picks up
         return ch
 
     @staticmethod
@@ -465,7 +491,8 @@ class CallTracker:
             group.chans.discard(ch.key)
             if not group.chans:
                 for lc in list(group.calls):
-                    self._forget_call(lc)
+                    if not self._parked_alive(lc):
+                        self._forget_call(lc)
                 del self._groups[ch.linkedid]
         self._gone[ch.key] = None
         while len(self._gone) > self._opts.remember_hangups:
@@ -836,7 +863,10 @@ class CallTracker:
         cause = _int(msg.get("Cause"))
         cause_text = (msg.get("Cause-txt") or "").strip()
         if ch.call is not None:
-            self._finish(ch.call, at, out, cause, cause_text)
+            self._phone_gone(ch, ch.call, at, out, cause, cause_text)
+        for lc in self._calls_parking(ch):
+            # The parked party hung up without a ParkedCallGiveUp (or it was lost).
+            self._unparked(lc, None, "parkedcallgiveup", at, out)
         if ch.line is not None and ch.consult_of is None:
             # The transferer hung up: its consultation legs are over for this line (the transfer completed).
             for leg in [c for c in self._chans.values() if c.consult_of == ch.key]:
@@ -1036,30 +1066,82 @@ class CallTracker:
             return
         space = (msg.get("ParkingSpace") or "").strip()
         lot = (msg.get("Parkinglot") or msg.get("ParkingLot") or "").strip()
-        bridge = parkee.left_bridge
-        for key in sorted(self._bridges.get(bridge, ())) if bridge else ():
-            phone = self._chans.get(key)
-            if phone is None or phone.call is None or phone.line is None:
-                continue
+        for phone in self._parked_partners(parkee):
             lc = phone.call
+            if lc is None or lc.state not in (CallState.CONNECTED, CallState.HELD):
+                continue
             lc.parked = (space, lot, parkee.key)
             self._set_held(lc, True, at, out)
+
+    def _parked_partners(self, parkee: _Chan) -> list[_Chan]:
+        """The phones a parked channel was talking to: its old bridge, else its Dial partner (parked between
+        the answer and the bridge)."""
+        if parkee.left_bridge:
+            keys = set(self._bridges.get(parkee.left_bridge, ()))
+        else:
+            keys = set(parkee.children)
+            if parkee.dialed_by is not None:
+                keys.add(parkee.dialed_by)
+        chans = [self._chans[k] for k in sorted(keys) if k in self._chans and k != parkee.key]
+        return [c for c in chans if c.line is not None and c.consult_of is None and c.call is not None]
 
     def _on_unparked_call(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         parkee = self._snap(msg, "Parkee", event)
         if parkee is None:
             return
-        self._snap(msg, "Retriever", event)
+        retriever = self._snap(msg, "Retriever", event)
         for lc in self._calls_parking(parkee):
-            lc.parked = None
-            if event == "unparkedcall":
-                self._set_held(lc, False, at, out)
+            self._unparked(lc, retriever, event, at, out)
+
+    def _unparked(
+        self, lc: _LineCall, retriever: _Chan | None, event: str, at: float, out: list[LineEvent]
+    ) -> None:
+        lc.parked = None
+        attached = lc.uid in self._chans
+        if event != "unparkedcall":
+            if not attached:
+                why = "PARKED_TIMEOUT" if event == "parkedcalltimeout" else "PARKED_GIVEUP"
+                self._finish(lc, at, out, None, why)
+            return
+        if attached:
+            self._set_held(lc, False, at, out)
+            return
+        if retriever is not None and retriever.line == lc.line and retriever.call in (None, lc):
+            # The line's phone picked its call up again: it is the call's channel from now on.
+            retriever.call = lc
+            lc.uid = retriever.key
+            self._refresh(lc, at, out, announce=False)
+            self._set_held(lc, False, at, out)
+            return
+        self._finish(lc, at, out, None, "PARKED_PICKUP")  # picked up by someone else
+
+    def _phone_gone(
+        self, ch: _Chan, lc: _LineCall, at: float, out: list[LineEvent], cause: int | None, text: str
+    ) -> None:
+        """The call's phone channel hung up: the call is over, unless its far end is parked (Rule 10)."""
+        if not self._parked_alive(lc):
+            self._finish(lc, at, out, cause, text)
+            return
+        ch.call = None
+        if lc.uid == ch.key:
+            # Keep showing the party the agent talked to, whatever the channel that picks the call up says.
+            call = lc.call
+            if lc.role is _Role.INCOMING:
+                lc.remote = (call.caller_number, call.caller_name)
+            else:
+                lc.remote = (call.called_number, call.called_name)
+            lc.uid = ""
+        log.debug("call %s on line %s stays held while parked; its phone channel %s is gone", lc.id, lc.line,
+                  ch.name)
+
+    def _parked_alive(self, lc: _LineCall) -> bool:
+        return lc.parked is not None and lc.parked[2] in self._chans
 
     def _calls_parking(self, parkee: _Chan) -> list[_LineCall]:
-        group = self._groups.get(parkee.linkedid)
-        calls = group.calls if group is not None else set()
         return sorted(
-            (lc for lc in calls if lc.parked is not None and lc.parked[2] == parkee.key), key=lambda c: c.id
+            (lc for calls in self._calls.values() for lc in calls.values()
+             if lc.parked is not None and lc.parked[2] == parkee.key),
+            key=lambda c: c.id,
         )
 
     def _bridge_peer(self, ch: _Chan, bridge: str | None) -> _Chan | None:
@@ -1128,11 +1210,16 @@ class CallTracker:
             if _meaningful(uid) and _meaningful(msg.get("Channel")):
                 present[uid] = msg
         # 1. what ended while we were away
-        for old in list(self._chans.values()):
-            if old.key not in present:
-                if old.call is not None:
-                    self._finish(old.call, at, out, None, "")
-                self._drop(old)
+        gone = [old for old in self._chans.values() if old.key not in present]
+        for old in gone:
+            if old.call is not None and old.call.parked is not None and old.call.parked[2] in present:
+                self._phone_gone(old, old.call, at, out, None, "")
+        for old in gone:
+            if old.call is not None:
+                self._finish(old.call, at, out, None, "")
+            for waiting in self._calls_parking(old):
+                self._unparked(waiting, None, "parkedcallgiveup", at, out)
+            self._drop(old)
         for key in present:
             self._gone.pop(key, None)
         # 2. the channel table as the PBX sees it

@@ -12,9 +12,15 @@ The shapes follow Asterisk's documented behaviour:
   half dials the target. The transferer hanging up completes the transfer (``AttendedTransfer``, the
   transferee joins the consultation bridge); the target leg hanging up, or ``CancelAtxfer``, brings the
   transferer back to the transferee.
-* ``Park`` (res_parking): the parked channel leaves its bridge for the lot's holding bridge, ``ParkedCall``
-  gives the space; dialling the space in the lot's context (``ParkedCall()``, which is what a ``Redirect``
-  into the parking context does) retrieves it: ``UnParkedCall``, then a bridge with the retriever.
+* ``Park`` (res_parking, ``manager_park``): the parked channel leaves its bridge for the lot's parking bridge
+  (``BridgeType: parking``, technology ``holding_bridge``), ``ParkedCall`` gives the space. The party it was
+  talking to does not stay: without ``TimeoutChannel`` Asterisk steals the parkee with
+  ``ast_bridge_add_channel`` and the two-party basic bridge dissolves (``bridge_dissolve_check_stolen``);
+  with ``TimeoutChannel`` = the bridge peer the peer parks it (``manager_park_bridged``), hears the space and
+  leaves (``hangup_after``). Either way the peer's channel leaves and - as the dialled party, or a caller whose
+  dialplan ends after ``Dial`` - hangs up. Dialling the space in the lot's context (``ParkedCall()``: a
+  ``Redirect`` of a live channel there, or an ``Originate`` of the agent's phone into it) retrieves the call:
+  ``UnParkedCall``, then a bridge with the retriever.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ __all__ = [
     "complete_consult_events",
     "consult_prelude",
     "dtmf_events",
+    "dial_string",
+    "dissolve_events",
+    "left_behind",
     "park_events",
     "unpark_events",
 ]
@@ -181,27 +190,74 @@ def cancel_consult_events(model: PbxModel, consult: Consult) -> list[AmiMessage]
     return out
 
 
-def park_events(model: PbxModel, channel: Channel, parked: Parked) -> list[AmiMessage]:
+def park_events(model: PbxModel, channel: Channel, parked: Parked, parker_dial_string: str = "") -> list[AmiMessage]:
+    """``channel`` moves from its bridge (if any) into the lot's parking bridge; ``ParkedCall`` gives the space."""
     remaining: dict[str, int] = {}
     out = _leave(model, channel, remaining)
-    holding = new_bridge("holding", "holding_bridge", "Parking", parked.lot)
+    holding = new_bridge("parking", "holding_bridge", "Parking", parked.lot)
     holding["BridgeUniqueid"] = parked.holding_bridge
     out.append(event("BridgeCreate", "call,all", holding.items()))
-    out.append(_enter(holding, 1, channel))
+    snapshot: Channel | dict[str, str] = channel
+    if channel.snapshot.get("ChannelState") != "6":
+        # The parking bridge answers a channel that is not up yet (bridge_parking_push).
+        up = channel.snapshot | {"ChannelState": "6", "ChannelStateDesc": "Up"}
+        snapshot = {k: up.get(k, "") for k in channel.block_keys()}
+        out.append(event("Newstate", "call,all", snapshot.items()))
+    block = snapshot.block("Parkee") if isinstance(snapshot, Channel) else [("Parkee" + k, v) for k, v in
+                                                                            snapshot.items()]
+    # ParkedCall is published while the channel is pushed into the bridge, before its BridgeEnter.
     out.append(
         event(
             "ParkedCall",
             "call,all",
-            channel.block("Parkee"),
-            ParkerDialString="",
+            block,
+            ParkerDialString=parker_dial_string,
             Parkinglot=parked.lot,
             ParkingSpace=parked.space,
             ParkingTimeout=str(parked.timeout),
             ParkingDuration="0",
         )
     )
-    out.append(event("MusicOnHoldStart", "call,all", channel.block(), Class="default"))
+    out.append(_enter(holding, 1, snapshot))
+    moh = snapshot.block() if isinstance(snapshot, Channel) else list(snapshot.items())
+    out.append(event("MusicOnHoldStart", "call,all", moh, Class="default"))
     return out
+
+
+def left_behind(model: PbxModel, parkee: Channel) -> list[Channel]:
+    """Who loses the parkee: its bridge partners, or - parked between answer and bridge - its Dial partner."""
+    partners = model.bridge_partners(parkee)
+    if partners or parkee.bridge:
+        return partners
+    return [
+        c for c in model.channels.values()
+        if c is not parkee and (c.name == parkee.dialed_by or c.dialed_by == parkee.name)
+    ]
+
+
+def dissolve_events(model: PbxModel, parkee: Channel, partners: list[Channel]) -> list[AmiMessage]:
+    """The parkee's old bridge dissolves behind it: the partners leave it (the bridge goes), then hang up.
+
+    Only the leaving part; the caller appends each partner's ``Hangup`` (and device state).
+    """
+    bridge = model.bridges.get(parkee.bridge)
+    out: list[AmiMessage] = []
+    if bridge is None:
+        return out
+    left = len(bridge.channels) - 1  # the parkee has gone already
+    for partner in partners:
+        if partner.name in bridge.channels:
+            left -= 1
+            out.append(event("BridgeLeave", "call,all", (bridge.headers | {"BridgeNumChannels": str(left)}).items(),
+                             partner.block()))
+    if left <= 0:
+        out.append(event("BridgeDestroy", "call,all", (bridge.headers | {"BridgeNumChannels": "0"}).items()))
+    return out
+
+
+def dial_string(channel_name: str) -> str:
+    """``SIP/305-0000000a`` -> ``SIP/305``: how res_parking dials a parker back (``ParkerDialString``)."""
+    return channel_name.rsplit("-", 1)[0] if "-" in channel_name else channel_name
 
 
 def unpark_events(model: PbxModel, parked: Parked, retriever: Channel, duration: int) -> list[AmiMessage]:

@@ -34,7 +34,8 @@ rendered, so one file plays for any line, many times, concurrently, with fresh i
     Channel technology, ``SIP`` or ``PJSIP`` (a player option).
 ``{{uid:N}}``
     The N-th Uniqueid of this play: ``<epoch>.<sequence>`` like Asterisk, the epoch being the moment the
-    message that first mentions it is due, the sequence global to the allocator.
+    message that first mentions it is due, the sequence global to the allocator. A variable named ``uid:N``
+    sets it instead (what ``Originate``'s ``ChannelId`` does).
 ``{{chan:N}}``
     The N-th channel-name suffix of this play, 8 hex digits (``SIP/305-{{chan:2}}`` -> ``SIP/305-0000001a``).
 ``{{bridge:N}}``
@@ -226,7 +227,10 @@ class _Renderer:
         key = (name, int(number))
         value = self.sequences.get(key)
         if value is None:
-            if name == "uid":
+            preset = self.raw_vars.get(f"{name}:{number}")
+            if preset:
+                value = preset
+            elif name == "uid":
                 value = self.ids.uniqueid(self.now)
             elif name == "chan":
                 value = self.ids.channel_suffix()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -108,6 +109,10 @@ ACTION_PERMS: dict[str, frozenset[str]] = {
     "events": frozenset(),
 }
 TALK_AFTER_TRANSFER = 5.0
+# How long a call picked up from the parking lot goes on before the simulator ends it.
+TALK_AFTER_RESUME = 60.0
+# How long res_parking takes to read the parking space out to the parker before the parker leaves.
+ANNOUNCE_SPACE = 1.5
 # How long a consultation or a parked call waits for the agent's next step before the simulator ends the call.
 WAIT_FOR_AGENT = 120.0
 PARKING_SPACES = tuple(str(n) for n in range(701, 751))
@@ -597,19 +602,32 @@ class AmiSimulator:
                     )
             self.consults.pop(ch.name, None)
         for ch in channels:
-            c = cause if ch is first else "16"
-            msgs.append(event("Hangup", "call,all", ch.block(), Cause=c, Cause_txt=CAUSE_TEXT.get(c, "Unknown")))
-            if ch.device:
-                msgs.append(event("DeviceStateChange", "call,all", Device=ch.device, State="NOT_INUSE"))
-                line = ch.device.split("/", 1)[1]
-                if self.model.find_members(line):
-                    msgs.append(event("QueueMemberStatus", "agent,all", Interface=f"{self.tech}/{line}", Status="1"))
+            msgs.extend(self._hangup_tail(ch, cause if ch is first else "16"))
         return [Step(0.0, m) for m in msgs]
+
+    def _hangup_tail(self, ch: Channel, cause: str) -> list[AmiMessage]:
+        """``Hangup`` of one channel and, for a phone, its device and queue member state."""
+        msgs = [event("Hangup", "call,all", ch.block(), Cause=cause, Cause_txt=CAUSE_TEXT.get(cause, "Unknown"))]
+        if ch.device:
+            msgs.append(event("DeviceStateChange", "call,all", Device=ch.device, State="NOT_INUSE"))
+            line = ch.device.split("/", 1)[1]
+            if self.model.find_members(line):
+                msgs.append(event("QueueMemberStatus", "agent,all", Interface=f"{self.tech}/{line}", Status="1"))
+        return msgs
+
+    def _with_partners(self, channels: list[Channel]) -> list[Channel]:
+        """``channels`` and whoever shares a bridge with them: a two-party basic bridge dissolves on hangup."""
+        result = list(channels)
+        for ch in channels:
+            for partner in self.model.bridge_partners(ch):
+                if partner not in result:
+                    result.append(partner)
+        return result
 
     def _hangup(self, channel: Channel, cause: str) -> None:
         call = self.model.call_of(channel)
         play = self._plays.get(call.id) if call else None
-        channels = self.model.call_channels(call.id) if call else [channel]
+        channels = self._with_partners(self.model.call_channels(call.id) if call else [channel])
         # The hung-up channel first, like Asterisk tears down from the requester outwards.
         channels.sort(key=lambda c: c is not channel)
         steps = self._hangup_steps(channels, channel, cause)
@@ -751,7 +769,7 @@ class AmiSimulator:
 
     def _ending(self, play: _Play) -> Callable[[], Any]:
         async def ending() -> None:
-            channels = self.model.call_channels(play.call.id)
+            channels = self._with_partners(self.model.call_channels(play.call.id))
             if channels:
                 self._continue(play, self._hangup_steps(channels, channels[0], "16"), play.call.state)
 
@@ -890,6 +908,12 @@ class AmiSimulator:
             "context": m.get("Context") or "from-internal",
             "actionid": m.action_id or "",
         }
+        channel_id = (m.get("ChannelId") or "").strip()
+        if channel_id:
+            if len(channel_id) > 150 or channel_id in self.model.by_uniqueid:
+                s.error(m, "Uniqueid already in use or too long" if len(channel_id) <= 150 else "Uniqueid too long")
+                return
+            variables["uid:1"] = channel_id  # the originated channel's Uniqueid (and so its Linkedid)
         tech = tech.upper() if tech.upper() in ("SIP", "PJSIP") else self.tech
         if line in self.unregistered:
             # The phone cannot be reached (chan_sip/chan_pjsip refuse the request): no channel is created.
@@ -913,6 +937,9 @@ class AmiSimulator:
             else:
                 s.error(m, "Originate failed")
             return
+        if variables["context"] == self.parking_context:
+            self._originate_retriever(s, m, variables, tech)
+            return
         if _truthy(m.get("Async")):
             s.success(m, "Originate successfully queued")
             self.start_play("outbound-originate", variables, tech=tech)
@@ -924,6 +951,35 @@ class AmiSimulator:
 
         # A synchronous Originate answers when the channel is up and raises no OriginateResponse.
         self.start_play("outbound-originate", variables, tech=tech, on_event=answered, suppress=("OriginateResponse",))
+
+    def _originate_retriever(self, s: _Session, m: AmiMessage, variables: dict[str, str], tech: str) -> None:
+        """Originate into the parking context: the phone rings; answered, it runs ParkedCall(<exten>)."""
+        space = variables["number"]
+        click_to_dial = self.scenario("outbound-originate")
+        answered_at = next(
+            i for i, step in enumerate(click_to_dial.steps)
+            if isinstance(step.item, AmiMessage) and step.item.event == "DialEnd"
+        )
+        ring = dataclasses.replace(click_to_dial, name="originate-parked", steps=click_to_dial.steps[: answered_at + 1])
+        synchronous = not _truthy(m.get("Async"))
+        loop = asyncio.get_running_loop()
+
+        def on_event(msg: AmiMessage) -> None:
+            if msg.event == "OriginateResponse" and synchronous and not s.closed:
+                s.success(m, "Originate successfully queued")
+            elif msg.event == "DialEnd":
+                # The phone is up and its dialplan starts: ParkedCall(space) (after this play step is out).
+                loop.call_soon(self._pick_up_parked, msg.get("DestChannel") or "", space)
+
+        if not synchronous:
+            s.success(m, "Originate successfully queued")
+        self.start_play(ring, variables, tech=tech, on_event=on_event,
+                        suppress=("OriginateResponse",) if synchronous else ())
+
+    def _pick_up_parked(self, name: str, space: str) -> None:
+        retriever = self.model.channels.get(name)
+        if retriever is not None:
+            self._retrieve_parked(retriever, space)
 
     def _act_redirect(self, s: _Session, m: AmiMessage) -> None:
         channel = self._channel(s, m)
@@ -1085,28 +1141,62 @@ class AmiSimulator:
         if lot != "default":
             s.error(m, f"Could not find parking lot '{lot}'")
             return
-        wanted = m.get("ParkingSpace")
+        timeout = 45
+        timeout_ms = (m.get("Timeout") or "").strip()
+        if timeout_ms:
+            if not timeout_ms.isdigit():
+                s.error(m, "Invalid Timeout value.")
+                return
+            timeout = max(1, int(timeout_ms) // 1000) if int(timeout_ms) > 0 else 0
+        timeout_channel = m.get("TimeoutChannel") or m.get("Channel2") or ""
         free = [x for x in PARKING_SPACES if x not in self.parked]
-        if wanted:
-            space = wanted if wanted in free else (free[0] if free else "")
-        else:
-            space = free[0] if free else ""
+        space = free[0] if free else ""
         if not space or any(p.channel == channel.name for p in self.parked.values()):
             s.error(m, "Park action failed")
             return
-        parked = Parked(space, lot, channel.name, features.new_bridge()["BridgeUniqueid"], time.monotonic())
+        parked = Parked(space, lot, channel.name, features.new_bridge()["BridgeUniqueid"], time.monotonic(), timeout)
         self.parked[space] = parked
         s.success(m, "Park successful")
-        self._run_feature(channel, features.park_events(self.model, channel, parked), "parked", WAIT_FOR_AGENT)
+        partners = features.left_behind(self.model, channel)
+        dissolve = features.dissolve_events(self.model, channel, partners)
+        msgs = features.park_events(self.model, channel, parked, features.dial_string(timeout_channel))
+        steps = [Step(0.0, x) for x in msgs]
+        # TimeoutChannel = the bridge peer: the peer parks the call (manager_park_bridged), hears the space
+        # read out, then leaves. Without it the old bridge dissolves at once (the parkee was stolen from it).
+        announce = ANNOUNCE_SPACE if any(p.name == timeout_channel for p in partners) else 0.0
+        for i, x in enumerate(dissolve):
+            steps.append(Step(announce if i == 0 else 0.0, x))
+        for partner in partners:
+            # The partner's Dial() is over: a dialled phone hangs up, so does a caller whose dialplan ends there.
+            steps.extend(Step(0.0, x) for x in self._hangup_tail(partner, "16"))
+        self._run_steps_for(channel, steps, "parked", WAIT_FOR_AGENT)
+
+    def _run_steps_for(self, channel: Channel, steps: list[Step], state: str, then_end_after: float) -> None:
+        """:meth:`_run_feature` with timed steps."""
+        call = self.model.call_of(channel)
+        play = self._plays.get(call.id) if call else None
+        if play is None:
+            for step in steps:
+                self.emit(step.item)
+            return
+        self._continue(play, steps, state)
+        self._schedule_after(play, then_end_after, self._ending(play))
 
     def _retrieve_parked(self, retriever: Channel, space: str) -> None:
         """``retriever`` runs ParkedCall(space): picks the parked call up, or hangs up if the space is empty."""
         parked = self.parked.pop(space, None)
-        if parked is None or parked.channel not in self.model.channels:
+        parkee = self.model.channels.get(parked.channel) if parked is not None else None
+        if parked is None or parkee is None:
             self._hangup(retriever, "16")
             return
         msgs = features.unpark_events(self.model, parked, retriever, int(time.monotonic() - parked.parked_at))
-        self._run_feature(retriever, msgs, "talking", TALK_AFTER_TRANSFER)
+        parkee_call = self.model.call_of(parkee)
+        parkee_play = self._plays.get(parkee_call.id) if parkee_call else None
+        retriever_call = self.model.call_of(retriever)
+        if parkee_play is not None and (retriever_call is None or retriever_call.id != parkee_play.call.id):
+            # The parkee's own play no longer ends the call: whoever picked it up does, with the bridge.
+            self._continue(parkee_play, [], "talking")
+        self._run_feature(retriever, msgs, "talking", TALK_AFTER_RESUME)
 
     def _act_bridge(self, s: _Session, m: AmiMessage) -> None:
         names = (m.get("Channel1") or "", m.get("Channel2") or "")

@@ -193,6 +193,8 @@ class LocalCluster:
                 "traceQueuesState": "false",
                 "packetInfoConfig": "",
                 "filePath": "",
+                # The simulator has Asterisk's default parking lot, so hold/resume work in the demo.
+                "parkingLotContext": "parkedcalls",
             }
         document["Cluster"] = {"amqpUrl": self.amqp_url, "redisUrl": self.redis_url, "prefix": self.prefix}
         self.settings_path.write_text(json.dumps(document, indent=2))

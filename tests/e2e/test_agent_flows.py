@@ -20,6 +20,7 @@ from tests.support.creatio_client import (
     ABONENT_BUSY,
     AGENT_STATE_CHANGED,
     COMMUTATION_STARTED,
+    END_HOLD_ACTION,
     ERROR,
     LINE_STATE_CHANGED,
     PUT_HOLD_ACTION,
@@ -326,13 +327,16 @@ def test_commands_on_a_live_call(cluster: LocalCluster) -> None:
             await play(cluster, "inbound-direct-long", line="451", caller=CALLER)
             call = obj(await agent.wait_for(COMMUTATION_STARTED, after=mark, timeout=15))
 
+            # HoldCall is a toggle; the gateway holds by parking the far end (the local cluster sets
+            # parkingLotContext) and resumes by bringing the line back to the parked call.
             mark = len(agent.events)
             await agent.call_command("HoldCall", call)
-            # The gateway holds by parking, which needs parkingLotContext; the local cluster's
-            # configuration has none, so the right answer is a refusal that says why.
-            refused = obj(await agent.wait_for(ERROR, after=mark, timeout=10))
-            assert refused["errorType"] == 3 and "parkingLotContext" in refused["data"]
-            assert agent.of_type(PUT_HOLD_ACTION, mark) == []
+            held = obj(await agent.wait_for(PUT_HOLD_ACTION, after=mark, timeout=10))
+            assert held["id"] == call["id"] and held["state"] == 3  # GeneralizedCallState.HOLDED
+            mark = len(agent.events)
+            await agent.call_command("HoldCall", held)
+            resumed = obj(await agent.wait_for(END_HOLD_ACTION, after=mark, timeout=10))
+            assert resumed["id"] == call["id"] and resumed["state"] == 2
 
             mark = len(agent.events)
             await agent.call_command("SendDtmf", call, {"digits": "12x"})

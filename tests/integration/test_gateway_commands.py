@@ -213,20 +213,57 @@ def test_answer_without_the_system_class_says_which_permission_is_missing(
 
 
 def test_hold_and_resume_by_parking_the_far_end(infra: Infrastructure, prefix: str) -> None:
+    """Park the far end (Asterisk then hangs the agent's phone channel up: the call stays held), resume by
+    calling the phone into the lot; the same call goes on, on the phone's new channel."""
+
     async def main() -> None:
         async with rig(infra, prefix, parking_lot_context="parkedcalls") as r:
             call, call_id = await r.connected_call()
-            trunk = call.planned[0]
+            trunk, agent = call.planned[:2]
             held = await r.send("305", CommandName.HOLD, call_id=call_id)
             assert held.ok and held.data["parked_channel"] == trunk
-            await r.event("305", EventType.HOLD_STARTED, call_id, state=CallState.HELD)
+            on_hold = await r.event("305", EventType.HOLD_STARTED, call_id, state=CallState.HELD)
+            assert on_hold.call is not None and on_hold.call.caller_number
             assert [p.channel for p in r.sim.parked.values()] == [trunk]  # the far end, not the agent
+            await wait_until(lambda: agent not in r.sim.model.channels, what="the agent's channel gone")
+            [control] = r.gateway.tracker.controls("305")
+            assert control.call.id == call_id and control.channel == "" and control.parked_space == "701"
+            assert [e for e in r.events.events if e.line == "305" and e.type is EventType.RING_FINISHED] == []
+
             resumed = await r.send("305", CommandName.UNHOLD, call_id=call_id)
             assert resumed.ok, resumed.error
-            await r.event("305", EventType.HOLD_ENDED, call_id, state=CallState.CONNECTED)
+            assert resumed.data["parking_space"] == "701" and resumed.data["retriever"].startswith("cms-")
+            back = await r.event("305", EventType.HOLD_ENDED, call_id, state=CallState.CONNECTED)
+            assert back.call is not None and back.call.channel not in ("", agent)
+            assert (back.call.caller_number, back.call.caller_name) == (on_hold.call.caller_number,
+                                                                         on_hold.call.caller_name)
             assert not r.sim.parked
-            partners = r.sim.model.bridge_partners(r.sim.model.channels[trunk])
-            assert [p.name for p in partners] == [call.planned[1]]  # back with the agent's phone
+            phone = r.sim.model.channels[back.call.channel]
+            assert phone.snapshot["Uniqueid"] == resumed.data["retriever"]
+            assert [p.name for p in r.sim.model.bridge_partners(phone)] == [trunk]  # back with the caller
+            # No other call was announced on the line meanwhile (the ringing phone was this call coming back).
+            assert {e.call.id for e in r.events.events if e.line == "305" and e.call} == {call_id}
+
+            done = await r.send("305", CommandName.HANGUP, call_id=call_id)
+            assert done.ok, done.error
+            await r.event("305", EventType.RING_FINISHED, call_id)
+
+    run(main())
+
+
+def test_hanging_up_a_held_call_hangs_up_the_parked_party(infra: Infrastructure, prefix: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix, parking_lot_context="parkedcalls") as r:
+            call, call_id = await r.connected_call()
+            assert (await r.send("305", CommandName.HOLD, call_id=call_id)).ok
+            await r.event("305", EventType.HOLD_STARTED, call_id)
+            await wait_until(lambda: call.planned[1] not in r.sim.model.channels, what="the agent's channel gone")
+            done = await r.send("305", CommandName.HANGUP, call_id=call_id)
+            assert done.ok, done.error
+            end = await r.event("305", EventType.RING_FINISHED, call_id)
+            assert end.call is not None and end.call.hangup_cause_text == "PARKED_GIVEUP"
+            await r.sim.wait_call(call, 10)
+            assert not r.sim.parked
 
     run(main())
 

@@ -515,7 +515,10 @@ def test_metrics_count_connections_actions_and_events() -> None:
     run(t, control_port=0)
 
 
-def test_park_and_pick_up_from_the_parking_context() -> None:
+def test_park_leaves_the_peer_alone_and_an_originate_into_the_lot_picks_the_call_up() -> None:
+    """As res_parking does: the parkee goes to the parking bridge, the basic bridge dissolves and the agent's
+    phone (the dialled party) hangs up; the phone is called into the lot to pick the call up again."""
+
     async def t(sim: AmiSimulator) -> None:
         c = await Client.connect(sim.port)
         await c.login()
@@ -526,26 +529,70 @@ def test_park_and_pick_up_from_the_parking_context() -> None:
         assert missing.response == "Error" and missing["Message"] == "No such channel"
         r = await c.action("Park", {"Channel": trunk})
         assert r.response == "Success" and r["Message"] == "Park successful"
-        await c.event("BridgeLeave", Channel=trunk)
+        left = await c.event("BridgeLeave", Channel=trunk)
+        assert left["BridgeType"] == "basic" and left["BridgeNumChannels"] == "1"
+        entered = await c.event("BridgeEnter", Channel=trunk)
+        assert (entered["BridgeType"], entered["BridgeTechnology"]) == ("parking", "holding_bridge")
         parked = await c.event("ParkedCall")
         assert parked["ParkeeChannel"] == trunk and parked["ParkingSpace"] == "701"
-        assert parked["Parkinglot"] == "default"
-        redirect = await c.action(
-            "Redirect", {"Channel": agent, "Context": "parkedcalls", "Exten": "701", "Priority": "1"}
-        )
-        assert redirect.response == "Success"
+        assert parked["Parkinglot"] == "default" and parked["Privilege"] == "call,all"
+        assert (await c.event("BridgeLeave", Channel=agent))["BridgeNumChannels"] == "0"
+        await c.event("BridgeDestroy", BridgeUniqueid=left["BridgeUniqueid"])
+        assert (await c.event("Hangup", Channel=agent))["Cause"] == "16"
+        assert agent not in sim.model.channels and sim.model.channels[trunk].bridge == entered["BridgeUniqueid"]
+        gone = await c.action("Redirect", {"Channel": agent, "Context": "parkedcalls", "Exten": "701",
+                                           "Priority": "1"})
+        assert gone.response == "Error" and gone["Message"] == "No such channel"
+
+        r = await c.action("Originate", {"Channel": "SIP/305", "Context": "parkedcalls", "Exten": "701",
+                                         "Priority": "1", "Async": "true", "ChannelId": "cms-resume-1"})
+        assert r.response == "Success"
+        ring = await c.event("Newchannel", Uniqueid="cms-resume-1")
+        assert ring["Channel"].startswith("SIP/305-") and ring["Linkedid"] == "cms-resume-1"
+        phone = ring["Channel"]
+        assert (await c.event("OriginateResponse"))["Response"] == "Success"
         unparked = await c.event("UnParkedCall")
-        assert unparked["ParkeeChannel"] == trunk and unparked["RetrieverChannel"] == agent
-        await c.event("BridgeEnter", Channel=agent)
-        assert [p.name for p in sim.model.bridge_partners(sim.model.channels[agent])] == [trunk]
-        # parked again, then the caller gives up: ParkedCallGiveUp
-        await c.action("Park", {"Channel": trunk})
-        await c.event("ParkedCall")
+        assert unparked["ParkeeChannel"] == trunk and unparked["RetrieverChannel"] == phone
+        await c.event("BridgeEnter", Channel=phone)
+        assert [p.name for p in sim.model.bridge_partners(sim.model.channels[phone])] == [trunk]
+        assert not sim.parked
+        taken = await c.action("Originate", {"Channel": "SIP/306", "Context": "from-internal", "Exten": "1",
+                                             "Async": "true", "ChannelId": "cms-resume-1"})
+        assert taken.response == "Error"  # a ChannelId must be unique
+
+        # TimeoutChannel = the peer: the peer parks it, hears the space, then leaves; a timeout calls it back.
+        await c.action("Park", {"Channel": trunk, "TimeoutChannel": phone})
+        again = await c.event("ParkedCall")
+        assert again["ParkerDialString"] == "SIP/305" and again["ParkingSpace"] == "701"
+        await c.event("Hangup", Channel=phone)
         sim.hangup_all()
         giveup = await c.event("ParkedCallGiveUp")
         assert giveup["ParkeeChannel"] == trunk and not sim.parked
 
+        # Called into an empty space, the phone answers and is hung up (ParkedCall finds nobody).
+        await c.action("Originate", {"Channel": "SIP/306", "Context": "parkedcalls", "Exten": "702",
+                                     "Priority": "1", "Async": "true", "ChannelId": "cms-resume-2"})
+        assert (await c.event("Hangup", Uniqueid="cms-resume-2"))["Cause"] == "16"
+
     run(t, time_scale=0.1)
+
+
+def test_park_between_answer_and_bridge_hangs_up_the_dial_partner() -> None:
+    """Parked before Dial() bridged the two: the caller is taken from Dial, which hangs up the phone."""
+
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        await c.login()
+        call = sim.play("inbound-direct-long", line="305")
+        trunk, agent = call.planned
+        await c.event("DialEnd", DialStatus="ANSWER")
+        r = await c.action("Park", {"Channel": trunk})
+        assert r.response == "Success"
+        await c.event("ParkedCall", ParkeeChannel=trunk)
+        await c.event("Hangup", Channel=agent)
+        assert agent not in sim.model.channels and trunk in sim.model.channels
+
+    run(t, time_scale=1.0)
 
 
 def test_atxfer_consults_through_a_local_channel_and_cancelatxfer_returns() -> None:

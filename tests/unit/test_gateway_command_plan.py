@@ -37,6 +37,17 @@ class View:
     def tech_of(self, line: str) -> str | None:
         return self.techs.get(line)
 
+    def expect_retriever(self, line: str, call_id: str, uniqueid: str) -> None:
+        raise AssertionError("the planner only plans; the executor announces retrievers")
+
+
+def detached(call_id: str = "1.1:305", space: str = "701", parked_channel: str = "SIP/trunk-0000000b") -> CallControl:
+    """A held call whose far end is parked and whose phone channel Asterisk hung up (tracker Rule 10)."""
+    call = Call(id=call_id, line="305", linked_id="1.1", channel="SIP/305-0000000a", direction=Direction.INBOUND,
+                state=CallState.HELD, caller_number="79161234567", caller_name='Ivan "Vanya" Petrov',
+                called_number="305")
+    return CallControl(call, "", "", "", space, "default", parked_channel, "SIP")
+
 
 def control(call_id: str = "1.1:305", state: CallState = CallState.CONNECTED, channel: str = "SIP/305-0000000a",
             peer: str = "SIP/trunk-0000000b", **more: str) -> CallControl:
@@ -105,6 +116,11 @@ def test_hangup_and_the_single_call_shortcut() -> None:
     parked = View({"305": [control(state=CallState.HELD, peer="", parked_space="701",
                                    parked_channel="SIP/trunk-0000000b")]})
     assert [a for a, _ in plan(cmd(CommandName.HANGUP, call_id="1.1:305"), parked)] == ["Hangup", "Hangup"]
+    # The phone's channel is gone already: only the parked party is left to hang up.
+    only_parked = plan_command(cmd(CommandName.HANGUP), View({"305": [detached()]}), CONFIG, MATCHER).actions
+    assert [(a.name, a.fields, a.tolerated) for a in only_parked] == [
+        ("Hangup", (("Channel", "SIP/trunk-0000000b"), ("Cause", "16")), ())
+    ]
 
 
 def test_answer_uses_the_notify_of_the_phones_technology() -> None:
@@ -124,7 +140,10 @@ def test_answer_uses_the_notify_of_the_phones_technology() -> None:
 def test_hold_parks_the_far_end_and_resume_picks_it_up() -> None:
     parking = AsteriskConfig(parking_lot_context="parkedcalls")
     view = View({"305": [control()]})
-    assert plan(cmd(CommandName.HOLD), view, parking) == [("Park", (("Channel", "SIP/trunk-0000000b"),))]
+    assert plan(cmd(CommandName.HOLD), view, parking) == [
+        ("Park", (("Channel", "SIP/trunk-0000000b"), ("TimeoutChannel", "SIP/305-0000000a")))
+    ]
+    # The phone's channel survived the park (a dialplan that keeps it): it is redirected to the space.
     held = View({"305": [control(state=CallState.HELD, peer="", parked_space="702")]})
     assert plan(cmd(CommandName.UNHOLD), held, parking) == [
         ("Redirect", (("Channel", "SIP/305-0000000a"), ("Context", "parkedcalls"), ("Exten", "702"),
@@ -136,6 +155,29 @@ def test_hold_parks_the_far_end_and_resume_picks_it_up() -> None:
         "hold: the call has no other party to park"
     assert refused(cmd(CommandName.HOLD), view).startswith("hold is not supported: set parkingLotContext")
     assert refused(cmd(CommandName.UNHOLD), held).startswith("hold is not supported")
+
+
+def test_resume_calls_the_phone_into_the_lot_once_asterisk_has_hung_it_up() -> None:
+    parking = AsteriskConfig(parking_lot_context="parkedcalls", async_originate=True)
+    result = plan_command(cmd(CommandName.UNHOLD), View({"305": [detached(space="702")]}), parking, MATCHER)
+    [originate] = result.actions
+    fields = dict(originate.fields)
+    channel_id = fields.pop("ChannelId")
+    assert fields == {"Channel": "SIP/305", "Context": "parkedcalls", "Exten": "702", "Priority": "1",
+                      "CallerID": '"Ivan Vanya Petrov" <79161234567>', "Timeout": "30000", "Async": "true"}
+    assert channel_id.startswith("cms-") and len(channel_id) == 28
+    assert originate.until_event == "OriginateResponse"
+    assert result.retriever == ("1.1:305", channel_id)
+    assert result.data == {"parking_space": "702", "retriever": channel_id}
+    again = plan_command(cmd(CommandName.UNHOLD), View({"305": [detached(space="702")]}), parking, MATCHER)
+    other = plan_command(Command(id="c2", line="305", name=CommandName.UNHOLD, issued_at=1.0),
+                         View({"305": [detached(space="702")]}), parking, MATCHER)
+    assert again.retriever == result.retriever and other.retriever != result.retriever  # one id per command
+    sync = plan_command(cmd(CommandName.UNHOLD), View({"305": [detached()]}),
+                        AsteriskConfig(parking_lot_context="parkedcalls", async_originate=False), MATCHER)
+    assert sync.actions[0].field("Async") == "false" and sync.actions[0].until_event == ""
+    with pytest.raises(CommandRefused, match="the call is held"):
+        plan_command(cmd(CommandName.HOLD), View({"305": [detached()]}), parking, MATCHER)
 
 
 def test_blind_transfer_and_consultation() -> None:
@@ -186,6 +228,15 @@ def test_complete_and_cancel_with_two_independent_calls() -> None:
         ("Hangup", {"Channel": "SIP/305-0000000f", "Cause": "16"}),
         ("Redirect", {"Channel": "SIP/305-0000000a", "Context": "parkedcalls", "Exten": "701", "Priority": "1"}),
     ]
+    # The first call's phone channel is gone (Asterisk hung it up when its far end was parked).
+    gone = View({"305": [detached(), second]})
+    assert [(a, dict(f)) for a, f in plan(cmd(CommandName.COMPLETE_TRANSFER, **both), gone, parking)] == [
+        ("Bridge", {"Channel1": "SIP/trunk-0000000b", "Channel2": "SIP/carrier-00000010", "Tone": "no"}),
+        ("Hangup", {"Channel": "SIP/305-0000000f", "Cause": "16"}),
+    ]
+    cancel = plan_command(cmd(CommandName.CANCEL_TRANSFER, **both), gone, parking, MATCHER)
+    assert [a.name for a in cancel.actions] == ["Hangup", "Originate"]
+    assert cancel.actions[1].field("Exten") == "701" and cancel.retriever is not None
 
 
 def test_dtmf_goes_to_the_far_end_one_digit_at_a_time() -> None:
