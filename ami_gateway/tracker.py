@@ -296,6 +296,8 @@ class CallTracker:
         self._native_hold = False
         # Channel Uniqueid -> (line, call id): a phone the gateway calls into the parking lot to resume a call.
         self._retrievers: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        # Calls whose far end is parked (Rule 10), so a Hangup needs no scan of every call.
+        self._parked_calls: set[_LineCall] = set()
 
     # ---- queries ---------------------------------------------------------------------------------
 
@@ -646,6 +648,7 @@ class CallTracker:
         return self._announce(ch, self._role_of(ch), at, out)
 
     def _forget_call(self, lc: _LineCall) -> None:
+        self._parked_calls.discard(lc)
         calls = self._calls.get(lc.line)
         if calls is not None:
             calls.pop(lc.id, None)
@@ -1071,6 +1074,7 @@ class CallTracker:
             if lc is None or lc.state not in (CallState.CONNECTED, CallState.HELD):
                 continue
             lc.parked = (space, lot, parkee.key)
+            self._parked_calls.add(lc)
             self._set_held(lc, True, at, out)
 
     def _parked_partners(self, parkee: _Chan) -> list[_Chan]:
@@ -1097,6 +1101,7 @@ class CallTracker:
         self, lc: _LineCall, retriever: _Chan | None, event: str, at: float, out: list[LineEvent]
     ) -> None:
         lc.parked = None
+        self._parked_calls.discard(lc)
         attached = lc.uid in self._chans
         if event != "unparkedcall":
             if not attached:
@@ -1138,9 +1143,10 @@ class CallTracker:
         return lc.parked is not None and lc.parked[2] in self._chans
 
     def _calls_parking(self, parkee: _Chan) -> list[_LineCall]:
+        if not self._parked_calls:
+            return []
         return sorted(
-            (lc for calls in self._calls.values() for lc in calls.values()
-             if lc.parked is not None and lc.parked[2] == parkee.key),
+            (lc for lc in self._parked_calls if lc.parked is not None and lc.parked[2] == parkee.key),
             key=lambda c: c.id,
         )
 

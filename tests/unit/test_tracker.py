@@ -69,7 +69,7 @@ def assert_clean(tracker: CallTracker) -> None:
     for line in tracker.lines():
         assert tracker.calls_of(line) == []
     assert not tracker._chans and not tracker._groups and not tracker._bridges and not tracker._locals
-    assert not tracker._by_name and not tracker._calls
+    assert not tracker._by_name and not tracker._calls and not tracker._parked_calls
 
 
 # ---- the real captures --------------------------------------------------------------------------
