@@ -18,10 +18,18 @@ docs/creatio-protocol.md). Values are ``"<epoch> <seq>"`` strings with a TTL: a 
 older than the TTL is useless anyway (the history is trimmed by then).
 
 Writes are cheap: :meth:`DeliveryLog.note` only updates a dict (the per-event hot path); a
-background task writes the changed records in one pipeline every ``flush_interval`` seconds,
-and rewrites the records of connected agents well before their TTL runs out. A node killed
+background task writes the changed records every ``flush_interval`` seconds. A node killed
 outright loses at most ``flush_interval`` of positions: the agent then gets a few events twice
 rather than missing any.
+
+Connected agents whose position does not move still need their records kept alive (TTL) and
+their holder entries fresh (``holder_window``). Rewriting all of them at once every few seconds
+made a node with 10,000 idle agents spend most of its keepalive CPU here and stalled delivery
+while one huge pipeline was built and parsed. So each kind of refresh is a *rotation*: the
+connected agents are visited once per period, a slice at every flush, in proportion to the time
+elapsed; records once per ``ttl / 4``, holder entries (agents with a user only) once per
+``holder_window / 3``. Every write goes out in pipelines of at most ``max_batch`` agents, so
+the loop is never held for long by one of them.
 
 ``P:line:L:holders`` (hash user -> last seen, unix seconds) tells a node claiming a line for one
 user whether another user holds it (the shared-line policy lives in ws_node).
@@ -33,7 +41,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -86,6 +94,37 @@ class AgentKey(NamedTuple):
     tab: str = ""
 
 
+class _Rotation:
+    """Visits every member of a changing population once per ``period`` seconds, a slice per call.
+
+    A round starts with a copy of the population; each :meth:`due` returns the members whose turn
+    has come by ``now`` (in proportion to the time elapsed since the round began). Members that
+    joined during a round wait for the next one (they were just written when they joined); members
+    that left are filtered by the caller. Every member is visited within two periods."""
+
+    __slots__ = ("period", "_members", "_done", "_started")
+
+    def __init__(self, period: float) -> None:
+        self.period = max(0.001, period)
+        self._members: list[AgentKey] = []
+        self._done = 0
+        self._started: float | None = None
+
+    def due(self, now: float, population: Iterable[AgentKey]) -> list[AgentKey]:
+        if self._started is None or (now - self._started >= self.period and self._done >= len(self._members)):
+            self._members = list(population)
+            self._done = 0
+            self._started = now
+            return []  # just written (attach) or just refreshed (end of the previous round)
+        elapsed = (now - self._started) / self.period
+        upto = len(self._members) if elapsed >= 1 else int(len(self._members) * elapsed)
+        chunk = self._members[self._done : upto]
+        self._done = upto
+        if self._done >= len(self._members):
+            self._members = []
+        return chunk
+
+
 class DeliveryLog:
     def __init__(
         self,
@@ -95,6 +134,7 @@ class DeliveryLog:
         ttl_seconds: float = 900.0,
         flush_interval: float = 0.5,
         holder_window: float = 60.0,
+        max_batch: int = 256,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = client
@@ -102,14 +142,17 @@ class DeliveryLog:
         self.ttl = max(10, int(ttl_seconds))
         self.flush_interval = flush_interval
         self.holder_window = holder_window
-        #: connected agents are rewritten this often so their records and holder entries stay fresh
-        self.refresh_interval = min(self.ttl / 4, holder_window / 3)
+        #: agents per pipeline: bounds the time one write holds the loop
+        self.max_batch = max(1, max_batch)
         self._clock = clock
         #: agent -> (epoch, seq): plain tuples, built on the hot path
         self._positions: dict[AgentKey, tuple[str, int]] = {}
         self._live: dict[AgentKey, int] = {}
         self._dirty: set[AgentKey] = set()
-        self._last_refresh = clock()
+        #: connected agents' records are rewritten well before their TTL runs out ...
+        self._record_refresh = _Rotation(self.ttl / 4)
+        #: ... and their holder entries well within the holder window
+        self._holder_refresh = _Rotation(holder_window / 3)
         self._task: asyncio.Task[None] | None = None
 
     # ---- keys --------------------------------------------------------------------------------
@@ -213,36 +256,52 @@ class DeliveryLog:
                 log.warning("delivery positions not written (%s); will retry", exc)
 
     async def flush(self) -> None:
+        """Write the changed records, and the slices of the refresh rotations that are due."""
         now = self._clock()
-        if self._live and now - self._last_refresh >= self.refresh_interval:
-            self._last_refresh = now
-            self._dirty.update(self._live)
-        if not self._dirty:
+        refresh_holders = [a for a in self._holder_refresh.due(now, self._live) if a.user and a in self._live]
+        refresh_records = [a for a in self._record_refresh.due(now, self._live) if a in self._live]
+        if not (self._dirty or refresh_holders or refresh_records):
             return
         batch, self._dirty = self._dirty, set()
-        pipe = self._redis.pipeline(transaction=False)
-        holder_lines: set[str] = set()
-        for agent in batch:
-            position = self._positions.get(agent)
-            if position is None:
+        # (agent, write its records, write its holder entry); a changed record is written in full
+        work: list[tuple[AgentKey, bool, bool]] = [(a, True, bool(a.user) and a in self._live) for a in batch]
+        work += [(a, True, bool(a.user)) for a in refresh_records if a not in batch]
+        written = {a for a, _, _ in work}
+        work += [(a, False, True) for a in refresh_holders if a not in written]
+        stamp = f"{now:.0f}"
+        holder_ttl = int(self.holder_window * 2)
+        for first in range(0, len(work), self.max_batch):
+            chunk = work[first : first + self.max_batch]
+            pipe = self._redis.pipeline(transaction=False)
+            holder_lines: set[str] = set()
+            for agent, records, holder in chunk:
+                position = self._positions.get(agent)
+                if records and position is not None:
+                    value = Position(*position).encode()
+                    pipe.execute_command("SET", self._user_key(agent), value, "EX", self.ttl)
+                    if agent.tab:
+                        pipe.execute_command("SET", self._tab_key(agent), value, "EX", self.ttl)
+                if holder:
+                    pipe.execute_command("HSET", self._holders_key(agent.line), agent.user, stamp)
+                    holder_lines.add(agent.line)
+            for line in holder_lines:
+                pipe.execute_command("EXPIRE", self._holders_key(line), holder_ttl)
+            if not len(pipe):
                 continue
-            value = Position(*position).encode()
-            pipe.set(self._user_key(agent), value, ex=self.ttl)
-            if agent.tab:
-                pipe.set(self._tab_key(agent), value, ex=self.ttl)
-            if agent in self._live and agent.user:
-                pipe.hset(self._holders_key(agent.line), agent.user, f"{now:.0f}")
-                holder_lines.add(agent.line)
-        for line in holder_lines:
-            pipe.expire(self._holders_key(line), int(self.holder_window * 2))
-        try:
-            await pipe.execute()
-        except BaseException:
-            self._dirty.update(batch)  # written next time
-            raise
-        FLUSHES.inc()
-        for agent in batch:
-            if agent not in self._live:
+            try:
+                await pipe.execute()
+            except BaseException:
+                # what this chunk and the ones after it had to write is written next time
+                self._dirty.update(a for a, records, _ in work[first:] if records and a in batch)
+                self._forget_departed(batch)
+                raise
+            FLUSHES.inc()
+        self._forget_departed(batch)
+
+    def _forget_departed(self, written: set[AgentKey]) -> None:
+        """Positions of agents that left and whose last record is written are no longer needed here."""
+        for agent in written:
+            if agent not in self._live and agent not in self._dirty:
                 self._positions.pop(agent, None)
 
     async def close(self) -> None:

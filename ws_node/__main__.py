@@ -59,10 +59,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-backlog-frames", type=int, default=_env("MAX_BACKLOG_FRAMES", "2000"),
                         help="frames queued for a client that does not read before it is disconnected "
                              "[CMS_NODE_MAX_BACKLOG_FRAMES]")
+    parser.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default=_env("EVENT_LOOP", "auto"),
+                        help="the loop under Twisted's asyncio reactor: uvloop (when installed: about a quarter "
+                             "less CPU per frame sent) or the standard one; auto = uvloop if available "
+                             "[CMS_NODE_EVENT_LOOP]")
     parser.add_argument("--drain-seconds", type=float, default=_env("DRAIN_SECONDS", "3"))
     parser.add_argument("--log-json", action="store_true", default=_env("LOG_JSON") in ("1", "true", "yes"))
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return parser
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """The loop the node runs on. Twisted's asyncio reactor only uses the loop's public API
+    (add_reader/add_writer, call_at), so uvloop works under it; with uvloop registering a socket
+    for writing, which the reactor does for every write, costs a C call instead of a Python
+    selector key rebuild. ImportError when ``kind`` is "uvloop" and it is not installed."""
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # The asyncio reactor must be installed, on the loop asyncio will use, before anything
     # imports twisted.internet.reactor (see FACTS.md).
-    loop = asyncio.new_event_loop()
+    try:
+        loop = new_event_loop(args.event_loop)
+    except ImportError:
+        print("configuration error: --event-loop uvloop: uvloop is not installed", file=sys.stderr)
+        return 2
     asyncio.set_event_loop(loop)
     from twisted.internet import asyncioreactor
 
@@ -108,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logs.configure(f"ws_node[{args.port}]", json_lines=args.log_json, level=args.log_level)
     log = logging.getLogger("ws_node")
+    log.info("event loop: %s.%s", type(loop).__module__, type(loop).__name__)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

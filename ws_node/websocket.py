@@ -52,6 +52,9 @@ CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 
+#: frames whose prepared bytes are kept per transport: a few events' worth
+PREPARED_CACHE_SIZE = 64
+
 RATE_WARNING = "too many messages: slow down (messages over the limit are dropped)"
 
 
@@ -287,7 +290,18 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
     def write_text(self, text: str) -> None:
         if self.state != WebSocketServerProtocol.STATE_OPEN:
             return
-        self.sendMessage(self.factory.payload_for(text, self.mode), isBinary=False)
+        message = self.factory.prepared_for(text, self.mode)
+        protocol: Any = self  # Autobahn's per-connection attributes are set at run time, untyped
+        if protocol._perMessageCompress is None and not protocol.send_queue and not protocol.logOctets:
+            # What Autobahn's sendPreparedMessage -> sendData does for an unqueued, uncompressed
+            # frame, without its debug line: that one formats the method name and the peer eagerly
+            # for every frame (a sizeable share of fan-out CPU) even with debug logging off.
+            data = message.payloadHybi
+            transport: Any = self.transport
+            transport.write(data)
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+        else:
+            self.sendPreparedMessage(message)
         if self.keepalive is not None:
             self.keepalive.sent(self.factory.clock())
 
@@ -341,7 +355,8 @@ class AgentServerFactory(WebSocketServerFactory):  # type: ignore[misc]
         self._next_slot = 0
         self._sweeper = LoopingCall(self.sweep)
         self._emptied: asyncio.Future[None] | None = None
-        self._last_payload: tuple[str, Mode, bytes] | None = None
+        #: per transport: frame text -> prepared message (see prepared_for)
+        self._prepared: dict[Mode, dict[str, Any]] = {mode: {} for mode in Mode}
         self.setProtocolOptions(
             maxFramePayloadSize=policy.max_message_bytes,
             maxMessagePayloadSize=policy.max_message_bytes,
@@ -368,17 +383,23 @@ class AgentServerFactory(WebSocketServerFactory):  # type: ignore[misc]
             except Exception:  # one broken socket must not stop keep-alives and deadlines for all
                 log.exception("sweep failed for one socket", extra={"conn": protocol._conn_id()})
 
-    def payload_for(self, text: str, mode: Mode) -> bytes:
-        """The bytes of one event for one transport. A line's event reaches every tab of the line
-        one after another as the same string, so one remembered encoding saves the JSON wrapping
-        and UTF-8 encoding for all but the first."""
-        last = self._last_payload
-        if last is not None and last[0] is text and last[1] is mode:
-            return last[2]
-        wire = signalr.server_message(text) if mode is Mode.SIGNALR else text
-        payload = wire.encode("utf-8")
-        self._last_payload = (text, mode, payload)
-        return payload
+    def prepared_for(self, text: str, mode: Mode) -> Any:
+        """One frame's bytes on the wire (an Autobahn ``PreparedMessage``) for one transport.
+
+        A line event reaches every tab of the line one after another, as the same string objects
+        (the session's :class:`FrameMemo`), so the SignalR wrapping, the UTF-8 encoding and the
+        WebSocket framing are done once per frame per node, not once per agent. The cache is keyed
+        by content (a string's hash is computed once and kept on the object) and only needs to
+        outlive one event's fan-out, so it is small."""
+        cache = self._prepared[mode]
+        message = cache.get(text)
+        if message is None:
+            wire = signalr.server_message(text) if mode is Mode.SIGNALR else text
+            message = self.prepareMessage(wire.encode("utf-8"), isBinary=False)
+            cache[text] = message
+            if len(cache) > PREPARED_CACHE_SIZE:
+                del cache[next(iter(cache))]
+        return message
 
     def forget(self, protocol: AgentProtocol) -> None:
         self.live.discard(protocol)
