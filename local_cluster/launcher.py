@@ -333,7 +333,8 @@ class LocalCluster:
         for i, port in enumerate(self.node_ports):
             urls[f"node{i + 1} metrics"] = f"http://127.0.0.1:{port}/metrics"
         if self.uses_simulator:
-            urls["simulator control"] = f"http://127.0.0.1:{self.options.simulator_control_port}/calls"
+            urls["simulator calls (ground truth)"] = f"http://127.0.0.1:{self.options.simulator_control_port}/calls"
+            urls["simulator metrics"] = f"http://127.0.0.1:{self.options.simulator_control_port}/metrics"
         return urls
 
     # ---- stop --------------------------------------------------------------------------------
