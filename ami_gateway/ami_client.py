@@ -80,6 +80,8 @@ _COUNTED_EVENTS = frozenset(
         "CoreShowChannel", "QueueMember", "VarSet",
     }
 )
+for _event in (*_COUNTED_EVENTS, "other"):
+    AMI_EVENTS.labels(event=_event)
 
 
 class AmiError(Exception):

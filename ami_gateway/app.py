@@ -27,8 +27,6 @@ from ami_gateway.ami_client import AmiClient, AmiError, AmiSession
 from ami_gateway.ami_protocol import AmiMessage, AmiParser
 from ami_gateway.command_executor import CommandExecutor
 from ami_gateway.event_outbox import (
-    BROKER_ERRORS,
-    BROKER_RECONNECTS,
     EventOutbox,
     EventPublisher,
     Sequencer,
@@ -39,6 +37,7 @@ from ami_gateway.queue_policy import AutoPausePolicy, PauseRequest, QueueChange,
 from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.backoff import Backoff
 from services.config import Settings, redact_url
+from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS
 from services.line_state import LineStateWriter
 from services.observability import ObservabilityServer
 from services.topology import Topology
@@ -365,7 +364,7 @@ class Gateway:
         while True:
             try:
                 if not first:
-                    BROKER_RECONNECTS.labels(process="gateway").inc()
+                    BROKER_RECONNECTS.inc()
                 first = False
                 connection = await aio_pika.connect(self.settings.cluster.amqp_url, timeout=10)
                 async with connection:
@@ -383,7 +382,7 @@ class Gateway:
             except asyncio.CancelledError:
                 raise
             except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
-                BROKER_ERRORS.labels(process="gateway").inc()
+                BROKER_ERRORS.inc()
                 delay = backoff.next_delay()
                 log.warning("command queue unavailable (%s); retry in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -407,7 +406,7 @@ class Gateway:
                     )
         except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
             # The broker went away mid-command: the answer (or the ack) is lost; the node times the command out.
-            BROKER_ERRORS.labels(process="gateway").inc()
+            BROKER_ERRORS.inc()
             log.warning("command answer or ack lost: %s", exc)
 
 

@@ -32,6 +32,10 @@ COMMAND_SECONDS = Histogram(
     "Time from a node accepting a command to the gateway's answer",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+# Every series exists from the start, so rate() sees the first failure too.
+for _name in CommandName:
+    for _outcome in ("success", "error"):
+        COMMANDS.labels(command=_name.value, outcome=_outcome)
 
 # The manager.conf write class each action needs (Asterisk registers them so): named in "permission denied".
 WRITE_CLASS = {

@@ -27,6 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.backoff import Backoff
 from services.config import redact_url
+from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS, RedisHealth
 from services.line_state import LineStateWriter
 from services.topology import Topology
 from services.wire import LineEvent
@@ -41,9 +42,11 @@ PUBLISH_SECONDS = Histogram(
     "Time to store a batch in Redis and have RabbitMQ confirm it",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
-BROKER_ERRORS = Counter("cms_broker_errors_total", "RabbitMQ operations that failed", ["process"])
-BROKER_RECONNECTS = Counter("cms_broker_reconnects_total", "RabbitMQ connections opened after the first", ["process"])
-REDIS_ERRORS = Counter("cms_redis_errors_total", "Redis operations that failed", ["process"])
+EVENT_PUBLISH_LATENCY = Histogram(
+    "cms_call_event_publish_latency_seconds",
+    "From the AMI bytes that caused a line event to RabbitMQ confirming it (tracker, outbox wait, Redis, broker)",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 
 
 class Sequencer:
@@ -78,7 +81,7 @@ class EventPublisher:
             return self._exchange
         await self.close()
         if self._connected_once:
-            BROKER_RECONNECTS.labels(process="gateway").inc()
+            BROKER_RECONNECTS.inc()
         self._connection = await aio_pika.connect(self._url, timeout=10)
         self._connected_once = True
         self._channel = await self._connection.channel(publisher_confirms=True)
@@ -127,6 +130,7 @@ class EventOutbox:
         batch_size: int = 256,
         on_continuity_lost: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        self._redis_health = RedisHealth()
         self._writer = writer
         self._publisher = publisher
         self._sequencer = sequencer
@@ -196,6 +200,7 @@ class EventOutbox:
             try:
                 if self._stored < len(batch):
                     await self._writer.write(batch[self._stored:])
+                    self._redis_health.succeeded()
                     if generation != self._generation:
                         continue
                     self._stored = len(batch)
@@ -219,6 +224,10 @@ class EventOutbox:
                 await self._failed("rabbitmq", exc, backoff)
                 continue
             PUBLISH_SECONDS.observe(time.perf_counter() - started)
+            confirmed_at = time.time()
+            for event in batch:
+                if event.ami_received_at:
+                    EVENT_PUBLISH_LATENCY.observe(confirmed_at - event.ami_received_at)
             backoff.reset()
             if generation != self._generation:
                 continue  # the queue was cleared meanwhile: these events are gone from it already
@@ -230,7 +239,10 @@ class EventOutbox:
             OUTBOX_DEPTH.set(len(self._queue))
 
     async def _failed(self, what: str, exc: BaseException, backoff: Backoff) -> None:
-        (REDIS_ERRORS if what == "redis" else BROKER_ERRORS).labels(process="gateway").inc()
+        if what == "redis":
+            self._redis_health.failed()
+        else:
+            BROKER_ERRORS.inc()
         delay = backoff.next_delay()
         log.warning("%s unavailable (%s); %d events wait; retry in %.1fs", what, exc, len(self._queue), delay)
         await asyncio.sleep(delay)
