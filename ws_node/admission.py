@@ -115,6 +115,8 @@ def admit(
 class TokenBucket:
     """``rate`` tokens per second up to ``burst``; each message takes one. ``rate=0`` never limits."""
 
+    __slots__ = ("rate", "burst", "_clock", "_tokens", "_at")  # one per connection
+
     def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
         self.rate = rate
         self.burst = float(burst)
@@ -149,6 +151,8 @@ class RateGuard:
     a misbehaving script learns why; when more than ``flood_tolerance`` drops pile up within
     ``flood_window_seconds`` the client is disconnected.
     """
+
+    __slots__ = ("_bucket", "_clock", "_tolerance", "_window", "_window_start", "_refused")  # one per connection
 
     def __init__(self, policy: AdmissionPolicy, clock: Callable[[], float]) -> None:
         self._bucket = TokenBucket(policy.messages_per_second, policy.message_burst, clock)

@@ -103,6 +103,11 @@ def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
 
 
 class AgentConnection:
+    # A node holds thousands of these: no per-instance dict, and the backlog exists only while
+    # the client is not reading.
+    __slots__ = ("hub", "sink", "transport", "conn_id", "session", "_lines", "_agents", "_paused", "_closing",
+                 "_backlog")
+
     def __init__(self, hub: ConnectionHub, sink: FrameSink, transport: str) -> None:
         self.hub = hub
         self.sink = sink
@@ -114,7 +119,7 @@ class AgentConnection:
         self._agents: dict[str, AgentKey] = {}
         self._paused = False
         self._closing = False
-        self._backlog: collections.deque[str] = collections.deque()
+        self._backlog: collections.deque[str] | None = None
         hub.connections.add(self)
         CLIENTS.labels(transport=transport).inc()
 
@@ -136,16 +141,19 @@ class AgentConnection:
             self._lines.discard(line)
             self._forget(line)
             spawn(self.hub.feed.unfollow(self, line))
-        self._backlog.clear()
+        self._backlog = None
 
     def pause(self) -> None:
         self._paused = True
 
     def resume(self) -> None:
         self._paused = False
-        while self._backlog and not self._paused:
-            self.sink.write_text(self._backlog.popleft())
+        backlog = self._backlog
+        while backlog and not self._paused:
+            self.sink.write_text(backlog.popleft())
             FRAMES_SENT.inc()
+        if backlog is not None and not backlog and self._backlog is backlog:
+            self._backlog = None
 
     # ---- SessionEnvironment ------------------------------------------------------------------
 
@@ -154,11 +162,14 @@ class AgentConnection:
             FRAMES_DROPPED.inc()
             return
         if self._paused:
-            self._backlog.append(text)
-            if len(self._backlog) > self.hub.max_backlog_frames:
+            backlog = self._backlog
+            if backlog is None:
+                backlog = self._backlog = collections.deque()
+            backlog.append(text)
+            if len(backlog) > self.hub.max_backlog_frames:
                 SLOW_CLIENT_DISCONNECTS.inc()
-                FRAMES_DROPPED.inc(len(self._backlog))
-                self._backlog.clear()
+                FRAMES_DROPPED.inc(len(backlog))
+                self._backlog = None
                 log.warning("client does not read; disconnecting", extra={"conn": self.conn_id})
                 self._closing = True
                 self.sink.abort()

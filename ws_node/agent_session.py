@@ -162,7 +162,17 @@ class _Refused(Exception):
         self.message = message
 
 
+_DEFAULT_OPTIONS = SessionOptions()
+
+
 class AgentSession:
+    # One per agent connection, thousands per node: no per-instance dict.
+    __slots__ = (
+        "_env", "_opts", "_memo", "_clock", "_new_id", "state", "library_instance_uid", "connection_uid", "line",
+        "default_originate_context", "originate_context", "debug_mode", "call_centre_enabled", "user_uid", "_calls",
+        "_agent", "_catching_up", "_held", "_snapshot_wanted", "replayed",
+    )
+
     def __init__(
         self,
         env: SessionEnvironment,
@@ -174,7 +184,7 @@ class AgentSession:
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
         self._env = env
-        self._opts = options or SessionOptions()
+        self._opts = options or _DEFAULT_OPTIONS
         self._memo = frame_memo
         self._clock = clock
         self._new_id = new_id
@@ -188,8 +198,8 @@ class AgentSession:
         self.debug_mode = False
         self.call_centre_enabled = True
         self.user_uid = ""
-        #: calls of the line, client GUID -> Call, oldest first
-        self._calls: OrderedDict[str, Call] = OrderedDict()
+        #: calls of the line, client GUID -> Call, oldest first (a dict keeps insertion order)
+        self._calls: dict[str, Call] = {}
         self._agent: AgentState | None = None
         #: between claiming the line and ``on_claimed``: live events held back, snapshot waiting
         self._catching_up = False
@@ -271,7 +281,7 @@ class AgentSession:
         if self.state is not SessionState.OPEN:
             return
         mine = sorted((c for c in calls if c.line == self.line and c.active), key=lambda c: c.started_at)
-        self._calls = OrderedDict((cp.call_guid(c.id), c) for c in mine)
+        self._calls = {cp.call_guid(c.id): c for c in mine}
         self._send(cp.snapshot_frame(mine, self.current_call, self.connection_uid))
         if not mine:
             self._send(cp.line_state_frame(cp.IDLE_LINE_FEATURES, connection_uid=self.connection_uid))
@@ -286,7 +296,7 @@ class AgentSession:
         if self.state is not SessionState.OPEN:
             return
         mine = sorted((c for c in calls if c.line == self.line and c.active), key=lambda c: c.started_at)
-        self._calls = OrderedDict((cp.call_guid(c.id), c) for c in mine)
+        self._calls = {cp.call_guid(c.id): c for c in mine}
 
     def on_claimed(self, calls: Sequence[Call], missed: Sequence[LineEvent] = ()) -> None:
         """The shell followed the line: ``calls`` are its active calls at position S, ``missed``

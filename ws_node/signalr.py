@@ -278,6 +278,8 @@ class KeepAliveVerdict(enum.Enum):
 class KeepAlive:
     """Ping after ``ping_interval`` seconds without sending; give up after ``client_timeout`` of silence."""
 
+    __slots__ = ("ping_interval", "client_timeout", "last_received", "last_sent")  # one per connection
+
     def __init__(self, now: float, *, ping_interval: float = 15.0, client_timeout: float = 30.0) -> None:
         self.ping_interval = ping_interval
         self.client_timeout = client_timeout
