@@ -72,6 +72,10 @@ class LineFeed:
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._bound: set[str] = set()
+        # A channel answers one RPC at a time; letting hundreds of binds wait inside aiormq (a task,
+        # futures and a lock waiter each) cost a third of a connection's CPU in a connection storm.
+        # They wait here instead, cheaply, one RPC in flight.
+        self._binding_gate = asyncio.Semaphore(1)
         self._pending: dict[str, asyncio.Future[CommandResult]] = {}
         self._events: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self.connected = asyncio.Event()
@@ -176,7 +180,10 @@ class LineFeed:
         if queue is None or line in self._bound:
             return
         try:
-            await queue.bind(self._topology.events_exchange, self._topology.line_routing_key(line))
+            async with self._binding_gate:
+                if line in self._bound or self._queue is not queue:
+                    return  # bound meanwhile (reconnect) or the queue is gone: the reconnect binds it
+                await queue.bind(self._topology.events_exchange, self._topology.line_routing_key(line))
             self._bound.add(line)
             LINES_BOUND.set(len(self._bound))
         except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
@@ -191,7 +198,8 @@ class LineFeed:
         if queue is None:
             return
         try:
-            await queue.unbind(self._topology.events_exchange, self._topology.line_routing_key(line))
+            async with self._binding_gate:
+                await queue.unbind(self._topology.events_exchange, self._topology.line_routing_key(line))
         except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
             NODE_BROKER_ERRORS.inc()
             log.warning("unbind of line %s failed: %s", line, exc)
