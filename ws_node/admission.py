@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 
 REFUSED = Counter("cms_node_refused_requests_total", "Handshakes and negotiations refused at admission", ["reason"])
+for _reason in ("node_draining", "bad_key", "origin_not_allowed", "node_full", "bad_connection_token"):
+    REFUSED.labels(reason=_reason)
 RATE_LIMITED = Counter("cms_node_rate_limited_messages_total", "Client messages dropped for exceeding the rate")
 RATE_DISCONNECTS = Counter("cms_node_rate_limit_disconnects_total", "Clients disconnected for flooding")
 OVERSIZED = Counter("cms_node_oversized_messages_total", "Client messages over the size limit (connection closed)")
@@ -108,7 +110,7 @@ def admit(
     elif policy.max_connections and open_connections >= policy.max_connections:
         refusal = Refusal(503, "node full")
     if refusal is not None:
-        REFUSED.labels(reason=refusal.reason).inc()
+        REFUSED.labels(reason=refusal.reason.replace(" ", "_")).inc()
     return refusal
 
 

@@ -44,6 +44,8 @@ from ws_node.line_feed import LineFeed
 log = logging.getLogger(__name__)
 
 CLIENTS = Gauge("cms_node_clients", "Agent connections open on this node", ["transport"])
+for _transport in ("websocket", "signalr"):
+    CLIENTS.labels(transport=_transport)
 FRAMES_SENT = Counter("cms_node_frames_sent_total", "Frames sent to agents")
 FRAMES_DROPPED = Counter("cms_node_frames_dropped_total", "Frames not sent because the client was gone or stuck")
 SLOW_CLIENT_DISCONNECTS = Counter("cms_node_slow_client_disconnects_total", "Clients dropped for not reading")
@@ -59,7 +61,7 @@ SHARED_LINE_CLAIMS = Counter(
 END_TO_END = Histogram(
     "cms_end_to_end_latency_seconds",
     "From AMI bytes received by the gateway to the WebSocket frame handed to the socket",
-    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
 

@@ -27,6 +27,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from prometheus_client import Counter, Gauge
 
 from services.backoff import Backoff
+from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS, RedisHealth
 from services.line_state import HistoryUnavailable, LineSnapshot, LineStateReader
 from services.topology import Topology
 from services.wire import Command, CommandResult, LineEvent, WireError
@@ -34,11 +35,12 @@ from ws_node.line_router import LineRouter, Verdict
 
 log = logging.getLogger(__name__)
 
-NODE_BROKER_RECONNECTS = Counter("cms_node_broker_reconnects_total", "RabbitMQ reconnections of a node")
-NODE_BROKER_ERRORS = Counter("cms_node_broker_errors_total", "RabbitMQ failures seen by a node")
-NODE_REDIS_ERRORS = Counter("cms_node_redis_errors_total", "Redis failures seen by a node")
 LINE_EVENTS = Counter("cms_node_line_events_total", "Line events received by a node", ["verdict"])
 GAP_REPAIRS = Counter("cms_node_gap_repairs_total", "Gaps in a line's stream repaired from Redis", ["outcome"])
+for _verdict in (*(v.value for v in Verdict), "undecodable"):
+    LINE_EVENTS.labels(verdict=_verdict)
+for _outcome in ("repaired", "resync"):
+    GAP_REPAIRS.labels(outcome=_outcome)
 LINES_BOUND = Gauge("cms_node_lines_bound", "Lines this node receives events for")
 
 
@@ -64,6 +66,7 @@ class LineFeed:
         self.redis = redis_client
         self.prefix = topology.prefix
         self.reader = LineStateReader(redis_client, topology.prefix)
+        self._redis_health = RedisHealth()
         #: awaited first thing in :meth:`stop` (e.g. the delivery log's last write)
         self.before_stop: list[Callable[[], Awaitable[None]]] = []
         self.router: LineRouter[LineSubscriber] = LineRouter()
@@ -112,7 +115,7 @@ class LineFeed:
         while True:
             try:
                 if not first:
-                    NODE_BROKER_RECONNECTS.inc()
+                    BROKER_RECONNECTS.inc()
                 first = False
                 connection = await aio_pika.connect(self._url, timeout=10)
                 self._connection = connection
@@ -128,7 +131,7 @@ class LineFeed:
             except asyncio.CancelledError:
                 raise
             except (aio_pika.exceptions.AMQPError, OSError, RuntimeError, ConnectionError) as exc:
-                NODE_BROKER_ERRORS.inc()
+                BROKER_ERRORS.inc()
                 self.connected.clear()
                 self._queue = None
                 self._channel = None
@@ -188,7 +191,7 @@ class LineFeed:
             LINES_BOUND.set(len(self._bound))
         except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
             # The reconnect loop binds every followed line again.
-            NODE_BROKER_ERRORS.inc()
+            BROKER_ERRORS.inc()
             log.warning("bind of line %s failed (%s); will bind on reconnect", line, exc)
 
     async def _unbind(self, line: str) -> None:
@@ -201,7 +204,7 @@ class LineFeed:
             async with self._binding_gate:
                 await queue.unbind(self._topology.events_exchange, self._topology.line_routing_key(line))
         except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
-            NODE_BROKER_ERRORS.inc()
+            BROKER_ERRORS.inc()
             log.warning("unbind of line %s failed: %s", line, exc)
 
     # ---- events ----------------------------------------------------------------------------
@@ -217,8 +220,9 @@ class LineFeed:
                 continue
             try:
                 await self.handle_event(event)
+                self._redis_health.succeeded()
             except (OSError, aioredis.RedisError) as exc:
-                NODE_REDIS_ERRORS.inc()
+                self._redis_health.failed()
                 log.warning("line %s: cannot reach Redis (%s); delivering without repair", event.line, exc)
                 self._deliver(event)
 
@@ -269,7 +273,7 @@ class LineFeed:
             try:
                 await self._repair(line)
             except (OSError, aioredis.RedisError) as exc:
-                NODE_REDIS_ERRORS.inc()
+                self._redis_health.failed()
                 log.warning("line %s: repair after reconnect failed: %s", line, exc)
 
     # ---- commands --------------------------------------------------------------------------
@@ -296,7 +300,7 @@ class LineFeed:
         except TimeoutError:
             return CommandResult(command.id, ok=False, error="the telephony gateway did not answer in time")
         except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
-            NODE_BROKER_ERRORS.inc()
+            BROKER_ERRORS.inc()
             return CommandResult(command.id, ok=False, error=f"messaging broker error: {exc}")
         finally:
             self._pending.pop(command.id, None)

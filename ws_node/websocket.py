@@ -120,7 +120,7 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
         token = (request.params.get("id") or [None])[0]
         if token is not None:
             if not factory.tokens.verify(token, factory.wall_clock()):
-                REFUSED.labels(reason="bad connection token").inc()
+                REFUSED.labels(reason="bad_connection_token").inc()
                 # What ASP.NET answers for an unknown id; the client negotiates again.
                 raise ConnectionDeny(404, "No Connection with that ID")
             self.mode = Mode.SIGNALR
@@ -208,11 +208,11 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
             elif isinstance(event, signalr.Invocation):
                 self._invoke(event)
             elif isinstance(event, signalr.HandshakeFailed):
-                PROTOCOL_VIOLATIONS.labels(kind="signalr-handshake").inc()
+                PROTOCOL_VIOLATIONS.labels(kind="signalr_handshake").inc()
                 self._send_record(signalr.handshake_error(event.message))
                 self._send_close(CLOSE_PROTOCOL_ERROR, "handshake failed")
             elif isinstance(event, signalr.ProtocolViolation):
-                PROTOCOL_VIOLATIONS.labels(kind="signalr-record").inc()
+                PROTOCOL_VIOLATIONS.labels(kind="signalr_record").inc()
                 self._close_with_error(CLOSE_PROTOCOL_ERROR, event.message)
             elif isinstance(event, signalr.CloseReceived):
                 self._send_close(CLOSE_NORMAL, "")
@@ -256,7 +256,7 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
             # No first message (raw) or no handshake record (SignalR) yet.
             limit = self.factory.policy.handshake_timeout_seconds
             if limit and now - self.opened_at > limit:
-                PROTOCOL_VIOLATIONS.labels(kind="handshake-timeout").inc()
+                PROTOCOL_VIOLATIONS.labels(kind="handshake_timeout").inc()
                 self._close_with_error(CLOSE_POLICY_VIOLATION, "handshake timeout")
             return
         if self.keepalive is not None:

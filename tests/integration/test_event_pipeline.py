@@ -227,7 +227,7 @@ def test_broker_link_cut_events_published_meanwhile_arrive_in_order(infra: Infra
         feed = LineFeed("n1", proxied_url, redis_client, topology)
         collector = Collector()
         drain = asyncio.create_task(outbox.run())
-        reconnects = REGISTRY.get_sample_value("cms_node_broker_reconnects_total") or 0.0
+        reconnects = REGISTRY.get_sample_value("cms_broker_reconnects_total") or 0.0
         repaired = REGISTRY.get_sample_value("cms_node_gap_repairs_total", {"outcome": "repaired"}) or 0.0
         try:
             await feed.start()
@@ -253,7 +253,7 @@ def test_broker_link_cut_events_published_meanwhile_arrive_in_order(infra: Infra
             await asyncio.sleep(0.2)
             assert [e.seq for e in collector.events] == list(range(1, 36))
             assert [e.call.caller_number for e in collector.events if e.call] == [str(1000 + n) for n in range(1, 36)]
-            assert (REGISTRY.get_sample_value("cms_node_broker_reconnects_total") or 0.0) > reconnects
+            assert (REGISTRY.get_sample_value("cms_broker_reconnects_total") or 0.0) > reconnects
             assert (REGISTRY.get_sample_value("cms_node_gap_repairs_total", {"outcome": "repaired"}) or 0.0) > repaired
         finally:
             drain.cancel()
