@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "less CPU per frame sent) or the standard one; auto = uvloop if available "
                              "[CMS_NODE_EVENT_LOOP]")
     parser.add_argument("--drain-seconds", type=float, default=_env("DRAIN_SECONDS", "3"))
+    parser.add_argument("--client-log-dir", default=_env("CLIENT_LOG_DIR", ""),
+                        help="folder where agents' ProcessLogs/SetLogFilePath may write; unset = refused "
+                             "[CMS_NODE_CLIENT_LOG_DIR]")
     parser.add_argument("--log-json", action="store_true", default=_env("LOG_JSON") in ("1", "true", "yes"))
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return parser
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             signalr_token_secret=args.signalr_token_secret, signalr_token_lifetime=args.signalr_token_lifetime,
             signalr_ping_interval=args.signalr_ping_interval, signalr_client_timeout=args.signalr_client_timeout,
             max_backlog_frames=args.max_backlog_frames, drain_seconds=args.drain_seconds,
+            client_log_dir=args.client_log_dir,
         ),
     )
     stopping = False

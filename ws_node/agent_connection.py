@@ -39,6 +39,7 @@ from services.delivery_log import AgentKey, DeliveryLog, Position
 from services.line_state import HistoryUnavailable, LineSnapshot
 from services.wire import Command, CommandResult, LineEvent, WireError
 from ws_node.agent_session import AgentSession, FrameMemo
+from ws_node.client_logs import ClientLogRefused, ClientLogStore
 from ws_node.line_feed import LineFeed
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,10 @@ class ConnectionHub:
         max_backlog_frames: int = 2000,
         session_options: dict[str, Any] | None = None,
         delivery_log: DeliveryLog | None = None,
+        client_logs: ClientLogStore | None = None,
     ) -> None:
         self.feed = feed
+        self.client_logs = client_logs
         self.max_backlog_frames = max_backlog_frames
         self.session_options = session_options or {}
         # One event's frames are encoded once per node and shared by every tab of the line.
@@ -298,6 +301,11 @@ class AgentConnection:
         result: CommandResult = await self.hub.feed.send_command(command)
         if self.session is session:
             session.on_command_result(result, command)
+
+    def append_client_log(self, session: AgentSession, name: str, text: str) -> None:
+        if self.hub.client_logs is None:
+            raise ClientLogRefused("client logs are disabled on this server")
+        self.hub.client_logs.append(name, text)
 
     def close(self, code: int, reason: str) -> None:
         if not self._closing:

@@ -56,6 +56,7 @@ from typing import Any, Protocol
 from services.delivery_log import AgentKey, clean_id
 from services.wire import AgentState, Call, CallState, Command, CommandName, CommandResult, EventType, LineEvent
 from ws_node import creatio_protocol as cp
+from ws_node.client_logs import ClientLogRefused, validate_name
 from ws_node.creatio_protocol import CtiCommand, MsgErrorType, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ class SessionEnvironment(Protocol):
 
     def close(self, code: int, reason: str) -> None: ...
 
+    def append_client_log(self, session: AgentSession, name: str, text: str) -> None:
+        """Write one client log entry (only called when SessionOptions.client_logs is on);
+        raises ClientLogRefused when the write is not allowed."""
+
 
 class SessionState(enum.Enum):
     NEW = "new"
@@ -94,6 +99,8 @@ class SessionOptions:
     max_line_length: int = 32
     #: live events held back while a catch-up runs; past this the catch-up is given up
     max_held_events: int = 1000
+    #: ProcessLogs/SetLogFilePath are honoured only when the node has a client log folder
+    client_logs: bool = False
 
 
 class FrameMemo:
@@ -170,7 +177,7 @@ class AgentSession:
     __slots__ = (
         "_env", "_opts", "_memo", "_clock", "_new_id", "state", "library_instance_uid", "connection_uid", "line",
         "default_originate_context", "originate_context", "debug_mode", "call_centre_enabled", "user_uid", "_calls",
-        "_agent", "_catching_up", "_held", "_snapshot_wanted", "replayed",
+        "_agent", "_catching_up", "_held", "_snapshot_wanted", "replayed", "_log_file",
     )
 
     def __init__(
@@ -183,6 +190,7 @@ class AgentSession:
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
+        self._log_file = ""
         self._env = env
         self._opts = options or _DEFAULT_OPTIONS
         self._memo = frame_memo
@@ -393,7 +401,10 @@ class AgentSession:
         if self.state is not SessionState.OPEN:
             raise _Refused(MsgErrorType.COMMAND_ERROR, f"{cmd.name}: connection is not open")
         if name in _DISABLED:
-            raise _Refused(MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR, f"{cmd.name} is disabled")
+            if not self._opts.client_logs:
+                raise _Refused(MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR, f"{cmd.name} is disabled on this server")
+            self._client_log(name, cmd)
+            return
         if name in _NOT_IMPLEMENTED:
             raise _Refused(MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR, f"{cmd.name} is not supported")
         if name in _CALL_CENTRE_COMMANDS and not self.call_centre_enabled:
@@ -405,6 +416,16 @@ class AgentSession:
             )
         handler = self._handlers[name]
         handler(self, cmd)
+
+    def _client_log(self, name: CtiCommand, cmd: cp.ClientCommand) -> None:
+        try:
+            if name is CtiCommand.SET_LOG_FILE_PATH:
+                self._log_file = validate_name(str(_get_ci(cmd.params, "filePath") or ""))
+                return
+            text = json.dumps(cmd.params, ensure_ascii=False, separators=(",", ":"))
+            self._env.append_client_log(self, self._log_file or f"line-{self.line}.log", text)
+        except ClientLogRefused as exc:
+            raise _Refused(MsgErrorType.COMMAND_ERROR, f"{cmd.name}: {exc}") from None
 
     def _load_library(self, cmd: cp.ClientCommand) -> None:
         if not self.library_instance_uid:

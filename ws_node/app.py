@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -21,6 +22,8 @@ from services.config import Settings, redact_url
 from services.topology import Topology
 from ws_node.admission import AdmissionPolicy
 from ws_node.agent_connection import ConnectionHub
+from ws_node.agent_session import SessionOptions
+from ws_node.client_logs import ClientLogStore
 from ws_node.line_feed import LineFeed
 from ws_node.signalr_token import ConnectionTokens, derive_secret
 from ws_node.web import NegotiateResource, build_site
@@ -44,6 +47,8 @@ class NodeOptions:
     signalr_client_timeout: float = 30.0
     max_backlog_frames: int = 2000
     drain_seconds: float = 3.0
+    #: folder for agents' ProcessLogs/SetLogFilePath; empty = those commands are refused
+    client_log_dir: str = ""
 
     def __repr__(self) -> str:  # the token secret never reaches a log through a repr
         return (
@@ -69,7 +74,11 @@ class Node:
         self.hub = ConnectionHub(
             self.feed,
             max_backlog_frames=options.max_backlog_frames,
-            session_options={"originate_context": settings.asterisk.originate_context},
+            session_options={
+                "originate_context": settings.asterisk.originate_context,
+                "options": SessionOptions(client_logs=bool(options.client_log_dir)),
+            },
+            client_logs=ClientLogStore(Path(options.client_log_dir)) if options.client_log_dir else None,
         )
         self.tokens = ConnectionTokens(
             derive_secret(options.signalr_token_secret, options.admission.deployment_key),
