@@ -3,10 +3,15 @@
 The read path calls :meth:`EventOutbox.put` synchronously; it only assigns each event its
 line position and appends it to a bounded in-memory queue, so a slow or absent Redis or
 RabbitMQ never delays reading AMI. A single drain task takes batches in order and, for each
-batch, first writes Redis (state + history), then publishes to RabbitMQ with publisher
-confirms; either step is retried with backoff until it succeeds, so events leave in the order
-Asterisk produced them and none is skipped. A node may see an event twice after a retry; it
-drops duplicates by sequence number.
+batch, first writes Redis (state + history), then publishes it to RabbitMQ with publisher
+confirms, without waiting for those confirms before it moves to the next batch: up to
+``window`` batches are unconfirmed at once, so an event pays one Redis write and the broker
+hop, not also the confirm round trip of the batch before it. An event leaves the outbox only
+when its batch is confirmed (confirms are taken oldest first). A failed Redis write is retried
+with backoff; a nack, a lost channel or a failed publish closes the connection and republishes
+everything unconfirmed from the oldest batch, in order. So events leave in the order Asterisk
+produced them, each is in Redis before any node can see it, and none is skipped. A node may see
+an event twice after a retry; it drops duplicates by sequence number.
 
 If the buffer overflows (the broker or Redis away for very long), the oldest events are
 dropped and continuity is declared lost: the next events start a new epoch, which tells every
@@ -20,6 +25,8 @@ import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
@@ -92,10 +99,19 @@ class EventPublisher:
         return self._exchange
 
     async def publish(self, events: Sequence[LineEvent]) -> None:
+        await (await self.send(events))
+
+    async def send(self, events: Sequence[LineEvent]) -> asyncio.Future[list[Any]]:
+        """Start publishing ``events`` and return the future of their confirms, without waiting for them.
+
+        Each message becomes a task at once, in order, and the tasks take the channel's (FIFO) lock in
+        the order they were created: frames reach the broker in the order of ``events``, and after the
+        frames of every earlier call. The future fails on a nack or when the channel is lost.
+        """
         exchange = await self._ensure()
         # One channel keeps frames in order; awaiting the confirms together (a window as large as
         # the batch) is what lifts throughput above one round trip per event.
-        await asyncio.gather(
+        return asyncio.gather(
             *(
                 exchange.publish(
                     aio_pika.Message(
@@ -119,6 +135,21 @@ class EventPublisher:
                 pass
 
 
+@dataclass(eq=False)
+class _InFlight:
+    """A batch published and not yet confirmed: the events at the head of the queue it stands for."""
+
+    events: list[LineEvent]
+    confirms: asyncio.Future[list[Any]]
+    generation: int
+    started: float  # perf_counter when its Redis write began
+    confirmed_at: float = 0.0  # wall clock, set when the broker's last confirm for it arrived
+    confirmed_perf: float = 0.0
+
+    def failed(self) -> bool:
+        return self.confirms.done() and (self.confirms.cancelled() or self.confirms.exception() is not None)
+
+
 class EventOutbox:
     def __init__(
         self,
@@ -128,6 +159,7 @@ class EventOutbox:
         *,
         capacity: int = 200_000,
         batch_size: int = 256,
+        window: int = 8,
         on_continuity_lost: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._redis_health = RedisHealth()
@@ -136,6 +168,9 @@ class EventOutbox:
         self._sequencer = sequencer
         self._capacity = capacity
         self._batch_size = batch_size
+        if window < 1:
+            raise ValueError(f"window must be at least 1 batch, not {window}")
+        self._window_size = window
         self._queue: collections.deque[LineEvent] = collections.deque()
         self._wakeup = asyncio.Event()
         self._continuity_lost = False
@@ -146,6 +181,9 @@ class EventOutbox:
         # How many events at the head of the queue are already in Redis: a batch whose publish failed is
         # retried on RabbitMQ only (its stream ids are taken; XADD would refuse them a second time).
         self._stored = 0
+        # How many events at the head of the queue are published and waiting for their confirms (<= _stored).
+        self._sent = 0
+        self._in_flight: collections.deque[_InFlight] = collections.deque()  # oldest first
         self._generation = 0  # bumped when an overflow clears the queue under a batch in flight
 
     def put(self, events: Sequence[LineEvent]) -> None:
@@ -160,6 +198,7 @@ class EventOutbox:
             dropped = len(self._queue)
             self._queue.clear()
             self._stored = 0
+            self._sent = 0
             self._generation += 1
             EVENTS_DROPPED.inc(dropped)
             self._continuity_lost = True
@@ -185,58 +224,108 @@ class EventOutbox:
 
     async def run(self) -> None:
         backoff = Backoff(initial=0.1, maximum=5.0)
-        while True:
-            if self._continuity_lost and self._on_continuity_lost is not None:
-                self._continuity_lost = False
-                await self._on_continuity_lost()
-            if not self._queue:
-                self._idle.set()
+        try:
+            while True:
+                # Cleared before looking at the state and awaited only when there is nothing to do: a put()
+                # or a confirm that lands while this loop works is seen by the checks below.
                 self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
-            generation = self._generation
-            started = time.perf_counter()
-            try:
-                if self._stored < len(batch):
-                    await self._writer.write(batch[self._stored:])
-                    self._redis_health.succeeded()
-                    if generation != self._generation:
-                        continue
-                    self._stored = len(batch)
-            except (OSError, ConnectionError) as exc:
-                await self._failed("redis", exc, backoff)
-                continue
-            except Exception as exc:  # redis.exceptions.* do not share a base with OSError
-                if not type(exc).__module__.startswith("redis"):
-                    raise
-                if "equal or smaller than the target stream top item" not in str(exc):
-                    await self._failed("redis", exc, backoff)
+                if self._continuity_lost and self._on_continuity_lost is not None:
+                    self._continuity_lost = False
+                    await self._on_continuity_lost()
                     continue
-                # The previous attempt was stored but its reply was lost: the stream already holds these
-                # ids (stream ids only grow). The rest of that transaction is idempotent; go on and publish.
-                log.warning("batch of %d events was already stored; publishing it", len(batch))
-                self._stored = len(batch)
-            try:
-                await self._publisher.publish(batch)
-            except (aio_pika.exceptions.AMQPError, OSError, ConnectionError, RuntimeError, TimeoutError) as exc:
-                await self._publisher.close()
-                await self._failed("rabbitmq", exc, backoff)
-                continue
-            PUBLISH_SECONDS.observe(time.perf_counter() - started)
-            confirmed_at = time.time()
-            for event in batch:
-                if event.ami_received_at:
-                    EVENT_PUBLISH_LATENCY.observe(confirmed_at - event.ami_received_at)
-            backoff.reset()
-            if generation != self._generation:
-                continue  # the queue was cleared meanwhile: these events are gone from it already
-            for _ in batch:
-                self._queue.popleft()
-            self._stored = max(0, self._stored - len(batch))
-            self.published += len(batch)
-            EVENTS_PUBLISHED.inc(len(batch))
-            OUTBOX_DEPTH.set(len(self._queue))
+                while self._in_flight and self._in_flight[0].generation != self._generation:
+                    self._in_flight.popleft()  # its events were dropped from the queue by an overflow
+                if any(batch.failed() for batch in self._in_flight):
+                    await self._republish_from_oldest(backoff)
+                    continue
+                if self._in_flight and self._in_flight[0].confirms.done():
+                    self._confirmed(self._in_flight.popleft())
+                    backoff.reset()
+                    continue
+                if not self._queue:
+                    self._idle.set()
+                    await self._wakeup.wait()
+                    continue
+                if self._sent < len(self._queue) and len(self._in_flight) < self._window_size:
+                    await self._store_and_send(backoff)
+                    continue
+                await self._wakeup.wait()  # window full or everything sent: wait for a confirm or more events
+        finally:
+            for batch in self._in_flight:
+                batch.confirms.cancel()
+            self._in_flight.clear()
+
+    async def _store_and_send(self, backoff: Backoff) -> None:
+        """Write the next batch to Redis (unless it is there already), then publish it without awaiting confirms."""
+        end = min(self._sent + self._batch_size, len(self._queue))
+        batch = [self._queue[i] for i in range(self._sent, end)]
+        generation = self._generation
+        started = time.perf_counter()
+        try:
+            if self._stored < end:
+                await self._writer.write([self._queue[i] for i in range(self._stored, end)])
+                self._redis_health.succeeded()
+                if generation != self._generation:
+                    return
+                self._stored = end
+        except (OSError, ConnectionError) as exc:
+            await self._failed("redis", exc, backoff)
+            return
+        except Exception as exc:  # redis.exceptions.* do not share a base with OSError
+            if not type(exc).__module__.startswith("redis"):
+                raise
+            if "equal or smaller than the target stream top item" not in str(exc):
+                await self._failed("redis", exc, backoff)
+                return
+            # The previous attempt was stored but its reply was lost: the stream already holds these
+            # ids (stream ids only grow). The rest of that transaction is idempotent; go on and publish.
+            log.warning("batch of %d events was already stored; publishing it", end - self._stored)
+            self._stored = end
+        try:
+            confirms = await self._publisher.send(batch)
+        except (aio_pika.exceptions.AMQPError, OSError, ConnectionError, RuntimeError, TimeoutError) as exc:
+            await self._republish_from_oldest(backoff, exc)
+            return
+        in_flight = _InFlight(batch, confirms, generation, started)
+        confirms.add_done_callback(lambda _: self._on_confirms(in_flight))
+        if generation != self._generation:
+            return  # an overflow dropped these events while the channel opened; their confirms are of no use
+        self._sent = end
+        self._in_flight.append(in_flight)
+
+    def _on_confirms(self, batch: _InFlight) -> None:
+        batch.confirmed_at = time.time()
+        batch.confirmed_perf = time.perf_counter()
+        if not batch.confirms.cancelled():
+            batch.confirms.exception()  # retrieved here: a batch abandoned after an overflow is never awaited
+        self._wakeup.set()
+
+    def _confirmed(self, batch: _InFlight) -> None:
+        PUBLISH_SECONDS.observe(batch.confirmed_perf - batch.started)
+        for event in batch.events:
+            if event.ami_received_at:
+                EVENT_PUBLISH_LATENCY.observe(batch.confirmed_at - event.ami_received_at)
+        for _ in batch.events:
+            self._queue.popleft()
+        self._stored = max(0, self._stored - len(batch.events))
+        self._sent -= len(batch.events)
+        self.published += len(batch.events)
+        EVENTS_PUBLISHED.inc(len(batch.events))
+        OUTBOX_DEPTH.set(len(self._queue))
+
+    async def _republish_from_oldest(self, backoff: Backoff, exc: BaseException | None = None) -> None:
+        """A nack, a lost channel or a failed publish: drop the connection and everything in flight; the
+        loop then publishes again from the oldest unconfirmed event (already in Redis), in order."""
+        if exc is None:
+            failed = next(batch for batch in self._in_flight if batch.failed())
+            exc = asyncio.CancelledError() if failed.confirms.cancelled() else failed.confirms.exception()
+        await self._publisher.close()
+        for batch in self._in_flight:
+            batch.confirms.cancel()  # closing the connection fails them already; cancelling covers a hung one
+        await asyncio.gather(*(batch.confirms for batch in self._in_flight), return_exceptions=True)
+        self._in_flight.clear()
+        self._sent = 0
+        await self._failed("rabbitmq", exc or RuntimeError("publish failed"), backoff)
 
     async def _failed(self, what: str, exc: BaseException, backoff: Backoff) -> None:
         if what == "redis":
