@@ -233,3 +233,63 @@ def test_window_must_hold_a_batch(infra: Infrastructure, prefix: str) -> None:
             await redis_client.aclose()
 
     asyncio.run(main())
+
+
+def test_overflow_with_a_window_in_flight_restarts_cleanly_under_a_new_epoch(infra: Infrastructure,
+                                                                              prefix: str) -> None:
+    batch_size, window, capacity = 16, 8, 400
+
+    async def main() -> None:
+        amqp_port = urllib.parse.urlsplit(infra.amqp_url).port or 5672
+        broker = await TcpProxy(amqp_port).start()
+        redis_client = aioredis.from_url(infra.redis_url)
+        writer = LineStateWriter(redis_client, prefix)
+        sequencer = Sequencer(await writer.new_epoch())
+        first_epoch = sequencer.epoch
+        restarts: list[str] = []
+
+        async def continuity_lost() -> None:
+            sequencer.restart(await writer.new_epoch())
+            restarts.append(sequencer.epoch)
+
+        publisher = EventPublisher(_via(infra.amqp_url, broker.port), Topology(prefix))
+        outbox = EventOutbox(writer, publisher, sequencer, capacity=capacity, batch_size=batch_size, window=window,
+                             on_continuity_lost=continuity_lost)
+        consumer = Consumer(infra.amqp_url, prefix)
+        drain = asyncio.create_task(outbox.run())
+        try:
+            outbox.put([_event("999", 0)])
+            assert await outbox.wait_idle(10)
+            await consumer.start(LINES)
+            published_before = outbox.published
+
+            broker.pause()  # confirms stop: the window fills, then the queue grows past its capacity
+            outbox.put([_event(line, n) for n in range(1, 61) for line in LINES])  # 300 events
+            await asyncio.sleep(0.3)
+            assert outbox.published == published_before and outbox.depth == 300
+            outbox.put([_event(line, n) for n in range(61, 82) for line in LINES])  # 300 + 105 > capacity
+            assert outbox.depth == 0
+            await wait_until(lambda: len(restarts) == 1, 5, "continuity restored under a new epoch")
+            new_epoch = restarts[0]
+            assert new_epoch != first_epoch
+            outbox.put([_event(line, n) for n in range(1, 41) for line in LINES])  # positioned in the new epoch
+            # The held bytes flow again: the old generation's window is confirmed late, and those confirms must
+            # not be taken for the new events'.
+            broker.resume()
+
+            assert await outbox.wait_idle(30)
+            assert outbox.depth == 0
+            assert outbox.published - published_before == 40 * len(LINES)  # only the new epoch's events count
+            await wait_until(lambda: all(any(e.epoch == new_epoch and e.seq == 40 for e in consumer.events
+                                             if e.line == line) for line in LINES), 15, "new epoch delivered")
+            for line in LINES:
+                _assert_gap_free([e.seq for e in consumer.events if e.line == line and e.epoch == new_epoch], 40)
+        finally:
+            await _stop(drain)
+            await outbox.close()
+            await consumer.close()
+            await broker.stop()
+            await redis_client.aclose()
+            await cleanup(infra, prefix)
+
+    asyncio.run(main())
