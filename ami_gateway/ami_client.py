@@ -68,7 +68,7 @@ AMI_PING_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
 )
 #: Event classes the gateway needs: channels, bridges, dials, parking, transfers (call) and queues (agent).
-DEFAULT_EVENT_MASK = "call,agent"
+DEFAULT_EVENT_MASK = "call,agent,dtmf"  # dtmf only if the user may read it: Asterisk ANDs mask and read
 
 # Event names we count individually; the rest fall into "other" so the label set stays bounded.
 _COUNTED_EVENTS = frozenset(

@@ -87,6 +87,26 @@ channel announced by :meth:`CallTracker.expect_retriever` is never announced as 
 by anyone else, or given up (``ParkedCallGiveUp``), or timed out (``ParkedCallTimeOut``: Asterisk then calls
 the parker back, a new call), a detached call finishes.
 
+Rule 11 - call pickup. Asterisk 12+ carries out a pickup (``Pickup()``, the ``*8``/``**<exten>`` feature codes) by
+answering the picker's channel, giving it the ringing channel's connected line and *moving* it into the ringing
+channel's place (a masquerade that swaps the two channels' Uniqueid and Linkedid): the picker's channel keeps its
+Uniqueid and becomes the dialled party, the ringing channel's Uniqueid is left on a zombie that hangs up with cause
+26 ("Answered elsewhere", set by the pickup so the ringing phone does not count a missed call). Then comes the
+``Pickup`` event (``Channel`` = the picker, ``Target*`` = the ringing channel as it was) and the caller's
+``DialEnd`` ``ANSWER`` naming the picker. The rung line's call therefore finishes, unanswered, with cause 26
+"Answered elsewhere" (on that Hangup, or on ``Pickup`` if it comes first). On ``Pickup`` the picker, when it is a
+line's phone, takes the ringing channel's place in the path (dialled by the same channel, in the same Linkedid):
+its call is announced INCOMING from the original caller, with ``redirecting_number`` = the line it was meant for
+and ``redirection_number`` = the picker's line, and is connected at once (the picker is already answered).
+
+Rule 12 - DTMF. With ``read = dtmf`` Asterisk sends ``DTMFBegin``/``DTMFEnd``. A ``DTMFEnd`` with ``Direction:
+Received`` is a digit a channel's endpoint pressed; each line phone bridged with that channel (of another line)
+gets DTMF_ENTERED with the digit, for its call; a consultation leg (Rule 9) gets the digits its target presses.
+Digits the agent's own phone sends (``Received`` on the phone channel) are not DTMF_ENTERED for that line (they
+are for the party it talks to, if that is a line); ``Sent`` events (Asterisk passing a digit on, or ``PlayDTMF``
+of the ``dtmf`` command) never count, so each press is reported once. ``DTMFBegin`` is ignored: endpoints
+that do not send variable-length DTMF only ever produce ``DTMFEnd``.
+
 Rule 8 - resync. After an AMI (re)connect, ``CoreShowChannel`` and ``QueueMember`` lists are the truth:
 calls whose phone channel is gone are finished, new phone channels are announced as their state says, a
 ringing call found answered gets its COMMUTATION_STARTED, pause states are refreshed.
@@ -138,12 +158,16 @@ _CREATING = frozenset(
         "coreshowchannel",
         "parkedcall",
         "unparkedcall",
+        "pickup",
     }
 )
 _FAILED_DIAL = frozenset({"CANCEL", "NOANSWER", "BUSY", "CONGESTION", "CHANUNAVAIL", "DONTCALL", "TORTURE"})
 _MEMBER_EVENTS = frozenset(
     {"queuememberstatus", "queuememberpause", "queuememberpaused", "queuememberadded", "queuememberremoved"}
 )
+# Q.850 cause 26, AST_CAUSE_ANSWERED_ELSEWHERE: set by Asterisk's pickup on the ringing channel it replaces.
+_ANSWERED_ELSEWHERE = 26
+_DTMF_DIGITS = frozenset("0123456789*#ABCDEabcde")
 _QUEUE_AGENT_EVENTS = frozenset({"agentcalled", "agentconnect", "agentcomplete", "agentringnoanswer", "agentdump"})
 
 
@@ -298,6 +322,9 @@ class CallTracker:
         self._retrievers: OrderedDict[str, tuple[str, str]] = OrderedDict()
         # Calls whose far end is parked (Rule 10), so a Hangup needs no scan of every call.
         self._parked_calls: set[_LineCall] = set()
+        # Rule 11: Uniqueid of a phone channel that hung up "answered elsewhere" -> (who dialled it, Linkedid), so a
+        # Pickup that comes after that Hangup still knows whose place the picker takes.
+        self._answered_elsewhere: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
 
     # ---- queries ---------------------------------------------------------------------------------
 
@@ -596,6 +623,7 @@ class CallTracker:
         out: list[LineEvent],
         dest: _Chan | None = None,
         dial_exten: str = "",
+        redirect: tuple[str, str] = ("", ""),
     ) -> _LineCall:
         assert ch.line is not None
         group = self._groups.setdefault(ch.linkedid, _Group())
@@ -632,6 +660,7 @@ class CallTracker:
             lc.dial_exten = ch.exten
         if dial_exten:
             lc.dial_exten = dial_exten
+        lc.redirecting, lc.redirection = redirect
         lc.call = self._compose(lc)
         ch.call = lc
         group.calls.add(lc)
@@ -865,6 +894,10 @@ class CallTracker:
             return
         cause = _int(msg.get("Cause"))
         cause_text = (msg.get("Cause-txt") or "").strip()
+        if cause == _ANSWERED_ELSEWHERE and ch.line is not None:
+            self._answered_elsewhere[ch.key] = (ch.dialed_by, ch.linkedid)
+            while len(self._answered_elsewhere) > 1000:
+                self._answered_elsewhere.popitem(last=False)
         if ch.call is not None:
             self._phone_gone(ch, ch.call, at, out, cause, cause_text)
         for lc in self._calls_parking(ch):
@@ -1157,6 +1190,72 @@ class CallTracker:
                 return self._chans[key]
         return None
 
+    def _on_pickup(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        """Rule 11: the picker takes the ringing channel's place."""
+        picker = self._snap(msg, "", event)
+        target = self._find(msg, "Target")
+        target_uid = (msg.get("TargetUniqueid") or "").strip()
+        if target is not None:
+            dialer, linkedid = target.dialed_by, target.linkedid
+            target_line = target.line
+            if target.call is not None and target.call.state is CallState.RINGING:
+                self._finish(target.call, at, out, _ANSWERED_ELSEWHERE, "Answered elsewhere")
+                target.done = True
+        else:
+            dialer, linkedid = self._answered_elsewhere.get(target_uid, (None, ""))
+            target_line = self._matcher.line_of_channel((msg.get("TargetChannel") or "").strip())
+        self._answered_elsewhere.pop(target_uid, None)
+        linkedid = linkedid or (msg.get("TargetLinkedid") or "").strip()
+        if picker is None or picker is target or picker.line is None or picker.done:
+            return
+        if picker.call is not None:
+            log.debug("Pickup by %s, which already has call %s: ignored", picker.name, picker.call.id)
+            return
+        if _meaningful(linkedid) and linkedid != picker.linkedid and not picker.children:
+            # After the masquerade the picker carries the ringing channel's Linkedid: the call's id follows it.
+            old = self._groups.get(picker.linkedid)
+            if old is not None:
+                old.chans.discard(picker.key)
+                if not old.chans and not old.calls:
+                    del self._groups[picker.linkedid]
+            picker.linkedid = linkedid
+            self._groups.setdefault(linkedid, _Group()).chans.add(picker.key)
+        parent = self._chans.get(dialer) if dialer is not None else None
+        if parent is not None and parent is not picker and picker.dialed_by is None:
+            picker.dialed_by = parent.key
+            parent.children.add(picker.key)
+        redirect = (target_line, picker.line) if target_line is not None and target_line != picker.line else ("", "")
+        lc = self._announce(picker, _Role.INCOMING, at, out, redirect=redirect)
+        if picker.state == _UP:
+            self._connect(lc, at, out)
+
+    def _on_dtmf(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
+        """Rule 12: a digit pressed on a channel is DTMF_ENTERED for the line phones it talks to."""
+        if event != "dtmfend" or (msg.get("Direction") or "").strip().lower() != "received":
+            return
+        digit = (msg.get("Digit") or "").strip()
+        if len(digit) != 1 or digit not in _DTMF_DIGITS:
+            log.debug("DTMFEnd with digit %r ignored", digit)
+            return
+        ch = self._find(msg, "")
+        if ch is None:
+            return
+        calls: list[_LineCall] = []
+        if ch.consult_of is not None:
+            # The consultation leg's ;1 half receives what the target presses (through its ;2 half).
+            if ch.call is not None:
+                calls.append(ch.call)
+        elif ch.bridge:
+            for key in sorted(self._bridges.get(ch.bridge, ())):
+                m = self._chans.get(key)
+                if m is None or m is ch or m.line is None or m.line == ch.line or m.consult_of is not None:
+                    continue
+                if m.call is not None and m.call.state is not CallState.FINISHED:
+                    calls.append(m.call)
+        for lc in calls:
+            out.append(LineEvent(line=lc.line, type=EventType.DTMF_ENTERED, call=lc.call, digits=digit.upper(),
+                                 ami_received_at=at))
+
     def _on_rename(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         ch = self._find(msg, "")
         new = (msg.get("Newname") or "").strip()
@@ -1390,4 +1489,7 @@ _HANDLERS: dict[str, _Handler] = {
     "unparkedcall": CallTracker._on_unparked_call,
     "parkedcallgiveup": CallTracker._on_unparked_call,
     "parkedcalltimeout": CallTracker._on_unparked_call,
+    "pickup": CallTracker._on_pickup,
+    "dtmfbegin": CallTracker._on_dtmf,
+    "dtmfend": CallTracker._on_dtmf,
 }
