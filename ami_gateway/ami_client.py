@@ -18,9 +18,10 @@ Theory of operation:
   carrying our ActionID. ``send_action(..., until_event="OriginateResponse")`` waits for both, so
   a command learns whether the call really started.
 
-Less work for Asterisk and for us: ``Events:`` at login is an event *mask* (``call,agent`` by
-default), so Asterisk never formats the classes we ignore (``dialplan`` - Newexten and VarSet on
-every dialplan step -, ``reporting`` - RTCP -, ``cdr``, ``cel``, ``dtmf``, ``log``, ``verbose``...).
+Less work for Asterisk and for us: ``Events:`` at login is an event *mask* (``call,agent,dtmf`` by
+default; Asterisk ANDs it with the user's read classes, so a user without ``dtmf`` still works), so
+Asterisk never formats the classes we ignore (``dialplan`` - Newexten and VarSet on every dialplan
+step -, ``reporting`` - RTCP -, ``cdr``, ``cel``, ``log``, ``verbose``...).
 ``event_filters`` adds AMI ``Filter`` actions (``!Event: Foo`` excludes) after login when the
 user has the ``system`` write class; a refused filter is logged and skipped (the mask already did
 the heavy lifting). An ``eventfilter`` line in manager.conf does the same without that permission.
@@ -67,7 +68,8 @@ AMI_PING_SECONDS = Histogram(
     "Round trip of the keepalive Ping",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
 )
-#: Event classes the gateway needs: channels, bridges, dials, parking, transfers (call) and queues (agent).
+#: Event classes the gateway needs: channels, bridges, dials, parking, transfers (call), queues (agent)
+#: and key presses (dtmf, for DTMF_ENTERED; only delivered if the user may read them).
 DEFAULT_EVENT_MASK = "call,agent,dtmf"  # dtmf only if the user may read it: Asterisk ANDs mask and read
 
 # Event names we count individually; the rest fall into "other" so the label set stays bounded.

@@ -9,6 +9,7 @@ by ActionID inside :class:`~ami_gateway.ami_client.AmiSession`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -87,6 +88,10 @@ def explain(action: AmiAction, message: str) -> str:
     return text
 
 
+#: waits before re-sending an action refused because the call's bridge is not formed yet
+_BRIDGE_SETTLE_DELAYS = (0.1, 0.25, 0.5)
+
+
 class CommandExecutor:
     def __init__(
         self,
@@ -143,6 +148,17 @@ class CommandExecutor:
             action.name, action.fields, timeout=action.timeout, until_event=action.until_event
         )
         response = answer[0]
+        for delay in _BRIDGE_SETTLE_DELAYS:
+            # Asterisk reports the answer (DialEnd ANSWER) a few ms before the two channels enter
+            # their bridge; an agent quick enough to consult or transfer in that gap gets "not in
+            # a bridge". Give the bridge a moment instead of failing the agent's click.
+            if _ok(response) or "not in a bridge" not in (response.get("Message") or ""):
+                break
+            await asyncio.sleep(delay)
+            answer = await session.send_action(
+                action.name, action.fields, timeout=action.timeout, until_event=action.until_event
+            )
+            response = answer[0]
         if not _ok(response):
             message = (response.get("Message") or "").strip()
             if message in action.tolerated:
