@@ -1326,30 +1326,28 @@ class AmiSimulator:
         (s.exclude_filters if exclude else s.include_filters).append(pattern)
         s.success(m, "Filter Added Successfully")
 
-    def _act_setvar(self, s: _Session, m: AmiMessage) -> None:
+    def _variable_store(self, s: _Session, m: AmiMessage) -> tuple[str, dict[str, str]] | None:
+        """Setvar/Getvar's common checks: the variable's name and the channel's (or global) store."""
         name = m.get("Variable")
         if not name:
             s.error(m, "No variable specified")
-            return
+            return None
         target = m.get("Channel")
         if target and target not in self.model.channels:
             s.error(m, "No such channel")
-            return
-        store = self.model.variables.setdefault(target, {}) if target else self._globals
-        store[name] = m.get("Value") or ""
-        s.success(m, "Variable Set")
+            return None
+        return name, (self.model.variables.setdefault(target, {}) if target else self._globals)
+
+    def _act_setvar(self, s: _Session, m: AmiMessage) -> None:
+        found = self._variable_store(s, m)
+        if found is not None:
+            found[1][found[0]] = m.get("Value") or ""
+            s.success(m, "Variable Set")
 
     def _act_getvar(self, s: _Session, m: AmiMessage) -> None:
-        name = m.get("Variable")
-        if not name:
-            s.error(m, "No variable specified")
-            return
-        target = m.get("Channel")
-        if target and target not in self.model.channels:
-            s.error(m, "No such channel")
-            return
-        store = self.model.variables.get(target, {}) if target else self._globals
-        s.success(m, None, ("Variable", name), ("Value", store.get(name, "")))
+        found = self._variable_store(s, m)
+        if found is not None:
+            s.success(m, None, ("Variable", found[0]), ("Value", found[1].get(found[0], "")))
 
     def _act_command(self, s: _Session, m: AmiMessage) -> None:
         command = " ".join((m.get("Command") or "").split()).lower()
