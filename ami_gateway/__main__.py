@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.asterisk.url and not settings.asterisk.file_path:
         print("configuration error: Asterisk.url (a PBX) or Asterisk.filePath (a replay) is required", file=sys.stderr)
         return 2
+    for warning in settings.warnings:
+        log.warning("configuration: %s", warning)
     logs.register_secret(settings.asterisk.secret)
     log.info("configuration: %s", settings.asterisk.redacted())
 

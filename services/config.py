@@ -6,7 +6,12 @@ spells it, so an administrator's existing file works unchanged:
 * the block is found under a key named ``Asterisk`` (any case, at any depth), or is the
   whole document when that already holds ``url``/``userName``;
 * key names are matched case-insensitively, as .NET configuration binding does;
-* values may be JSON strings (``"5038"``, ``"true"``) as in CMS's sample, or native JSON.
+* values may be JSON strings (``"5038"``, ``"true"``) as in CMS's sample, or native JSON;
+* ``protocol`` may be written as Creatio's guide writes it, ``SIP/`` or ``PJSIP/``;
+* the .NET Framework CMS's ``Terrasoft.Messaging.Service.exe.config`` works too: the same keys
+  are the attributes of its ``<asterisk .../>`` element;
+* keys we do not use (a real CMS file holds some) are warnings, with the known key suggested
+  when one looks like a typo, never a refusal to start.
 
 Our own settings live beside it in an optional ``Cluster`` block; environment variables
 (``CMS_AMQP_URL``, ``CMS_REDIS_URL``, ``CMS_PREFIX``) override both. Every error names the
@@ -15,9 +20,11 @@ offending key, so a typo fails at start with a message, not at 3 a.m.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +51,7 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key."""
+    """The configuration is invalid; the message names the file, the key and the fix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,39 +106,87 @@ class Settings:
     asterisk: AsteriskConfig
     cluster: ClusterConfig
     source: str = ""
+    #: things worth an administrator's look that do not stop the start (unknown keys, typos)
+    warnings: tuple[str, ...] = ()
+
+
+_GIVE_PATH = "give the path of your CMS appsettings.json or Terrasoft.Messaging.Service.exe.config"
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read a CMS configuration: ``appsettings.json`` (any layout CMS uses) or the .NET Framework
+    service's ``*.exe.config`` XML. Every :class:`ConfigError` starts with the file's name."""
     env = os.environ if env is None else env
     document: Any = {}
     source = ""
+    warnings: list[str] = []
     if path:
         source = str(path)
         try:
             text = Path(path).read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: cannot read: no such file; {_GIVE_PATH}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{source}: cannot read: it is a folder; {_GIVE_PATH}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source}: cannot read: not UTF-8 text; save the file as UTF-8") from None
         except OSError as exc:
-            raise ConfigError(f"cannot read configuration file {source}: {exc.strerror}") from exc
-        try:
-            document = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"{source} is not valid JSON: {exc}") from exc
-        if not isinstance(document, dict):
-            raise ConfigError(f"{source}: the top level must be a JSON object")
-    asterisk_block = _find_block(document, "asterisk") or _bare_asterisk_block(document) or {}
-    cluster_block = _find_block(document, "cluster") or {}
-    asterisk = parse_asterisk(asterisk_block)
-    cluster = parse_cluster(cluster_block, env)
-    return Settings(asterisk=asterisk, cluster=cluster, source=source)
+            raise ConfigError(f"{source}: cannot read the configuration file: {exc.strerror}") from None
+        document = _parse_xml(text, source) if text.lstrip().startswith("<") else _parse_json(text, source)
+    try:
+        asterisk_block = _find_block(document, "asterisk") or _bare_asterisk_block(document) or {}
+        cluster_block = _find_block(document, "cluster") or {}
+        asterisk = parse_asterisk(asterisk_block, warnings=warnings)
+        cluster = parse_cluster(cluster_block, env, warnings=warnings)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+    if source:
+        warnings = [f"{source}: {w}" for w in warnings]
+    return Settings(asterisk=asterisk, cluster=cluster, source=source, warnings=tuple(warnings))
 
 
-def parse_asterisk(block: Mapping[str, Any], where: str = "Asterisk") -> AsteriskConfig:
-    values = _fold_keys(block, where)
-    known = {k.lower(): k for k in ASTERISK_KEYS}
-    unknown = sorted(k for k in values if k not in known)
-    if unknown:
+def _parse_json(text: str, source: str) -> dict[str, Any]:
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(ASTERISK_KEYS)}"
-        )
+            f"{source}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}); fix the file at that line and column"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid JSON (nested too deeply)") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: the top level must be a JSON object {{...}} holding the Asterisk block")
+    return document
+
+
+def _parse_xml(text: str, source: str) -> dict[str, Any]:
+    """The .NET Framework CMS keeps the block as ``<asterisk url=".." port=".." .../>`` somewhere
+    in its ``.exe.config``; our ``<cluster .../>`` element may sit beside it. Entities are not
+    expanded: a configuration file has no use for them and they are the usual XML attack."""
+    if "<!ENTITY" in text or "<!DOCTYPE" in text:
+        raise ConfigError(f"{source}: DOCTYPE/ENTITY declarations are not allowed in the configuration file")
+    try:
+        root = ElementTree.fromstring(text)
+    except ElementTree.ParseError as exc:
+        line, column = exc.position
+        raise ConfigError(f"{source}:{line}:{column + 1}: not well-formed XML; fix the file at that line") from None
+    document: dict[str, Any] = {}
+    for element in root.iter():
+        tag = element.tag.rsplit("}", 1)[-1].lower() if isinstance(element.tag, str) else ""
+        if tag in ("asterisk", "cluster") and tag not in document:
+            document[tag] = dict(element.attrib)
+    if "asterisk" not in document:
+        raise ConfigError(f"{source}: no <asterisk .../> element; add the one from CMS's setup guide")
+    return document
+
+
+def parse_asterisk(
+    block: Mapping[str, Any], where: str = "Asterisk", *, warnings: list[str] | None = None
+) -> AsteriskConfig:
+    """Read CMS's block. Unknown keys go to ``warnings`` when a list is given, else they are errors
+    (callers that build a block themselves want to hear of a typo at once)."""
+    values = _fold_keys(block, where)
+    _unknown_keys(values, ASTERISK_KEYS, where, warnings)
     reader = _Reader(values, where)
     defaults = AsteriskConfig()
     cfg = AsteriskConfig(
@@ -149,7 +204,7 @@ def parse_asterisk(block: Mapping[str, Any], where: str = "Asterisk") -> Asteris
             "sendRingStartedOnRingingState", defaults.send_ring_started_on_ringing_state
         ),
         trace_queues_state=reader.boolean("traceQueuesState", defaults.trace_queues_state),
-        protocol=reader.text("protocol", defaults.protocol),
+        protocol=_channel_technologies(reader.text("protocol", defaults.protocol), where),
         packet_info_config=reader.text("packetInfoConfig", defaults.packet_info_config),
         file_path=reader.text("filePath", defaults.file_path),
         parking_lot_context=reader.text("parkingLotContext", defaults.parking_lot_context),
@@ -159,24 +214,20 @@ def parse_asterisk(block: Mapping[str, Any], where: str = "Asterisk") -> Asteris
             f"{where}.queueExtensionFormat: {cfg.queue_extension_format!r} must contain {{0}} "
             "where the line number goes, e.g. Local/{0}@from-queue/n"
         )
-    techs = [t.strip() for t in cfg.protocol.split(",") if t.strip()]
-    if not techs or any(not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", t) for t in techs):
-        raise ConfigError(f"{where}.protocol: {cfg.protocol!r} must be a channel technology such as SIP or PJSIP")
     if cfg.url and not cfg.file_path and not cfg.user_name:
         raise ConfigError(f"{where}.userName: required when {where}.url names a PBX")
     return cfg
 
 
-def parse_cluster(block: Mapping[str, Any], env: Mapping[str, str], where: str = "Cluster") -> ClusterConfig:
+CLUSTER_KEYS = ("amqpUrl", "redisUrl", "prefix", "historyLength", "commandTtlSeconds")
+
+
+def parse_cluster(
+    block: Mapping[str, Any], env: Mapping[str, str], where: str = "Cluster", *, warnings: list[str] | None = None
+) -> ClusterConfig:
     values = _fold_keys(block, where)
     defaults = ClusterConfig()
-    allowed = {"amqpurl", "redisurl", "prefix", "historylength", "commandttlseconds"}
-    unknown = sorted(k for k in values if k not in allowed)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; expected some of "
-            "amqpUrl, redisUrl, prefix, historyLength, commandTtlSeconds"
-        )
+    _unknown_keys(values, CLUSTER_KEYS, where, warnings)
     for env_name, key in (("CMS_AMQP_URL", "amqpurl"), ("CMS_REDIS_URL", "redisurl"), ("CMS_PREFIX", "prefix")):
         if env.get(env_name):
             values[key] = env[env_name]
@@ -200,6 +251,28 @@ def parse_cluster(block: Mapping[str, Any], env: Mapping[str, str], where: str =
 def redact_url(url: str) -> str:
     """amqp://user:secret@host/ -> amqp://user:***@host/ (for logs)."""
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _channel_technologies(value: str, where: str) -> str:
+    """``SIP``, ``PJSIP``, ``PJSIP/`` (the guide's spelling) or a list ``SIP, PJSIP`` -> ``PJSIP`` / ``SIP,PJSIP``."""
+    techs = [t.strip().removesuffix("/").strip() for t in value.split(",")]
+    techs = [t for t in techs if t]
+    if not techs or any(not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", t) for t in techs):
+        raise ConfigError(
+            f"{where}.protocol: {value!r} is not a channel technology; write SIP/ or PJSIP/ (or SIP, PJSIP)"
+        )
+    return ",".join(techs)
+
+
+def _unknown_keys(values: Mapping[str, Any], known: tuple[str, ...], where: str, warnings: list[str] | None) -> None:
+    by_folded = {k.lower(): k for k in known}
+    for key in sorted(k for k in values if k not in by_folded):
+        close = difflib.get_close_matches(key, list(by_folded), n=1, cutoff=0.75)
+        hint = f"; did you mean {by_folded[close[0]]}?" if close else "; it is ignored"
+        message = f"{where}.{key}: unknown key{hint}"
+        if warnings is None:
+            raise ConfigError(f"{message} (known keys: {', '.join(known)})")
+        warnings.append(message)
 
 
 def _find_block(document: Any, name: str) -> dict[str, Any] | None:

@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    for warning in settings.warnings:
+        log.warning("configuration: %s", warning)
     for secret in (args.key, args.signalr_token_secret):
         logs.register_secret(secret)
     node = Node(

@@ -56,7 +56,8 @@ def test_block_nested_deeper_and_utf8_bom(tmp_path: Path) -> None:
         ({"url": "pbx", "userName": "u", "port": "70000"}, "Asterisk.port"),
         ({"url": "pbx", "userName": "u", "asyncOriginate": "maybe"}, "Asterisk.asyncOriginate"),
         ({"url": "pbx", "userName": "u", "queueExtensionFormat": "Local/305@q"}, "Asterisk.queueExtensionFormat"),
-        ({"url": "pbx", "userName": "u", "protocol": "SIP/"}, "Asterisk.protocol"),
+        ({"url": "pbx", "userName": "u", "protocol": "SIP/x"}, "Asterisk.protocol"),
+        ({"url": "pbx", "userName": "u", "protocol": "/"}, "Asterisk.protocol"),
         ({"url": "pbx"}, "Asterisk.userName"),
         ({"url": "pbx", "userName": "u", "originateContex": "x"}, "originatecontex"),
     ],
@@ -85,5 +86,92 @@ def test_unreadable_or_invalid_file_is_a_clear_error(tmp_path: Path) -> None:
         load_settings(tmp_path / "missing.json", env={})
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ConfigError, match="not valid JSON"):
+    with pytest.raises(ConfigError, match=r"bad.json:1:2: not valid JSON"):
         load_settings(bad, env={})
+    with pytest.raises(ConfigError, match="cannot read: it is a folder"):
+        load_settings(tmp_path, env={})
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00{")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(binary, env={})
+
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "cms"
+
+
+@pytest.mark.parametrize("name", ["guide-appsettings.json", "Terrasoft.Messaging.Service.exe.config"])
+def test_creatio_guide_samples_are_read_unchanged(name: str) -> None:
+    """The setup guide's .NET Core appsettings.json (a flat block, protocol "PJSIP/") and its
+    .NET Framework <asterisk .../> element, exactly as the guide prints them."""
+    settings = load_settings(FIXTURES / name, env={})
+    ast = settings.asterisk
+    assert (ast.url, ast.port, ast.user_name, ast.secret) == ("10.0.15.185", 5038, "creatio", "creatio")
+    assert ast.protocol == "PJSIP" and ast.originate_context == "from-internal"
+    assert ast.auto_pause_on_commutation_start and ast.async_originate and ast.send_ring_started_on_ringing_state
+    assert not ast.trace_queues_state and ast.queue_extension_format == "Local/{0}@from-queue/n"
+    assert ast.file_path == "" and ast.packet_info_config == ""
+    assert settings.warnings == ()
+
+
+def test_the_guides_placeholder_template_names_the_first_value_to_replace() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(FIXTURES / "guide-template-appsettings.json", env={})
+    message = str(caught.value)
+    assert message.startswith(str(FIXTURES / "guide-template-appsettings.json"))
+    assert "Asterisk.port" in message and "Asterisk server port" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("written", "read"), [("SIP", "SIP"), ("SIP/", "SIP"), ("pjsip/", "pjsip"),
+                                               (" PJSIP/ ", "PJSIP"), ("SIP/, PJSIP/", "SIP,PJSIP")])
+def test_protocol_as_the_guide_writes_it(written: str, read: str) -> None:
+    assert parse_asterisk({"url": "pbx", "userName": "u", "protocol": written}).protocol == read
+
+
+def test_unknown_keys_warn_with_a_suggestion_and_do_not_stop_the_start(tmp_path: Path) -> None:
+    document = {
+        "Logging": {"LogLevel": {"Default": "Information"}},
+        "Asterisk": {**CMS_SAMPLE["Asterisk"], "originateContex": "x", "nlogConfig": "nlog.config"},  # type: ignore[dict-item]
+        "Cluster": {"prefx": "p"},
+    }
+    settings = load_settings(write(tmp_path, document), env={})
+    assert settings.asterisk.originate_context == "from-internal"
+    text = "\n".join(settings.warnings)
+    assert "Asterisk.originatecontex: unknown key; did you mean originateContext?" in text
+    assert "Asterisk.nlogconfig: unknown key; it is ignored" in text
+    assert "Cluster.prefx: unknown key; did you mean prefix?" in text
+    assert all(w.startswith(str(tmp_path)) for w in settings.warnings)
+
+
+def test_every_load_error_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, {"Asterisk": {"url": "pbx", "userName": "u", "port": "x"}})
+    with pytest.raises(ConfigError, match=rf"^{path}: Asterisk.port: expected a whole number"):
+        load_settings(path, env={})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("<configuration><asterisk url='pbx' userName='u'", r":1:\d+: not well-formed XML"),
+        ("<configuration><appSettings/></configuration>", "no <asterisk"),
+        ("<!DOCTYPE x [<!ENTITY a 'b'>]><configuration><asterisk url='&a;'/></configuration>", "DOCTYPE"),
+        ("<configuration><asterisk url='pbx' userName='u' port='0'/></configuration>", "Asterisk.port"),
+    ],
+)
+def test_xml_config_errors_are_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "Terrasoft.Messaging.Service.exe.config"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_settings(path, env={})
+    assert "\n" not in str(caught.value) and str(caught.value).startswith(str(path))
+
+
+def test_xml_cluster_element_beside_asterisk(tmp_path: Path) -> None:
+    path = tmp_path / "service.exe.config"
+    path.write_text(
+        "<configuration><asterisk url='pbx' userName='u' protocol='SIP/'/>"
+        "<cluster prefix='prod' redisUrl='redis://r:6379/1'/></configuration>",
+        encoding="utf-8",
+    )
+    settings = load_settings(path, env={})
+    assert settings.cluster.prefix == "prod" and settings.cluster.redis_url == "redis://r:6379/1"
+    assert settings.asterisk.protocol == "SIP"
