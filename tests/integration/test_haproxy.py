@@ -591,6 +591,28 @@ def test_tls_port_terminates_https_and_wss(
     assert request(hap.cluster.ws_port, f"/?key={KEY}")[0] == 200  # plain port still there
 
 
+@pytest.mark.parametrize("port_name", ["ws_port", "wss_port"])
+def test_each_client_port_takes_tls_and_plain(
+    backends: dict[str, Backend], start_haproxy: Any, tmp_path: Path, tls_pem: Path, port_name: str
+) -> None:
+    """Creatio's guide: wss://server:2013 (.NET Framework on HTTPS sites), http(s)://server:2013/2014
+    (.NET Core). Whatever scheme the admin pairs with whichever port, the client gets through, with
+    the scheme and its own address passed on to the node."""
+    hap = start_haproxy(make_cluster(tmp_path, backends, tls_cert=tls_pem, deployment_key=KEY))
+    port = getattr(hap.cluster, port_name)
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "crt.pem"))
+    status, body, _ = request(port, f"/?key={KEY}", tls=ctx)
+    assert status == 200 and isinstance(body, dict) and body["xfp"] == "https"
+    status, body, _ = request(port, f"/?key={KEY}")
+    assert status == 200 and isinstance(body, dict) and body["xfp"] == "http"
+    assert body["xff"] == "127.0.0.1"
+    with websocket(port, f"/?key={KEY}", tls=ctx) as (sock, _):
+        assert roundtrip(sock, b"secure") == b"echo:secure"
+    with websocket(port, f"/?key={KEY}") as (sock, _):
+        assert roundtrip(sock, b"plain") == b"echo:plain"
+    assert request(port, "/", tls=ctx)[0] == 403 and request(port, "/")[0] == 403
+
+
 def test_no_tls_port_without_cert(backends: dict[str, Backend], start_haproxy: Any, tmp_path: Path) -> None:
     hap = start_haproxy(make_cluster(tmp_path, backends))
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", hap.cluster.wss_port)):
@@ -625,11 +647,17 @@ class Hammer(threading.Thread):
                 self.seen.add(str(body["backend"]))
 
 
-@pytest.mark.parametrize("master_worker", [True, False], ids=["master-worker-sigusr2", "standalone-daemon-sf-x"])
+@pytest.mark.parametrize(
+    ("master_worker", "tls"),
+    [(True, False), (False, False), (True, True), (False, True)],
+    ids=["master-worker-sigusr2", "standalone-daemon-sf-x", "master-worker-tls-sniffing", "standalone-tls-sniffing"],
+)
 def test_seamless_reload_adds_a_node_without_errors(
-    master_worker: bool, backends: dict[str, Backend], start_haproxy: Any, tmp_path: Path
+    master_worker: bool, tls: bool, backends: dict[str, Backend], start_haproxy: Any, tmp_path: Path, tls_pem: Path
 ) -> None:
-    full = make_cluster(tmp_path, backends, master_worker=master_worker)
+    # With a certificate the client ports are a TCP sniffer in front of internal sockets; those
+    # must survive a reload as the plain listeners do.
+    full = make_cluster(tmp_path, backends, master_worker=master_worker, tls_cert=tls_pem if tls else None)
     hap = start_haproxy(replace(full, nodes=full.nodes[:1]))
     port = hap.cluster.ws_port
     before = read_pids(full.pidfile)

@@ -97,9 +97,17 @@ def test_tls_frontend_only_with_a_certificate() -> None:
     plain = render_config(BASE)
     assert "2014" not in plain and " ssl " not in plain and "ssl-default-bind" not in plain
     tls = render_config(replace(BASE, tls_cert=Path("/etc/haproxy/cms.pem"), bind="0.0.0.0"))
+    # With a certificate both client ports take TLS and plain alike (the guide names either port
+    # with either scheme); the sniffing frontend hands each kind to the one HTTP frontend.
+    sniff = section(tls, "frontend fe_tls_or_plain")
+    assert "bind 0.0.0.0:2013 name ws" in sniff and "bind 0.0.0.0:2014 name wss" in sniff
+    assert "use_backend be_tls_terminator if { req.ssl_hello_type 1 }" in sniff
     front = section(tls, "frontend fe_clients")
-    assert "bind 0.0.0.0:2013 name ws" in front
-    assert "bind 0.0.0.0:2014 name wss ssl crt /etc/haproxy/cms.pem alpn http/1.1" in front
+    assert "bind abns@cms-2013-tls accept-proxy name tls ssl crt /etc/haproxy/cms.pem alpn http/1.1" in front
+    assert "bind abns@cms-2013-plain accept-proxy name plain" in front
+    assert "0.0.0.0:" not in front
+    assert "server tls abns@cms-2013-tls send-proxy-v2" in section(tls, "backend be_tls_terminator")
+    assert "server plain abns@cms-2013-plain send-proxy-v2" in section(tls, "backend be_plain_http")
     assert "ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets" in section(tls, "global")
 
 
