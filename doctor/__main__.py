@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--public-host", help="host name in Creatio's 'Message exchange server' URL (TLS name check)")
     parser.add_argument("--port", action="append", type=_port_flag, default=[], metavar="[WHAT=][HOST:]PORT",
                         help="another port that must be free here (repeatable)")
+    parser.add_argument("--gateway-metrics-port", type=int, default=9101,
+                        help="the gateway's /metrics port, checked free with the others (default 9101)")
     parser.add_argument("--skip-ports", action="store_true", help="do not check ports (the cluster runs here)")
     parser.add_argument("--listen", type=float, default=5.0, metavar="SECONDS",
                         help="how long to watch AMI events (default 5; longer on an idle PBX)")
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         account = CreatioAccount(args.creatio_url, args.creatio_user, password)
     options = DoctorOptions(
         config=args.config, cluster=args.cluster, tls_cert=args.tls_cert, public_host=args.public_host,
-        ports=list(args.port), check_ports=not args.skip_ports, listen_seconds=max(0.0, args.listen),
+        ports=list(args.port), check_ports=not args.skip_ports,
+        gateway_metrics_port=args.gateway_metrics_port, listen_seconds=max(0.0, args.listen),
         timeout=max(0.5, args.timeout), creatio=account,
     )
 

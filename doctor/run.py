@@ -32,6 +32,7 @@ class DoctorOptions:
     #: extra ports to check, (what, host, port)
     ports: list[tuple[str, str, int]] = field(default_factory=list)
     check_ports: bool = True
+    gateway_metrics_port: int = DEFAULT_GATEWAY_METRICS_PORT
     listen_seconds: float = 5.0
     timeout: float = 5.0
     creatio: CreatioAccount | None = None
@@ -91,7 +92,7 @@ def _ports(options: DoctorOptions, description: ClusterDescription | ClusterConf
         if description.stats_port is not None:
             ports.append(("HAProxy stats", description.stats_bind, description.stats_port))
         ports.extend((f"node {n.name}", n.host, n.port) for n in description.nodes if _local(n.host))
-    ports.append(("gateway /metrics", "127.0.0.1", DEFAULT_GATEWAY_METRICS_PORT))
+    ports.append(("gateway /metrics", "127.0.0.1", options.gateway_metrics_port))
     ports.extend(options.ports)
     seen: set[tuple[str, int]] = set()
     unique = []
