@@ -98,7 +98,7 @@ class Heartbeat:
             await pipe.execute()
 
     async def run(self) -> None:
-        backoff = Backoff(initial=0.5, maximum=self._interval * 2)
+        backoff = Backoff(initial=min(0.5, self._interval), maximum=max(0.5, self._interval) * 2)
         while True:
             try:
                 await self.beat()

@@ -85,8 +85,8 @@ class RateWindow:
         None until two samples at least a few seconds apart exist."""
         usable = [(t, c) for t, c in self._samples if t >= now - window]
         older = [(t, c) for t, c in self._samples if t < now - window]
-        if older:
-            usable.insert(0, older[-1])
+        if older and (not usable or usable[0][0] > now - window):
+            usable.insert(0, older[-1])  # the window starts between two samples: begin at the one before it
         if len(usable) < 2 or usable[-1][0] - usable[0][0] < 2.0:
             return None
         total = 0.0
