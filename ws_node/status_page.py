@@ -103,6 +103,11 @@ class StatusCollector:
         self._clock = clock
         self.rates = RateWindow()
         self._task: asyncio.Task[None] | None = None
+        # Several open pages (and the sampler) share one round of fetches: a fresh answer is reused
+        # for a moment, and a round in flight is awaited rather than started again.
+        self._last: tuple[float, dict[str, Any]] | None = None
+        self._inflight: asyncio.Future[dict[str, Any]] | None = None
+        self.reuse_seconds = 2.0
 
     async def _read_process(
         self, kind: str, pid: str, last_seen: float, record: dict[str, Any] | None
@@ -132,6 +137,13 @@ class StatusCollector:
         return ProcessReading(kind, pid, last_seen, record, health, health_ok, metrics, "; ".join(errors))
 
     async def snapshot(self) -> dict[str, Any]:
+        if self._last is not None and self._clock() - self._last[0] < self.reuse_seconds:
+            return self._last[1]
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.ensure_future(self._collect())
+        return await asyncio.shield(self._inflight)
+
+    async def _collect(self) -> dict[str, Any]:
         now = self._clock()
         redis_state: dict[str, Any]
         try:
@@ -148,8 +160,10 @@ class StatusCollector:
         ))
         self.rates.add(now, counters_of(readings))
         summary = summarize(readings, now, self.rates, redis_state=redis_state)
-        return {"generated_at": now, "served_by": self._node_id, "prefix": self._prefix,
+        data = {"generated_at": now, "served_by": self._node_id, "prefix": self._prefix,
                 **dataclasses.asdict(summary)}
+        self._last = (now, data)
+        return data
 
     async def _sample_forever(self) -> None:
         while True:

@@ -83,7 +83,8 @@ function fillRates(rates) {
   body.replaceChildren();
   for (const r of rates) {
     const row = el("tr", null, { "data-counter": r.counter });
-    if (r.error) row.classList.add("error-row");
+    // An error counter is highlighted only while it is rising.
+    if (r.error && (r.per_minute["5m"] || 0) > 0) row.classList.add("error-row");
     cell(row, "label", r.label);
     cell(row, "counter", r.counter);
     for (const window of ["1m", "5m", "15m"]) cell(row, window, fmt(r.per_minute[window]));
