@@ -108,7 +108,7 @@ class Node:
             open_connections=lambda: len(self.factory.live),
             is_draining=lambda: self.draining,
         )
-        self.status = StatusCollector(self.redis, settings.cluster.prefix, self.node_id)
+        self.status = StatusCollector(self.redis, settings.cluster.prefix, self.node_id, own_record=self._describe)
         self.heartbeat = Heartbeat(self.redis, settings.cluster.prefix, "node", self.node_id, self._describe)
         self._port: Any = None
 

@@ -174,7 +174,10 @@ def summarize(
                 totals["calls_in_progress"] += m.get("cms_calls_in_progress", 0.0)
             summary.gateways.append(gateway)
     active = [g for g in summary.gateways if g["role"] == "active" and g["state"] in ("up", "unhealthy")]
-    if not active:
+    if redis_state.get("state") == "unreachable":
+        summary.warnings.append("Redis unreachable: the other processes cannot be listed (only this node is shown), "
+                                "and call state and history cannot be stored")
+    elif not active:
         summary.warnings.append("no active gateway: no call events reach the agents")
     elif len(active) > 1:
         summary.warnings.append(f"{len(active)} active gateways: each AMI event would be published more than once")

@@ -94,6 +94,7 @@ class StatusCollector:
         fetch_timeout: float = 2.0,
         sample_interval: float = 15.0,
         clock: Callable[[], float] = time.time,
+        own_record: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._redis = redis
         self._prefix = prefix
@@ -101,6 +102,8 @@ class StatusCollector:
         self._fetch_timeout = fetch_timeout
         self._sample_interval = sample_interval
         self._clock = clock
+        #: this node's heartbeat record: the page shows this node even when Redis cannot say who else is there
+        self._own_record = own_record
         self.rates = RateWindow()
         self._task: asyncio.Task[None] | None = None
         # Several open pages (and the sampler) share one round of fetches: a fresh answer is reused
@@ -155,9 +158,10 @@ class StatusCollector:
         except (aioredis.RedisError, OSError) as exc:
             processes = []
             redis_state = {"state": "unreachable", "error": f"{type(exc).__name__}: {exc}"}
-        readings = await asyncio.gather(*(
-            self._read_process(p.kind, p.id, p.last_seen, p.record) for p in processes
-        ))
+        targets = [(p.kind, p.id, p.last_seen, p.record) for p in processes]
+        if self._own_record is not None and not any(p.kind == "node" and p.id == self._node_id for p in processes):
+            targets.append(("node", self._node_id, now, self._own_record()))
+        readings = await asyncio.gather(*(self._read_process(*target) for target in targets))
         self.rates.add(now, counters_of(readings))
         summary = summarize(readings, now, self.rates, redis_state=redis_state)
         data = {"generated_at": now, "served_by": self._node_id, "prefix": self._prefix,
