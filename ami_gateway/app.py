@@ -105,6 +105,7 @@ class Gateway:
         )
         self.observability = ObservabilityServer(metrics_host, metrics_port, self._health)
         self._metrics_host = metrics_host
+        self._metrics_base: str | None = None
         #: when the last AMI event arrived (unix time): the status page shows its age
         self.last_event_at: float | None = None
         self.heartbeat = Heartbeat(
@@ -180,8 +181,10 @@ class Gateway:
 
     def _describe(self) -> dict[str, object]:
         """The gateway's heartbeat record (services/heartbeat.py), read by every node's status page."""
-        host = self._metrics_host if self._metrics_host not in ("", "0.0.0.0", "::") else socket.getfqdn()
-        base = f"http://{f'[{host}]' if ':' in host else host}:{self.observability.port}"
+        if self._metrics_base is None:  # once: getfqdn() may ask DNS, and this runs on the AMI loop
+            host = self._metrics_host if self._metrics_host not in ("", "0.0.0.0", "::") else socket.getfqdn()
+            self._metrics_base = f"http://{f'[{host}]' if ':' in host else host}:{self.observability.port}"
+        base = self._metrics_base
         ast = self.settings.asterisk
         return {
             "metrics_url": f"{base}/metrics", "health_url": f"{base}/health",

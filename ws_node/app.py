@@ -111,12 +111,16 @@ class Node:
         self.status = StatusCollector(self.redis, settings.cluster.prefix, self.node_id, own_record=self._describe)
         self.heartbeat = Heartbeat(self.redis, settings.cluster.prefix, "node", self.node_id, self._describe)
         self._port: Any = None
+        self._advertised: str | None = None
 
     def _base_url(self) -> str:
-        host = self.options.advertise_host or self.options.host
-        if host in ("", "0.0.0.0", "::"):
-            host = socket.getfqdn()
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.listening_port}"
+        # Computed once: getfqdn() may ask DNS, and the heartbeat runs on the reactor's loop.
+        if self._advertised is None:
+            host = self.options.advertise_host or self.options.host
+            if host in ("", "0.0.0.0", "::"):
+                host = socket.getfqdn()
+            self._advertised = f"http://{f'[{host}]' if ':' in host else host}:{self.listening_port}"
+        return self._advertised
 
     def _describe(self) -> dict[str, Any]:
         """This node's heartbeat record (services/heartbeat.py): where its metrics are, and its state."""
