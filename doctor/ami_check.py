@@ -89,10 +89,26 @@ class _Conversation:
                     self.events.append(item)
 
 
+def _check_replay(path: str) -> Result:
+    """``filePath``: the gateway replays this capture instead of talking to a PBX; it must load."""
+    from ami_simulator.scenario import ScenarioError, load_scenario
+
+    name = "Asterisk.filePath replay loads"
+    try:
+        scenario = load_scenario(path)
+    except OSError as exc:
+        return failed(name, f"{path}: {exc.strerror}", "Asterisk.filePath must name a readable AMI capture, "
+                      "or be empty to use the PBX in Asterisk.url")
+    except ScenarioError as exc:
+        return failed(name, f"{path}: {exc}",
+                      "fix the capture at the place named (see ami_simulator/scenarios/README.md)")
+    return passed(name, f"{path}: {len(scenario)} steps (no AMI: the PBX checks are skipped)")
+
+
 async def check_ami(ast: AsteriskConfig, *, listen_seconds: float = 5.0, timeout: float = 5.0) -> list[Result]:
     """Every AMI check, in order; a check that cannot run because an earlier one failed is skipped."""
     if ast.file_path:
-        return [skipped("PBX", f"Asterisk.filePath is set: the gateway replays {ast.file_path}, no AMI")]
+        return [_check_replay(ast.file_path)]
     if not ast.url:
         return [skipped("PBX", "no Asterisk.url: `make run` uses the built-in simulator")]
     where = f"{ast.url}:{ast.port}"

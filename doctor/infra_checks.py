@@ -19,8 +19,9 @@ from aio_pika.exceptions import AMQPError
 from balancer.cluster import ClusterConfigError, ClusterDescription
 from balancer.haproxy_ctl import ConfigCheckError, HAProxyNotFoundError, check_config
 from balancer.render import render_config
-from doctor.report import Result, failed, passed, warned
+from doctor.report import Result, failed, passed, skipped, warned
 from services.config import ClusterConfig, redact_url
+from services.heartbeat import read_registry
 from services.topology import Topology
 
 #: the Redis features the cluster uses: streams (XADD ... MAXLEN) arrived in 5.0
@@ -92,6 +93,29 @@ def _redis_fix(exc: BaseException, url: str) -> str:
                 "`ACL SETUSER USER on >PASSWORD ~PREFIX:* +@all` (PREFIX = Cluster.prefix)")
     return (f"Cluster.redisUrl ({redact_url(url)}) or CMS_REDIS_URL: host and port of Redis (6379); "
             "is redis-server running (`systemctl status redis-server`) and reachable from here?")
+
+
+async def check_namespace(cluster: ClusterConfig, timeout: float = 5.0) -> Result:
+    """Processes already beating under this prefix (services/heartbeat.py): a second cluster started
+    in the same namespace would share queues and publish every AMI event twice."""
+    name = f"namespace {cluster.prefix!r} not used by a running cluster"
+    client = aioredis.from_url(cluster.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        processes = await read_registry(client, cluster.prefix)
+    except (aioredis.RedisError, OSError, TimeoutError) as exc:
+        return skipped(name, f"registry not readable: {type(exc).__name__}")
+    finally:
+        await client.aclose()
+    alive = [p for p in processes if p.record is not None]
+    if not alive:
+        return passed(name, "no gateway or node is registered under it")
+    counts: dict[str, int] = {}
+    for process in alive:
+        counts[process.kind] = counts.get(process.kind, 0) + 1
+    kinds = ", ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in sorted(counts.items()))
+    return warned(name, f"in use now: {kinds} ({', '.join(p.id for p in alive[:4])})",
+                  "if this is that cluster, nothing to do (use --skip-ports on its machines); if it is a new "
+                  "deployment, choose another Cluster.prefix (or CMS_PREFIX)")
 
 
 async def check_redis(cluster: ClusterConfig, timeout: float = 5.0) -> Result:

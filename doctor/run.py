@@ -11,8 +11,8 @@ from pathlib import Path
 from balancer.cluster import ClusterConfigError, ClusterDescription, Node
 from doctor.ami_check import check_ami
 from doctor.creatio_check import CreatioAccount, check_creatio
-from doctor.infra_checks import check_broker, check_haproxy, check_ports, check_redis
-from doctor.report import Result, failed, passed, skipped
+from doctor.infra_checks import check_broker, check_haproxy, check_namespace, check_ports, check_redis
+from doctor.report import Result, Status, failed, passed, skipped
 from doctor.tls_check import check_certificate_file
 from services.config import ConfigError, Settings, load_settings
 
@@ -118,7 +118,10 @@ async def run_checks(options: DoctorOptions, emit: Callable[[Result], None]) -> 
     else:
         add(*await check_ami(settings.asterisk, listen_seconds=options.listen_seconds, timeout=options.timeout))
         add(await check_broker(settings.cluster, options.timeout))
-        add(await check_redis(settings.cluster, options.timeout))
+        redis_result = await check_redis(settings.cluster, options.timeout)
+        add(redis_result)
+        if redis_result.status is Status.PASS:
+            add(await check_namespace(settings.cluster, options.timeout))
     description = _cluster_description(options)
     add(check_haproxy(description))
     if options.check_ports:

@@ -266,3 +266,44 @@ def test_creatio_service_account(tmp_path: Path, cluster_file: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_namespace_in_use_and_replay_file(tmp_path: Path, infra: Infrastructure, prefix: str,
+                                          cluster_file: Path) -> None:
+    """A gateway of a running cluster beats under the prefix: a warning, with the fix. filePath: the
+    capture is loaded instead of the PBX checks (and a missing one fails)."""
+    import redis.asyncio as aioredis
+
+    from services.heartbeat import Heartbeat
+
+    async def register() -> None:
+        client = aioredis.from_url(infra.redis_url)
+        await Heartbeat(client, prefix, "gateway", "running-gw", lambda: {"role": "active"}).beat()
+        await client.aclose()
+
+    asyncio.run(register())
+    capture = ROOT / "ami_simulator" / "scenarios" / "inbound-direct-answered.ami"
+    settings = tmp_path / "appsettings.json"
+    settings.write_text(json.dumps({"Asterisk": {"filePath": str(capture)},
+                                    "Cluster": {"amqpUrl": infra.amqp_url, "redisUrl": infra.redis_url,
+                                                "prefix": prefix}}))
+    code, out, _ = run_doctor("--config", str(settings), "--cluster", str(cluster_file))
+    assert code == 0, out
+    assert "steps" in line_of(out, "[ ok ] Asterisk.filePath replay loads")
+    assert "1 gateway (running-gw)" in line_of(out, f"[warn] namespace '{prefix}' not used by a running cluster")
+    assert "another Cluster.prefix" in out
+
+    settings.write_text(json.dumps({"Asterisk": {"filePath": str(tmp_path / "missing.ami")},
+                                    "Cluster": {"amqpUrl": infra.amqp_url, "redisUrl": infra.redis_url,
+                                                "prefix": prefix}}))
+    code, out, _ = run_doctor("--config", str(settings), "--cluster", str(cluster_file))
+    assert code == 1 and "No such file" in line_of(out, "[FAIL] Asterisk.filePath replay loads"), out
+
+    async def cleanup() -> None:
+        client = aioredis.from_url(infra.redis_url)
+        keys = [k async for k in client.scan_iter(f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+    asyncio.run(cleanup())
