@@ -8,13 +8,17 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?=
 
-.PHONY: run test drill bench setup system-deps browser-deps lint typecheck unit integration e2e clean
+.PHONY: run test doctor drill bench setup system-deps browser-deps lint typecheck unit integration e2e clean
 
 run: setup
 	$(PY) -m local_cluster $(if $(CONFIG),--config $(CONFIG),)
 
 test: setup lint typecheck
 	$(PY) -m pytest -q
+
+# Checks a deployment's settings against the real PBX, broker, Redis, HAProxy, certificate; DOCTOR_ARGS for more.
+doctor: setup
+	$(PY) -m doctor $(if $(CONFIG),--config $(CONFIG),) $(DOCTOR_ARGS)
 
 # Failover drill: 200 simulated Creatio agents, a node SIGKILLed under traffic; DRILL_ARGS for more.
 drill: setup

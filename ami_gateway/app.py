@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 
@@ -37,6 +39,7 @@ from ami_gateway.queue_policy import AutoPausePolicy, PauseRequest, QueueChange,
 from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.backoff import Backoff
 from services.config import Settings, redact_url
+from services.heartbeat import Heartbeat
 from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS
 from services.line_state import LineStateWriter
 from services.observability import ObservabilityServer
@@ -101,6 +104,13 @@ class Gateway:
             on_done=self._command_done,
         )
         self.observability = ObservabilityServer(metrics_host, metrics_port, self._health)
+        self._metrics_host = metrics_host
+        self._metrics_base: str | None = None
+        #: when the last AMI event arrived (unix time): the status page shows its age
+        self.last_event_at: float | None = None
+        self.heartbeat = Heartbeat(
+            self.redis, settings.cluster.prefix, "gateway", f"{socket.gethostname()}-{os.getpid()}", self._describe
+        )
         self.ready = asyncio.Event()
         self.replay_done = asyncio.Event()
         self._resync_buffer: list[tuple[AmiMessage, float]] | None = None
@@ -115,6 +125,7 @@ class Gateway:
         self.sequencer.restart(epoch)
         self._stale_calls = {line: await self.writer.stored_calls(line) for line in await self.writer.known_lines()}
         await self.observability.start()
+        self.heartbeat.start()
         self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
         self._tasks.append(asyncio.create_task(self._consume_commands(), name="commands"))
         self._tasks.append(asyncio.create_task(self._pause_worker(), name="queue-pause"))
@@ -154,6 +165,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.outbox.close()
+        await self.heartbeat.stop()
         await self.observability.stop()
         await self.redis.aclose()
 
@@ -167,6 +179,21 @@ class Gateway:
                 log.warning("Redis unavailable at start (%s); retry in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
 
+    def _describe(self) -> dict[str, object]:
+        """The gateway's heartbeat record (services/heartbeat.py), read by every node's status page."""
+        if self._metrics_base is None:  # once: getfqdn() may ask DNS, and this runs on the AMI loop
+            host = self._metrics_host if self._metrics_host not in ("", "0.0.0.0", "::") else socket.getfqdn()
+            self._metrics_base = f"http://{f'[{host}]' if ':' in host else host}:{self.observability.port}"
+        base = self._metrics_base
+        ast = self.settings.asterisk
+        return {
+            "metrics_url": f"{base}/metrics", "health_url": f"{base}/health",
+            # One gateway holds the AMI session; a standby (if a deployment runs one) reports "standby".
+            "role": "active",
+            "ami_peer": f"replay of {ast.file_path}" if ast.file_path else f"{ast.url}:{ast.port}",
+            "last_ami_event_at": self.last_event_at,
+        }
+
     def _health(self) -> tuple[bool, dict[str, object]]:
         connected = self.ami.ready.is_set() if self.ami is not None else self.ready.is_set()
         return connected, {"ami": "connected" if connected else "down", "outbox": self.outbox.depth}
@@ -177,6 +204,7 @@ class Gateway:
         return self.ami.session if self.ami is not None and self.ami.ready.is_set() else None
 
     def _on_ami_event(self, msg: AmiMessage, received_at: float) -> None:
+        self.last_event_at = received_at
         if self._resync_buffer is not None:
             self._resync_buffer.append((msg, received_at))
             return

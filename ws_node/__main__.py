@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-log-dir", default=_env("CLIENT_LOG_DIR", ""),
                         help="folder where agents' ProcessLogs/SetLogFilePath may write; unset = refused "
                              "[CMS_NODE_CLIENT_LOG_DIR]")
+    parser.add_argument("--admin-token", default=_env("ADMIN_TOKEN"),
+                        help="token the /status page requires (?token= or Authorization: Bearer); unset: the "
+                             "deployment key guards it [CMS_NODE_ADMIN_TOKEN]")
+    parser.add_argument("--advertise-host", default=_env("ADVERTISE_HOST"),
+                        help="name or address other nodes reach this one by, for the status page "
+                             "(default: --host) [CMS_NODE_ADVERTISE_HOST]")
     parser.add_argument("--log-json", action="store_true", default=_env("LOG_JSON") in ("1", "true", "yes"))
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return parser
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for warning in settings.warnings:
         log.warning("configuration: %s", warning)
-    for secret in (args.key, args.signalr_token_secret):
+    for secret in (args.key, args.signalr_token_secret, args.admin_token):
         logs.register_secret(secret)
     node = Node(
         settings,
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             signalr_token_secret=args.signalr_token_secret, signalr_token_lifetime=args.signalr_token_lifetime,
             signalr_ping_interval=args.signalr_ping_interval, signalr_client_timeout=args.signalr_client_timeout,
             max_backlog_frames=args.max_backlog_frames, drain_seconds=args.drain_seconds,
-            client_log_dir=args.client_log_dir,
+            client_log_dir=args.client_log_dir, admin_token=args.admin_token, advertise_host=args.advertise_host,
         ),
     )
     stopping = False

@@ -10,6 +10,7 @@ frame. Then the node waits, up to ``drain_seconds``, for the close handshakes, a
 from __future__ import annotations
 
 import logging
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Gauge
 
 from services.config import Settings, redact_url
+from services.heartbeat import Heartbeat
 from services.topology import Topology
 from ws_node.admission import AdmissionPolicy
 from ws_node.agent_connection import ConnectionHub
@@ -26,6 +28,7 @@ from ws_node.agent_session import SessionOptions
 from ws_node.client_logs import ClientLogStore
 from ws_node.line_feed import LineFeed
 from ws_node.signalr_token import ConnectionTokens, derive_secret
+from ws_node.status_page import StatusCollector, StatusPageResource
 from ws_node.web import NegotiateResource, build_site
 from ws_node.websocket import AgentServerFactory
 
@@ -49,11 +52,17 @@ class NodeOptions:
     drain_seconds: float = 3.0
     #: folder for agents' ProcessLogs/SetLogFilePath; empty = those commands are refused
     client_log_dir: str = ""
+    #: /status needs this token when set (else the deployment key, when set)
+    admin_token: str = ""
+    #: the name other nodes reach this node's /metrics and /health by (default: host, or this
+    #: machine's name when listening on every address)
+    advertise_host: str = ""
 
     def __repr__(self) -> str:  # the token secret never reaches a log through a repr
         return (
             f"NodeOptions(host={self.host!r}, port={self.port}, node_id={self.node_id!r}, "
-            f"admission={self.admission!r}, token_secret={'set' if self.signalr_token_secret else 'derived'})"
+            f"admission={self.admission!r}, token_secret={'set' if self.signalr_token_secret else 'derived'}, "
+            f"admin_token={'set' if self.admin_token else 'none'})"
         )
 
 
@@ -99,7 +108,25 @@ class Node:
             open_connections=lambda: len(self.factory.live),
             is_draining=lambda: self.draining,
         )
+        self.status = StatusCollector(self.redis, settings.cluster.prefix, self.node_id, own_record=self._describe)
+        self.heartbeat = Heartbeat(self.redis, settings.cluster.prefix, "node", self.node_id, self._describe)
         self._port: Any = None
+        self._advertised: str | None = None
+
+    def _base_url(self) -> str:
+        # Computed once: getfqdn() may ask DNS, and the heartbeat runs on the reactor's loop.
+        if self._advertised is None:
+            host = self.options.advertise_host or self.options.host
+            if host in ("", "0.0.0.0", "::"):
+                host = socket.getfqdn()
+            self._advertised = f"http://{f'[{host}]' if ':' in host else host}:{self.listening_port}"
+        return self._advertised
+
+    def _describe(self) -> dict[str, Any]:
+        """This node's heartbeat record (services/heartbeat.py): where its metrics are, and its state."""
+        base = self._base_url()
+        return {"metrics_url": f"{base}/metrics", "health_url": f"{base}/health", "status_url": f"{base}/status",
+                "draining": self.draining}
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         ok = self.feed.connected.is_set() and not self.draining
@@ -118,9 +145,12 @@ class Node:
         reactor: Any = _reactor
 
         await self.feed.start()
-        site = build_site(self.factory, self.health, self.negotiate)
+        status = StatusPageResource(self.status, self.options.admin_token, self.options.admission.deployment_key)
+        site = build_site(self.factory, self.health, self.negotiate, status=status)
         self._port = reactor.listenTCP(self.options.port, site, interface=self.options.host)
         self.factory.start_sweeping()
+        self.heartbeat.start()
+        self.status.start()
         log.info(
             "node %s listening on %s:%d (broker %s)",
             self.node_id, self.options.host, self.listening_port, redact_url(self.settings.cluster.amqp_url),
@@ -138,6 +168,8 @@ class Node:
         self.factory.close_unattached(1001, "node restarting, reconnect")
         await self.factory.wait_until_empty(max(0.5, self.options.drain_seconds))
         self.factory.stop_sweeping()
+        await self.status.stop()
+        await self.heartbeat.stop()
         if self._port is not None:
             await self._port.stopListening()
         await self.feed.stop()

@@ -1,7 +1,7 @@
 """HTTP side of a node, on the same port as the agent WebSocket.
 
 * ``/health`` (for HAProxy), ``/metrics`` (for Prometheus), ``/console`` and ``/static`` (the agent
-  console page).
+  console page), ``/status`` (the operator's cluster status page, ``status_page.py``).
 * Every other path is the agent endpoint, because Creatio's client takes the server URL
   verbatim and builds the rest from it: ``ws://host:2013`` opens a raw WebSocket at ``/``;
   ``http://host:2013[/any/hub/path]`` makes Microsoft's SignalR client ``POST
@@ -191,6 +191,7 @@ def build_site(
     negotiate: NegotiateResource,
     *,
     idle_timeout: float = 30.0,
+    status: Resource | None = None,
 ) -> Site:
     root = RootResource(AgentEndpoint(WebSocketResource(ws_factory), negotiate))
     children: dict[bytes, Any] = {
@@ -200,6 +201,8 @@ def build_site(
     if STATIC_DIR.is_dir():
         children[b"console"] = File(str(STATIC_DIR / "console.html"), defaultType="text/html")
         children[b"static"] = File(str(STATIC_DIR))
+    if status is not None:  # the operator's status page (ws_node/status_page.py)
+        children[b"status"] = status
     for path, resource in children.items():
         root.putChild(path, resource)
     # Idle HTTP connections (not upgraded sockets: those clear the timer) are closed after this.
