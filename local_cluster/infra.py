@@ -1,6 +1,7 @@
 """RabbitMQ and Redis for a local run: reuse the ones listening on the default ports, or start
 private instances (on free ports, data under a run directory) and stop them afterwards.
-The machine's own services are never stopped or reconfigured."""
+The machine's own services are never stopped or reconfigured. Like every child of the launcher,
+the private servers are armed to die with the process that started them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from local_cluster.spawn import spawn
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -41,13 +45,22 @@ class Infrastructure:
         self.amqp_url = DEFAULT_AMQP_URL
         self.redis_url = DEFAULT_REDIS_URL
         self._processes: list[subprocess.Popen[bytes]] = []
+        self._names: list[str] = []
+        self._abort: Callable[[], bool] = lambda: False
 
-    def start(self, timeout: float = 90.0) -> None:
+    def start(self, timeout: float = 90.0, abort: Callable[[], bool] | None = None) -> None:
+        """``abort`` is polled while waiting for a private server: true stops the wait with an error."""
+        if abort is not None:
+            self._abort = abort
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not port_open(6379):
             self.redis_url = self._start_redis()
         if not port_open(5672):
             self.amqp_url = self._start_rabbitmq(timeout)
+
+    def pids(self) -> dict[str, int]:
+        """The private servers this instance started, by name."""
+        return {name: p.pid for name, p in zip(self._names, self._processes, strict=True) if p.poll() is None}
 
     def _start_redis(self) -> str:
         server = shutil.which("redis-server")
@@ -87,16 +100,16 @@ class Infrastructure:
         return f"amqp://guest:guest@127.0.0.1:{port}/"
 
     def _spawn(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        with open(log_path, "ab") as out:
-            self._processes.append(
-                subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            )
+        self._processes.append(spawn(args, log_path, env=env))
+        self._names.append("private-" + Path(args[0]).name)
 
     def _wait(self, port: int, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if port_open(port):
                 return
+            if self._abort():
+                raise InfrastructureError(f"stop requested while waiting for the private {what}")
             if any(p.poll() is not None for p in self._processes):
                 raise InfrastructureError(f"private {what} exited at start; see {self.run_dir}")
             time.sleep(0.2)
@@ -114,3 +127,4 @@ class Infrastructure:
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=5)
         self._processes.clear()
+        self._names.clear()
