@@ -63,6 +63,12 @@ class StopFlag:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signals += 1
 
+    def close(self) -> None:
+        """Tests only: the launcher keeps its flag until it exits."""
+        signal.set_wakeup_fd(-1)
+        self._reader.close()
+        self._writer.close()
+
     def is_set(self) -> bool:
         return self.signals > 0
 
