@@ -3,6 +3,8 @@
 # HAProxy and Node.js always; Redis and RabbitMQ servers only when none is listening on the default port
 # (a machine that already runs them keeps its own). Debian/Ubuntu (apt) only.
 set -euo pipefail
+# shellcheck source=scripts/apt-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt-lib.sh"
 
 need=()
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
@@ -27,6 +29,4 @@ fi
 echo "setup: installing ${need[*]} from the OS packages"
 # Do not let the packages' init scripts start system-wide services: the cluster starts private
 # instances when none is listening, and never touches a machine's own services.
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+apt_install setup "$sudo" "${need[@]}" >/dev/null
