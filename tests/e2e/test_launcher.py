@@ -493,3 +493,24 @@ def test_a_port_taken_is_named_with_the_way_to_choose_another(tmp_path: Path, in
     assert f"port {port} (HAProxy client port) is taken" in result.stderr, result.stderr
     assert "--port N" in result.stderr and "CMS_RUN_PORT=N" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_gateway_gets_its_own_metrics_port_and_is_supervised(launch: Callable[..., Launch]) -> None:
+    """``--gateways 2`` (the default once the gateway's Redis lease is in): each gateway has its
+    own /metrics and /health, each is restarted when it dies. Which one is active is the
+    gateways' business, not the launcher's."""
+    one = launch("--gateways", "2")
+    one.wait_up()
+    ports = {one.port("gateway metrics"), one.port("gateway2 metrics")}
+    assert len(ports) == 2
+    for port in ports:
+        assert http_get(f"http://127.0.0.1:{port}/health")[0] == 200
+    old = one.pids["gateway2"]
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: "gateway2 is back" in one.err, 60, "gateway2 to be back")
+    now = one.current_pids()
+    assert now["gateway"] == one.pids["gateway"]
+    assert now["gateway2"] != old
+    os.killpg(one.process.pid, signal.SIGTERM)
+    assert one.finish(timeout=30) == 0
+    assert_all_gone(now, list(ports), timeout=5)
