@@ -122,8 +122,6 @@ class ClusterOptions:
     #: delete the namespace's Redis keys and broker objects at stop: for test runs only, never
     #: for an operator's deployment (its prefix holds the lines' state and history)
     cleanup_namespace: bool = False
-    #: how each port was chosen, for the "port taken" message: port -> (flag, environment variable)
-    port_sources: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @classmethod
     def ephemeral(cls, run_dir: Path, **overrides: Any) -> ClusterOptions:
@@ -243,26 +241,22 @@ class LocalCluster:
 
     def planned_ports(self) -> list[PortUse]:
         """Every port this run listens on, with the flag and variable that choose it."""
-        def use(port: int, what: str, key: str, flag: str, env: str) -> PortUse:
-            flag, env = self.options.port_sources.get(key, (flag, env))
-            return PortUse(port, what, flag, env)
-
         ports = [
-            use(self.options.haproxy_port, "HAProxy client port", "port", "--port", "CMS_RUN_PORT"),
-            use(self.options.stats_port, "HAProxy stats/metrics port", "stats", "--stats-port", "CMS_RUN_STATS_PORT"),
+            PortUse(self.options.haproxy_port, "HAProxy client port", "--port", "CMS_RUN_PORT"),
+            PortUse(self.options.stats_port, "HAProxy stats/metrics port", "--stats-port", "CMS_RUN_STATS_PORT"),
         ]
         for i, port in enumerate(self.node_ports):
-            ports.append(use(port, f"node{i + 1} port", "node", "--node-port", "CMS_RUN_NODE_PORT"))
+            ports.append(PortUse(port, f"node{i + 1} port", "--node-port", "CMS_RUN_NODE_PORT"))
         for name, port in zip(self.gateway_names, self.gateway_ports, strict=True):
-            ports.append(use(port, f"{name} metrics port", "gateway", "--gateway-metrics-port",
-                             "CMS_RUN_GATEWAY_METRICS_PORT"))
+            ports.append(PortUse(port, f"{name} metrics port", "--gateway-metrics-port",
+                                 "CMS_RUN_GATEWAY_METRICS_PORT"))
         if self.options.launcher_metrics_port:
-            ports.append(use(self.options.launcher_metrics_port, "launcher metrics port", "metrics",
-                             "--metrics-port", "CMS_RUN_METRICS_PORT"))
+            ports.append(PortUse(self.options.launcher_metrics_port, "launcher metrics port", "--metrics-port",
+                                 "CMS_RUN_METRICS_PORT"))
         if self.uses_simulator:
-            ports.append(use(self.options.ami_port, "simulator AMI port", "ami", "--ami-port", "CMS_RUN_AMI_PORT"))
-            ports.append(use(self.options.simulator_control_port, "simulator control port", "control",
-                             "--simulator-control-port", "CMS_RUN_SIMULATOR_CONTROL_PORT"))
+            ports.append(PortUse(self.options.ami_port, "simulator AMI port", "--ami-port", "CMS_RUN_AMI_PORT"))
+            ports.append(PortUse(self.options.simulator_control_port, "simulator control port",
+                                 "--simulator-control-port", "CMS_RUN_SIMULATOR_CONTROL_PORT"))
         return ports
 
     def check_ports(self) -> None:
@@ -425,6 +419,8 @@ class LocalCluster:
             dead = [c for c in self.children if not c.alive()]
             if dead:
                 tail = dead[0].log_path.read_text(errors="replace")[-3000:]
+                if dead[0].name in self.gateway_names and "login refused" in tail:
+                    raise LaunchError(self._login_refused_text())
                 raise LaunchError(f"{dead[0].name} exited while waiting for {what}:\n{tail}")
             if ready():
                 return
@@ -449,23 +445,30 @@ class LocalCluster:
         if status != 200:
             return
         counts = {reason: float(value) for reason, value in _AMI_DISCONNECTS.findall(body.decode(errors="replace"))}
-        pbx = self.pbx or AsteriskConfig(url="127.0.0.1", port=self.options.ami_port, user_name="cms")
+        pbx = self._pbx()
         where = f"{pbx.url}:{pbx.port}"
         source = self.options.config or "the simulator settings"
         if counts.get("auth", 0) > 0:
-            hint = "Asterisk.secret is empty" if not pbx.secret else "userName/secret do not match"
-            raise LaunchError(
-                f"the PBX at {where} refused the AMI login of user {pbx.user_name!r} ({hint} in {source}); "
-                f"in /etc/asterisk/manager.conf the [{pbx.user_name}] section needs the same secret, "
-                "a permit= that allows this host, read = call,agent and write = call,agent,originate; "
-                "then run `asterisk -rx \"manager reload\"`"
-            )
+            raise LaunchError(self._login_refused_text())
         if counts.get("connect", 0) >= 3:
             raise LaunchError(
                 f"the PBX's AMI at {where} does not answer ({int(counts['connect'])} tries; "
                 f"Asterisk.url/port in {source}); check the host and port, and that manager.conf has "
                 "enabled = yes and a bindaddr/port reachable from here"
             )
+
+    def _pbx(self) -> AsteriskConfig:
+        return self.pbx or AsteriskConfig(url="127.0.0.1", port=self.options.ami_port, user_name="cms")
+
+    def _login_refused_text(self) -> str:
+        pbx = self._pbx()
+        hint = "Asterisk.secret is empty" if not pbx.secret else "userName/secret do not match"
+        return (
+            f"the PBX at {pbx.url}:{pbx.port} refused the AMI login of user {pbx.user_name!r} ({hint} in "
+            f"{self.options.config or 'the simulator settings'}); in /etc/asterisk/manager.conf the "
+            f"[{pbx.user_name}] section needs the same secret, a permit= that allows this host, "
+            "read = call,agent and write = call,agent,originate; then run `asterisk -rx \"manager reload\"`"
+        )
 
     def _node_ready(self, port: int) -> bool:
         return self._healthy(port)
