@@ -139,11 +139,12 @@ class ClusterOptions:
             demo=False,
             cleanup_namespace=True,
         )
-        options.gateway_metrics_ports = (options.gateway_metrics_port,) + tuple(
-            free_port() for _ in range(gateways - 1)
-        )
         for key, value in overrides.items():
             setattr(options, key, value)
+        if "gateway_metrics_ports" not in overrides:
+            options.gateway_metrics_ports = (options.gateway_metrics_port,) + tuple(
+                free_port() for _ in range(gateways - 1)
+            )
         return options
 
 
@@ -335,8 +336,7 @@ class LocalCluster:
                 loaded = json.loads(self.options.config.read_text(encoding="utf-8-sig"))
                 if isinstance(loaded, dict):
                     document = loaded
-            for key in [k for k in document if k.lower() in ("asterisk", "cluster")]:
-                del document[key]
+            _drop_blocks(document, ("asterisk", "cluster"))
         document["Asterisk"] = {
             "url": "127.0.0.1",
             "port": str(self.options.ami_port),
@@ -633,6 +633,16 @@ class LocalCluster:
             asyncio.run(_delete_broker_objects(self.amqp_url, self.prefix))
         except Exception as exc:
             log.warning("could not clean RabbitMQ namespace %s: %s", self.prefix, exc)
+
+
+def _drop_blocks(document: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Remove every block with one of these names (any case, any depth): the config loader finds
+    a block wherever it is, so a nested one would win over the one we put at the top."""
+    for key in list(document):
+        if key.lower() in names:
+            del document[key]
+        elif isinstance(document[key], dict):
+            _drop_blocks(document[key], names)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -452,11 +452,15 @@ def test_a_pbx_that_does_not_answer_is_named(launch: Callable[..., Launch], tmp_
 def test_the_cluster_block_is_honoured(launch: Callable[..., Launch], infra: Infrastructure, tmp_path: Path) -> None:
     """Prefix and URLs from the admin's file (the CMS_* variables are not set here)."""
     prefix = f"t{uuid.uuid4().hex[:10]}"
-    path = _write(tmp_path, json.dumps({"Cluster": {"prefix": prefix, "amqpUrl": infra.amqp_url,
+    # No PBX named (an empty url in a nested block, as a CMS file may have): the simulator plays it.
+    path = _write(tmp_path, json.dumps({"Messaging": {"Asterisk": {"url": "", "originateContext": "from-internal"}},
+                                        "Cluster": {"prefix": prefix, "amqpUrl": infra.amqp_url,
                                                     "redisUrl": infra.redis_url}}))
     one = launch("--config", str(path), prefix=prefix, cluster_from_env=False)
     one.wait_up()
     assert f"namespace '{prefix}'" in one.out
+    assert "built-in Asterisk simulator" in one.out
+    assert http_get(f"http://127.0.0.1:{one.port('gateway metrics')}/health")[0] == 200
     assert (one.run_dir / f"{prefix}-gateway.log").exists()
     client = redis.Redis.from_url(infra.redis_url)
     wait_until(lambda: bool(list(client.scan_iter(f"{prefix}:*", count=1000))), 20,
