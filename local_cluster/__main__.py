@@ -182,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     supervisor = Supervisor(cluster)
     from prometheus_client import start_http_server
 
-    server, _thread = start_http_server(args.metrics_port, addr="127.0.0.1", registry=supervisor.registry)
+    try:
+        server, _thread = start_http_server(args.metrics_port, addr="127.0.0.1", registry=supervisor.registry)
+    except OSError as exc:  # checked free a moment ago; taken since: serve on, without our own metrics
+        log.error("launcher metrics not served: port %d: %s", args.metrics_port, exc.strerror)
+        server = None
     demo = f", demo traffic on lines {options.demo_lines}" if options.demo else ""
     pbx = (f"built-in Asterisk simulator{demo}"
            if cluster.uses_simulator else f"PBX from {args.config}")
@@ -199,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         print("stopping...", flush=True)
         cluster.stop()
-        server.shutdown()
+        if server is not None:
+            server.shutdown()
         print("stopped", flush=True)
     return 0
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from balancer.cluster import ClusterDescription, Node
-from balancer.haproxy_ctl import check_config, find_haproxy
+from balancer.cluster import ClusterConfigError, ClusterDescription, Node
+from balancer.haproxy_ctl import ConfigCheckError, check_config, find_haproxy
 from balancer.render import render_config
 from local_cluster.infra import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, Infrastructure, free_port, port_open
 from local_cluster.spawn import spawn
@@ -368,7 +368,22 @@ class LocalCluster:
         self._spawn("simulator", args)
 
     def _start_haproxy(self) -> None:
-        description = ClusterDescription(
+        try:
+            description = self._balancer_description()
+        except ClusterConfigError as exc:
+            option = "--key (CMS_RUN_KEY)" if exc.key == "deployment_key" else exc.key
+            raise LaunchError(f"{option}: {exc.problem}") from None
+        # It holds the deployment key: readable by us only, and gone when the run stops.
+        _write_private(self.haproxy_config, render_config(description))
+        self._generated += [self.haproxy_config, description.runtime_socket, description.pidfile]
+        try:
+            check_config(self.haproxy_config)
+        except ConfigCheckError as exc:
+            raise LaunchError(f"HAProxy refused the configuration {self.haproxy_config}: {exc}") from None
+        self._spawn("haproxy", [find_haproxy(), "-db", "-f", str(self.haproxy_config)])
+
+    def _balancer_description(self) -> ClusterDescription:
+        return ClusterDescription(
             nodes=tuple(Node(name=f"node{i + 1}", host="127.0.0.1", port=p) for i, p in enumerate(self.node_ports)),
             bind="127.0.0.1",
             ws_port=self.options.haproxy_port,
@@ -381,11 +396,6 @@ class LocalCluster:
             master_worker=False,
             maxconn=_haproxy_maxconn(),
         )
-        # It holds the deployment key: readable by us only, and gone when the run stops.
-        _write_private(self.haproxy_config, render_config(description))
-        self._generated += [self.haproxy_config, description.runtime_socket, description.pidfile]
-        check_config(self.haproxy_config)
-        self._spawn("haproxy", [find_haproxy(), "-db", "-f", str(self.haproxy_config)])
 
     def _child_env(self, env: dict[str, str] | None) -> dict[str, str]:
         full_env = {**os.environ, **self.options.extra_env, **(env or {})}

@@ -189,17 +189,30 @@ def served_ports(one: Launch) -> list[int]:
 # ---- issue 10 item 5: stopping never hangs and never leaves an orphan --------------------------
 
 def test_two_sigterms_to_the_process_group_stop_everything_within_the_deadline(launch: Callable[..., Launch]) -> None:
-    one = launch()
+    """As the issue saw it: the PBX playing calls, an agent connected, a key configured."""
+    one = launch("--demo-lines", "305", "--key", "k3y-of-this-deployment")
     one.wait_up()
     ports = served_ports(one)
     config = one.run_dir / f"haproxy-{one.prefix}.cfg"
     # It holds the deployment key: owner-only while it exists...
     assert config.stat().st_mode & 0o777 == 0o600
-    # ...as a supervisor or test harness stops make: the group gets it, then again a moment later.
-    os.killpg(one.process.pid, signal.SIGTERM)
-    time.sleep(0.05)
-    os.killpg(one.process.pid, signal.SIGTERM)
-    code = one.finish(timeout=30)
+    assert "k3y-of-this-deployment" in config.read_text()
+
+    async def stop_with_an_agent_connected() -> int:
+        agent = CreatioAgent(one.url("client, Creatio 7.x (raw WebSocket)"), "305")
+        await agent.connect()
+        try:
+            await agent.open()
+            await agent.wait_for(RING_STARTED, timeout=30)  # a demo call is on
+            # ...as a supervisor or test harness stops make: the group gets it, then again a moment later.
+            os.killpg(one.process.pid, signal.SIGTERM)
+            await asyncio.sleep(0.05)
+            os.killpg(one.process.pid, signal.SIGTERM)
+            return await asyncio.to_thread(one.finish, 30)
+        finally:
+            await agent.close()
+
+    code = asyncio.run(stop_with_an_agent_connected())
     assert code == 0, one.err
     assert_all_gone(one.pids, ports, timeout=5)
     # ...and gone with the run, like every generated file.
@@ -233,6 +246,37 @@ def test_sigkill_of_the_launcher_takes_every_child_with_it(launch: Callable[...,
     os.kill(one.process.pid, signal.SIGKILL)
     one.finish(timeout=10)
     assert_all_gone(one.pids, ports, timeout=10)
+
+
+def test_a_run_after_a_killed_one_starts_over_its_leftovers(launch: Callable[..., Launch]) -> None:
+    """The life of a deployment: the launcher SIGKILLed leaves its generated files and the
+    namespace's state in Redis; the next `make run` on the same prefix and folder starts over them."""
+    first = launch()
+    first.wait_up()
+    os.kill(first.process.pid, signal.SIGKILL)
+    first.finish(timeout=10)
+    assert_all_gone(first.pids, [], timeout=10)
+    leftovers = first.run_dir / f"{first.prefix}-processes.json"
+    assert leftovers.exists()
+
+    again = launch("--run-dir", str(first.run_dir), prefix=first.prefix)
+    again.run_dir = first.run_dir
+    again.wait_up()
+    assert again.pids != first.pids
+    assert (first.run_dir / f"haproxy-{first.prefix}.cfg").stat().st_mode & 0o777 == 0o600
+
+    async def agent_opens() -> None:
+        agent = CreatioAgent(again.url("client, Creatio 7.x (raw WebSocket)"), "311")
+        await agent.connect()
+        try:
+            await agent.open()
+        finally:
+            await agent.close()
+
+    asyncio.run(agent_opens())
+    os.killpg(again.process.pid, signal.SIGTERM)
+    assert again.finish(timeout=30) == 0
+    assert not leftovers.exists()
 
 
 def test_sigterm_while_starting_stops_what_was_started(launch: Callable[..., Launch]) -> None:
@@ -396,6 +440,14 @@ def test_a_bad_config_is_one_clear_line_and_a_non_zero_exit(
     lines = [line for line in one.err.splitlines() if line.strip()]
     assert 1 <= len(lines) <= 2, one.err
     assert re.search(expected, one.err), one.err
+
+
+def test_a_bad_deployment_key_is_one_clear_line(launch: Callable[..., Launch]) -> None:
+    one = launch("--key", "short")
+    assert one.finish(timeout=30) != 0
+    assert "Traceback" not in one.err
+    assert re.search(r"--key \(CMS_RUN_KEY\): expected 16-256 characters", one.err), one.err
+    assert len(one.err.strip().splitlines()) <= 2, one.err
 
 
 def test_make_run_with_a_missing_config_says_so(launch: Callable[..., Launch], tmp_path: Path) -> None:
