@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
+from wsgiref.simple_server import WSGIServer
 
 from local_cluster.infra import free_port
 from local_cluster.launcher import (
@@ -144,6 +145,17 @@ def config_error_text(exc: ConfigError, path: Path | None) -> str:
     return f"configuration error: {text}"
 
 
+def _serve_metrics(supervisor: Supervisor, port: int) -> WSGIServer | None:
+    from prometheus_client import start_http_server
+
+    try:
+        server, _thread = start_http_server(port, addr="127.0.0.1", registry=supervisor.registry)
+    except OSError as exc:  # checked free a moment ago, taken since: serve on without our own metrics
+        log.error("launcher metrics not served: port %d: %s", port, exc.strerror)
+        return None
+    return server
+
+
 def main(argv: list[str] | None = None) -> int:
     env = os.environ
     args = parse_args(argv, env)
@@ -179,24 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         print(f"cluster did not start: {exc}", file=sys.stderr)
         return 1
-    supervisor = Supervisor(cluster)
-    from prometheus_client import start_http_server
-
+    # From here on, whatever happens (even a bug, or stdout gone), the children are stopped.
+    server = None
     try:
-        server, _thread = start_http_server(args.metrics_port, addr="127.0.0.1", registry=supervisor.registry)
-    except OSError as exc:  # checked free a moment ago; taken since: serve on, without our own metrics
-        log.error("launcher metrics not served: port %d: %s", args.metrics_port, exc.strerror)
-        server = None
-    demo = f", demo traffic on lines {options.demo_lines}" if options.demo else ""
-    pbx = (f"built-in Asterisk simulator{demo}"
-           if cluster.uses_simulator else f"PBX from {args.config}")
-    print(f"\ncluster up in {time.monotonic() - started:.1f}s ({pbx}; namespace {cluster.prefix!r})")
-    for name, url in cluster.urls().items():
-        print(f"  {name:<45} {url}")
-    print(f"  {'launcher metrics (restarts per process)':<45} http://127.0.0.1:{args.metrics_port}/metrics")
-    print(f"  logs: {cluster.run_dir}/{cluster.prefix}-*.log; processes: {cluster.processes_path}")
-    print("A process that dies is restarted; Ctrl-C stops everything.", flush=True)
-    try:
+        supervisor = Supervisor(cluster)
+        server = _serve_metrics(supervisor, args.metrics_port)
+        demo = f", demo traffic on lines {options.demo_lines}" if options.demo else ""
+        pbx = f"built-in Asterisk simulator{demo}" if cluster.uses_simulator else f"PBX from {args.config}"
+        print(f"\ncluster up in {time.monotonic() - started:.1f}s ({pbx}; namespace {cluster.prefix!r})")
+        for name, url in cluster.urls().items():
+            print(f"  {name:<45} {url}")
+        if server is not None:
+            print(f"  {'launcher metrics (restarts per process)':<45} http://127.0.0.1:{args.metrics_port}/metrics")
+        print(f"  logs: {cluster.run_dir}/{cluster.prefix}-*.log; processes: {cluster.processes_path}")
+        print("A process that dies is restarted; Ctrl-C stops everything.", flush=True)
         while not stop.is_set():
             supervisor.poll()
             stop.wait(0.5)
