@@ -640,7 +640,7 @@ class LocalCluster:
         except Exception as exc:  # cleanup is best effort; the test already has its verdict
             log.warning("could not clean Redis namespace %s: %s", self.prefix, exc)
         try:
-            asyncio.run(_delete_broker_objects(self.amqp_url, self.prefix))
+            asyncio.run(delete_broker_objects(self.amqp_url, self.prefix))
         except Exception as exc:
             log.warning("could not clean RabbitMQ namespace %s: %s", self.prefix, exc)
 
@@ -674,7 +674,7 @@ def _haproxy_maxconn() -> int:
     return max(1000, min(50_000, hard // 2 - 100))
 
 
-async def _delete_broker_objects(amqp_url: str, prefix: str) -> None:
+async def delete_broker_objects(amqp_url: str, prefix: str) -> None:
     import aio_pika
 
     from services.topology import Topology

@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from local_cluster.infra import Infrastructure, free_port, port_open
-from local_cluster.launcher import http_get
+from local_cluster.launcher import delete_broker_objects, http_get
 from tests.support.creatio_client import RING_STARTED, CreatioAgent
 
 pytestmark = pytest.mark.e2e
@@ -167,11 +167,13 @@ def launch(infra: Infrastructure, tmp_path: Path) -> Iterator[Callable[..., Laun
     yield start
     for one in started:
         one.kill_leftovers()
+    # `make run` keeps an operator's namespace at stop; these are ours, so they go.
     client = redis.Redis.from_url(infra.redis_url)
     for prefix in prefixes:
         keys = list(client.scan_iter(f"{prefix}:*", count=1000))
         if keys:
             client.delete(*keys)
+        asyncio.run(delete_broker_objects(infra.amqp_url, prefix))
     client.close()
 
 
