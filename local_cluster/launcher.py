@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -198,6 +199,11 @@ class LocalCluster:
         self._generated: list[Path] = []
         self._infra: Infrastructure | None = None
         self._abort: Callable[[], bool] = lambda: False
+        #: set at the start of stop(): a supervisor must not start anything any more
+        self.stopping = False
+        # Held while stop() flips `stopping` and while a supervisor thread respawns: no child may
+        # be started behind stop()'s back.
+        self._respawn_lock = threading.Lock()
         self.signalr_token_secret = options.signalr_token_secret or secrets.token_urlsafe(32)
 
     @property
@@ -212,6 +218,7 @@ class LocalCluster:
         waiting: when it turns true (a stop was asked for), what was started is stopped and
         :class:`LaunchAborted` raised."""
         deadline = time.monotonic() + timeout
+        self.stopping = False
         if abort is not None:
             self._abort = abort
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -509,12 +516,15 @@ class LocalCluster:
     def respawn(self, name: str) -> Child:
         """Start a dead child again with its original command line (its process group is
         SIGKILLed first: nothing of the old one may hold its port). Does not wait."""
-        old = self.child(name)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(old.pid, signal.SIGKILL)
-        if old.alive():
-            old.process.wait(timeout=10)
-        return self._spawn(name, old.args, old.env)
+        with self._respawn_lock:
+            if self.stopping:
+                raise LaunchError(f"not restarting {name}: the cluster is stopping")
+            old = self.child(name)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(old.pid, signal.SIGKILL)
+            if old.alive():
+                old.process.wait(timeout=10)
+            return self._spawn(name, old.args, old.env)
 
     def ready(self, name: str) -> bool:
         """Serving again: /health for gateways and nodes, HAProxy's stats, the simulator's AMI port."""
@@ -599,6 +609,8 @@ class LocalCluster:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM every child (newest first, so nodes drain before the broker goes), then SIGKILL
         what is still there at the deadline. Idempotent."""
+        with self._respawn_lock:
+            self.stopping = True
         for child in reversed(self.children):
             if child.alive():
                 with contextlib.suppress(ProcessLookupError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -28,6 +29,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from local_cluster.launcher import LaunchError
 from services.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,9 @@ class SupervisedChild(Protocol):
 class Cluster(Protocol):
     """What the supervisor needs from the launcher."""
 
+    @property
+    def stopping(self) -> bool: ...
+
     def supervised(self) -> Iterable[SupervisedChild]: ...
 
     def respawn(self, name: str) -> SupervisedChild: ...
@@ -146,8 +151,28 @@ class Supervisor:
     def restart_count(self, name: str) -> int:
         return self._restart_counts.get(name, 0)
 
+    def in_background(self, interval: float = 0.5) -> Callable[[], None]:
+        """Poll from a thread of its own (for tests and harnesses that drive a LocalCluster in
+        process; `make run` polls from its main loop). Returns the function that stops it."""
+        done = threading.Event()
+
+        def loop() -> None:
+            while not done.wait(interval):
+                self.poll()
+
+        thread = threading.Thread(target=loop, name="supervisor", daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            done.set()
+            thread.join(timeout=30)
+
+        return stop
+
     def poll(self) -> None:
         now = self._clock()
+        if self._cluster.stopping:
+            return
         for child in list(self._cluster.supervised()):
             watch = self._watches.get(child.name)
             if watch is None:
@@ -190,8 +215,12 @@ class Supervisor:
 
     def _restart(self, name: str, watch: _Watch, now: float) -> None:
         watch.restart_at = None
+        if self._cluster.stopping:
+            return
         try:
             child = self._cluster.respawn(name)
+        except LaunchError:  # the cluster started stopping meanwhile
+            return
         except OSError as exc:
             # Could not even fork/exec: count it as another death, so the backoff grows.
             decision = watch.policy.exited(now, 0.0)

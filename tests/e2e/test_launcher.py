@@ -572,3 +572,33 @@ def test_every_gateway_gets_its_own_metrics_port_and_is_supervised(launch: Calla
     os.killpg(one.process.pid, signal.SIGTERM)
     assert one.finish(timeout=30) == 0
     assert_all_gone(now, list(ports), timeout=5)
+
+
+def test_a_supervisor_in_process_restarts_a_killed_node_and_never_outlives_stop(
+    infra: Infrastructure, tmp_path: Path
+) -> None:
+    """What a harness (make chaos) gets: LocalCluster + Supervisor.in_background()."""
+    import psutil
+
+    from local_cluster.supervisor import Supervisor
+    from tests.e2e.conftest import running_cluster
+
+    with running_cluster(infra, tmp_path / "run") as cluster:
+        supervisor = Supervisor(cluster)
+        stop_supervising = supervisor.in_background(interval=0.2)
+        try:
+            old = cluster.child("node1").pid
+            cluster.kill("node1")
+            wait_until(lambda: cluster.child("node1").pid != old and cluster.ready("node1"), 60,
+                       "node1 to be restarted")
+            assert supervisor.restart_count("node1") == 1
+            # A death right before stop: the restart it schedules must never happen.
+            cluster.kill("node2")
+            time.sleep(0.3)
+        finally:
+            cluster.stop()
+            time.sleep(1.0)
+            stop_supervising()
+    ours = [p for p in psutil.Process().children(recursive=True)
+            if any(cluster.prefix in part for part in p.cmdline())]
+    assert ours == [], [p.cmdline() for p in ours]
