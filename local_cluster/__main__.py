@@ -107,6 +107,9 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str]) -> argparse.Names
                        help="pick a free port for everything (printed at start) [CMS_RUN_AUTO_PORTS=1]")
     parser.add_argument("--demo-lines", default=env.get("CMS_RUN_DEMO_LINES", "305,306,307,308"),
                         help="lines the built-in simulator plays demo calls on; empty = no demo traffic")
+    parser.add_argument("--private", action="append", choices=("redis", "rabbitmq"), default=[],
+                        help="start a private Redis/RabbitMQ for this run (supervised, empty at each start) "
+                             "even when one listens on the default port; repeat for both")
     parser.add_argument("--key", default=env.get("CMS_RUN_KEY", ""), help="deployment key required in the client URL")
     parser.add_argument("--run-dir", type=Path, default=None, help="logs and generated files (default: .run)")
     parser.add_argument("--log-json", action="store_true")
@@ -116,7 +119,8 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str]) -> argparse.Names
 def build_options(args: argparse.Namespace, prefix: str, amqp_url: str, redis_url: str) -> ClusterOptions:
     options = ClusterOptions(config=args.config, nodes=args.nodes, gateways=args.gateways, prefix=prefix,
                              amqp_url=amqp_url, redis_url=redis_url, deployment_key=args.key,
-                             log_json=args.log_json, demo=bool(args.demo_lines), demo_lines=args.demo_lines)
+                             log_json=args.log_json, demo=bool(args.demo_lines), demo_lines=args.demo_lines,
+                             private_servers=tuple(args.private))
     if args.run_dir is not None:
         options.run_dir = args.run_dir
     if args.auto_ports:

@@ -40,7 +40,15 @@ from typing import Any
 from balancer.cluster import ClusterConfigError, ClusterDescription, Node
 from balancer.haproxy_ctl import ConfigCheckError, check_config, find_haproxy
 from balancer.render import render_config
-from local_cluster.infra import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, Infrastructure, free_port, port_open
+from local_cluster.infra import (
+    DEFAULT_AMQP_URL,
+    DEFAULT_REDIS_URL,
+    Infrastructure,
+    InfrastructureError,
+    PrivateServer,
+    free_port,
+    port_open,
+)
 from local_cluster.spawn import spawn
 from services.config import AsteriskConfig, load_settings
 
@@ -120,6 +128,9 @@ class ClusterOptions:
     allowed_origins: tuple[str, ...] = ()
     log_json: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: start these servers privately (under run_dir/infra, free ports) even when one listens on the
+    #: default port: "redis", "rabbitmq". They are supervised like the rest.
+    private_servers: tuple[str, ...] = ()
     #: delete the namespace's Redis keys and broker objects at stop: for test runs only, never
     #: for an operator's deployment (its prefix holds the lines' state and history)
     cleanup_namespace: bool = False
@@ -186,8 +197,9 @@ class LocalCluster:
         self.gateway_ports: list[int] = list(options.gateway_metrics_ports) or [
             options.gateway_metrics_port + i for i in range(options.gateways)
         ]
-        if len(self.gateway_ports) < options.gateways:
-            raise LaunchError("fewer gateway metrics ports than gateways")
+        # `gateways` raised after ephemeral() picked one port: the others get free ports too.
+        while len(self.gateway_ports) < options.gateways:
+            self.gateway_ports.append(free_port())
         self.gateway_ports = self.gateway_ports[: options.gateways]
         self.amqp_url = options.amqp_url
         self.redis_url = options.redis_url
@@ -298,13 +310,22 @@ class LocalCluster:
         return self._spawn(f"node{index + 1}", args, env)
 
     def _ensure_infrastructure(self) -> None:
-        """Reuse RabbitMQ/Redis given in the options or listening on the default ports; else start private ones."""
-        if self.amqp_url != DEFAULT_AMQP_URL or self.redis_url != DEFAULT_REDIS_URL:
-            self._check_reachable()
-            return
-        self._infra = Infrastructure(self.run_dir / "infra")
-        self._infra.start(abort=self._abort)
-        self.amqp_url, self.redis_url = self._infra.amqp_url, self._infra.redis_url
+        """Private RabbitMQ/Redis when asked for (``private_servers``), or when the URL is the
+        default and nothing listens there; otherwise the given servers, which must answer."""
+        private = set(self.options.private_servers)
+        need_redis = "redis" in private or (self.redis_url == DEFAULT_REDIS_URL and not port_open(6379))
+        need_rabbitmq = "rabbitmq" in private or (self.amqp_url == DEFAULT_AMQP_URL and not port_open(5672))
+        if need_redis or need_rabbitmq:
+            self._infra = Infrastructure(self.run_dir / "infra")
+            try:
+                self._infra.start(abort=self._abort, redis=need_redis, rabbitmq=need_rabbitmq)
+            except InfrastructureError as exc:
+                raise (LaunchAborted if self._abort() else LaunchError)(str(exc)) from None
+            if need_redis:
+                self.redis_url = self._infra.redis_url
+            if need_rabbitmq:
+                self.amqp_url = self._infra.amqp_url
+        self._check_reachable()
 
     def _check_reachable(self) -> None:
         """A configured broker or Redis that does not answer is named now, not after a 60 s wait."""
@@ -510,15 +531,26 @@ class LocalCluster:
 
     # ---- supervision (see supervisor.py) -----------------------------------------------------
 
-    def supervised(self) -> list[Child]:
-        return list(self.children)
+    def supervised(self) -> list[Child | PrivateServer]:
+        """Every process of the run, the private RabbitMQ/Redis included (when it started them)."""
+        servers = self._infra.servers if self._infra is not None else []
+        return [*servers, *self.children]
 
-    def respawn(self, name: str) -> Child:
+    def _private_server(self, name: str) -> PrivateServer | None:
+        servers = self._infra.servers if self._infra is not None else []
+        return next((s for s in servers if s.name == name), None)
+
+    def respawn(self, name: str) -> Child | PrivateServer:
         """Start a dead child again with its original command line (its process group is
         SIGKILLed first: nothing of the old one may hold its port). Does not wait."""
         with self._respawn_lock:
             if self.stopping:
                 raise LaunchError(f"not restarting {name}: the cluster is stopping")
+            server = self._private_server(name)
+            if server is not None and self._infra is not None:
+                restarted = self._infra.respawn(name)
+                self._write_processes()
+                return restarted
             old = self.child(name)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(old.pid, signal.SIGKILL)
@@ -536,10 +568,14 @@ class LocalCluster:
             return self._haproxy_ready()
         if name == "simulator":
             return port_open(self.options.ami_port)
+        server = self._private_server(name)
+        if server is not None:
+            return port_open(server.port)
         return self.child(name).alive()
 
     def log_path(self, name: str) -> str:
-        return str(self.child(name).log_path)
+        server = self._private_server(name)
+        return str(server.log_path if server is not None else self.child(name).log_path)
 
     # ---- control -----------------------------------------------------------------------------
 

@@ -602,3 +602,30 @@ def test_a_supervisor_in_process_restarts_a_killed_node_and_never_outlives_stop(
     ours = [p for p in psutil.Process().children(recursive=True)
             if any(cluster.prefix in part for part in p.cmdline())]
     assert ours == [], [p.cmdline() for p in ours]
+
+
+def test_a_private_redis_that_dies_is_restarted_and_the_cluster_serves_again(launch: Callable[..., Launch]) -> None:
+    """`--private redis`: the run's own Redis (as on a machine without one) is supervised too; it
+    comes back empty, as the machine's Redis would, and agents can open their lines again."""
+    one = launch("--private", "redis")
+    one.wait_up()
+    assert "private-redis" in one.pids
+    os.kill(one.pids["private-redis"], signal.SIGKILL)
+    wait_until(lambda: "private-redis is back" in one.err, 60, "the private Redis to be back")
+    assert one.current_pids()["private-redis"] != one.pids["private-redis"]
+    for name in ("gateway", "node1", "node2", "haproxy"):
+        assert one.current_pids()[name] == one.pids[name], f"{name} was restarted"
+
+    async def agent_opens() -> None:
+        agent = CreatioAgent(one.url("client, Creatio 7.x (raw WebSocket)"), "311")
+        await agent.connect()
+        try:
+            await agent.open(timeout=20)
+        finally:
+            await agent.close()
+
+    asyncio.run(agent_opens())
+    now = one.current_pids()
+    os.killpg(one.process.pid, signal.SIGTERM)
+    assert one.finish(timeout=40) == 0
+    assert_all_gone(now, [], timeout=5)
