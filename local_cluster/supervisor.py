@@ -189,8 +189,7 @@ class Supervisor:
             elif watch.awaiting_ready and self._cluster.ready(child.name):
                 watch.awaiting_ready = False
                 log.info("%s is back (pid %d, ready %.1fs after it died)", child.name, child.pid, now - watch.died_at)
-            elif (watch.policy.crash_looping and not watch.awaiting_ready
-                  and now - watch.started_at >= watch.policy.stable_after):
+            elif watch.policy.crash_looping and now - watch.started_at >= watch.policy.stable_after:
                 watch.policy.stayed_up()
                 self.looping.labels(process=child.name).set(0)
                 log.info("%s has stayed up %.0fs: no longer crash-looping", child.name, now - watch.started_at)
