@@ -121,7 +121,6 @@ class _Watch:
     restart_at: float | None = None
     awaiting_ready: bool = False
     died_at: float = 0.0
-    stable_reported: bool = False
 
 
 class Supervisor:
