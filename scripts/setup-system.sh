@@ -27,6 +27,7 @@ if [ "$(id -u)" -ne 0 ]; then
   sudo="sudo"
 fi
 echo "setup: installing ${need[*]} from the OS packages"
-# Do not let the packages' init scripts start system-wide services: the cluster starts private
-# instances when none is listening, and never touches a machine's own services.
+# Debian's redis-server/rabbitmq-server start their system services where an init system runs
+# them; the cluster then reuses them like any server already listening (each run in its own
+# namespace), and starts private instances under .run/ when none listens.
 apt_install setup "$sudo" "${need[@]}" >/dev/null
