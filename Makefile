@@ -7,11 +7,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?=
+# More options for `make run`, e.g. RUN_ARGS='--port 2023 --nodes 3' or '--auto-ports' (python -m local_cluster -h)
+RUN_ARGS ?=
 
 .PHONY: run test doctor drill bench setup system-deps browser-deps lint typecheck unit integration e2e clean
 
+# Supervises every process (a dead one is restarted with backoff); Ctrl-C or SIGTERM stops them all.
 run: setup
-	$(PY) -m local_cluster $(if $(CONFIG),--config $(CONFIG),)
+	$(PY) -m local_cluster $(if $(CONFIG),--config $(CONFIG),) $(RUN_ARGS)
 
 test: setup lint typecheck
 	$(PY) -m pytest -q

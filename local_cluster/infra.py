@@ -1,6 +1,7 @@
 """RabbitMQ and Redis for a local run: reuse the ones listening on the default ports, or start
 private instances (on free ports, data under a run directory) and stop them afterwards.
-The machine's own services are never stopped or reconfigured."""
+The machine's own services are never stopped or reconfigured. Like every child of the launcher,
+the private servers are armed to die with the process that started them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from local_cluster.spawn import spawn
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -35,19 +40,66 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.3) -> bool:
         return False
 
 
+@dataclass
+class PrivateServer:
+    """A server this instance started; enough to start it again the same way."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    args: list[str]
+    log_path: Path
+    env: dict[str, str] | None
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+
 class Infrastructure:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.amqp_url = DEFAULT_AMQP_URL
         self.redis_url = DEFAULT_REDIS_URL
-        self._processes: list[subprocess.Popen[bytes]] = []
+        self.servers: list[PrivateServer] = []
+        self._abort: Callable[[], bool] = lambda: False
 
-    def start(self, timeout: float = 90.0) -> None:
+    def start(
+        self,
+        timeout: float = 90.0,
+        abort: Callable[[], bool] | None = None,
+        *,
+        redis: bool | None = None,
+        rabbitmq: bool | None = None,
+    ) -> None:
+        """Start a private Redis / RabbitMQ when asked to (True), or, by default (None), when none
+        listens on the default port. ``abort`` is polled while waiting: true stops with an error."""
+        if abort is not None:
+            self._abort = abort
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not port_open(6379):
+        if redis or (redis is None and not port_open(6379)):
             self.redis_url = self._start_redis()
-        if not port_open(5672):
+        if rabbitmq or (rabbitmq is None and not port_open(5672)):
             self.amqp_url = self._start_rabbitmq(timeout)
+
+    def pids(self) -> dict[str, int]:
+        """The private servers this instance started, by name."""
+        return {s.name: s.pid for s in self.servers if s.returncode() is None}
+
+    def respawn(self, name: str) -> PrivateServer:
+        """Start a private server that died again, same port and data folder (a Redis comes
+        back empty: it keeps nothing on disk, like the machine's). Does not wait."""
+        old = next(s for s in self.servers if s.name == name)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(old.pid, signal.SIGKILL)
+        old.process.wait(timeout=10)
+        server = PrivateServer(name, spawn(old.args, old.log_path, env=old.env), old.args, old.log_path, old.env,
+                               old.port)
+        self.servers = [server if s.name == name else s for s in self.servers]
+        return server
 
     def _start_redis(self) -> str:
         server = shutil.which("redis-server")
@@ -56,8 +108,8 @@ class Infrastructure:
         port = free_port()
         data = self.run_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
-        self._spawn([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                     "--dir", str(data)], data / "redis.log")
+        self._spawn("private-redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(data)], data / "redis.log", port)
         self._wait(port, 15, "Redis")
         return f"redis://127.0.0.1:{port}/0"
 
@@ -82,35 +134,34 @@ class Infrastructure:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
             "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
         }
-        self._spawn([server], base / "server.log", env)
+        self._spawn("private-rabbitmq", [server], base / "server.log", port, env)
         self._wait(port, timeout, "RabbitMQ")
         return f"amqp://guest:guest@127.0.0.1:{port}/"
 
-    def _spawn(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        with open(log_path, "ab") as out:
-            self._processes.append(
-                subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            )
+    def _spawn(self, name: str, args: list[str], log_path: Path, port: int, env: dict[str, str] | None = None) -> None:
+        self.servers.append(PrivateServer(name, spawn(args, log_path, env=env), args, log_path, env, port))
 
     def _wait(self, port: int, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if port_open(port):
                 return
-            if any(p.poll() is not None for p in self._processes):
+            if self._abort():
+                raise InfrastructureError(f"stop requested while waiting for the private {what}")
+            if any(s.returncode() is not None for s in self.servers):
                 raise InfrastructureError(f"private {what} exited at start; see {self.run_dir}")
             time.sleep(0.2)
         raise InfrastructureError(f"private {what} did not listen on {port} within {timeout:.0f}s")
 
     def stop(self) -> None:
-        for process in reversed(self._processes):
+        for server in reversed(self.servers):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in reversed(self._processes):
+                os.killpg(server.pid, signal.SIGTERM)
+        for server in reversed(self.servers):
             try:
-                process.wait(timeout=20)
+                server.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=5)
-        self._processes.clear()
+                    os.killpg(server.pid, signal.SIGKILL)
+                server.process.wait(timeout=5)
+        self.servers.clear()

@@ -5,6 +5,8 @@
 #
 # The Python side (the WebDriver client) is a dev dependency of the project, installed by `make setup`.
 set -euo pipefail
+# shellcheck source=scripts/apt-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt-lib.sh"
 
 need=()
 [ -x /usr/bin/chromium ] || need+=(chromium)
@@ -23,6 +25,4 @@ if [ "$(id -u)" -ne 0 ]; then
   sudo="sudo"
 fi
 echo "setup-browser: installing ${need[*]} from the OS packages"
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+apt_install setup-browser "$sudo" "${need[@]}" >/dev/null

@@ -12,6 +12,8 @@
 # forbidden") stops invoke-rc.d from starting it during the install, and on systemd hosts the unit
 # is stopped and disabled right after, but only when this script installed the package.
 set -euo pipefail
+# shellcheck source=scripts/apt-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt-lib.sh"
 
 need=()
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
@@ -45,9 +47,7 @@ cleanup() { if [ -n "$placed_policy" ]; then $sudo rm -f "$policy"; fi; }
 trap cleanup EXIT
 
 echo "setup-ops: installing ${need[*]} from the OS packages"
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+apt_install setup-ops "$sudo" "${need[@]}" >/dev/null
 
 if [[ " ${need[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
   # Debian's postinst enables the unit; we only wanted promtool and the binary.

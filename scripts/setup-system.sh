@@ -3,6 +3,8 @@
 # HAProxy and Node.js always; Redis and RabbitMQ servers only when none is listening on the default port
 # (a machine that already runs them keeps its own). Debian/Ubuntu (apt) only.
 set -euo pipefail
+# shellcheck source=scripts/apt-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt-lib.sh"
 
 need=()
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
@@ -25,8 +27,7 @@ if [ "$(id -u)" -ne 0 ]; then
   sudo="sudo"
 fi
 echo "setup: installing ${need[*]} from the OS packages"
-# Do not let the packages' init scripts start system-wide services: the cluster starts private
-# instances when none is listening, and never touches a machine's own services.
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Debian's redis-server/rabbitmq-server start their system services where an init system runs
+# them; the cluster then reuses them like any server already listening (each run in its own
+# namespace), and starts private instances under .run/ when none listens.
+apt_install setup "$sudo" "${need[@]}" >/dev/null
