@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import signal
 import time
@@ -46,7 +47,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=5038, help="AMI port (default 5038, 0 = ephemeral)")
     p.add_argument("--control-port", type=int, default=5039, help="JSON control port on 127.0.0.1; -1 disables")
     p.add_argument("--username", default="admin")
-    p.add_argument("--secret", default="amp111")
+    p.add_argument("--secret", default=os.environ.get("AMI_SIMULATOR_SECRET", "amp111"),
+                   help="AMI secret (default: $AMI_SIMULATOR_SECRET, else amp111)")
     p.add_argument("--read", default="all", help="read permission classes, e.g. call,agent,originate")
     p.add_argument("--write", default="all", help="write permission classes, e.g. call,agent,originate")
     p.add_argument("--ami-version", default="9.0.0", help="banner version: 9.0.0 = Asterisk 20, 2.10.6 = 13")

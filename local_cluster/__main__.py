@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str]) -> argparse.Names
     parser = argparse.ArgumentParser(prog="local_cluster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="CMS appsettings.json naming a real PBX (default: simulator)")
+    parser.add_argument("--simulator", action="store_true", default=env.get("CMS_RUN_SIMULATOR", "") in ("1", "yes"),
+                        help="play the built-in simulator in place of the PBX in --config, keeping the file's "
+                             "AMI user and every other setting [CMS_RUN_SIMULATOR=1]")
     parser.add_argument("--nodes", type=int, default=_env_int(env, "CMS_RUN_NODES", 2))
     parser.add_argument("--gateways", type=int, default=_env_int(env, "CMS_RUN_GATEWAYS", 1),
                         help="gateway processes for the PBX (one active, the others standby)")
@@ -120,7 +123,7 @@ def build_options(args: argparse.Namespace, prefix: str, amqp_url: str, redis_ur
     options = ClusterOptions(config=args.config, nodes=args.nodes, gateways=args.gateways, prefix=prefix,
                              amqp_url=amqp_url, redis_url=redis_url, deployment_key=args.key,
                              log_json=args.log_json, demo=bool(args.demo_lines), demo_lines=args.demo_lines,
-                             private_servers=tuple(args.private))
+                             private_servers=tuple(args.private), simulator_instead_of_pbx=args.simulator)
     if args.run_dir is not None:
         options.run_dir = args.run_dir
     if args.auto_ports:
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(config_error_text(exc, args.config), file=sys.stderr)
         return 2
-    for warning in getattr(settings, "warnings", ()):
+    for warning in settings.warnings:
         print(f"configuration warning: {warning}", file=sys.stderr)
     cluster_settings = settings.cluster
     options = build_options(args, cluster_settings.prefix, cluster_settings.amqp_url, cluster_settings.redis_url)

@@ -134,6 +134,9 @@ class ClusterOptions:
     #: delete the namespace's Redis keys and broker objects at stop: for test runs only, never
     #: for an operator's deployment (its prefix holds the lines' state and history)
     cleanup_namespace: bool = False
+    #: play the built-in simulator in place of the PBX that ``config`` names, with that file's own
+    #: AMI user and every other setting kept: an admin's production file tried before it meets the PBX
+    simulator_instead_of_pbx: bool = False
 
     @classmethod
     def ephemeral(cls, run_dir: Path, **overrides: Any) -> ClusterOptions:
@@ -350,7 +353,9 @@ class LocalCluster:
             return
         settings = load_settings(self.options.config)
         self.pbx = settings.asterisk
-        self.uses_simulator = not (settings.asterisk.url or settings.asterisk.file_path)
+        self.uses_simulator = self.options.simulator_instead_of_pbx or not (
+            settings.asterisk.url or settings.asterisk.file_path
+        )
 
     def _write_settings(self) -> None:
         if not self.uses_simulator and self.options.config is not None:
@@ -365,35 +370,44 @@ class LocalCluster:
                 if isinstance(loaded, dict):
                     document = loaded
             _drop_blocks(document, ("asterisk", "cluster"))
-        document["Asterisk"] = {
-            "url": "127.0.0.1",
-            "port": str(self.options.ami_port),
-            "userName": "cms",
-            "secret": "simulator-secret",
-            "originateContext": "from-internal",
-            "queueExtensionFormat": "Local/{0}@from-queue/n",
-            "protocol": "SIP",
-            "asyncOriginate": "true",
-            "sendRingStartedOnRingingState": "true",
-            "autoPauseOnCommutationStart": "false",
-            "traceQueuesState": "false",
-            "packetInfoConfig": "",
-            "filePath": "",
-            # The simulator has Asterisk's default parking lot, so hold/resume work in the demo.
-            "parkingLotContext": "parkedcalls",
-        }
+        if self.options.simulator_instead_of_pbx and self.pbx is not None:
+            # Every setting of the admin's file (JSON or XML) but where the PBX is.
+            document["Asterisk"] = {**_cms_block(self.pbx), "url": "127.0.0.1", "port": str(self.options.ami_port),
+                                    "filePath": ""}
+        else:
+            document["Asterisk"] = {
+                "url": "127.0.0.1",
+                "port": str(self.options.ami_port),
+                "userName": "cms",
+                "secret": "simulator-secret",
+                "originateContext": "from-internal",
+                "queueExtensionFormat": "Local/{0}@from-queue/n",
+                "protocol": "SIP",
+                "asyncOriginate": "true",
+                "sendRingStartedOnRingingState": "true",
+                "autoPauseOnCommutationStart": "false",
+                "traceQueuesState": "false",
+                "packetInfoConfig": "",
+                "filePath": "",
+                # The simulator has Asterisk's default parking lot, so hold/resume work in the demo.
+                "parkingLotContext": "parkedcalls",
+            }
         document["Cluster"] = {"amqpUrl": self.amqp_url, "redisUrl": self.redis_url, "prefix": self.prefix}
         _write_private(self.settings_path, json.dumps(document, indent=2))
         self._generated.append(self.settings_path)
         load_settings(self.settings_path, env={})  # fail here, with the key named, not in a child
 
     def _start_simulator(self) -> None:
+        user, secret, tech = "cms", "simulator-secret", "SIP"
+        if self.options.simulator_instead_of_pbx and self.pbx is not None:
+            user, secret = self.pbx.user_name, self.pbx.secret
+            tech = "PJSIP" if self.pbx.protocol.split(",")[0].upper() == "PJSIP" else "SIP"
         args = [sys.executable, "-m", "ami_simulator", "--port", str(self.options.ami_port),
-                "--control-port", str(self.options.simulator_control_port),
-                "--username", "cms", "--secret", "simulator-secret"]
+                "--control-port", str(self.options.simulator_control_port), "--username", user, "--tech", tech]
         if self.options.demo:
             args += ["--demo-lines", self.options.demo_lines, "--loop"]
-        self._spawn("simulator", args)
+        # The secret through the environment: a command line is visible to every user in `ps`.
+        self._spawn("simulator", args, {"AMI_SIMULATOR_SECRET": secret})
 
     def _start_haproxy(self) -> None:
         try:
@@ -733,3 +747,17 @@ async def delete_broker_objects(amqp_url: str, prefix: str) -> None:
         channel = await connection.channel()
         await channel.queue_delete(topology.commands_queue)
         await channel.exchange_delete(topology.events_exchange)
+
+
+def _cms_block(pbx: AsteriskConfig) -> dict[str, str]:
+    """The Asterisk block in CMS's own spelling, from settings read from any CMS file."""
+    flag = {True: "true", False: "false"}
+    return {
+        "url": pbx.url, "port": str(pbx.port), "userName": pbx.user_name, "secret": pbx.secret,
+        "originateContext": pbx.originate_context, "queueExtensionFormat": pbx.queue_extension_format,
+        "protocol": pbx.protocol, "asyncOriginate": flag[pbx.async_originate],
+        "sendRingStartedOnRingingState": flag[pbx.send_ring_started_on_ringing_state],
+        "autoPauseOnCommutationStart": flag[pbx.auto_pause_on_commutation_start],
+        "traceQueuesState": flag[pbx.trace_queues_state], "packetInfoConfig": pbx.packet_info_config,
+        "filePath": pbx.file_path, "parkingLotContext": pbx.parking_lot_context,
+    }

@@ -629,3 +629,44 @@ def test_a_private_redis_that_dies_is_restarted_and_the_cluster_serves_again(lau
     os.killpg(one.process.pid, signal.SIGTERM)
     assert one.finish(timeout=40) == 0
     assert_all_gone(now, [], timeout=5)
+
+
+# ---- issue 13: Creatio's setup guide, as written ------------------------------------------------
+
+GUIDE_FIXTURES = ROOT / "tests" / "fixtures" / "cms"
+
+
+@pytest.mark.parametrize("name", ["guide-appsettings.json", "Terrasoft.Messaging.Service.exe.config"])
+def test_the_guides_sample_configs_start_the_cluster_unchanged(launch: Callable[..., Launch], name: str) -> None:
+    """The guide's .NET Core appsettings.json (flat, "protocol": "PJSIP/") and its .NET Framework
+    <asterisk .../> element, byte for byte. They name a PBX at 10.0.15.185 that a test may not reach,
+    so ``--simulator`` plays the built-in one in its place, logging in with the file's own AMI user
+    (creatio/creatio) and speaking PJSIP as the file says; nothing else of the file is replaced."""
+    one = launch("--config", str(GUIDE_FIXTURES / name), "--simulator")
+    one.wait_up()
+    assert "configuration warning" not in one.err and "configuration error" not in one.err
+    control = one.url("simulator calls (ground truth)").rsplit("/", 1)[0]
+
+    async def main() -> None:
+        agent = CreatioAgent(one.url("client, Creatio 7.x (raw WebSocket)"), "305")
+        await agent.connect()
+        try:
+            await agent.open()
+            body = json.dumps({"scenario": "inbound-direct-answered", "vars": {"line": "305", "caller": CALLER}})
+            request = urllib.request.Request(f"{control}/play", data=body.encode(), method="POST",
+                                             headers={"Content-Type": "application/json"})
+            await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=5).close())  # noqa: S310
+            ring = await agent.wait_for(RING_STARTED, timeout=30)
+            assert ring.content["callerId"] == CALLER
+        finally:
+            await agent.close()
+
+    asyncio.run(main())
+    # The simulator took only the guide's user (creatio/creatio), and played PJSIP channels.
+    calls = json.loads(http_get(f"{control}/calls")[1])
+    assert "PJSIP/305" in json.dumps(calls)
+    # The guide's secret is also its user name: masked wherever it would appear in the logs.
+    gateway_log = (one.run_dir / f"{one.prefix}-gateway.log").read_text()
+    assert "'secret': '***'" in gateway_log and "creatio" not in gateway_log
+    os.killpg(one.process.pid, signal.SIGTERM)
+    assert one.finish(timeout=30) == 0
