@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="messages allowed in a burst above the rate [CMS_NODE_BURST]")
     security.add_argument("--flood-tolerance", type=int, default=_env("FLOOD_TOLERANCE", "50"),
                           help="messages over the rate within 10 s before disconnecting [CMS_NODE_FLOOD_TOLERANCE]")
+    security.add_argument("--command-limits", default=_env("COMMAND_LIMITS"),
+                          help="agent commands per line and per user, over the defaults: kind=burst:per_minute, "
+                               "comma-separated; kinds originate, transfer, dtmf, state, call; 0:0 = off "
+                               "[CMS_NODE_COMMAND_LIMITS]")
     security.add_argument("--handshake-timeout", type=float, default=_env("HANDSHAKE_TIMEOUT", "15"),
                           help="seconds from socket open to the first message / SignalR handshake "
                                "[CMS_NODE_HANDSHAKE_TIMEOUT]")
@@ -111,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    from ws_node.admission import parse_command_limits
+
+    try:
+        parse_command_limits(args.command_limits)
+    except ValueError as exc:
+        print(f"configuration error: --command-limits / CMS_NODE_COMMAND_LIMITS: {exc}", file=sys.stderr)
+        return 2
 
     # The asyncio reactor must be installed, on the loop asyncio will use, before anything
     # imports twisted.internet.reactor (see FACTS.md).
@@ -150,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             signalr_token_secret=args.signalr_token_secret, signalr_token_lifetime=args.signalr_token_lifetime,
             signalr_ping_interval=args.signalr_ping_interval, signalr_client_timeout=args.signalr_client_timeout,
             max_backlog_frames=args.max_backlog_frames, drain_seconds=args.drain_seconds,
-            client_log_dir=args.client_log_dir,
+            client_log_dir=args.client_log_dir, command_limits=args.command_limits,
         ),
     )
     stopping = False

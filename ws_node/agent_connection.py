@@ -17,9 +17,13 @@ history from there to the current snapshot and hands both to the session, which 
 calls that ended in the gap before the snapshot. When the history no longer covers the gap,
 that is logged and counted and the agent gets the snapshot alone.
 
-Shared lines: a second Creatio user claiming a line that another user held within the last
-minute is let in (a supervisor, or a line reassigned in Creatio, must not be locked out by a
-stale claim), with a warning in the log and ``cms_node_shared_line_claims_total``.
+Who may open a line (``services.line_access``) is decided before the line is followed, so a
+refused user gets nothing of it: the administrator's assignments first, then first come, first
+served across the cluster (:class:`~ws_node.line_holders.LineHolders` in Redis). A line the
+administrator marked shared, or assigned to several users, is let in with a warning and
+``cms_node_shared_line_claims_total``. Every refusal is logged and counted
+(``cms_node_line_refusals_total``). Commands are held to per-line and per-user budgets
+(:class:`~ws_node.admission.CommandLimiter`) before they reach the gateway.
 """
 
 from __future__ import annotations
@@ -36,11 +40,14 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.delivery_log import AgentKey, DeliveryLog, Position
+from services.line_access import SecurityConfig, Verdict, decide
 from services.line_state import HistoryUnavailable, LineSnapshot
 from services.wire import Command, CommandResult, LineEvent, WireError
+from ws_node.admission import CommandLimiter
 from ws_node.agent_session import AgentSession, FrameMemo
 from ws_node.client_logs import ClientLogRefused, ClientLogStore
 from ws_node.line_feed import LineFeed
+from ws_node.line_holders import HOLDER_STORE_ERRORS, LineHolders
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +66,11 @@ REPLAYED_EVENTS = Counter("cms_node_replayed_events_total", "Missed call events 
 SHARED_LINE_CLAIMS = Counter(
     "cms_node_shared_line_claims_total", "Lines claimed by a Creatio user while another user held them"
 )
+LINE_REFUSALS = Counter(
+    "cms_node_line_refusals_total", "OpenConnection refused: the user may not open that line", ["reason"]
+)
+for _reason in ("assigned_to_other", "not_your_line", "unassigned", "held_by_other"):
+    LINE_REFUSALS.labels(reason=_reason)
 END_TO_END = Histogram(
     "cms_end_to_end_latency_seconds",
     "From AMI bytes received by the gateway to the WebSocket frame handed to the socket",
@@ -87,9 +99,15 @@ class ConnectionHub:
         session_options: dict[str, Any] | None = None,
         delivery_log: DeliveryLog | None = None,
         client_logs: ClientLogStore | None = None,
+        security: SecurityConfig | None = None,
+        command_limiter: CommandLimiter | None = None,
     ) -> None:
         self.feed = feed
         self.client_logs = client_logs
+        self.security = security or SecurityConfig()
+        self.command_limiter = command_limiter or CommandLimiter(clock=time.monotonic)
+        self.holders = LineHolders(feed.redis, feed.prefix, ttl_seconds=self.security.holder_ttl_seconds)
+        feed.before_stop.append(self.holders.close)
         self.max_backlog_frames = max_backlog_frames
         self.session_options = session_options or {}
         # One event's frames are encoded once per node and shared by every tab of the line.
@@ -111,7 +129,7 @@ class AgentConnection:
     # A node holds thousands of these: no per-instance dict, and the backlog exists only while
     # the client is not reading.
     __slots__ = ("hub", "sink", "transport", "conn_id", "session", "_lines", "_agents", "_paused", "_closing",
-                 "_backlog")
+                 "_backlog", "_claims")
 
     def __init__(self, hub: ConnectionHub, sink: FrameSink, transport: str) -> None:
         self.hub = hub
@@ -125,6 +143,8 @@ class AgentConnection:
         self._paused = False
         self._closing = False
         self._backlog: collections.deque[str] | None = None
+        #: line -> this connection's entry in the line's holder set
+        self._claims: dict[str, str] = {}
         hub.connections.add(self)
         CLIENTS.labels(transport=transport).inc()
 
@@ -186,7 +206,38 @@ class AgentConnection:
         self._lines.add(line)
         spawn(self._follow(session, line))
 
+    async def _admitted(self, session: AgentSession, line: str) -> bool:
+        """Whether ``session``'s user may open ``line`` (holding it if first come); refuses otherwise."""
+        user = session.user_uid
+        decision = decide(self.hub.security, line, user)
+        if decision.verdict is not Verdict.REFUSE:
+            exclusive = decision.verdict is Verdict.FIRST_COME
+            try:
+                claim_id, other = await self.hub.holders.claim(line, user, exclusive=exclusive)
+            except (OSError, aioredis.RedisError) as exc:
+                # Redis down: live events still flow; first come cannot be checked meanwhile.
+                HOLDER_STORE_ERRORS.inc()
+                log.warning("line %s user %s: holders unknown (%s); admitted", line, user or "-", exc,
+                            extra={"conn": self.conn_id})
+                return True
+            if other is None:
+                if self.session is session and line in self._lines:
+                    self._claims[line] = claim_id
+                    return True
+                spawn(self.hub.holders.release(claim_id))
+                return False
+            decision = decide(self.hub.security, line, user, holders=[other])
+        LINE_REFUSALS.labels(reason=decision.reason).inc()
+        log.warning("line %s refused to user %s (%s): %s", line, user or "-", decision.reason, decision.message,
+                    extra={"conn": self.conn_id, "line": line})
+        if self.session is session and line in self._lines:
+            self._lines.discard(line)
+            session.on_line_refused(line, decision.message)
+        return False
+
     async def _follow(self, session: AgentSession, line: str) -> None:
+        if not await self._admitted(session, line):
+            return
         agent = session.agent_key
         try:
             snapshot = await self.hub.feed.follow(self, line)
@@ -258,6 +309,9 @@ class AgentConnection:
                         agent.line, agent.user, ", ".join(others), extra={"conn": self.conn_id})
 
     def _forget(self, line: str) -> None:
+        claim_id = self._claims.pop(line, None)
+        if claim_id is not None:
+            spawn(self.hub.holders.release(claim_id))
         agent = self._agents.pop(line, None)
         if agent is not None:
             self.hub.delivery_log.detach(agent)
@@ -295,6 +349,12 @@ class AgentConnection:
             session.on_agent_state(snapshot.agent)
 
     def submit_command(self, session: AgentSession, command: Command) -> None:
+        refusal = self.hub.command_limiter.check(command.line, session.user_uid, command.name)
+        if refusal is not None:
+            log.warning("line %s user %s: %s refused: %s", command.line, session.user_uid or "-",
+                        command.name.value, refusal, extra={"conn": self.conn_id, "line": command.line})
+            session.on_command_result(CommandResult(command.id, ok=False, error=refusal), command)
+            return
         spawn(self._command(session, command))
 
     async def _command(self, session: AgentSession, command: Command) -> None:
