@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "[CMS_NODE_CLIENT_LOG_DIR]")
     parser.add_argument("--log-json", action="store_true", default=_env("LOG_JSON") in ("1", "true", "yes"))
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-file", default=_env("LOG_FILE"),
+                        help="log to this file, rotated (only warnings go to stderr then) [CMS_NODE_LOG_FILE]")
+    parser.add_argument("--log-max-bytes", type=int, default=_env("LOG_MAX_BYTES", str(20 * 1024 * 1024)),
+                        help="rotate the log file at this size [CMS_NODE_LOG_MAX_BYTES]")
+    parser.add_argument("--log-backups", type=int, default=_env("LOG_BACKUPS", "5"),
+                        help="rotated log files kept [CMS_NODE_LOG_BACKUPS]")
     return parser
 
 
@@ -144,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     from ws_node.agent_connection import spawn
     from ws_node.app import Node, NodeOptions
 
-    logs.configure(f"ws_node[{args.port}]", json_lines=args.log_json, level=args.log_level)
+    try:
+        logs.configure(f"ws_node[{args.port}]", json_lines=args.log_json, level=args.log_level,
+                       log_file=args.log_file, max_bytes=args.log_max_bytes, backups=args.log_backups)
+    except OSError as exc:
+        print(f"configuration error: --log-file / CMS_NODE_LOG_FILE {args.log_file}: {exc.strerror}", file=sys.stderr)
+        return 2
     log = logging.getLogger("ws_node")
     log.info("event loop: %s.%s", type(loop).__module__, type(loop).__name__)
     try:

@@ -331,7 +331,7 @@ class AgentConnection:
         except Exception as exc:
             log.warning("line %s: snapshot failed (%s)", line, exc, extra={"conn": self.conn_id})
             if self.session is session:
-                session.on_snapshot_failed(f"call state store unavailable: {exc.__class__.__name__}")
+                session.on_snapshot_failed("call state store unavailable, try again shortly")
             return
         if self.session is session:
             session.on_snapshot(list(snapshot.calls), snapshot.agent)

@@ -185,8 +185,17 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
             if self.connection is not None:
                 self.connection.received(text)
 
-    def _rate_verdict(self) -> RateVerdict:
-        verdict = self.rate.check() if self.rate is not None else RateVerdict.ACCEPT
+    def onPing(self, payload: bytes) -> None:
+        # WebSocket pings are client messages too: each is answered, so each is counted.
+        if self.state == WebSocketServerProtocol.STATE_OPEN and self._rate_verdict() is RateVerdict.ACCEPT:
+            self.sendPong(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self._rate_verdict()
+
+    def _rate_verdict(self, cost: int = 1) -> RateVerdict:
+        verdict = self.rate.check(cost) if self.rate is not None else RateVerdict.ACCEPT
         if verdict is RateVerdict.REFUSE_AND_WARN and self.connection is not None:
             self.connection.send_frame(error_frame(MsgErrorType.GENERAL_ERROR, RATE_WARNING))
         elif verdict is RateVerdict.DISCONNECT:
@@ -199,6 +208,15 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
         if hub is None or keepalive is None:
             return
         keepalive.received(self.factory.clock())
+        # Every record counts (pings, any invocation, the handshake), before any is parsed: a
+        # message batching thousands of records costs its sender thousands of messages.
+        records = text.count(signalr.RECORD_SEPARATOR)
+        verdict = self._rate_verdict(max(1, records))
+        if verdict is RateVerdict.DISCONNECT:
+            return
+        refused = verdict is not RateVerdict.ACCEPT
+        if refused and records > 1:
+            return  # dropped unread
         for event in hub.receive_text(text):
             if self.state != WebSocketServerProtocol.STATE_OPEN:
                 return
@@ -206,7 +224,10 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
                 self._send_record(signalr.HANDSHAKE_OK)
                 self._attach("signalr")
             elif isinstance(event, signalr.Invocation):
-                self._invoke(event)
+                if not refused:
+                    self._invoke(event)
+                elif event.invocation_id is not None:  # the client waits for an answer to each invoke
+                    self._send_record(signalr.completion(event.invocation_id, error=RATE_WARNING))
             elif isinstance(event, signalr.HandshakeFailed):
                 PROTOCOL_VIOLATIONS.labels(kind="signalr_handshake").inc()
                 self._send_record(signalr.handshake_error(event.message))
@@ -220,16 +241,8 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
 
     def _invoke(self, invocation: signalr.Invocation) -> None:
         call = signalr.dispatch(invocation)
-        if call.session_text is not None:
-            verdict = self._rate_verdict()
-            if verdict is RateVerdict.DISCONNECT:
-                return
-            if verdict is not RateVerdict.ACCEPT:
-                if invocation.invocation_id is not None:
-                    self._send_record(signalr.completion(invocation.invocation_id, error=RATE_WARNING))
-                return
-            if self.connection is not None:
-                self.connection.received(call.session_text)
+        if call.session_text is not None and self.connection is not None:
+            self.connection.received(call.session_text)
         if call.reply is not None and self.state == WebSocketServerProtocol.STATE_OPEN:
             self._send_record(call.reply)
 
