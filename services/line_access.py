@@ -148,7 +148,8 @@ def parse_security(block: Mapping[str, Any], asterisk: Any, where: str = "Securi
     unknown = sorted(k for k in values if k not in known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(known.values())}")
-    users_raw = values.get("users") or []
+    users_raw = values.get("users")
+    users_raw = [] if users_raw is None else users_raw
     if not isinstance(users_raw, list):
         raise ConfigError(f"{where}.users: expected a list of {{userUId, line, ...}} objects")
     users = tuple(_parse_user(item, f"{where}.users[{i}]", asterisk) for i, item in enumerate(users_raw))
@@ -158,7 +159,8 @@ def parse_security(block: Mapping[str, Any], asterisk: Any, where: str = "Securi
         if pair in seen:
             raise ConfigError(f"{where}.users[{i}]: user {entry.user_uid} is given line {entry.line} twice")
         seen.add(pair)
-    shared_raw = values.get("sharedlines") or []
+    shared_raw = values.get("sharedlines")
+    shared_raw = [] if shared_raw is None else shared_raw
     if isinstance(shared_raw, str):
         shared_raw = [s for s in shared_raw.split(",") if s.strip()]
     if not isinstance(shared_raw, list) or not all(isinstance(s, str) and _LINE_RE.fullmatch(s.strip())

@@ -199,11 +199,12 @@ class RateGuard:
         if now - self._window_start > self._window:
             self._window_start = now
             self._refused = 0
+        first = self._refused == 0
         self._refused += cost
         if self._refused > self._tolerance:
             RATE_DISCONNECTS.inc()
             return RateVerdict.DISCONNECT
-        return RateVerdict.REFUSE_AND_WARN if self._refused == 1 else RateVerdict.REFUSE
+        return RateVerdict.REFUSE_AND_WARN if first else RateVerdict.REFUSE
 
 
 # ---- commands per line and per user ------------------------------------------------------------

@@ -482,9 +482,7 @@ class AgentSession:
                 log.info("debugMode refused conn=%s line=%s user=%s: not allowed for this user by the administrator",
                          self.connection_uid, line, user_uid or "-")
             debug = False
-        if debug and not self.debug_mode:
-            self.debug_mode = True
-            self._debug("in", json.dumps(cmd.raw, ensure_ascii=False))
+        newly_debugging = debug and not self.debug_mode
         self.debug_mode = debug
         self._choose_context(user_uid, line, context)
         self.call_centre_enabled = not _truthy(_get_ci(params, "disableCallCentre"))
@@ -500,6 +498,8 @@ class AgentSession:
             self._catching_up = True
             self._env.claim_line(self, line)
         self.state = SessionState.OPEN
+        if newly_debugging:
+            self._debug("in", json.dumps(cmd.raw, ensure_ascii=False))
         self._send(cp.connection_created_frame(self.connection_uid))
         if self._context_refusal is not None:
             self._error(MsgErrorType.CONNECTION_CONFIG_ERROR, f"OriginateContext: {self._context_refusal}")
