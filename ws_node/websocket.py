@@ -201,6 +201,12 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
         elif verdict is RateVerdict.DISCONNECT:
             log.warning("client floods; disconnecting", extra={"conn": self._conn_id()})
             self._close_with_error(CLOSE_POLICY_VIOLATION, "too many messages")
+            # Read nothing more from a flooder: Autobahn would otherwise unmask and validate all it
+            # keeps sending until the close handshake ends. The close frame still goes out, and
+            # Autobahn drops the socket when the handshake times out.
+            transport: Any = self.transport
+            if transport is not None:
+                transport.pauseProducing()
         return verdict
 
     def _signalr_text(self, text: str) -> None:
