@@ -179,7 +179,12 @@ class LocalCluster:
         else:
             document = {}
         if self.uses_simulator:
+            # The administrator's list of allowed contexts (docs/security.md) holds for the simulator too.
+            given = next((v for k, v in document.items() if k.lower() == "asterisk" and isinstance(v, dict)), {})
+            allowed = next((v for k, v in given.items() if k.lower() == "allowedoriginatecontexts"), "")
+            document = {k: v for k, v in document.items() if k.lower() != "asterisk"}
             document["Asterisk"] = {
+                "allowedOriginateContexts": allowed,
                 "url": "127.0.0.1",
                 "port": str(self.options.ami_port),
                 "userName": "cms",
