@@ -327,6 +327,10 @@ class CommandLimiter:
 DEBUG_SUPPRESSED = Counter(
     "cms_node_debug_lines_suppressed_total", "Debug traffic lines not logged: the user's budget was spent"
 )
+CONTEXT_REFUSED = Counter(
+    "cms_node_originate_context_refusals_total",
+    "OpenConnection named a dialplan context the administrator does not allow (dialling refused)",
+)
 DEBUG_REFUSED = Counter(
     "cms_node_debug_mode_refused_total", "OpenConnection asked for debugMode for a user the admin did not allow"
 )

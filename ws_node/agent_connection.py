@@ -22,8 +22,9 @@ refused user gets nothing of it: the administrator's assignments first, then fir
 served across the cluster (:class:`~ws_node.line_holders.LineHolders` in Redis). A line the
 administrator marked shared, or assigned to several users, is let in with a warning and
 ``cms_node_shared_line_claims_total``. Every refusal is logged and counted
-(``cms_node_line_refusals_total``). Commands are held to per-line and per-user budgets
-(:class:`~ws_node.admission.CommandLimiter`) before they reach the gateway.
+(``cms_node_line_refusals_total``). Commands are held to per-line and per-user budgets, the
+node's own (:class:`~ws_node.admission.CommandLimiter`) and the cluster's
+(:class:`~ws_node.command_quota.CommandQuota`, in Redis), before they reach the gateway.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from services.wire import Command, CommandResult, LineEvent, WireError
 from ws_node.admission import CommandLimiter
 from ws_node.agent_session import AgentSession, FrameMemo
 from ws_node.client_logs import ClientLogRefused, ClientLogStore
+from ws_node.command_quota import CommandQuota
 from ws_node.line_feed import LineFeed
 from ws_node.line_holders import HOLDER_STORE_ERRORS, LineHolders
 
@@ -106,6 +108,8 @@ class ConnectionHub:
         self.client_logs = client_logs
         self.security = security or SecurityConfig()
         self.command_limiter = command_limiter or CommandLimiter(clock=time.monotonic)
+        #: the same budgets, shared by every node (the node's own above still hold without Redis)
+        self.command_quota = CommandQuota(feed.redis, feed.prefix, self.command_limiter.limits)
         self.holders = LineHolders(feed.redis, feed.prefix, ttl_seconds=self.security.holder_ttl_seconds)
         feed.before_stop.append(self.holders.close)
         self.max_backlog_frames = max_backlog_frames
@@ -129,7 +133,7 @@ class AgentConnection:
     # A node holds thousands of these: no per-instance dict, and the backlog exists only while
     # the client is not reading.
     __slots__ = ("hub", "sink", "transport", "conn_id", "session", "_lines", "_agents", "_paused", "_closing",
-                 "_backlog", "_claims")
+                 "_backlog", "_claims", "_command_lock")
 
     def __init__(self, hub: ConnectionHub, sink: FrameSink, transport: str) -> None:
         self.hub = hub
@@ -145,6 +149,7 @@ class AgentConnection:
         self._backlog: collections.deque[str] | None = None
         #: line -> this connection's entry in the line's holder set
         self._claims: dict[str, str] = {}
+        self._command_lock: asyncio.Lock | None = None
         hub.connections.add(self)
         CLIENTS.labels(transport=transport).inc()
 
@@ -358,6 +363,19 @@ class AgentConnection:
         spawn(self._command(session, command))
 
     async def _command(self, session: AgentSession, command: Command) -> None:
+        # The cluster-wide budget, one check at a time per connection so its commands reach the
+        # gateway in the order they were sent (three DTMF digits stay "123").
+        lock = self._command_lock
+        if lock is None:
+            lock = self._command_lock = asyncio.Lock()
+        async with lock:
+            refusal = await self.hub.command_quota.check(command.line, session.user_uid, command.name)
+        if refusal is not None:
+            log.warning("line %s user %s: %s refused: %s", command.line, session.user_uid or "-",
+                        command.name.value, refusal, extra={"conn": self.conn_id, "line": command.line})
+            if self.session is session:
+                session.on_command_result(CommandResult(command.id, ok=False, error=refusal), command)
+            return
         result: CommandResult = await self.hub.feed.send_command(command)
         if self.session is session:
             session.on_command_result(result, command)

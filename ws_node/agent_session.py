@@ -67,7 +67,7 @@ from services.delivery_log import AgentKey, clean_id
 from services.line_access import SecurityConfig
 from services.wire import AgentState, Call, CallState, Command, CommandName, CommandResult, EventType, LineEvent
 from ws_node import creatio_protocol as cp
-from ws_node.admission import DEBUG_REFUSED, DebugBudget
+from ws_node.admission import CONTEXT_REFUSED, DEBUG_REFUSED, DebugBudget
 from ws_node.client_logs import ClientLogRefused, validate_name
 from ws_node.creatio_protocol import CtiCommand, MsgErrorType, ProtocolError
 
@@ -515,6 +515,7 @@ class AgentSession:
             checker = self._opts.asterisk or AsteriskConfig(originate_context=self.default_originate_context)
             self._context_refusal = checker.context_refusal(self._context_override)
             if self._context_refusal is not None:
+                CONTEXT_REFUSED.inc()
                 log.warning("OriginateContext refused conn=%s line=%s user=%s: %r is not allowed",
                             self.connection_uid, line, user_uid or "-", self._context_override)
 

@@ -38,7 +38,7 @@ if ARGV[5] == '1' then
   end
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(ARGV[2]) * 1000))
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return false
 """
 
@@ -67,7 +67,7 @@ class LineHolders:
         now = self._clock()
         other: Any = await self._redis.eval(
             _CLAIM, 1, self._key(line), f"{now:.3f}", f"{now + self.ttl:.3f}", member, user.lower(),
-            "1" if exclusive else "0",
+            "1" if exclusive else "0", str(int(self.ttl * 1000)),
         )
         if other:
             return "", other.decode("utf-8", "replace") if isinstance(other, bytes) else str(other)
@@ -103,7 +103,7 @@ class LineHolders:
         pipe = self._redis.pipeline(transaction=False)
         for line, member in list(self._mine.values()):
             pipe.zadd(self._key(line), {member: expires})
-            pipe.pexpireat(self._key(line), int(expires * 1000))
+            pipe.pexpire(self._key(line), int(self.ttl * 1000))
         try:
             await pipe.execute()
         except (OSError, aioredis.RedisError) as exc:
