@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import multiprocessing
 import os
 import socket
 import statistics
@@ -16,13 +15,13 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
 
+from bench.flood import FLOOD_BATCHES, flood_while_measuring
 from local_cluster.infra import Infrastructure
 from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
 from tests.support.creatio_client import (
@@ -283,60 +282,21 @@ def _hangup_all(cluster: LocalCluster) -> None:
 # ---- 4. every inbound message counts, SignalR pings and invocations included --------------------------
 
 
-def _flood(url: str, batch: str, seconds: float) -> tuple[int, list[int | None]]:
-    """One flooding client, in its own process (so the measuring agent's loop is not the one busy):
-    SignalR handshake, then ``batch`` as fast as the socket takes it, reconnecting whenever cut.
-    Returns the records it sent and the close code of every socket."""
-
-    async def run() -> tuple[int, list[int | None]]:
-        sent, codes = 0, []
-        until = time.monotonic() + seconds
-        while time.monotonic() < until:
-            with contextlib.suppress(OSError, websockets.WebSocketException):
-                async with websockets.connect(url, max_size=2**22, close_timeout=1) as hub:
-                    await hub.send('{"protocol":"json","version":1}' + RS)
-                    await hub.recv()
-                    with contextlib.suppress(websockets.ConnectionClosed):
-                        while time.monotonic() < until:
-                            await hub.send(batch)
-                            sent += batch.count(RS)
-                    if time.monotonic() < until:  # cut by the server, not by our own deadline
-                        with contextlib.suppress(websockets.ConnectionClosed, TimeoutError):
-                            async with asyncio.timeout(5):
-                                while True:
-                                    await hub.recv()
-                        codes.append(hub.close_code)
-        return sent, codes
-
-    return asyncio.run(run())
-
-
 def test_signalr_ping_and_invocation_floods_are_cut_and_another_agent_keeps_its_latency(
     cluster: LocalCluster,
 ) -> None:
     url = f"ws://127.0.0.1:{cluster.options.haproxy_port}/"
-    ping = '{"type":6}' + RS
-    invoke = json.dumps({"type": 1, "invocationId": "1", "target": "Ping", "arguments": []}) + RS
-    other = json.dumps({"type": 1, "invocationId": "2", "target": "NoSuchMethod", "arguments": []}) + RS
-    batches = [ping * 2000, invoke * 500, other * 500, ping]  # the last: one ping per WebSocket message
 
     async def main() -> None:
         disconnects_before = metric(cluster, "cms_node_rate_limit_disconnects_total")
         watcher = await agent(cluster, "317", DAVE)
         await watcher.open()
         baseline = await sample_round_trips(watcher, 3)
-        loop = asyncio.get_running_loop()
-        with ProcessPoolExecutor(len(batches), mp_context=multiprocessing.get_context("spawn")) as pool:
-            await asyncio.gather(*(loop.run_in_executor(pool, _flood, url, "", 0.0) for _ in batches))  # warm up
-            flooding = [loop.run_in_executor(pool, _flood, url, batch, 8.0) for batch in batches]
-            during = await sample_round_trips(watcher, 8)
-            results = await asyncio.gather(*flooding)
-        sent = sum(r[0] for r in results)
-        codes = [code for r in results for code in r[1]]
+        during, sent, codes = await flood_while_measuring(url, watcher, 8.0)
         p50_before, _ = figures("well-behaved agent before the SignalR flood", baseline)
         p50_during, _ = figures("well-behaved agent during the SignalR flood", during)
         disconnects = metric(cluster, "cms_node_rate_limit_disconnects_total") - disconnects_before
-        print(f"SignalR flood from {len(batches)} processes: {sent} records written by the flooders, "
+        print(f"SignalR flood from {len(FLOOD_BATCHES)} processes: {sent} records written by the flooders, "
               f"{len(codes)} sockets cut, close codes {sorted(set(map(str, codes)))}, "
               f"{disconnects:.0f} rate-limit disconnects counted")
         # 1008 in the close frame; a flooder blocked writing to a node that stopped reading it may
