@@ -776,6 +776,8 @@ class AgentSession:
                 log.info("debug line=%s user=%s: %d lines not logged (over %d a minute)", self.line,
                          self.user_uid, muted, budget.lines_per_minute)
             text = budget.cut(text)
+        # one line per frame: a client's raw newlines must not forge log lines
+        text = text.replace("\r", "\\r").replace("\n", "\\n")
         log.info("debug %s line=%s user=%s lib=%s: %s", direction, self.line, self.user_uid,
                  self.library_instance_uid, text)
 

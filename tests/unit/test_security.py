@@ -279,6 +279,15 @@ def test_debug_lines_are_bounded_per_user_in_number_and_length(caplog: pytest.Lo
     assert any("lines not logged (over 5 a minute)" in r.getMessage() for r in caplog.records)
 
 
+def test_a_debug_frame_cannot_forge_log_lines(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "ws_node.agent_session")
+    session, _env = session_with()
+    open_as(session, ALICE, "305", debugMode=True)
+    session.on_text('{"command":"QueryLineState",\n"x":"\r\n2026-12-07 ws_node INFO forged"}')
+    forged = [r.getMessage() for r in caplog.records if "forged" in r.getMessage()]
+    assert forged and all("\n" not in m and "\r" not in m for m in forged)
+
+
 def test_rotating_log_file(tmp_path: Path) -> None:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
