@@ -211,8 +211,9 @@ class AgentConnection:
         self._lines.add(line)
         spawn(self._follow(session, line))
 
-    async def _admitted(self, session: AgentSession, line: str) -> bool:
-        """Whether ``session``'s user may open ``line`` (holding it if first come); refuses otherwise."""
+    async def _admitted(self, session: AgentSession, line: str) -> str | None:
+        """Why ``session``'s user may open ``line`` (holding it if first come), or ``None`` when it
+        may not (the session has been told)."""
         user = session.user_uid
         decision = decide(self.hub.security, line, user)
         if decision.verdict is not Verdict.REFUSE:
@@ -224,13 +225,13 @@ class AgentConnection:
                 HOLDER_STORE_ERRORS.inc()
                 log.warning("line %s user %s: holders unknown (%s); admitted", line, user or "-", exc,
                             extra={"conn": self.conn_id})
-                return True
+                return "holders_unknown"
             if other is None:
                 if self.session is session and line in self._lines:
                     self._claims[line] = claim_id
-                    return True
+                    return decision.reason
                 spawn(self.hub.holders.release(claim_id))
-                return False
+                return None
             decision = decide(self.hub.security, line, user, holders=[other])
         LINE_REFUSALS.labels(reason=decision.reason).inc()
         log.warning("line %s refused to user %s (%s): %s", line, user or "-", decision.reason, decision.message,
@@ -238,10 +239,11 @@ class AgentConnection:
         if self.session is session and line in self._lines:
             self._lines.discard(line)
             session.on_line_refused(line, decision.message)
-        return False
+        return None
 
     async def _follow(self, session: AgentSession, line: str) -> None:
-        if not await self._admitted(session, line):
+        admitted = await self._admitted(session, line)
+        if admitted is None:
             return
         agent = session.agent_key
         try:
@@ -255,7 +257,7 @@ class AgentConnection:
         missed: list[LineEvent] = []
         if agent is not None:
             missed = await self._missed(agent, snapshot)
-            await self._check_holders(agent)
+            await self._check_holders(agent, warn=admitted in ("shared", "assigned"))
         if self.session is not session or line not in self._lines:
             return
         session.on_claimed(list(snapshot.calls), missed)
@@ -302,13 +304,15 @@ class AgentConnection:
                  last.encode(), extra={"conn": self.conn_id})
         return gap
 
-    async def _check_holders(self, agent: AgentKey) -> None:
+    async def _check_holders(self, agent: AgentKey, *, warn: bool) -> None:
+        """Note the user in the delivery log's holders; on a line several users may hold, say so
+        when another one is there (first come has already refused a second user elsewhere)."""
         try:
             others = await self.hub.delivery_log.claim(agent)
         except (OSError, aioredis.RedisError) as exc:
             log.info("line %s: holders unknown (%s)", agent.line, exc)
             return
-        if others:
+        if others and warn:
             SHARED_LINE_CLAIMS.inc()
             log.warning("line %s claimed by user %s while held by %s; both get its events",
                         agent.line, agent.user, ", ".join(others), extra={"conn": self.conn_id})

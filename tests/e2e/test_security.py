@@ -186,10 +186,13 @@ def test_a_second_user_cannot_open_a_line_another_user_holds_or_was_assigned(clu
         await dave.open()
         await dave.close()
 
-        # A line the administrator marked shared lets a second user in.
+        # A line the administrator marked shared lets a second user in, with a warning; Dave taking
+        # 307 after Carol left was no sharing.
+        shared_before = metric(cluster, "cms_node_shared_line_claims_total")
         first, second = await agent(cluster, "309", CAROL), await agent(cluster, "309", DAVE)
         await first.open()
         await second.open()
+        assert metric(cluster, "cms_node_shared_line_claims_total") == shared_before + 1
         for a in (first, second, alice):
             await a.close()
         assert metric(cluster, "cms_node_line_refusals_total") == refused_before + 4
