@@ -339,3 +339,63 @@ def test_open_cmd_helper_still_opens() -> None:  # the shared helper of these te
     session, env = session_with(SecurityConfig())
     session.on_text(open_cmd())
     assert env.take()[0]["eventType"] == 2
+
+
+# ---- the whole-request deadline (slowloris), without sockets --------------------------------------
+
+
+def _channel(deadline: float) -> tuple[Any, Any, Any]:
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from ws_node.http_deadline import BoundedHTTPChannel
+
+    clock = MemoryReactorClock()
+    root = Resource()
+    root.putChild(b"health", _Static(b"ok"))
+    site = Site(root, reactor=clock)
+    site_any: Any = site
+    site_any.protocol = lambda: BoundedHTTPChannel(deadline)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport, clock
+
+
+class _Static:
+    isLeaf = True
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def render(self, request: Any) -> bytes:
+        return self.body
+
+    def getChildWithDefault(self, name: bytes, request: Any) -> Any:
+        return self
+
+
+def test_a_request_dribbled_a_line_at_a_time_is_cut_at_the_deadline() -> None:
+    channel, transport, clock = _channel(10.0)
+    channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    for _ in range(9):  # a header a second: the idle timer alone would never fire
+        clock.advance(1)
+        channel.dataReceived(b"X-Slow: y\r\n")
+    assert not transport.disconnecting
+    clock.advance(1.1)
+    assert transport.disconnecting  # aborted
+
+
+def test_a_complete_request_is_not_cut_and_the_next_one_gets_its_own_deadline() -> None:
+    channel, transport, clock = _channel(10.0)
+    clock.advance(5)
+    channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"200 OK" in transport.value()
+    clock.advance(9)
+    assert not transport.disconnecting
+    channel.dataReceived(b"GET /health HTTP/1.1\r\n")  # the next request starts its own 10 s
+    clock.advance(9.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting
