@@ -144,9 +144,14 @@ def _number(command: Command) -> str:
 
 
 def _context(command: Command, config: AsteriskConfig) -> str:
+    """The node sends only a user's own context; it must be one the administrator allows, as a
+    browser can name any context in connectionParams (``from-trunk`` would dial out for free)."""
     context = command.args.get("context", "").strip() or config.originate_context
     if not _CONTEXT_RE.fullmatch(context):
-        raise CommandRefused(f"{command.name.value}: bad dialplan context {context!r}")
+        raise CommandRefused(f"{command.name.value}: bad dialplan context {context[:80]!r}")
+    refusal = config.context_refusal(context)
+    if refusal is not None:
+        raise CommandRefused(f"{command.name.value}: {refusal}")
     return context
 
 

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _stages() -> dict[str, Callable[[Context], StageResult]]:
     from bench.failover import stage_failover
+    from bench.flood import stage_flood
     from bench.stages_gateway import stage_gateway, stage_publish, stage_stall
     from bench.stages_nodes import stage_e2e, stage_fanout, stage_handshake, stage_idle
 
@@ -41,10 +42,11 @@ def _stages() -> dict[str, Callable[[Context], StageResult]]:
         "idle": stage_idle,
         "handshake": stage_handshake,
         "failover": stage_failover,
+        "flood": stage_flood,
     }
 
 
-STAGE_NAMES = ("gateway", "stall", "publish", "e2e", "fanout", "idle", "handshake", "failover")
+STAGE_NAMES = ("gateway", "stall", "publish", "e2e", "fanout", "idle", "handshake", "failover", "flood")
 STAGE_HELP = {
     "gateway": "AmiParser + CallTracker over synthesized AMI vs a bare split loop",
     "stall": "gateway AMI read loop while RabbitMQ is held and Redis delayed (TCP proxies)",
@@ -54,6 +56,7 @@ STAGE_HELP = {
     "idle": "10,000 idle agents on one node: RSS and keepalive CPU vs bare Autobahn",
     "handshake": "agent connections/s (handshake + LoadLibrary + OpenConnection) vs bare Autobahn",
     "failover": "kill -9 a node: figures from ops.drill.bench_figures() when it exists",
+    "flood": "a well-behaved agent's round trip while SignalR clients flood the cluster (issue 12)",
 }
 
 

@@ -376,6 +376,8 @@ class LocalCluster:
                                     "filePath": ""}
         else:
             document["Asterisk"] = {
+                # The administrator's list of allowed contexts (docs/security.md) holds for the simulator too.
+                "allowedOriginateContexts": ",".join(self.pbx.allowed_originate_contexts) if self.pbx else "",
                 "url": "127.0.0.1",
                 "port": str(self.options.ami_port),
                 "userName": "cms",
@@ -760,4 +762,5 @@ def _cms_block(pbx: AsteriskConfig) -> dict[str, str]:
         "autoPauseOnCommutationStart": flag[pbx.auto_pause_on_commutation_start],
         "traceQueuesState": flag[pbx.trace_queues_state], "packetInfoConfig": pbx.packet_info_config,
         "filePath": pbx.file_path, "parkingLotContext": pbx.parking_lot_context,
+        "allowedOriginateContexts": ",".join(pbx.allowed_originate_contexts),
     }

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.line_access import SecurityConfig, parse_security
+
 ASTERISK_KEYS = (
     "url",
     "port",
@@ -45,9 +47,12 @@ ASTERISK_KEYS = (
     "packetInfoConfig",
     "filePath",
     "parkingLotContext",
+    # ours, not CMS's: the only dialplan contexts a user's OriginateContext may name (docs/security.md)
+    "allowedOriginateContexts",
 )
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_CONTEXT_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
 
 
 class ConfigError(ValueError):
@@ -72,6 +77,20 @@ class AsteriskConfig:
     packet_info_config: str = ""
     file_path: str = ""
     parking_lot_context: str = ""
+    #: contexts an agent's own OriginateContext may name besides ``originate_context`` (docs/security.md)
+    allowed_originate_contexts: tuple[str, ...] = ()
+
+    def context_refusal(self, context: str) -> str | None:
+        """Why an agent may not originate into ``context`` (``None``: it may). The one check the node
+        (at OpenConnection, to tell the agent early) and the gateway (before any Originate) share."""
+        if context == self.originate_context or context in self.allowed_originate_contexts:
+            return None
+        allowed = ", ".join(dict.fromkeys((self.originate_context, *self.allowed_originate_contexts)))
+        return (
+            f"dialplan context {context[:80]!r} is not allowed on this server (allowed: {allowed}); "
+            "the administrator adds it to Asterisk.allowedOriginateContexts or clears the user's "
+            "Outgoing call context"
+        )
 
     @property
     def uses_pbx(self) -> bool:
@@ -106,6 +125,7 @@ class Settings:
     asterisk: AsteriskConfig
     cluster: ClusterConfig
     source: str = ""
+    security: SecurityConfig = field(default_factory=lambda: SecurityConfig())
     #: things worth an administrator's look that do not stop the start (unknown keys, typos)
     warnings: tuple[str, ...] = ()
 
@@ -138,11 +158,12 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
         cluster_block = _find_block(document, "cluster") or {}
         asterisk = parse_asterisk(asterisk_block, warnings=warnings)
         cluster = parse_cluster(cluster_block, env, warnings=warnings)
+        security = parse_security(_find_block(document, "security") or {}, asterisk)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
     if source:
         warnings = [f"{source}: {w}" for w in warnings]
-    return Settings(asterisk=asterisk, cluster=cluster, source=source, warnings=tuple(warnings))
+    return Settings(asterisk=asterisk, cluster=cluster, source=source, security=security, warnings=tuple(warnings))
 
 
 def _parse_json(text: str, source: str) -> dict[str, Any]:
@@ -208,6 +229,7 @@ def parse_asterisk(
         packet_info_config=reader.text("packetInfoConfig", defaults.packet_info_config),
         file_path=reader.text("filePath", defaults.file_path),
         parking_lot_context=reader.text("parkingLotContext", defaults.parking_lot_context),
+        allowed_originate_contexts=reader.names("allowedOriginateContexts", _CONTEXT_RE, "a dialplan context"),
     )
     if cfg.queue_extension_format and "{0}" not in cfg.queue_extension_format:
         raise ConfigError(
@@ -290,9 +312,10 @@ def _find_block(document: Any, name: str) -> dict[str, Any] | None:
 
 
 def _bare_asterisk_block(document: dict[str, Any]) -> dict[str, Any] | None:
-    """A document that is itself the Asterisk block (it holds url or userName at the top)."""
+    """A document that is itself the Asterisk block (it holds url or userName at the top). CMS's
+    values are all scalars: an object beside them is another block (Cluster, Security, Logging...)."""
     if any(str(k).lower() in ("url", "username") for k in document):
-        return {k: v for k, v in document.items() if str(k).lower() != "cluster"}
+        return {k: v for k, v in document.items() if not isinstance(v, dict)}
     return None
 
 
@@ -335,6 +358,20 @@ class _Reader:
         if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
             return False
         raise ConfigError(f"{self._where}.{key}: expected true or false, got {value!r}")
+
+    def names(self, key: str, pattern: re.Pattern[str], kind: str) -> tuple[str, ...]:
+        """A JSON list of names, or one comma-separated string (as CMS-style configs spell lists)."""
+        value = self._get(key)
+        if value is None or value == "":
+            return ()
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{self._where}.{key}: expected a list of strings or a comma-separated string")
+        names = tuple(i.strip() for i in items if i.strip())
+        for name in names:
+            if not pattern.fullmatch(name):
+                raise ConfigError(f"{self._where}.{key}: {name!r} is not {kind} (letters, digits, '_', '-')")
+        return names
 
     def integer(self, key: str, default: int, *, low: int, high: int) -> int:
         return int(self._bounded(key, default, int, "a whole number", low, high))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 import time
 from typing import Any
@@ -65,12 +66,30 @@ class TextFormatter(logging.Formatter):
         return _mask(f"{text} [{context}]" if context else text)
 
 
-def configure(process: str, *, json_lines: bool = False, level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(process))
-    handler.addFilter(_SecretFilter())
+def configure(
+    process: str,
+    *,
+    json_lines: bool = False,
+    level: str = "INFO",
+    log_file: str = "",
+    max_bytes: int = 20 * 1024 * 1024,
+    backups: int = 5,
+) -> None:
+    """Log to stderr; with ``log_file``, to that file, rotated at ``max_bytes`` keeping ``backups``
+    old files (so no client can fill the disk through the log), and only warnings to stderr."""
+    formatter = JsonFormatter() if json_lines else TextFormatter(process)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        rotating = logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+        )
+        handlers[0].setLevel(logging.WARNING)
+        handlers.append(rotating)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(_SecretFilter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(level.upper())
     for noisy in ("aiormq", "aio_pika", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="messages allowed in a burst above the rate [CMS_NODE_BURST]")
     security.add_argument("--flood-tolerance", type=int, default=_env("FLOOD_TOLERANCE", "50"),
                           help="messages over the rate within 10 s before disconnecting [CMS_NODE_FLOOD_TOLERANCE]")
+    security.add_argument("--command-limits", default=_env("COMMAND_LIMITS"),
+                          help="agent commands per line and per user, over the defaults: kind=burst:per_minute, "
+                               "comma-separated; kinds originate, transfer, dtmf, state, call; 0:0 = off "
+                               "[CMS_NODE_COMMAND_LIMITS]")
     security.add_argument("--handshake-timeout", type=float, default=_env("HANDSHAKE_TIMEOUT", "15"),
                           help="seconds from socket open to the first message / SignalR handshake "
                                "[CMS_NODE_HANDSHAKE_TIMEOUT]")
@@ -75,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: --host) [CMS_NODE_ADVERTISE_HOST]")
     parser.add_argument("--log-json", action="store_true", default=_env("LOG_JSON") in ("1", "true", "yes"))
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-file", default=_env("LOG_FILE"),
+                        help="log to this file, rotated (only warnings go to stderr then) [CMS_NODE_LOG_FILE]")
+    parser.add_argument("--log-max-bytes", type=int, default=_env("LOG_MAX_BYTES", str(20 * 1024 * 1024)),
+                        help="rotate the log file at this size [CMS_NODE_LOG_MAX_BYTES]")
+    parser.add_argument("--log-backups", type=int, default=_env("LOG_BACKUPS", "5"),
+                        help="rotated log files kept [CMS_NODE_LOG_BACKUPS]")
     return parser
 
 
@@ -117,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    from ws_node.admission import parse_command_limits
+
+    try:
+        parse_command_limits(args.command_limits)
+    except ValueError as exc:
+        print(f"configuration error: --command-limits / CMS_NODE_COMMAND_LIMITS: {exc}", file=sys.stderr)
+        return 2
 
     # The asyncio reactor must be installed, on the loop asyncio will use, before anything
     # imports twisted.internet.reactor (see FACTS.md).
@@ -139,7 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     from ws_node.agent_connection import spawn
     from ws_node.app import Node, NodeOptions
 
-    logs.configure(f"ws_node[{args.port}]", json_lines=args.log_json, level=args.log_level)
+    try:
+        logs.configure(f"ws_node[{args.port}]", json_lines=args.log_json, level=args.log_level,
+                       log_file=args.log_file, max_bytes=args.log_max_bytes, backups=args.log_backups)
+    except OSError as exc:
+        print(f"configuration error: --log-file / CMS_NODE_LOG_FILE {args.log_file}: {exc.strerror}", file=sys.stderr)
+        return 2
     log = logging.getLogger("ws_node")
     log.info("event loop: %s.%s", type(loop).__module__, type(loop).__name__)
     try:
@@ -159,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             signalr_ping_interval=args.signalr_ping_interval, signalr_client_timeout=args.signalr_client_timeout,
             max_backlog_frames=args.max_backlog_frames, drain_seconds=args.drain_seconds,
             client_log_dir=args.client_log_dir, admin_token=args.admin_token, advertise_host=args.advertise_host,
+            command_limits=args.command_limits,
         ),
     )
     stopping = False

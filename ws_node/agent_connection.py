@@ -17,9 +17,14 @@ history from there to the current snapshot and hands both to the session, which 
 calls that ended in the gap before the snapshot. When the history no longer covers the gap,
 that is logged and counted and the agent gets the snapshot alone.
 
-Shared lines: a second Creatio user claiming a line that another user held within the last
-minute is let in (a supervisor, or a line reassigned in Creatio, must not be locked out by a
-stale claim), with a warning in the log and ``cms_node_shared_line_claims_total``.
+Who may open a line (``services.line_access``) is decided before the line is followed, so a
+refused user gets nothing of it: the administrator's assignments first, then first come, first
+served across the cluster (:class:`~ws_node.line_holders.LineHolders` in Redis). A line the
+administrator marked shared, or assigned to several users, is let in with a warning and
+``cms_node_shared_line_claims_total``. Every refusal is logged and counted
+(``cms_node_line_refusals_total``). Commands are held to per-line and per-user budgets, the
+node's own (:class:`~ws_node.admission.CommandLimiter`) and the cluster's
+(:class:`~ws_node.command_quota.CommandQuota`, in Redis), before they reach the gateway.
 """
 
 from __future__ import annotations
@@ -36,11 +41,15 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.delivery_log import AgentKey, DeliveryLog, Position
+from services.line_access import SecurityConfig, Verdict, decide
 from services.line_state import HistoryUnavailable, LineSnapshot
 from services.wire import Command, CommandResult, LineEvent, WireError
+from ws_node.admission import CommandLimiter
 from ws_node.agent_session import AgentSession, FrameMemo
 from ws_node.client_logs import ClientLogRefused, ClientLogStore
+from ws_node.command_quota import CommandQuota
 from ws_node.line_feed import LineFeed
+from ws_node.line_holders import HOLDER_STORE_ERRORS, LineHolders
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,11 @@ REPLAYED_EVENTS = Counter("cms_node_replayed_events_total", "Missed call events 
 SHARED_LINE_CLAIMS = Counter(
     "cms_node_shared_line_claims_total", "Lines claimed by a Creatio user while another user held them"
 )
+LINE_REFUSALS = Counter(
+    "cms_node_line_refusals_total", "OpenConnection refused: the user may not open that line", ["reason"]
+)
+for _reason in ("assigned_to_other", "not_your_line", "unassigned", "held_by_other"):
+    LINE_REFUSALS.labels(reason=_reason)
 END_TO_END = Histogram(
     "cms_end_to_end_latency_seconds",
     "From AMI bytes received by the gateway to the WebSocket frame handed to the socket",
@@ -87,9 +101,17 @@ class ConnectionHub:
         session_options: dict[str, Any] | None = None,
         delivery_log: DeliveryLog | None = None,
         client_logs: ClientLogStore | None = None,
+        security: SecurityConfig | None = None,
+        command_limiter: CommandLimiter | None = None,
     ) -> None:
         self.feed = feed
         self.client_logs = client_logs
+        self.security = security or SecurityConfig()
+        self.command_limiter = command_limiter or CommandLimiter(clock=time.monotonic)
+        #: the same budgets, shared by every node (the node's own above still hold without Redis)
+        self.command_quota = CommandQuota(feed.redis, feed.prefix, self.command_limiter.limits)
+        self.holders = LineHolders(feed.redis, feed.prefix, ttl_seconds=self.security.holder_ttl_seconds)
+        feed.before_stop.append(self.holders.close)
         self.max_backlog_frames = max_backlog_frames
         self.session_options = session_options or {}
         # One event's frames are encoded once per node and shared by every tab of the line.
@@ -111,7 +133,7 @@ class AgentConnection:
     # A node holds thousands of these: no per-instance dict, and the backlog exists only while
     # the client is not reading.
     __slots__ = ("hub", "sink", "transport", "conn_id", "session", "_lines", "_agents", "_paused", "_closing",
-                 "_backlog")
+                 "_backlog", "_claims", "_command_lock")
 
     def __init__(self, hub: ConnectionHub, sink: FrameSink, transport: str) -> None:
         self.hub = hub
@@ -125,6 +147,9 @@ class AgentConnection:
         self._paused = False
         self._closing = False
         self._backlog: collections.deque[str] | None = None
+        #: line -> this connection's entry in the line's holder set
+        self._claims: dict[str, str] = {}
+        self._command_lock: asyncio.Lock | None = None
         hub.connections.add(self)
         CLIENTS.labels(transport=transport).inc()
 
@@ -186,7 +211,40 @@ class AgentConnection:
         self._lines.add(line)
         spawn(self._follow(session, line))
 
+    async def _admitted(self, session: AgentSession, line: str) -> str | None:
+        """Why ``session``'s user may open ``line`` (holding it if first come), or ``None`` when it
+        may not (the session has been told)."""
+        user = session.user_uid
+        decision = decide(self.hub.security, line, user)
+        if decision.verdict is not Verdict.REFUSE:
+            exclusive = decision.verdict is Verdict.FIRST_COME
+            try:
+                claim_id, other = await self.hub.holders.claim(line, user, exclusive=exclusive)
+            except (OSError, aioredis.RedisError) as exc:
+                # Redis down: live events still flow; first come cannot be checked meanwhile.
+                HOLDER_STORE_ERRORS.inc()
+                log.warning("line %s user %s: holders unknown (%s); admitted", line, user or "-", exc,
+                            extra={"conn": self.conn_id})
+                return "holders_unknown"
+            if other is None:
+                if self.session is session and line in self._lines:
+                    self._claims[line] = claim_id
+                    return decision.reason
+                spawn(self.hub.holders.release(claim_id))
+                return None
+            decision = decide(self.hub.security, line, user, holders=[other])
+        LINE_REFUSALS.labels(reason=decision.reason).inc()
+        log.warning("line %s refused to user %s (%s): %s", line, user or "-", decision.reason, decision.message,
+                    extra={"conn": self.conn_id, "line": line})
+        if self.session is session and line in self._lines:
+            self._lines.discard(line)
+            session.on_line_refused(line, decision.message)
+        return None
+
     async def _follow(self, session: AgentSession, line: str) -> None:
+        admitted = await self._admitted(session, line)
+        if admitted is None:
+            return
         agent = session.agent_key
         try:
             snapshot = await self.hub.feed.follow(self, line)
@@ -199,7 +257,7 @@ class AgentConnection:
         missed: list[LineEvent] = []
         if agent is not None:
             missed = await self._missed(agent, snapshot)
-            await self._check_holders(agent)
+            await self._check_holders(agent, warn=admitted in ("shared", "assigned"))
         if self.session is not session or line not in self._lines:
             return
         session.on_claimed(list(snapshot.calls), missed)
@@ -246,18 +304,23 @@ class AgentConnection:
                  last.encode(), extra={"conn": self.conn_id})
         return gap
 
-    async def _check_holders(self, agent: AgentKey) -> None:
+    async def _check_holders(self, agent: AgentKey, *, warn: bool) -> None:
+        """Note the user in the delivery log's holders; on a line several users may hold, say so
+        when another one is there (first come has already refused a second user elsewhere)."""
         try:
             others = await self.hub.delivery_log.claim(agent)
         except (OSError, aioredis.RedisError) as exc:
             log.info("line %s: holders unknown (%s)", agent.line, exc)
             return
-        if others:
+        if others and warn:
             SHARED_LINE_CLAIMS.inc()
             log.warning("line %s claimed by user %s while held by %s; both get its events",
                         agent.line, agent.user, ", ".join(others), extra={"conn": self.conn_id})
 
     def _forget(self, line: str) -> None:
+        claim_id = self._claims.pop(line, None)
+        if claim_id is not None:
+            spawn(self.hub.holders.release(claim_id))
         agent = self._agents.pop(line, None)
         if agent is not None:
             self.hub.delivery_log.detach(agent)
@@ -277,7 +340,7 @@ class AgentConnection:
         except Exception as exc:
             log.warning("line %s: snapshot failed (%s)", line, exc, extra={"conn": self.conn_id})
             if self.session is session:
-                session.on_snapshot_failed(f"call state store unavailable: {exc.__class__.__name__}")
+                session.on_snapshot_failed("call state store unavailable, try again shortly")
             return
         if self.session is session:
             session.on_snapshot(list(snapshot.calls), snapshot.agent)
@@ -295,9 +358,28 @@ class AgentConnection:
             session.on_agent_state(snapshot.agent)
 
     def submit_command(self, session: AgentSession, command: Command) -> None:
+        refusal = self.hub.command_limiter.check(command.line, session.user_uid, command.name)
+        if refusal is not None:
+            log.warning("line %s user %s: %s refused: %s", command.line, session.user_uid or "-",
+                        command.name.value, refusal, extra={"conn": self.conn_id, "line": command.line})
+            session.on_command_result(CommandResult(command.id, ok=False, error=refusal), command)
+            return
         spawn(self._command(session, command))
 
     async def _command(self, session: AgentSession, command: Command) -> None:
+        # The cluster-wide budget, one check at a time per connection so its commands reach the
+        # gateway in the order they were sent (three DTMF digits stay "123").
+        lock = self._command_lock
+        if lock is None:
+            lock = self._command_lock = asyncio.Lock()
+        async with lock:
+            refusal = await self.hub.command_quota.check(command.line, session.user_uid, command.name)
+        if refusal is not None:
+            log.warning("line %s user %s: %s refused: %s", command.line, session.user_uid or "-",
+                        command.name.value, refusal, extra={"conn": self.conn_id, "line": command.line})
+            if self.session is session:
+                session.on_command_result(CommandResult(command.id, ok=False, error=refusal), command)
+            return
         result: CommandResult = await self.hub.feed.send_command(command)
         if self.session is session:
             session.on_command_result(result, command)

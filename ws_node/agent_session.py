@@ -36,8 +36,17 @@ Rules, from the client's source (docs/creatio-protocol.md has the details):
    events are held back (in order) and a snapshot request waits, so the client sees: the
    gap's ended calls (RING_STARTED ... RING_FINISHED, so the CRM logs them), then the live
    events that came meanwhile, then the snapshot it asked for.
-7. ``debugMode`` in ``connectionParams`` logs this session's traffic in full (both ways), and
-   only this session's; the flag is per session, nothing global changes.
+7. ``debugMode`` in ``connectionParams`` logs this session's traffic (both ways), and only this
+   session's, when the administrator allowed debugging for this user (``Security.users[].debug``);
+   the lines are bounded per user in number and length (:class:`DebugBudget`).
+8. The dialplan context comes from the administrator: the user's ``originateContext`` in the
+   Security block, else ``connectionParams.OriginateContext`` if the server allows it
+   (``AsteriskConfig.context_refusal``, the gateway's own check), else the server's default,
+   which is not sent (the gateway owns it). A context the server does not allow is reported at
+   OpenConnection and refuses every dialling command.
+9. Who may open a line is decided by the shell (``services.line_access``); a refusal arrives as
+   :meth:`AgentSession.on_line_refused`: an ERROR, a DISCONNECTED without reconnect, nothing of the
+   line was sent.
 """
 
 from __future__ import annotations
@@ -53,9 +62,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from services.config import AsteriskConfig
 from services.delivery_log import AgentKey, clean_id
+from services.line_access import SecurityConfig
 from services.wire import AgentState, Call, CallState, Command, CommandName, CommandResult, EventType, LineEvent
 from ws_node import creatio_protocol as cp
+from ws_node.admission import CONTEXT_REFUSED, DEBUG_REFUSED, DebugBudget
 from ws_node.client_logs import ClientLogRefused, validate_name
 from ws_node.creatio_protocol import CtiCommand, MsgErrorType, ProtocolError
 
@@ -101,6 +113,12 @@ class SessionOptions:
     max_held_events: int = 1000
     #: ProcessLogs/SetLogFilePath are honoured only when the node has a client log folder
     client_logs: bool = False
+    #: which dialplan contexts an agent may use (``None``: only the session's default context)
+    asterisk: AsteriskConfig | None = None
+    #: per-user settings from the administrator: line, context, debugging
+    security: SecurityConfig = SecurityConfig()
+    #: node-wide, shared by every session: bounds each user's debug lines
+    debug_budget: DebugBudget | None = None
 
 
 class FrameMemo:
@@ -177,7 +195,8 @@ class AgentSession:
     __slots__ = (
         "_env", "_opts", "_memo", "_clock", "_new_id", "state", "library_instance_uid", "connection_uid", "line",
         "default_originate_context", "originate_context", "debug_mode", "call_centre_enabled", "user_uid", "_calls",
-        "_agent", "_catching_up", "_held", "_snapshot_wanted", "replayed", "_log_file",
+        "_agent", "_catching_up", "_held", "_snapshot_wanted", "replayed", "_log_file", "_context_override",
+        "_context_refusal",
     )
 
     def __init__(
@@ -200,9 +219,11 @@ class AgentSession:
         self.library_instance_uid = ""
         self.connection_uid = ""
         self.line: str | None = None
-        #: node default; ``connectionParams.OriginateContext`` overrides it per user
+        #: node default (the gateway's own); a user's allowed context overrides it (rule 8)
         self.default_originate_context = originate_context
         self.originate_context = originate_context
+        self._context_override = ""
+        self._context_refusal: str | None = None
         self.debug_mode = False
         self.call_centre_enabled = True
         self.user_uid = ""
@@ -451,15 +472,20 @@ class AgentSession:
             raise _Refused(MsgErrorType.CONNECTION_CONFIG_ERROR, "bad OriginateContext")
         session_params = cmd.params.get("sessionServiceParams") or {}
         user = _get_ci(session_params, "UserUId")
+        user_uid = clean_id(user)
+        security = self._opts.security
 
         debug = _truthy(_get_ci(params, "debugMode"))
-        if debug and not self.debug_mode:
-            self.debug_mode = True
-            self._debug("in", json.dumps(cmd.raw, ensure_ascii=False))
+        if debug and not security.debug_allowed(user_uid, line):
+            if not self.debug_mode:
+                DEBUG_REFUSED.inc()
+                log.info("debugMode refused conn=%s line=%s user=%s: not allowed for this user by the administrator",
+                         self.connection_uid, line, user_uid or "-")
+            debug = False
+        newly_debugging = debug and not self.debug_mode
         self.debug_mode = debug
-        self.originate_context = context or self.default_originate_context
+        self._choose_context(user_uid, line, context)
         self.call_centre_enabled = not _truthy(_get_ci(params, "disableCallCentre"))
-        user_uid = clean_id(user)
         if not self.library_instance_uid:
             self.library_instance_uid = clean_id(cmd.library_instance_uid) or str(uuid.uuid4())
         if self.line != line or self.user_uid != user_uid:
@@ -472,7 +498,41 @@ class AgentSession:
             self._catching_up = True
             self._env.claim_line(self, line)
         self.state = SessionState.OPEN
+        if newly_debugging:
+            self._debug("in", json.dumps(cmd.raw, ensure_ascii=False))
         self._send(cp.connection_created_frame(self.connection_uid))
+        if self._context_refusal is not None:
+            self._error(MsgErrorType.CONNECTION_CONFIG_ERROR, f"OriginateContext: {self._context_refusal}")
+
+    def _choose_context(self, user_uid: str, line: str, requested: str) -> None:
+        """Rule 8: the administrator's context for this user, else the browser's if allowed."""
+        assignment = self._opts.security.assignment(user_uid, line)
+        wanted = (assignment.originate_context if assignment is not None else "") or requested
+        self.originate_context = wanted or self.default_originate_context
+        self._context_override = wanted if wanted and wanted != self.default_originate_context else ""
+        self._context_refusal = None
+        if self._context_override:
+            checker = self._opts.asterisk or AsteriskConfig(originate_context=self.default_originate_context)
+            self._context_refusal = checker.context_refusal(self._context_override)
+            if self._context_refusal is not None:
+                CONTEXT_REFUSED.inc()
+                log.warning("OriginateContext refused conn=%s line=%s user=%s: %r is not allowed",
+                            self.connection_uid, line, user_uid or "-", self._context_override)
+
+    def on_line_refused(self, line: str, message: str) -> None:
+        """The shell refused this user the line (rule 9): nothing of it was sent, nothing is kept."""
+        if self.state is not SessionState.OPEN or self.line != line:
+            return
+        uid = self.connection_uid
+        self.line = None
+        self._calls.clear()
+        self._agent = None
+        self._catching_up = False
+        self._held = []
+        self._snapshot_wanted = False
+        self.state = SessionState.LIBRARY
+        self._error(MsgErrorType.CONNECTION_CONFIG_ERROR, message)
+        self._send(cp.disconnected_frame("LineRefused", connection_uid=uid, reconnect=False))
 
     def _close_connection(self, cmd: cp.ClientCommand) -> None:
         uid = self.connection_uid
@@ -483,7 +543,7 @@ class AgentSession:
 
     def _make_call(self, cmd: cp.ClientCommand) -> None:
         target = self._target(cmd)
-        self._submit(CommandName.MAKE_CALL, self._with_context({"number": target}))
+        self._submit(CommandName.MAKE_CALL, self._with_context({"number": target}, CommandName.MAKE_CALL))
 
     def _answer(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
@@ -507,12 +567,14 @@ class AgentSession:
     def _blind_transfer(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
         target = self._target(cmd)
-        self._submit(CommandName.BLIND_TRANSFER, self._with_context({"call_id": call.id, "number": target}))
+        self._submit(CommandName.BLIND_TRANSFER,
+                     self._with_context({"call_id": call.id, "number": target}, CommandName.BLIND_TRANSFER))
 
     def _consult(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
         target = self._target(cmd)
-        self._submit(CommandName.CONSULT_CALL, self._with_context({"call_id": call.id, "number": target}))
+        self._submit(CommandName.CONSULT_CALL,
+                     self._with_context({"call_id": call.id, "number": target}, CommandName.CONSULT_CALL))
 
     def _transfer(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
@@ -620,9 +682,11 @@ class AgentSession:
             log.debug("submit conn=%s line=%s cmd=%s args=%s", self.connection_uid, self.line, name, args)
         self._env.submit_command(self, command)
 
-    def _with_context(self, args: dict[str, str]) -> dict[str, str]:
-        if self.originate_context:
-            args["context"] = self.originate_context
+    def _with_context(self, args: dict[str, str], name: CommandName) -> dict[str, str]:
+        if self._context_refusal is not None:
+            raise _Refused(MsgErrorType.COMMAND_ERROR, f"{name.value}: {self._context_refusal}")
+        if self._context_override:
+            args["context"] = self._context_override
         return args
 
     def _target(self, cmd: cp.ClientCommand) -> str:
@@ -702,6 +766,18 @@ class AgentSession:
     def _debug(self, direction: str, text: str) -> None:
         # INFO, not DEBUG: the point is to see one agent's traffic without turning the whole
         # node's log level down. Frames carry no secrets (the deployment key is in the URL).
+        # Bounded per user (rule 7): a client cannot turn the node's log into a disk filler.
+        budget = self._opts.debug_budget
+        if budget is not None:
+            admitted, muted = budget.admit(self.user_uid or f"lib:{self.library_instance_uid}")
+            if not admitted:
+                return
+            if muted:
+                log.info("debug line=%s user=%s: %d lines not logged (over %d a minute)", self.line,
+                         self.user_uid, muted, budget.lines_per_minute)
+            text = budget.cut(text)
+        # one line per frame: a client's raw newlines must not forge log lines
+        text = text.replace("\r", "\\r").replace("\n", "\\n")
         log.info("debug %s line=%s user=%s lib=%s: %s", direction, self.line, self.user_uid,
                  self.library_instance_uid, text)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from prometheus_client import Gauge
 from services.config import Settings, redact_url
 from services.heartbeat import Heartbeat
 from services.topology import Topology
-from ws_node.admission import AdmissionPolicy
+from ws_node.admission import AdmissionPolicy, CommandLimiter, DebugBudget, parse_command_limits
 from ws_node.agent_connection import ConnectionHub
 from ws_node.agent_session import SessionOptions
 from ws_node.client_logs import ClientLogStore
@@ -57,6 +58,8 @@ class NodeOptions:
     #: the name other nodes reach this node's /metrics and /health by (default: host, or this
     #: machine's name when listening on every address)
     advertise_host: str = ""
+    #: per-line/per-user command budgets over the defaults, ``kind=burst:per_minute,...`` (admission.py)
+    command_limits: str = ""
 
     def __repr__(self) -> str:  # the token secret never reaches a log through a repr
         return (
@@ -80,14 +83,20 @@ class Node:
             command_ttl_seconds=settings.cluster.command_ttl_seconds,
         )
         self.draining = False
+        security = settings.security
         self.hub = ConnectionHub(
             self.feed,
             max_backlog_frames=options.max_backlog_frames,
             session_options={
                 "originate_context": settings.asterisk.originate_context,
-                "options": SessionOptions(client_logs=bool(options.client_log_dir)),
+                "options": SessionOptions(
+                    client_logs=bool(options.client_log_dir), asterisk=settings.asterisk, security=security,
+                    debug_budget=DebugBudget(security.debug_lines_per_minute, security.debug_max_chars, time.monotonic),
+                ),
             },
             client_logs=ClientLogStore(Path(options.client_log_dir)) if options.client_log_dir else None,
+            security=security,
+            command_limiter=CommandLimiter(parse_command_limits(options.command_limits), time.monotonic),
         )
         self.tokens = ConnectionTokens(
             derive_secret(options.signalr_token_secret, options.admission.deployment_key),

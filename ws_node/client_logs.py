@@ -4,7 +4,7 @@ Creatio's client can ask the messaging service to write its logs (``ProcessLogs`
 the file (``SetLogFilePath``). A browser choosing server file paths is a hole, so the feature is
 off unless the administrator names a folder (``--client-log-dir``), and then every path is a
 plain relative file name inside that folder: no absolute paths, no ``..``, no separators, no
-symlink leading out. Files are capped in size; what does not fit is refused, not truncated
+symlink or hard link leading out. Files are capped in size; what does not fit is refused, not truncated
 silently.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -55,7 +56,13 @@ class ClientLogStore:
         except OSError as exc:
             raise ClientLogRefused(f"cannot open the log file: {exc.strerror}") from None
         try:
-            if os.fstat(fd).st_size + len(data) > self.max_file_bytes:
+            info = os.fstat(fd)
+            # A hard link made beforehand by someone with access to the folder would let us
+            # append to a file elsewhere (O_NOFOLLOW only stops symlinks): write only to a
+            # regular file that has no other name.
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                raise ClientLogRefused("the log file is not a plain file of this folder")
+            if info.st_size + len(data) > self.max_file_bytes:
                 raise ClientLogRefused("log file is full")
             os.write(fd, data)
         finally:

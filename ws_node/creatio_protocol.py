@@ -210,7 +210,7 @@ def decode_client_message(text: str | bytes, *, max_bytes: int) -> ClientCommand
     try:
         data = json.loads(text)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ProtocolError(MsgErrorType.GENERAL_ERROR, f"message is not JSON: {exc}") from None
+        raise ProtocolError(MsgErrorType.GENERAL_ERROR, f"message is not JSON: {json_error_text(exc)}") from None
     if not isinstance(data, dict):
         raise ProtocolError(MsgErrorType.GENERAL_ERROR, "message is not a JSON object")
     name = data.get("command")
@@ -242,6 +242,18 @@ def decode_client_message(text: str | bytes, *, max_bytes: int) -> ClientCommand
     )
 
 
+def json_error_text(exc: Exception) -> str:
+    """What a client is told about its bad JSON: the position of a syntax error, never the text of
+    an interpreter limit (recursion depth, integer digits), which describes us, not the input."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not valid UTF-8"
+    return "a value is out of range (e.g. a number too long)"
+
+
 def _too_big(text: str | bytes, max_bytes: int) -> bool:
     if isinstance(text, bytes | bytearray):
         return len(text) > max_bytes
@@ -265,7 +277,7 @@ def _json_object(value: Any, key: str) -> dict[str, Any] | None:
     try:
         decoded = json.loads(value)
     except (ValueError, RecursionError) as exc:
-        raise ProtocolError(MsgErrorType.COMMAND_ERROR, f"{key} is not valid JSON: {exc}") from None
+        raise ProtocolError(MsgErrorType.COMMAND_ERROR, f"{key} is not valid JSON: {json_error_text(exc)}") from None
     if decoded is not None and not isinstance(decoded, dict):
         raise ProtocolError(MsgErrorType.COMMAND_ERROR, f"{key} is not a JSON object")
     return decoded

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from twisted.web.server import Request, Site
 from twisted.web.static import File
 
 from ws_node.admission import AdmissionPolicy, admit, origin_allowed
+from ws_node.http_deadline import BoundedHTTPChannel
 from ws_node.signalr_token import ConnectionTokens
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -192,6 +194,7 @@ def build_site(
     *,
     idle_timeout: float = 30.0,
     status: Resource | None = None,
+    request_deadline: float = 10.0,
 ) -> Site:
     root = RootResource(AgentEndpoint(WebSocketResource(ws_factory), negotiate))
     children: dict[bytes, Any] = {
@@ -209,4 +212,7 @@ def build_site(
     site = Site(root, timeout=idle_timeout)
     site.displayTracebacks = False
     site.noisy = False
+    # A whole request within ``request_deadline``, however slowly its bytes come (slowloris).
+    site_any: Any = site
+    site_any.protocol = functools.partial(BoundedHTTPChannel, request_deadline)
     return site

@@ -61,6 +61,8 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 PREPARED_CACHE_SIZE = 64
 
 RATE_WARNING = "too many messages: slow down (messages over the limit are dropped)"
+#: from a flooder's close frame to dropping its socket
+FLOODER_DROP_SECONDS = 1.0
 
 
 def _pformat_if_debugging(obj: object, *args: Any, **kwargs: Any) -> str:
@@ -185,20 +187,49 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
             if self.connection is not None:
                 self.connection.received(text)
 
-    def _rate_verdict(self) -> RateVerdict:
-        verdict = self.rate.check() if self.rate is not None else RateVerdict.ACCEPT
+    def onPing(self, payload: bytes) -> None:
+        # WebSocket pings are client messages too: each is answered, so each is counted.
+        if self.state == WebSocketServerProtocol.STATE_OPEN and self._rate_verdict() is RateVerdict.ACCEPT:
+            self.sendPong(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self._rate_verdict()
+
+    def _rate_verdict(self, cost: int = 1) -> RateVerdict:
+        verdict = self.rate.check(cost) if self.rate is not None else RateVerdict.ACCEPT
         if verdict is RateVerdict.REFUSE_AND_WARN and self.connection is not None:
             self.connection.send_frame(error_frame(MsgErrorType.GENERAL_ERROR, RATE_WARNING))
         elif verdict is RateVerdict.DISCONNECT:
             log.warning("client floods; disconnecting", extra={"conn": self._conn_id()})
             self._close_with_error(CLOSE_POLICY_VIOLATION, "too many messages")
+            self._stop_reading_and_drop()
         return verdict
+
+    def _stop_reading_and_drop(self) -> None:
+        """Read nothing more from a flooder (Autobahn would unmask and validate everything it keeps
+        sending until the close handshake times out: a tenfold rise in other agents' latency was
+        measured), and drop it once the close frame has had time to leave."""
+        transport: Any = self.transport
+        if transport is None:
+            return
+        transport.pauseProducing()
+        _txaio.call_later(FLOODER_DROP_SECONDS, self.dropConnection, True)
 
     def _signalr_text(self, text: str) -> None:
         hub, keepalive = self.hub_protocol, self.keepalive
         if hub is None or keepalive is None:
             return
         keepalive.received(self.factory.clock())
+        # Every record counts (pings, any invocation, the handshake), before any is parsed: a
+        # message batching thousands of records costs its sender thousands of messages.
+        records = text.count(signalr.RECORD_SEPARATOR)
+        verdict = self._rate_verdict(max(1, records))
+        if verdict is RateVerdict.DISCONNECT:
+            return
+        refused = verdict is not RateVerdict.ACCEPT
+        if refused and records > 1:
+            return  # dropped unread
         for event in hub.receive_text(text):
             if self.state != WebSocketServerProtocol.STATE_OPEN:
                 return
@@ -206,7 +237,10 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
                 self._send_record(signalr.HANDSHAKE_OK)
                 self._attach("signalr")
             elif isinstance(event, signalr.Invocation):
-                self._invoke(event)
+                if not refused:
+                    self._invoke(event)
+                elif event.invocation_id is not None:  # the client waits for an answer to each invoke
+                    self._send_record(signalr.completion(event.invocation_id, error=RATE_WARNING))
             elif isinstance(event, signalr.HandshakeFailed):
                 PROTOCOL_VIOLATIONS.labels(kind="signalr_handshake").inc()
                 self._send_record(signalr.handshake_error(event.message))
@@ -220,16 +254,8 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
 
     def _invoke(self, invocation: signalr.Invocation) -> None:
         call = signalr.dispatch(invocation)
-        if call.session_text is not None:
-            verdict = self._rate_verdict()
-            if verdict is RateVerdict.DISCONNECT:
-                return
-            if verdict is not RateVerdict.ACCEPT:
-                if invocation.invocation_id is not None:
-                    self._send_record(signalr.completion(invocation.invocation_id, error=RATE_WARNING))
-                return
-            if self.connection is not None:
-                self.connection.received(call.session_text)
+        if call.session_text is not None and self.connection is not None:
+            self.connection.received(call.session_text)
         if call.reply is not None and self.state == WebSocketServerProtocol.STATE_OPEN:
             self._send_record(call.reply)
 

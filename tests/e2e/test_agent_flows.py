@@ -40,10 +40,21 @@ CAN_DIAL, CAN_ANSWER, CAN_DROP, CAN_HOLD = 0x2, 0x4, 0x8, 0x10
 CAN_BLIND_TRANSFER, CAN_MAKE_CONSULT_CALL, CAN_DTMF = 0x100, 0x200, 0x400
 
 
+LOUD_USER = "10ad0000-0000-4000-8000-000000000431"
+
+
 @pytest.fixture(scope="module")
 def cluster(infra: Infrastructure, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     run_dir = tmp_path_factory.mktemp("flows") / "run"
-    options = ClusterOptions.ephemeral(run_dir, amqp_url=infra.amqp_url, redis_url=infra.redis_url)
+    # What the administrator allows these flows (docs/security.md): one user's own context and
+    # debugging, and a line two users may share.
+    config = run_dir.parent / "appsettings.json"
+    config.write_text(json.dumps({
+        "Asterisk": {"allowedOriginateContexts": ["from-crm"]},
+        "Security": {"users": [{"userUId": LOUD_USER, "line": "431", "originateContext": "from-crm", "debug": True}],
+                     "sharedLines": ["442"]},
+    }))
+    options = ClusterOptions.ephemeral(run_dir, amqp_url=infra.amqp_url, redis_url=infra.redis_url, config=config)
     local = LocalCluster(options)
     local.start(timeout=60)
     try:
@@ -206,7 +217,8 @@ def test_make_call_uses_the_users_originate_context_and_debug_mode_logs_only_tha
     cluster: LocalCluster,
 ) -> None:
     async def main() -> None:
-        loud = await opened(cluster, "431", connection_params={"OriginateContext": "from-crm", "debugMode": True})
+        loud = await opened(cluster, "431", user_uid=LOUD_USER,
+                            connection_params={"OriginateContext": "from-crm", "debugMode": True})
         quiet = await opened(cluster, "432", connection_params={"debugMode": False})
         try:
             marks = (len(loud.events), len(quiet.events))
@@ -263,7 +275,7 @@ def test_two_tabs_of_one_agent_on_different_nodes_both_get_the_events(cluster: L
     asyncio.run(main())
 
 
-def test_a_second_user_on_a_held_line_is_let_in_with_a_warning(cluster: LocalCluster) -> None:
+def test_a_second_user_on_a_shared_line_is_let_in_with_a_warning(cluster: LocalCluster) -> None:
     async def main() -> None:
         before = metric(cluster, "cms_node_shared_line_claims_total")
         alice = await opened(cluster, "442", user_uid="a11ce000-0000-4000-8000-000000000442")
@@ -296,7 +308,7 @@ def test_call_centre_commands_and_agent_state(cluster: LocalCluster) -> None:
             await agent.send("QueryMsgUserState")
             assert (await agent.wait_for(AGENT_STATE_CHANGED, after=mark)).content == "Paused"
             # a new connection knows it at once: the snapshot is followed by the state, read from Redis
-            again = CreatioAgent(cluster.client_url, "305")
+            again = CreatioAgent(cluster.client_url, "305", user_uid=agent.user_uid)  # the same user, a new tab
             await again.connect()
             await again.open()
             assert (await again.wait_for(AGENT_STATE_CHANGED, after=again.opened_at)).content == "Paused"

@@ -94,7 +94,7 @@ def test_killing_the_agents_node_mid_call_keeps_the_call_in_the_snapshot(cluster
         await agent.close()
 
         # Creatio's client reconnects to the same URL, then LoadLibrary/OpenConnection/snapshot.
-        again = CreatioAgent(cluster.client_url, "306")
+        again = CreatioAgent(cluster.client_url, "306", user_uid=agent.user_uid)  # the same user
         await again.connect()
         try:
             snapshot = await again.open()

@@ -29,6 +29,8 @@ KEY = "hostile-deployment-key-01"
 ORIGIN = "https://crm.example.com"
 RS = "\x1e"
 LINE = "305"
+#: the one Creatio user of the well-behaved agents (a different user would be refused the line: issue 12)
+USER = "0e110000-0000-4000-8000-000000000305"
 
 
 @pytest.fixture(scope="session")
@@ -117,12 +119,12 @@ def test_wrong_key_and_wrong_origin_are_refused_on_both_transports(
 
         for url, origin in ((http_url(cluster, key="wrong-key-000000000"), ORIGIN),
                             (http_url(cluster), "https://evil.example")):
-            agent = SignalRAgent(js_client, url, LINE, "--origin", origin)
+            agent = SignalRAgent(js_client, url, LINE, "--origin", origin, "--user", USER)
             await agent.start()
             failed = await agent.wait(lambda i: i["kind"] in ("start-error", "started"))
             assert failed["kind"] == "start-error" and "403" in failed["error"], failed
             await agent.stop()
-        ok = SignalRAgent(js_client, http_url(cluster), LINE, "--origin", ORIGIN)
+        ok = SignalRAgent(js_client, http_url(cluster), LINE, "--origin", ORIGIN, "--user", USER)
         await ok.start()
         await opened(ok)
         await ok.stop()
@@ -149,9 +151,9 @@ def test_garbage_huge_binary_and_broken_frames_hurt_only_their_own_socket(
     cluster: LocalCluster, js_client: Path
 ) -> None:
     async def main() -> None:
-        legacy = CreatioAgent(cluster.client_url, LINE)
+        legacy = CreatioAgent(cluster.client_url, LINE, user_uid=USER)
         await legacy.connect()
-        modern = SignalRAgent(js_client, http_url(cluster), LINE)
+        modern = SignalRAgent(js_client, http_url(cluster), LINE, "--user", USER)
         await modern.start()
         try:
             await legacy.open()
@@ -260,7 +262,7 @@ def test_floods_are_cut_and_counted_without_slowing_the_line(cluster: LocalClust
             return await close_code(hub)
 
     async def main() -> None:
-        modern = SignalRAgent(js_client, http_url(cluster), LINE)
+        modern = SignalRAgent(js_client, http_url(cluster), LINE, "--user", USER)
         await modern.start()
         try:
             await opened(modern)

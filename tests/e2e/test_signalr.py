@@ -237,9 +237,10 @@ def test_skip_negotiation_through_haproxy(cluster: LocalCluster, signalr_client:
 
 def test_raw_and_signalr_agents_of_one_line_both_ring(cluster: LocalCluster, signalr_client: Path) -> None:
     async def main() -> None:
-        modern = SignalRAgent(signalr_client, http_url(cluster), "306")
+        user = "0e110000-0000-4000-8000-000000000306"  # both transports, one Creatio user
+        modern = SignalRAgent(signalr_client, http_url(cluster), "306", "--user", user)
         await modern.start()
-        legacy = CreatioAgent(cluster.client_url, "306")
+        legacy = CreatioAgent(cluster.client_url, "306", user_uid=user)
         await legacy.connect()
         try:
             await opened(modern)

@@ -107,7 +107,7 @@ def run(coro: Any) -> None:
 
 def test_make_call_originates_from_the_agent_line_in_the_users_context(infra: Infrastructure, prefix: str) -> None:
     async def main() -> None:
-        async with rig(infra, prefix) as r:
+        async with rig(infra, prefix, allowed_originate_contexts=("from-users-306",)) as r:
             result = await r.send("306", CommandName.MAKE_CALL, number="84951112233", context="from-users-306")
             assert result.ok, result.error
             # asyncOriginate: the answer waited for the OriginateResponse of the same ActionID
@@ -121,6 +121,11 @@ def test_make_call_originates_from_the_agent_line_in_the_users_context(infra: In
             assert connected.call is not None and connected.call.called_number == "84951112233"
             bad = await r.send("306", CommandName.MAKE_CALL, number="12;Hangup")
             assert not bad.ok and "valid number" in bad.error
+            # a context the administrator did not allow never reaches the PBX (issue 12)
+            trunk = await r.send("306", CommandName.MAKE_CALL, number="84951112233", context="from-trunk")
+            assert not trunk.ok and "'from-trunk' is not allowed on this server" in trunk.error
+            assert not any(c.variables.get("context") == "from-trunk"
+                           for c in [*r.sim.model.calls.values(), *r.sim.model.finished])
 
     run(main())
 

@@ -31,6 +31,7 @@ function parseArgs(argv) {
     else if (flag === "--negotiate-via") args.negotiateVia = argv[++i];
     else if (flag === "--no-open") args.open = false;
     else if (flag === "--origin") args.origin = argv[++i];
+    else if (flag === "--user") args.user = argv[++i];
     else throw new Error(`unknown flag ${flag}`);
   }
   if (!args.url) throw new Error("--url is required");
@@ -105,7 +106,8 @@ async function main() {
     if (!args.open) return;
     if (envelope.eventType === MsgEventType.LIBRARY_INITIALIZED) {
       const connectionParams = JSON.stringify({ ExtensionName: args.line, OriginateContext: "", debugMode: false });
-      send("OpenConnection", { connectionParams, sessionServiceParams: JSON.stringify({}) });
+      const sessionServiceParams = JSON.stringify(args.user ? { UserUId: args.user } : {});
+      send("OpenConnection", { connectionParams, sessionServiceParams });
     } else if (envelope.eventType === MsgEventType.CONNECTION_CREATED) {
       connectionUId = envelope.connectionUId || "";
       send("QueryActiveCallSnapshot", {});

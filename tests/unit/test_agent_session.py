@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.config import AsteriskConfig
+from services.line_access import SecurityConfig, UserAssignment
 from services.wire import (
     AgentState,
     Call,
@@ -26,6 +28,12 @@ from ws_node.agent_session import AgentSession, FrameMemo, SessionOptions, Sessi
 from ws_node.creatio_protocol import CallFeaturesSet, MsgErrorType
 
 LINE = "101"
+#: what the administrator allows the sessions of these tests: user-1's debugging, a few contexts
+ASTERISK = AsteriskConfig(
+    originate_context="from-internal", allowed_originate_contexts=("from-creatio", "from-crm", "vip")
+)
+SECURITY = SecurityConfig(users=(UserAssignment("user-1", LINE, debug=True), UserAssignment("user-1", "102")))
+OPTIONS = SessionOptions(asterisk=ASTERISK, security=SECURITY)
 
 
 class FakeEnv:
@@ -108,6 +116,7 @@ def open_cmd(line: str = LINE, **params: Any) -> str:
 def new_session(**kw: Any) -> tuple[AgentSession, FakeEnv]:
     env = FakeEnv()
     ids = itertools.count(1)
+    kw.setdefault("options", OPTIONS)
     session = AgentSession(env, clock=lambda: 1000.0, new_id=lambda: f"cmd-{next(ids)}", **kw)
     return session, env
 
@@ -234,7 +243,7 @@ def test_malformed_frames_become_errors(text: str, error_type: MsgErrorType) -> 
 
 def test_oversized_frame() -> None:
     session, env = opened()
-    session._opts = SessionOptions(max_message_bytes=100)
+    session._opts = SessionOptions(max_message_bytes=100, asterisk=ASTERISK, security=SECURITY)
     session.on_text(cmd("MakeCall", {"targetAddress": "2" * 200}))
     assert only_error(env)["errorType"] == MsgErrorType.GENERAL_ERROR
 
@@ -400,7 +409,8 @@ def test_default_originate_context() -> None:
     session.on_text(open_cmd())
     env.take()
     session.on_text(cmd("MakeCall", {"targetAddress": "200"}))
-    assert last_command(env).args == {"number": "200", "context": "from-internal"}
+    # the gateway owns the default: only a user's own context travels with a command
+    assert last_command(env).args == {"number": "200"}
     session.on_text(open_cmd("102", OriginateContext="vip"))
     env.take()
     assert session.originate_context == "vip"
@@ -782,7 +792,7 @@ def test_nothing_missed_sends_nothing() -> None:
 
 
 def test_too_many_held_events_end_the_catch_up() -> None:
-    session, env = new_session(options=SessionOptions(max_held_events=2))
+    session, env = new_session(options=SessionOptions(max_held_events=2, asterisk=ASTERISK, security=SECURITY))
     session.on_text(open_cmd())
     env.take()
     for seq in (1, 2, 3):

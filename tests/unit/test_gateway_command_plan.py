@@ -20,7 +20,9 @@ from services.config import AsteriskConfig
 from services.wire import Call, CallState, Command, CommandName, Direction
 from tests.unit.test_tracker import load, play
 
-CONFIG = AsteriskConfig(originate_context="from-internal", async_originate=True)
+CONFIG = AsteriskConfig(
+    originate_context="from-internal", async_originate=True, allowed_originate_contexts=("from-user-305", "from-user")
+)
 MATCHER = LineMatcher("SIP,PJSIP", "Local/{0}@from-queue/n")
 
 
@@ -102,6 +104,18 @@ def test_make_call_refuses_a_bad_number(number: str) -> None:
 def test_make_call_refuses_a_bad_context_and_a_non_line() -> None:
     assert "bad dialplan context" in refused(cmd(CommandName.MAKE_CALL, number="1", context="a b"))
     assert "'trunk-in' is not an agent line" in refused(cmd(CommandName.MAKE_CALL, line="trunk-in", number="1"))
+
+
+@pytest.mark.parametrize("name", [CommandName.MAKE_CALL, CommandName.BLIND_TRANSFER, CommandName.CONSULT_CALL])
+def test_a_context_the_admin_did_not_allow_is_refused(name: CommandName) -> None:
+    view = View({"305": [control()]})
+    message = refused(cmd(name, number="1", context="from-trunk", call_id="1.1:305"), view)
+    assert "'from-trunk' is not allowed on this server (allowed: from-internal, from-user-305, from-user)" in message
+    # only the configured context when no list is given
+    only_default = AsteriskConfig(originate_context="from-internal")
+    with pytest.raises(CommandRefused, match="'from-user' is not allowed"):
+        plan_command(cmd(name, number="1", context="from-user", call_id="1.1:305"), view, only_default, MATCHER)
+    assert plan_command(cmd(name, number="1", call_id="1.1:305"), view, only_default, MATCHER).actions
 
 
 def test_commands_act_only_on_calls_of_the_agents_own_line() -> None:

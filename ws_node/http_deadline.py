@@ -1,0 +1,67 @@
+"""A whole-request deadline for the node's HTTP side (slowloris).
+
+Twisted's HTTP idle timeout restarts on every byte received, so a client sending one header line
+every few seconds holds a connection (and a slot under the node's cap) for as long as it likes.
+:class:`BoundedHTTPChannel` gives each request a deadline from its first byte (or from the
+connection's opening) to its last byte: past it the connection is aborted and counted. A socket
+that upgrades to a WebSocket leaves HTTP when its request is complete, so the deadline ends
+there; the WebSocket side has its own (first message / SignalR handshake, ``admission.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import Counter
+from twisted.web import http
+
+log = logging.getLogger(__name__)
+
+SLOW_REQUESTS = Counter(
+    "cms_node_slow_requests_aborted_total", "HTTP requests not complete within the request deadline (aborted)"
+)
+
+
+_HTTPChannel: Any = http.HTTPChannel  # partly untyped in Twisted
+
+
+class BoundedHTTPChannel(_HTTPChannel):  # type: ignore[misc]
+    def __init__(self, deadline_seconds: float = 10.0) -> None:
+        super().__init__()
+        self.deadline_seconds = deadline_seconds
+        self._deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deadline is None and not self._handlingRequest:
+            self._arm()  # the first byte of the next request on a kept-alive connection
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _arm(self) -> None:
+        if self.deadline_seconds > 0:
+            self._deadline = self.callLater(self.deadline_seconds, self._expired)
+
+    def _disarm(self) -> None:
+        call, self._deadline = self._deadline, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _expired(self) -> None:
+        self._deadline = None
+        SLOW_REQUESTS.inc()
+        log.info("request not complete within %.0f s; connection aborted", self.deadline_seconds)
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
