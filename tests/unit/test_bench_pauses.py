@@ -36,7 +36,7 @@ def test_a_child_records_its_gc_pauses_and_loop_lag(tmp_path: Path) -> None:
     assert seen.gc_count >= 1 and seen.gc_seconds > 0
     assert seen.probes >= 3
     assert max(d for _, d in seen.lag) >= 0.2
-    assert all(d >= pauses.RECORD_FROM for _, d in seen.gc)
+    assert all(d >= pauses.RECORD_GC_FROM for _, d in seen.gc)
 
 
 def test_without_the_variable_nothing_is_installed(tmp_path: Path) -> None:
