@@ -148,6 +148,8 @@ def format_value(value: float | None, unit: str) -> str:
     if unit in ("fraction", "cores"):
         return f"{value:.3f}" if unit == "cores" else f"{value * 100:.1f} %"
     magnitude = abs(value)
+    if magnitude < 100 and float(value).is_integer():  # counts: "44 stalls", not "44.0 stalls"
+        return f"{int(value)} {unit}".strip()
     if magnitude >= 100_000:
         text = f"{value:,.0f}"
     elif magnitude >= 100:
