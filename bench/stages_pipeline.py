@@ -27,9 +27,11 @@ from bench.baselines import bare_broker_latency
 from bench.context import Context
 from bench.probe import CpuWindow, scrape_counter, scrape_histogram
 from bench.report import Figure, StageResult, Target
+from bench.side_probes import SideProbes
 from bench.stages_gateway import _PlayDriver, agent_lines
 from bench.stages_nodes import E2E_HISTOGRAM, _node_verdicts
 from bench.stats import (
+    PauseSummary,
     SweepStep,
     bucket_quantile,
     capacity_within,
@@ -38,6 +40,7 @@ from bench.stats import (
     find_knee,
     median,
     rss_drift,
+    summarize_pauses,
 )
 
 # Issue 15's end to end targets at 500 AMI events/s with 2,000 agents.
@@ -136,6 +139,8 @@ class Window:
     pauses: dict[str, pauses.WindowPauses]
     starved: int
     play_failures: int
+    redis_probe: PauseSummary
+    broker_probe: PauseSummary
 
     def quantile(self, q: float) -> float | None:
         found = bucket_quantile(q, self.observed)
@@ -171,9 +176,11 @@ def measure(ctx: Context, pipe: Pipeline, seconds: float, profile_as: str = "") 
     if ctx.profiler is not None and profile_as:
         ctx.profiler.attach(f"{profile_as}-gateway", watched["gateway"], seconds)
         ctx.profiler.attach(f"{profile_as}-node1", watched["node1"], seconds)
-    time.sleep(seconds)
-    window.stop()
-    ended_wall = time.time()
+    with SideProbes(ctx.amqp_url, ctx.redis_url) as side:
+        time.sleep(seconds)
+        window.stop()
+        ended_wall = time.time()
+    redis_rtts, broker_hops = side.within(started_wall, ended_wall)
     time.sleep(pauses.WRITE_INTERVAL * 2)  # the probes' next write covers the window's end
     wall = window.wall
     return Window(
@@ -188,6 +195,8 @@ def measure(ctx: Context, pipe: Pipeline, seconds: float, profile_as: str = "") 
         pauses=pauses.window(pauses_before, pauses.read_all(pipe.pause_dir), started_wall, ended_wall),
         starved=pipe.driver.starved - starved_before,
         play_failures=pipe.driver.failures - failures_before,
+        redis_probe=summarize_pauses(redis_rtts),
+        broker_probe=summarize_pauses(broker_hops),
     )
 
 
@@ -217,6 +226,14 @@ def pause_figures(windows: list[Window]) -> list[Figure]:
         figures.append(Figure(f"{label}: event-loop lag max", median(lag_max), "s", samples=lag_max))
         figures.append(Figure(f"{label}: event-loop stalls > 5 ms per window", median(lag_over), "stalls",
                               samples=lag_over))
+    for name, label in (("redis_probe", "Redis PING beside the window (every 10 ms)"),
+                        ("broker_probe", "broker hop beside the window (20/s)")):
+        summaries: list[PauseSummary] = [getattr(w, name) for w in windows]
+        worst = [s.maximum for s in summaries if s.count]
+        p99 = [s.p99 for s in summaries if s.p99 is not None]
+        figures.append(Figure(f"{label}: p99", median(p99), "s", samples=p99,
+                              note="" if p99 else "no probe answered"))
+        figures.append(Figure(f"{label}: max", median(worst), "s", samples=worst))
     return figures
 
 
@@ -299,6 +316,10 @@ def _window_details(w: Window) -> dict[str, Any]:
         "p50": w.quantile(0.5), "p99": w.quantile(0.99), "p999": w.quantile(0.999), "dropped": w.dropped,
         "node_line_event_verdicts": w.verdicts, "cpu_seconds": w.cpu, "driver_starved": w.starved,
         "play_failures": w.play_failures,
+        "side_probes": {"redis_ping": {"count": w.redis_probe.count, "p99": w.redis_probe.p99,
+                                       "max": w.redis_probe.maximum, "over_5ms": w.redis_probe.over},
+                        "broker_hop": {"count": w.broker_probe.count, "p99": w.broker_probe.p99,
+                                       "max": w.broker_probe.maximum, "over_5ms": w.broker_probe.over}},
         "pauses": {role: {"gc_count": p.gc_count, "gc_seconds": p.gc_seconds, "gc_max": p.gc.maximum,
                           "gc_over_5ms": p.gc.over, "lag_max": p.lag.maximum, "lag_p99_of_stalls": p.lag.p99,
                           "lag_over_5ms": p.lag.over} for role, p in w.pauses.items()},
