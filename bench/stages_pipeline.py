@@ -136,7 +136,7 @@ class Window:
     dropped: float
     verdicts: dict[str, float]
     cpu: dict[str, float]
-    pauses: dict[str, pauses.WindowPauses]
+    process_pauses: dict[str, pauses.WindowPauses]
     starved: int
     play_failures: int
     redis_probe: PauseSummary
@@ -192,7 +192,7 @@ def measure(ctx: Context, pipe: Pipeline, seconds: float, profile_as: str = "") 
         dropped=_drops(pipe) - dropped_before,
         verdicts={k: v - verdicts_before.get(k, 0.0) for k, v in _node_verdicts(nodes).items()},
         cpu=dict(zip(watched, window.cpu, strict=True)),
-        pauses=pauses.window(pauses_before, pauses.read_all(pipe.pause_dir), started_wall, ended_wall),
+        process_pauses=pauses.window(pauses_before, pauses.read_all(pipe.pause_dir), started_wall, ended_wall),
         starved=pipe.driver.starved - starved_before,
         play_failures=pipe.driver.failures - failures_before,
         redis_probe=summarize_pauses(redis_rtts),
@@ -209,7 +209,8 @@ def pause_figures(windows: list[Window]) -> list[Figure]:
     (median over windows, every window in the samples): what the tail latencies can be laid at."""
     figures: list[Figure] = []
     for role, label in (("gateway", "gateway"), ("node", "nodes")):
-        seen = [w.pauses[role] for w in windows if role in w.pauses]
+        pairs = [(w.process_pauses[role], w) for w in windows if role in w.process_pauses]
+        seen = [p for p, _ in pairs]
         if not seen:
             figures.append(Figure(f"{label}: GC pause max", None, "s",
                                   note="no pause records (bench/_site not loaded in the child)"))
@@ -217,7 +218,7 @@ def pause_figures(windows: list[Window]) -> list[Figure]:
         gc_max = [p.gc.maximum for p in seen]
         lag_max = [p.lag.maximum for p in seen]
         lag_over = [float(p.lag.over) for p in seen]
-        gc_share = [p.gc_seconds / w.seconds / max(1, p.processes) for p, w in zip(seen, windows, strict=False)]
+        gc_share = [p.gc_seconds / w.seconds / max(1, p.processes) for p, w in pairs]
         figures.append(Figure(f"{label}: GC pause max", median(gc_max), "s", samples=gc_max,
                               note=f"{median([float(p.gc_count) for p in seen]):.0f} GCs/window; "
                                    f"< {pauses.RECORD_GC_FROM * 1e6:.0f} us not itemised"))
@@ -322,7 +323,7 @@ def _window_details(w: Window) -> dict[str, Any]:
                                        "max": w.broker_probe.maximum, "over_5ms": w.broker_probe.over}},
         "pauses": {role: {"gc_count": p.gc_count, "gc_seconds": p.gc_seconds, "gc_max": p.gc.maximum,
                           "gc_over_5ms": p.gc.over, "lag_max": p.lag.maximum, "lag_p99_of_stalls": p.lag.p99,
-                          "lag_over_5ms": p.lag.over} for role, p in w.pauses.items()},
+                          "lag_over_5ms": p.lag.over} for role, p in w.process_pauses.items()},
     }
 
 
