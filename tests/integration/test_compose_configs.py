@@ -7,6 +7,8 @@
 * compose/multi-host/*.yml: `docker compose config` (or Debian's `docker-compose config`) with the
   example env; refuses to render without the shared secrets; the processes reach RabbitMQ and Redis
   through the local `backends` proxy.
+* The edge HAProxy settings both layouts give the image's render script produce a config `haproxy -c -dW`
+  accepts, with the nodes found through the DNS name and resolver they name.
 * compose/multi-host/backends.cfg: `haproxy -c -dW`, then for real: two private Redis servers on
   loopback addresses (primary + replica), the proxy sends clients to the primary only, and after a
   failover (the replica promoted, the old primary demoted, as Sentinel does) it sends them to the new one
@@ -21,6 +23,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -411,3 +414,38 @@ def test_backends_proxy_follows_a_redis_failover(tmp_path: Path, two_redis: tupl
     finally:
         proxy.terminate()
         proxy.communicate(timeout=10)
+
+
+# ---- the edge HAProxy, rendered with the settings these layouts give it ----------------------------
+
+
+def _render_edge(tmp_path: Path, settings: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CMS_")}
+    env.update(PYTHONPATH=str(REPO), CMS_RUN_DIR=str(tmp_path / "run"), **settings)
+    out = tmp_path / "haproxy.cfg"
+    result = run([sys.executable, str(REPO / "compose" / "haproxy" / "render_haproxy.py"), "--out", str(out)],
+                 env=env)
+    return result, out.read_text() if out.exists() else ""
+
+
+def test_the_kubernetes_haproxy_settings_render_a_config_haproxy_accepts(
+        resources: dict[tuple[str, str], dict[str, Any]], tmp_path: Path) -> None:
+    settings = _env(_container(resources[("Deployment", "cms-haproxy")]))
+    result, text = _render_edge(tmp_path, settings)
+    assert result.returncode == 0, result.stdout + result.stderr  # the script runs `haproxy -c -dW`
+    slots = settings["CMS_NODE_SLOTS"]
+    assert f"server-template ws 1-{slots} {settings['CMS_NODE_DNS_NAME']}:{settings['CMS_NODE_PORT']}" in text
+    assert f"nameserver dns {settings['CMS_DNS_RESOLVER']}" in text
+    assert f"maxconn {settings['CMS_HAPROXY_MAXCONN']}" in text
+
+
+def test_the_multi_host_edge_settings_render_a_config_haproxy_accepts(tmp_path: Path) -> None:
+    import yaml
+
+    rendered = compose_config(HOST_FILES["edge"], MULTI / ".env.example")
+    assert rendered.returncode == 0, rendered.stderr
+    environment = yaml.safe_load(rendered.stdout)["services"]["haproxy"]["environment"]
+    settings = {k: str(v) for k, v in environment.items() if v not in (None, "")}
+    result, text = _render_edge(tmp_path, settings)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ws-nodes.cms.internal:8081" in text and "nameserver dns 10.0.0.2:53" in text
