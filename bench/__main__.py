@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 3, 1 with --quick); the verdict is taken on the median")
     parser.add_argument("--soak-seconds", type=float, default=None,
                         help="length of the soak stage (default 180 s, 20 s with --quick)")
+    parser.add_argument("--storm-agents", type=int, default=None,
+                        help="agents in the reconnect storm over two nodes (default: as many as the descriptor "
+                             "limit allows, up to 20,000; 200 with --quick)")
     parser.add_argument("--long-soak", action="store_true",
                         help="issue 15's long soak: 1 hour at 200 events/s (sets --soak-seconds 3600)")
     args = parser.parse_args(argv)
@@ -90,6 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--repeats must be at least 1")
     if args.soak_seconds is not None and args.soak_seconds < 10:
         parser.error("--soak-seconds must be at least 10")
+    if args.storm_agents is not None and args.storm_agents < 10:
+        parser.error("--storm-agents must be at least 10")
     if args.long_soak:
         args.soak_seconds = 3600.0
     return args
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     profiler = Profiler(results_dir, stamp) if args.profile else None
     ctx = Context(quick=args.quick, repeats=repeats, run_dir=run_dir, results_dir=results_dir,
                   amqp_url=infra.amqp_url, redis_url=infra.redis_url, profiler=profiler,
-                  soak_seconds=args.soak_seconds)
+                  soak_seconds=args.soak_seconds, storm_agents=args.storm_agents)
     stages = _stages()
     results: list[StageResult] = []
     try:
@@ -145,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_at_end"] = list(os.getloadavg())
     document = report_document(results, started_at=started, finished_at=finished, machine=machine,
                                options={"quick": args.quick, "stages": names, "repeats": repeats,
-                                        "profile": args.profile, "soak_seconds": args.soak_seconds})
+                                        "profile": args.profile, "soak_seconds": args.soak_seconds,
+                                        "storm_agents": args.storm_agents})
     out = args.json or results_dir / f"{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=2))

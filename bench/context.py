@@ -26,6 +26,7 @@ class Context:
     redis_url: str
     profiler: Profiler | None = None
     soak_seconds: float | None = None
+    storm_agents: int | None = None
 
     def size(self, full: T, quick: T) -> T:
         return quick if self.quick else full

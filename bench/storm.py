@@ -59,7 +59,7 @@ def stage_storm(ctx: Context) -> StageResult:
     from local_cluster.launcher import ClusterOptions, LocalCluster
 
     _soft, hard = raise_fd_limit()
-    agents = storm_agents(ctx.quick, hard)
+    agents = ctx.storm_agents or storm_agents(ctx.quick, hard)
     ctx.say(f"drill with {agents:,} agents through HAProxy, node1 SIGKILLed under call traffic "
             f"(fd hard limit {hard})")
     options = drill_main.DrillOptions(agents=agents, cps=3.5, duration=ctx.size(40.0, 12.0),

@@ -18,9 +18,11 @@ def test_repeats_and_soak_options() -> None:
     assert parse_args([]).repeats is None  # 3, or 1 with --quick, decided in main()
     assert parse_args(["--long-soak"]).soak_seconds == 3600.0
     assert parse_args(["--soak-seconds", "600"]).soak_seconds == 600.0
+    assert parse_args(["--storm-agents", "2000"]).storm_agents == 2000
 
 
-@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--soak-seconds", "5"], ["--stage", "nope"]])
+@pytest.mark.parametrize(
+    "argv", [["--repeats", "0"], ["--soak-seconds", "5"], ["--storm-agents", "1"], ["--stage", "nope"]])
 def test_bad_options_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_args(argv)
