@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
 
 from bench.agents import raise_fd_limit
 from bench.context import Context
@@ -19,6 +25,61 @@ from bench.stats import exact_quantile
 
 STORM_TARGET_AGENTS = 10_000
 BACK_WITHIN = 10.0
+AFTER_KILL = 12.0  # seconds after the kill over which the processes' CPU is reported
+
+
+@dataclass
+class CpuSampler:
+    """CPU seconds of some processes every 0.25 s, and when the first of ``watch_death`` disappeared: which
+    process was busy during the storm (the survivor node, HAProxy, or the drill's own client)."""
+
+    pids: dict[str, int]
+    watch_death: str
+    samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+    died_at: float | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> CpuSampler:
+        self._thread = threading.Thread(target=self._run, name="bench-storm-cpu", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        processes = {}
+        for name, pid in self.pids.items():
+            try:
+                processes[name] = psutil.Process(pid)
+            except psutil.Error:
+                continue
+        while not self._stop.is_set():
+            now = time.monotonic()
+            row: dict[str, float] = {}
+            for name, process in processes.items():
+                try:
+                    times = process.cpu_times()
+                    row[name] = float(times.user + times.system)
+                except psutil.Error:
+                    if name == self.watch_death and self.died_at is None:
+                        self.died_at = now
+            self.samples.append((now, row))
+            self._stop.wait(0.25)
+
+
+def cores_after(samples: list[tuple[float, dict[str, float]]], start: float, seconds: float) -> dict[str, float]:
+    """Average cores each process used from ``start`` to ``start + seconds`` (from the nearest samples)."""
+    inside = [(t, row) for t, row in samples if start <= t <= start + seconds]
+    if len(inside) < 2:
+        return {}
+    (t0, first), (t1, last) = inside[0], inside[-1]
+    if t1 <= t0:
+        return {}
+    return {name: (last[name] - first[name]) / (t1 - t0) for name in last if name in first}
 
 
 def storm_agents(quick: bool, fd_hard_limit: int) -> int:
@@ -68,16 +129,24 @@ def stage_storm(ctx: Context) -> StageResult:
     cluster = LocalCluster(ClusterOptions.ephemeral(ctx.run_dir / "storm", amqp_url=ctx.amqp_url,
                                                     redis_url=ctx.redis_url))
     cluster.start(timeout=90)
+    pids = {c.name: int(c.process.pid) for c in cluster.children if c.alive()}
+    pids["drill client (bench process)"] = os.getpid()
+    sampler = CpuSampler({k: v for k, v in pids.items() if k != "simulator"}, watch_death="node1").start()
     try:
         import asyncio
 
         drill = asyncio.run(drill_main.Drill(options, cluster).run())
     finally:
+        sampler.stop()
         cluster.stop()
     result = StageResult("storm")
     result.figures = storm_figures(list(drill.outage_seconds), list(drill.reconnect_seconds),
                                    len(drill.bad_snapshots), drill.lost, len(drill.not_reconnected), agents)
-    result.details = {"agents": agents, "fd_hard_limit": hard, "affected": drill.affected,
+    busy = cores_after(sampler.samples, sampler.died_at, AFTER_KILL) if sampler.died_at is not None else {}
+    for name in ("node2", "haproxy", "gateway", "drill client (bench process)"):
+        result.add(Figure(f"{name}: cores used in the {AFTER_KILL:.0f} s after the kill", busy.get(name), "cores",
+                          note="" if name in busy else "not sampled"))
+    result.details = {"agents": agents, "fd_hard_limit": hard, "affected": drill.affected, "cores_after_kill": busy,
                       "not_reconnected": drill.not_reconnected[:20], "bad_snapshots": drill.bad_snapshots[:20],
                       "calls_played": drill.calls_played,
                       "how": "ops.drill.Drill: websockets clients in one process through HAProxy, Creatio's 5 s "

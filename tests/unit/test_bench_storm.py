@@ -29,3 +29,14 @@ def test_storm_verdicts() -> None:
 
     none = {f.name: f for f in storm_figures([], [], 0, 0, 0, 6)}
     assert none["agents of the killed node back within 10 s of the drop"].verdict == "not measured"
+
+
+def test_cores_after_the_kill() -> None:
+    from bench.storm import cores_after
+
+    samples = [(float(t), {"node2": 0.5 * t, "haproxy": 0.1 * t}) for t in range(0, 30)]
+    busy = cores_after(samples, 10.0, 12.0)
+    assert busy["node2"] == 0.5 and abs(busy["haproxy"] - 0.1) < 1e-9
+    assert cores_after(samples, 100.0, 12.0) == {}
+    # a process that vanished from the later samples is not reported
+    assert "gone" not in cores_after([(0.0, {"gone": 1.0}), (1.0, {})], 0.0, 5.0)
