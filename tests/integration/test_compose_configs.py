@@ -189,7 +189,8 @@ def test_processes_run_unprivileged_with_the_secrets_they_need(
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         # the entrypoint writes the health URL (and HAProxy its config) under /run/cms
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
-        assert "/run/cms" in mounts, name
+        assert {"/run/cms", "/tmp"} <= mounts, name
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 # ---- multi-host compose ---------------------------------------------------------------------------
