@@ -13,6 +13,8 @@
   loopback addresses (primary + replica), the proxy sends clients to the primary only, and after a
   failover (the replica promoted, the old primary demoted, as Sentinel does) it sends them to the new one
   and cuts the sessions still open to the old one.
+* compose/multi-host/redis.yml: its own commands (from the rendered file, loopback addresses and ports in
+  place of the hosts') start a primary, a replica and a Sentinel that finds the replica and fails over to it.
 """
 
 from __future__ import annotations
@@ -450,3 +452,87 @@ def test_the_multi_host_edge_settings_render_a_config_haproxy_accepts(tmp_path: 
     result, text = _render_edge(tmp_path, settings)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ws-nodes.cms.internal:8081" in text and "nameserver dns 10.0.0.2:53" in text
+
+
+# ---- the Redis host's own commands: primary, replica and Sentinel, for real ----------------------
+
+
+def _redis_host_commands() -> tuple[str, str]:
+    """The shell commands redis.yml gives its two services, as the container's sh would get them."""
+    import yaml
+
+    rendered = compose_config(HOST_FILES["redis"], MULTI / ".env.example")
+    assert rendered.returncode == 0, rendered.stderr
+    services = yaml.safe_load(rendered.stdout)["services"]
+    # Compose 1.x prints `$$` (its escape) back; the container's shell sees `$`.
+    return (services["redis"]["command"][2].replace("$$", "$"), services["sentinel"]["command"][2].replace("$$", "$"))
+
+
+def test_the_redis_hosts_commands_form_a_replicated_set_that_sentinel_fails_over(tmp_path: Path) -> None:
+    import redis
+
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (scripts/setup-system.sh)")
+    server_command, sentinel_command = _redis_host_commands()
+    primary_host, replica_host = "127.0.0.5", "127.0.0.6"
+    port = _free_port_on(primary_host, replica_host)
+    sentinel_port = _free_port_on(primary_host)
+    # Same commands, loopback ports and folders instead of 6379/26379 and the container's volumes.
+    assert server_command.count("--port 6379") == 1 and sentinel_command.count("port 26379") == 1
+    assert sentinel_command.count("6379 2") == 1 and sentinel_command.count("/sentinel/") == 1
+    server_command = server_command.replace("--port 6379", f"--port {port}")
+    sentinel_command = (sentinel_command.replace("port 26379", f"port {sentinel_port}")
+                        .replace("6379 2", f"{port} 2").replace("/sentinel/", f"{tmp_path}/"))
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CMS_", "REDIS"))}
+    secret = "test-secret"
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(command: str, cwd: Path, **env: str) -> None:
+        cwd.mkdir(exist_ok=True)
+        processes.append(subprocess.Popen(["sh", "-c", command], cwd=cwd, env={**base, **env},
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    try:
+        start(server_command, tmp_path / "primary", CMS_PRIVATE_IP=primary_host, REDIS_PASSWORD=secret,
+              REDIS_REPLICAOF="")
+        start(server_command, tmp_path / "replica", CMS_PRIVATE_IP=replica_host, REDIS_PASSWORD=secret,
+              REDIS_REPLICAOF=f"{primary_host} {port}")
+        start(sentinel_command, tmp_path / "sentinel", CMS_PRIVATE_IP=primary_host, CMS_REDIS1=primary_host,
+              REDIS_PASSWORD=secret)
+        primary = redis.Redis(host=primary_host, port=port, password=secret, socket_timeout=2)
+        replica = redis.Redis(host=replica_host, port=port, password=secret, socket_timeout=2)
+        sentinel = redis.Redis(host=primary_host, port=sentinel_port, socket_timeout=2)
+        assert _wait_for(lambda: replica.info("replication")["master_link_status"] == "up", 20), \
+            "the replica never synced from the primary"
+        assert _wait_for(lambda: sentinel.execute_command("SENTINEL", "get-master-addr-by-name", "cms")
+                         == [primary_host.encode(), str(port).encode()], 20)
+        def replica_ready() -> bool:
+            replicas = sentinel.sentinel_slaves("cms")  # parsed: one dict per replica
+            return (len(replicas) == 1 and replicas[0].get("is_slave") is True
+                    and not replicas[0].get("is_disconnected") and replicas[0].get("master-link-status") == "ok")
+
+        assert _wait_for(replica_ready, 30), \
+            f"Sentinel never saw a healthy replica: {sentinel.sentinel_slaves('cms')}"
+        primary.set("before", "1")
+        # A failover as the Sentinels would do it on a dead primary (one Sentinel here: forced).
+        sentinel.execute_command("SENTINEL", "FAILOVER", "cms")
+        assert _wait_for(lambda: sentinel.execute_command("SENTINEL", "get-master-addr-by-name", "cms")
+                         == [replica_host.encode(), str(port).encode()], 30), "Sentinel did not promote the replica"
+        assert _wait_for(lambda: replica.info("replication")["role"] == "master", 10)
+        assert _wait_for(lambda: primary.info("replication")["role"] == "slave", 20), \
+            "the old primary was not turned into a replica"
+        assert replica.get("before") == b"1"
+        # Sentinel rewrote its file; a restart keeps it (the command writes the file only when it is empty).
+        conf = (tmp_path / "sentinel.conf").read_text()
+        assert f"sentinel monitor cms {replica_host} {port}" in conf
+        for client in (primary, replica, sentinel):
+            client.close()
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
