@@ -31,32 +31,41 @@ def _stages() -> dict[str, Callable[[Context], StageResult]]:
     from bench.failover import stage_failover
     from bench.flood import stage_flood
     from bench.stages_gateway import stage_gateway, stage_publish, stage_stall
-    from bench.stages_nodes import stage_e2e, stage_fanout, stage_handshake, stage_idle
+    from bench.stages_nodes import stage_fanout, stage_handshake, stage_idle
+    from bench.stages_pipeline import stage_burst, stage_e2e, stage_soak
+    from bench.storm import stage_storm
 
     return {
         "gateway": stage_gateway,
         "stall": stage_stall,
         "publish": stage_publish,
         "e2e": stage_e2e,
+        "burst": stage_burst,
         "fanout": stage_fanout,
         "idle": stage_idle,
         "handshake": stage_handshake,
         "failover": stage_failover,
         "flood": stage_flood,
+        "storm": stage_storm,
+        "soak": stage_soak,
     }
 
 
-STAGE_NAMES = ("gateway", "stall", "publish", "e2e", "fanout", "idle", "handshake", "failover", "flood")
+STAGE_NAMES = ("gateway", "stall", "publish", "e2e", "burst", "fanout", "idle", "handshake", "failover", "flood",
+               "storm", "soak")
 STAGE_HELP = {
     "gateway": "AmiParser + CallTracker over synthesized AMI vs a bare split loop",
     "stall": "gateway AMI read loop while RabbitMQ is held and Redis delayed (TCP proxies)",
     "publish": "EventOutbox (Redis + confirmed publish) vs bare aio-pika publish/consume",
-    "e2e": "500 AMI events/s, 2,000 agents via HAProxy: end to end p50/p99/p99.9",
+    "e2e": "500 AMI events/s, 2,000 agents via HAProxy: end to end p50/p99/p99.9, GC pauses, loop lag",
+    "burst": "AMI rate stepped up to 6,000 events/s, 2,000 agents: the rate held with p99 <= 25 ms, the knee",
     "fanout": "frames/s and CPU per frame of one node vs a bare Autobahn broadcast",
     "idle": "10,000 idle agents on one node: RSS and keepalive CPU vs bare Autobahn",
     "handshake": "agent connections/s (handshake + LoadLibrary + OpenConnection) vs bare Autobahn",
     "failover": "kill -9 a node: figures from ops.drill.bench_figures() when it exists",
     "flood": "a well-behaved agent's round trip while SignalR clients flood the cluster (issue 12)",
+    "storm": "reconnect storm: kill -9 a node holding as many agents as the fd limit allows; back within 10 s",
+    "soak": "200 AMI events/s, 2,000 agents: RSS of every process over time (--soak-seconds; long: 3600)",
 }
 
 
@@ -74,8 +83,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run this one stage with profiles (py-spy on the processes, cProfile in-process) and "
                              "write their top costs to bench-results/")
     parser.add_argument("--repeats", type=int, default=None, help="system/baseline alternations per stage "
-                        "(default 3, 1 with --quick)")
-    return parser.parse_args(argv)
+                        "(default 3, 1 with --quick); the verdict is taken on the median")
+    parser.add_argument("--soak-seconds", type=float, default=None,
+                        help="length of the soak stage (default 180 s, 20 s with --quick)")
+    parser.add_argument("--storm-agents", type=int, default=None,
+                        help="agents in the reconnect storm over two nodes (default: as many as the descriptor "
+                             "limit allows, up to 20,000; 200 with --quick)")
+    parser.add_argument("--long-soak", action="store_true",
+                        help="issue 15's long soak: 1 hour at 200 events/s (sets --soak-seconds 3600)")
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.soak_seconds is not None and args.soak_seconds < 10:
+        parser.error("--soak-seconds must be at least 10")
+    if args.storm_agents is not None and args.storm_agents < 10:
+        parser.error("--storm-agents must be at least 10")
+    if args.long_soak:
+        args.soak_seconds = 3600.0
+    return args
 
 
 def machine_info() -> dict[str, object]:
@@ -105,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     profiler = Profiler(results_dir, stamp) if args.profile else None
     ctx = Context(quick=args.quick, repeats=repeats, run_dir=run_dir, results_dir=results_dir,
-                  amqp_url=infra.amqp_url, redis_url=infra.redis_url, profiler=profiler)
+                  amqp_url=infra.amqp_url, redis_url=infra.redis_url, profiler=profiler,
+                  soak_seconds=args.soak_seconds, storm_agents=args.storm_agents)
     stages = _stages()
     results: list[StageResult] = []
     try:
@@ -127,13 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_at_end"] = list(os.getloadavg())
     document = report_document(results, started_at=started, finished_at=finished, machine=machine,
                                options={"quick": args.quick, "stages": names, "repeats": repeats,
-                                        "profile": args.profile})
+                                        "profile": args.profile, "soak_seconds": args.soak_seconds,
+                                        "storm_agents": args.storm_agents})
     out = args.json or results_dir / f"{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=2))
     print()
     print(render_table(results))
     summary = document["summary"]
+    print("\nverdicts are taken on the median of the repeats; 'spread' is min-max over them (n)")
     print(f"\n{summary['pass']} PASS, {summary['fail']} FAIL, {summary['not_measured']} not measured; "
           f"{finished - started:.0f} s; results in {out}")
     if profiler is not None:

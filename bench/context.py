@@ -25,6 +25,8 @@ class Context:
     amqp_url: str
     redis_url: str
     profiler: Profiler | None = None
+    soak_seconds: float | None = None
+    storm_agents: int | None = None
 
     def size(self, full: T, quick: T) -> T:
         return quick if self.quick else full

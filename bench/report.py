@@ -2,6 +2,11 @@
 
 A figure that could not be measured keeps ``value=None`` and says why in ``note``; it is shown as
 ``not measured``, never dropped, so a missing number cannot pass for a good one.
+
+A figure measured several times carries every repeat in ``samples``; ``value`` is their median and
+the verdict is taken on it. The table prints the spread (min-max) beside it, so a verdict that one
+lucky or unlucky repeat decided is visible as such. A target may also bound the ratio to the
+same-run baseline (``ratio_target``, e.g. "at most 1.15x bare Autobahn"); both must hold.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from bench.stats import Spread, spread
 
 __all__ = [
     "SCHEMA",
@@ -22,7 +29,7 @@ __all__ = [
     "validate_document",
 ]
 
-SCHEMA = "cms-bench/1"
+SCHEMA = "cms-bench/2"
 
 Verdict = Literal["PASS", "FAIL", "not measured", ""]
 
@@ -50,6 +57,7 @@ class Figure:
     note: str = ""
     samples: list[float] = field(default_factory=list)
     baseline_samples: list[float] = field(default_factory=list)
+    ratio_target: Target | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -59,12 +67,26 @@ class Figure:
         return self.value / self.baseline
 
     @property
+    def spread(self) -> Spread | None:
+        """Spread of the repeats (``None`` with fewer than two)."""
+        measured = spread(self.samples)
+        return measured if measured is not None and measured.n >= 2 else None
+
+    @property
     def verdict(self) -> Verdict:
-        if self.target is None:
+        if self.target is None and self.ratio_target is None:
             return ""
         if self.value is None or math.isnan(self.value):
             return "not measured"
-        return "PASS" if self.target.met(self.value) else "FAIL"
+        if self.target is not None and not self.target.met(self.value):
+            return "FAIL"
+        if self.ratio_target is not None:
+            ratio = self.ratio
+            if ratio is None:
+                return "not measured"
+            if not self.ratio_target.met(ratio):
+                return "FAIL"
+        return "PASS"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,7 +96,11 @@ class Figure:
             "baseline": _finite(self.baseline),
             "ratio": _finite(self.ratio),
             "target": None if self.target is None else {"op": self.target.op, "threshold": self.target.threshold},
+            "ratio_target": None if self.ratio_target is None else {"op": self.ratio_target.op,
+                                                                    "threshold": self.ratio_target.threshold},
             "verdict": self.verdict,
+            "spread": None if (sp := self.spread) is None else {
+                "n": sp.n, "min": sp.minimum, "q1": sp.q1, "median": sp.median, "q3": sp.q3, "max": sp.maximum},
             "note": self.note,
             "samples": [_finite(s) for s in self.samples],
             "baseline_samples": [_finite(s) for s in self.baseline_samples],
@@ -122,6 +148,8 @@ def format_value(value: float | None, unit: str) -> str:
     if unit in ("fraction", "cores"):
         return f"{value:.3f}" if unit == "cores" else f"{value * 100:.1f} %"
     magnitude = abs(value)
+    if magnitude < 100 and float(value).is_integer():  # counts: "44 stalls", not "44.0 stalls"
+        return f"{int(value)} {unit}".strip()
     if magnitude >= 100_000:
         text = f"{value:,.0f}"
     elif magnitude >= 100:
@@ -142,19 +170,35 @@ def _si_seconds(value: float) -> str:
     return f"{value * 1e6:.1f} us"
 
 
-def _format_target(target: Target | None, unit: str) -> str:
-    if target is None:
-        return ""
-    return f"{target.op} {format_value(target.threshold, unit)}"
+def _format_target(figure: Figure) -> str:
+    parts = []
+    if figure.target is not None:
+        parts.append(f"{figure.target.op} {format_value(figure.target.threshold, figure.unit)}")
+    if figure.ratio_target is not None:
+        parts.append(f"{figure.ratio_target.op} {figure.ratio_target.threshold:.2f}x")
+    return ", ".join(parts)
+
+
+def format_spread(figure: Figure) -> str:
+    """``min-max (n)`` of the repeats in the figure's unit (said once when both ends share it), ``-`` for a
+    single measurement."""
+    sp = figure.spread
+    if sp is None:
+        return "-"
+    low, high = format_value(sp.minimum, figure.unit), format_value(sp.maximum, figure.unit)
+    low_number, _, low_unit = low.partition(" ")
+    if low_unit and high.partition(" ")[2] == low_unit:
+        low = low_number
+    return f"{low}-{high} ({sp.n})"
 
 
 def render_table(stages: Sequence[StageResult]) -> str:
     """The human table: one row per figure, a row with the reason for every stage that did not run."""
-    header = ("stage", "figure", "value", "baseline", "ratio", "target", "verdict")
+    header = ("stage", "figure", "median", "spread (n)", "baseline", "ratio", "target", "verdict")
     rows: list[tuple[str, ...]] = []
     for stage in stages:
         if stage.status != "ok" and not stage.figures:
-            rows.append((stage.name, f"({stage.status}) {stage.reason}", "", "", "", "", "not measured"))
+            rows.append((stage.name, f"({stage.status}) {stage.reason}", "", "", "", "", "", "not measured"))
             continue
         for figure in stage.figures:
             ratio = figure.ratio
@@ -166,14 +210,15 @@ def render_table(stages: Sequence[StageResult]) -> str:
                     stage.name,
                     figure.name + (f"  [{figure.note}]" if figure.note else ""),
                     format_value(figure.value, figure.unit),
+                    format_spread(figure),
                     format_value(figure.baseline, figure.unit),
                     "-" if ratio is None else f"{ratio:.2f}x",
-                    _format_target(figure.target, figure.unit),
+                    _format_target(figure),
                     verdict,
                 )
             )
         if stage.status != "ok":
-            rows.append((stage.name, f"({stage.status}) {stage.reason}", "", "", "", "", ""))
+            rows.append((stage.name, f"({stage.status}) {stage.reason}", "", "", "", "", "", ""))
     widths = [len(h) for h in header]
     for row in rows:
         for i, cell in enumerate(row):
@@ -185,7 +230,7 @@ def render_table(stages: Sequence[StageResult]) -> str:
         out = []
         for i, cell in enumerate(cells):
             text = cell if len(cell) <= widths[i] else cell[: widths[i] - 1] + "~"
-            out.append(text.rjust(widths[i]) if i in (2, 3, 4) else text.ljust(widths[i]))
+            out.append(text.rjust(widths[i]) if i in (2, 3, 4, 5) else text.ljust(widths[i]))
         return "  ".join(out).rstrip()
 
     lines = [line(header), line(["-" * w for w in widths])]
@@ -262,11 +307,18 @@ def validate_document(doc: Any) -> list[str]:
                 problems.append(f"{fwhere}: a verdict without a value")
             if figure.get("verdict") not in ("PASS", "FAIL", "not measured", ""):
                 problems.append(f"{fwhere}.verdict is {figure.get('verdict')!r}")
-            target = figure.get("target")
-            if target is not None and (
-                not isinstance(target, dict) or target.get("op") not in (">=", "<=")
-                or not isinstance(target.get("threshold"), int | float)
-            ):
-                problems.append(f"{fwhere}.target must be null or {{op, threshold}}")
+            for key in ("target", "ratio_target"):
+                target = figure.get(key)
+                if target is not None and (
+                    not isinstance(target, dict) or target.get("op") not in (">=", "<=")
+                    or not isinstance(target.get("threshold"), int | float)
+                ):
+                    problems.append(f"{fwhere}.{key} must be null or {{op, threshold}}")
+            sp = figure.get("spread")
+            if sp is not None and (not isinstance(sp, dict) or not all(
+                    isinstance(sp.get(k), int | float) for k in ("n", "min", "q1", "median", "q3", "max"))):
+                problems.append(f"{fwhere}.spread must be null or {{n, min, q1, median, q3, max}}")
+            elif sp is not None and not sp["min"] <= sp["median"] <= sp["max"]:
+                problems.append(f"{fwhere}.spread is not ordered (min <= median <= max)")
     json.dumps(doc)  # raises if anything is not serialisable
     return problems

@@ -1,4 +1,5 @@
-"""Pure arithmetic of the benchmark: Prometheus text, histogram quantiles, medians, profiles.
+"""Pure arithmetic of the benchmark: Prometheus text, histogram quantiles, medians and spreads,
+the knee of a rate sweep, memory drift over a soak, pause summaries, profiles.
 
 Nothing here does I/O, so every number the table prints can be checked by a unit test that
 feeds it plain text or plain lists.
@@ -13,15 +14,26 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "Drift",
+    "Knee",
+    "PauseSummary",
     "Quantile",
     "Sample",
+    "Spread",
+    "SweepStep",
     "bucket_quantile",
+    "capacity_within",
     "counter_value",
     "diff_buckets",
     "exact_quantile",
+    "find_knee",
     "histogram_buckets",
+    "interpolated_quantile",
     "median",
     "parse_samples",
+    "rss_drift",
+    "spread",
+    "summarize_pauses",
     "top_costs",
 ]
 
@@ -161,6 +173,184 @@ def median(values: Iterable[float | None]) -> float | None:
     if len(data) % 2:
         return data[mid]
     return (data[mid - 1] + data[mid]) / 2
+
+
+def interpolated_quantile(q: float, values: Sequence[float]) -> float | None:
+    """Quantile with linear interpolation between order statistics (numpy's default, 'type 7');
+    used for quartiles of a handful of repeats, where nearest rank would jump between samples."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile must be within 0..1, not {q}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """How far the repeats of one figure lie apart. The verdict is taken on ``median``; ``relative``
+    (max - min over the median) says how much one run alone could have misled."""
+
+    n: int
+    minimum: float
+    q1: float
+    median: float
+    q3: float
+    maximum: float
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    @property
+    def relative(self) -> float | None:
+        if self.median == 0:
+            return None
+        return (self.maximum - self.minimum) / abs(self.median)
+
+
+def spread(values: Iterable[float | None]) -> Spread | None:
+    """Min, quartiles, median, max of the measured repeats (``None`` and NaN ignored); ``None`` for none."""
+    data = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not data:
+        return None
+    mid = median(data)
+    q1 = interpolated_quantile(0.25, data)
+    q3 = interpolated_quantile(0.75, data)
+    assert mid is not None and q1 is not None and q3 is not None
+    return Spread(len(data), data[0], q1, mid, q3, data[-1])
+
+
+# ---- a rate sweep: where latency turns up -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SweepStep:
+    """One step of a rate sweep: what was offered, what came through, the tail there, what was lost."""
+
+    offered: float
+    sustained: float
+    p99: float | None
+    dropped: float = 0.0
+
+    def holds(self, p99_limit: float, min_share: float = 0.95) -> bool:
+        """Sustained (at least ``min_share`` of the offer), nothing dropped, p99 within ``p99_limit``."""
+        return (self.p99 is not None and self.p99 <= p99_limit and self.dropped <= 0
+                and self.sustained >= min_share * self.offered)
+
+
+@dataclass(frozen=True, slots=True)
+class Knee:
+    """``last_good``: the highest step before latency turned up (``None``: the first step already had);
+    ``first_bad``: the step where it did (``None``: it never did within the sweep); ``reason`` says why."""
+
+    last_good: SweepStep | None
+    first_bad: SweepStep | None
+    reason: str
+
+
+def find_knee(steps: Sequence[SweepStep], *, factor: float = 3.0, floor: float = 0.005,
+              min_share: float = 0.95) -> Knee:
+    """The knee of a sweep, ordered by offered rate: the first step whose p99 exceeds ``factor`` x the
+    lowest step's p99 (and ``floor``, so that 1 ms -> 3 ms on an idle pipeline is not called a knee),
+    or that could not carry ``min_share`` of its offer, or dropped anything."""
+    ordered = sorted(steps, key=lambda s: s.offered)
+    if not ordered:
+        return Knee(None, None, "no steps")
+    reference = ordered[0].p99
+    last_good: SweepStep | None = None
+    for step in ordered:
+        if step.dropped > 0:
+            return Knee(last_good, step, f"{step.dropped:.0f} dropped at {step.offered:.0f}/s")
+        if step.sustained < min_share * step.offered:
+            return Knee(last_good, step, f"carried {step.sustained:.0f} of {step.offered:.0f}/s offered")
+        if step.p99 is None:
+            return Knee(last_good, step, f"no latency observed at {step.offered:.0f}/s")
+        if reference is not None and step.p99 > max(factor * reference, floor):
+            return Knee(last_good, step, f"p99 {step.p99 * 1e3:.1f} ms > {factor:g}x the "
+                                         f"{ordered[0].offered:.0f}/s step's {reference * 1e3:.1f} ms")
+        last_good = step
+    return Knee(last_good, None, "latency did not turn up within the sweep")
+
+
+def capacity_within(steps: Sequence[SweepStep], p99_limit: float, min_share: float = 0.95) -> float | None:
+    """The highest sustained rate among the steps that held (see :meth:`SweepStep.holds`), counting
+    only steps below the first one that did not: a lucky step past the knee does not count."""
+    best: float | None = None
+    for step in sorted(steps, key=lambda s: s.offered):
+        if not step.holds(p99_limit, min_share):
+            break
+        best = step.sustained
+    return best
+
+
+# ---- a soak: does memory stay flat --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """RSS change over a soak: ``start``/``end`` are medians of the first and last ``edge`` share of the
+    samples after warm-up, ``relative`` is (end - start) / start; ``slope_per_hour`` is the least-squares
+    trend as a share of ``start`` per hour (a leak shows as a steady positive slope)."""
+
+    start: float
+    end: float
+    relative: float
+    slope_per_hour: float
+    samples: int
+
+    def flat_within(self, tolerance: float) -> bool:
+        return abs(self.relative) <= tolerance
+
+
+def rss_drift(samples: Sequence[tuple[float, float]], *, warmup: float = 0.0, edge: float = 0.2) -> Drift | None:
+    """Drift of ``(seconds, bytes)`` samples of one process; samples before ``warmup`` seconds (after the
+    first sample) are left out, as the heap grows to its working size then. ``None`` below 4 samples."""
+    if not 0.0 < edge <= 0.5:
+        raise ValueError(f"edge must be within (0, 0.5], not {edge}")
+    if not samples:
+        return None
+    t0 = min(t for t, _ in samples)
+    kept = sorted((t, v) for t, v in samples if t - t0 >= warmup)
+    if len(kept) < 4:
+        return None
+    width = max(1, round(len(kept) * edge))
+    start = median(v for _, v in kept[:width])
+    end = median(v for _, v in kept[-width:])
+    assert start is not None and end is not None
+    if start <= 0:
+        raise ValueError("RSS samples must be positive")
+    mean_t = sum(t for t, _ in kept) / len(kept)
+    mean_v = sum(v for _, v in kept) / len(kept)
+    var_t = sum((t - mean_t) ** 2 for t, _ in kept)
+    slope = sum((t - mean_t) * (v - mean_v) for t, v in kept) / var_t if var_t > 0 else 0.0
+    return Drift(start, end, (end - start) / start, slope * 3600.0 / start, len(kept))
+
+
+# ---- pauses: GC and event-loop lag --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PauseSummary:
+    count: int
+    total: float
+    maximum: float
+    p99: float | None
+    over: int  # pauses longer than the threshold asked for
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+
+def summarize_pauses(pauses: Iterable[float], over: float = 0.005) -> PauseSummary:
+    """Count, total, max, p99 of pause durations (seconds) and how many exceeded ``over``."""
+    data = sorted(p for p in pauses if p >= 0)
+    return PauseSummary(len(data), sum(data), data[-1] if data else 0.0, exact_quantile(0.99, data),
+                        sum(1 for p in data if p > over))
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.failover import figures_from_drill
 from bench.report import Figure, StageResult, Target, render_table, report_document, validate_document
 
@@ -72,3 +74,33 @@ def test_failover_figures_from_the_drill_hook() -> None:
     assert by_name["calls lost"].verdict == "FAIL"
     assert by_name["reconnected agents with a correct snapshot"].verdict == "not measured"
     assert by_name["extra_thing"].value == 3.0
+
+
+def test_ratio_target_and_spread() -> None:
+    publish = Figure("publish", 5_200.0, "ev/s", 7_000.0, Target(">=", 5_000), ratio_target=Target(">=", 0.8),
+                     samples=[5_600.0, 5_200.0, 4_900.0])
+    assert publish.ratio == pytest.approx(0.743, abs=1e-3)
+    assert publish.verdict == "FAIL"  # the absolute target holds, the ratio to bare does not
+    fine = Figure("cpu/frame", 50.0, "us", 45.0, ratio_target=Target("<=", 1.15))
+    assert fine.verdict == "PASS"
+    no_base = Figure("cpu/frame", 50.0, "us", None, ratio_target=Target("<=", 1.15))
+    assert no_base.verdict == "not measured"
+    sp = publish.spread
+    assert sp is not None and (sp.minimum, sp.median, sp.maximum) == (4_900.0, 5_200.0, 5_600.0)
+    assert Figure("one", 1.0, "s", samples=[1.0]).spread is None
+    stage = StageResult("publish")
+    stage.add(publish)
+    table = render_table([stage])
+    assert "4,900-5,600 ev/s (3)" in table
+    assert ">= 5,000 ev/s, >= 0.80x" in table
+    doc = report_document([stage], started_at=0.0, finished_at=1.0, machine={}, options={})
+    assert validate_document(doc) == []
+    fig = doc["stages"][0]["figures"][0]
+    assert fig["spread"]["n"] == 3 and fig["ratio_target"] == {"op": ">=", "threshold": 0.8}
+    fig["spread"]["min"] = 9e9
+    assert any("not ordered" in p for p in validate_document(doc))
+
+
+def test_verdict_is_taken_on_the_median_not_the_best_repeat() -> None:
+    p99 = Figure("p99", 0.006, "s", target=Target("<=", 0.005), samples=[0.004, 0.006, 0.020])
+    assert p99.verdict == "FAIL"  # one repeat passed; the median did not

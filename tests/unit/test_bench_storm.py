@@ -1,0 +1,42 @@
+"""The reconnect storm's sizing and verdicts (bench/storm.py), without a cluster."""
+
+from __future__ import annotations
+
+from bench.storm import storm_agents, storm_figures
+
+
+def test_storm_size_follows_the_descriptor_limit() -> None:
+    assert storm_agents(True, 1_000_000) == 200
+    assert storm_agents(False, 20_000) == 9_500  # HAProxy: 2 descriptors per agent, 1,000 spare
+    assert storm_agents(False, 1_000_000) == 20_000  # 10,000 on each of two nodes, as issue 15 asks
+    assert storm_agents(False, 1_024) == 200
+
+
+def test_storm_verdicts() -> None:
+    by_name = {f.name: f for f in storm_figures([6.0, 7.5, 9.9], [1.0, 2.5, 4.9], 0, 0, 0, 6)}
+    back = by_name["agents of the killed node back within 10 s of the drop"]
+    assert back.value == 1.0 and back.verdict == "PASS"
+    assert "3 agents on the killed node" in back.note
+    assert by_name["reconnected agents with a correct snapshot"].verdict == "PASS"
+    assert by_name["drop -> ready, max"].value == 9.9
+
+    late = {f.name: f for f in storm_figures([6.0, 10.5], [1.0, 5.5], 1, 2, 1, 6)}
+    # one late, one never back: 1 of 3 affected agents within 10 s
+    assert late["agents of the killed node back within 10 s of the drop"].value == 1 / 3
+    assert late["agents of the killed node back within 10 s of the drop"].verdict == "FAIL"
+    assert late["reconnected agents with a correct snapshot"].value == 0.5
+    assert late["calls lost"].verdict == "FAIL"
+
+    none = {f.name: f for f in storm_figures([], [], 0, 0, 0, 6)}
+    assert none["agents of the killed node back within 10 s of the drop"].verdict == "not measured"
+
+
+def test_cores_after_the_kill() -> None:
+    from bench.storm import cores_after
+
+    samples = [(float(t), {"node2": 0.5 * t, "haproxy": 0.1 * t}) for t in range(0, 30)]
+    busy = cores_after(samples, 10.0, 12.0)
+    assert busy["node2"] == 0.5 and abs(busy["haproxy"] - 0.1) < 1e-9
+    assert cores_after(samples, 100.0, 12.0) == {}
+    # a process that vanished from the later samples is not reported
+    assert "gone" not in cores_after([(0.0, {"gone": 1.0}), (1.0, {})], 0.0, 5.0)
