@@ -185,4 +185,5 @@ def test_play_steps_timing() -> None:
 
     asyncio.run(main())
     assert [e for _, e in got] == ["A", "B", "C"]
-    assert got[2][0] == pytest.approx(0.1, abs=0.05)
+    # Each step waits at least its scaled delay; how much longer depends on a shared machine's load.
+    assert 0.045 <= got[1][0] <= got[2][0] and 0.095 <= got[2][0] < 2.0
