@@ -12,21 +12,27 @@ import asyncio
 import json
 import re
 import time
+import urllib.parse
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from local_cluster.launcher import LocalCluster, http_get
+from local_cluster.infra import Infrastructure
+from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
+from services.wire import EventType, LineEvent
 from tests.support.creatio_client import (
     ACTIVE_CALL_SNAPSHOT,
     COMMUTATION_STARTED,
+    ERROR,
     RING_FINISHED,
     RING_STARTED,
     CreatioAgent,
     Received,
     calls_in_snapshot,
 )
+from tests.support.link_proxy import LinkProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -214,3 +220,175 @@ def test_gap_older_than_the_history_is_reported_and_the_snapshot_sent(cluster: L
             await agent.close()
 
     asyncio.run(main())
+
+
+# ---- lifecycle: gateway restart, broker outage (issue 10.1, 10.2) -----------------------------------
+
+
+def seed_earlier_run(redis_url: str, prefix: str, line: str, calls: int = 3) -> None:
+    """What an earlier run of the cluster left in the namespace: a line's history, position and
+    state under an old epoch, every call over (its gateway is long gone)."""
+    client = redis.Redis.from_url(redis_url)
+    epoch = str(int(time.time() * 1000) - 3_600_000)
+    try:
+        pipe = client.pipeline(transaction=True)
+        seq = 0
+        for kind in (EventType.RING_STARTED, EventType.RING_FINISHED) * calls:
+            seq += 1
+            event = LineEvent(line=line, type=kind, epoch=epoch, seq=seq)
+            pipe.xadd(f"{prefix}:line:{line}:events", {"e": event.encode()}, id=f"{epoch}-{seq}")
+        pipe.hset(f"{prefix}:line:{line}:pos", mapping={"epoch": epoch, "seq": seq})
+        pipe.sadd(f"{prefix}:lines", line)
+        pipe.set(f"{prefix}:epoch", epoch)
+        pipe.execute()
+    finally:
+        client.close()
+
+
+def call_events(agent: CreatioAgent, caller: str, after: int) -> list[int]:
+    return [
+        e.event_type
+        for e in agent.events[after:]
+        if e.event_type in (RING_STARTED, COMMUTATION_STARTED, RING_FINISHED)
+        and isinstance(e.content, dict)
+        and e.content.get("callerId") == caller
+    ]
+
+
+async def wait_call_over(agent: CreatioAgent, caller: str, after: int, timeout: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while RING_FINISHED not in call_events(agent, caller, after):
+        if time.monotonic() > deadline:
+            seen = [(e.event_type, e.content) for e in agent.events[after:]][-8:]
+            raise AssertionError(f"line {agent.line}: call from {caller} not over in {timeout:.0f}s; saw {seen}")
+        await asyncio.sleep(0.1)
+    return call_events(agent, caller, after)
+
+
+def test_first_call_after_a_gateway_restart_rings_over_an_earlier_runs_namespace(
+    infra: Infrastructure, tmp_path: Path
+) -> None:
+    """Issue 10.1 reproduced: line 407 starts from an earlier run's state (old epoch in Redis when
+    the agent opens); line 404 lives through a gateway restart. Each agent's first call after
+    either must arrive as RING_STARTED, COMMUTATION_STARTED, RING_FINISHED."""
+    options = ClusterOptions.ephemeral(tmp_path / "run", amqp_url=infra.amqp_url, redis_url=infra.redis_url)
+    seed_earlier_run(infra.redis_url, options.prefix, "407")
+    cluster = LocalCluster(options)
+    cluster.start(timeout=60)
+
+    async def main() -> None:
+        agents = {line: CreatioAgent(cluster.client_url, line) for line in ("404", "407")}
+        for agent in agents.values():
+            await agent.connect()
+            await agent.open()
+        try:
+            for round_ in ("first run", "after restart"):
+                marks = {line: len(agent.events) for line, agent in agents.items()}
+                callers = {line: f"7916{line}{len(round_):04d}" for line in agents}
+                for line in agents:
+                    await asyncio.to_thread(cluster.play, "inbound-direct-answered", line=line, caller=callers[line])
+                for line, agent in agents.items():
+                    types = await wait_call_over(agent, callers[line], marks[line])
+                    assert types == [RING_STARTED, COMMUTATION_STARTED, RING_FINISHED], (round_, line, types)
+                if round_ == "first run":
+                    await asyncio.to_thread(cluster.restart, "gateway")
+            assert all(not agent.closed for agent in agents.values())
+        finally:
+            for agent in agents.values():
+                await agent.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        cluster.stop()
+
+
+def node_health(cluster: LocalCluster) -> list[tuple[int, dict[str, Any]]]:
+    answers = []
+    for port in cluster.node_ports:
+        status, body = http_get(f"http://127.0.0.1:{port}/health")
+        answers.append((status, json.loads(body)))
+    return answers
+
+
+def haproxy_up(cluster: LocalCluster) -> int:
+    status, body = http_get(f"http://127.0.0.1:{cluster.options.stats_port}/stats;csv")
+    return sum(1 for row in body.decode().splitlines() if row.startswith("ws_nodes,node") and ",UP," in row)
+
+
+async def wait_broker(cluster: LocalCluster, state: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = node_health(cluster)
+        if all(body.get("broker") == state for _status, body in health):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nodes' broker not {state} within {timeout:.0f}s: {health}")
+        await asyncio.sleep(0.2)
+
+
+def test_broker_outage_keeps_every_agent_connected_and_calls_ring_after(infra: Infrastructure, tmp_path: Path) -> None:
+    """Issue 10.2: the broker goes away for 5 s, then for 30 s (every process's link to it cut, as
+    a restart does). Nodes stay UP in HAProxy, no agent is disconnected, a command meanwhile gets a
+    clear ERROR, a call that rang during the outage reaches its agent, and calls ring after."""
+    target = urllib.parse.urlsplit(infra.amqp_url)
+    proxy = LinkProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy.start()
+    credentials = target.netloc.rpartition("@")[0]
+    proxied = target._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}").geturl()
+    cluster = LocalCluster(
+        ClusterOptions.ephemeral(tmp_path / "run", amqp_url=proxied, redis_url=infra.redis_url)
+    )
+    cluster.start(timeout=60)
+    lines = ("421", "422", "423", "424")
+
+    async def main() -> None:
+        agents = [CreatioAgent(cluster.client_url, line) for line in lines]
+        for agent in agents:
+            await agent.connect()
+            await agent.open()
+        try:
+            for outage in (5.0, 30.0):
+                proxy.cut()
+                cut_at = time.monotonic()
+                await wait_broker(cluster, "down", timeout=20)
+                assert all(status == 200 for status, _body in node_health(cluster))
+
+                mark = len(agents[0].events)
+                await agents[0].send("MakeCall", {"targetAddress": "5550100"})
+                error = await agents[0].wait_for(ERROR, after=mark, timeout=15)
+                assert "broker" in json.dumps(error.content), error.content
+
+                during = f"7917{int(outage):03d}0001"
+                during_mark = len(agents[1].events)
+                await asyncio.to_thread(cluster.play, "inbound-direct-answered", line=lines[1], caller=during)
+
+                while time.monotonic() - cut_at < outage:
+                    assert haproxy_up(cluster) == len(cluster.node_ports)
+                    assert not any(agent.closed for agent in agents)
+                    await asyncio.sleep(0.5)
+                proxy.restore()
+                await wait_broker(cluster, "connected")
+
+                # the call of the outage reaches its agent whole (republished or repaired from Redis)
+                types = await wait_call_over(agents[1], during, during_mark, timeout=45)
+                assert types[0] == RING_STARTED and types[-1] == RING_FINISHED, types
+
+                marks = [len(agent.events) for agent in agents]
+                callers = [f"7918{int(outage):03d}{line}" for line in lines]
+                for line, caller in zip(lines, callers, strict=True):
+                    await asyncio.to_thread(cluster.play, "inbound-direct-answered", line=line, caller=caller)
+                for agent, caller, mark in zip(agents, callers, marks, strict=True):
+                    types = await wait_call_over(agent, caller, mark, timeout=45)
+                    assert types == [RING_STARTED, COMMUTATION_STARTED, RING_FINISHED], (outage, agent.line, types)
+                assert not any(agent.closed for agent in agents)
+            assert metric(cluster, "cms_broker_reconnects_total") >= 2 * len(cluster.node_ports)
+        finally:
+            for agent in agents:
+                await agent.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        cluster.stop()
+        proxy.close()
