@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY
 
 from ami_gateway.event_outbox import EventPublisher, Sequencer
 from local_cluster.infra import Infrastructure
+from services.delivery_log import AgentKey, DeliveryLog, Position
 from services.line_state import LineStateWriter
 from services.topology import Topology
 from services.wire import Command, CommandName, EventType, LineEvent
@@ -313,5 +314,49 @@ def test_broker_cut_commands_fail_fast_and_the_line_is_repaired_after(infra: Inf
                 assert tab.resyncs == []
         finally:
             await proxy.cut()
+
+    asyncio.run(main())
+
+
+def test_delivery_positions_survive_a_redis_outage_and_are_written_after(infra: Infrastructure, prefix: str) -> None:
+    """Redis away: delivery goes on, positions wait in memory, writes back off (not a retry every
+    flush), and once Redis answers the latest positions are written for the next node to read."""
+
+    async def main() -> None:
+        target = urllib.parse.urlsplit(infra.redis_url)
+        proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+        await proxy.start()
+        cut_client = aioredis.from_url(
+            target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl(), socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        direct = aioredis.from_url(infra.redis_url)
+        log = DeliveryLog(cut_client, prefix, ttl_seconds=60, flush_interval=0.05)
+        agent = AgentKey("312", "user-1", "tab-1")
+        try:
+            log.attach(agent, Position("100", 1))
+            await _until(lambda: (REGISTRY.get_sample_value("cms_node_delivery_log_flushes_total") or 0) > 0)
+            await proxy.cut()
+            errors = REGISTRY.get_sample_value("cms_node_delivery_log_errors_total") or 0.0
+            for seq in range(2, 50):
+                log.note(agent, "100", seq)  # the hot path never touches Redis
+            await asyncio.sleep(3.0)
+            failed = (REGISTRY.get_sample_value("cms_node_delivery_log_errors_total") or 0.0) - errors
+            assert 1 <= failed < 20, failed  # backing off: far fewer than one try per 50 ms flush
+
+            await proxy.restore()
+            reader = DeliveryLog(direct, prefix)
+            deadline = time.monotonic() + 30
+            while await reader.last(agent) != Position("100", 49):
+                assert time.monotonic() < deadline, await reader.last(agent)
+                await asyncio.sleep(0.1)
+        finally:
+            log.detach(agent)
+            await log.close()
+            await proxy.cut()
+            keys = [k async for k in direct.scan_iter(f"{prefix}:*")]
+            if keys:
+                await direct.delete(*keys)
+            await direct.aclose()
+            await cut_client.aclose()
 
     asyncio.run(main())
