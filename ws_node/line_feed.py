@@ -164,6 +164,7 @@ class LineFeed:
                 self.connected.clear()
                 self._queue = None
                 self._channel = None
+                self._bound = set()
                 for future in self._pending.values():
                     if not future.done():
                         future.set_result(CommandResult("", ok=False, error="messaging broker connection lost"))
@@ -174,16 +175,10 @@ class LineFeed:
     async def _declare(self, connection: AbstractConnection) -> None:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=512)
-        exchange = await channel.declare_exchange(
-            self._topology.events_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-        )
+        await channel.declare_exchange(self._topology.events_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
         queue = await channel.declare_queue(
             self._topology.node_events_queue(self.node_id), exclusive=True, auto_delete=True
         )
-        for line in self.router.lines():
-            await queue.bind(exchange, self._topology.line_routing_key(line))
-        self._bound = set(self.router.lines())
-        LINES_BOUND.set(len(self._bound))
         await queue.consume(self._events.put, no_ack=True)
         replies = await channel.declare_queue(
             self._topology.node_replies_queue(self.node_id), exclusive=True, auto_delete=True
@@ -192,6 +187,15 @@ class LineFeed:
         await channel.declare_queue(self._topology.commands_queue, durable=True)
         self._channel = channel
         self._queue = queue
+        self._bound = set()
+        # Every followed line, including those followed while this ran (their own bind found no
+        # queue, or this one): loop until nothing is left unbound.
+        while missing := [line for line in self.router.lines() if line not in self._bound]:
+            for line in missing:
+                async with self._binding_gate:
+                    await queue.bind(self._topology.events_exchange, self._topology.line_routing_key(line))
+                self._bound.add(line)
+        LINES_BOUND.set(len(self._bound))
 
     # ---- membership ------------------------------------------------------------------------
 
