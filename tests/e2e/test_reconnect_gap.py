@@ -270,7 +270,8 @@ def test_first_call_after_a_gateway_restart_rings_over_an_earlier_runs_namespace
 ) -> None:
     """Issue 10.1 reproduced: line 407 starts from an earlier run's state (old epoch in Redis when
     the agent opens); line 404 lives through a gateway restart. Each agent's first call after
-    either must arrive as RING_STARTED, COMMUTATION_STARTED, RING_FINISHED."""
+    either must arrive as RING_STARTED, COMMUTATION_STARTED, RING_FINISHED. And an agent away
+    during the restart (line 408) gets the call it missed replayed, across the epochs."""
     options = ClusterOptions.ephemeral(tmp_path / "run", amqp_url=infra.amqp_url, redis_url=infra.redis_url)
     seed_earlier_run(infra.redis_url, options.prefix, "407")
     cluster = LocalCluster(options)
@@ -278,10 +279,13 @@ def test_first_call_after_a_gateway_restart_rings_over_an_earlier_runs_namespace
 
     async def main() -> None:
         agents = {line: CreatioAgent(cluster.client_url, line) for line in ("404", "407")}
-        for agent in agents.values():
+        away = CreatioAgent(cluster.client_url, "408")
+        for agent in (*agents.values(), away):
             await agent.connect()
             await agent.open()
         try:
+            await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="408", caller="79160000408")
+            await wait_call_over(away, "79160000408", 0)  # 408 has a history in the first epoch
             for round_ in ("first run", "after restart"):
                 marks = {line: len(agent.events) for line, agent in agents.items()}
                 callers = {line: f"7916{line}{len(round_):04d}" for line in agents}
@@ -291,10 +295,21 @@ def test_first_call_after_a_gateway_restart_rings_over_an_earlier_runs_namespace
                     types = await wait_call_over(agent, callers[line], marks[line])
                     assert types == [RING_STARTED, COMMUTATION_STARTED, RING_FINISHED], (round_, line, types)
                 if round_ == "first run":
+                    await asyncio.sleep(1.0)  # the node writes delivery positions every 0.5 s
+                    await away.close()
                     await asyncio.to_thread(cluster.restart, "gateway")
+                    await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="408", caller=CALLER)
+                    await wait_line_idle_after(cluster, "408", 3)
             assert all(not agent.closed for agent in agents.values())
+
+            await away.reconnect()
+            gap, snapshot = before_snapshot(away)
+            types = [e.event_type for e in gap if e.event_type in (RING_STARTED, COMMUTATION_STARTED, RING_FINISHED)]
+            assert types == [RING_STARTED, COMMUTATION_STARTED, RING_FINISHED], types
+            assert gap[0].content["callerId"] == CALLER
+            assert calls_in_snapshot(snapshot) == []
         finally:
-            for agent in agents.values():
+            for agent in (*agents.values(), away):
                 await agent.close()
 
     try:
