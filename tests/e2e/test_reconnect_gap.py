@@ -22,6 +22,7 @@ import redis
 from local_cluster.infra import Infrastructure
 from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
 from services.wire import EventType, LineEvent
+from tests.e2e.test_signalr import SignalRAgent, content, ensure_signalr_client, opened
 from tests.support.creatio_client import (
     ACTIVE_CALL_SNAPSHOT,
     COMMUTATION_STARTED,
@@ -344,15 +345,20 @@ async def wait_broker(cluster: LocalCluster, state: str, timeout: float = 60.0) 
 
 def test_broker_outage_keeps_every_agent_connected_and_calls_ring_after(infra: Infrastructure, tmp_path: Path) -> None:
     """Issue 10.2: the broker goes away for 5 s, then for 30 s (every process's link to it cut, as
-    a restart does). Nodes stay UP in HAProxy, no agent is disconnected, a command meanwhile gets a
-    clear ERROR, a call that rang during the outage reaches its agent, and calls ring after."""
+    a restart does). Nodes stay UP in HAProxy, no agent is disconnected (raw WebSocket and SignalR),
+    a command meanwhile gets a clear ERROR, a call that rang during the outage reaches its agent,
+    and calls ring after."""
+    signalr_script = ensure_signalr_client()
     target = urllib.parse.urlsplit(infra.amqp_url)
     proxy = LinkProxy(target.hostname or "127.0.0.1", target.port or 5672)
     proxy.start()
     credentials = target.netloc.rpartition("@")[0]
     proxied = target._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}").geturl()
     cluster = LocalCluster(
-        ClusterOptions.ephemeral(tmp_path / "run", amqp_url=proxied, redis_url=infra.redis_url)
+        ClusterOptions.ephemeral(
+            tmp_path / "run", amqp_url=proxied, redis_url=infra.redis_url,
+            extra_env={"CMS_NODE_SIGNALR_TOKEN_SECRET": "outage-test-secret"},
+        )
     )
     cluster.start(timeout=60)
     lines = ("421", "422", "423", "424")
@@ -362,6 +368,10 @@ def test_broker_outage_keeps_every_agent_connected_and_calls_ring_after(infra: I
         for agent in agents:
             await agent.connect()
             await agent.open()
+        # and one Creatio 8.x agent: Microsoft's SignalR client, through HAProxy too
+        signalr = SignalRAgent(signalr_script, f"http://127.0.0.1:{cluster.options.haproxy_port}/", "425")
+        await signalr.start()
+        await opened(signalr)
         try:
             for outage in (5.0, 30.0):
                 proxy.cut()
@@ -393,14 +403,22 @@ def test_broker_outage_keeps_every_agent_connected_and_calls_ring_after(infra: I
                 callers = [f"7918{int(outage):03d}{line}" for line in lines]
                 for line, caller in zip(lines, callers, strict=True):
                     await asyncio.to_thread(cluster.play, "inbound-direct-answered", line=line, caller=caller)
+                signalr_mark = len(signalr.lines)
+                signalr_caller = f"7919{int(outage):03d}0425"
+                await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="425", caller=signalr_caller)
                 for agent, caller, mark in zip(agents, callers, marks, strict=True):
                     types = await wait_call_over(agent, caller, mark, timeout=45)
                     assert types == [RING_STARTED, COMMUTATION_STARTED, RING_FINISHED], (outage, agent.line, types)
+                ring = await signalr.event(RING_STARTED, timeout=45, after=signalr_mark)
+                assert content(ring)["callerId"] == signalr_caller
+                await signalr.event(RING_FINISHED, timeout=45, after=signalr_mark)
                 assert not any(agent.closed for agent in agents)
+                assert not [i for i in signalr.lines if i["kind"] == "closed"], signalr.lines[-5:]
             assert metric(cluster, "cms_broker_reconnects_total") >= 2 * len(cluster.node_ports)
         finally:
             for agent in agents:
                 await agent.close()
+            await signalr.stop()
 
     try:
         asyncio.run(main())
