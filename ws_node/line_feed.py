@@ -4,10 +4,14 @@
   follows, and nothing else; bindings follow the agents (first agent of a line binds, last
   one leaving unbinds).
 * Events are handled one at a time, in order. The :class:`LineRouter` says whether an event is
-  next, a duplicate, after a gap (repaired from the line's Redis history before going on) or
-  of a new epoch (every session of the line is resynced from a Redis snapshot).
-* After a broker reconnect the queue is declared and bound again, and every line is repaired
-  from the history, since events published while we were away went nowhere.
+  next (delivered without touching Redis), a duplicate or from an older epoch (dropped), or
+  after a gap or of a newer epoch: then the line catches up from its Redis history and snapshot
+  (read together) as :func:`plan_catch_up` says, so a new epoch reaches the agents from seq 1.
+* After a broker reconnect (backoff with jitter) the queue is declared and every followed line
+  bound again, and every line caught up from the history, since events published while we were
+  away went nowhere. Sessions are never closed for a broker or Redis outage.
+* Redis away: events keep flowing; a line that got events without a catch-up is resynced from
+  a snapshot once Redis answers again (retried with backoff).
 * Commands go to the gateway's work queue with a per-message expiration; answers come back on
   this node's reply queue, matched by correlation id.
 """
@@ -18,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -69,8 +74,10 @@ class LineFeed:
         redis_timeout_seconds: float = 5.0,
     ) -> None:
         self.node_id = node_id
-        self._url = amqp_url
         self._topology = topology
+        # A broker that vanishes without a reset (a dead host, a black-holed link) is noticed by
+        # heartbeats only: 15 s rather than the broker's default 60, unless the URL says otherwise.
+        self._url = _with_default_heartbeat(amqp_url, 15)
         self.redis = redis_client
         self.prefix = topology.prefix
         self.reader = LineStateReader(redis_client, topology.prefix)
@@ -414,6 +421,14 @@ class LineFeed:
         future = self._pending.get(message.correlation_id or result.command_id)
         if future is not None and not future.done():
             future.set_result(result)
+
+
+def _with_default_heartbeat(amqp_url: str, seconds: int) -> str:
+    parts = urllib.parse.urlsplit(amqp_url)
+    if "heartbeat" in urllib.parse.parse_qs(parts.query):
+        return amqp_url
+    query = f"{parts.query}&heartbeat={seconds}" if parts.query else f"heartbeat={seconds}"
+    return urllib.parse.urlunsplit(parts._replace(query=query))
 
 
 def new_command_id() -> str:
