@@ -260,15 +260,10 @@ class LineFeed:
                 continue
             try:
                 await self.handle_event(event)
-                self._redis_state(True)
             except (OSError, aioredis.RedisError, WireError, TimeoutError) as exc:
-                # Redis is away: the broker still brings events; hand this one on (an agent must
-                # see its calls ring) and resync the line from a snapshot once Redis is back.
                 self._redis_state(False)
                 log.warning("line %s: cannot reach Redis (%s); delivering without repair", event.line, exc)
-                if self.router.classify(event) not in (Verdict.DUPLICATE, Verdict.STALE, Verdict.NOBODY):
-                    self._deliver(event)
-                self._resync_later(event.line)
+                self._deliver_unchecked(event)
 
     async def handle_event(self, event: LineEvent) -> None:
         verdict = self.router.classify(event)
@@ -276,7 +271,18 @@ class LineFeed:
         if verdict is Verdict.DELIVER:
             self._deliver(event)
         elif verdict in (Verdict.GAP, Verdict.NEW_EPOCH):
+            if not self.redis_available:
+                # Known to be away: do not make every such event wait for a Redis timeout.
+                self._deliver_unchecked(event)
+                return
             await self._catch_up(event.line, live=event)
+
+    def _deliver_unchecked(self, event: LineEvent) -> None:
+        """Redis is away: the broker still brings events, and an agent must see its calls ring.
+        Hand the event on; the line is resynced from a snapshot once Redis is back."""
+        if self.router.classify(event) not in (Verdict.DUPLICATE, Verdict.STALE, Verdict.NOBODY):
+            self._deliver(event)
+        self._resync_later(event.line)
 
     def _redis_state(self, ok: bool) -> None:
         if ok:
@@ -303,6 +309,7 @@ class LineFeed:
             if self.router.position(line) is None:
                 return
             history = await self._read_history(line, live)
+            self._redis_state(True)
             position = self.router.position(line)
             if position is None:
                 return  # the last session left meanwhile
@@ -353,7 +360,6 @@ class LineFeed:
         for line in self.router.lines():
             try:
                 await self._catch_up(line)
-                self._redis_state(True)
             except (OSError, aioredis.RedisError, WireError, TimeoutError) as exc:
                 self._redis_state(False)
                 log.warning("line %s: repair after reconnect failed (%s); will retry", line, exc)
@@ -377,7 +383,6 @@ class LineFeed:
                     self._redis_state(False)
                     log.info("line %s: Redis still unavailable (%s)", line, exc)
                     break
-                self._redis_state(True)
                 self._unsynced.discard(line)
                 log.info("line %s: resynced after Redis came back", line)
             else:
