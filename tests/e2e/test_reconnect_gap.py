@@ -425,3 +425,37 @@ def test_broker_outage_keeps_every_agent_connected_and_calls_ring_after(infra: I
     finally:
         cluster.stop()
         proxy.close()
+
+
+def test_redis_emptied_under_a_connected_agent_the_next_call_still_rings(cluster: LocalCluster) -> None:
+    """Issue 10.3 at the node: every key of the namespace vanishes (Redis restarted empty). The
+    agent stays connected, its next call arrives whole, and a reconnect gets a true snapshot."""
+
+    async def main() -> None:
+        agent = CreatioAgent(cluster.client_url, "409")
+        await agent.connect()
+        await agent.open()
+        try:
+            await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="409", caller="79160000409")
+            await wait_call_over(agent, "79160000409", 0)
+
+            client = redis.Redis.from_url(cluster.redis_url)
+            try:
+                keys = list(client.scan_iter(f"{cluster.prefix}:*", count=1000))
+                client.delete(*keys)
+            finally:
+                client.close()
+
+            mark = len(agent.events)
+            await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="409", caller=CALLER)
+            types = await wait_call_over(agent, CALLER, mark)
+            assert types == [RING_STARTED, COMMUTATION_STARTED, RING_FINISHED], types
+            assert not agent.closed
+
+            await asyncio.sleep(1.0)
+            snapshot = await agent.reconnect()
+            assert calls_in_snapshot(snapshot) == []
+        finally:
+            await agent.close()
+
+    asyncio.run(main())
