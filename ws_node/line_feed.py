@@ -357,13 +357,20 @@ class LineFeed:
 
     async def _repair_all(self) -> None:
         """After a broker reconnect: events published while we were away went nowhere."""
-        for line in self.router.lines():
+        lines = self.router.lines()
+        for index, line in enumerate(lines):
             try:
+                if not self.redis_available:
+                    raise ConnectionError("Redis unavailable")
                 await self._catch_up(line)
             except (OSError, aioredis.RedisError, WireError, TimeoutError) as exc:
+                # Not one timeout per line: every line left is resynced once Redis answers.
                 self._redis_state(False)
-                log.warning("line %s: repair after reconnect failed (%s); will retry", line, exc)
-                self._resync_later(line)
+                log.warning("repair after reconnect failed at line %s (%s); %d lines wait for Redis",
+                            line, exc, len(lines) - index)
+                for rest in lines[index:]:
+                    self._resync_later(rest)
+                return
 
     def _resync_later(self, line: str) -> None:
         self._unsynced.add(line)

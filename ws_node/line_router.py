@@ -23,7 +23,7 @@ from Redis together with the snapshot it leads to, and returns what to hand to t
    epoch (the start of a new epoch continues any older one: the gateway restates in it what the
    old one left behind);
 2. when continuity cannot be proven (the history was trimmed, or Redis lost it: the entry at
-   the node's position is gone; a hole; the history stops short of an event already received),
+   the node's position is gone; a hole; the history stops short of the snapshot),
    a resync from the snapshot *after* those events, so the sessions end up exactly at the
    snapshot's state even if the node missed something in between;
 3. the event that triggered the catch-up, when the history does not hold it yet (the gateway

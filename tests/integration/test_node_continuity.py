@@ -360,3 +360,46 @@ def test_delivery_positions_survive_a_redis_outage_and_are_written_after(infra: 
             await cut_client.aclose()
 
     asyncio.run(main())
+
+
+def test_broker_back_before_redis_the_lines_catch_up_once_redis_answers(infra: Infrastructure, prefix: str) -> None:
+    """Both of the node's links cut; the broker comes back first (the repair cannot read Redis),
+    then Redis: what was published meanwhile reaches the agent from the history, then a snapshot."""
+
+    async def main() -> None:
+        amqp = urllib.parse.urlsplit(infra.amqp_url)
+        broker_proxy = TcpProxy(amqp.hostname or "127.0.0.1", amqp.port or 5672)
+        await broker_proxy.start()
+        target = urllib.parse.urlsplit(infra.redis_url)
+        redis_proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+        await redis_proxy.start()
+        node_redis_url = target._replace(netloc=f"127.0.0.1:{redis_proxy.port}").geturl()
+        try:
+            async with _world(
+                infra, prefix, amqp_url=_proxied(infra.amqp_url, broker_proxy), redis_url=node_redis_url
+            ) as (gateway, feed, _redis):
+                tab = Collector()
+                await feed.follow(tab, "313")
+                await gateway.emit(_event("313", 1))
+                await _until(lambda: len(tab.events) == 1)
+
+                await broker_proxy.cut()
+                await redis_proxy.cut()
+                await _until(lambda: not feed.connected.is_set())
+                await gateway.emit(_event("313", 2), _event("313", 3))  # published into the void
+                await broker_proxy.restore()
+                await asyncio.wait_for(feed.connected.wait(), 30)
+                await _until(lambda: not feed.redis_available, what="the repair finding Redis away")
+                assert len(tab.events) == 1
+
+                await redis_proxy.restore()
+                await _until(lambda: len(tab.events) == 3 and len(tab.resyncs) == 1, timeout=30)
+                assert [e.seq for e in tab.events] == [1, 2, 3]
+                assert tab.resyncs[0].seq == 3
+                await gateway.emit(_event("313", 4))
+                await _until(lambda: len(tab.events) == 4)
+        finally:
+            await broker_proxy.cut()
+            await redis_proxy.cut()
+
+    asyncio.run(main())
