@@ -105,17 +105,19 @@ class Node:
         self._port: Any = None
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """200 unless this node itself cannot serve: draining, or not started yet (no broker
-        connection ever). A broker or Redis outage later is shared by every node: answering 503
-        then would make HAProxy mark all nodes down and cut every agent's tunnel, for nothing.
-        Sessions stay open, the feed reconnects and repairs; the body and metrics say so."""
-        ok = self.feed.ever_connected and not self.draining
+        """200 unless this node itself cannot serve: draining, not started yet (no broker
+        connection ever), or its feed stopped. A broker or Redis outage later is shared by every
+        node: answering 503 then would make HAProxy mark all nodes down and cut every agent's
+        tunnel, for nothing. Sessions stay open, the feed reconnects and repairs; the body and
+        metrics say so."""
+        ok = self.feed.ever_connected and self.feed.running and not self.draining
         NODE_READY.set(1 if ok else 0)
         return ok, {
             "node": self.node_id,
             "broker": "connected" if self.feed.connected.is_set() else "down",
             "redis": "ok" if self.feed.redis_available else "failing",
             "draining": self.draining,
+            "feed": "running" if self.feed.running else "stopped",
             "clients": len(self.hub.connections),
             "sockets": len(self.factory.live),
         }

@@ -114,6 +114,13 @@ class LineFeed:
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._connection_loop(), name="broker"))
         self._tasks.append(asyncio.create_task(self._process_events(), name="events"))
+        for task in self._tasks:
+            task.add_done_callback(_log_end)
+
+    @property
+    def running(self) -> bool:
+        """False once a task of the feed has ended: this node would no longer deliver anything."""
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     async def stop(self) -> None:
         for hook in self.before_stop:
@@ -433,6 +440,12 @@ class LineFeed:
         future = self._pending.get(message.correlation_id or result.command_id)
         if future is not None and not future.done():
             future.set_result(result)
+
+
+def _log_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # /health turns 503 (the node stops taking agents); say why, once.
+        log.error("line feed task %s ended: %r", task.get_name(), task.exception())
 
 
 def _with_default_heartbeat(amqp_url: str, seconds: int) -> str:
