@@ -459,3 +459,24 @@ def test_redis_emptied_under_a_connected_agent_the_next_call_still_rings(cluster
             await agent.close()
 
     asyncio.run(main())
+
+
+def test_a_call_ringing_across_a_gateway_restart_rings_once_and_ends(cluster: LocalCluster) -> None:
+    """The restarted gateway restates the live call in its new epoch (same call id): the agent's
+    panel must not pop it up a second time, and must still see it end."""
+
+    async def main() -> None:
+        agent = CreatioAgent(cluster.client_url, "410")
+        await agent.connect()
+        await agent.open()
+        try:
+            await asyncio.to_thread(cluster.play, "inbound-direct-noanswer", line="410", caller=CALLER)  # rings 15 s
+            await agent.wait_for(RING_STARTED, lambda r: r.content.get("callerId") == CALLER, timeout=15)
+            await asyncio.to_thread(cluster.restart, "gateway")
+            types = await wait_call_over(agent, CALLER, 0, timeout=40)
+            assert types == [RING_STARTED, RING_FINISHED], types
+            assert not agent.closed
+        finally:
+            await agent.close()
+
+    asyncio.run(main())
