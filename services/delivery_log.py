@@ -48,6 +48,8 @@ from typing import NamedTuple
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
+from services.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 FLUSHES = Counter("cms_node_delivery_log_flushes_total", "Batches of delivery positions written to Redis")
@@ -135,6 +137,7 @@ class DeliveryLog:
         flush_interval: float = 0.5,
         holder_window: float = 60.0,
         max_batch: int = 256,
+        write_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = client
@@ -144,6 +147,8 @@ class DeliveryLog:
         self.holder_window = holder_window
         #: agents per pipeline: bounds the time one write holds the loop
         self.max_batch = max(1, max_batch)
+        #: a flush that hangs (Redis stalled, not refusing) is abandoned and retried
+        self.write_timeout = write_timeout
         self._clock = clock
         #: agent -> (epoch, seq): plain tuples, built on the hot path
         self._positions: dict[AgentKey, tuple[str, int]] = {}
@@ -247,13 +252,28 @@ class DeliveryLog:
             self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
+        # While Redis is away the positions stay in memory (``note`` keeps working, delivery never
+        # waits for this) and the writes are retried with backoff; once a write succeeds,
+        # everything that changed meanwhile goes out.
+        backoff = Backoff(initial=max(self.flush_interval, 0.05), maximum=10.0)
+        delay = self.flush_interval
+        failing = False
         while self._live or self._dirty:
-            await asyncio.sleep(self.flush_interval)
+            await asyncio.sleep(delay)
             try:
-                await self.flush()
-            except (OSError, aioredis.RedisError) as exc:
+                await asyncio.wait_for(self.flush(), self.write_timeout)
+            except (OSError, aioredis.RedisError, TimeoutError) as exc:
                 FLUSH_ERRORS.inc()
-                log.warning("delivery positions not written (%s); will retry", exc)
+                delay = backoff.next_delay()
+                if not failing:
+                    log.warning("delivery positions not written (%s); retrying with backoff", exc)
+                failing = True
+                continue
+            if failing:
+                log.info("delivery positions written again after %d failed attempts", backoff.attempts)
+                failing = False
+                backoff.reset()
+            delay = self.flush_interval
 
     async def flush(self) -> None:
         """Write the changed records, and the slices of the refresh rotations that are due."""

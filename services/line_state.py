@@ -167,6 +167,48 @@ class LineStateReader:
                 raise HistoryUnavailable(f"line {line}: at {cur_epoch}/{cur_seq}, cannot continue {epoch}/{seq}")
         return events
 
+    async def history_since(self, line: str, epoch: str, seq: int, limit: int = 10_000) -> LineHistory:
+        """Everything after position (epoch, seq), across epochs, with the snapshot it leads to.
+
+        Read in one MULTI, so the snapshot stands exactly where the returned history ends (the
+        gateway writes state, history and position together)."""
+        start = f"{epoch}-{seq}" if epoch and seq > 0 else "-"
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xrange(self._keys.events(line), min=start, max="+", count=limit + 1)
+        pipe.hgetall(self._keys.calls(line))
+        pipe.get(self._keys.agent(line))
+        pipe.hgetall(self._keys.pos(line))
+        raw_entries, raw_calls, raw_agent, raw_pos = await pipe.execute()
+        entries = list(raw_entries or [])
+        anchored = start == "-"
+        if entries and _text(entries[0][0]) == start:
+            anchored = True
+            entries = entries[1:]
+        events = tuple(LineEvent.decode(fields[b"e"]) for _id, fields in entries if fields)
+        return LineHistory(events=events, anchored=anchored, snapshot=_snapshot(line, raw_calls, raw_agent, raw_pos))
+
+
+@dataclass(frozen=True, slots=True)
+class LineHistory:
+    """A line's history after a position, and its snapshot, read in one transaction.
+
+    ``anchored`` proves the history is complete from the position on: the entry at the position
+    itself is still in the stream (trimming only removes the oldest entries), or the position is
+    the start of the line (epoch ``""``, seq 0). Without it, events after the position may be gone.
+    """
+
+    events: tuple[LineEvent, ...]
+    anchored: bool
+    snapshot: LineSnapshot
+
+
+def _snapshot(line: str, raw_calls: Any, raw_agent: Any, raw_pos: Any) -> LineSnapshot:
+    calls = tuple(sorted((_call(v) for v in raw_calls.values()), key=lambda c: c.started_at))
+    agent = AgentState.from_dict(json.loads(raw_agent)) if raw_agent else None
+    epoch = _text(raw_pos.get(b"epoch", b"")) if raw_pos else ""
+    seq = int(raw_pos.get(b"seq", 0)) if raw_pos else 0
+    return LineSnapshot(line=line, epoch=epoch, seq=seq, calls=calls, agent=agent)
+
 
 def _call(raw: Any) -> Call:
     try:

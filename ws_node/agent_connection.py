@@ -50,6 +50,7 @@ from ws_node.client_logs import ClientLogRefused, ClientLogStore
 from ws_node.command_quota import CommandQuota
 from ws_node.line_feed import LineFeed
 from ws_node.line_holders import HOLDER_STORE_ERRORS, LineHolders
+from ws_node.line_router import order, plan_catch_up
 
 log = logging.getLogger(__name__)
 
@@ -281,11 +282,14 @@ class AgentConnection:
             if last.order() >= Position(snapshot.epoch, snapshot.seq).order():
                 CATCH_UPS.labels(outcome="nothing_missed").inc()
                 return []
-            if last.epoch:
-                events = await self.hub.feed.reader.events_after(agent.line, last.epoch, last.seq)
-            else:
-                # it left before the line had any history: the gap is the first epoch from seq 1
-                events = await self.hub.feed.reader.events_after(agent.line, snapshot.epoch, 0)
+            # Across epochs too: a gateway restart while the agent was away starts a new epoch at
+            # seq 1, which continues the old one (see line_router); a hole means history is gone.
+            history = await self.hub.feed.reader.history_since(agent.line, last.epoch, last.seq)
+            plan = plan_catch_up((last.epoch, last.seq), history.events, history.anchored,
+                                 (history.snapshot.epoch, history.snapshot.seq))
+            if plan.resync_at is not None:
+                raise HistoryUnavailable(f"line {agent.line}: history after {last.encode()} is incomplete")
+            events = list(plan.events)
         except HistoryUnavailable as exc:
             CATCH_UPS.labels(outcome="history_gone").inc()
             log.warning(
@@ -298,7 +302,7 @@ class AgentConnection:
             log.warning("line %s: catch-up failed (%s); sending the snapshot only", agent.line, exc,
                         extra={"conn": self.conn_id})
             return []
-        gap = [e for e in events if e.epoch == snapshot.epoch and e.seq <= snapshot.seq]
+        gap = [e for e in events if order((e.epoch, e.seq)) <= order((snapshot.epoch, snapshot.seq))]
         CATCH_UPS.labels(outcome="replayed").inc()
         log.info("line %s user %s: %d events missed since %s", agent.line, agent.user or "-", len(gap),
                  last.encode(), extra={"conn": self.conn_id})

@@ -47,6 +47,9 @@ Rules, from the client's source (docs/creatio-protocol.md has the details):
 9. Who may open a line is decided by the shell (``services.line_access``); a refusal arrives as
    :meth:`AgentSession.on_line_refused`: an ERROR, a DISCONNECTED without reconnect, nothing of the
    line was sent.
+10. Restatements are not news. After a gateway restart the new epoch announces every live call
+    again (RING_STARTED or COMMUTATION_STARTED, same call id); for a call the session already
+    shows in that state the call is updated silently, since the client pops up every RING_STARTED.
 """
 
 from __future__ import annotations
@@ -299,7 +302,10 @@ class AgentSession:
             if not self.call_centre_enabled:
                 return
         elif event.call is not None:
+            restated = self._restates(event)
             self._track(event)
+            if restated:
+                return
         frames = self._frames_for(event)
         send = self._send if self.debug_mode else self._env.send_frame
         for frame in frames:
@@ -718,6 +724,17 @@ class AgentSession:
         if not isinstance(obj, dict):
             raise _Refused(MsgErrorType.COMMAND_ERROR, f"{cmd.name}: {key} is missing")
         return self._lookup(obj.get("id"), f"{cmd.name} {key}")
+
+    def _restates(self, event: LineEvent) -> bool:
+        """Whether ``event`` announces a call this session already shows in that very state.
+
+        The tracker announces each call (RING_STARTED, COMMUTATION_STARTED) at most once, so
+        this only happens when a restarted gateway restates its live calls in a new epoch. The
+        client must not get them again: every RING_STARTED pops the call up as new (rule 8)."""
+        if event.type not in (EventType.RING_STARTED, EventType.COMMUTATION_STARTED) or event.call is None:
+            return False
+        known = self._calls.get(cp.call_guid(event.call.id))
+        return known is not None and known.state is event.call.state
 
     def _track(self, event: LineEvent) -> None:
         call = event.call

@@ -1,6 +1,7 @@
 """The node process: Twisted's asyncio reactor, so Autobahn, aio-pika and redis.asyncio share
 one loop. Start: Redis client, line feed (broker), HTTP+WebSocket listener; ready once the
-broker is connected. Stop (SIGTERM): drain first: /health turns 503 and new sockets and
+broker is connected for the first time; a broker or Redis outage after that keeps the node
+ready (it rides it out, see line_feed). Stop (SIGTERM): drain first: /health turns 503 and new sockets and
 negotiations are refused, so HAProxy sends no new agents; open connections are closed at once
 with 1001 (SignalR: a close record without error), so their clients reconnect elsewhere. Closing
 at once matters: HAProxy cuts the tunnels of a server it marks down (on-marked-down
@@ -35,7 +36,7 @@ from ws_node.websocket import AgentServerFactory
 
 log = logging.getLogger(__name__)
 
-NODE_READY = Gauge("cms_node_ready", "1 when the node accepts agents (broker connected, not draining)")
+NODE_READY = Gauge("cms_node_ready", "1 when the node accepts agents (started and not draining)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,9 @@ class Node:
         self.settings = settings
         self.options = options
         self.node_id = options.node_id or uuid.uuid4().hex[:8]
-        self.redis = aioredis.from_url(settings.cluster.redis_url)
+        # Bounded waits: a Redis that stops answering (not just refusing) must not freeze the
+        # event loop's catch-ups or snapshots; live events never wait for Redis.
+        self.redis = aioredis.from_url(settings.cluster.redis_url, socket_timeout=5.0, socket_connect_timeout=3.0)
         self.feed = LineFeed(
             self.node_id,
             settings.cluster.amqp_url,
@@ -138,12 +141,19 @@ class Node:
                 "draining": self.draining}
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        ok = self.feed.connected.is_set() and not self.draining
+        """200 unless this node itself cannot serve: draining, not started yet (no broker
+        connection ever), or its feed stopped. A broker or Redis outage later is shared by every
+        node: answering 503 then would make HAProxy mark all nodes down and cut every agent's
+        tunnel, for nothing. Sessions stay open, the feed reconnects and repairs; the body and
+        metrics say so."""
+        ok = self.feed.ever_connected and self.feed.running and not self.draining
         NODE_READY.set(1 if ok else 0)
         return ok, {
             "node": self.node_id,
             "broker": "connected" if self.feed.connected.is_set() else "down",
+            "redis": "ok" if self.feed.redis_available else "failing",
             "draining": self.draining,
+            "feed": "running" if self.feed.running else "stopped",
             "clients": len(self.hub.connections),
             "sockets": len(self.factory.live),
         }

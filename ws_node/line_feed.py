@@ -4,10 +4,14 @@
   follows, and nothing else; bindings follow the agents (first agent of a line binds, last
   one leaving unbinds).
 * Events are handled one at a time, in order. The :class:`LineRouter` says whether an event is
-  next, a duplicate, after a gap (repaired from the line's Redis history before going on) or
-  of a new epoch (every session of the line is resynced from a Redis snapshot).
-* After a broker reconnect the queue is declared and bound again, and every line is repaired
-  from the history, since events published while we were away went nowhere.
+  next (delivered without touching Redis), a duplicate or from an older epoch (dropped), or
+  after a gap or of a newer epoch: then the line catches up from its Redis history and snapshot
+  (read together) as :func:`plan_catch_up` says, so a new epoch reaches the agents from seq 1.
+* After a broker reconnect (backoff with jitter) the queue is declared and every followed line
+  bound again, and every line caught up from the history, since events published while we were
+  away went nowhere. Sessions are never closed for a broker or Redis outage.
+* Redis away: events keep flowing; a line that got events without a catch-up is resynced from
+  a snapshot once Redis answers again (retried with backoff).
 * Commands go to the gateway's work queue with a per-message expiration; answers come back on
   this node's reply queue, matched by correlation id.
 """
@@ -15,8 +19,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -28,10 +34,10 @@ from prometheus_client import Counter, Gauge
 
 from services.backoff import Backoff
 from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS, RedisHealth
-from services.line_state import HistoryUnavailable, LineSnapshot, LineStateReader
+from services.line_state import LineHistory, LineSnapshot, LineStateReader
 from services.topology import Topology
 from services.wire import Command, CommandResult, LineEvent, WireError
-from ws_node.line_router import LineRouter, Verdict
+from ws_node.line_router import LineRouter, Verdict, order, plan_catch_up
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,11 @@ for _verdict in (*(v.value for v in Verdict), "undecodable"):
 for _outcome in ("repaired", "resync"):
     GAP_REPAIRS.labels(outcome=_outcome)
 LINES_BOUND = Gauge("cms_node_lines_bound", "Lines this node receives events for")
+BROKER_CONNECTED = Gauge("cms_node_broker_connected", "1 while the node's RabbitMQ connection is up")
+CATCH_UP_EVENTS = Counter("cms_node_catch_up_events_total", "Line events handed to agents from the Redis history")
+HISTORY_WAIT_TIMEOUTS = Counter(
+    "cms_node_history_wait_timeouts_total", "Catch-ups that gave up waiting for an event to reach the Redis history"
+)
 
 
 class LineSubscriber(Protocol):
@@ -59,10 +70,14 @@ class LineFeed:
         topology: Topology,
         *,
         command_ttl_seconds: float = 5.0,
+        history_wait_seconds: float = 1.0,
+        redis_timeout_seconds: float = 5.0,
     ) -> None:
         self.node_id = node_id
-        self._url = amqp_url
         self._topology = topology
+        # A broker that vanishes without a reset (a dead host, a black-holed link) is noticed by
+        # heartbeats only: 15 s rather than the broker's default 60, unless the URL says otherwise.
+        self._url = _with_default_heartbeat(amqp_url, 15)
         self.redis = redis_client
         self.prefix = topology.prefix
         self.reader = LineStateReader(redis_client, topology.prefix)
@@ -83,12 +98,29 @@ class LineFeed:
         self._events: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self.connected = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._catch_up_lock = asyncio.Lock()
+        self._history_wait = history_wait_seconds
+        self._redis_timeout = redis_timeout_seconds
+        #: lines handed events without a catch-up while Redis was away
+        self._unsynced: set[str] = set()
+        self._resync_task: asyncio.Task[None] | None = None
+        #: set once the first broker connection is up (start-up is over)
+        self.ever_connected = False
+        #: False after a Redis operation failed, until one succeeds again (for /health)
+        self.redis_available = True
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._connection_loop(), name="broker"))
         self._tasks.append(asyncio.create_task(self._process_events(), name="events"))
+        for task in self._tasks:
+            task.add_done_callback(_log_end)
+
+    @property
+    def running(self) -> bool:
+        """False once a task of the feed has ended: this node would no longer deliver anything."""
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     async def stop(self) -> None:
         for hook in self.before_stop:
@@ -96,9 +128,10 @@ class LineFeed:
                 await hook()
             except (OSError, aioredis.RedisError) as exc:
                 log.warning("stop hook failed: %s", exc)
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._resync_task] if self._resync_task is not None else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             try:
                 await task
             except (asyncio.CancelledError, Exception):
@@ -121,20 +154,31 @@ class LineFeed:
                 self._connection = connection
                 closed = asyncio.Event()
                 connection.close_callbacks.add(lambda *_, ev=closed: ev.set())
-                await self._declare(connection)
+                try:
+                    await asyncio.wait_for(self._declare(connection), 30)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await connection.close()
+                    raise
                 backoff.reset()
                 self.connected.set()
+                self.ever_connected = True
+                BROKER_CONNECTED.set(1)
                 log.info("node %s connected to the broker; %d lines bound", self.node_id, len(self._bound))
+                # Events published while we were away (or before the queue existed) went nowhere:
+                # the history has them. A Redis failure here is retried by _resync_later.
                 await self._repair_all()
                 await closed.wait()
                 raise ConnectionError("broker connection closed")
             except asyncio.CancelledError:
                 raise
-            except (aio_pika.exceptions.AMQPError, OSError, RuntimeError, ConnectionError) as exc:
+            except (aio_pika.exceptions.AMQPError, OSError, RuntimeError, ConnectionError, TimeoutError) as exc:
                 BROKER_ERRORS.inc()
+                BROKER_CONNECTED.set(0)
                 self.connected.clear()
                 self._queue = None
                 self._channel = None
+                self._bound = set()
                 for future in self._pending.values():
                     if not future.done():
                         future.set_result(CommandResult("", ok=False, error="messaging broker connection lost"))
@@ -145,16 +189,10 @@ class LineFeed:
     async def _declare(self, connection: AbstractConnection) -> None:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=512)
-        exchange = await channel.declare_exchange(
-            self._topology.events_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-        )
+        await channel.declare_exchange(self._topology.events_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
         queue = await channel.declare_queue(
             self._topology.node_events_queue(self.node_id), exclusive=True, auto_delete=True
         )
-        for line in self.router.lines():
-            await queue.bind(exchange, self._topology.line_routing_key(line))
-        self._bound = set(self.router.lines())
-        LINES_BOUND.set(len(self._bound))
         await queue.consume(self._events.put, no_ack=True)
         replies = await channel.declare_queue(
             self._topology.node_replies_queue(self.node_id), exclusive=True, auto_delete=True
@@ -163,6 +201,15 @@ class LineFeed:
         await channel.declare_queue(self._topology.commands_queue, durable=True)
         self._channel = channel
         self._queue = queue
+        self._bound = set()
+        # Every followed line, including those followed while this ran (their own bind found no
+        # queue, or this one): loop until nothing is left unbound.
+        while missing := [line for line in self.router.lines() if line not in self._bound]:
+            for line in missing:
+                async with self._binding_gate:
+                    await queue.bind(self._topology.events_exchange, self._topology.line_routing_key(line))
+                self._bound.add(line)
+        LINES_BOUND.set(len(self._bound))
 
     # ---- membership ------------------------------------------------------------------------
 
@@ -220,61 +267,140 @@ class LineFeed:
                 continue
             try:
                 await self.handle_event(event)
-                self._redis_health.succeeded()
-            except (OSError, aioredis.RedisError) as exc:
-                self._redis_health.failed()
+            except (OSError, aioredis.RedisError, WireError, TimeoutError) as exc:
+                self._redis_state(False)
                 log.warning("line %s: cannot reach Redis (%s); delivering without repair", event.line, exc)
-                self._deliver(event)
+                self._deliver_unchecked(event)
 
     async def handle_event(self, event: LineEvent) -> None:
         verdict = self.router.classify(event)
         LINE_EVENTS.labels(verdict=verdict.value).inc()
         if verdict is Verdict.DELIVER:
             self._deliver(event)
-        elif verdict is Verdict.GAP:
-            await self._repair(event.line, event.epoch)
-            if self.router.classify(event) is Verdict.DELIVER:
-                self._deliver(event)
-        elif verdict is Verdict.NEW_EPOCH:
-            await self._resync(event.line)
+        elif verdict in (Verdict.GAP, Verdict.NEW_EPOCH):
+            if not self.redis_available:
+                # Known to be away: do not make every such event wait for a Redis timeout.
+                self._deliver_unchecked(event)
+                return
+            await self._catch_up(event.line, live=event)
+
+    def _deliver_unchecked(self, event: LineEvent) -> None:
+        """Redis is away: the broker still brings events, and an agent must see its calls ring.
+        Hand the event on; the line is resynced from a snapshot once Redis is back."""
+        if self.router.classify(event) not in (Verdict.DUPLICATE, Verdict.STALE, Verdict.NOBODY):
+            self._deliver(event)
+        self._resync_later(event.line)
+
+    def _redis_state(self, ok: bool) -> None:
+        if ok:
+            self._redis_health.succeeded()
+        else:
+            self._redis_health.failed()
+        self.redis_available = ok
 
     def _deliver(self, event: LineEvent) -> None:
         self.router.delivered(event)
         for subscriber in self.router.sessions(event.line):
             subscriber.deliver_event(event)
 
-    async def _repair(self, line: str, epoch_hint: str = "") -> None:
-        position = self.router.position(line)
-        if position is None:
-            return
-        epoch = position[0] or epoch_hint
-        if not epoch:
-            return
-        try:
-            missed = await self.reader.events_after(line, epoch, position[1])
-        except HistoryUnavailable as exc:
-            GAP_REPAIRS.labels(outcome="resync").inc()
-            log.info("line %s: %s; resyncing from a snapshot", line, exc)
-            await self._resync(line)
-            return
-        GAP_REPAIRS.labels(outcome="repaired").inc()
-        for event in missed:
-            if self.router.classify(event) is Verdict.DELIVER:
-                self._deliver(event)
+    async def _catch_up(self, line: str, live: LineEvent | None = None, *, resync: bool = False) -> None:
+        """Bring ``line`` up to date from Redis (gap, new epoch, reconnect); see line_router.
 
-    async def _resync(self, line: str) -> None:
-        snapshot = await self.reader.snapshot(line)
-        self.router.reset(line, snapshot.epoch, snapshot.seq)
-        for subscriber in self.router.sessions(line):
-            subscriber.resync(snapshot)
+        One catch-up at a time: the event task and the reconnect repair must not interleave
+        their deliveries on a line."""
+        async with self._catch_up_lock:
+            if live is not None and self.router.classify(live) not in (Verdict.GAP, Verdict.NEW_EPOCH):
+                if self.router.classify(live) is Verdict.DELIVER:  # repaired meanwhile up to it
+                    self._deliver(live)
+                return
+            if self.router.position(line) is None:
+                return
+            history = await self._read_history(line, live)
+            self._redis_state(True)
+            position = self.router.position(line)
+            if position is None:
+                return  # the last session left meanwhile
+            snapshot = history.snapshot
+            plan = plan_catch_up(
+                position, history.events, history.anchored, (snapshot.epoch, snapshot.seq), live, force_resync=resync
+            )
+            for event in plan.events:
+                self._deliver(event)
+            if plan.resync_at is not None:
+                GAP_REPAIRS.labels(outcome="resync").inc()
+                log.info(
+                    "line %s: continuity from %s/%d not provable; %d events from history, then the snapshot at %s/%d",
+                    line, position[0] or "-", position[1], len(plan.events), snapshot.epoch or "-", snapshot.seq,
+                )
+                self.router.reset(line, *plan.resync_at)
+                for subscriber in self.router.sessions(line):
+                    subscriber.resync(snapshot)
+            elif plan.events:
+                GAP_REPAIRS.labels(outcome="repaired").inc()
+            if plan.live is not None:
+                self._deliver(plan.live)
+            CATCH_UP_EVENTS.inc(len(plan.events))
+
+    async def _read_history(self, line: str, live: LineEvent | None) -> LineHistory:
+        """The line's history after our position, waiting briefly for ``live`` to be in it: the
+        gateway may publish an event before its Redis write has landed."""
+        deadline = time.monotonic() + self._history_wait
+        while True:
+            position = self.router.position(line) or ("", 0)
+            history = await asyncio.wait_for(
+                self.reader.history_since(line, position[0], position[1]), self._redis_timeout
+            )
+            snapshot = history.snapshot
+            if live is None or order((snapshot.epoch, snapshot.seq)) >= order((live.epoch, live.seq)):
+                return history
+            if time.monotonic() >= deadline:
+                HISTORY_WAIT_TIMEOUTS.inc()
+                log.warning(
+                    "line %s: Redis has no %s/%d after %.1fs (at %s/%d)",
+                    line, live.epoch, live.seq, self._history_wait, snapshot.epoch or "-", snapshot.seq,
+                )
+                return history
+            await asyncio.sleep(0.02)
 
     async def _repair_all(self) -> None:
-        for line in self.router.lines():
+        """After a broker reconnect: events published while we were away went nowhere."""
+        lines = self.router.lines()
+        for index, line in enumerate(lines):
             try:
-                await self._repair(line)
-            except (OSError, aioredis.RedisError) as exc:
-                self._redis_health.failed()
-                log.warning("line %s: repair after reconnect failed: %s", line, exc)
+                if not self.redis_available:
+                    raise ConnectionError("Redis unavailable")
+                await self._catch_up(line)
+            except (OSError, aioredis.RedisError, WireError, TimeoutError) as exc:
+                # Not one timeout per line: every line left is resynced once Redis answers.
+                self._redis_state(False)
+                log.warning("repair after reconnect failed at line %s (%s); %d lines wait for Redis",
+                            line, exc, len(lines) - index)
+                for rest in lines[index:]:
+                    self._resync_later(rest)
+                return
+
+    def _resync_later(self, line: str) -> None:
+        self._unsynced.add(line)
+        if self._resync_task is None or self._resync_task.done():
+            self._resync_task = asyncio.create_task(self._resync_when_redis_returns(), name="resync")
+
+    async def _resync_when_redis_returns(self) -> None:
+        """Lines that got events without a catch-up (Redis away) are brought back to the truth:
+        whatever history continues them, then a snapshot. Retries with backoff until it works."""
+        backoff = Backoff(initial=0.5, maximum=10.0)
+        while self._unsynced:
+            await asyncio.sleep(backoff.next_delay())
+            for line in sorted(self._unsynced):
+                try:
+                    await self._catch_up(line, resync=True)
+                except (OSError, aioredis.RedisError, WireError, TimeoutError) as exc:
+                    self._redis_state(False)
+                    log.info("line %s: Redis still unavailable (%s)", line, exc)
+                    break
+                self._unsynced.discard(line)
+                log.info("line %s: resynced after Redis came back", line)
+            else:
+                backoff.reset()
 
     # ---- commands --------------------------------------------------------------------------
 
@@ -314,6 +440,20 @@ class LineFeed:
         future = self._pending.get(message.correlation_id or result.command_id)
         if future is not None and not future.done():
             future.set_result(result)
+
+
+def _log_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # /health turns 503 (the node stops taking agents); say why, once.
+        log.error("line feed task %s ended: %r", task.get_name(), task.exception())
+
+
+def _with_default_heartbeat(amqp_url: str, seconds: int) -> str:
+    parts = urllib.parse.urlsplit(amqp_url)
+    if "heartbeat" in urllib.parse.parse_qs(parts.query):
+        return amqp_url
+    query = f"{parts.query}&heartbeat={seconds}" if parts.query else f"heartbeat={seconds}"
+    return urllib.parse.urlunsplit(parts._replace(query=query))
 
 
 def new_command_id() -> str:

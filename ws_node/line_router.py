@@ -2,21 +2,40 @@
 
 Pure bookkeeping, no I/O: the feed asks it what to do with each incoming event.
 
-For each line the node knows the last position it delivered, ``(epoch, seq)``. An incoming
-event is, relative to that position:
+For each line the node knows the last position it delivered, ``(epoch, seq)``. Epochs are the
+gateway's claim times (strictly growing numbers); ``seq`` counts a line's events from 1 within
+an epoch. An incoming event is, relative to that position:
 
 * the next one (same epoch, seq + 1): deliver;
 * old (same epoch, seq <= last): a duplicate from a publisher retry, or already covered by the
   snapshot the line started from: drop;
-* ahead (same epoch, seq > last + 1): events were missed: repair from the Redis history first;
-* of another epoch: continuity is lost on the gateway's side: resync every session of the line
-  from a snapshot, then continue from this event's position.
+* of an older epoch: a straggler from a gateway that has been replaced: drop (stale);
+* ahead (same epoch, seq > last + 1): events were missed: catch up from the Redis history;
+* of a newer epoch: the gateway restarted (or lost continuity) and numbers from 1 again: catch
+  up too. The new epoch is a complete stream from seq 1, so the agents get every one of its
+  events, the first included (that first event is usually the RING_STARTED of the first call
+  after a gateway restart).
+
+Catching up (:func:`plan_catch_up`) walks the line's history after the node's position, read
+from Redis together with the snapshot it leads to, and returns what to hand to the sessions:
+
+1. every event that continues the stream: the next seq of the same epoch, or seq 1 of a newer
+   epoch (the start of a new epoch continues any older one: the gateway restates in it what the
+   old one left behind);
+2. when continuity cannot be proven (the history was trimmed, or Redis lost it: the entry at
+   the node's position is gone; a hole; the history stops short of the snapshot),
+   a resync from the snapshot *after* those events, so the sessions end up exactly at the
+   snapshot's state even if the node missed something in between;
+3. the event that triggered the catch-up, when the history does not hold it yet (the gateway
+   may publish before its Redis write lands) and the snapshot does not include it. It is never
+   swallowed by a snapshot that does not contain it.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from services.wire import LineEvent
@@ -29,7 +48,79 @@ class Verdict(enum.Enum):
     DUPLICATE = "duplicate"
     GAP = "gap"
     NEW_EPOCH = "new_epoch"
+    STALE = "stale"
     NOBODY = "nobody"
+
+
+Position = tuple[str, int]
+
+
+def epoch_order(epoch: str) -> int:
+    """Epochs compare as numbers; ``""`` (no epoch yet) before every real one."""
+    return int(epoch) if epoch.isdigit() else 0
+
+
+def order(position: Position) -> tuple[int, int]:
+    return (epoch_order(position[0]), position[1])
+
+
+def continues(position: Position, event: LineEvent) -> bool:
+    """Whether ``event`` comes right after ``position`` with nothing missed in between."""
+    epoch, seq = position
+    if event.epoch == epoch or epoch == "":
+        return event.seq == seq + 1
+    return event.seq == 1 and epoch_order(event.epoch) > epoch_order(epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUpPlan:
+    """What to hand to a line's sessions, in this order: ``events``; then, if ``resync_at`` is
+    set, the snapshot read with the history (it stands at ``resync_at``); then ``live``."""
+
+    events: tuple[LineEvent, ...]
+    resync_at: Position | None
+    live: LineEvent | None
+    #: where the line stands afterwards
+    position: Position
+
+
+def plan_catch_up(
+    position: Position,
+    history: Sequence[LineEvent],
+    anchored: bool,
+    snapshot_at: Position,
+    live: LineEvent | None = None,
+    *,
+    force_resync: bool = False,
+) -> CatchUpPlan:
+    """Bring a line from ``position`` up to date (see the module docstring).
+
+    ``history`` is what Redis holds after ``position`` (or after an earlier position of the same
+    epoch: older entries are skipped), ``anchored`` whether it is provably complete from there,
+    ``snapshot_at`` where the snapshot read in the same transaction stands, ``live`` the event
+    whose arrival started the catch-up (None for a repair after a broker reconnect).
+    ``force_resync``: end with the snapshot anyway (the node handed out events unchecked)."""
+    current = position
+    lost = not anchored
+    events: list[LineEvent] = []
+    for event in history:
+        if continues(current, event):
+            events.append(event)
+            current = (event.epoch, event.seq)
+        elif order((event.epoch, event.seq)) > order(current):
+            lost = True  # a hole; a newer epoch's seq 1, if any, resumes the stream
+    if order(snapshot_at) > order(current):
+        lost = True  # the history stops short of the snapshot: the snapshot knows more
+    resync_at: Position | None = None
+    if force_resync or (lost and (snapshot_at != position or events)):
+        # Also when Redis stands *behind* the node (it restarted empty): the snapshot is the
+        # truth from now on, and the line continues from its position.
+        resync_at = current = snapshot_at
+    handed: LineEvent | None = None
+    if live is not None and order((live.epoch, live.seq)) > order(current):
+        handed = live
+        current = (live.epoch, live.seq)
+    return CatchUpPlan(events=tuple(events), resync_at=resync_at, live=handed, position=current)
 
 
 class LineRouter(Generic[S]):
@@ -82,7 +173,7 @@ class LineRouter(Generic[S]):
             self._positions[line] = (epoch, seq)
 
     def reset(self, line: str, epoch: str, seq: int) -> None:
-        """Forget the old position (a new epoch): the line continues from a fresh snapshot."""
+        """Set where a line stands, forwards or back (a resync from a snapshot)."""
         if line in self._sessions:
             self._positions[line] = (epoch, seq)
 
@@ -98,7 +189,7 @@ class LineRouter(Generic[S]):
             # starts at seq 1, so anything later than 1 is still a detectable gap.
             epoch = event.epoch
         if event.epoch != epoch:
-            return Verdict.NEW_EPOCH
+            return Verdict.NEW_EPOCH if epoch_order(event.epoch) > epoch_order(epoch) else Verdict.STALE
         if event.seq <= seq:
             return Verdict.DUPLICATE
         if event.seq == seq + 1:

@@ -12,21 +12,28 @@ import asyncio
 import json
 import re
 import time
+import urllib.parse
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from local_cluster.launcher import LocalCluster, http_get
+from local_cluster.infra import Infrastructure
+from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
+from services.wire import EventType, LineEvent
+from tests.e2e.test_signalr import SignalRAgent, content, ensure_signalr_client, opened
 from tests.support.creatio_client import (
     ACTIVE_CALL_SNAPSHOT,
     COMMUTATION_STARTED,
+    ERROR,
     RING_FINISHED,
     RING_STARTED,
     CreatioAgent,
     Received,
     calls_in_snapshot,
 )
+from tests.support.link_proxy import LinkProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -210,6 +217,265 @@ def test_gap_older_than_the_history_is_reported_and_the_snapshot_sent(cluster: L
             assert metric(cluster, "cms_node_reconnect_catchups_total", outcome="history_gone") == gone_before + 1
             logs = "".join(cluster.child(n).log_path.read_text(errors="replace") for n in ("node1", "node2"))
             assert re.search(r"line 403 user \S+: the history no longer covers the gap", logs)
+        finally:
+            await agent.close()
+
+    asyncio.run(main())
+
+
+# ---- lifecycle: gateway restart, broker outage (issue 10.1, 10.2) -----------------------------------
+
+
+def seed_earlier_run(redis_url: str, prefix: str, line: str, calls: int = 3) -> None:
+    """What an earlier run of the cluster left in the namespace: a line's history, position and
+    state under an old epoch, every call over (its gateway is long gone)."""
+    client = redis.Redis.from_url(redis_url)
+    epoch = str(int(time.time() * 1000) - 3_600_000)
+    try:
+        pipe = client.pipeline(transaction=True)
+        seq = 0
+        for kind in (EventType.RING_STARTED, EventType.RING_FINISHED) * calls:
+            seq += 1
+            event = LineEvent(line=line, type=kind, epoch=epoch, seq=seq)
+            pipe.xadd(f"{prefix}:line:{line}:events", {"e": event.encode()}, id=f"{epoch}-{seq}")
+        pipe.hset(f"{prefix}:line:{line}:pos", mapping={"epoch": epoch, "seq": seq})
+        pipe.sadd(f"{prefix}:lines", line)
+        pipe.set(f"{prefix}:epoch", epoch)
+        pipe.execute()
+    finally:
+        client.close()
+
+
+def call_events(agent: CreatioAgent, caller: str, after: int) -> list[int]:
+    return [
+        e.event_type
+        for e in agent.events[after:]
+        if e.event_type in (RING_STARTED, COMMUTATION_STARTED, RING_FINISHED)
+        and isinstance(e.content, dict)
+        and e.content.get("callerId") == caller
+    ]
+
+
+async def wait_call_over(agent: CreatioAgent, caller: str, after: int, timeout: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while RING_FINISHED not in call_events(agent, caller, after):
+        if time.monotonic() > deadline:
+            seen = [(e.event_type, e.content) for e in agent.events[after:]][-8:]
+            raise AssertionError(f"line {agent.line}: call from {caller} not over in {timeout:.0f}s; saw {seen}")
+        await asyncio.sleep(0.1)
+    return call_events(agent, caller, after)
+
+
+def test_first_call_after_a_gateway_restart_rings_over_an_earlier_runs_namespace(
+    infra: Infrastructure, tmp_path: Path
+) -> None:
+    """Issue 10.1 reproduced: line 407 starts from an earlier run's state (old epoch in Redis when
+    the agent opens); line 404 lives through a gateway restart. Each agent's first call after
+    either must arrive as RING_STARTED, COMMUTATION_STARTED, RING_FINISHED. And an agent away
+    during the restart (line 408) gets the call it missed replayed, across the epochs."""
+    options = ClusterOptions.ephemeral(tmp_path / "run", amqp_url=infra.amqp_url, redis_url=infra.redis_url)
+    seed_earlier_run(infra.redis_url, options.prefix, "407")
+    cluster = LocalCluster(options)
+    cluster.start(timeout=60)
+
+    async def main() -> None:
+        agents = {line: CreatioAgent(cluster.client_url, line) for line in ("404", "407")}
+        away = CreatioAgent(cluster.client_url, "408")
+        for agent in (*agents.values(), away):
+            await agent.connect()
+            await agent.open()
+        try:
+            await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="408", caller="79160000408")
+            await wait_call_over(away, "79160000408", 0)  # 408 has a history in the first epoch
+            for round_ in ("first run", "after restart"):
+                marks = {line: len(agent.events) for line, agent in agents.items()}
+                callers = {line: f"7916{line}{len(round_):04d}" for line in agents}
+                for line in agents:
+                    await asyncio.to_thread(cluster.play, "inbound-direct-answered", line=line, caller=callers[line])
+                for line, agent in agents.items():
+                    types = await wait_call_over(agent, callers[line], marks[line])
+                    assert types == [RING_STARTED, COMMUTATION_STARTED, RING_FINISHED], (round_, line, types)
+                if round_ == "first run":
+                    await asyncio.sleep(1.0)  # the node writes delivery positions every 0.5 s
+                    await away.close()
+                    await asyncio.to_thread(cluster.restart, "gateway")
+                    await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="408", caller=CALLER)
+                    await wait_line_idle_after(cluster, "408", 3)
+            assert all(not agent.closed for agent in agents.values())
+
+            await away.reconnect()
+            gap, snapshot = before_snapshot(away)
+            types = [e.event_type for e in gap if e.event_type in (RING_STARTED, COMMUTATION_STARTED, RING_FINISHED)]
+            assert types == [RING_STARTED, COMMUTATION_STARTED, RING_FINISHED], types
+            assert gap[0].content["callerId"] == CALLER
+            assert calls_in_snapshot(snapshot) == []
+        finally:
+            for agent in (*agents.values(), away):
+                await agent.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        cluster.stop()
+
+
+def node_health(cluster: LocalCluster) -> list[tuple[int, dict[str, Any]]]:
+    answers = []
+    for port in cluster.node_ports:
+        status, body = http_get(f"http://127.0.0.1:{port}/health")
+        answers.append((status, json.loads(body)))
+    return answers
+
+
+def haproxy_up(cluster: LocalCluster) -> int:
+    status, body = http_get(f"http://127.0.0.1:{cluster.options.stats_port}/stats;csv")
+    return sum(1 for row in body.decode().splitlines() if row.startswith("ws_nodes,node") and ",UP," in row)
+
+
+async def wait_broker(cluster: LocalCluster, state: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = node_health(cluster)
+        if all(body.get("broker") == state for _status, body in health):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nodes' broker not {state} within {timeout:.0f}s: {health}")
+        await asyncio.sleep(0.2)
+
+
+def test_broker_outage_keeps_every_agent_connected_and_calls_ring_after(infra: Infrastructure, tmp_path: Path) -> None:
+    """Issue 10.2: the broker goes away for 5 s, then for 30 s (every process's link to it cut, as
+    a restart does). Nodes stay UP in HAProxy, no agent is disconnected (raw WebSocket and SignalR),
+    a command meanwhile gets a clear ERROR, a call that rang during the outage reaches its agent,
+    and calls ring after."""
+    signalr_script = ensure_signalr_client()
+    target = urllib.parse.urlsplit(infra.amqp_url)
+    proxy = LinkProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy.start()
+    credentials = target.netloc.rpartition("@")[0]
+    proxied = target._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}").geturl()
+    cluster = LocalCluster(
+        ClusterOptions.ephemeral(
+            tmp_path / "run", amqp_url=proxied, redis_url=infra.redis_url,
+            extra_env={"CMS_NODE_SIGNALR_TOKEN_SECRET": "outage-test-secret"},
+        )
+    )
+    cluster.start(timeout=60)
+    lines = ("421", "422", "423", "424")
+
+    async def main() -> None:
+        agents = [CreatioAgent(cluster.client_url, line) for line in lines]
+        for agent in agents:
+            await agent.connect()
+            await agent.open()
+        # and one Creatio 8.x agent: Microsoft's SignalR client, through HAProxy too
+        signalr = SignalRAgent(signalr_script, f"http://127.0.0.1:{cluster.options.haproxy_port}/", "425")
+        await signalr.start()
+        await opened(signalr)
+        try:
+            for outage in (5.0, 30.0):
+                proxy.cut()
+                cut_at = time.monotonic()
+                await wait_broker(cluster, "down", timeout=20)
+                assert all(status == 200 for status, _body in node_health(cluster))
+
+                mark = len(agents[0].events)
+                await agents[0].send("MakeCall", {"targetAddress": "5550100"})
+                error = await agents[0].wait_for(ERROR, after=mark, timeout=15)
+                assert "broker" in json.dumps(error.content), error.content
+
+                during = f"7917{int(outage):03d}0001"
+                during_mark = len(agents[1].events)
+                await asyncio.to_thread(cluster.play, "inbound-direct-answered", line=lines[1], caller=during)
+
+                while time.monotonic() - cut_at < outage:
+                    assert haproxy_up(cluster) == len(cluster.node_ports)
+                    assert not any(agent.closed for agent in agents)
+                    await asyncio.sleep(0.5)
+                proxy.restore()
+                await wait_broker(cluster, "connected")
+
+                # the call of the outage reaches its agent whole (republished or repaired from Redis)
+                types = await wait_call_over(agents[1], during, during_mark, timeout=45)
+                assert types[0] == RING_STARTED and types[-1] == RING_FINISHED, types
+
+                marks = [len(agent.events) for agent in agents]
+                callers = [f"7918{int(outage):03d}{line}" for line in lines]
+                for line, caller in zip(lines, callers, strict=True):
+                    await asyncio.to_thread(cluster.play, "inbound-direct-answered", line=line, caller=caller)
+                signalr_mark = len(signalr.lines)
+                signalr_caller = f"7919{int(outage):03d}0425"
+                await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="425", caller=signalr_caller)
+                for agent, caller, mark in zip(agents, callers, marks, strict=True):
+                    types = await wait_call_over(agent, caller, mark, timeout=45)
+                    assert types == [RING_STARTED, COMMUTATION_STARTED, RING_FINISHED], (outage, agent.line, types)
+                ring = await signalr.event(RING_STARTED, timeout=45, after=signalr_mark)
+                assert content(ring)["callerId"] == signalr_caller
+                await signalr.event(RING_FINISHED, timeout=45, after=signalr_mark)
+                assert not any(agent.closed for agent in agents)
+                assert not [i for i in signalr.lines if i["kind"] == "closed"], signalr.lines[-5:]
+            assert metric(cluster, "cms_broker_reconnects_total") >= 2 * len(cluster.node_ports)
+        finally:
+            for agent in agents:
+                await agent.close()
+            await signalr.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        cluster.stop()
+        proxy.close()
+
+
+def test_redis_emptied_under_a_connected_agent_the_next_call_still_rings(cluster: LocalCluster) -> None:
+    """Issue 10.3 at the node: every key of the namespace vanishes (Redis restarted empty). The
+    agent stays connected, its next call arrives whole, and a reconnect gets a true snapshot."""
+
+    async def main() -> None:
+        agent = CreatioAgent(cluster.client_url, "409")
+        await agent.connect()
+        await agent.open()
+        try:
+            await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="409", caller="79160000409")
+            await wait_call_over(agent, "79160000409", 0)
+
+            client = redis.Redis.from_url(cluster.redis_url)
+            try:
+                keys = list(client.scan_iter(f"{cluster.prefix}:*", count=1000))
+                client.delete(*keys)
+            finally:
+                client.close()
+
+            mark = len(agent.events)
+            await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="409", caller=CALLER)
+            types = await wait_call_over(agent, CALLER, mark)
+            assert types == [RING_STARTED, COMMUTATION_STARTED, RING_FINISHED], types
+            assert not agent.closed
+
+            await asyncio.sleep(1.0)
+            snapshot = await agent.reconnect()
+            assert calls_in_snapshot(snapshot) == []
+        finally:
+            await agent.close()
+
+    asyncio.run(main())
+
+
+def test_a_call_ringing_across_a_gateway_restart_rings_once_and_ends(cluster: LocalCluster) -> None:
+    """The restarted gateway restates the live call in its new epoch (same call id): the agent's
+    panel must not pop it up a second time, and must still see it end."""
+
+    async def main() -> None:
+        agent = CreatioAgent(cluster.client_url, "410")
+        await agent.connect()
+        await agent.open()
+        try:
+            await asyncio.to_thread(cluster.play, "inbound-direct-noanswer", line="410", caller=CALLER)  # rings 15 s
+            await agent.wait_for(RING_STARTED, lambda r: r.content.get("callerId") == CALLER, timeout=15)
+            await asyncio.to_thread(cluster.restart, "gateway")
+            types = await wait_call_over(agent, CALLER, 0, timeout=40)
+            assert types == [RING_STARTED, RING_FINISHED], types
+            assert not agent.closed
         finally:
             await agent.close()
 

@@ -1,0 +1,41 @@
+"""Rule 8 of AgentSession: a restarted gateway's restatement of a live call is not a new call."""
+
+from __future__ import annotations
+
+from services.wire import CallState, EventType, LineEvent
+from tests.unit.test_agent_session import LINE, content, make_call, opened, with_calls
+
+
+def test_a_ringing_call_restated_in_a_new_epoch_does_not_ring_again() -> None:
+    ringing = make_call()
+    session, env = opened()
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_STARTED, call=ringing, epoch="100", seq=1))
+    assert [m["eventType"] for m in env.take()][0] == 5  # RING_STARTED, the first time
+    # the gateway restarted: epoch 200 announces the same live call again
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_STARTED, call=ringing, epoch="200", seq=1))
+    assert env.take() == []
+    answered = ringing.evolve(state=CallState.CONNECTED)
+    session.on_line_event(LineEvent(line=LINE, type=EventType.COMMUTATION_STARTED, call=answered, epoch="200", seq=2))
+    frames = env.take()
+    assert frames and frames[0]["eventType"] == 7 and content(frames[0])["state"] == 2
+
+
+def test_a_connected_call_restated_is_silent_and_a_new_call_still_rings() -> None:
+    talking = make_call(state=CallState.CONNECTED)
+    session, env = with_calls(talking)
+    session.on_line_event(LineEvent(line=LINE, type=EventType.COMMUTATION_STARTED, call=talking, epoch="200", seq=1))
+    assert env.take() == []
+    other = make_call(id="b2", linked_id="b2", caller_number="+70000000002")
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_STARTED, call=other, epoch="200", seq=2))
+    frames = env.take()
+    assert frames and frames[0]["eventType"] == 5 and content(frames[0])["callerId"] == "+70000000002"
+
+
+def test_a_call_that_ended_and_rings_again_rings() -> None:
+    ringing = make_call()
+    session, env = with_calls(ringing)
+    ended = ringing.evolve(state=CallState.FINISHED)
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_FINISHED, call=ended, epoch="100", seq=1))
+    env.take()
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_STARTED, call=ringing, epoch="100", seq=2))
+    assert [m["eventType"] for m in env.take()][0] == 5
