@@ -105,9 +105,9 @@ def line_of(output: str, start: str) -> str:
 def _clean_broker(infra: Infrastructure, prefix: str) -> Iterator[None]:
     """doctor declares the events exchange the cluster would; the test's namespace is removed after."""
     yield
-    from local_cluster.launcher import _delete_broker_objects
+    from local_cluster.launcher import delete_broker_objects
 
-    asyncio.run(_delete_broker_objects(infra.amqp_url, prefix))
+    asyncio.run(delete_broker_objects(infra.amqp_url, prefix))
 
 
 def test_all_good(tmp_path: Path, infra: Infrastructure, prefix: str, simulator_factory: Any,
