@@ -16,6 +16,11 @@ an event twice after a retry; it drops duplicates by sequence number.
 If the buffer overflows (the broker or Redis away for very long), the oldest events are
 dropped and continuity is declared lost: the next events start a new epoch, which tells every
 reader to take a fresh snapshot instead of trusting its history.
+
+Fencing (ami_gateway/lease.py): every Redis write checks the lease in the same script; a refused
+write stops this outbox for good (``on_fenced``: the gateway steps down). Before each publish
+``may_publish`` is asked (the lease's local deadline), so a gateway that wakes from a pause does
+not publish what it stored before the pause until it has proved the lease is still its own.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from prometheus_client import Counter, Gauge, Histogram
 
+from ami_gateway.lease import FENCED
 from services.backoff import Backoff
 from services.config import redact_url
 from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS, RedisHealth
-from services.line_state import LineStateWriter
+from services.line_state import Fenced, LineStateWriter
 from services.topology import Topology
 from services.wire import LineEvent
 
@@ -161,6 +167,8 @@ class EventOutbox:
         batch_size: int = 256,
         window: int = 8,
         on_continuity_lost: Callable[[], Awaitable[None]] | None = None,
+        may_publish: Callable[[], bool] = lambda: True,
+        on_fenced: Callable[[str], None] | None = None,
     ) -> None:
         self._redis_health = RedisHealth()
         self._writer = writer
@@ -175,6 +183,10 @@ class EventOutbox:
         self._wakeup = asyncio.Event()
         self._continuity_lost = False
         self._on_continuity_lost = on_continuity_lost
+        self._may_publish = may_publish
+        self._on_fenced = on_fenced
+        #: set when a write was refused by the lease fence: this outbox never writes or publishes again
+        self.fenced = False
         self._idle = asyncio.Event()
         self._idle.set()
         self.published = 0
@@ -225,7 +237,7 @@ class EventOutbox:
     async def run(self) -> None:
         backoff = Backoff(initial=0.1, maximum=5.0)
         try:
-            while True:
+            while not self.fenced:
                 # Cleared before looking at the state and awaited only when there is nothing to do: a put()
                 # or a confirm that lands while this loop works is seen by the checks below.
                 self._wakeup.clear()
@@ -268,6 +280,9 @@ class EventOutbox:
                 if generation != self._generation:
                     return
                 self._stored = end
+        except Fenced as exc:
+            self._fence(str(exc))
+            return
         except (OSError, ConnectionError) as exc:
             await self._failed("redis", exc, backoff)
             return
@@ -281,6 +296,12 @@ class EventOutbox:
             # ids (stream ids only grow). The rest of that transaction is idempotent; go on and publish.
             log.warning("batch of %d events was already stored; publishing it", end - self._stored)
             self._stored = end
+        if not self._may_publish():
+            # Stored under a lease we cannot prove right now (Redis away, or we were paused): publish
+            # only once it is renewed or resumed; if it was lost, the gateway stops this outbox.
+            FENCED.labels(what="publish").inc()
+            await asyncio.sleep(0.05)
+            return
         try:
             confirms = await self._publisher.send(batch)
         except (aio_pika.exceptions.AMQPError, OSError, ConnectionError, RuntimeError, TimeoutError) as exc:
@@ -312,6 +333,14 @@ class EventOutbox:
         self.published += len(batch.events)
         EVENTS_PUBLISHED.inc(len(batch.events))
         OUTBOX_DEPTH.set(len(self._queue))
+
+    def _fence(self, reason: str) -> None:
+        FENCED.labels(what="redis_write").inc()
+        log.error("outbox stopped: %s; %d events of this term are discarded", reason, len(self._queue))
+        self.fenced = True
+        self._idle.set()
+        if self._on_fenced is not None:
+            self._on_fenced(reason)
 
     async def _republish_from_oldest(self, backoff: Backoff, exc: BaseException | None = None) -> None:
         """A nack, a lost channel or a failed publish: drop the connection and everything in flight; the
