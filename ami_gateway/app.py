@@ -578,13 +578,22 @@ class Gateway:
                 except WireError as exc:
                     log.warning("dropping undecodable command: %s", exc)
                     return
-                result = await self._carry_out(command)
-                if result is None:
-                    # Not ours to carry out (lease not confirmed or lost): back to the queue, for the holder.
-                    FENCED.labels(what="command").inc()
-                    await asyncio.sleep(0.1)  # while our lease is unconfirmed this message may come straight back
-                    await message.reject(requeue=True)
-                    return
+                try:
+                    result = await self._carry_out(command)
+                    if result is None:
+                        # Not ours to carry out (lease unconfirmed or lost): back to the queue, for the holder.
+                        FENCED.labels(what="command").inc()
+                        log.warning("command %s %s returned to the queue: this gateway does not hold the lease",
+                                    command.name.value, command.id, extra={"line": command.line})
+                        await asyncio.sleep(0.1)  # while our lease is unconfirmed it may come straight back
+                        await message.reject(requeue=True)
+                        return
+                except asyncio.CancelledError:
+                    # Stepping down or stopping: the next holder gets it (and its claim, if we made one,
+                    # keeps it from running twice).
+                    with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError):
+                        await message.reject(requeue=True)
+                    raise
                 if message.reply_to:
                     await channel.default_exchange.publish(
                         aio_pika.Message(

@@ -529,6 +529,14 @@ class AmiSimulator:
             count += 1
         return count
 
+    def hangup_call(self, linked_id: str, cause: str = "16") -> bool:
+        """Hang up one call (all its channels) as if its first channel hung up; False if it is not live."""
+        channels = self.model.call_channels(linked_id)
+        if not channels:
+            return False
+        self._hangup(channels[0], cause)
+        return True
+
     # ---- synthesised sequences ---------------------------------------------------------------------
     def _hangup_steps(self, channels: list[Channel], first: Channel | None, cause: str) -> list[Step]:
         """End every given channel like Asterisk does when ``first`` hangs up (bridges dissolve)."""
