@@ -19,8 +19,9 @@ reader to take a fresh snapshot instead of trusting its history.
 
 Fencing (ami_gateway/lease.py): every Redis write checks the lease in the same script; a refused
 write stops this outbox for good (``on_fenced``: the gateway steps down). Before each publish
-``may_publish`` is asked (the lease's local deadline), so a gateway that wakes from a pause does
-not publish what it stored before the pause until it has proved the lease is still its own.
+and each Redis write ``may_publish`` is asked (the lease's local deadline), so a gateway that wakes
+from a pause, or whose Redis comes back after an outage, writes and publishes nothing until it has
+proved the lease is still its own.
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ class EventOutbox:
         await self._publisher.close()
 
     async def run(self) -> None:
-        backoff = Backoff(initial=0.1, maximum=5.0)
+        backoff = Backoff(initial=0.1, maximum=2.0)
         try:
             while not self.fenced:
                 # Cleared before looking at the state and awaited only when there is nothing to do: a put()
@@ -269,6 +270,12 @@ class EventOutbox:
 
     async def _store_and_send(self, backoff: Backoff) -> None:
         """Write the next batch to Redis (unless it is there already), then publish it without awaiting confirms."""
+        if not self._may_publish():
+            # The lease is not confirmed (Redis away, or we were paused): write and publish nothing until
+            # it is renewed or resumed; if it was lost, the gateway stops this outbox.
+            FENCED.labels(what="publish").inc()
+            await asyncio.sleep(0.05)
+            return
         end = min(self._sent + self._batch_size, len(self._queue))
         batch = [self._queue[i] for i in range(self._sent, end)]
         generation = self._generation
@@ -297,8 +304,8 @@ class EventOutbox:
             log.warning("batch of %d events was already stored; publishing it", end - self._stored)
             self._stored = end
         if not self._may_publish():
-            # Stored under a lease we cannot prove right now (Redis away, or we were paused): publish
-            # only once it is renewed or resumed; if it was lost, the gateway stops this outbox.
+            # Stored, then paused past the lease (the check above passed before the pause): publish only
+            # once the lease is renewed or resumed.
             FENCED.labels(what="publish").inc()
             await asyncio.sleep(0.05)
             return

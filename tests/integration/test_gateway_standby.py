@@ -172,8 +172,8 @@ def test_kill_9_of_the_active_gateway_mid_call_the_standby_takes_over(infra: Inf
                 first = launch("first")
                 await first.wait_role("active", ready=True)
                 second = launch("second")
-                standby = await second.wait_role("standby")
-                assert standby["ami"] == "connected"  # warm: logged in, events off
+                standby = await second.wait_role("standby", ready=True)  # 200 and a warm AMI login
+                assert standby["ami"] == "connected"
 
                 live = sim.play("inbound-direct-long", line="305")
                 doomed = sim.play("inbound-direct-long", line="307", caller="79160000307")
