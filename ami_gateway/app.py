@@ -483,6 +483,10 @@ class Gateway:
         """After the outbox lost events: new epoch, then every line's truth as fresh events."""
         backoff = Backoff(initial=0.2, maximum=5.0)
         while True:
+            while not self.lease.held():  # e.g. the overflow came from a Redis outage: the lease loop resumes it
+                if self.stepped_down.is_set():
+                    return
+                await asyncio.sleep(0.05)
             try:
                 term = await self.lease.advance_epoch()
                 break
