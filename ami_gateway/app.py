@@ -144,9 +144,12 @@ class Gateway:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start as a standby; the lease loop makes this gateway active when the lease is free."""
+        """Start as a standby; the lease loop makes this gateway active when the lease is free.
+
+        The first attempt at the lease is made before /health answers, so a lone gateway never says
+        "standby, healthy" for a moment before it is active: its /health turns 200 when it has resynced.
+        """
         set_lease_state("standby")
-        await self.observability.start()
         ast = self.settings.asterisk
         if not ast.file_path:
             self.ami = AmiClient(
@@ -162,11 +165,21 @@ class Gateway:
                 event_mask="off",  # warm standby; events go on when this gateway takes the lease
                 action_guard=self._may_act,
             )
+        try:
+            taken = await self.lease.try_acquire()
+        except (OSError, aioredis.RedisError) as exc:
+            log.warning("Redis unavailable at start (%s); the lease loop keeps trying", exc)
+            taken = None
+        if taken is not None:
+            self._take_over(*taken)
+        await self.observability.start()
+        if self.ami is not None:
             self._spawn(self.ami.run(), "ami")
         self._spawn(self._lease_loop(), "lease")
         log.info(
-            "gateway %s started as standby: AMI %s, broker %s, metrics on :%d",
+            "gateway %s started as %s: AMI %s, broker %s, metrics on :%d",
             self.lease.owner,
+            "active" if self.active else "standby",
             f"replay of {ast.file_path}" if ast.file_path else f"{ast.url}:{ast.port} as {ast.user_name}",
             redact_url(self.settings.cluster.amqp_url),
             self.observability.port,
