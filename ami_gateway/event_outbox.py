@@ -188,6 +188,7 @@ class EventOutbox:
         self._on_fenced = on_fenced
         #: set when a write was refused by the lease fence: this outbox never writes or publishes again
         self.fenced = False
+        self._holding = False  # publishing held back because the lease is not confirmed
         self._idle = asyncio.Event()
         self._idle.set()
         self.published = 0
@@ -273,8 +274,7 @@ class EventOutbox:
         if not self._may_publish():
             # The lease is not confirmed (Redis away, or we were paused): write and publish nothing until
             # it is renewed or resumed; if it was lost, the gateway stops this outbox.
-            FENCED.labels(what="publish").inc()
-            await asyncio.sleep(0.05)
+            await self._held_back()
             return
         end = min(self._sent + self._batch_size, len(self._queue))
         batch = [self._queue[i] for i in range(self._sent, end)]
@@ -306,9 +306,9 @@ class EventOutbox:
         if not self._may_publish():
             # Stored, then paused past the lease (the check above passed before the pause): publish only
             # once the lease is renewed or resumed.
-            FENCED.labels(what="publish").inc()
-            await asyncio.sleep(0.05)
+            await self._held_back()
             return
+        self._holding = False
         try:
             confirms = await self._publisher.send(batch)
         except (aio_pika.exceptions.AMQPError, OSError, ConnectionError, RuntimeError, TimeoutError) as exc:
@@ -340,6 +340,13 @@ class EventOutbox:
         self.published += len(batch.events)
         EVENTS_PUBLISHED.inc(len(batch.events))
         OUTBOX_DEPTH.set(len(self._queue))
+
+    async def _held_back(self) -> None:
+        if not self._holding:
+            self._holding = True
+            FENCED.labels(what="publish").inc()  # once per hold, not per wait
+            log.warning("lease not confirmed: %d events held back until it is", len(self._queue))
+        await asyncio.sleep(0.05)
 
     def _fence(self, reason: str) -> None:
         FENCED.labels(what="redis_write").inc()

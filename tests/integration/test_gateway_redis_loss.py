@@ -213,3 +213,65 @@ def test_redis_unreachable_the_active_keeps_reading_and_resumes_its_term_in_orde
             assert [_view(e) for e in listener.of_line(line)] == expected[line], line
 
     asyncio.run(main())
+
+
+def test_namespace_emptied_under_two_gateways_one_takes_a_new_term_and_restates(
+        infra: Infrastructure, prefix: str) -> None:
+    """The shared Redis cannot be restarted here; deleting exactly this run's keys is what an empty Redis looks
+    like to the gateways (lease, epoch, calls, history, positions all gone), with a standby racing for it."""
+
+    async def main() -> None:
+        sim = AmiSimulator(port=0, users={"admin": SECRET}, queues={"support": ["305", "306"]})
+        await sim.start()
+        listener = await EventListener(infra.amqp_url, prefix).start(["305", "306"])
+        settings = gateway_settings(infra, prefix, sim.port)
+        first: list[Gateway] = []
+        second: list[Gateway] = []
+        stop = asyncio.Event()
+        runners = [asyncio.create_task(run_gateway(settings, stop, metrics_host="127.0.0.1", metrics_port=0,
+                                                   on_ready=first.append))]
+        client = aioredis.from_url(infra.redis_url)
+        reader = LineStateReader(client, prefix)
+        try:
+            await wait_until(lambda: bool(first) and first[-1].ready.is_set(), 15, "first gateway active")
+            runners.append(asyncio.create_task(run_gateway(settings, stop, metrics_host="127.0.0.1",
+                                                           metrics_port=0, on_ready=second.append)))
+            await wait_until(lambda: bool(second) and second[-1].ami is not None
+                             and second[-1].ami.ready.is_set(), 15, "standby logged in")
+            assert not second[-1].active
+            live = sim.play("inbound-direct-long", line="305")
+            up = await listener.wait_for(lambda e: e.line == "305" and e.type is EventType.COMMUTATION_STARTED)
+            assert up.call is not None
+
+            keys = [k async for k in client.scan_iter(f"{prefix}:*")]
+            await client.delete(*keys)
+
+            restated = await listener.wait_for(
+                lambda e: e.line == "305" and e.epoch != up.epoch and e.call is not None, 20, "305 restated")
+            assert restated.call is not None and restated.call.id == up.call.id
+            assert restated.call.linked_id == live.id and restated.call.state is CallState.CONNECTED
+            await wait_until(lambda: sum(g[-1].active for g in (first, second)) == 1, 10, "one active gateway")
+            snap = await reader.snapshot("305")
+            deadline = time.monotonic() + 10
+            while snap.epoch != restated.epoch:
+                assert time.monotonic() < deadline, "snapshot not right again"
+                await asyncio.sleep(0.05)
+                snap = await reader.snapshot("305")
+            assert [c.id for c in snap.calls] == [up.call.id]
+
+            nxt = sim.play("inbound-direct-answered", line="306")
+            ring = await listener.wait_for(lambda e: e.line == "306" and e.type is EventType.RING_STARTED, 15)
+            assert ring.call is not None and ring.call.linked_id == nxt.id and ring.epoch == restated.epoch
+            assert len({e.epoch for e in listener.events}) == 2  # exactly one new term, no tug of war
+            assert_positions_sound(listener.events)
+        finally:
+            stop.set()
+            for runner in runners:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(runner, 15)
+            await client.aclose()
+            await sim.stop()
+            await listener.close()
+            await cleanup(infra, prefix)
+
+    asyncio.run(main())
