@@ -82,6 +82,7 @@ class Gateway:
         lease_ttl: float = 2.0,
         lease_renew_interval: float = 0.5,
         lease_poll_interval: float = 0.2,
+        outbox_capacity: int = 200_000,
     ) -> None:
         self.settings = settings
         self._ping = (ping_interval, ping_timeout)
@@ -109,6 +110,7 @@ class Gateway:
             self.writer,
             EventPublisher(settings.cluster.amqp_url, self.topology),
             self.sequencer,
+            capacity=outbox_capacity,
             on_continuity_lost=self._restate_all_lines,
             may_publish=self.lease.held,
             on_fenced=self._step_down,

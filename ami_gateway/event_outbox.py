@@ -15,7 +15,9 @@ an event twice after a retry; it drops duplicates by sequence number.
 
 If the buffer overflows (the broker or Redis away for very long), the oldest events are
 dropped and continuity is declared lost: the next events start a new epoch, which tells every
-reader to take a fresh snapshot instead of trusting its history.
+reader to take a fresh snapshot instead of trusting its history. Until that epoch is claimed
+(Redis may still be away), further events are dropped too: the restate that opens the new epoch
+carries every line's state as of then.
 
 Fencing (ami_gateway/lease.py): every Redis write checks the lease in the same script; a refused
 write stops this outbox for good (``on_fenced``: the gateway steps down). Before each publish
@@ -183,6 +185,7 @@ class EventOutbox:
         self._queue: collections.deque[LineEvent] = collections.deque()
         self._wakeup = asyncio.Event()
         self._continuity_lost = False
+        self._lost_epoch: str | None = None  # set from an overflow until the sequencer has a new epoch
         self._on_continuity_lost = on_continuity_lost
         self._may_publish = may_publish
         self._on_fenced = on_fenced
@@ -204,6 +207,14 @@ class EventOutbox:
         """Never blocks: the AMI read path calls this."""
         if not events:
             return
+        if self._lost_epoch is not None:
+            if self._sequencer.epoch == self._lost_epoch:
+                # Continuity is lost and the new epoch is not claimed yet (Redis may be away): numbering
+                # on in the old epoch would publish a gap. The restate that opens the new epoch is taken
+                # from the tracker's state at that moment, so it covers what is dropped here.
+                EVENTS_DROPPED.inc(len(events))
+                return
+            self._lost_epoch = None
         for event in events:
             self._queue.append(self._sequencer.position(event))
         if len(self._queue) > self._capacity:
@@ -216,6 +227,7 @@ class EventOutbox:
             self._generation += 1
             EVENTS_DROPPED.inc(dropped)
             self._continuity_lost = True
+            self._lost_epoch = self._sequencer.epoch
             log.error("outbox overflow: dropped %d events; every line restarts under a new epoch", dropped)
         OUTBOX_DEPTH.set(len(self._queue))
         self._idle.clear()

@@ -275,3 +275,56 @@ def test_namespace_emptied_under_two_gateways_one_takes_a_new_term_and_restates(
             await cleanup(infra, prefix)
 
     asyncio.run(main())
+
+
+def test_outbox_overflow_while_redis_is_away_restarts_under_a_new_epoch_with_the_truth(
+        infra: Infrastructure, prefix: str) -> None:
+    """Redis away long enough for the bounded outbox to overflow: the oldest events are dropped, and once Redis
+    is back (and the lease confirmed) every line restarts under a new epoch with its current truth."""
+    lines = [str(n) for n in range(401, 411)]
+
+    async def main() -> None:
+        redis_port = urlsplit(infra.redis_url).port or 6379
+        proxy = await TcpProxy(redis_port).start()
+        listener = await EventListener(infra.amqp_url, prefix).start(["305", *lines])
+        sim = AmiSimulator(port=0, users={"admin": SECRET}, time_scale=0.01, queues={})
+        await sim.start()
+        settings = _with_redis(gateway_settings(infra, prefix, sim.port), f"redis://127.0.0.1:{proxy.port}/0")
+        client = aioredis.from_url(infra.redis_url)
+        try:
+            async with running_gateway(settings, outbox_capacity=40) as gateway:
+                await asyncio.wait_for(gateway.ready.wait(), 15)
+                sim.time_scale = 1.0
+                live = sim.play("inbound-direct-long", line="305")
+                up = await listener.wait_for(lambda e: e.line == "305" and e.type is EventType.COMMUTATION_STARTED)
+                assert up.call is not None
+                sim.time_scale = 0.01
+
+                proxy.cut()
+                calls = [sim.play("inbound-direct-answered", line=line, caller=f"7916{n:07d}")
+                         for n in range(2) for line in lines]  # 60 events: more than the outbox holds
+                for call in calls:
+                    await sim.wait_call(call, 30)
+                await asyncio.sleep(3.0)  # past the lease ttl
+                proxy.restore()
+
+                restated = await listener.wait_for(
+                    lambda e: e.line == "305" and e.epoch != up.epoch, 20, "305 restated under a new epoch")
+                assert restated.call is not None and restated.call.id == up.call.id
+                assert restated.call.linked_id == live.id and restated.call.state is CallState.CONNECTED
+                assert gateway.active and not gateway.stepped_down.is_set()  # same term, new epoch inside it
+                snap = await LineStateReader(client, prefix).snapshot("305")
+                assert snap.epoch == restated.epoch and [c.id for c in snap.calls] == [up.call.id]
+                nxt = sim.play("inbound-direct-answered", line="401")
+                await listener.wait_for(lambda e: e.line == "401" and e.epoch == restated.epoch
+                                        and e.type is EventType.RING_FINISHED and e.call is not None
+                                        and e.call.linked_id == nxt.id, 15, "the next call, in the new epoch")
+                assert_positions_sound(listener.events)
+        finally:
+            await client.aclose()
+            await sim.stop()
+            await listener.close()
+            await proxy.stop()
+            await cleanup(infra, prefix)
+
+    asyncio.run(main())
