@@ -18,6 +18,11 @@ Theory of operation:
   carrying our ActionID. ``send_action(..., until_event="OriginateResponse")`` waits for both, so
   a command learns whether the call really started.
 
+Hot standby (ami_gateway/lease.py): the gateway logs in with ``Events: off`` and turns events on
+with the ``Events`` action only once it holds the lease. ``action_guard`` is asked before every
+action that changes something (anything outside ``READ_ONLY_ACTIONS``); when it says no, the action
+is not sent and :class:`AmiFenced` is raised, so a gateway that lost its lease cannot act on the PBX.
+
 Less work for Asterisk and for us: ``Events:`` at login is an event *mask* (``call,agent,dtmf`` by
 default; Asterisk ANDs it with the user's read classes, so a user without ``dtmf`` still works), so
 Asterisk never formats the classes we ignore (``dialplan`` - Newexten and VarSet on every dialplan
