@@ -48,7 +48,7 @@ from ami_gateway.queue_policy import AutoPausePolicy, PauseRequest, QueueChange,
 from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.backoff import Backoff
 from services.config import Settings, redact_url
-from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS
+from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS, RedisHealth
 from services.line_state import LineStateWriter
 from services.observability import ObservabilityServer
 from services.topology import Topology
@@ -231,6 +231,7 @@ class Gateway:
     async def _lease_loop(self) -> None:
         renew_every, poll_every = self._lease_timing
         backoff = Backoff(initial=poll_every, maximum=max(poll_every, 1.0))
+        redis_health = RedisHealth()  # cms_redis_errors_total / cms_redis_reconnects_total, shared names
         failing = False
         while True:
             if not self.active:
@@ -239,11 +240,13 @@ class Gateway:
                     if taken is None and not self.lease.clock.may_try_to_take():
                         await self.lease.probe()
                 except (OSError, aioredis.RedisError) as exc:
+                    redis_health.failed()
                     if not failing:
                         log.warning("standby cannot reach Redis for the lease (%s); retrying", exc)
                     failing = True
                     await asyncio.sleep(backoff.next_delay())
                     continue
+                redis_health.succeeded()
                 if failing:
                     log.info("standby reaches Redis again")
                 failing = False
@@ -258,6 +261,7 @@ class Gateway:
                 self._step_down("the lease is held by another gateway, or Redis lost it")
                 return
             if outcome is RenewOutcome.UNREACHABLE:
+                redis_health.failed()
                 if not failing:
                     log.warning("cannot renew the lease: Redis unreachable; events wait in the outbox "
                                 "and nothing is published or acted on until the lease is confirmed")
@@ -266,6 +270,7 @@ class Gateway:
                     set_lease_state("suspended")
                 await asyncio.sleep(backoff.next_delay())
                 continue
+            redis_health.succeeded()
             if outcome is RenewOutcome.RESUMED or failing:
                 log.warning("lease %s: epoch %s continues (nobody took over meanwhile)",
                             "resumed" if outcome is RenewOutcome.RESUMED else "confirmed again",
