@@ -284,3 +284,47 @@ def test_an_active_gateway_paused_past_its_lease_publishes_and_executes_nothing_
             await cleanup(infra, prefix)
 
     asyncio.run(main())
+
+
+def test_a_clean_stop_of_the_active_gateway_hands_over_at_once(infra: Infrastructure, prefix: str,
+                                                                tmp_path: Path) -> None:
+    """SIGTERM (a rolling restart): the active one flushes, releases the lease and exits 0; the standby does not
+    wait for the lease to expire."""
+
+    async def main() -> None:
+        sim = AmiSimulator(port=0, users={"admin": SECRET}, queues={"support": ["305", "306"]})
+        await sim.start()
+        listener = await EventListener(infra.amqp_url, prefix).start(["305", "306"])
+        config = write_config(tmp_path, infra, prefix, sim.port)
+        try:
+            async with gateways(tmp_path, config) as launch:
+                first = launch("first")
+                await first.wait_role("active", ready=True)
+                second = launch("second")
+                await second.wait_role("standby", ready=True)
+                live = sim.play("inbound-direct-long", line="305")
+                up = await listener.wait_for(lambda e: e.line == "305" and e.type is EventType.COMMUTATION_STARTED)
+                assert up.call is not None
+
+                first.signal(signal.SIGTERM)
+                stopped_at = time.monotonic()
+                await second.wait_role("active", ready=True)
+                handover = time.monotonic() - stopped_at
+                assert first.process is not None
+                assert await asyncio.to_thread(first.process.wait, 15) == 0
+                assert "lease released" in first.log_tail()
+                restated = await listener.wait_for(
+                    lambda e: e.line == "305" and e.epoch != up.epoch and e.call is not None, 15, "305 restated")
+                assert restated.call is not None and restated.call.linked_id == live.id
+                ring = sim.play("inbound-direct-answered", line="306")
+                got = await listener.wait_for(lambda e: e.line == "306" and e.type is EventType.RING_STARTED, 15)
+                assert got.call is not None and got.call.linked_id == ring.id and got.epoch == restated.epoch
+                print(f"clean stop: the standby was active and resynced {handover:.2f}s after SIGTERM")
+                assert handover < 10, handover
+                assert_positions_sound(listener.events)
+        finally:
+            await sim.stop()
+            await listener.close()
+            await cleanup(infra, prefix)
+
+    asyncio.run(main())
