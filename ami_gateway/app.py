@@ -59,7 +59,7 @@ Task = asyncio.Task[None]
 log = logging.getLogger(__name__)
 
 CALLS_IN_PROGRESS = Gauge("cms_calls_in_progress", "Calls the gateway currently tracks on agent lines")
-GATEWAY_READY = Gauge("cms_gateway_ready", "1 when the gateway is logged in to AMI and resynced")
+GATEWAY_READY = Gauge("cms_gateway_ready", "1 when the gateway holds the lease, is logged in to AMI and resynced")
 AUTO_PAUSES = Counter("cms_auto_pause_actions_total", "QueuePause actions sent by autoPauseOnCommutationStart",
                       ["paused", "outcome"])
 RESYNC_SECONDS = Histogram(
@@ -346,7 +346,10 @@ class Gateway:
     # ---- AMI path (synchronous, in-memory only) --------------------------------------------
 
     def _session(self) -> AmiSession | None:
-        return self.ami.session if self.ami is not None and self.ami.ready.is_set() else None
+        # ready, not just logged in: a takeover's session is logged in before its events are on and resynced,
+        # and a command planned against a tracker that has not seen the PBX yet would be refused wrongly.
+        ok = self.ami is not None and self.ami.ready.is_set() and self.ready.is_set()
+        return self.ami.session if ok and self.ami is not None else None
 
     def _on_ami_event(self, msg: AmiMessage, received_at: float) -> None:
         if not self.active:
@@ -566,6 +569,9 @@ class Gateway:
     # ---- commands ----------------------------------------------------------------------------
 
     async def _consume_commands(self) -> None:
+        # Not before the first resync of this term: until then the queue keeps the commands (and their
+        # deadlines) rather than this gateway answering them against a tracker that knows no call yet.
+        await self.ready.wait()
         backoff = Backoff(initial=0.2, maximum=10.0)
         first = True
         while True:
