@@ -295,8 +295,7 @@ class Gateway:
         backoff = Backoff(initial=0.1, maximum=2.0)
         while self._stale_calls is None:
             try:
-                self._stale_calls = {line: await self.writer.stored_calls(line)
-                                     for line in await self.writer.known_lines()}
+                self._stale_calls = await self.writer.all_stored_calls()
             except (OSError, aioredis.RedisError) as exc:
                 delay = backoff.next_delay()
                 log.warning("cannot read the previous term's calls (%s); retry in %.1fs", exc, delay)

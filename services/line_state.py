@@ -167,6 +167,19 @@ class LineStateWriter:
         raw = await self._redis.hgetall(self._keys.calls(line))
         return [_call(v) for v in raw.values()]
 
+    async def all_stored_calls(self, chunk: int = 500) -> dict[str, list[Call]]:
+        """Every known line's active calls, pipelined (a takeover reads thousands of lines at once)."""
+        lines = sorted(await self.known_lines())
+        found: dict[str, list[Call]] = {}
+        for start in range(0, len(lines), chunk):
+            part = lines[start:start + chunk]
+            pipe = self._redis.pipeline(transaction=False)
+            for line in part:
+                pipe.hgetall(self._keys.calls(line))
+            for line, raw in zip(part, await pipe.execute(), strict=True):
+                found[line] = [_call(v) for v in raw.values()]
+        return found
+
     async def clear_line(self, line: str) -> None:
         await self._redis.delete(
             self._keys.calls(line), self._keys.agent(line), self._keys.pos(line), self._keys.events(line)
