@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=9101)
     parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--lease-ttl", type=float, default=2.0,
+                        help="seconds a dead active gateway keeps the lease before a standby takes over (default 2)")
     args = parser.parse_args(argv)
     logs.configure("ami_gateway", json_lines=args.log_json, level=args.log_level)
     try:
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.asterisk.url and not settings.asterisk.file_path:
         print("configuration error: Asterisk.url (a PBX) or Asterisk.filePath (a replay) is required", file=sys.stderr)
         return 2
+    if not 0.5 <= args.lease_ttl <= 60:
+        print(f"configuration error: --lease-ttl {args.lease_ttl:g} is out of range; use 0.5 to 60 seconds",
+              file=sys.stderr)
+        return 2
     for warning in settings.warnings:
         log.warning("configuration: %s", warning)
     logs.register_secret(settings.asterisk.secret)
@@ -39,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     async def _main() -> None:
         stop = stop_event_on_signals(asyncio.get_running_loop())
-        await run_gateway(settings, stop, metrics_host=args.metrics_host, metrics_port=args.metrics_port)
+        await run_gateway(settings, stop, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+                          lease_ttl=args.lease_ttl, lease_renew_interval=args.lease_ttl / 4)
 
     asyncio.run(_main())
     return 0

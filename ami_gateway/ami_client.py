@@ -18,6 +18,11 @@ Theory of operation:
   carrying our ActionID. ``send_action(..., until_event="OriginateResponse")`` waits for both, so
   a command learns whether the call really started.
 
+Hot standby (ami_gateway/lease.py): the gateway logs in with ``Events: off`` and turns events on
+with the ``Events`` action only once it holds the lease. ``action_guard`` is asked before every
+action that changes something (anything outside ``READ_ONLY_ACTIONS``); when it says no, the action
+is not sent and :class:`AmiFenced` is raised, so a gateway that lost its lease cannot act on the PBX.
+
 Less work for Asterisk and for us: ``Events:`` at login is an event *mask* (``call,agent,dtmf`` by
 default; Asterisk ANDs it with the user's read classes, so a user without ``dtmf`` still works), so
 Asterisk never formats the classes we ignore (``dialplan`` - Newexten and VarSet on every dialplan
@@ -94,6 +99,17 @@ class AmiAuthError(AmiError):
     """Asterisk refused our credentials: retrying quickly will not help."""
 
 
+class AmiFenced(AmiError):
+    """The action changes something and this gateway does not hold the lease: not sent."""
+
+
+#: Actions that only read or manage our own session: a standby (or a fenced gateway) may send them.
+READ_ONLY_ACTIONS = frozenset(
+    {"challenge", "login", "logoff", "ping", "events", "filter", "coreshowchannels", "status", "queuestatus",
+     "queuesummary", "dbget", "getvar"}
+)
+
+
 class AmiKeepaliveError(AmiError):
     """The keepalive Ping went unanswered: the session is dead even if TCP has not noticed."""
 
@@ -117,6 +133,10 @@ class AmiSession:
         self._pending: dict[str, _Pending] = {}
         self.banner = ""
         self.closed = asyncio.Event()
+        #: set once Asterisk accepted our login
+        self.logged_in = False
+        #: asked before every action outside READ_ONLY_ACTIONS; False means "not ours to send" (the lease)
+        self.guard: Callable[[str], bool] | None = None
 
     def _next_id(self) -> str:
         return f"cms-{next(self._ids)}"
@@ -138,6 +158,9 @@ class AmiSession:
         """
         if self.closed.is_set():
             raise AmiError("AMI session is closed")
+        if self.guard is not None and action.lower() not in READ_ONLY_ACTIONS and not self.guard(action):
+            AMI_ACTIONS.labels(action=action, outcome="fenced").inc()
+            raise AmiFenced(f"{action} not sent: this gateway does not hold the lease")
         action_id = self._next_id()
         loop = asyncio.get_running_loop()
         pending = _Pending(future=loop.create_future(), collecting=expect_list, until_event=until_event.lower())
@@ -214,6 +237,7 @@ class AmiClient:
         event_mask: str = DEFAULT_EVENT_MASK,
         event_filters: Iterable[str] = (),
         connect_timeout: float = 10.0,
+        action_guard: Callable[[str], bool] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -229,6 +253,7 @@ class AmiClient:
         self._event_mask = event_mask
         self._event_filters = tuple(event_filters)
         self._connect_timeout = connect_timeout
+        self._action_guard = action_guard
         self.session: AmiSession | None = None
         #: sessions that reached "logged in and resynced" (tests and health read it).
         self.sessions_established = 0
@@ -287,10 +312,12 @@ class AmiClient:
         )
         parser = AmiParser(max_message_bytes=self._max_message_bytes)
         session = AmiSession(reader, writer, parser)
+        session.guard = self._action_guard
         self.session = session
         read_task = asyncio.create_task(self._read_loop(session))
         try:
             await self._login(session)
+            session.logged_in = True
             AMI_CONNECTED.set(1)
             log.info("AMI logged in to %s:%s (%s)", self._host, self._port, session.banner)
             await self._add_filters(session)

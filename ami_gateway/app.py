@@ -1,9 +1,17 @@
 """The gateway process: AMI in, line events out, commands executed.
 
-Start order (each step waits for the one before): Redis (claim an epoch), metrics endpoint,
-outbox drain task, command consumer, queue-pause worker, AMI client (or the ``filePath``
-replay). Ready means "logged in to AMI and resynced". Stop is the reverse, with a deadline for
-the outbox to flush.
+Every gateway starts as a *standby*: metrics endpoint, an AMI login with events off (warm, so a
+takeover needs no TCP or login round trips) and the lease loop (ami_gateway/lease.py). When it
+takes the lease it becomes *active*, under the new epoch the lease gave it: it reads what the
+previous term left in Redis, starts the outbox drain task, the command consumer and the
+queue-pause worker, turns AMI events on and resyncs (CoreShowChannels/Status, QueueStatus): live
+calls are restated, calls that vanished are ended. Ready means "active, events on, resynced".
+
+A gateway that loses the lease (another one took it after we were paused or cut off, or Redis
+restarted empty) *steps down*: it stops speaking at once (no publish, no Redis write, no AMI action,
+no command) and ``run_gateway`` replaces it by a fresh standby, so no state of the lost term leaks
+into the next. A clean stop flushes the outbox, then releases the lease so a standby takes over
+without waiting for the ttl.
 
 The AMI read path (``_on_ami_event``) is synchronous and in-memory only: tracker, outbox put,
 auto-pause policy, queue trace. Whatever needs I/O (QueuePause for autoPauseOnCommutationStart)
@@ -16,16 +24,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import aio_pika
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Gauge, Histogram
 
-from ami_gateway.ami_client import AmiClient, AmiError, AmiSession
+from ami_gateway.ami_client import DEFAULT_EVENT_MASK, AmiClient, AmiError, AmiSession
 from ami_gateway.ami_protocol import AmiMessage, AmiParser
 from ami_gateway.command_executor import CommandExecutor
 from ami_gateway.event_outbox import (
@@ -33,6 +43,7 @@ from ami_gateway.event_outbox import (
     EventPublisher,
     Sequencer,
 )
+from ami_gateway.lease import FENCED, TAKEOVERS, GatewayLease, LeaseLost, RenewOutcome, Term, set_lease_state
 from ami_gateway.lines import LineMatcher
 from ami_gateway.packet_info import parse_packet_info
 from ami_gateway.queue_policy import AutoPausePolicy, PauseRequest, QueueChange, QueueStateTrace
@@ -40,16 +51,18 @@ from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.backoff import Backoff
 from services.config import Settings, redact_url
 from services.heartbeat import Heartbeat
-from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS
+from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS, RedisHealth
 from services.line_state import LineStateWriter
 from services.observability import ObservabilityServer
 from services.topology import Topology
 from services.wire import Call, CallState, Command, CommandName, CommandResult, EventType, LineEvent, WireError
 
+Task = asyncio.Task[None]
+
 log = logging.getLogger(__name__)
 
 CALLS_IN_PROGRESS = Gauge("cms_calls_in_progress", "Calls the gateway currently tracks on agent lines")
-GATEWAY_READY = Gauge("cms_gateway_ready", "1 when the gateway is logged in to AMI and resynced")
+GATEWAY_READY = Gauge("cms_gateway_ready", "1 when the gateway holds the lease, is logged in to AMI and resynced")
 AUTO_PAUSES = Counter("cms_auto_pause_actions_total", "QueuePause actions sent by autoPauseOnCommutationStart",
                       ["paused", "outcome"])
 RESYNC_SECONDS = Histogram(
@@ -69,12 +82,23 @@ class Gateway:
         metrics_port: int = 0,
         ping_interval: float = 10.0,
         ping_timeout: float = 5.0,
+        lease_ttl: float = 2.0,
+        lease_renew_interval: float = 0.5,
+        lease_poll_interval: float = 0.2,
+        outbox_capacity: int = 200_000,
     ) -> None:
         self.settings = settings
         self._ping = (ping_interval, ping_timeout)
         ast = settings.asterisk
         self.topology = Topology(settings.cluster.prefix)
         self.redis = aioredis.from_url(settings.cluster.redis_url)
+        # Its own connections with short timeouts: a renew must neither queue behind a large outbox write
+        # nor hang on a silent Redis longer than the lease lasts.
+        self._lease_redis = aioredis.from_url(
+            settings.cluster.redis_url, socket_timeout=max(0.2, lease_ttl / 2), socket_connect_timeout=lease_ttl
+        )
+        self.lease = GatewayLease(self._lease_redis, settings.cluster.prefix, ttl=lease_ttl)
+        self._lease_timing = (lease_renew_interval, lease_poll_interval)
         self.writer = LineStateWriter(self.redis, settings.cluster.prefix, settings.cluster.history_length)
         self.matcher = LineMatcher(protocol=ast.protocol, queue_extension_format=ast.queue_extension_format)
         self.tracker = CallTracker(
@@ -89,7 +113,10 @@ class Gateway:
             self.writer,
             EventPublisher(settings.cluster.amqp_url, self.topology),
             self.sequencer,
+            capacity=outbox_capacity,
             on_continuity_lost=self._restate_all_lines,
+            may_publish=self.lease.held,
+            on_fenced=self._step_down,
         )
         self.ami: AmiClient | None = None
         self.auto_pause = AutoPausePolicy(ast.auto_pause_on_commutation_start)
@@ -115,24 +142,28 @@ class Gateway:
         self.replay_done = asyncio.Event()
         self._resync_buffer: list[tuple[AmiMessage, float]] | None = None
         self._stale_calls: dict[str, list[Call]] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._command_tasks: set[asyncio.Task[None]] = set()
+        self._tasks: list[Task] = []
+        self._command_tasks: set[Task] = set()
+        self._commands_task: Task | None = None
+        #: True from taking the lease until stepping down; the AMI read path and every output check it
+        self.active = False
+        #: set when this gateway lost its lease: it is finished, run_gateway starts a fresh standby
+        self.stepped_down = asyncio.Event()
+        self._term_ready = asyncio.Event()  # the previous term's calls are read: sessions may resync
+        self._activation_lock = asyncio.Lock()
+        self._synced_session: AmiSession | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        epoch = await self._claim_epoch()
-        self.sequencer.restart(epoch)
-        self._stale_calls = {line: await self.writer.stored_calls(line) for line in await self.writer.known_lines()}
-        await self.observability.start()
-        self.heartbeat.start()
-        self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
-        self._tasks.append(asyncio.create_task(self._consume_commands(), name="commands"))
-        self._tasks.append(asyncio.create_task(self._pause_worker(), name="queue-pause"))
+        """Start as a standby; the lease loop makes this gateway active when the lease is free.
+
+        The first attempt at the lease is made before /health answers, so a lone gateway never says
+        "standby, healthy" for a moment before it is active: its /health turns 200 when it has resynced.
+        """
+        set_lease_state("standby")
         ast = self.settings.asterisk
-        if ast.file_path:
-            self._tasks.append(asyncio.create_task(self._replay(ast.file_path), name="replay"))
-        else:
+        if not ast.file_path:
             self.ami = AmiClient(
                 ast.url or "127.0.0.1",
                 ast.port,
@@ -143,11 +174,25 @@ class Gateway:
                 on_disconnected=self._on_ami_disconnected,
                 ping_interval=self._ping[0],
                 ping_timeout=self._ping[1],
+                event_mask="off",  # warm standby; events go on when this gateway takes the lease
+                action_guard=self._may_act,
             )
-            self._tasks.append(asyncio.create_task(self.ami.run(), name="ami"))
+        try:
+            taken = await self.lease.try_acquire()
+        except (OSError, aioredis.RedisError) as exc:
+            log.warning("Redis unavailable at start (%s); the lease loop keeps trying", exc)
+            taken = None
+        if taken is not None:
+            self._take_over(*taken)
+        await self.observability.start()
+        self.heartbeat.start()
+        if self.ami is not None:
+            self._spawn(self.ami.run(), "ami")
+        self._spawn(self._lease_loop(), "lease")
         log.info(
-            "gateway started: epoch %s, AMI %s, broker %s, metrics on :%d",
-            epoch,
+            "gateway %s started as %s: AMI %s, broker %s, metrics on :%d",
+            self.lease.owner,
+            "active" if self.active else "standby",
             f"replay of {ast.file_path}" if ast.file_path else f"{ast.url}:{ast.port} as {ast.user_name}",
             redact_url(self.settings.cluster.amqp_url),
             self.observability.port,
@@ -157,7 +202,8 @@ class Gateway:
         GATEWAY_READY.set(0)
         if self.ami is not None:
             await self.ami.stop()
-        if not await self.outbox.wait_idle(flush_timeout):
+        # The lease loop keeps renewing while the outbox flushes: the flush may outlast one ttl.
+        if self.active and not await self.outbox.wait_idle(flush_timeout):
             log.warning("stopping with %d events not yet published", self.outbox.depth)
         for task in [*self._tasks, *self._command_tasks]:
             task.cancel()
@@ -166,18 +212,22 @@ class Gateway:
                 await task
         await self.outbox.close()
         await self.heartbeat.stop()
+        if self.active:
+            self.active = False
+            try:
+                await self.lease.release()
+                log.info("lease released: a standby may take over now")
+            except (OSError, aioredis.RedisError) as exc:
+                log.warning("could not release the lease (%s); a standby takes over when it expires", exc)
+        set_lease_state("standby")
         await self.observability.stop()
         await self.redis.aclose()
+        await self._lease_redis.aclose()
 
-    async def _claim_epoch(self) -> str:
-        backoff = Backoff(initial=0.2, maximum=5.0)
-        while True:
-            try:
-                return await self.writer.new_epoch()
-            except (OSError, aioredis.RedisError) as exc:
-                delay = backoff.next_delay()
-                log.warning("Redis unavailable at start (%s); retry in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> Task:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.append(task)
+        return task
 
     def _describe(self) -> dict[str, object]:
         """The gateway's heartbeat record (services/heartbeat.py), read by every node's status page."""
@@ -188,22 +238,148 @@ class Gateway:
         ast = self.settings.asterisk
         return {
             "metrics_url": f"{base}/metrics", "health_url": f"{base}/health",
-            # One gateway holds the AMI session; a standby (if a deployment runs one) reports "standby".
-            "role": "active",
+            # One gateway holds the lease and acts; the others are warm standbys.
+            "role": "active" if self.active else "standby",
             "ami_peer": f"replay of {ast.file_path}" if ast.file_path else f"{ast.url}:{ast.port}",
             "last_ami_event_at": self.last_event_at,
         }
 
     def _health(self) -> tuple[bool, dict[str, object]]:
         connected = self.ami.ready.is_set() if self.ami is not None else self.ready.is_set()
-        return connected, {"ami": "connected" if connected else "down", "outbox": self.outbox.depth}
+        ami = "connected" if connected else "down"
+        if not self.active:
+            # A standby is healthy: it is what makes a takeover possible. It says so for the operator.
+            return True, {"role": "standby", "ami": ami, "outbox": self.outbox.depth}
+        return connected, {"role": "active", "ami": ami, "outbox": self.outbox.depth, "epoch": self.sequencer.epoch,
+                           "lease": "held" if self.lease.held() else "unconfirmed"}
+
+    # ---- the lease: standby, takeover, stepping down ------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        renew_every, poll_every = self._lease_timing
+        backoff = Backoff(initial=poll_every, maximum=max(poll_every, 1.0))
+        redis_health = RedisHealth()  # cms_redis_errors_total / cms_redis_reconnects_total, shared names
+        failing = False
+        while True:
+            if not self.active:
+                try:
+                    taken = await self.lease.try_acquire() if self.lease.clock.may_try_to_take() else None
+                    if taken is None and not self.lease.clock.may_try_to_take():
+                        await self.lease.probe()
+                except (OSError, aioredis.RedisError) as exc:
+                    redis_health.failed()
+                    if not failing:
+                        log.warning("standby cannot reach Redis for the lease (%s); retrying", exc)
+                    failing = True
+                    await asyncio.sleep(backoff.next_delay())
+                    continue
+                redis_health.succeeded()
+                if failing:
+                    log.info("standby reaches Redis again")
+                failing = False
+                backoff.reset()
+                if taken is not None:
+                    self._take_over(*taken)
+                    continue
+                await asyncio.sleep(poll_every * (0.75 + 0.5 * random.random()))
+                continue
+            outcome = await self.lease.renew()
+            if outcome is RenewOutcome.LOST:
+                self._step_down("the lease is held by another gateway, or Redis lost it")
+                return
+            if outcome is RenewOutcome.UNREACHABLE:
+                redis_health.failed()
+                if not failing:
+                    log.warning("cannot renew the lease: Redis unreachable; events wait in the outbox "
+                                "and nothing is published or acted on until the lease is confirmed")
+                    failing = True
+                if not self.lease.held():
+                    set_lease_state("suspended")
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            redis_health.succeeded()
+            if outcome is RenewOutcome.RESUMED or failing:
+                log.warning("lease %s: epoch %s continues (nobody took over meanwhile)",
+                            "resumed" if outcome is RenewOutcome.RESUMED else "confirmed again",
+                            self.sequencer.epoch)
+            failing = False
+            backoff.reset()
+            set_lease_state("active")
+            await asyncio.sleep(renew_every)
+
+    def _take_over(self, term: Term, after_earlier_term: bool) -> None:
+        TAKEOVERS.inc()
+        log.warning("took the gateway lease: epoch %s%s", term.epoch,
+                    " (after an earlier gateway's term)" if after_earlier_term else "")
+        self.active = True
+        self.sequencer.restart(term.epoch)
+        self.writer.fence(self.lease.key, term.token)
+        set_lease_state("active")
+        self._spawn(self._begin_term(), "take-over")
+
+    async def _begin_term(self) -> None:
+        """Read what the previous term left, start the outputs, then turn AMI events on and resync."""
+        backoff = Backoff(initial=0.1, maximum=2.0)
+        while self._stale_calls is None:
+            try:
+                self._stale_calls = await self.writer.all_stored_calls()
+            except (OSError, aioredis.RedisError) as exc:
+                delay = backoff.next_delay()
+                log.warning("cannot read the previous term's calls (%s); retry in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+        self._spawn(self.outbox.run(), "outbox")
+        self._commands_task = self._spawn(self._consume_commands(), "commands")
+        self._spawn(self._pause_worker(), "queue-pause")
+        self._term_ready.set()
+        ast = self.settings.asterisk
+        if ast.file_path:
+            self._spawn(self._replay(ast.file_path), "replay")
+            return
+        session = self.ami.session if self.ami is not None else None
+        if session is not None and session.logged_in:
+            try:
+                await self._activate(session)
+            except AmiError as exc:
+                # The client reconnects and resyncs through _on_ami_connected.
+                log.warning("AMI resync at takeover failed: %s", exc)
+                session.close()
+
+    def _may_act(self, action: str) -> bool:
+        """The AMI session's guard: only the lease holder changes anything on the PBX."""
+        if self.active and self.lease.held():
+            return True
+        FENCED.labels(what="ami_action").inc()
+        log.warning("AMI %s not sent: this gateway does not hold the lease", action)
+        return False
+
+    def _step_down(self, reason: str) -> None:
+        """The lease is lost: stop every output now; run_gateway replaces this gateway by a fresh standby."""
+        if self.stepped_down.is_set():
+            return
+        log.error("stepping down (%s): nothing more is published or acted on by this term", reason)
+        self.active = False
+        self.lease.term = None
+        self.lease.clock.revoke()
+        self.ready.clear()
+        GATEWAY_READY.set(0)
+        set_lease_state("standby")
+        # Closing the consumer's channel puts the commands it holds back in the queue, for the new holder;
+        # commands already claimed in Redis are never carried out twice (see _handle_command).
+        for task in [*self._command_tasks, *([self._commands_task] if self._commands_task else [])]:
+            task.cancel()
+        self.stepped_down.set()
 
     # ---- AMI path (synchronous, in-memory only) --------------------------------------------
 
     def _session(self) -> AmiSession | None:
-        return self.ami.session if self.ami is not None and self.ami.ready.is_set() else None
+        # ready, not just logged in: a takeover's session is logged in before its events are on and resynced,
+        # and a command planned against a tracker that has not seen the PBX yet would be refused wrongly.
+        ok = self.ami is not None and self.ami.ready.is_set() and self.ready.is_set()
+        return self.ami.session if ok and self.ami is not None else None
 
     def _on_ami_event(self, msg: AmiMessage, received_at: float) -> None:
+        if not self.active:
+            return  # a standby's session has events off; whatever still arrives is not ours to report
         self.last_event_at = received_at
         if self._resync_buffer is not None:
             self._resync_buffer.append((msg, received_at))
@@ -264,28 +440,44 @@ class Gateway:
             self.auto_pause.set_wrap_up(command.line, command.args.get("active", "true").lower() == "true")
 
     async def _on_ami_connected(self, session: AmiSession) -> None:
-        """Rebuild the truth before emitting deltas: what ended or started while we were away."""
-        self._resync_buffer = []
-        started = time.perf_counter()
-        try:
-            channels = await self._live_channels(session)
-            members = await self._queue_members(session)
-            now = time.time()
-            RESYNC_SECONDS.observe(time.perf_counter() - started)
-            if channels is None:
-                log.error("cannot list live channels (the AMI user needs write = call for Status, or reporting); "
-                          "calls that ended while disconnected stay open until their next event")
-            else:
-                self._emit(self.tracker.resync(channels, members or [], now))
-                self._finish_stale_calls(now)
-            if self.queue_trace is not None and members is not None:
-                self._trace(self.queue_trace.resync(members))
-        finally:
-            buffered, self._resync_buffer = self._resync_buffer or [], None
-            for msg, received_at in buffered:
-                self._handle(msg, received_at)
-        self.ready.set()
-        GATEWAY_READY.set(1)
+        if self.active:
+            await self._activate(session)
+
+    async def _activate(self, session: AmiSession) -> None:
+        """Events on, then rebuild the truth before emitting deltas: what ended or started while we were away."""
+        await self._term_ready.wait()
+        async with self._activation_lock:
+            if self._synced_session is session or session.closed.is_set() or not self.active:
+                return
+            self._resync_buffer = []
+            started = time.perf_counter()
+            try:
+                answer = (await session.send_action("Events", {"EventMask": DEFAULT_EVENT_MASK}))[0]
+                if (answer.response or "").lower() != "success":
+                    log.error("AMI Events action refused (%s); no call events will arrive", answer.get("Message"))
+                channels = await self._live_channels(session)
+                members = await self._queue_members(session)
+                now = time.time()
+                RESYNC_SECONDS.observe(time.perf_counter() - started)
+                if channels is None:
+                    log.error("cannot list live channels (the AMI user needs write = call for Status, or "
+                              "reporting); calls that ended while disconnected stay open until their next event")
+                else:
+                    self._emit(self.tracker.resync(channels, members or [], now))
+                    self._finish_stale_calls(now)
+                if self.queue_trace is not None and members is not None:
+                    self._trace(self.queue_trace.resync(members))
+            finally:
+                buffered, self._resync_buffer = self._resync_buffer or [], None
+                for msg, received_at in buffered:
+                    self._handle(msg, received_at)
+            if not self.active:
+                return
+            self._synced_session = session
+            self.ready.set()
+            GATEWAY_READY.set(1)
+            log.info("active and resynced: epoch %s, %d calls on agent lines", self.sequencer.epoch,
+                     sum(len(self.tracker.calls_of(line)) for line in self.tracker.lines()))
 
     @staticmethod
     async def _live_channels(session: AmiSession) -> list[AmiMessage] | None:
@@ -316,6 +508,7 @@ class Gateway:
         return [m for m in listing if m.event == "QueueMember"]
 
     def _on_ami_disconnected(self) -> None:
+        self._synced_session = None
         self.ready.clear()
         GATEWAY_READY.set(0)
 
@@ -338,8 +531,24 @@ class Gateway:
 
     async def _restate_all_lines(self) -> None:
         """After the outbox lost events: new epoch, then every line's truth as fresh events."""
-        epoch = await self._claim_epoch()
-        self.sequencer.restart(epoch)
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        while True:
+            while not self.lease.held():  # e.g. the overflow came from a Redis outage: the lease loop resumes it
+                if self.stepped_down.is_set():
+                    return
+                await asyncio.sleep(0.05)
+            try:
+                term = await self.lease.advance_epoch()
+                break
+            except LeaseLost as exc:
+                self._step_down(f"new epoch refused: {exc}")
+                return
+            except (OSError, aioredis.RedisError) as exc:
+                delay = backoff.next_delay()
+                log.warning("cannot claim a new epoch (%s); retry in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+        self.sequencer.restart(term.epoch)
+        self.writer.fence(self.lease.key, term.token)
         now = time.time()
         events: list[LineEvent] = []
         for line in self.tracker.lines():
@@ -387,6 +596,9 @@ class Gateway:
     # ---- commands ----------------------------------------------------------------------------
 
     async def _consume_commands(self) -> None:
+        # Not before the first resync of this term: until then the queue keeps the commands (and their
+        # deadlines) rather than this gateway answering them against a tracker that knows no call yet.
+        await self.ready.wait()
         backoff = Backoff(initial=0.2, maximum=10.0)
         first = True
         while True:
@@ -423,7 +635,22 @@ class Gateway:
                 except WireError as exc:
                     log.warning("dropping undecodable command: %s", exc)
                     return
-                result = await self.executor.execute(command)
+                try:
+                    result = await self._carry_out(command)
+                    if result is None:
+                        # Not ours to carry out (lease unconfirmed or lost): back to the queue, for the holder.
+                        FENCED.labels(what="command").inc()
+                        log.warning("command %s %s returned to the queue: this gateway does not hold the lease",
+                                    command.name.value, command.id, extra={"line": command.line})
+                        await asyncio.sleep(0.1)  # while our lease is unconfirmed it may come straight back
+                        await message.reject(requeue=True)
+                        return
+                except asyncio.CancelledError:
+                    # Stepping down or stopping: the next holder gets it (and its claim, if we made one,
+                    # keeps it from running twice).
+                    with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError):
+                        await message.reject(requeue=True)
+                    raise
                 if message.reply_to:
                     await channel.default_exchange.publish(
                         aio_pika.Message(
@@ -436,6 +663,31 @@ class Gateway:
             # The broker went away mid-command: the answer (or the ack) is lost; the node times the command out.
             BROKER_ERRORS.inc()
             log.warning("command answer or ack lost: %s", exc)
+
+    async def _carry_out(self, command: Command) -> CommandResult | None:
+        """Claim the command under the lease, then execute it; None when this gateway may not.
+
+        The claim (a fenced SET NX of the command id) is what keeps a command from running twice: a
+        message redelivered after a takeover, or after the broker lost our ack, finds it taken.
+        """
+        if not (self.active and self.lease.held()):
+            return None
+        try:
+            first_time = await self.lease.claim_command(command.id)
+        except LeaseLost:
+            return None
+        except (OSError, aioredis.RedisError) as exc:
+            log.warning("command %s not carried out: Redis unreachable (%s)", command.name.value, exc,
+                        extra={"line": command.line})
+            return CommandResult(command_id=command.id, ok=False,
+                                 error="the telephony gateway cannot reach its state store; try again")
+        if not first_time:
+            log.warning("command %s %s delivered again (after a takeover or a lost ack); not repeated",
+                        command.name.value, command.id, extra={"line": command.line})
+            return CommandResult(command_id=command.id, ok=False,
+                                 error="this command was already taken by the telephony gateway (delivered "
+                                       "twice during a gateway change); check the call before trying again")
+        return await self.executor.execute(command)
 
 
 def _succeeded(listing: list[AmiMessage]) -> bool:
@@ -463,15 +715,19 @@ def _hms(seconds: str) -> str:
 
 
 async def run_gateway(settings: Settings, stop: asyncio.Event, *, metrics_host: str, metrics_port: int,
-                      on_ready: Callable[[Gateway], None] | None = None) -> None:
-    gateway = Gateway(settings, metrics_host=metrics_host, metrics_port=metrics_port)
-    await gateway.start()
-    if on_ready is not None:
-        on_ready(gateway)
-    try:
-        await stop.wait()
-    finally:
-        await gateway.stop()
-
-
-
+                      on_ready: Callable[[Gateway], None] | None = None, **options: Any) -> None:
+    """Run gateways until ``stop``: one that steps down (lease lost) is replaced by a fresh standby."""
+    while not stop.is_set():
+        gateway = Gateway(settings, metrics_host=metrics_host, metrics_port=metrics_port, **options)
+        await gateway.start()
+        if on_ready is not None:
+            on_ready(gateway)
+        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(gateway.stepped_down.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+            await gateway.stop()
+        if not stop.is_set():
+            log.warning("the lease was lost; starting again as a standby")

@@ -15,7 +15,15 @@ an event twice after a retry; it drops duplicates by sequence number.
 
 If the buffer overflows (the broker or Redis away for very long), the oldest events are
 dropped and continuity is declared lost: the next events start a new epoch, which tells every
-reader to take a fresh snapshot instead of trusting its history.
+reader to take a fresh snapshot instead of trusting its history. Until that epoch is claimed
+(Redis may still be away), further events are dropped too: the restate that opens the new epoch
+carries every line's state as of then.
+
+Fencing (ami_gateway/lease.py): every Redis write checks the lease in the same script; a refused
+write stops this outbox for good (``on_fenced``: the gateway steps down). Before each publish
+and each Redis write ``may_publish`` is asked (the lease's local deadline), so a gateway that wakes
+from a pause, or whose Redis comes back after an outage, writes and publishes nothing until it has
+proved the lease is still its own.
 """
 
 from __future__ import annotations
@@ -32,10 +40,11 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from prometheus_client import Counter, Gauge, Histogram
 
+from ami_gateway.lease import FENCED
 from services.backoff import Backoff
 from services.config import redact_url
 from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS, RedisHealth
-from services.line_state import LineStateWriter
+from services.line_state import Fenced, LineStateWriter
 from services.topology import Topology
 from services.wire import LineEvent
 
@@ -161,6 +170,8 @@ class EventOutbox:
         batch_size: int = 256,
         window: int = 8,
         on_continuity_lost: Callable[[], Awaitable[None]] | None = None,
+        may_publish: Callable[[], bool] = lambda: True,
+        on_fenced: Callable[[str], None] | None = None,
     ) -> None:
         self._redis_health = RedisHealth()
         self._writer = writer
@@ -174,7 +185,13 @@ class EventOutbox:
         self._queue: collections.deque[LineEvent] = collections.deque()
         self._wakeup = asyncio.Event()
         self._continuity_lost = False
+        self._lost_epoch: str | None = None  # set from an overflow until the sequencer has a new epoch
         self._on_continuity_lost = on_continuity_lost
+        self._may_publish = may_publish
+        self._on_fenced = on_fenced
+        #: set when a write was refused by the lease fence: this outbox never writes or publishes again
+        self.fenced = False
+        self._holding = False  # publishing held back because the lease is not confirmed
         self._idle = asyncio.Event()
         self._idle.set()
         self.published = 0
@@ -190,6 +207,14 @@ class EventOutbox:
         """Never blocks: the AMI read path calls this."""
         if not events:
             return
+        if self._lost_epoch is not None:
+            if self._sequencer.epoch == self._lost_epoch:
+                # Continuity is lost and the new epoch is not claimed yet (Redis may be away): numbering
+                # on in the old epoch would publish a gap. The restate that opens the new epoch is taken
+                # from the tracker's state at that moment, so it covers what is dropped here.
+                EVENTS_DROPPED.inc(len(events))
+                return
+            self._lost_epoch = None
         for event in events:
             self._queue.append(self._sequencer.position(event))
         if len(self._queue) > self._capacity:
@@ -202,6 +227,7 @@ class EventOutbox:
             self._generation += 1
             EVENTS_DROPPED.inc(dropped)
             self._continuity_lost = True
+            self._lost_epoch = self._sequencer.epoch
             log.error("outbox overflow: dropped %d events; every line restarts under a new epoch", dropped)
         OUTBOX_DEPTH.set(len(self._queue))
         self._idle.clear()
@@ -223,9 +249,9 @@ class EventOutbox:
         await self._publisher.close()
 
     async def run(self) -> None:
-        backoff = Backoff(initial=0.1, maximum=5.0)
+        backoff = Backoff(initial=0.1, maximum=2.0)
         try:
-            while True:
+            while not self.fenced:
                 # Cleared before looking at the state and awaited only when there is nothing to do: a put()
                 # or a confirm that lands while this loop works is seen by the checks below.
                 self._wakeup.clear()
@@ -257,6 +283,11 @@ class EventOutbox:
 
     async def _store_and_send(self, backoff: Backoff) -> None:
         """Write the next batch to Redis (unless it is there already), then publish it without awaiting confirms."""
+        if not self._may_publish():
+            # The lease is not confirmed (Redis away, or we were paused): write and publish nothing until
+            # it is renewed or resumed; if it was lost, the gateway stops this outbox.
+            await self._held_back()
+            return
         end = min(self._sent + self._batch_size, len(self._queue))
         batch = [self._queue[i] for i in range(self._sent, end)]
         generation = self._generation
@@ -268,6 +299,9 @@ class EventOutbox:
                 if generation != self._generation:
                     return
                 self._stored = end
+        except Fenced as exc:
+            self._fence(str(exc))
+            return
         except (OSError, ConnectionError) as exc:
             await self._failed("redis", exc, backoff)
             return
@@ -281,6 +315,12 @@ class EventOutbox:
             # ids (stream ids only grow). The rest of that transaction is idempotent; go on and publish.
             log.warning("batch of %d events was already stored; publishing it", end - self._stored)
             self._stored = end
+        if not self._may_publish():
+            # Stored, then paused past the lease (the check above passed before the pause): publish only
+            # once the lease is renewed or resumed.
+            await self._held_back()
+            return
+        self._holding = False
         try:
             confirms = await self._publisher.send(batch)
         except (aio_pika.exceptions.AMQPError, OSError, ConnectionError, RuntimeError, TimeoutError) as exc:
@@ -312,6 +352,21 @@ class EventOutbox:
         self.published += len(batch.events)
         EVENTS_PUBLISHED.inc(len(batch.events))
         OUTBOX_DEPTH.set(len(self._queue))
+
+    async def _held_back(self) -> None:
+        if not self._holding:
+            self._holding = True
+            FENCED.labels(what="publish").inc()  # once per hold, not per wait
+            log.warning("lease not confirmed: %d events held back until it is", len(self._queue))
+        await asyncio.sleep(0.05)
+
+    def _fence(self, reason: str) -> None:
+        FENCED.labels(what="redis_write").inc()
+        log.error("outbox stopped: %s; %d events of this term are discarded", reason, len(self._queue))
+        self.fenced = True
+        self._idle.set()
+        if self._on_fenced is not None:
+            self._on_fenced(reason)
 
     async def _republish_from_oldest(self, backoff: Backoff, exc: BaseException | None = None) -> None:
         """A nack, a lost channel or a failed publish: drop the connection and everything in flight; the

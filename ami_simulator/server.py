@@ -351,6 +351,7 @@ class AmiSimulator:
         self.astdb: dict[tuple[str, str], str] = {}
         #: lines whose phone is not registered: Originate to them fails like chan_sip/chan_pjsip would.
         self.unregistered: set[str] = set()
+        self._restart_task: asyncio.Task[int] | None = None  # a restart asked for on the control port
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -380,6 +381,9 @@ class AmiSimulator:
 
     async def stop(self) -> None:
         """Stop accepting, end the plays, say Shutdown to the clients and close them. Idempotent."""
+        if self._restart_task is not None and not self._restart_task.done():
+            self._restart_task.cancel()
+            await asyncio.gather(self._restart_task, return_exceptions=True)
         for server in (self._server, self._control):
             if server is not None:
                 server.close()
@@ -401,6 +405,54 @@ class AmiSimulator:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(server.wait_closed(), 2.0)
         self._server = self._control = None
+
+    async def restart(self, down_for: float = 0.0) -> int:
+        """Asterisk restarting (``core restart now``): every manager session gets ``Shutdown`` (Restart: True)
+        and is closed, every call vanishes without a Hangup (the PBX just went away), static queue members come
+        back unpaused, and the manager port refuses connections for ``down_for`` seconds. Returns how many
+        calls were lost."""
+        port = self.port
+        plays = list(self._plays.values())
+        for play in plays:
+            if play.task is not None:
+                play.task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        pending = [p.task for p in plays if p.task is not None] + list(self._tasks)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        self.broadcast(event("Shutdown", "system,all", Shutdown="Cleanly", Restart="True"))
+        for session in list(self._sessions):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(session.writer.drain(), 1.0)
+            session.close()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+        lost = list(self.model.calls.values())
+        membership = [(q.name, m.name, m.state_interface.split("/", 1)[-1])
+                      for q in self.model.queues.values() for m in q.members.values()]
+        self.model = PbxModel(self.tech, legacy_pause_reason=self.model.legacy_pause_reason)
+        for queue, name, line in membership:
+            self.model.add_member(queue, line, name=name)
+        for call in lost:
+            call.state, call.playing, call.live = "lost", False, set()
+            self.model.maybe_finish(call, "lost")
+        for play in plays:
+            play.done.set()
+        self._plays.clear()
+        self.consults.clear()
+        self.parked.clear()
+        self.ids = IdAllocator(first_sequence=random.randint(0, 50) * 10)
+        self.metrics.calls.set(0)
+        log.warning("simulated Asterisk restart: %d calls lost, manager port down for %.1fs", len(lost), down_for)
+        if down_for > 0:
+            await asyncio.sleep(down_for)
+        self.started = time.time()
+        self._server = await asyncio.start_server(self._on_client, self.host, port)
+        return len(lost)
 
     async def __aenter__(self) -> AmiSimulator:
         await self.start()
@@ -528,6 +580,14 @@ class AmiSimulator:
                 play.task.cancel()
             count += 1
         return count
+
+    def hangup_call(self, linked_id: str, cause: str = "16") -> bool:
+        """Hang up one call (all its channels) as if its first channel hung up; False if it is not live."""
+        channels = self.model.call_channels(linked_id)
+        if not channels:
+            return False
+        self._hangup(channels[0], cause)
+        return True
 
     # ---- synthesised sequences ---------------------------------------------------------------------
     def _hangup_steps(self, channels: list[Channel], first: Channel | None, cause: str) -> list[Step]:
@@ -1666,6 +1726,12 @@ class AmiSimulator:
                 name, {str(k): str(v) for k, v in variables.items()}, tech=tech if isinstance(tech, str) else None
             )
             return 200, {"linkedid": call.id, "channels": call.planned, "call": call.to_json()}
+        if method == "POST" and path == "/restart":
+            down_for = float(payload.get("down_for", 0.0))
+            if not 0 <= down_for <= 600:
+                raise ValueError("'down_for' must be between 0 and 600 seconds")
+            self._restart_task = asyncio.get_running_loop().create_task(self.restart(down_for))
+            return 200, {"restarting": True, "down_for": down_for}
         if method == "POST" and path == "/hangup-all":
             return 200, {"hungup": self.hangup_all()}
         if method == "POST" and path == "/hangup":

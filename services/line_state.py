@@ -1,6 +1,7 @@
 """Each line's state in Redis: current calls, agent state, stream position, recent history.
 
-The gateway is the single writer. For every batch of events it writes, in one MULTI/EXEC:
+The gateway is the single writer (the one holding the lease). For every batch of events it
+writes, in one script that first checks the lease:
 the calls hash, the agent state, the history stream entries and the position, *before* it
 publishes the events. So a node that receives event (epoch, n) from RabbitMQ can always find
 everything up to n in Redis, and a node that missed events can fill the gap from the stream.
@@ -8,6 +9,7 @@ everything up to n in Redis, and a node that missed events can fill the gap from
 Keys (``P`` = deployment prefix, ``L`` = line)::
 
     P:epoch              the current gateway epoch (milliseconds since 1970, strictly growing)
+    P:gateway:lease      "<owner> <epoch>" of the active gateway (ami_gateway/lease.py); the fence
     P:lines              set of lines the gateway has ever written
     P:line:L:calls       hash  call id -> Call JSON (active calls only)
     P:line:L:agent       AgentState JSON
@@ -40,6 +42,33 @@ class LineSnapshot:
     agent: AgentState | None
 
 
+class Fenced(Exception):
+    """A fenced write found another gateway's lease (or none): this gateway must stop writing."""
+
+
+# KEYS[1] is the fence key; ARGV[1] the token it must hold ("" = no fence), ARGV[2] the history
+# length; then groups of five: op, index into KEYS, three arguments.
+_WRITE = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local maxlen = ARGV[2]
+for i = 3, #ARGV, 5 do
+  local op, key, a, b = ARGV[i], KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], ARGV[i + 3]
+  if op == 'x' then
+    local res = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, a, 'e', b)
+    if type(res) == 'table' and res.err and not string.find(res.err, 'equal or smaller', 1, true) then
+      return res
+    end
+  elseif op == 'h' then redis.call('HSET', key, a, b)
+  elseif op == 'd' then redis.call('HDEL', key, a)
+  elseif op == 's' then redis.call('SET', key, a)
+  elseif op == 'p' then redis.call('HSET', key, 'epoch', a, 'seq', b)
+  elseif op == 'a' then redis.call('SADD', key, a)
+  end
+end
+return 1
+"""
+
+
 class HistoryUnavailable(Exception):
     """The requested position is no longer (or not yet) in the line's history: take a snapshot."""
 
@@ -70,6 +99,8 @@ class LineStateWriter:
         self._redis = client
         self._keys = LineKeys(prefix)
         self._history_length = history_length
+        self._fence: tuple[str, str] | None = None
+        self._write_script = client.register_script(_WRITE)
 
     async def new_epoch(self, now_ms: int | None = None) -> str:
         """Claim an epoch strictly greater than any before it, even if the clock went back."""
@@ -82,37 +113,52 @@ class LineStateWriter:
         value = await self._redis.eval(script, 1, self._keys.epoch, now_ms)
         return str(int(value))
 
+    def fence(self, key: str, token: str) -> None:
+        """From now on every write first checks, atomically, that ``key`` still holds ``token``.
+
+        The gateway's lease key and its "<owner> <epoch>": a gateway that lost the lease (paused,
+        partitioned) cannot write a single event after its successor took over.
+        """
+        self._fence = (key, token)
+
     async def write(self, events: Sequence[LineEvent]) -> None:
         """Store positioned events, and apply each one's call to the line's active-calls hash.
 
         Deriving the hash from the events themselves keeps it exactly as of the last event
         written: a snapshot never shows a call whose events are not in the stream yet.
+
+        One script does it all, so it is atomic and, when fenced, conditional on the lease. A stream
+        entry that is already there (a retry after the reply of a stored batch was lost) is skipped;
+        the rest of the batch is idempotent. Raises :class:`Fenced` when the fence does not hold.
         """
         if not events:
             return
-        pipe = self._redis.pipeline(transaction=True)
+        keys: dict[str, int] = {}
+
+        def key(name: str) -> str:
+            # Lua indexes KEYS from 1, and KEYS[1] is the fence key.
+            return str(keys.setdefault(name, len(keys) + 2))
+
+        ops: list[str | int | bytes] = []
         last: dict[str, LineEvent] = {}
         for event in events:
             line = event.line
-            pipe.xadd(
-                self._keys.events(line),
-                {"e": event.encode()},
-                id=f"{event.epoch}-{event.seq}",
-                maxlen=self._history_length,
-                approximate=True,
-            )
+            ops += ["x", key(self._keys.events(line)), f"{event.epoch}-{event.seq}", event.encode(), ""]
             if event.call is not None:
                 if event.call.active:
-                    pipe.hset(self._keys.calls(line), event.call.id, json.dumps(event.call.to_dict()))
+                    ops += ["h", key(self._keys.calls(line)), event.call.id, json.dumps(event.call.to_dict()), ""]
                 else:
-                    pipe.hdel(self._keys.calls(line), event.call.id)
+                    ops += ["d", key(self._keys.calls(line)), event.call.id, "", ""]
             if event.agent is not None:
-                pipe.set(self._keys.agent(line), json.dumps(event.agent.to_dict()))
+                ops += ["s", key(self._keys.agent(line)), json.dumps(event.agent.to_dict()), "", ""]
             last[line] = event
         for line, event in last.items():
-            pipe.hset(self._keys.pos(line), mapping={"epoch": event.epoch, "seq": event.seq})
-            pipe.sadd(self._keys.lines, line)
-        await pipe.execute()
+            ops += ["p", key(self._keys.pos(line)), event.epoch, event.seq, ""]
+            ops += ["a", key(self._keys.lines), line, "", ""]
+        fence_key, token = self._fence or (self._keys.epoch, "")
+        written = await self._write_script(keys=[fence_key, *keys], args=[token, self._history_length, *ops])
+        if not written:
+            raise Fenced(f"{fence_key} no longer holds this gateway's lease; nothing written")
 
     async def known_lines(self) -> set[str]:
         return {_text(v) for v in await self._redis.smembers(self._keys.lines)}
@@ -120,6 +166,19 @@ class LineStateWriter:
     async def stored_calls(self, line: str) -> list[Call]:
         raw = await self._redis.hgetall(self._keys.calls(line))
         return [_call(v) for v in raw.values()]
+
+    async def all_stored_calls(self, chunk: int = 500) -> dict[str, list[Call]]:
+        """Every known line's active calls, pipelined (a takeover reads thousands of lines at once)."""
+        lines = sorted(await self.known_lines())
+        found: dict[str, list[Call]] = {}
+        for start in range(0, len(lines), chunk):
+            part = lines[start:start + chunk]
+            pipe = self._redis.pipeline(transaction=False)
+            for line in part:
+                pipe.hgetall(self._keys.calls(line))
+            for line, raw in zip(part, await pipe.execute(), strict=True):
+                found[line] = [_call(v) for v in raw.values()]
+        return found
 
     async def clear_line(self, line: str) -> None:
         await self._redis.delete(

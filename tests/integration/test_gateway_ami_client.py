@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from ami_gateway.ami_client import AmiClient, AmiSession
+from ami_gateway.ami_client import AmiClient, AmiFenced, AmiSession
 from ami_gateway.ami_protocol import AmiMessage
 from ami_simulator.server import AmiSimulator, User, parse_classes
 from services.backoff import Backoff
@@ -104,6 +104,43 @@ def test_refused_credentials_are_retried_with_backoff_without_a_session() -> Non
             client, _, task = await _collect(sim, secret="wrong")
             await wait_until(lambda: sim.metrics.connections._value.get() >= 3, 5, "retries")
             assert not client.ready.is_set() and client.sessions_established == 0
+            await _stop(client, task)
+
+    asyncio.run(main())
+
+
+def test_a_standby_session_is_warm_and_silent_and_its_guard_keeps_it_from_acting() -> None:
+    """Login with events off (no event reaches a standby), listing actions allowed, anything that changes the PBX
+    refused by the guard before it is sent; the Events action turns events on when the lease is taken."""
+    async def main() -> None:
+        async with AmiSimulator(port=0, users={"admin": SECRET}, time_scale=0.02) as sim:
+            allowed = False
+            client, received, task = await _collect(sim, event_mask="off", action_guard=lambda _action: allowed)
+            await asyncio.wait_for(client.ready.wait(), 5)
+            session = client.session
+            assert session is not None and session.logged_in
+            call = sim.play("inbound-direct-answered", line="305")
+            await sim.wait_call(call, 10)
+            await asyncio.sleep(0.2)
+            assert received == []  # warm, but Asterisk sends it nothing
+            listing = await session.send_action("CoreShowChannels", expect_list=True)
+            assert listing[0].response == "Success"
+            with pytest.raises(AmiFenced):
+                await session.send_action("Originate", {"Channel": "SIP/305", "Exten": "100", "Context": "x"})
+            with pytest.raises(AmiFenced):
+                await session.send_action("QueuePause", {"Interface": "SIP/305", "Paused": "true"})
+            assert sim.metrics.actions.labels(action="originate", response="handled")._value.get() == 0
+            assert sim.metrics.actions.labels(action="queuepause", response="handled")._value.get() == 0
+
+            allowed = True  # the lease is ours: events on, actions go out
+            answer = await session.send_action("Events", {"EventMask": "call,agent"})
+            assert answer[0].response == "Success"
+            call = sim.play("inbound-direct-answered", line="306")
+            await sim.wait_call(call, 10)
+            await wait_until(lambda: any(m.event == "Hangup" for m in received), 5, "events after Events on")
+            pause = await session.send_action("QueuePause", {"Interface": "SIP/305", "Paused": "true"})
+            assert pause[0].response in ("Success", "Error")  # sent and answered (membership is the PBX's business)
+            assert sim.metrics.actions.labels(action="queuepause", response="handled")._value.get() == 1
             await _stop(client, task)
 
     asyncio.run(main())

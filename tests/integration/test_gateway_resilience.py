@@ -219,3 +219,52 @@ def test_a_silent_ami_session_is_dropped_by_the_keepalive_and_reopened(infra: In
             await cleanup(infra, prefix)
 
     asyncio.run(main())
+
+
+def test_asterisk_restart_ends_the_calls_that_vanished_and_the_next_call_rings(infra: Infrastructure,
+                                                                               prefix: str) -> None:
+    """The simulator restarts like Asterisk does: Shutdown, sessions closed, every call gone without a Hangup."""
+
+    async def main() -> None:
+        listener = await EventListener(infra.amqp_url, prefix).start(["305", "306"])
+        sim = AmiSimulator(port=0, users={"admin": SECRET}, queues={"support": ["305", "306"]})
+        await sim.start()
+        for member in sim.model.find_members("306"):
+            member.paused, member.paused_reason = True, "Lunch"  # the gateway's first resync sees it; a restart forgets
+        try:
+            async with running_gateway(gateway_settings(infra, prefix, sim.port)) as gateway:
+                await asyncio.wait_for(gateway.ready.wait(), 10)
+                await listener.wait_for(lambda e: e.line == "306" and e.agent is not None and e.agent.paused)
+                old = sim.play("inbound-direct-long", line="305")
+                up = await listener.wait_for(lambda e: e.line == "305" and e.type is EventType.COMMUTATION_STARTED)
+                assert up.call is not None and up.call.linked_id == old.id
+
+                assert await sim.restart(down_for=1.0) == 1
+                assert [c["state"] for c in sim._control_request("GET", "/calls", {})[1]["finished"]] == ["lost"]
+
+                ended = await listener.wait_for(
+                    lambda e: e.line == "305" and e.type is EventType.RING_FINISHED, what="the lost call ends")
+                assert ended.call is not None and ended.call.id == up.call.id
+                assert ended.call.state is CallState.FINISHED
+                assert gateway.ami is not None
+                await wait_until(lambda: gateway.ami.sessions_established == 2, 15, "AMI back")  # type: ignore[union-attr]
+                unpaused = await listener.wait_for(
+                    lambda e: e.line == "306" and e.type is EventType.AGENT_STATE_CHANGED and e.agent is not None
+                    and not e.agent.paused, what="306 unpaused by the restart")
+                assert unpaused.epoch == up.epoch
+
+                new = sim.play("inbound-direct-answered", line="306")
+                ring = await listener.wait_for(lambda e: e.line == "306" and e.type is EventType.RING_STARTED,
+                                               what="the next call rings")
+                assert ring.call is not None and ring.call.linked_id == new.id
+                # one epoch, no gap: readers just continue
+                for line in ("305", "306"):
+                    got = listener.of_line(line)
+                    assert [e.seq for e in got] == list(range(1, len(got) + 1)), line
+                assert len({e.epoch for e in listener.events}) == 1
+        finally:
+            await sim.stop()
+            await listener.close()
+            await cleanup(infra, prefix)
+
+    asyncio.run(main())
