@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str]) -> argparse.Names
                         help="play the built-in simulator in place of the PBX in --config, keeping the file's "
                              "AMI user and every other setting [CMS_RUN_SIMULATOR=1]")
     parser.add_argument("--nodes", type=int, default=_env_int(env, "CMS_RUN_NODES", 2))
-    parser.add_argument("--gateways", type=int, default=_env_int(env, "CMS_RUN_GATEWAYS", 1),
+    parser.add_argument("--gateways", type=int, default=_env_int(env, "CMS_RUN_GATEWAYS", 2),
                         help="gateway processes for the PBX (one active, the others standby)")
     ports = parser.add_argument_group("ports (each also settable by its CMS_RUN_* variable)")
     for flag, variable, default, what in PORT_FLAGS:

@@ -107,7 +107,7 @@ class ClusterOptions:
     config: Path | None = None
     nodes: int = 2
     #: gateway processes for the one PBX (more than one needs the gateway's Redis lease: one is active)
-    gateways: int = 1
+    gateways: int = 2
     haproxy_port: int = 2013
     node_ports: tuple[int, ...] = ()
     gateway_metrics_port: int = 9101
@@ -153,6 +153,7 @@ class ClusterOptions:
             simulator_control_port=free_port(),
             demo=False,
             cleanup_namespace=True,
+            gateways=gateways,
         )
         for key, value in overrides.items():
             setattr(options, key, value)

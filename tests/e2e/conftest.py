@@ -27,5 +27,6 @@ def running_cluster(infra: Infrastructure, run_dir: Path, **overrides: Any) -> I
 
 @pytest.fixture
 def cluster(infra: Infrastructure, tmp_path: Path) -> Iterator[LocalCluster]:
-    with running_cluster(infra, tmp_path / "run") as local:
+    # The production topology: two gateways (one active, one warm standby) and two nodes.
+    with running_cluster(infra, tmp_path / "run", gateways=2) as local:
         yield local

@@ -73,7 +73,8 @@ class Prometheus:
 def local_config(cluster: LocalCluster, prom_port: int) -> str:
     text = (PROM / "prometheus-local.yml").read_text(encoding="utf-8")
     swaps = {
-        '"127.0.0.1:9101"': f'"127.0.0.1:{cluster.options.gateway_metrics_port}"',
+        '"127.0.0.1:9101"': f'"127.0.0.1:{cluster.options.gateway_metrics_ports[0]}"',
+        '"127.0.0.1:9102"': f'"127.0.0.1:{cluster.options.gateway_metrics_ports[1]}"',
         '"127.0.0.1:2101"': f'"127.0.0.1:{cluster.node_ports[0]}"',
         '"127.0.0.1:2102"': f'"127.0.0.1:{cluster.node_ports[1]}"',
         '"127.0.0.1:8404"': f'"127.0.0.1:{cluster.options.stats_port}"',
@@ -145,9 +146,9 @@ def test_prometheus_scrapes_every_process_and_evaluates_the_dashboard_and_alerts
 ) -> None:
     def all_targets_up() -> bool:
         active = prometheus.get("/api/v1/targets")["data"]["activeTargets"]
-        return len(active) == 5 and all(t["health"] == "up" for t in active)
+        return len(active) == 6 and all(t["health"] == "up" for t in active)
 
-    prometheus.wait("5 targets up (gateway, 2 nodes, HAProxy, Prometheus)", all_targets_up, 20)
+    prometheus.wait("6 targets up (2 gateways, 2 nodes, HAProxy, Prometheus)", all_targets_up, 20)
     jobs = {t["labels"]["job"] for t in prometheus.get("/api/v1/targets")["data"]["activeTargets"]}
     assert jobs == {"cms-gateway", "cms-node", "haproxy", "prometheus"}
 
@@ -171,13 +172,16 @@ def test_prometheus_scrapes_every_process_and_evaluates_the_dashboard_and_alerts
 
     asyncio.run(one_call())
 
-    assert prometheus.value('cms_ami_connected{job="cms-gateway"}') == 1
-    assert prometheus.value('cms_gateway_ready{job="cms-gateway"}') == 1
+    # Both gateways hold an AMI login; exactly one is active and ready, the other a warm standby.
+    assert prometheus.value('min(cms_ami_connected{job="cms-gateway"})') == 1
+    assert prometheus.value('sum(cms_gateway_ready{job="cms-gateway"})') == 1
+    assert prometheus.value('sum(cms_gateway_lease_state{job="cms-gateway",state="active"})') == 1
+    assert prometheus.value('sum(cms_gateway_lease_state{job="cms-gateway",state="standby"})') == 1
     assert prometheus.value('sum(cms_node_ready{job="cms-node"})') == 2
     assert prometheus.value('haproxy_backend_active_servers{proxy="ws_nodes"}') == 2
     # The gateway counts an event once RabbitMQ confirms it; its scrape may trail the node's.
     prometheus.wait("a published call event counted by the gateway",
-                    lambda: (prometheus.value('cms_call_events_published_total{job="cms-gateway"}') or 0) >= 1, 10)
+                    lambda: (prometheus.value('sum(cms_call_events_published_total{job="cms-gateway"})') or 0) >= 1, 10)
     p99 = prometheus.value(
         'histogram_quantile(0.99, sum by (le) (rate(cms_end_to_end_latency_seconds_bucket{job="cms-node"}[1m])))'
     )
