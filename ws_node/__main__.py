@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     stopping = False
+    start_failed = False
 
     def on_signal(*_: object) -> None:
         nonlocal stopping
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         d.addBoth(lambda _: reactor.stop())
 
     def on_start_failed(failure: object) -> None:
+        nonlocal start_failed
+        start_failed = True  # a supervisor must see a failed start as a failure (e.g. port taken)
         log.error("node failed to start: %s", failure)
         reactor.stop()
 
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_signal_handler(signal.SIGINT, on_signal)
     reactor.callWhenRunning(lambda: Deferred.fromFuture(spawn(node.start())).addErrback(on_start_failed))
     reactor.run(installSignalHandlers=False)
-    return 0
+    return 1 if start_failed else 0
 
 
 if __name__ == "__main__":
