@@ -49,11 +49,13 @@ from ami_gateway.packet_info import parse_packet_info
 from ami_gateway.queue_policy import AutoPausePolicy, PauseRequest, QueueChange, QueueStateTrace
 from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.backoff import Backoff
+from services.broker import Broker, declare_commands_queue
 from services.config import Settings, redact_url
 from services.heartbeat import Heartbeat
-from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS, RedisHealth
+from services.infra_metrics import BROKER_ERRORS, RedisHealth
 from services.line_state import LineStateWriter
 from services.observability import ObservabilityServer
+from services.redis_client import redis_client
 from services.topology import Topology
 from services.wire import Call, CallState, Command, CommandName, CommandResult, EventType, LineEvent, WireError
 
@@ -91,12 +93,13 @@ class Gateway:
         self._ping = (ping_interval, ping_timeout)
         ast = settings.asterisk
         self.topology = Topology(settings.cluster.prefix)
-        self.redis = aioredis.from_url(settings.cluster.redis_url)
+        self.redis = redis_client(settings.cluster.redis_url)
         # Its own connections with short timeouts: a renew must neither queue behind a large outbox write
         # nor hang on a silent Redis longer than the lease lasts.
-        self._lease_redis = aioredis.from_url(
+        self._lease_redis = redis_client(
             settings.cluster.redis_url, socket_timeout=max(0.2, lease_ttl / 2), socket_connect_timeout=lease_ttl
         )
+        self._commands_broker = Broker(settings.cluster.broker_urls, name="gateway commands")
         self.lease = GatewayLease(self._lease_redis, settings.cluster.prefix, ttl=lease_ttl)
         self._lease_timing = (lease_renew_interval, lease_poll_interval)
         self.writer = LineStateWriter(self.redis, settings.cluster.prefix, settings.cluster.history_length)
@@ -111,7 +114,7 @@ class Gateway:
         self.sequencer = Sequencer(epoch="")
         self.outbox = EventOutbox(
             self.writer,
-            EventPublisher(settings.cluster.amqp_url, self.topology),
+            EventPublisher(Broker(settings.cluster.broker_urls, name="gateway events"), self.topology),
             self.sequencer,
             capacity=outbox_capacity,
             on_continuity_lost=self._restate_all_lines,
@@ -298,6 +301,10 @@ class Gateway:
                 await asyncio.sleep(backoff.next_delay())
                 continue
             redis_health.succeeded()
+            if outcome is RenewOutcome.MOVED:
+                # A promoted replica may lack the last writes (asynchronous replication): as after a restart.
+                log.warning("Redis server changed under the lease (failover or restart): restating every line")
+                self._spawn(self._restate_all_lines(), "restate")
             if outcome is RenewOutcome.RESUMED or failing:
                 log.warning("lease %s: epoch %s continues (nobody took over meanwhile)",
                             "resumed" if outcome is RenewOutcome.RESUMED else "confirmed again",
@@ -600,17 +607,11 @@ class Gateway:
         # deadlines) rather than this gateway answering them against a tracker that knows no call yet.
         await self.ready.wait()
         backoff = Backoff(initial=0.2, maximum=10.0)
-        first = True
         while True:
             try:
-                if not first:
-                    BROKER_RECONNECTS.inc()
-                first = False
-                connection = await aio_pika.connect(self.settings.cluster.amqp_url, timeout=10)
+                connection = await self._commands_broker.connect()
                 async with connection:
-                    channel = await connection.channel()
-                    await channel.set_qos(prefetch_count=64)
-                    queue = await channel.declare_queue(self.topology.commands_queue, durable=True)
+                    channel, queue = await declare_commands_queue(connection, self.topology, prefetch_count=64)
                     backoff.reset()
                     async with queue.iterator() as messages:
                         async for message in messages:
