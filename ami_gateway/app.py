@@ -49,7 +49,7 @@ from ami_gateway.packet_info import parse_packet_info
 from ami_gateway.queue_policy import AutoPausePolicy, PauseRequest, QueueChange, QueueStateTrace
 from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.backoff import Backoff
-from services.broker import Broker, declare_commands_queue
+from services.broker import Broker, close_quietly, declare_commands_queue
 from services.config import Settings, redact_url
 from services.heartbeat import Heartbeat
 from services.infra_metrics import BROKER_ERRORS, RedisHealth
@@ -610,16 +610,26 @@ class Gateway:
         while True:
             try:
                 connection = await self._commands_broker.connect()
-                async with connection:
+                try:
                     channel, queue = await declare_commands_queue(connection, self.topology, prefetch_count=64)
                     backoff.reset()
-                    async with queue.iterator() as messages:
-                        async for message in messages:
-                            # Concurrently (at most prefetch_count at a time): a click-to-dial that waits
-                            # for the phone to answer must not hold up another agent's hangup.
-                            task = asyncio.create_task(self._handle_command(channel, message))
-                            self._command_tasks.add(task)
-                            task.add_done_callback(self._command_tasks.discard)
+                    # Not queue.iterator(): leaving it waits for a basic.cancel answer, and a quorum queue that
+                    # lost its majority never answers, which would hold up a stop or a step-down forever.
+                    messages: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+                    connection.close_callbacks.add(lambda *_, q=messages: q.put_nowait(None))
+                    channel.close_callbacks.add(lambda *_, q=messages: q.put_nowait(None))
+                    await queue.consume(messages.put)
+                    while True:
+                        message = await messages.get()
+                        if message is None:
+                            raise ConnectionError("the commands channel or its connection closed")
+                        # Concurrently (at most prefetch_count at a time): a click-to-dial that waits
+                        # for the phone to answer must not hold up another agent's hangup.
+                        task = asyncio.create_task(self._handle_command(channel, message))
+                        self._command_tasks.add(task)
+                        task.add_done_callback(self._command_tasks.discard)
+                finally:
+                    await close_quietly(connection)  # bounded, for the same reason
             except asyncio.CancelledError:
                 raise
             except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:

@@ -90,6 +90,7 @@ async def _primary_port(group: SentinelSet) -> int:
     return int(address[1])
 
 
+@pytest.mark.timeout(900)
 def test_calls_ride_a_broker_member_loss_then_a_redis_primary_failover(tmp_path: Path) -> None:
     started = time.monotonic()
     rabbit = RabbitCluster.create(tmp_path / "rabbit", BROKER_NODES)
@@ -166,6 +167,7 @@ async def _traffic(sim: AmiSimulator, gateway: Gateway, rabbit: RabbitCluster, r
         # 1. The RabbitMQ member the node is attached to (the last: its list is reversed) dies.
         failovers = _metric(node_port, "cms_broker_failovers_total")
         rabbit.stop_node(rabbit.nodes[-1])
+        _say(f"broker member {rabbit.nodes[-1].name} killed after {dict(played)} calls")
         await _until(lambda: _metric(node_port, "cms_broker_failovers_total") > failovers, 60,
                      "the node on another broker member")
         mark = sum(played.values())
@@ -176,14 +178,18 @@ async def _traffic(sim: AmiSimulator, gateway: Gateway, rabbit: RabbitCluster, r
         old_primary = await _primary_port(redis_set)
         assert redis_set.primary is not None and old_primary == redis_set.primary.port
         redis_set.kill(redis_set.primary)
+        _say(f"Redis primary :{old_primary} killed after {dict(played)} calls")
         await _until(lambda: _primary_changed(redis_set, old_primary), 60, "Sentinel promoted the replica")
+        _say("Sentinel promoted the replica")
         await _until(lambda: gateway.sequencer.epoch != epoch, 60, "the gateway restated under a new epoch")
+        _say(f"gateway restated: epoch {epoch} -> {gateway.sequencer.epoch}")
         mark = sum(played.values())
         await _until(lambda: sum(played.values()) >= mark + 3, 60, "calls after the Redis failover")
     finally:
         stop.set()
         await asyncio.gather(*callers, return_exceptions=True)
 
+    _say(f"traffic stopped after {dict(played)} calls")
     # Every call played reached its agent, start and end, and no agent was cut off.
     for line, agent in agents.items():
         await _until(lambda a=agent, n=played[line]: _ended(a) >= n, 60, f"every call on {line} ended at its agent")
@@ -192,6 +198,10 @@ async def _traffic(sim: AmiSimulator, gateway: Gateway, rabbit: RabbitCluster, r
         assert not agent.closed, f"agent {line} was disconnected"
     for agent in agents.values():
         await agent.close()
+
+
+def _say(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
 
 
 async def _primary_changed(group: SentinelSet, old: int) -> bool:
