@@ -2,7 +2,9 @@
 loopback, under call traffic. The broker member the node is attached to dies, then the Redis primary dies and
 Sentinel promotes the replica: every call still reaches its agent (RING_STARTED and RING_FINISHED), no agent is
 disconnected, the node moved to another member (cms_broker_failovers_total) and the gateway, seeing another Redis
-server behind its lease, restated every line under a new epoch.
+server behind its lease, restated every line under a new epoch. With 3 members the quorum commands queue keeps
+its majority, so an agent's command (a queue pause) still goes through after each failure; with 2 it cannot
+(losing either member loses the majority), and commands are not checked.
 
 The suite runs it with 2 RabbitMQ members; ``make engines-test`` runs it with 3 (CMS_ENGINES_BROKER_NODES=3).
 """
@@ -28,13 +30,15 @@ from ami_simulator.server import AmiSimulator
 from local_cluster.infra import free_port
 from services.config import AsteriskConfig, ClusterConfig, Settings
 from tests.integration.test_gateway_proxy import SECRET, running_gateway
-from tests.support.creatio_client import RING_FINISHED, RING_STARTED, CreatioAgent
+from tests.support.creatio_client import AGENT_STATE_CHANGED, RING_FINISHED, RING_STARTED, CreatioAgent
 from tests.support.engines import RabbitCluster, SentinelSet
 
 pytestmark = pytest.mark.integration
 
 BROKER_NODES = int(os.environ.get("CMS_ENGINES_BROKER_NODES", "2"))
 LINES = ("301", "302", "303")
+#: a member of the simulator's "support" queue: its pause state is a command that goes through the commands queue
+QUEUE_MEMBER = "305"
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -145,9 +149,11 @@ def test_calls_ride_a_broker_member_loss_then_a_redis_primary_failover(tmp_path:
 async def _traffic(sim: AmiSimulator, gateway: Gateway, rabbit: RabbitCluster, redis_set: SentinelSet,
                    node_port: int) -> None:
     agents = {line: CreatioAgent(f"ws://127.0.0.1:{node_port}/", line) for line in LINES}
-    for agent in agents.values():
+    member = CreatioAgent(f"ws://127.0.0.1:{node_port}/", QUEUE_MEMBER)
+    for agent in [*agents.values(), member]:
         await agent.connect()
         await agent.open()
+    await _pause_state_round_trip(member, "Paused")
     played: Counter[str] = Counter()
     stop = asyncio.Event()
 
@@ -172,9 +178,13 @@ async def _traffic(sim: AmiSimulator, gateway: Gateway, rabbit: RabbitCluster, r
                      "the node on another broker member")
         mark = sum(played.values())
         await _until(lambda: sum(played.values()) >= mark + 3, 60, "calls after the broker loss")
+        if len(rabbit.nodes) >= 3:
+            # The quorum commands queue kept its majority: a command still goes node -> gateway -> PBX.
+            await _pause_state_round_trip(member, "Active")
 
         # 2. The Redis primary dies; Sentinel promotes the replica.
-        epoch = gateway.sequencer.epoch
+        epoch, server = gateway.sequencer.epoch, gateway.lease.server.run_id
+        assert server, "the gateway knows which Redis server holds its lease"
         old_primary = await _primary_port(redis_set)
         assert redis_set.primary is not None and old_primary == redis_set.primary.port
         redis_set.kill(redis_set.primary)
@@ -183,6 +193,9 @@ async def _traffic(sim: AmiSimulator, gateway: Gateway, rabbit: RabbitCluster, r
         _say("Sentinel promoted the replica")
         await _until(lambda: gateway.sequencer.epoch != epoch, 60, "the gateway restated under a new epoch")
         _say(f"gateway restated: epoch {epoch} -> {gateway.sequencer.epoch}")
+        assert gateway.lease.server.run_id != server, "the restate came from seeing another Redis server"
+        if len(rabbit.nodes) >= 3:
+            await _pause_state_round_trip(member, "Paused")
         mark = sum(played.values())
         await _until(lambda: sum(played.values()) >= mark + 3, 60, "calls after the Redis failover")
     finally:
@@ -196,8 +209,16 @@ async def _traffic(sim: AmiSimulator, gateway: Gateway, rabbit: RabbitCluster, r
         rings = {_call_id(r.content) for r in agent.events if r.event_type == RING_STARTED}
         assert len(rings) == played[line], f"line {line}: {len(rings)} RING_STARTED for {played[line]} calls"
         assert not agent.closed, f"agent {line} was disconnected"
-    for agent in agents.values():
+    assert not member.closed, "the queue member's agent was disconnected"
+    for agent in [*agents.values(), member]:
         await agent.close()
+
+
+async def _pause_state_round_trip(agent: CreatioAgent, code: str) -> None:
+    mark = len(agent.events)
+    await agent.send("SetMsgUserState", {"code": code, "reason": ""})
+    state = await agent.wait_for(AGENT_STATE_CHANGED, lambda r: r.content == code, after=mark, timeout=30)
+    _say(f"command round trip: {agent.line} is {state.content}")
 
 
 def _say(text: str) -> None:
