@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import urllib.parse
 from collections.abc import Sequence
 from enum import Enum
@@ -228,3 +229,29 @@ async def close_quietly(connection: AbstractConnection | None) -> None:
         await asyncio.wait_for(connection.close(), 5)
     except (aio_pika.exceptions.AMQPError, OSError, RuntimeError, TimeoutError):
         pass
+
+
+def refused_login(urls: Sequence[str], timeout: float = 3.0) -> str | None:
+    """At process start: the one-line error when the brokers refuse our login, None otherwise.
+
+    A broker that does not answer is not an error here (the process starts and its loops retry); a refused
+    login is, and a process that cannot ever log in should say so and exit instead of retrying forever.
+    Runs on a thread of its own, so it neither needs nor disturbs the caller's event loop (the node's
+    Twisted reactor runs on one).
+    """
+    result: list[str | None] = [None]
+
+    async def attempt() -> None:
+        try:
+            connection = await Broker(urls, heartbeat_seconds=None, connect_timeout=timeout).connect()
+        except BrokerLoginRefused as exc:
+            result[0] = str(exc)
+        except BrokerUnavailable as exc:
+            log.warning("RabbitMQ not reachable at start (%s); connecting in the background", exc)
+        else:
+            await close_quietly(connection)
+
+    thread = threading.Thread(target=lambda: asyncio.run(attempt()), name="broker-login-check", daemon=True)
+    thread.start()
+    thread.join(timeout * len(urls) + 10)
+    return result[0]

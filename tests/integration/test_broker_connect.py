@@ -4,7 +4,12 @@ the first connect fails fast, and the commands queue is quorum unless an earlier
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -101,3 +106,23 @@ def test_the_commands_queue_is_quorum_unless_a_classic_one_exists(
             await close_quietly(connection)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("program", ["ami_gateway", "ws_node"])
+def test_a_process_whose_login_is_refused_exits_at_once_saying_so(
+    infra: Infrastructure, prefix: str, program: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "appsettings.json"
+    config.write_text(json.dumps({
+        "Asterisk": {"url": "127.0.0.1", "port": free_port(), "userName": "admin", "secret": "x"},
+        "Cluster": {"amqpUrls": [_with_password(infra.amqp_url, "wrong-secret"), _with_port(infra.amqp_url,
+                                                                                             free_port())],
+                    "redisUrl": infra.redis_url, "prefix": prefix},
+    }))
+    extra = ["--port", str(free_port())] if program == "ws_node" else ["--metrics-port", str(free_port())]
+    done = subprocess.run([sys.executable, "-m", program, "--config", str(config), *extra],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "CMS_NODE_SIGNALR_TOKEN_SECRET": "x" * 32})
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("configuration error:")]
+    assert len(errors) == 1 and "refused the login" in errors[0] and "wrong-secret" not in done.stderr, done.stderr
