@@ -33,6 +33,8 @@ is the Redis side.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -204,6 +206,7 @@ class GatewayLease:
         self.clock = LeaseClock(ttl, clock=clock)
         self.term: Term | None = None
         self.server = ServerIdentity()
+        self._serial = asyncio.Lock()
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._advance = client.register_script(_ADVANCE)
@@ -253,6 +256,13 @@ class GatewayLease:
         self.clock.reachable()
 
     async def renew(self) -> RenewOutcome:
+        # One at a time with advance_epoch: a renew sent with the old token after a new epoch was claimed
+        # would find the key changed and report the lease lost (seen after a Redis failover, where the
+        # restate that claims the new epoch follows a renew at once).
+        async with self._serial:
+            return await self._renew_once()
+
+    async def _renew_once(self) -> RenewOutcome:
         term = self.term
         if term is None:
             return RenewOutcome.LOST
@@ -267,6 +277,10 @@ class GatewayLease:
         self.clock.reachable()
         if answer == 0:
             LEASE_RENEW_FAILURES.labels(reason="lost").inc()
+            with contextlib.suppress(OSError, aioredis.RedisError):
+                holder, epoch = await self._redis.mget([self.key, self.epoch_key])
+                log.warning("lease lost: term %s, Redis now holds lease %r and epoch %r", term.token,
+                            _text(holder) if holder is not None else None, _text(epoch) if epoch is not None else None)
             self.term = None
             self.clock.revoke()
             return RenewOutcome.LOST
@@ -277,6 +291,10 @@ class GatewayLease:
 
     async def advance_epoch(self) -> Term:
         """A new epoch within this term (the outbox lost events): the fencing token changes with it."""
+        async with self._serial:
+            return await self._advance_once()
+
+    async def _advance_once(self) -> Term:
         term = self.term
         if term is None:
             raise LeaseLost("no lease held")
