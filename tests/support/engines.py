@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -46,6 +47,8 @@ class RabbitCluster:
 
     @classmethod
     def create(cls, base: Path, size: int) -> RabbitCluster:
+        if not (RABBITMQ_BIN / "rabbitmq-server").exists():
+            raise EngineError(f"no RabbitMQ in {RABBITMQ_BIN}: install rabbitmq-server (scripts/setup-system.sh)")
         home = base / "home"
         home.mkdir(parents=True, exist_ok=True)
         cookie = home / ".erlang.cookie"
@@ -172,6 +175,8 @@ class SentinelSet:
 
     @classmethod
     def create(cls, base: Path, sentinels: int = 3) -> SentinelSet:
+        if shutil.which("redis-server") is None:
+            raise EngineError("no redis-server: install it (scripts/setup-system.sh)")
         base.mkdir(parents=True, exist_ok=True)
         group = cls(base)
         primary_port, replica_port = free_port(), free_port()
