@@ -5,8 +5,8 @@
 for the current primary on every new connection. After a failover the old primary's connections
 fail (Sentinel kills its clients when it demotes it; a write to a replica is ``READONLY``, which
 redis-py turns into a dropped connection), the caller's retry opens a new one and lands on the new
-primary. The password is the data servers'; Sentinels are asked without one (their own
-``requirepass``, if any, goes in ``sentinel_password``).
+primary. The password is the data servers'; Sentinels are asked without one (Sentinels with their own
+``requirepass`` are not supported yet).
 
 Replication is asynchronous: a promoted replica may lack the old primary's last writes. A client
 cannot see that from the data, so :class:`ServerIdentity` notices that the server behind a client
