@@ -10,7 +10,7 @@ CONFIG ?=
 # More options for `make run`, e.g. RUN_ARGS='--port 2023 --nodes 3' or '--auto-ports' (python -m local_cluster -h)
 RUN_ARGS ?=
 
-.PHONY: run test doctor drill bench setup system-deps browser-deps lint typecheck unit integration e2e clean
+.PHONY: run test doctor drill bench setup system-deps browser-deps lint typecheck unit integration e2e engines-test clean
 
 # Supervises every process (a dead one is restarted with backoff); Ctrl-C or SIGTERM stops them all.
 run: setup
@@ -60,6 +60,10 @@ integration: setup
 
 e2e: setup
 	$(PY) -m pytest -q tests/e2e
+
+# The clustered-engines failover test with a 3-member RabbitMQ cluster (the integration suite runs it with 2).
+engines-test: setup
+	CMS_ENGINES_BROKER_NODES=3 $(PY) -m pytest -q -s tests/integration/test_clustered_engines.py
 
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache

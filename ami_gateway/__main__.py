@@ -9,6 +9,7 @@ import sys
 
 from ami_gateway.app import run_gateway
 from services import logs
+from services.broker import refused_login
 from services.config import ConfigError, load_settings
 from services.lifecycle import stop_event_on_signals
 
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("configuration: %s", warning)
     logs.register_secret(settings.asterisk.secret)
     log.info("configuration: %s", settings.asterisk.redacted())
+
+    refused = refused_login(settings.cluster.broker_urls)
+    if refused:
+        print(f"configuration error: {refused}", file=sys.stderr)
+        return 2
 
     async def _main() -> None:
         stop = stop_event_on_signals(asyncio.get_running_loop())

@@ -49,11 +49,13 @@ from ami_gateway.packet_info import parse_packet_info
 from ami_gateway.queue_policy import AutoPausePolicy, PauseRequest, QueueChange, QueueStateTrace
 from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.backoff import Backoff
+from services.broker import Broker, close_quietly, declare_commands_queue
 from services.config import Settings, redact_url
 from services.heartbeat import Heartbeat
-from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS, RedisHealth
+from services.infra_metrics import BROKER_ERRORS, RedisHealth
 from services.line_state import LineStateWriter
 from services.observability import ObservabilityServer
+from services.redis_client import redis_client
 from services.topology import Topology
 from services.wire import Call, CallState, Command, CommandName, CommandResult, EventType, LineEvent, WireError
 
@@ -91,12 +93,13 @@ class Gateway:
         self._ping = (ping_interval, ping_timeout)
         ast = settings.asterisk
         self.topology = Topology(settings.cluster.prefix)
-        self.redis = aioredis.from_url(settings.cluster.redis_url)
+        self.redis = redis_client(settings.cluster.redis_url)
         # Its own connections with short timeouts: a renew must neither queue behind a large outbox write
         # nor hang on a silent Redis longer than the lease lasts.
-        self._lease_redis = aioredis.from_url(
+        self._lease_redis = redis_client(
             settings.cluster.redis_url, socket_timeout=max(0.2, lease_ttl / 2), socket_connect_timeout=lease_ttl
         )
+        self._commands_broker = Broker(settings.cluster.broker_urls, name="gateway commands")
         self.lease = GatewayLease(self._lease_redis, settings.cluster.prefix, ttl=lease_ttl)
         self._lease_timing = (lease_renew_interval, lease_poll_interval)
         self.writer = LineStateWriter(self.redis, settings.cluster.prefix, settings.cluster.history_length)
@@ -111,7 +114,7 @@ class Gateway:
         self.sequencer = Sequencer(epoch="")
         self.outbox = EventOutbox(
             self.writer,
-            EventPublisher(settings.cluster.amqp_url, self.topology),
+            EventPublisher(Broker(settings.cluster.broker_urls, name="gateway events"), self.topology),
             self.sequencer,
             capacity=outbox_capacity,
             on_continuity_lost=self._restate_all_lines,
@@ -298,6 +301,10 @@ class Gateway:
                 await asyncio.sleep(backoff.next_delay())
                 continue
             redis_health.succeeded()
+            if outcome is RenewOutcome.MOVED:
+                # A promoted replica may lack the last writes (asynchronous replication): as after a restart.
+                log.warning("Redis server changed under the lease (failover or restart): restating every line")
+                self._spawn(self._restate_all_lines(), "restate")
             if outcome is RenewOutcome.RESUMED or failing:
                 log.warning("lease %s: epoch %s continues (nobody took over meanwhile)",
                             "resumed" if outcome is RenewOutcome.RESUMED else "confirmed again",
@@ -600,25 +607,29 @@ class Gateway:
         # deadlines) rather than this gateway answering them against a tracker that knows no call yet.
         await self.ready.wait()
         backoff = Backoff(initial=0.2, maximum=10.0)
-        first = True
         while True:
             try:
-                if not first:
-                    BROKER_RECONNECTS.inc()
-                first = False
-                connection = await aio_pika.connect(self.settings.cluster.amqp_url, timeout=10)
-                async with connection:
-                    channel = await connection.channel()
-                    await channel.set_qos(prefetch_count=64)
-                    queue = await channel.declare_queue(self.topology.commands_queue, durable=True)
+                connection = await self._commands_broker.connect()
+                try:
+                    channel, queue = await declare_commands_queue(connection, self.topology, prefetch_count=64)
                     backoff.reset()
-                    async with queue.iterator() as messages:
-                        async for message in messages:
-                            # Concurrently (at most prefetch_count at a time): a click-to-dial that waits
-                            # for the phone to answer must not hold up another agent's hangup.
-                            task = asyncio.create_task(self._handle_command(channel, message))
-                            self._command_tasks.add(task)
-                            task.add_done_callback(self._command_tasks.discard)
+                    # Not queue.iterator(): leaving it waits for a basic.cancel answer, and a quorum queue that
+                    # lost its majority never answers, which would hold up a stop or a step-down forever.
+                    messages: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+                    connection.close_callbacks.add(lambda *_, q=messages: q.put_nowait(None))
+                    channel.close_callbacks.add(lambda *_, q=messages: q.put_nowait(None))
+                    await queue.consume(messages.put)
+                    while True:
+                        message = await messages.get()
+                        if message is None:
+                            raise ConnectionError("the commands channel or its connection closed")
+                        # Concurrently (at most prefetch_count at a time): a click-to-dial that waits
+                        # for the phone to answer must not hold up another agent's hangup.
+                        task = asyncio.create_task(self._handle_command(channel, message))
+                        self._command_tasks.add(task)
+                        task.add_done_callback(self._command_tasks.discard)
+                finally:
+                    await close_quietly(connection)  # bounded, for the same reason
             except asyncio.CancelledError:
                 raise
             except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:

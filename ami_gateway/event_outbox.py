@@ -42,8 +42,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ami_gateway.lease import FENCED
 from services.backoff import Backoff
+from services.broker import Broker, declare_events_exchange
 from services.config import redact_url
-from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS, RedisHealth
+from services.infra_metrics import BROKER_ERRORS, RedisHealth
 from services.line_state import Fenced, LineStateWriter
 from services.topology import Topology
 from services.wire import LineEvent
@@ -84,8 +85,8 @@ class Sequencer:
 class EventPublisher:
     """RabbitMQ side of the outbox: one connection, one confirming channel, reconnects on demand."""
 
-    def __init__(self, amqp_url: str, topology: Topology) -> None:
-        self._url = amqp_url
+    def __init__(self, broker: Broker | str, topology: Topology) -> None:
+        self._broker = broker if isinstance(broker, Broker) else Broker([broker], name="event publisher")
         self._topology = topology
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -96,15 +97,12 @@ class EventPublisher:
         if self._exchange is not None and self._connection is not None and not self._connection.is_closed:
             return self._exchange
         await self.close()
-        if self._connected_once:
-            BROKER_RECONNECTS.inc()
-        self._connection = await aio_pika.connect(self._url, timeout=10)
+        self._connection = await self._broker.connect()
         self._connected_once = True
         self._channel = await self._connection.channel(publisher_confirms=True)
-        self._exchange = await self._channel.declare_exchange(
-            self._topology.events_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-        )
-        log.info("publishing events to %s on %s", self._topology.events_exchange, redact_url(self._url))
+        self._exchange = await declare_events_exchange(self._channel, self._topology)
+        log.info("publishing events to %s on %s", self._topology.events_exchange,
+                 redact_url(self._broker.current_url or ""))
         return self._exchange
 
     async def publish(self, events: Sequence[LineEvent]) -> None:

@@ -22,7 +22,10 @@ reading AMI into its outbox and, once Redis answers again, *resumes* its term if
 still holds its epoch (nobody claimed one since); the standby waits ``ttl`` of Redis being
 reachable before it tries, which gives the holder that chance. If Redis came back empty (a restart
 without persistence) the epoch key is gone: the term cannot be resumed, and the next holder starts
-a new epoch and restates every line from AMI.
+a new epoch and restates every line from AMI. If the lease survived but the server behind it changed
+(a Sentinel failover to a replica that may lack the old primary's last writes; a restart from a
+snapshot), the renew says :attr:`RenewOutcome.MOVED` and the holder restates every line under a new
+epoch.
 
 The timing rules are in :class:`LeaseClock` (pure, tested without Redis); :class:`GatewayLease`
 is the Redis side.
@@ -30,6 +33,8 @@ is the Redis side.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -41,6 +46,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
+
+from services.redis_client import ServerIdentity
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +90,9 @@ class Term:
 class RenewOutcome(enum.Enum):
     RENEWED = "renewed"
     RESUMED = "resumed"  # the key had expired (Redis away, or we were paused) and nobody took it
+    #: renewed, but another Redis server answers than before (a failover, or a restart that kept the
+    #: lease): what the old server had and the new one lacks (asynchronous replication) must be restated
+    MOVED = "moved"
     LOST = "lost"
     UNREACHABLE = "unreachable"
 
@@ -195,6 +205,8 @@ class GatewayLease:
         self._command_prefix = f"{prefix}:gateway:command:"
         self.clock = LeaseClock(ttl, clock=clock)
         self.term: Term | None = None
+        self.server = ServerIdentity()
+        self._serial = asyncio.Lock()
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._advance = client.register_script(_ADVANCE)
@@ -224,7 +236,15 @@ class GatewayLease:
         epoch, had_earlier = answer
         self.term = Term(self.owner, _text(epoch))
         self.clock.granted(sent)
+        self.server.forget()
+        await self._server_moved()  # the server this term starts on
         return self.term, bool(int(had_earlier))
+
+    async def _server_moved(self) -> bool:
+        try:
+            return await self.server.changed(self._redis)
+        except (OSError, aioredis.RedisError):
+            return False  # asked again at the next renew
 
     async def probe(self) -> None:
         """Tell the clock whether Redis answers (a standby waiting out its grace after an outage)."""
@@ -236,6 +256,13 @@ class GatewayLease:
         self.clock.reachable()
 
     async def renew(self) -> RenewOutcome:
+        # One at a time with advance_epoch: a renew sent with the old token after a new epoch was claimed
+        # would find the key changed and report the lease lost (seen after a Redis failover, where the
+        # restate that claims the new epoch follows a renew at once).
+        async with self._serial:
+            return await self._renew_once()
+
+    async def _renew_once(self) -> RenewOutcome:
         term = self.term
         if term is None:
             return RenewOutcome.LOST
@@ -250,14 +277,24 @@ class GatewayLease:
         self.clock.reachable()
         if answer == 0:
             LEASE_RENEW_FAILURES.labels(reason="lost").inc()
+            with contextlib.suppress(OSError, aioredis.RedisError):
+                holder, epoch = await self._redis.mget([self.key, self.epoch_key])
+                log.warning("lease lost: term %s, Redis now holds lease %r and epoch %r", term.token,
+                            _text(holder) if holder is not None else None, _text(epoch) if epoch is not None else None)
             self.term = None
             self.clock.revoke()
             return RenewOutcome.LOST
         self.clock.granted(sent)
+        if await self._server_moved():
+            return RenewOutcome.MOVED
         return RenewOutcome.RENEWED if answer == 1 else RenewOutcome.RESUMED
 
     async def advance_epoch(self) -> Term:
         """A new epoch within this term (the outbox lost events): the fencing token changes with it."""
+        async with self._serial:
+            return await self._advance_once()
+
+    async def _advance_once(self) -> Term:
         term = self.term
         if term is None:
             raise LeaseLost("no lease held")

@@ -22,6 +22,7 @@ from balancer.render import render_config
 from doctor.report import Result, failed, passed, skipped, warned
 from services.config import ClusterConfig, redact_url
 from services.heartbeat import read_registry
+from services.redis_client import redis_client
 from services.topology import Topology
 
 #: the Redis features the cluster uses: streams (XADD ... MAXLEN) arrived in 5.0
@@ -99,7 +100,7 @@ async def check_namespace(cluster: ClusterConfig, timeout: float = 5.0) -> Resul
     """Processes already beating under this prefix (services/heartbeat.py): a second cluster started
     in the same namespace would share queues and publish every AMI event twice."""
     name = f"namespace {cluster.prefix!r} not used by a running cluster"
-    client = aioredis.from_url(cluster.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    client = redis_client(cluster.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
         processes = await read_registry(client, cluster.prefix)
     except (aioredis.RedisError, OSError, TimeoutError) as exc:
@@ -123,7 +124,7 @@ async def check_redis(cluster: ClusterConfig, timeout: float = 5.0) -> Result:
     name = "Redis reachable, with rights"
     url = cluster.redis_url
     key = f"{cluster.prefix}:doctor:{uuid.uuid4().hex[:8]}"
-    client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    client = redis_client(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
         await client.set(key, b"doctor", px=30_000)
         got = await client.get(key)

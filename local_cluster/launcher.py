@@ -338,8 +338,8 @@ class LocalCluster:
         for what, url, key, env in (("RabbitMQ", self.amqp_url, "Cluster.amqpUrl", "CMS_AMQP_URL"),
                                     ("Redis", self.redis_url, "Cluster.redisUrl", "CMS_REDIS_URL")):
             parts = urlsplit(url)
-            if parts.scheme == "unix":
-                continue
+            if parts.scheme in ("unix", "redis+sentinel", "rediss+sentinel"):
+                continue  # a Sentinel list is several addresses: the processes report which answer
             host = parts.hostname or "127.0.0.1"
             port = parts.port or {"amqp": 5672, "amqps": 5671}.get(parts.scheme, 6379)
             if not port_open(port, host, timeout=2.0):

@@ -24,6 +24,7 @@ import difflib
 import json
 import os
 import re
+import urllib.parse
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ ASTERISK_KEYS = (
     "allowedOriginateContexts",
 )
 
+_HOST_PORT_RE = re.compile(r"[A-Za-z0-9_.-]+:[0-9]{1,5}|\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CONTEXT_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
 
@@ -110,7 +112,9 @@ class AsteriskConfig:
 class ClusterConfig:
     """Where the shared infrastructure is, and the namespace this deployment uses in it."""
 
+    #: the first broker address (what single-address tools such as the doctor and the launcher use)
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    #: a plain Redis URL, or ``redis+sentinel://host1:26379,host2:26379/master/db`` (services/redis_client.py)
     redis_url: str = "redis://127.0.0.1:6379/0"
     #: prefix of every exchange, queue and Redis key: lets several clusters (or test runs) share servers.
     prefix: str = "cms"
@@ -118,6 +122,12 @@ class ClusterConfig:
     history_length: int = 1000
     #: commands older than this when they reach the gateway are refused, not executed late.
     command_ttl_seconds: float = 5.0
+    #: every broker address, the members of a RabbitMQ cluster (services/broker.py); empty: ``amqp_url`` alone
+    amqp_urls: tuple[str, ...] = ()
+
+    @property
+    def broker_urls(self) -> tuple[str, ...]:
+        return self.amqp_urls or (self.amqp_url,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +251,9 @@ def parse_asterisk(
     return cfg
 
 
-CLUSTER_KEYS = ("amqpUrl", "redisUrl", "prefix", "historyLength", "commandTtlSeconds")
+CLUSTER_KEYS = (
+    "amqpUrl", "amqpUrls", "redisUrl", "sentinels", "sentinelMaster", "prefix", "historyLength", "commandTtlSeconds",
+)
 
 
 def parse_cluster(
@@ -253,21 +265,83 @@ def parse_cluster(
     for env_name, key in (("CMS_AMQP_URL", "amqpurl"), ("CMS_REDIS_URL", "redisurl"), ("CMS_PREFIX", "prefix")):
         if env.get(env_name):
             values[key] = env[env_name]
+            if key == "amqpurl":
+                values.pop("amqpurls", None)  # the environment's list replaces the file's
+            if key == "redisurl":
+                values.pop("sentinels", None)
     reader = _Reader(values, where)
+    amqp_urls = _amqp_urls(reader, values, where, defaults.amqp_url)
     cfg = ClusterConfig(
-        amqp_url=reader.text("amqpUrl", defaults.amqp_url),
-        redis_url=reader.text("redisUrl", defaults.redis_url),
+        amqp_url=amqp_urls[0],
+        amqp_urls=amqp_urls if len(amqp_urls) > 1 else (),
+        redis_url=_redis_url(reader, values, where, defaults.redis_url),
         prefix=reader.text("prefix", defaults.prefix),
         history_length=reader.integer("historyLength", defaults.history_length, low=10, high=1_000_000),
         command_ttl_seconds=reader.number("commandTtlSeconds", defaults.command_ttl_seconds, low=0.1, high=600),
     )
-    if not cfg.amqp_url.startswith(("amqp://", "amqps://")):
-        raise ConfigError(f"{where}.amqpUrl: must start with amqp:// or amqps://")
-    if not cfg.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"{where}.redisUrl: must start with redis://, rediss:// or unix://")
     if not _PREFIX_RE.match(cfg.prefix):
         raise ConfigError(f"{where}.prefix: {cfg.prefix!r} must be 1-64 letters, digits, '_', '.', '-'")
     return cfg
+
+
+def _amqp_urls(reader: _Reader, values: Mapping[str, Any], where: str, default: str) -> tuple[str, ...]:
+    """``amqpUrls`` (a list or a comma-separated string) or ``amqpUrl`` (one, or comma-separated)."""
+    key = "amqpUrls" if values.get("amqpurls") not in (None, "", []) else "amqpUrl"
+    raw = values.get(key.lower())
+    if raw is None or raw == "":
+        items: list[Any] = [default]
+    elif isinstance(raw, str):
+        items = raw.split(",")
+    elif isinstance(raw, list):
+        items = raw
+    else:
+        raise ConfigError(f"{where}.{key}: expected a URL, a list of URLs or a comma-separated string")
+    urls = tuple(str(i).strip() for i in items if isinstance(i, str) and i.strip())
+    if len(urls) != len([i for i in items if not isinstance(i, str) or i.strip()]):
+        raise ConfigError(f"{where}.{key}: every broker address must be a string like amqp://user:pass@host:5672/")
+    for url in urls:
+        if not url.startswith(("amqp://", "amqps://")):
+            raise ConfigError(f"{where}.{key}: {redact_url(url)!r} must start with amqp:// or amqps://")
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"{where}.{key}: a broker address is listed twice; list each cluster member once")
+    return urls
+
+
+def _redis_url(reader: _Reader, values: Mapping[str, Any], where: str, default: str) -> str:
+    """``redisUrl``, or Sentinel discovery from ``sentinels`` + ``sentinelMaster`` (the URL then gives
+    the password and database)."""
+    url = reader.text("redisUrl", default)
+    raw = values.get("sentinels")
+    items = raw.split(",") if isinstance(raw, str) else raw if raw is not None else []
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{where}.sentinels: expected a list of host:port strings or a comma-separated string")
+    sentinels = [i.strip() for i in items if i.strip()]
+    for address in sentinels:
+        if not _HOST_PORT_RE.fullmatch(address):
+            raise ConfigError(f"{where}.sentinels: {address!r} is not host:port (e.g. 10.0.0.5:26379)")
+    master = reader.text("sentinelMaster", "")
+    if sentinels or master:
+        if not (sentinels and master):
+            raise ConfigError(f"{where}.sentinels and {where}.sentinelMaster: give both (the Sentinels' host:port "
+                              "list and the name they monitor), or neither")
+        if not url.startswith(("redis://", "rediss://")):
+            raise ConfigError(f"{where}.redisUrl: with sentinels it must be redis://[:password@]host/db "
+                              "(only its password and database are used)")
+        parts = urllib.parse.urlsplit(url)
+        auth = f"{parts.netloc.rsplit('@', 1)[0]}@" if "@" in parts.netloc else ""
+        db = parts.path.strip("/") or "0"
+        scheme = "rediss+sentinel" if url.startswith("rediss://") else "redis+sentinel"
+        url = f"{scheme}://{auth}{','.join(sentinels)}/{master}/{db}"
+    if not url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")):
+        raise ConfigError(f"{where}.redisUrl: must start with redis://, rediss://, unix:// or redis+sentinel://")
+    if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
+        from services.redis_client import RedisUrlError, parse_sentinel_url
+
+        try:
+            parse_sentinel_url(url)
+        except RedisUrlError as exc:
+            raise ConfigError(f"{where}.redisUrl: {exc}") from None
+    return url
 
 
 def redact_url(url: str) -> str:

@@ -171,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for warning in settings.warnings:
         log.warning("configuration: %s", warning)
+    from services.broker import refused_login
+
+    refused = refused_login(settings.cluster.broker_urls)
+    if refused:
+        print(f"configuration error: {refused}", file=sys.stderr)
+        return 2
     for secret in (args.key, args.signalr_token_secret, args.admin_token):
         logs.register_secret(secret)
     node = Node(

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
 from prometheus_client import Gauge
 
+from services.broker import Broker
 from services.config import Settings, redact_url
 from services.heartbeat import Heartbeat
+from services.redis_client import redis_client
 from services.topology import Topology
 from ws_node.admission import AdmissionPolicy, CommandLimiter, DebugBudget, parse_command_limits
 from ws_node.agent_connection import ConnectionHub
@@ -77,10 +78,10 @@ class Node:
         self.node_id = options.node_id or uuid.uuid4().hex[:8]
         # Bounded waits: a Redis that stops answering (not just refusing) must not freeze the
         # event loop's catch-ups or snapshots; live events never wait for Redis.
-        self.redis = aioredis.from_url(settings.cluster.redis_url, socket_timeout=5.0, socket_connect_timeout=3.0)
+        self.redis = redis_client(settings.cluster.redis_url, socket_timeout=5.0, socket_connect_timeout=3.0)
         self.feed = LineFeed(
             self.node_id,
-            settings.cluster.amqp_url,
+            Broker(settings.cluster.broker_urls, name=f"node {self.node_id}"),
             self.redis,
             Topology(settings.cluster.prefix),
             command_ttl_seconds=settings.cluster.command_ttl_seconds,

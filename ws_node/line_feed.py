@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -33,7 +32,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from prometheus_client import Counter, Gauge
 
 from services.backoff import Backoff
-from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS, RedisHealth
+from services.broker import Broker, declare_commands_queue, declare_events_exchange, declare_node_queues
+from services.infra_metrics import BROKER_ERRORS, RedisHealth
 from services.line_state import LineHistory, LineSnapshot, LineStateReader
 from services.topology import Topology
 from services.wire import Command, CommandResult, LineEvent, WireError
@@ -65,7 +65,7 @@ class LineFeed:
     def __init__(
         self,
         node_id: str,
-        amqp_url: str,
+        broker: Broker | str,
         redis_client: aioredis.Redis,
         topology: Topology,
         *,
@@ -75,9 +75,8 @@ class LineFeed:
     ) -> None:
         self.node_id = node_id
         self._topology = topology
-        # A broker that vanishes without a reset (a dead host, a black-holed link) is noticed by
-        # heartbeats only: 15 s rather than the broker's default 60, unless the URL says otherwise.
-        self._url = _with_default_heartbeat(amqp_url, 15)
+        # One or several RabbitMQ members, with a 15 s heartbeat unless the URL says otherwise (services/broker.py).
+        self._broker = broker if isinstance(broker, Broker) else Broker([broker], name=f"node {node_id}")
         self.redis = redis_client
         self.prefix = topology.prefix
         self.reader = LineStateReader(redis_client, topology.prefix)
@@ -144,13 +143,11 @@ class LineFeed:
 
     async def _connection_loop(self) -> None:
         backoff = Backoff(initial=0.2, maximum=10.0)
-        first = True
         while True:
             try:
-                if not first:
-                    BROKER_RECONNECTS.inc()
-                first = False
-                connection = await aio_pika.connect(self._url, timeout=10)
+                # One round over the broker members (counts reconnects and failovers); a refused first login
+                # raises BrokerLoginRefused, which ends this task: /health says 503 and the log says why.
+                connection = await self._broker.connect()
                 self._connection = connection
                 closed = asyncio.Event()
                 connection.close_callbacks.add(lambda *_, ev=closed: ev.set())
@@ -187,18 +184,15 @@ class LineFeed:
                 await asyncio.sleep(delay)
 
     async def _declare(self, connection: AbstractConnection) -> None:
+        # The commands queue exists before this node's first command, whichever process started first.
+        commands_channel, _ = await declare_commands_queue(connection, self._topology)
+        await commands_channel.close()
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=512)
-        await channel.declare_exchange(self._topology.events_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
-        queue = await channel.declare_queue(
-            self._topology.node_events_queue(self.node_id), exclusive=True, auto_delete=True
-        )
+        await declare_events_exchange(channel, self._topology)
+        queue, replies = await declare_node_queues(channel, self._topology, self.node_id)
         await queue.consume(self._events.put, no_ack=True)
-        replies = await channel.declare_queue(
-            self._topology.node_replies_queue(self.node_id), exclusive=True, auto_delete=True
-        )
         await replies.consume(self._on_reply, no_ack=True)
-        await channel.declare_queue(self._topology.commands_queue, durable=True)
         self._channel = channel
         self._queue = queue
         self._bound = set()
@@ -446,14 +440,6 @@ def _log_end(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         # /health turns 503 (the node stops taking agents); say why, once.
         log.error("line feed task %s ended: %r", task.get_name(), task.exception())
-
-
-def _with_default_heartbeat(amqp_url: str, seconds: int) -> str:
-    parts = urllib.parse.urlsplit(amqp_url)
-    if "heartbeat" in urllib.parse.parse_qs(parts.query):
-        return amqp_url
-    query = f"{parts.query}&heartbeat={seconds}" if parts.query else f"heartbeat={seconds}"
-    return urllib.parse.urlunsplit(parts._replace(query=query))
 
 
 def new_command_id() -> str:

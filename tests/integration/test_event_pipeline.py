@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from ami_gateway.event_outbox import EventOutbox, EventPublisher, Sequencer
 from local_cluster.infra import Infrastructure
+from services.broker import QUORUM
 from services.line_state import LineSnapshot, LineStateWriter
 from services.topology import Topology
 from services.wire import Call, CallState, Command, CommandName, CommandResult, Direction, EventType, LineEvent
@@ -123,7 +124,8 @@ def test_commands_round_trip_and_stale_commands_expire(infra: Infrastructure, pr
             await feed.start()
             await asyncio.wait_for(feed.connected.wait(), 10)
             channel = await connection.channel()
-            queue = await channel.declare_queue(topology.commands_queue, durable=True)
+            queue = await channel.declare_queue(topology.commands_queue, durable=True,
+                                            arguments={"x-queue-type": QUORUM})
 
             async def answer_one() -> None:
                 async with queue.iterator() as messages:

@@ -21,6 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from ami_gateway.app import Gateway
 from local_cluster.infra import Infrastructure
+from services.broker import QUORUM
 from services.config import AsteriskConfig, ClusterConfig, Settings
 from services.topology import Topology
 from services.wire import Command, CommandName, CommandResult, LineEvent
@@ -200,7 +201,8 @@ class CommandClient:
     async def start(self) -> CommandClient:
         self._connection = await aio_pika.connect(self._url)
         self._channel = await self._connection.channel()
-        await self._channel.declare_queue(self._topology.commands_queue, durable=True)
+        await self._channel.declare_queue(self._topology.commands_queue, durable=True,
+                                            arguments={"x-queue-type": QUORUM})
         queue = await self._channel.declare_queue(exclusive=True)
         self._reply_queue = queue.name
         await queue.consume(self._on_reply, no_ack=True)
