@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ami_gateway.ami_client import AmiClient, AmiError, AmiSession
 from ami_gateway.ami_protocol import AmiMessage, AmiParser
+from ami_gateway.call_records import CallRecordSaver
 from ami_gateway.command_executor import CommandExecutor
 from ami_gateway.event_outbox import (
     EventOutbox,
@@ -107,6 +108,13 @@ class Gateway:
         self._stale_calls: dict[str, list[Call]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._command_tasks: set[asyncio.Task[None]] = set()
+        # Call records in Creatio (optional CallRecords block): its own tasks, fed from _emit.
+        self.records: CallRecordSaver | None = None
+        if settings.call_records.enabled:
+            self.records = CallRecordSaver(
+                settings.call_records, self.redis, settings.cluster.prefix,
+                on_saved=self._record_saved, on_failed=self._record_failed,
+            )
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -115,6 +123,8 @@ class Gateway:
         self.sequencer.restart(epoch)
         self._stale_calls = {line: await self.writer.stored_calls(line) for line in await self.writer.known_lines()}
         await self.observability.start()
+        if self.records is not None:
+            await self.records.start()
         self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
         self._tasks.append(asyncio.create_task(self._consume_commands(), name="commands"))
         self._tasks.append(asyncio.create_task(self._pause_worker(), name="queue-pause"))
@@ -148,6 +158,8 @@ class Gateway:
             await self.ami.stop()
         if not await self.outbox.wait_idle(flush_timeout):
             log.warning("stopping with %d events not yet published", self.outbox.depth)
+        if self.records is not None:
+            await self.records.stop()
         for task in [*self._tasks, *self._command_tasks]:
             task.cancel()
         for task in [*self._tasks, *self._command_tasks]:
@@ -194,6 +206,9 @@ class Gateway:
     def _emit(self, events: list[LineEvent]) -> None:
         if not events:
             return
+        if self.records is not None:
+            events = self.records.stamp(events)
+            self.records.observe(events)
         self.outbox.put(events)
         CALLS_IN_PROGRESS.set(sum(len(self.tracker.calls_of(line)) for line in self.tracker.lines()))
         if self.auto_pause.enabled:
@@ -230,6 +245,24 @@ class Gateway:
                 AUTO_PAUSES.labels(paused=str(request.paused).lower(), outcome=outcome).inc()
                 if outcome != "success" and request.paused:
                     self.auto_pause.pause_failed(request.line)
+
+    def _record_saved(self, line: str, call_id: str, record_uid: str) -> None:
+        self._record_event(line, call_id, EventType.CALL_SAVED)
+
+    def _record_failed(self, line: str, call_id: str, why: str) -> None:
+        self._record_event(line, call_id, EventType.CALL_SAVE_FAILED)
+
+    def _record_event(self, line: str, call_id: str, kind: EventType) -> None:
+        """Tell the line's tabs, in its sequenced stream, with the call as it is now (a finished call if gone),
+        so the event cannot bring back an ended call."""
+        assert self.records is not None
+        call = next((c for c in self.tracker.calls_of(line) if c.id == call_id), None)
+        if call is None:
+            record = self.records.record_of(call_id)
+            if record is None:
+                return
+            call = record.call.evolve(state=CallState.FINISHED)
+        self._emit([LineEvent(line=line, type=kind, call=call, ami_received_at=time.time())])
 
     def _command_done(self, command: Command, result: CommandResult) -> None:
         if command.name is CommandName.WRAP_UP and result.ok:
@@ -322,7 +355,7 @@ class Gateway:
                 events.append(
                     LineEvent(line=line, type=EventType.AGENT_STATE_CHANGED, agent=agent, ami_received_at=now)
                 )
-        self.outbox.put(events)
+        self.outbox.put(self.records.stamp(events) if self.records is not None else events)
 
     async def _replay(self, path: str) -> None:
         """``filePath``: play a scenario file (a raw AMI capture is one) through the same path as live AMI."""
@@ -395,7 +428,11 @@ class Gateway:
                 except WireError as exc:
                     log.warning("dropping undecodable command: %s", exc)
                     return
-                result = await self.executor.execute(command)
+                if command.name is CommandName.RECORD_OWNER:
+                    result = (await self.records.set_owner(command) if self.records is not None
+                              else CommandResult(command.id, True))
+                else:
+                    result = await self.executor.execute(command)
                 if message.reply_to:
                     await channel.default_exchange.publish(
                         aio_pika.Message(

@@ -95,10 +95,37 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CallRecordsConfig:
+    """Optional ``CallRecords`` block: the gateway saves every call of a line whose agent opened a
+    session as a record in Creatio (docs/creatio-setup.md). Absent block = off."""
+
+    enabled: bool = False
+    #: Creatio site root (``https://crm.example.com``); overrides the agents' ServiceUrl
+    site_url: str = ""
+    #: other site roots an agent's ServiceUrl may name (the service account's password is only
+    #: ever sent to these and to site_url)
+    allowed_site_urls: tuple[str, ...] = ()
+    user_name: str = ""
+    password: str = field(default="", repr=False)
+    #: "msgutil" (MsgUtilService.svc/UpdateCall, as CMS does) or "odata" (OData 4 /0/odata/Call)
+    api: str = "msgutil"
+    #: a record still not saved after this long is given up and the agent told (CALL_SAVING_ERROR)
+    retry_for_seconds: float = 900.0
+    request_timeout_seconds: float = 10.0
+    #: concurrent HTTP requests to Creatio
+    concurrency: int = 4
+
+    def redacted(self) -> dict[str, Any]:
+        return {name: ("***" if name == "password" and getattr(self, name) else getattr(self, name))
+                for name in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     asterisk: AsteriskConfig
     cluster: ClusterConfig
     source: str = ""
+    call_records: CallRecordsConfig = CallRecordsConfig()
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -121,7 +148,72 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
     cluster_block = _find_block(document, "cluster") or {}
     asterisk = parse_asterisk(asterisk_block)
     cluster = parse_cluster(cluster_block, env)
-    return Settings(asterisk=asterisk, cluster=cluster, source=source)
+    records_block = _find_block(document, "callrecords")
+    call_records = parse_call_records(records_block, env) if records_block is not None else CallRecordsConfig()
+    return Settings(asterisk=asterisk, cluster=cluster, source=source, call_records=call_records)
+
+
+_RECORDS_KEYS = ("enabled", "siteUrl", "allowedSiteUrls", "userName", "password", "api", "retryForSeconds",
+                 "requestTimeoutSeconds", "concurrency")
+
+
+def parse_call_records(
+    block: Mapping[str, Any], env: Mapping[str, str], where: str = "CallRecords"
+) -> CallRecordsConfig:
+    """``CMS_CALL_RECORDS_PASSWORD`` (better than the file) and ``CMS_CALL_RECORDS_USER`` override the block."""
+    values = _fold_keys(block, where)
+    unknown = sorted(k for k in values if k not in {n.lower() for n in _RECORDS_KEYS})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(_RECORDS_KEYS)}")
+    if env.get("CMS_CALL_RECORDS_PASSWORD"):
+        values["password"] = env["CMS_CALL_RECORDS_PASSWORD"]
+    if env.get("CMS_CALL_RECORDS_USER"):
+        values["username"] = env["CMS_CALL_RECORDS_USER"]
+    reader = _Reader(values, where)
+    defaults = CallRecordsConfig()
+    allowed_raw = values.get("allowedsiteurls") or []
+    if isinstance(allowed_raw, str):
+        allowed_raw = [u for u in allowed_raw.split(",") if u.strip()]
+    if not isinstance(allowed_raw, list) or not all(isinstance(u, str) for u in allowed_raw):
+        raise ConfigError(f"{where}.allowedSiteUrls: expected a list of URLs such as [\"https://crm.example.com\"]")
+    cfg = CallRecordsConfig(
+        enabled=reader.boolean("enabled", True),
+        site_url=site_root(reader.text("siteUrl", ""), f"{where}.siteUrl") if values.get("siteurl") else "",
+        allowed_site_urls=tuple(site_root(u, f"{where}.allowedSiteUrls") for u in allowed_raw),
+        user_name=reader.text("userName", ""),
+        password=reader.text("password", ""),
+        api=reader.text("api", defaults.api).lower(),
+        retry_for_seconds=reader.number("retryForSeconds", defaults.retry_for_seconds, low=1, high=7 * 86400),
+        request_timeout_seconds=reader.number(
+            "requestTimeoutSeconds", defaults.request_timeout_seconds, low=0.5, high=120
+        ),
+        concurrency=reader.integer("concurrency", defaults.concurrency, low=1, high=64),
+    )
+    if not cfg.enabled:
+        return cfg
+    if cfg.api not in ("msgutil", "odata"):
+        raise ConfigError(f"{where}.api: {cfg.api!r} must be \"msgutil\" (MsgUtilService, as CMS) or \"odata\"")
+    if not cfg.user_name:
+        raise ConfigError(f"{where}.userName: required (the Creatio service account that writes call records)")
+    if not cfg.password:
+        raise ConfigError(f"{where}.password: required; set it in the file or in CMS_CALL_RECORDS_PASSWORD")
+    if not cfg.site_url and not cfg.allowed_site_urls:
+        raise ConfigError(
+            f"{where}.siteUrl: required (e.g. \"https://crm.example.com\"), or list the sites agents may name "
+            f"in {where}.allowedSiteUrls; the service account's password is sent nowhere else"
+        )
+    return cfg
+
+
+def site_root(url: str, where: str) -> str:
+    """A Creatio site root from what an admin or a client gives: scheme://host[:port][/path], without
+    the workspace suffix ``/0`` and trailing slashes (``https://crm/0/`` -> ``https://crm``)."""
+    text = url.strip().rstrip("/")
+    if text.endswith("/0"):
+        text = text[:-2]
+    if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~\-/]*)?", text):
+        raise ConfigError(f"{where}: {url!r} must be an http:// or https:// site URL such as https://crm.example.com")
+    return text
 
 
 def parse_asterisk(block: Mapping[str, Any], where: str = "Asterisk") -> AsteriskConfig:

@@ -51,6 +51,10 @@ class EventType(StrEnum):
     ABONENT_BUSY = "abonent_busy"
     DTMF_ENTERED = "dtmf_entered"
     AGENT_STATE_CHANGED = "agent_state_changed"
+    #: the call's record was written to Creatio; ``call.database_uid`` is its id there
+    CALL_SAVED = "call_saved"
+    #: saving the call's record in Creatio was given up; the agent is told (CALL_SAVING_ERROR)
+    CALL_SAVE_FAILED = "call_save_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,8 @@ class Call:
     hangup_cause: int | None = None
     hangup_cause_text: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    #: id of the call's record in Creatio once saved (ami_gateway.call_records), else ""
+    database_uid: str = ""
 
     @property
     def active(self) -> bool:
@@ -114,6 +120,7 @@ class Call:
                 hangup_cause=_opt_int(data.get("hangup_cause")),
                 hangup_cause_text=str(data.get("hangup_cause_text", "")),
                 extra={str(k): str(v) for k, v in dict(data.get("extra") or {}).items()},
+                database_uid=str(data.get("database_uid", "")),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise WireError(f"bad call object: {exc!r}") from exc
@@ -216,6 +223,8 @@ class CommandName(StrEnum):
     AGENT_PAUSE = "agent_pause"
     AGENT_UNPAUSE = "agent_unpause"
     WRAP_UP = "wrap_up"
+    #: who saves this line's calls in Creatio: args contact (UserContactUId), service_url, user
+    RECORD_OWNER = "record_owner"
 
 
 @dataclass(frozen=True, slots=True)
