@@ -378,7 +378,8 @@ class AgentSession:
             return
         message = result.error or f"{command.name.value} failed"
         log.info("command failed conn=%s line=%s cmd=%s: %s", self.connection_uid, self.line, command.name, message)
-        self._error(MsgErrorType.COMMAND_ERROR, message)
+        saving = command.name is CommandName.RECORD_OWNER
+        self._error(MsgErrorType.CALL_SAVING_ERROR if saving else MsgErrorType.COMMAND_ERROR, message)
 
     def on_disconnect(self) -> None:
         if self.state is SessionState.CLOSED:
@@ -471,8 +472,27 @@ class AgentSession:
             log.info("connection open conn=%s line=%s user=%s", self.connection_uid, line, self.user_uid)
             self._catching_up = True
             self._env.claim_line(self, line)
+            self._submit_record_owner(session_params)
         self.state = SessionState.OPEN
         self._send(cp.connection_created_frame(self.connection_uid))
+
+    def _submit_record_owner(self, session_params: Any) -> None:
+        """Whose calls these are and which site keeps them: the gateway saves the line's calls for this
+        contact (its CallRecords block decides whether, and which site is trusted)."""
+        contact = _get_ci(session_params, "UserContactUId")
+        if not isinstance(contact, str) or not contact.strip():
+            return
+        service_url = _get_ci(session_params, "ServiceUrl")
+        assert self.line is not None
+        args = {
+            "contact": contact.strip()[:64],
+            "service_url": service_url.strip()[:512] if isinstance(service_url, str) else "",
+            "user": self.user_uid,
+        }
+        # Not the agent's command: its own id space, so the agent's command ids stay as they were.
+        command = Command(id=uuid.uuid4().hex, line=self.line, name=CommandName.RECORD_OWNER, args=args,
+                          issued_at=self._clock())
+        self._env.submit_command(self, command)
 
     def _close_connection(self, cmd: cp.ClientCommand) -> None:
         uid = self.connection_uid

@@ -400,6 +400,8 @@ def call_to_creatio(call: Call, *, features: int | None = None) -> dict[str, Any
         "state": int(_STATE_MAP[call.state]),
         "callFeaturesSet": int(call_features(call) if features is None else features),
     }
+    if call.database_uid:
+        obj["databaseUId"] = call.database_uid
     if call.redirecting_number:
         obj["redirectingId"] = call.redirecting_number
     if call.redirection_number:
@@ -540,11 +542,22 @@ def line_event_to_frames(
     changed. When the line is left without an active call, a LINE_STATE_CHANGED without
     callId re-enables dialling (the client does not do it by itself).
 
-    CALL_INFO_CHANGED is matched by the client on ``databaseUId``, which we never set, so
-    with several calls on the line it would update the wrong one: it is only sent when
-    the call is the line's only active call.
+    CALL_INFO_CHANGED is matched by the client on ``databaseUId``: without one (the call is not
+    saved in Creatio yet, or records are off) it could update the wrong call when the line has
+    several, so it is then only sent when the call is the line's only active call.
+
+    CALL_SAVED becomes CALL_SAVED_IN_DB with the call object (its ``databaseUId`` set);
+    CALL_SAVE_FAILED becomes ERROR with errorType CALL_SAVING_ERROR.
     """
     etype = event.type
+    if etype is EventType.CALL_SAVED:
+        if event.call is None or not event.call.database_uid:
+            return []
+        return [encode_server_event(MsgEventType.CALL_SAVED_IN_DB, call_to_creatio(event.call),
+                                    connection_uid=connection_uid)]
+    if etype is EventType.CALL_SAVE_FAILED:
+        return [error_frame(MsgErrorType.CALL_SAVING_ERROR, _save_failed_text(event.call),
+                            connection_uid=connection_uid)]
     if etype is EventType.DTMF_ENTERED:
         return [encode_server_event(MsgEventType.DTMF_ENTERED, _dumps(event.digits), connection_uid=connection_uid)]
     if etype is EventType.AGENT_STATE_CHANGED:
@@ -558,7 +571,7 @@ def line_event_to_frames(
     others = [c for c in other_calls if c.id != call.id and c.active]
     if etype is EventType.RING_FINISHED and call.state is not CallState.FINISHED:
         call = call.evolve(state=CallState.FINISHED)
-    if etype is EventType.CALL_INFO_CHANGED and others:
+    if etype is EventType.CALL_INFO_CHANGED and others and not call.database_uid:
         return []
     this_active = call.active
     consulting = bool(others) and this_active
@@ -583,6 +596,13 @@ def line_event_to_frames(
     if not others and not this_active:
         frames.append(line_state_frame(IDLE_LINE_FEATURES, connection_uid=connection_uid))
     return frames
+
+
+def _save_failed_text(call: Call | None) -> str:
+    if call is None:
+        return "A call could not be saved in Creatio"
+    view = call_to_creatio(call)
+    return f"The call {view['callerId']} -> {view['calledId']} could not be saved in Creatio"
 
 
 __all__ = [

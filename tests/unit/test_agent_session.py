@@ -36,6 +36,8 @@ class FakeEnv:
         self.snapshots: list[str] = []
         self.agent_queries: list[str] = []
         self.commands: list[Command] = []
+        #: RECORD_OWNER commands (sent on every line claim) kept apart from the agent's own
+        self.owner_commands: list[Command] = []
         self.closed: list[tuple[int, str]] = []
 
     def send_frame(self, text: str) -> None:
@@ -54,6 +56,9 @@ class FakeEnv:
         self.agent_queries.append(line)
 
     def submit_command(self, session: AgentSession, command: Command) -> None:
+        if command.name is CommandName.RECORD_OWNER:
+            self.owner_commands.append(command)
+            return
         self.commands.append(command)
 
     def close(self, code: int, reason: str) -> None:
