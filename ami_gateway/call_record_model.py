@@ -145,6 +145,7 @@ def apply(
     if call is None or event.type in _OWN_EVENTS:
         return record
     at = event.ami_received_at or call.started_at
+    created = record is None
     if record is None:
         if owner is None:
             return None
@@ -190,7 +191,7 @@ def apply(
             changes["hold_seconds"] = record.hold_seconds + max(0.0, end - record.held_since)
             changes["held_since"] = None
     updated = replace(record, **changes)
-    if updated == record:
+    if updated == record and not created:
         return record
     return replace(updated, version=record.version + 1)
 
