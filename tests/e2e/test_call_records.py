@@ -268,3 +268,39 @@ def test_blind_transfer_ends_the_record_on_the_transferring_line(cluster: LocalC
             await agent.close()
 
     asyncio.run(main())
+
+
+def test_gateway_killed_with_an_unsaved_end_resumes_the_same_record(cluster: LocalCluster,
+                                                                    site: CreatioSite) -> None:
+    """Creatio fails while the call ends, and the gateway is SIGKILLed before it could write the end: the
+    restarted gateway finds the record in the Redis journal the killed run left and finishes the same row."""
+
+    async def main() -> None:
+        agent = await opened(cluster, "551")
+        try:
+            mark = len(agent.events)
+            await play(cluster, "inbound-direct-long", line="551", caller=CALLER)
+            call = obj(await agent.wait_for(COMMUTATION_STARTED, after=mark, timeout=15))
+            uid = await saved(agent, call["id"], mark)
+            await asyncio.sleep(1.2)
+            site.fail_next(*([503] * 100_000))
+            await agent.call_command("DropCall", call)
+            await agent.wait_for(RING_FINISHED, after=mark, timeout=15)
+            await asyncio.sleep(1.0)  # the end's write fails: the record stays pending in the journal
+            assert (await final_row_now(site, uid)).get("EndDate") is None
+            await asyncio.to_thread(cluster.kill, "gateway")
+            await asyncio.to_thread(cluster.restart, "gateway", 60)
+            with site.lock:
+                site._fail.clear()  # Creatio is back
+            row = await final_row(site, uid, timeout=40)
+            assert row["CallerId"] == CALLER and row["TalkTime"] >= 1
+            assert len(rows_for_line(site, "551")) == 1
+        finally:
+            await agent.close()
+
+    asyncio.run(main())
+
+
+async def final_row_now(site: CreatioSite, uid: str) -> dict[str, Any]:
+    with site.lock:
+        return dict(site.rows.get(uid) or {})
