@@ -33,9 +33,13 @@ Rules, from the client's source (docs/creatio-protocol.md has the details):
 6. Catch-up after a reconnect. Claiming the line starts a *catch-up*: the shell follows the
    line, reads where this agent stood when it left (``services.delivery_log``) and the line's
    history since, and calls :meth:`AgentSession.on_claimed` exactly once. Until then live
-   events are held back (in order) and a snapshot request waits, so the client sees: the
-   gap's ended calls (RING_STARTED ... RING_FINISHED, so the CRM logs them), then the live
-   events that came meanwhile, then the snapshot it asked for.
+   events are held back (in order) and a snapshot request waits, so the client sees the live
+   events that came meanwhile, then the snapshot it asked for: the calls live now, in their
+   current state. Calls that rang and ended during the gap are *not* replayed (Creatio would
+   show each as a new incoming call); they are in Creatio's call records. With
+   ``SessionOptions.replay_missed_calls`` they are sent first (RING_STARTED ... RING_FINISHED).
+   A connection whose stream broke while it stayed open is still repaired event by event
+   (``ws_node.line_feed``): that is not a reconnect.
 7. ``debugMode`` in ``connectionParams`` logs this session's traffic in full (both ways), and
    only this session's; the flag is per session, nothing global changes.
 """
@@ -101,6 +105,10 @@ class SessionOptions:
     max_held_events: int = 1000
     #: ProcessLogs/SetLogFilePath are honoured only when the node has a client log folder
     client_logs: bool = False
+    #: after a reconnect, replay the calls that rang and ended while the agent was away (RING_STARTED ...
+    #: RING_FINISHED). Off: Creatio shows each replayed ring as a new incoming call (notification, panel
+    #: switch, a history entry stamped with the replay time); the saved call records are the history.
+    replay_missed_calls: bool = False
 
 
 class FrameMemo:
@@ -320,7 +328,7 @@ class AgentSession:
             return
         self._catching_up = False
         held, self._held = self._held, []
-        self.replayed = self._replay(missed, held[0] if held else None)
+        self.replayed = self._replay(missed, held[0] if held else None) if self._opts.replay_missed_calls else 0
         for event in held:
             self.on_line_event(event)
         if self._snapshot_wanted:
