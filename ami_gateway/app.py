@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from ami_gateway.ami_client import AmiClient, AmiError, AmiSession
 from ami_gateway.ami_protocol import AmiMessage, AmiParser
 from ami_gateway.call_records import CallRecordSaver
 from ami_gateway.command_executor import CommandExecutor
+from ami_gateway.command_plan import REASON_MAX
 from ami_gateway.event_outbox import (
     EventOutbox,
     EventPublisher,
@@ -39,10 +41,20 @@ from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.backoff import Backoff
 from services.config import Settings, redact_url
 from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS
-from services.line_state import LineStateWriter
+from services.line_state import LineKeys, LineStateWriter
 from services.observability import ObservabilityServer
 from services.topology import Topology
-from services.wire import Call, CallState, Command, CommandName, CommandResult, EventType, LineEvent, WireError
+from services.wire import (
+    AgentState,
+    Call,
+    CallState,
+    Command,
+    CommandName,
+    CommandResult,
+    EventType,
+    LineEvent,
+    WireError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +92,7 @@ class Gateway:
             TrackerOptions(
                 send_ring_started_on_ringing_state=ast.send_ring_started_on_ringing_state,
                 packet_info=parse_packet_info(ast.packet_info_config) if ast.packet_info_config else None,
+                agent_codes=settings.agent_states,
             ),
         )
         self.sequencer = Sequencer(epoch="")
@@ -122,6 +135,7 @@ class Gateway:
         epoch = await self._claim_epoch()
         self.sequencer.restart(epoch)
         self._stale_calls = {line: await self.writer.stored_calls(line) for line in await self.writer.known_lines()}
+        await self._restore_agent_codes()
         await self.observability.start()
         if self.records is not None:
             await self.records.start()
@@ -151,6 +165,21 @@ class Gateway:
             redact_url(self.settings.cluster.amqp_url),
             self.observability.port,
         )
+
+    async def _restore_agent_codes(self) -> None:
+        """The codes agents chose, from the agent states a previous run stored: a pause reported after a
+        restart is still the code the agent chose (services/agent_states.py, Rule 4)."""
+        keys = LineKeys(self.settings.cluster.prefix)
+        for line in self._stale_calls or {}:
+            raw = await self.redis.get(keys.agent(line))
+            if not raw:
+                continue
+            try:
+                agent = AgentState.from_dict(json.loads(raw))
+            except (ValueError, WireError):
+                continue
+            if agent.paused and agent.code:
+                self.tracker.expect_agent_code(line, agent.code, agent.reason)
 
     async def stop(self, flush_timeout: float = 5.0) -> None:
         GATEWAY_READY.set(0)
@@ -245,6 +274,22 @@ class Gateway:
                 AUTO_PAUSES.labels(paused=str(request.paused).lower(), outcome=outcome).inc()
                 if outcome != "success" and request.paused:
                     self.auto_pause.pause_failed(request.line)
+
+    def _expect_agent_state(self, command: Command) -> None:
+        """The state an agent chose, told to the tracker before the QueuePause is sent (its QueueMemberPause
+        may come before its answer), so the change is reported as the agent's, with the agent's code."""
+        codes = self.settings.agent_states
+        line, args = command.line, command.args
+        if command.name is CommandName.AGENT_PAUSE:
+            reason = args.get("reason", "").strip()[:REASON_MAX]
+            self.tracker.expect_agent_code(line, args.get("state_code") or reason, reason)
+        elif command.name is CommandName.AGENT_UNPAUSE:
+            self.tracker.expect_agent_code(line, codes.ready, "", paused=False)
+        elif command.name is CommandName.WRAP_UP:
+            if args.get("active", "true").strip().lower() == "true":
+                self.tracker.expect_agent_code(line, codes.wrap_up, codes.wrap_up_reason)
+            else:
+                self.tracker.expect_agent_code(line, codes.ready, "", paused=False)
 
     def _record_saved(self, line: str, call_id: str, record_uid: str) -> None:
         self._record_event(line, call_id, EventType.CALL_SAVED)
@@ -428,6 +473,7 @@ class Gateway:
                 except WireError as exc:
                     log.warning("dropping undecodable command: %s", exc)
                     return
+                self._expect_agent_state(command)
                 if command.name is CommandName.RECORD_OWNER:
                     result = (await self.records.set_owner(command) if self.records is not None
                               else CommandResult(command.id, True))

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.agent_states import DEFAULT_AGENT_CODES, AgentStateCodes
+
 ASTERISK_KEYS = (
     "url",
     "port",
@@ -126,6 +128,7 @@ class Settings:
     cluster: ClusterConfig
     source: str = ""
     call_records: CallRecordsConfig = CallRecordsConfig()
+    agent_states: AgentStateCodes = DEFAULT_AGENT_CODES
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -150,7 +153,54 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
     cluster = parse_cluster(cluster_block, env)
     records_block = _find_block(document, "callrecords")
     call_records = parse_call_records(records_block, env) if records_block is not None else CallRecordsConfig()
-    return Settings(asterisk=asterisk, cluster=cluster, source=source, call_records=call_records)
+    states_block = _find_block(document, "agentstates")
+    agent_states = parse_agent_states(states_block) if states_block is not None else DEFAULT_AGENT_CODES
+    return Settings(asterisk=asterisk, cluster=cluster, source=source, call_records=call_records,
+                    agent_states=agent_states)
+
+
+_STATES_KEYS = ("ready", "wrapUp", "paused", "pbxPaused", "onConnect")
+_CODE_RE = re.compile(r"^[^\r\n]{1,100}$")
+
+
+def parse_agent_states(block: Mapping[str, Any], where: str = "AgentStates") -> AgentStateCodes:
+    """``{"ready": "Active" | [...], "wrapUp": "WrapUp", "paused": {"Lunch": "lunch", ...},
+    "pbxPaused": "Paused", "onConnect": "pbx" | "profile"}`` (services/agent_states.py has the rules)."""
+    values = _fold_keys(block, where)
+    unknown = sorted(k for k in values if k not in {n.lower() for n in _STATES_KEYS})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(_STATES_KEYS)}")
+    defaults = DEFAULT_AGENT_CODES
+    ready_raw = values.get("ready", defaults.ready)
+    ready = [ready_raw] if isinstance(ready_raw, str) else ready_raw
+    if not isinstance(ready, list) or not ready or not all(isinstance(c, str) and _CODE_RE.match(c) for c in ready):
+        raise ConfigError(f"{where}.ready: expected a state code or a list of codes, e.g. \"Active\"")
+    paused_raw = values.get("paused", {})
+    if not isinstance(paused_raw, Mapping) or not all(
+        isinstance(k, str) and _CODE_RE.match(k) and isinstance(v, str) for k, v in paused_raw.items()
+    ):
+        raise ConfigError(
+            f"{where}.paused: expected an object code -> QueuePause reason, e.g. {{\"Lunch\": \"lunch\"}}"
+        )
+    reader = _Reader(values, where)
+    codes = AgentStateCodes(
+        ready=ready[0],
+        other_ready=tuple(ready[1:]),
+        wrap_up=reader.text("wrapUp", defaults.wrap_up),
+        paused=reader.text("pbxPaused", defaults.paused),
+        pause_reasons=tuple((k, v.strip()) for k, v in paused_raw.items()),
+        on_connect=reader.text("onConnect", defaults.on_connect).lower(),
+    )
+    if codes.on_connect not in ("pbx", "profile"):
+        raise ConfigError(f"{where}.onConnect: {codes.on_connect!r} must be \"pbx\" or \"profile\"")
+    reasons = [(r or c).casefold() for c, r in codes.pause_reasons] + [codes.wrap_up_reason.casefold()]
+    if len(set(reasons)) != len(reasons):
+        raise ConfigError(f"{where}.paused: two states pause with the same reason; give each its own, or the "
+                          "state cannot be told back from the PBX")
+    everything = [*ready, codes.wrap_up, *(c for c, _ in codes.pause_reasons)]
+    if len(set(everything)) != len(everything):
+        raise ConfigError(f"{where}: a code is listed twice (ready, wrapUp and paused must differ)")
+    return codes
 
 
 _RECORDS_KEYS = ("enabled", "siteUrl", "allowedSiteUrls", "userName", "password", "api", "retryForSeconds",

@@ -134,9 +134,15 @@ class AgentState:
     paused: bool
     reason: str = ""
     queues: tuple[str, ...] = ()
+    #: the Creatio agent-state code this is (services.agent_states), "" when not decided
+    code: str = ""
+    #: who made the last change: "agent" (a state chosen through us), "pbx" (a supervisor, the dialplan,
+    #: another tool), "" (not known: first seen, or listed after a reconnect)
+    set_by: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"line": self.line, "paused": self.paused, "reason": self.reason, "queues": list(self.queues)}
+        return {"line": self.line, "paused": self.paused, "reason": self.reason, "queues": list(self.queues),
+                "code": self.code, "set_by": self.set_by}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AgentState:
@@ -146,6 +152,8 @@ class AgentState:
                 paused=bool(data["paused"]),
                 reason=str(data.get("reason", "")),
                 queues=tuple(str(q) for q in data.get("queues", ())),
+                code=str(data.get("code", "")),
+                set_by=str(data.get("set_by", "")),
             )
         except (KeyError, TypeError) as exc:
             raise WireError(f"bad agent state: {exc!r}") from exc

@@ -42,6 +42,15 @@ Rules, from the client's source (docs/creatio-protocol.md has the details):
    (``ws_node.line_feed``): that is not a reconnect.
 7. ``debugMode`` in ``connectionParams`` logs this session's traffic in full (both ways), and
    only this session's; the flag is per session, nothing global changes.
+8. Agent states (``services.agent_states``). SetMsgUserState codes map to unpause / wrap-up / pause
+   with the code's reason; states are reported as the code the gateway decided (kept with the
+   agent state in Redis). Creatio's header re-sends the state saved in the user's profile on every
+   connect. With ``onConnect: "pbx"`` (the default) the first SetMsgUserState within
+   ``PROFILE_STATE_WINDOW`` seconds of OpenConnection is taken as that re-send: when the PBX's
+   state was last changed by the PBX side (a supervisor's QueueMemberPause, ``set_by == "pbx"``)
+   and differs, the PBX wins and its state is reported back (a stale "Paused" must not re-pause an
+   agent a supervisor unpaused); otherwise it is carried out. Later choices are always carried
+   out. With ``"profile"`` the re-sent state is always carried out.
 """
 
 from __future__ import annotations
@@ -134,6 +143,9 @@ class FrameMemo:
         return frames
 
 
+#: rule 8: how long after OpenConnection a SetMsgUserState counts as the header re-sending the profile's state
+PROFILE_STATE_WINDOW = 15.0
+
 _LINE_RE = re.compile(r"[A-Za-z0-9_-]+")
 _CONTEXT_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
 _TARGET_RE = re.compile(r"[0-9A-Za-z+*#_]{1,64}")
@@ -186,6 +198,7 @@ class AgentSession:
         "_env", "_opts", "_memo", "_clock", "_new_id", "state", "library_instance_uid", "connection_uid", "line",
         "default_originate_context", "originate_context", "debug_mode", "call_centre_enabled", "user_uid", "_calls",
         "_agent", "_catching_up", "_held", "_snapshot_wanted", "replayed", "_log_file",
+        "_agent_known", "_profile_state_until", "_deferred_state",
     )
 
     def __init__(
@@ -223,6 +236,12 @@ class AgentSession:
         self._snapshot_wanted = False
         #: events replayed at the last catch-up (for tests and logs)
         self.replayed = 0
+        #: rule 8: the line's agent state has been read since the line was claimed (it may be None)
+        self._agent_known = False
+        #: rule 8: until then a SetMsgUserState is taken as the header re-sending the profile's state
+        self._profile_state_until = 0.0
+        #: rule 8: that re-sent (code, reason), waiting for the line's agent state
+        self._deferred_state: tuple[str, str] | None = None
 
     # ---- introspection ---------------------------------------------------------------
 
@@ -305,6 +324,14 @@ class AgentSession:
             self._agent = agent
             if self.call_centre_enabled:
                 self._send_agent_state()
+        self._agent_learned()
+
+    def _agent_learned(self) -> None:
+        self._agent_known = True
+        if self._deferred_state is not None:
+            code, reason = self._deferred_state
+            self._deferred_state = None
+            self._profile_state(code, reason)
 
     def on_calls_known(self, calls: Sequence[Call]) -> None:
         """Seed the call table (e.g. from the snapshot taken when the line was claimed)
@@ -378,8 +405,9 @@ class AgentSession:
             return
         if agent is not None and agent.line == self.line:
             self._agent = agent
-        if self._agent is not None and self.call_centre_enabled:
+        if self._agent is not None and self.call_centre_enabled and self._deferred_state is None:
             self._send_agent_state()
+        self._agent_learned()
 
     def on_command_result(self, result: CommandResult, command: Command) -> None:
         if self.state is SessionState.CLOSED or result.ok:
@@ -479,6 +507,9 @@ class AgentSession:
             self.state = SessionState.OPEN
             log.info("connection open conn=%s line=%s user=%s", self.connection_uid, line, self.user_uid)
             self._catching_up = True
+            self._agent_known = False
+            self._deferred_state = None
+            self._profile_state_until = self._clock() + PROFILE_STATE_WINDOW
             self._env.claim_line(self, line)
             self._submit_record_owner(session_params)
         self.state = SessionState.OPEN
@@ -595,13 +626,39 @@ class AgentSession:
         if not isinstance(code, str) or not code or len(code) > 100:
             raise _Refused(MsgErrorType.COMMAND_ERROR, "SetMsgUserState: bad code")
         reason = reason if isinstance(reason, str) else ""
+        if self._opts.agent_codes.on_connect == "pbx" and self._clock() < self._profile_state_until:
+            self._profile_state_until = 0.0
+            if not self._agent_known:
+                self._deferred_state = (code, reason)
+                assert self.line is not None
+                self._env.request_agent_state(self, self.line)
+                return
+            self._profile_state(code, reason)
+            return
+        self._carry_out_state(code, reason)
+
+    def _profile_state(self, code: str, reason: str) -> None:
+        """Rule 8: the state the header re-sends on connect, against what the PBX says now."""
         codes = self._opts.agent_codes
-        if code == codes.ready:
+        agent = self._agent
+        if agent is None or not agent.queues or agent.set_by != "pbx" or codes.code_for(agent) == code:
+            # the PBX has nothing to say, or its state is the agent's own last choice (or not known to be
+            # anyone else's): the re-sent state is carried out
+            self._carry_out_state(code, reason)
+            return
+        log.info("line %s: profile state %r not applied on connect: the PBX changed it to %r since "
+                 "(onConnect=pbx)", self.line, code, codes.code_for(agent))
+        if self.call_centre_enabled:
+            self._send_agent_state()
+
+    def _carry_out_state(self, code: str, reason: str) -> None:
+        codes = self._opts.agent_codes
+        if codes.is_ready(code):
             self._submit(CommandName.AGENT_UNPAUSE, {})
-        elif code == codes.wrap_up:
+        elif codes.is_wrap_up(code):
             self._submit(CommandName.WRAP_UP, {"active": "true"})
         else:
-            self._submit(CommandName.AGENT_PAUSE, {"reason": (reason or code)[:200], "state_code": code})
+            self._submit(CommandName.AGENT_PAUSE, {"reason": codes.reason_for(code, reason)[:200], "state_code": code})
 
     def _set_wrap_up(self, cmd: cp.ClientCommand) -> None:
         active = cmd.params.get("isWrapUpActive")

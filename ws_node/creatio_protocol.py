@@ -33,7 +33,8 @@ from enum import IntEnum, IntFlag, StrEnum
 from functools import lru_cache
 from typing import Any, Final
 
-from services.wire import AgentState, Call, CallState, Direction, EventType, LineEvent
+from services.agent_states import DEFAULT_AGENT_CODES, AgentStateCodes
+from services.wire import Call, CallState, Direction, EventType, LineEvent
 
 # --------------------------------------------------------------------------------------
 # Enums, numbers exactly as in Terrasoft/integration/telephony/telephony-enums.js
@@ -476,23 +477,6 @@ def line_state_frame(features: int, *, connection_uid: str = "", call_id: str | 
     if call_id is not None:
         content["callId"] = call_id
     return encode_server_event(MsgEventType.LINE_STATE_CHANGED, content, connection_uid=connection_uid)
-
-
-@dataclass(frozen=True, slots=True)
-class AgentStateCodes:
-    """Creatio ``SysMsgUserState`` codes. They live in Creatio's database per library, so
-    they are configuration; these defaults are guesses to be checked against the target
-    Creatio (see docs/creatio-protocol.md)."""
-
-    ready: str = "Active"
-    paused: str = "Paused"
-    wrap_up: str = "WrapUp"
-
-    def code_for(self, agent: AgentState) -> str:
-        return self.paused if agent.paused else self.ready
-
-
-DEFAULT_AGENT_CODES: Final = AgentStateCodes()
 
 
 def agent_state_frame(code: str, *, connection_uid: str = "") -> str:

@@ -461,7 +461,7 @@ def test_answer_blind_transfer_consult_and_cancel_dnd_wrap_up(cluster: LocalClus
             mark = len(agent.events)
             await agent.send("SetDnd")
             await agent.send("SetWrapUpUserState", {"isWrapUpActive": True})
-            assert (await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10)).content == "Paused"
+            assert (await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10)).content == "WrapUp"
             await agent.send("SetWrapUpUserState", {"isWrapUpActive": False})
             await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10,
                                  predicate=lambda r: r.content == "Active")

@@ -563,6 +563,8 @@ def test_set_dnd() -> None:
 
 def test_agent_states() -> None:
     session, env = opened()
+    session.on_snapshot([])  # the line is in no queue: the state re-sent on connect is carried out (rule 8)
+    env.take()
     session.on_text(cmd("SetMsgUserState", {"code": "Active", "reason": ""}))
     assert last_command(env).name is CommandName.AGENT_UNPAUSE
     session.on_text(cmd("SetMsgUserState", {"code": "Paused", "reason": "Lunch"}))

@@ -1,0 +1,117 @@
+"""Agent states as Creatio defines them, through the whole cluster with an ``AgentStates`` block.
+
+The code the agent chose comes back exactly; a supervisor's pause or unpause on the PBX (QueuePause from
+another AMI client) reaches the agent as the configured code; on reconnect, the state Creatio's header
+re-sends from the profile does not undo what a supervisor did meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from local_cluster.infra import Infrastructure
+from local_cluster.launcher import ClusterOptions, LocalCluster
+from tests.support.creatio_client import AGENT_STATE_CHANGED, CreatioAgent
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def cluster(infra: Infrastructure, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    tmp = tmp_path_factory.mktemp("states")
+    config = tmp / "appsettings.json"
+    config.write_text(json.dumps({"AgentStates": {"ready": "Active", "paused": {"Lunch": "lunch", "Break": ""},
+                                                  "wrapUp": "AfterCall", "pbxPaused": "Supervisor"}}))
+    options = ClusterOptions.ephemeral(tmp / "run", amqp_url=infra.amqp_url, redis_url=infra.redis_url,
+                                       config=Path(config))
+    local = LocalCluster(options)
+    local.start(timeout=60)
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+async def supervisor_pause(cluster: LocalCluster, line: str, paused: bool, reason: str = "") -> None:
+    """QueuePause from a supervisor's own AMI session (not through the cluster)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", cluster.options.ami_port)
+    try:
+        await reader.readline()  # banner
+        writer.write(b"Action: Login\r\nUsername: cms\r\nSecret: simulator-secret\r\nActionID: l\r\n\r\n")
+        await reader.readuntil(b"\r\n\r\n")
+        fields = f"Action: QueuePause\r\nInterface: SIP/{line}\r\nPaused: {'true' if paused else 'false'}\r\n"
+        if reason:
+            fields += f"Reason: {reason}\r\n"
+        writer.write((fields + "ActionID: p\r\n\r\n").encode())
+        while b"ActionID: p" not in (block := await reader.readuntil(b"\r\n\r\n")):
+            pass
+        assert b"Response: Success" in block, block
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def stored_agent(cluster: LocalCluster, line: str) -> dict[str, object]:
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        raw = client.get(f"{cluster.prefix}:line:{line}:agent")
+    finally:
+        client.close()
+    return json.loads(raw) if raw else {}
+
+
+def test_codes_come_back_exactly_supervisors_win_over_a_stale_profile_state(cluster: LocalCluster) -> None:
+    async def main() -> None:
+        agent = CreatioAgent(cluster.client_url, "305")  # 305: a member of the simulator's "support" queue
+        await agent.connect()
+        await agent.open()
+        try:
+            # the agent's own choice, reported back as exactly that code (not "Paused")
+            mark = len(agent.events)
+            await agent.send("SetMsgUserState", {"code": "Lunch", "reason": ""})
+            await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10,
+                                 predicate=lambda r: r.content == "Lunch")
+            assert stored_agent(cluster, "305")["code"] == "Lunch"  # kept per line in Redis
+
+            # a supervisor unpauses the agent on the PBX
+            mark = len(agent.events)
+            await supervisor_pause(cluster, "305", False)
+            await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10,
+                                 predicate=lambda r: r.content == "Active")
+            assert stored_agent(cluster, "305")["set_by"] == "pbx"
+
+            # the panel reconnects and its header re-sends the profile's "Lunch": the supervisor's change stays
+            await agent.reconnect()
+            mark = len(agent.events)
+            await agent.send("SetMsgUserState", {"code": "Lunch", "reason": ""})
+            await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10,
+                                 predicate=lambda r: r.content == "Active")
+            await asyncio.sleep(1.5)
+            assert [e.content for e in agent.of_type(AGENT_STATE_CHANGED, mark)] == ["Active"]
+            assert stored_agent(cluster, "305")["paused"] is False
+
+            # a supervisor's pause with a reason of their own shows as the configured code
+            mark = len(agent.events)
+            await supervisor_pause(cluster, "305", True, "coaching")
+            await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10,
+                                 predicate=lambda r: r.content == "Supervisor")
+
+            # the agent's next choice is carried out
+            mark = len(agent.events)
+            await agent.send("SetMsgUserState", {"code": "Break", "reason": ""})
+            await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10,
+                                 predicate=lambda r: r.content == "Break")
+            mark = len(agent.events)
+            await agent.send("SetMsgUserState", {"code": "Active", "reason": ""})
+            await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10,
+                                 predicate=lambda r: r.content == "Active")
+        finally:
+            await agent.close()
+
+    asyncio.run(main())
