@@ -312,6 +312,12 @@ class Gateway:
     def _command_done(self, command: Command, result: CommandResult) -> None:
         if command.name is CommandName.WRAP_UP and result.ok:
             self.auto_pause.set_wrap_up(command.line, command.args.get("active", "true").lower() == "true")
+        if command.name is CommandName.DTMF and result.ok:
+            # DTMF_ENTERED is "DTMF characters sent": the panel shows what the agent dialled (tracker Rule 12).
+            # PlayDTMF's own events are "Sent" ones the tracker never reports, so this is the only echo.
+            call = next((c for c in self.tracker.calls_of(command.line) if c.id == command.args.get("call_id")), None)
+            self._emit([LineEvent(line=command.line, type=EventType.DTMF_ENTERED, call=call,
+                                  digits=command.args.get("digits", ""), ami_received_at=time.time())])
 
     async def _on_ami_connected(self, session: AmiSession) -> None:
         """Rebuild the truth before emitting deltas: what ended or started while we were away."""

@@ -101,13 +101,14 @@ line's phone, takes the ringing channel's place in the path (dialled by the same
 its call is announced INCOMING from the original caller, with ``redirecting_number`` = the line it was meant for
 and ``redirection_number`` = the picker's line, and is connected at once (the picker is already answered).
 
-Rule 12 - DTMF. With ``read = dtmf`` Asterisk sends ``DTMFBegin``/``DTMFEnd``. A ``DTMFEnd`` with ``Direction:
-Received`` is a digit a channel's endpoint pressed; each line phone bridged with that channel (of another line)
-gets DTMF_ENTERED with the digit, for its call; a consultation leg (Rule 9) gets the digits its target presses.
-Digits the agent's own phone sends (``Received`` on the phone channel) are not DTMF_ENTERED for that line (they
-are for the party it talks to, if that is a line); ``Sent`` events (Asterisk passing a digit on, or ``PlayDTMF``
-of the ``dtmf`` command) never count, so each press is reported once. ``DTMFBegin`` is ignored: endpoints
-that do not send variable-length DTMF only ever produce ``DTMFEnd``.
+Rule 12 - DTMF. DTMF_ENTERED means "DTMF characters sent" in Creatio: its panel shows the digits the *agent*
+dialled, never the far end's. With ``read = dtmf`` Asterisk sends ``DTMFBegin``/``DTMFEnd``; a ``DTMFEnd`` with
+``Direction: Received`` on a line's phone channel is a key the agent pressed on the phone: DTMF_ENTERED with the
+digit for the line's current call (its consultation call while it consults, Rule 9). Digits other parties press
+(``Received`` on any other channel), ``Sent`` events (Asterisk passing a digit on, or ``PlayDTMF``) and
+``DTMFBegin`` (endpoints without variable-length DTMF only produce ``DTMFEnd``) are not reported, so each press
+is reported once. Digits the agent sends from the CRM (the ``dtmf`` command, played with ``PlayDTMF``) are
+echoed by the gateway once Asterisk accepted them (``ami_gateway.app``).
 
 Rule 8 - resync. After an AMI (re)connect, ``CoreShowChannel`` and ``QueueMember`` lists are the truth:
 calls whose phone channel is gone are finished, new phone channels are announced as their state says, a
@@ -1247,7 +1248,7 @@ class CallTracker:
             self._connect(lc, at, out)
 
     def _on_dtmf(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        """Rule 12: a digit pressed on a channel is DTMF_ENTERED for the line phones it talks to."""
+        """Rule 12: a key the agent pressed on the line's phone is DTMF_ENTERED for the line's current call."""
         if event != "dtmfend" or (msg.get("Direction") or "").strip().lower() != "received":
             return
         digit = (msg.get("Digit") or "").strip()
@@ -1255,23 +1256,17 @@ class CallTracker:
             log.debug("DTMFEnd with digit %r ignored", digit)
             return
         ch = self._find(msg, "")
-        if ch is None:
+        if ch is None or ch.line is None or ch.local_half:
             return
-        calls: list[_LineCall] = []
-        if ch.consult_of is not None:
-            # The consultation leg's ;1 half receives what the target presses (through its ;2 half).
-            if ch.call is not None:
-                calls.append(ch.call)
-        elif ch.bridge:
-            for key in sorted(self._bridges.get(ch.bridge, ())):
-                m = self._chans.get(key)
-                if m is None or m is ch or m.line is None or m.line == ch.line or m.consult_of is not None:
-                    continue
-                if m.call is not None and m.call.state is not CallState.FINISHED:
-                    calls.append(m.call)
-        for lc in calls:
-            out.append(LineEvent(line=lc.line, type=EventType.DTMF_ENTERED, call=lc.call, digits=digit.upper(),
-                                 ami_received_at=at))
+        lc = ch.call
+        consulting = next((c.call for c in self._chans.values() if c.consult_of == ch.key and c.call is not None
+                           and c.call.state is not CallState.FINISHED), None)
+        if consulting is not None:
+            lc = consulting
+        if lc is None or lc.state is CallState.FINISHED:
+            return
+        out.append(LineEvent(line=lc.line, type=EventType.DTMF_ENTERED, call=lc.call, digits=digit.upper(),
+                             ami_received_at=at))
 
     def _on_rename(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         ch = self._find(msg, "")

@@ -20,6 +20,7 @@ from tests.support.creatio_client import (
     ABONENT_BUSY,
     AGENT_STATE_CHANGED,
     COMMUTATION_STARTED,
+    DTMF_ENTERED,
     END_HOLD_ACTION,
     ERROR,
     LINE_STATE_CHANGED,
@@ -360,7 +361,11 @@ def test_dtmf_on_a_connected_call_is_carried_out(cluster: LocalCluster) -> None:
             call = await answered_call(cluster, agent)
             mark = len(agent.events)
             await agent.call_command("SendDtmf", call, {"digits": "12#"})
-            await no_event(agent, ERROR, mark, 1.5)  # a success is silent
+            # once Asterisk played them, the digits the agent sent are echoed (the panel's "last dialed")
+            echo = await agent.wait_for(DTMF_ENTERED, after=mark, timeout=10)
+            assert echo.content == "12#"
+            await no_event(agent, ERROR, mark, 1.5)  # a success is otherwise silent
+            assert [e.content for e in agent.of_type(DTMF_ENTERED, mark)] == ["12#"]  # once, not per Sent event
             await agent.call_command("DropCall", call)
             await agent.wait_for(RING_FINISHED, after=mark, timeout=10)
         finally:
