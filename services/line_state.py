@@ -102,7 +102,7 @@ class LineStateWriter:
                 approximate=True,
             )
             if event.call is not None:
-                if event.call.active:
+                if event.call.on_line:  # a busy call stays in snapshots until its RING_FINISHED
                     pipe.hset(self._keys.calls(line), event.call.id, json.dumps(event.call.to_dict()))
                 else:
                     pipe.hdel(self._keys.calls(line), event.call.id)

@@ -91,6 +91,11 @@ class Call:
     def active(self) -> bool:
         return self.state not in (CallState.FINISHED, CallState.BUSY)
 
+    @property
+    def on_line(self) -> bool:
+        """Still on the line: active, or busy (Creatio keeps a busy call, with Drop, until RING_FINISHED)."""
+        return self.state is not CallState.FINISHED
+
     def evolve(self, **changes: Any) -> Call:
         return replace(self, **changes)
 

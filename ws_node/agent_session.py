@@ -110,6 +110,9 @@ class SessionOptions:
     agent_codes: cp.AgentStateCodes = cp.DEFAULT_AGENT_CODES
     #: longest line name accepted from ``connectionParams.ExtensionName``
     max_line_length: int = 32
+    #: channel technologies of the lines (the Asterisk block's ``protocol``): ExtensionName may be
+    #: ``305`` or ``<tech>/305`` with one of these, as admins type it in Creatio's Call Centre parameters
+    line_protocols: tuple[str, ...] = ("SIP",)
     #: live events held back while a catch-up runs; past this the catch-up is given up
     max_held_events: int = 1000
     #: ProcessLogs/SetLogFilePath are honoured only when the node has a client log folder
@@ -269,7 +272,8 @@ class AgentSession:
         for call in self._calls.values():
             if call.active:
                 return call
-        return None
+        # a busy call is still the line's call (with Drop) until its RING_FINISHED
+        return next(iter(self._calls.values()), None)
 
     # ---- inputs from the shell ---------------------------------------------------------
 
@@ -315,7 +319,7 @@ class AgentSession:
         """The line's calls (and, if known, agent state) as read by the shell."""
         if self.state is not SessionState.OPEN:
             return
-        mine = sorted((c for c in calls if c.line == self.line and c.active), key=lambda c: c.started_at)
+        mine = sorted((c for c in calls if c.line == self.line and c.on_line), key=lambda c: c.started_at)
         self._calls = {cp.call_guid(c.id): c for c in mine}
         self._send(cp.snapshot_frame(mine, self.current_call, self.connection_uid))
         if not mine:
@@ -338,7 +342,7 @@ class AgentSession:
         without telling the client; it asks for its own snapshot after CONNECTION_CREATED."""
         if self.state is not SessionState.OPEN:
             return
-        mine = sorted((c for c in calls if c.line == self.line and c.active), key=lambda c: c.started_at)
+        mine = sorted((c for c in calls if c.line == self.line and c.on_line), key=lambda c: c.started_at)
         self._calls = {cp.call_guid(c.id): c for c in mine}
 
     def on_claimed(self, calls: Sequence[Call], missed: Sequence[LineEvent] = ()) -> None:
@@ -478,9 +482,7 @@ class AgentSession:
         line = _get_ci(params, "ExtensionName")
         if not isinstance(line, str) or not line.strip():
             raise _Refused(MsgErrorType.CONNECTION_CONFIG_ERROR, "connectionParams.ExtensionName is missing")
-        line = line.strip()
-        if len(line) > self._opts.max_line_length or not _LINE_RE.fullmatch(line):
-            raise _Refused(MsgErrorType.CONNECTION_CONFIG_ERROR, f"bad ExtensionName {line[:40]!r}")
+        line = self._line_of(line)
         context = _get_ci(params, "OriginateContext")
         if context is None or context == "":
             context = ""
@@ -532,6 +534,23 @@ class AgentSession:
         command = Command(id=uuid.uuid4().hex, line=self.line, name=CommandName.RECORD_OWNER, args=args,
                           issued_at=self._clock())
         self._env.submit_command(self, command)
+
+    def _line_of(self, extension: str) -> str:
+        """``305``, ``SIP/305``, ``PJSIP/305`` (the technology must be a configured one), trimmed -> ``305``."""
+        text = extension.strip()
+        techs = self._opts.line_protocols
+        allowed = f"the line number (e.g. 305) or {' or '.join(f'{t}/305' for t in techs)}"
+        if "/" in text:
+            tech, _, text = text.partition("/")
+            tech, text = tech.strip(), text.strip()
+            if tech.upper() not in (t.upper() for t in techs):
+                raise _Refused(MsgErrorType.CONNECTION_CONFIG_ERROR,
+                               f"ExtensionName {extension.strip()[:40]!r}: {tech[:12]!r} is not this PBX's channel "
+                               f"technology; use {allowed}")
+        if not text or len(text) > self._opts.max_line_length or not _LINE_RE.fullmatch(text):
+            raise _Refused(MsgErrorType.CONNECTION_CONFIG_ERROR,
+                           f"bad ExtensionName {extension.strip()[:40]!r}: use {allowed}")
+        return text
 
     def _close_connection(self, cmd: cp.ClientCommand) -> None:
         uid = self.connection_uid

@@ -76,8 +76,11 @@ class Node:
             max_backlog_frames=options.max_backlog_frames,
             session_options={
                 "originate_context": settings.asterisk.originate_context,
-                "options": SessionOptions(client_logs=bool(options.client_log_dir),
-                                          agent_codes=settings.agent_states),
+                "options": SessionOptions(
+                    client_logs=bool(options.client_log_dir),
+                    agent_codes=settings.agent_states,
+                    line_protocols=tuple(t.strip() for t in settings.asterisk.protocol.split(",") if t.strip()),
+                ),
             },
             client_logs=ClientLogStore(Path(options.client_log_dir)) if options.client_log_dir else None,
         )

@@ -490,10 +490,11 @@ def snapshot_frame(calls: Sequence[Call], current: Call | None, connection_uid: 
     Only active calls are listed; ``current`` is listed too (the client looks it up among
     ActiveCalls) and is dropped if it is not active.
     """
-    active = [c for c in calls if c.active]
-    if current is not None and current.active and all(c.id != current.id for c in active):
+    # a busy call is listed too: Creatio keeps it, with Drop, until RING_FINISHED
+    active = [c for c in calls if c.on_line]
+    if current is not None and current.on_line and all(c.id != current.id for c in active):
         active.insert(0, current)
-    consulting = len(active) > 1
+    consulting = sum(1 for c in active if c.active) > 1
     objs = {c.id: call_to_creatio(c, features=call_features(c, consulting=consulting)) for c in active}
     cur = objs.get(current.id) if current is not None else None
     content = {"ActiveCalls": list(objs.values()), "CurrentCall": cur}
@@ -577,7 +578,8 @@ def line_event_to_frames(
                 call_id=call_guid(other.id),
             )
         )
-    if not others and not this_active:
+    if not others and not call.on_line:
+        # idle only once the call is over: after ABONENT_BUSY the busy call keeps its Drop until RING_FINISHED
         frames.append(line_state_frame(IDLE_LINE_FEATURES, connection_uid=connection_uid))
     return frames
 

@@ -17,7 +17,7 @@ import redis
 
 from local_cluster.infra import Infrastructure
 from local_cluster.launcher import ClusterOptions, LocalCluster
-from tests.support.creatio_client import AGENT_STATE_CHANGED, CreatioAgent
+from tests.support.creatio_client import AGENT_STATE_CHANGED, ERROR, LIBRARY_INITIALIZED, RING_STARTED, CreatioAgent
 
 pytestmark = pytest.mark.e2e
 
@@ -113,5 +113,32 @@ def test_codes_come_back_exactly_supervisors_win_over_a_stale_profile_state(clus
                                  predicate=lambda r: r.content == "Active")
         finally:
             await agent.close()
+
+    asyncio.run(main())
+
+
+def test_extension_name_as_admins_type_it(cluster: LocalCluster) -> None:
+    """``SIP/307`` (the configured protocol), trimmed, is line 307; another technology is refused, saying why."""
+
+    async def main() -> None:
+        agent = CreatioAgent(cluster.client_url, "307", connection_params={"ExtensionName": " SIP/307 "})
+        await agent.connect()
+        await agent.open()
+        wrong = CreatioAgent(cluster.client_url, "307", connection_params={"ExtensionName": "PJSIP/307"})
+        await wrong.connect()
+        try:
+            mark = len(agent.events)
+            await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="307", caller="79161112233")
+            ring = await agent.wait_for(RING_STARTED, after=mark, timeout=15)
+            assert isinstance(ring.content, dict) and ring.content["deviceId"] == "307"
+            await wrong.send("LoadLibrary", {"AssemblyName": "Terrasoft.Messaging.Asterisk"})
+            await wrong.wait_for(LIBRARY_INITIALIZED)
+            await wrong.send("OpenConnection", {"connectionParams": json.dumps(wrong.connection_params)})
+            error = await wrong.wait_for(ERROR)
+            assert isinstance(error.content, dict) and error.content["errorType"] == 9
+            assert "SIP/305" in error.content["data"] and "PJSIP" in error.content["data"]
+        finally:
+            await agent.close()
+            await wrong.close()
 
     asyncio.run(main())

@@ -185,3 +185,4 @@ def test_the_agent_sees_the_code_the_gateway_decided() -> None:
     session.on_line_event(LineEvent("305", EventType.AGENT_STATE_CHANGED,
                                     agent=AgentState("305", True, "course", ("support",), code="Training")))
     assert states_sent(env) == ["Training"]
+
