@@ -1,4 +1,6 @@
-"""Agent states as Creatio defines them, through the whole cluster with an ``AgentStates`` block.
+"""What the agent sees in Creatio's header and panel, through the whole cluster (issue 11, points 3 and 4).
+
+Agent states with an ``AgentStates`` block:
 
 The code the agent chose comes back exactly; a supervisor's pause or unpause on the PBX (QueuePause from
 another AMI client) reaches the agent as the configured code; on reconnect, the state Creatio's header
@@ -17,7 +19,15 @@ import redis
 
 from local_cluster.infra import Infrastructure
 from local_cluster.launcher import ClusterOptions, LocalCluster
-from tests.support.creatio_client import AGENT_STATE_CHANGED, ERROR, LIBRARY_INITIALIZED, RING_STARTED, CreatioAgent
+from tests.support.creatio_client import (
+    AGENT_STATE_CHANGED,
+    COMMUTATION_STARTED,
+    ERROR,
+    LIBRARY_INITIALIZED,
+    RING_FINISHED,
+    RING_STARTED,
+    CreatioAgent,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -140,5 +150,38 @@ def test_extension_name_as_admins_type_it(cluster: LocalCluster) -> None:
         finally:
             await agent.close()
             await wrong.close()
+
+    asyncio.run(main())
+
+
+def test_attended_transfer_keeps_the_original_caller_on_the_transferring_agents_call(cluster: LocalCluster) -> None:
+    """Every call object of the original call (hold, CALL_INFO_CHANGED, the end) names the original caller, not
+    the consultation target."""
+
+    async def main() -> None:
+        agent = CreatioAgent(cluster.client_url, "308")
+        await agent.connect()
+        await agent.open()
+        try:
+            mark = len(agent.events)
+            await asyncio.to_thread(cluster.play, "inbound-direct-noanswer", line="308", caller="79161112233")
+            ring = await agent.wait_for(RING_STARTED, after=mark, timeout=15)
+            assert isinstance(ring.content, dict)
+            await agent.call_command("AnswerCall", ring.content)
+            call = (await agent.wait_for(COMMUTATION_STARTED, after=mark, timeout=10)).content
+            assert isinstance(call, dict)
+            await agent.call_command("MakeConsultCall", call, {"targetAddress": "306"})
+            consult = (await agent.wait_for(RING_STARTED, after=mark, timeout=10,
+                                            predicate=lambda r: r.content["id"] != call["id"])).content
+            await asyncio.sleep(1.0)
+            await agent.call_command("TransferCall", call, {"consultationCall": json.dumps(consult)})
+            await agent.wait_for(RING_FINISHED, after=mark, timeout=15,
+                                 predicate=lambda r: r.content["id"] == call["id"])
+            await asyncio.sleep(1.0)
+            objects = [e.content for e in agent.events[mark:]
+                       if isinstance(e.content, dict) and e.content.get("id") == call["id"]]
+            assert objects and all(o["callerId"] == "79161112233" for o in objects), objects
+        finally:
+            await agent.close()
 
     asyncio.run(main())
