@@ -1,10 +1,9 @@
 """What the agent sees in Creatio's header and panel, through the whole cluster (issue 11, points 3 and 4).
 
-Agent states with an ``AgentStates`` block:
-
-The code the agent chose comes back exactly; a supervisor's pause or unpause on the PBX (QueuePause from
-another AMI client) reaches the agent as the configured code; on reconnect, the state Creatio's header
-re-sends from the profile does not undo what a supervisor did meanwhile.
+Agent states, with an ``AgentStates`` block: the code the agent chose comes back exactly; a supervisor's pause or
+unpause on the PBX (QueuePause from another AMI client) reaches the agent as the configured code; on reconnect,
+the state Creatio's header re-sends from the profile does not undo what a supervisor did meanwhile. Then
+ExtensionName as admins type it, and the caller of an attended transfer's original call.
 """
 
 from __future__ import annotations
