@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ import pytest
 
 from local_cluster.infra import Infrastructure
 from local_cluster.launcher import ClusterOptions, LocalCluster
+from tests.e2e.test_signalr import SignalRAgent, ensure_signalr_client
+from tests.e2e.test_signalr import content as signalr_content
+from tests.e2e.test_signalr import opened as signalr_opened
 from tests.support.creatio_client import (
     ABONENT_BUSY,
     CALL_SAVED_IN_DB,
@@ -58,11 +62,17 @@ def records_config(tmp: Path, site: CreatioSite) -> Path:
 
 
 @pytest.fixture(scope="module")
+def signalr_harness() -> Path:
+    return ensure_signalr_client()
+
+
+@pytest.fixture(scope="module")
 def cluster(infra: Infrastructure, site: CreatioSite,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     tmp = tmp_path_factory.mktemp("records")
     options = ClusterOptions.ephemeral(tmp / "run", amqp_url=infra.amqp_url, redis_url=infra.redis_url,
-                                       config=records_config(tmp, site))
+                                       config=records_config(tmp, site),
+                                       extra_env={"CMS_NODE_SIGNALR_TOKEN_SECRET": "e2e-records-signalr"})
     local = LocalCluster(options)
     local.start(timeout=60)
     try:
@@ -266,6 +276,36 @@ def test_blind_transfer_ends_the_record_on_the_transferring_line(cluster: LocalC
             assert len(rows_for_line(site, "541")) == 1
         finally:
             await agent.close()
+
+    asyncio.run(main())
+
+
+def test_signalr_agent_gets_call_saved_in_db_and_its_contact_owns_the_record(
+    cluster: LocalCluster, site: CreatioSite, signalr_harness: Path
+) -> None:
+    """Creatio 8.x's transport (Microsoft's SignalR client): the same record and the same databaseUId."""
+
+    async def main() -> None:
+        contact = str(uuid.uuid4())
+        agent = SignalRAgent(signalr_harness, f"http://127.0.0.1:{cluster.options.haproxy_port}/", "561",
+                             "--contact", contact)
+        await agent.start()
+        try:
+            await signalr_opened(agent)
+            await asyncio.sleep(0.5)  # the record owner reaches the gateway
+            mark = len(agent.lines)
+            await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="561", caller=CALLER)
+            ring = signalr_content(await agent.event(RING_STARTED, after=mark))
+            saved_item = await agent.wait(lambda i: i["kind"] == "event" and i["eventType"] == CALL_SAVED_IN_DB
+                                          and signalr_content(i)["id"] == ring["id"], timeout=20, after=mark)
+            uid = signalr_content(saved_item)["databaseUId"]
+            end = signalr_content(await agent.event(RING_FINISHED, timeout=20, after=mark))
+            assert end["databaseUId"] == uid
+            row = await final_row(site, uid)
+            assert row["CreatedById"] == contact and row["CallerId"] == CALLER and row["TalkTime"] >= 1
+            assert all(i["argType"] == "string" for i in agent.events())
+        finally:
+            await agent.stop()
 
     asyncio.run(main())
 
