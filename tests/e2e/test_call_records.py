@@ -280,6 +280,50 @@ def test_blind_transfer_ends_the_record_on_the_transferring_line(cluster: LocalC
     asyncio.run(main())
 
 
+def test_attended_transfer_completed_rows(cluster: LocalCluster, site: CreatioSite) -> None:
+    """The transferring line: its call and the consultation (ParentCallId); the target line (an internal
+    call from 581 first): the call it ends up with, naming who transferred it."""
+
+    async def main() -> None:
+        agent, target = await opened(cluster, "581"), await opened(cluster, "582")
+        try:
+            mark, tmark = len(agent.events), len(target.events)
+            await play(cluster, "inbound-direct-noanswer", line="581", caller=CALLER)
+            ring = obj(await agent.wait_for(RING_STARTED, after=mark, timeout=15))
+            await agent.call_command("AnswerCall", ring)
+            call = obj(await agent.wait_for(COMMUTATION_STARTED, after=mark, timeout=10))
+            uid = await saved(agent, call["id"], mark)
+            await asyncio.sleep(1.5)  # talk before consulting (the consultation holds the call)
+            await agent.call_command("MakeConsultCall", call, {"targetAddress": "582"})
+            consult = obj(await agent.wait_for(RING_STARTED, after=mark, timeout=10,
+                                               predicate=lambda r: obj(r)["id"] != call["id"]))
+            consult_uid = await saved(agent, consult["id"], mark)
+            target_ring = obj(await target.wait_for(RING_STARTED, after=tmark, timeout=10))
+            target_uid = await saved(target, target_ring["id"], tmark)
+            await target.call_command("AnswerCall", target_ring)
+            await target.wait_for(COMMUTATION_STARTED, after=tmark, timeout=10)
+            await asyncio.sleep(1.0)
+            await agent.call_command("TransferCall", call, {"consultationCall": json.dumps(consult)})
+            await agent.wait_for(RING_FINISHED, after=mark, timeout=15, predicate=lambda r: obj(r)["id"] == call["id"])
+            target_call = obj(await target.wait_for(COMMUTATION_STARTED, after=tmark, timeout=10))
+            await asyncio.sleep(0.5)
+            await target.call_command("DropCall", target_call)
+            await target.wait_for(RING_FINISHED, after=tmark, timeout=15)
+            original, consultation = await final_row(site, uid), await final_row(site, consult_uid)
+            assert original["CallerId"] == CALLER and original["TalkTime"] >= 1
+            assert consultation["ParentCallId"] == uid and consultation["CalledId"] == "582"
+            at_target = await final_row(site, target_uid)
+            assert at_target["CreatedById"] == target.contact_uid
+            # after the transfer the target's call names the original caller and who transferred it
+            assert at_target["CallerId"] == CALLER, at_target
+            assert at_target["RedirectingId"] == "581", at_target
+        finally:
+            await agent.close()
+            await target.close()
+
+    asyncio.run(main())
+
+
 def test_signalr_agent_gets_call_saved_in_db_and_its_contact_owns_the_record(
     cluster: LocalCluster, site: CreatioSite, signalr_harness: Path
 ) -> None:
