@@ -6,6 +6,7 @@ Rows, durations, one record per call across retries and restarts, re-login, ODat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -380,3 +381,52 @@ def test_outbound_consultation_names_its_parent(infra: Infrastructure, prefix: s
             await h.saver.stop()
 
     run(infra, prefix, body)
+
+
+# ---- the HTTP framing: a Creatio that hangs, garbles or closes early is a retryable error, never a hang ----------
+
+
+def test_http_request_failures_are_http_errors() -> None:
+    from ami_gateway.http_request import HttpError, request
+
+    async def main() -> None:
+        peers: list[asyncio.StreamWriter] = []
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peers.append(writer)  # reads the request, never answers
+
+        async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peers.append(writer)
+            await reader.read(1000)
+            writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+            await writer.drain()
+
+        async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peers.append(writer)
+            await reader.read(1000)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+            await writer.drain()
+            writer.close()
+
+        for handler, says in ((silent, "no response within"), (garbage, "bad HTTP response"),
+                              (cut, "without sending complete message body")):
+            server = await asyncio.start_server(handler, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            try:
+                started = time.monotonic()
+                with pytest.raises(HttpError, match=says):
+                    await request("POST", f"http://user:pw@127.0.0.1:{port}/x", body=b"{}", timeout=1.0)
+                assert time.monotonic() - started < 5
+            finally:
+                for peer in peers:
+                    peer.close()
+                    with contextlib.suppress(OSError):
+                        await peer.wait_closed()
+                peers.clear()
+                server.close()
+                await server.wait_closed()
+        with pytest.raises(HttpError) as refused:
+            await request("GET", "http://127.0.0.1:1/", timeout=2.0)
+        assert "pw" not in str(refused.value)
+
+    asyncio.run(main())
