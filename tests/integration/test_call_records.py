@@ -430,3 +430,62 @@ def test_http_request_failures_are_http_errors() -> None:
         assert "pw" not in str(refused.value)
 
     asyncio.run(main())
+
+
+def test_saving_goes_on_while_redis_is_down_and_after_it_restarts_empty(
+    tmp_path: Any, site: CreatioSite, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The journal is Redis; Creatio is the point. A private Redis dies mid-call and comes back empty: the
+    call's end is still saved, once, and the journal is written again."""
+    import shutil
+    import subprocess
+
+    from local_cluster.infra import free_port, port_open
+
+    server = shutil.which("redis-server")
+    assert server is not None, "redis-server is needed (scripts/setup-system.sh)"
+    port = free_port()
+
+    def start() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no", "--dir", str(tmp_path)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while not port_open(port):
+            assert time.monotonic() < deadline and process.poll() is None, "private Redis did not start"
+            time.sleep(0.05)
+        return process
+
+    redis_process = start()
+
+    async def main() -> None:
+        nonlocal redis_process
+        client = aioredis.from_url(f"redis://127.0.0.1:{port}/0")
+        h = Harness(config(site), client, "p")
+        await h.saver.start()
+        try:
+            assert await h.own()
+            events = answered_call_with_hold()
+            h.saver.observe(events[:2])
+            await until(lambda: bool(h.saved))
+            redis_process.terminate()
+            redis_process.wait(10)
+            h.saver.observe(events[2:])
+            await until(lambda: (site.rows_of("1700.1:305") or [{}])[0].get("EndDate") is not None)
+            assert len(site.rows_of("1700.1:305")) == 1
+            redis_process = start()  # back, empty
+            h.saver.observe([ev(EventType.RING_STARTED, call(CallState.RINGING, T0, call_id="1700.9:305"), T0)])
+            await until(lambda: bool(site.rows_of("1700.9:305")))
+            assert await h.saver.wait_idle(10)
+            assert await client.sismember("p:records:pending", "1700.9:305")  # journalled again
+        finally:
+            await h.saver.stop()
+            await client.aclose()
+
+    try:
+        with caplog.at_level("WARNING"):
+            asyncio.run(main())
+    finally:
+        redis_process.terminate()
+        redis_process.wait(10)
+    assert "call record journal unavailable" in caplog.text
