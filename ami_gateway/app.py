@@ -36,7 +36,7 @@ from ami_gateway.event_outbox import (
 )
 from ami_gateway.lines import LineMatcher
 from ami_gateway.packet_info import parse_packet_info
-from ami_gateway.queue_policy import AutoPausePolicy, PauseRequest, QueueChange, QueueStateTrace
+from ami_gateway.queue_policy import AutoPausePolicy, PauseRequest, QueueChange, QueueStateTrace, agent_choice
 from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.backoff import Backoff
 from services.config import Settings, redact_url
@@ -275,22 +275,6 @@ class Gateway:
                 if outcome != "success" and request.paused:
                     self.auto_pause.pause_failed(request.line)
 
-    def _expect_agent_state(self, command: Command) -> None:
-        """The state an agent chose, told to the tracker before the QueuePause is sent (its QueueMemberPause
-        may come before its answer), so the change is reported as the agent's, with the agent's code."""
-        codes = self.settings.agent_states
-        line, args = command.line, command.args
-        if command.name is CommandName.AGENT_PAUSE:
-            reason = args.get("reason", "").strip()[:REASON_MAX]
-            self.tracker.expect_agent_code(line, args.get("state_code") or reason, reason)
-        elif command.name is CommandName.AGENT_UNPAUSE:
-            self.tracker.expect_agent_code(line, codes.ready, "", paused=False)
-        elif command.name is CommandName.WRAP_UP:
-            if args.get("active", "true").strip().lower() == "true":
-                self.tracker.expect_agent_code(line, codes.wrap_up, codes.wrap_up_reason)
-            else:
-                self.tracker.expect_agent_code(line, codes.ready, "", paused=False)
-
     def _record_saved(self, line: str, call_id: str, record_uid: str) -> None:
         self._record_event(line, call_id, EventType.CALL_SAVED)
 
@@ -479,7 +463,9 @@ class Gateway:
                 except WireError as exc:
                     log.warning("dropping undecodable command: %s", exc)
                     return
-                self._expect_agent_state(command)
+                choice = agent_choice(command, self.settings.agent_states, REASON_MAX)
+                if choice is not None:  # before the QueuePause: its events may come before its answer
+                    self.tracker.expect_agent_code(choice.line, choice.code, choice.reason, choice.paused)
                 if command.name is CommandName.RECORD_OWNER:
                     result = (await self.records.set_owner(command) if self.records is not None
                               else CommandResult(command.id, True))

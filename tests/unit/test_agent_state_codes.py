@@ -10,6 +10,7 @@ import pytest
 
 from ami_gateway.ami_protocol import AmiMessage
 from ami_gateway.lines import LineMatcher
+from ami_gateway.queue_policy import AgentChoice, agent_choice
 from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.agent_states import AgentStateCodes
 from services.config import ConfigError, parse_agent_states
@@ -186,3 +187,15 @@ def test_the_agent_sees_the_code_the_gateway_decided() -> None:
                                     agent=AgentState("305", True, "course", ("support",), code="Training")))
     assert states_sent(env) == ["Training"]
 
+
+
+def test_agent_choice_of_each_command() -> None:
+    def choice(name: CommandName, **args: str) -> AgentChoice | None:
+        return agent_choice(Command("c", "305", name, args), CODES, 200)
+
+    lunch = choice(CommandName.AGENT_PAUSE, reason=" lunch ", state_code="Lunch")
+    assert lunch == AgentChoice("305", "Lunch", "lunch", True)
+    assert choice(CommandName.AGENT_UNPAUSE) == AgentChoice("305", "Active", "", False)
+    assert choice(CommandName.WRAP_UP, active="true") == AgentChoice("305", "AfterCall", "Wrap-up", True)
+    assert choice(CommandName.WRAP_UP, active="false") == AgentChoice("305", "Active", "", False)
+    assert choice(CommandName.HANGUP, call_id="x") is None
