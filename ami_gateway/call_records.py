@@ -108,6 +108,8 @@ class CallRecordSaver:
         self._entries: dict[str, _Entry] = {}
         #: call id -> Creatio's record id, for stamping events (kept after the record is done: late events)
         self._uids: OrderedDict[str, str] = OrderedDict()
+        #: calls given up: their later events do not start the record again (the agent was told it failed)
+        self._given_up: OrderedDict[str, None] = OrderedDict()
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
         self._sites: dict[str, CreatioSite] = {}
@@ -226,6 +228,8 @@ class CallRecordSaver:
                 continue
             entry = self._entries.get(call.id)
             line_calls = None
+            if entry is None and call.id in self._given_up:
+                continue
             if entry is None:
                 owner = self._owners.get(event.line)
                 if owner is None:
@@ -345,6 +349,9 @@ class CallRecordSaver:
             log.error("call %s of line %s could not be saved in Creatio: %s", call_id, record.line, why,
                       extra={"line": record.line, "call": call_id})
             self._on_failed(record.line, call_id, why)
+            self._given_up[call_id] = None
+            while len(self._given_up) > _UIDS_KEPT:
+                self._given_up.popitem(last=False)
             self._forget(call_id)
             self._background(self._mark_failed(call_id))
             return

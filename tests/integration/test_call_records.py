@@ -301,9 +301,13 @@ def test_rejected_record_is_given_up_and_reported(infra: Infrastructure, prefix:
             assert h.failed[0][:2] == (LINE, "1700.1:305")
             assert "400" in h.failed[0][2]
             assert counter("cms_call_records_failed_total") == given_up + 1
-            await until(lambda: True)
             await asyncio.sleep(0.2)
             assert await client.sismember(f"{prefix}:records:failed", "1700.1:305")
+            # the call goes on: its later events do not start the record again (the agent was told)
+            h.saver.observe(answered_call_with_hold()[1:])
+            assert await h.saver.wait_idle(5)
+            await asyncio.sleep(0.3)
+            assert site.rows_of("1700.1:305") == [] and len(h.failed) == 1
         finally:
             await h.saver.stop()
 
