@@ -296,6 +296,11 @@ class CallRecordSaver:
                 self._retry_later(call_id, entry)
             finally:
                 entry.busy = False
+            # Changes that came while this worker awaited were passed over by the others (busy): write them,
+            # unless a retry is already scheduled (its backoff stands).
+            if (self._entries.get(call_id) is entry and entry.record.version != entry.saved_version
+                    and entry.retry_handle is None):
+                self._schedule(call_id)
 
     async def _write(self, call_id: str, entry: _Entry) -> None:
         record = entry.record

@@ -324,6 +324,26 @@ def test_attended_transfer_completed_rows(cluster: LocalCluster, site: CreatioSi
     asyncio.run(main())
 
 
+def test_a_record_creatio_refuses_is_a_call_saving_error_for_the_agent(cluster: LocalCluster,
+                                                                        site: CreatioSite) -> None:
+    async def main() -> None:
+        agent = await opened(cluster, "591")
+        try:
+            mark = len(agent.events)
+            site.fail_next(400)  # Creatio refuses the record's data: retrying cannot help
+            await play(cluster, "inbound-direct-answered", line="591", caller=CALLER)
+            error = obj(await agent.wait_for(ERROR, after=mark, timeout=20))
+            assert error["errorType"] == 7 and CALLER in error["data"]  # CALL_SAVING_ERROR
+            await agent.wait_for(RING_FINISHED, after=mark, timeout=20)
+            await asyncio.sleep(1.0)
+            assert agent.of_type(CALL_SAVED_IN_DB, mark) == []
+            assert rows_for_line(site, "591") == []
+        finally:
+            await agent.close()
+
+    asyncio.run(main())
+
+
 def test_signalr_agent_gets_call_saved_in_db_and_its_contact_owns_the_record(
     cluster: LocalCluster, site: CreatioSite, signalr_harness: Path
 ) -> None:

@@ -493,3 +493,64 @@ def test_saving_goes_on_while_redis_is_down_and_after_it_restarts_empty(
         redis_process.terminate()
         redis_process.wait(10)
     assert "call record journal unavailable" in caplog.text
+
+
+async def slow_proxy(target_port: int, delay: float) -> asyncio.Server:
+    """A TCP proxy that holds every chunk ``delay`` seconds: a slow Redis, for real."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await asyncio.sleep(delay)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def test_changes_that_come_while_a_write_is_in_flight_are_all_written(infra: Infrastructure, prefix: str,
+                                                                      site: CreatioSite) -> None:
+    """A slow journal (Redis behind a delaying proxy) and a busy call: holds and unholds arrive while earlier
+    states are being written and journalled; the last state (the end, every hold) always reaches Creatio."""
+
+    async def body(client: aioredis.Redis) -> None:
+        redis_port = int(infra.redis_url.rsplit(":", 1)[1].split("/")[0])
+        proxy = await slow_proxy(redis_port, 0.02)
+        slow = aioredis.from_url(f"redis://127.0.0.1:{proxy.sockets[0].getsockname()[1]}/0")
+        h = Harness(config(site), slow, prefix)
+        await h.saver.start()
+        try:
+            assert await h.own()
+            a = T0 + 1
+            events = [ev(EventType.RING_STARTED, call(CallState.RINGING, T0), T0),
+                      ev(EventType.COMMUTATION_STARTED, call(CallState.CONNECTED, a, answered=a), a)]
+            at = a
+            for _ in range(15):
+                events.append(ev(EventType.HOLD_STARTED, call(CallState.HELD, at + 1, answered=a), at + 1))
+                events.append(ev(EventType.HOLD_ENDED, call(CallState.CONNECTED, at + 3, answered=a), at + 3))
+                at += 4
+            events.append(ev(EventType.RING_FINISHED, call(CallState.FINISHED, at + 1, answered=a, ended=at + 1),
+                             at + 1))
+            for i, event in enumerate(events):
+                h.saver.observe([event])
+                await asyncio.sleep(0.011 * (i % 9))  # lands before, during and after the writes
+            await until(lambda: (site.rows_of("1700.1:305") or [{}])[0].get("EndDate") is not None, timeout=20)
+            assert await h.saver.wait_idle(10)
+            row = site.rows_of("1700.1:305")[0]
+            assert row["HoldTime"] == 30 and row["Duration"] == round(at + 1 - T0)
+            await asyncio.sleep(0.3)
+            assert await client.scard(f"{prefix}:records:pending") == 0
+        finally:
+            await h.saver.stop()
+            await slow.aclose()
+            proxy.close()
+
+    run(infra, prefix, body)

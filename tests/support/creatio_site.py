@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,6 +69,8 @@ class CreatioSite:
         self._sessions: dict[str, str] = {}  # .ASPXAUTH -> csrf
         self._fail: list[int] = []
         self._answers: list[str] = []
+        #: seconds each write takes (a slow Creatio)
+        self.write_delay = 0.0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -151,6 +154,8 @@ class CreatioSite:
             return self._fail.pop(0) if self._fail else 0
 
     def update_call(self, body: Any) -> tuple[int, Any]:
+        if self.write_delay:
+            time.sleep(self.write_delay)
         failed = self._injected()
         if failed:
             return failed, {"error": "injected failure"}
