@@ -184,3 +184,35 @@ def test_attended_transfer_keeps_the_original_caller_on_the_transferring_agents_
             await agent.close()
 
     asyncio.run(main())
+
+
+def test_a_code_the_agent_chose_survives_a_gateway_restart(cluster: LocalCluster) -> None:
+    """An unlisted code pauses with its own name; after a gateway restart (a new run reads the queue states
+    back from Asterisk) the agent is still reported with that code, not as a supervisor's pause."""
+
+    async def main() -> None:
+        agent = CreatioAgent(cluster.client_url, "306")  # 306: in the simulator's "support" queue
+        await agent.connect()
+        await agent.open()
+        try:
+            mark = len(agent.events)
+            # the first state after connect: nobody changed 306 from the PBX side, so it is carried out
+            await agent.send("SetMsgUserState", {"code": "Coffee", "reason": ""})
+            await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10,
+                                 predicate=lambda r: r.content == "Coffee")
+            await asyncio.to_thread(cluster.kill, "gateway")
+            await asyncio.to_thread(cluster.restart, "gateway", 60)
+            await asyncio.sleep(2.0)
+            assert stored_agent(cluster, "306")["code"] == "Coffee"
+            mark = len(agent.events)
+            await agent.send("QueryMsgUserState")
+            state = await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10)
+            assert state.content == "Coffee"
+            mark = len(agent.events)
+            await agent.send("SetMsgUserState", {"code": "Active", "reason": ""})
+            await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10,
+                                 predicate=lambda r: r.content == "Active")
+        finally:
+            await agent.close()
+
+    asyncio.run(main())
