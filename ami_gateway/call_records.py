@@ -65,6 +65,8 @@ for _outcome in ("success", "retry", "rejected"):
     RECORD_WRITES.labels(outcome=_outcome)
 
 _DONE_TTL_SECONDS = 7 * 86400
+#: a journal write that takes longer is given up (the record is written to Creatio anyway)
+_JOURNAL_TIMEOUT = 5.0
 #: a record that is open this long without an event is written as it is and forgotten from memory
 _STALE_OPEN_SECONDS = 12 * 3600
 #: record ids remembered after their record is done (late events of a call still get stamped)
@@ -164,6 +166,7 @@ class CallRecordSaver:
         RECORDS_PENDING.set(len(self._entries))
         for i in range(self.config.concurrency):
             self._tasks.append(asyncio.create_task(self._worker(), name=f"call-records-{i}"))
+        self._tasks.append(asyncio.create_task(self._sweep(), name="call-records-sweep"))
 
     async def stop(self) -> None:
         for entry in self._entries.values():
@@ -277,6 +280,17 @@ class CallRecordSaver:
         if call_id not in self._queued:
             self._queued.add(call_id)
             self._queue.put_nowait(call_id)
+
+    async def _sweep(self, every: float = 5.0) -> None:
+        """A safety net: a record whose newest state is neither written, being written, queued nor waiting for
+        a retry is queued again (and said, as it means a change slipped past the workers)."""
+        while True:
+            await asyncio.sleep(every)
+            for call_id, entry in list(self._entries.items()):
+                idle = not entry.busy and entry.retry_handle is None and call_id not in self._queued
+                if idle and entry.record.version != entry.saved_version:
+                    log.warning("call record %s v%d was not queued; writing it now", call_id, entry.record.version)
+                    self._schedule(call_id)
 
     async def _worker(self) -> None:
         while True:
@@ -400,9 +414,10 @@ class CallRecordSaver:
             else:
                 pipe.set(key, record.to_json())
                 pipe.sadd(self._pending_key, record.call_id)
-            await pipe.execute()
+            async with asyncio.timeout(_JOURNAL_TIMEOUT):
+                await pipe.execute()
             self._persist_failed_logged = False
-        except (OSError, aioredis.RedisError) as exc:
+        except (OSError, aioredis.RedisError, TimeoutError) as exc:
             # Saving in Creatio matters more than the journal: go on, the next write persists again.
             if not self._persist_failed_logged:
                 log.warning("call record journal unavailable (%s); records are saved but a restart may lose "
@@ -415,8 +430,9 @@ class CallRecordSaver:
             pipe.srem(self._pending_key, call_id)
             pipe.sadd(self._failed_key, call_id)
             pipe.expire(self._record_key(call_id), _DONE_TTL_SECONDS)
-            await pipe.execute()
-        except (OSError, aioredis.RedisError) as exc:
+            async with asyncio.timeout(_JOURNAL_TIMEOUT):
+                await pipe.execute()
+        except (OSError, aioredis.RedisError, TimeoutError) as exc:
             log.warning("could not mark call record %s as failed in Redis: %s", call_id, exc)
 
     def _site(self, site: str) -> CreatioSite:
