@@ -239,7 +239,7 @@ def test_hold_time_and_consultation_parent(cluster: LocalCluster, site: CreatioS
             consult_mark = len(agent.events)
             await agent.call_command("MakeConsultCall", call, {"targetAddress": "532"})
             consult = obj(await agent.wait_for(RING_STARTED, after=consult_mark, timeout=10,
-                                               predicate=lambda r: obj(r)["id"] != call["id"]))
+                                               predicate=lambda r: obj(r).get("calledId") == "532"))
             consult_uid = await saved(agent, consult["id"], consult_mark)
             await agent.send("CancelTransfer", {"currentCall": json.dumps(call), "consultCall": json.dumps(consult)})
             await agent.wait_for(RING_FINISHED, after=consult_mark, timeout=10,
@@ -296,7 +296,7 @@ def test_attended_transfer_completed_rows(cluster: LocalCluster, site: CreatioSi
             await asyncio.sleep(1.5)  # talk before consulting (the consultation holds the call)
             await agent.call_command("MakeConsultCall", call, {"targetAddress": "582"})
             consult = obj(await agent.wait_for(RING_STARTED, after=mark, timeout=10,
-                                               predicate=lambda r: obj(r)["id"] != call["id"]))
+                                               predicate=lambda r: obj(r).get("calledId") == "582"))
             consult_uid = await saved(agent, consult["id"], mark)
             target_ring = obj(await target.wait_for(RING_STARTED, after=tmark, timeout=10))
             target_uid = await saved(target, target_ring["id"], tmark)
