@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -37,7 +38,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ami_gateway.ami_client import DEFAULT_EVENT_MASK, AmiClient, AmiError, AmiSession
 from ami_gateway.ami_protocol import AmiMessage, AmiParser
+from ami_gateway.call_records import CallRecordSaver
 from ami_gateway.command_executor import CommandExecutor
+from ami_gateway.command_plan import REASON_MAX
 from ami_gateway.event_outbox import (
     EventOutbox,
     EventPublisher,
@@ -46,18 +49,28 @@ from ami_gateway.event_outbox import (
 from ami_gateway.lease import FENCED, TAKEOVERS, GatewayLease, LeaseLost, RenewOutcome, Term, set_lease_state
 from ami_gateway.lines import LineMatcher
 from ami_gateway.packet_info import parse_packet_info
-from ami_gateway.queue_policy import AutoPausePolicy, PauseRequest, QueueChange, QueueStateTrace
+from ami_gateway.queue_policy import AutoPausePolicy, PauseRequest, QueueChange, QueueStateTrace, agent_choice
 from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.backoff import Backoff
 from services.broker import Broker, close_quietly, declare_commands_queue
 from services.config import Settings, redact_url
 from services.heartbeat import Heartbeat
 from services.infra_metrics import BROKER_ERRORS, RedisHealth
-from services.line_state import LineStateWriter
+from services.line_state import LineKeys, LineStateWriter
 from services.observability import ObservabilityServer
 from services.redis_client import redis_client
 from services.topology import Topology
-from services.wire import Call, CallState, Command, CommandName, CommandResult, EventType, LineEvent, WireError
+from services.wire import (
+    AgentState,
+    Call,
+    CallState,
+    Command,
+    CommandName,
+    CommandResult,
+    EventType,
+    LineEvent,
+    WireError,
+)
 
 Task = asyncio.Task[None]
 
@@ -109,6 +122,7 @@ class Gateway:
             TrackerOptions(
                 send_ring_started_on_ringing_state=ast.send_ring_started_on_ringing_state,
                 packet_info=parse_packet_info(ast.packet_info_config) if ast.packet_info_config else None,
+                agent_codes=settings.agent_states,
             ),
         )
         self.sequencer = Sequencer(epoch="")
@@ -155,6 +169,13 @@ class Gateway:
         self._term_ready = asyncio.Event()  # the previous term's calls are read: sessions may resync
         self._activation_lock = asyncio.Lock()
         self._synced_session: AmiSession | None = None
+        # Call records in Creatio (optional CallRecords block): its own tasks, fed from _emit.
+        self.records: CallRecordSaver | None = None
+        if settings.call_records.enabled:
+            self.records = CallRecordSaver(
+                settings.call_records, self.redis, settings.cluster.prefix,
+                on_saved=self._record_saved, on_failed=self._record_failed,
+            )
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -201,6 +222,21 @@ class Gateway:
             self.observability.port,
         )
 
+    async def _restore_agent_codes(self) -> None:
+        """The codes agents chose, from the agent states a previous run stored: a pause reported after a
+        restart is still the code the agent chose (services/agent_states.py, Rule 4)."""
+        keys = LineKeys(self.settings.cluster.prefix)
+        for line in self._stale_calls or {}:
+            raw = await self.redis.get(keys.agent(line))
+            if not raw:
+                continue
+            try:
+                agent = AgentState.from_dict(json.loads(raw))
+            except (ValueError, WireError):
+                continue
+            if agent.paused and agent.code:
+                self.tracker.expect_agent_code(line, agent.code, agent.reason)
+
     async def stop(self, flush_timeout: float = 5.0) -> None:
         GATEWAY_READY.set(0)
         if self.ami is not None:
@@ -208,6 +244,8 @@ class Gateway:
         # The lease loop keeps renewing while the outbox flushes: the flush may outlast one ttl.
         if self.active and not await self.outbox.wait_idle(flush_timeout):
             log.warning("stopping with %d events not yet published", self.outbox.depth)
+        if self.records is not None:
+            await self.records.stop()
         for task in [*self._tasks, *self._command_tasks]:
             task.cancel()
         for task in [*self._tasks, *self._command_tasks]:
@@ -334,6 +372,10 @@ class Gateway:
                 delay = backoff.next_delay()
                 log.warning("cannot read the previous term's calls (%s); retry in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
+        await self._restore_agent_codes()
+        if self.records is not None:
+            # Only the lease holder writes to Creatio; its journal in Redis carries over from the last term.
+            await self.records.start()
         self._spawn(self.outbox.run(), "outbox")
         self._commands_task = self._spawn(self._consume_commands(), "commands")
         self._spawn(self._pause_worker(), "queue-pause")
@@ -405,6 +447,9 @@ class Gateway:
     def _emit(self, events: list[LineEvent]) -> None:
         if not events:
             return
+        if self.records is not None:
+            events = self.records.stamp(events)
+            self.records.observe(events)
         self.outbox.put(events)
         CALLS_IN_PROGRESS.set(sum(len(self.tracker.calls_of(line)) for line in self.tracker.lines()))
         if self.auto_pause.enabled:
@@ -442,9 +487,33 @@ class Gateway:
                 if outcome != "success" and request.paused:
                     self.auto_pause.pause_failed(request.line)
 
+    def _record_saved(self, line: str, call_id: str, record_uid: str) -> None:
+        self._record_event(line, call_id, EventType.CALL_SAVED)
+
+    def _record_failed(self, line: str, call_id: str, why: str) -> None:
+        self._record_event(line, call_id, EventType.CALL_SAVE_FAILED)
+
+    def _record_event(self, line: str, call_id: str, kind: EventType) -> None:
+        """Tell the line's tabs, in its sequenced stream, with the call as it is now (a finished call if gone),
+        so the event cannot bring back an ended call."""
+        assert self.records is not None
+        call = next((c for c in self.tracker.calls_of(line) if c.id == call_id), None)
+        if call is None:
+            record = self.records.record_of(call_id)
+            if record is None:
+                return
+            call = record.call.evolve(state=CallState.FINISHED)
+        self._emit([LineEvent(line=line, type=kind, call=call, ami_received_at=time.time())])
+
     def _command_done(self, command: Command, result: CommandResult) -> None:
         if command.name is CommandName.WRAP_UP and result.ok:
             self.auto_pause.set_wrap_up(command.line, command.args.get("active", "true").lower() == "true")
+        if command.name is CommandName.DTMF and result.ok:
+            # DTMF_ENTERED is "DTMF characters sent": the panel shows what the agent dialled (tracker Rule 12).
+            # PlayDTMF's own events are "Sent" ones the tracker never reports, so this is the only echo.
+            call = next((c for c in self.tracker.calls_of(command.line) if c.id == command.args.get("call_id")), None)
+            self._emit([LineEvent(line=command.line, type=EventType.DTMF_ENTERED, call=call,
+                                  digits=command.args.get("digits", ""), ami_received_at=time.time())])
 
     async def _on_ami_connected(self, session: AmiSession) -> None:
         if self.active:
@@ -566,7 +635,7 @@ class Gateway:
                 events.append(
                     LineEvent(line=line, type=EventType.AGENT_STATE_CHANGED, agent=agent, ami_received_at=now)
                 )
-        self.outbox.put(events)
+        self.outbox.put(self.records.stamp(events) if self.records is not None else events)
 
     async def _replay(self, path: str) -> None:
         """``filePath``: play a scenario file (a raw AMI capture is one) through the same path as live AMI."""
@@ -698,6 +767,13 @@ class Gateway:
             return CommandResult(command_id=command.id, ok=False,
                                  error="this command was already taken by the telephony gateway (delivered "
                                        "twice during a gateway change); check the call before trying again")
+        choice = agent_choice(command, self.settings.agent_states, REASON_MAX)
+        if choice is not None:  # before the QueuePause: its events may come before its answer
+            self.tracker.expect_agent_code(choice.line, choice.code, choice.reason, choice.paused)
+        if command.name is CommandName.RECORD_OWNER:
+            if self.records is None:
+                return CommandResult(command.id, True)
+            return await self.records.set_owner(command)
         return await self.executor.execute(command)
 
 

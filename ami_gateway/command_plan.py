@@ -47,6 +47,7 @@ from typing import Protocol
 
 from ami_gateway.lines import LineMatcher
 from ami_gateway.tracker import CallControl
+from services.agent_states import WRAP_UP_REASON  # the QueuePause reason of after-call work
 from services.config import AsteriskConfig
 from services.wire import Call, CallState, Command, CommandName
 
@@ -60,15 +61,13 @@ __all__ = [
     "plan_command",
 ]
 
-#: QueuePause reason used while the agent is in wrap-up (after-call work).
-WRAP_UP_REASON = "Wrap-up"
 #: How long the agent's phone rings for a click-to-dial before Asterisk gives up (Originate Timeout).
 ORIGINATE_RING_SECONDS = 30
 
 _NUMBER_RE = re.compile(r"^\+?[0-9A-Za-z*#._-]{1,64}$")
 _CONTEXT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 _DTMF_RE = re.compile(r"^[0-9*#A-D]{1,32}$")
-_REASON_MAX = 200
+REASON_MAX = 200
 
 
 class CommandRefused(Exception):
@@ -428,7 +427,7 @@ def plan_command(
             pause, reason = active == "true", WRAP_UP_REASON
         else:
             pause = name is CommandName.AGENT_PAUSE
-            reason = args.get("reason", "").strip()[:_REASON_MAX]
+            reason = args.get("reason", "").strip()[:REASON_MAX]
             if any(c in reason for c in "\r\n"):
                 raise CommandRefused("agent_pause: the reason must be one line")
         fields: list[tuple[str, str]] = [("Interface", interface), ("Paused", "true" if pause else "false")]

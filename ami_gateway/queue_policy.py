@@ -27,9 +27,11 @@ from dataclasses import dataclass
 
 from ami_gateway.ami_protocol import AmiMessage
 from ami_gateway.lines import LineMatcher
-from services.wire import AgentState, EventType, LineEvent
+from services.agent_states import AgentStateCodes
+from services.wire import AgentState, Command, CommandName, EventType, LineEvent
 
-__all__ = ["AUTO_PAUSE_REASON", "AutoPausePolicy", "PauseRequest", "QueueChange", "QueueStateTrace"]
+__all__ = ["AUTO_PAUSE_REASON", "AgentChoice", "AutoPausePolicy", "PauseRequest", "QueueChange", "QueueStateTrace",
+           "agent_choice"]
 
 #: QueuePause reason of an automatic pause (the agent state shows it while the call lasts).
 AUTO_PAUSE_REASON = "Auto pause: call in progress"
@@ -43,6 +45,33 @@ class PauseRequest:
     line: str
     paused: bool
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentChoice:
+    """The state an agent chose through us, as the PBX will report it (see CallTracker.expect_agent_code)."""
+
+    line: str
+    code: str
+    reason: str
+    paused: bool
+
+
+def agent_choice(command: Command, codes: AgentStateCodes, reason_max: int) -> AgentChoice | None:
+    """What an agent-state command will show as on the PBX: the gateway tells the tracker *before* sending the
+    QueuePause (its QueueMemberPause may come before its answer), so the change is reported as the agent's,
+    with the agent's code (services/agent_states.py)."""
+    args = command.args
+    if command.name is CommandName.AGENT_PAUSE:
+        reason = args.get("reason", "").strip()[:reason_max]
+        return AgentChoice(command.line, args.get("state_code") or reason, reason, True)
+    if command.name is CommandName.AGENT_UNPAUSE:
+        return AgentChoice(command.line, codes.ready, "", False)
+    if command.name is CommandName.WRAP_UP:
+        if args.get("active", "true").strip().lower() == "true":
+            return AgentChoice(command.line, codes.wrap_up, codes.wrap_up_reason, True)
+        return AgentChoice(command.line, codes.ready, "", False)
+    return None
 
 
 @dataclass(slots=True)

@@ -63,8 +63,10 @@ of a Linkedid goes; a hard cap bounds the channel table if Hangups were lost.
 
 Rule 7 - agent state. ``QueueMemberStatus``/``QueueMemberPause``/``QueueMemberAdded``/``QueueMemberRemoved``
 keep, per line, each queue's pause flag (the member ``Interface``/``StateInterface`` mapped through the
-matcher). The agent is paused when paused in all its queues. AGENT_STATE_CHANGED is emitted only when the
-pause flag or reason changes (learning a membership is not a change).
+matcher). The agent is paused when paused in all its queues. Each state carries the Creatio code it is
+(``services.agent_states``: the code the agent chose if the pause has that choice's reason, else the code
+configured for the reason, else the "PBX paused" code - a supervisor's QueueMemberPause). AGENT_STATE_CHANGED
+is emitted only when the pause flag, reason or code changes (learning a membership is not a change).
 
 Rule 9 - consultation by ``Atxfer``. Asterisk 12+ carries out the AMI ``Atxfer`` action by calling a Local
 channel ``Local/<exten>@<context>-<seq>;1`` on behalf of the transferer (same Linkedid) and moving the
@@ -99,13 +101,14 @@ line's phone, takes the ringing channel's place in the path (dialled by the same
 its call is announced INCOMING from the original caller, with ``redirecting_number`` = the line it was meant for
 and ``redirection_number`` = the picker's line, and is connected at once (the picker is already answered).
 
-Rule 12 - DTMF. With ``read = dtmf`` Asterisk sends ``DTMFBegin``/``DTMFEnd``. A ``DTMFEnd`` with ``Direction:
-Received`` is a digit a channel's endpoint pressed; each line phone bridged with that channel (of another line)
-gets DTMF_ENTERED with the digit, for its call; a consultation leg (Rule 9) gets the digits its target presses.
-Digits the agent's own phone sends (``Received`` on the phone channel) are not DTMF_ENTERED for that line (they
-are for the party it talks to, if that is a line); ``Sent`` events (Asterisk passing a digit on, or ``PlayDTMF``
-of the ``dtmf`` command) never count, so each press is reported once. ``DTMFBegin`` is ignored: endpoints
-that do not send variable-length DTMF only ever produce ``DTMFEnd``.
+Rule 12 - DTMF. DTMF_ENTERED means "DTMF characters sent" in Creatio: its panel shows the digits the *agent*
+dialled, never the far end's. With ``read = dtmf`` Asterisk sends ``DTMFBegin``/``DTMFEnd``; a ``DTMFEnd`` with
+``Direction: Received`` on a line's phone channel is a key the agent pressed on the phone: DTMF_ENTERED with the
+digit for the line's current call (its consultation call while it consults, Rule 9). Digits other parties press
+(``Received`` on any other channel), ``Sent`` events (Asterisk passing a digit on, or ``PlayDTMF``) and
+``DTMFBegin`` (endpoints without variable-length DTMF only produce ``DTMFEnd``) are not reported, so each press
+is reported once. Digits the agent sends from the CRM (the ``dtmf`` command, played with ``PlayDTMF``) are
+echoed by the gateway once Asterisk accepted them (``ami_gateway.app``).
 
 Rule 8 - resync. After an AMI (re)connect, ``CoreShowChannel`` and ``QueueMember`` lists are the truth:
 calls whose phone channel is gone are finished, new phone channels are announced as their state says, a
@@ -124,6 +127,7 @@ from enum import Enum
 from ami_gateway.ami_protocol import AmiMessage
 from ami_gateway.lines import LineMatcher
 from ami_gateway.packet_info import PacketInfoSpec, Source
+from services.agent_states import DEFAULT_AGENT_CODES, AgentStateCodes
 from services.wire import AgentState, Call, CallState, Direction, EventType, LineEvent
 
 __all__ = ["CallControl", "CallTracker", "TrackerOptions"]
@@ -201,6 +205,8 @@ class TrackerOptions:
     max_channels: int = 50_000
     #: how many hung-up channel ids are remembered to ignore late events about them.
     remember_hangups: int = 10_000
+    #: Creatio agent-state codes (the ``AgentStates`` block): which code a pause is reported as (Rule 7)
+    agent_codes: AgentStateCodes = DEFAULT_AGENT_CODES
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +319,10 @@ class CallTracker:
         self._calls: dict[str, dict[str, _LineCall]] = {}
         self._members: dict[str, dict[str, tuple[bool, str]]] = {}
         self._agents: dict[str, AgentState] = {}
+        # line -> (code, QueuePause reason) of the agent's last choice of a pausing state (Rule 7)
+        self._chosen: dict[str, tuple[str, str]] = {}
+        # line -> (paused, reason) the agent's last choice will show as, until the PBX shows it (Rule 7)
+        self._expected: dict[str, tuple[bool, str]] = {}
         self._gone: OrderedDict[str, None] = OrderedDict()
         self._line_tech: dict[str, str] = {}  # line -> technology of its last phone channel (SIP, PJSIP)
         # Set by the first Hold/Unhold event: this PBX reports holds natively, music on hold is then only
@@ -334,6 +344,14 @@ class CallTracker:
 
     def agent_state(self, line: str) -> AgentState | None:
         return self._agents.get(line)
+
+    def expect_agent_code(self, line: str, code: str, reason: str, paused: bool = True) -> None:
+        """The agent chose ``code``, which pauses (or not) with ``reason``: a pause with that reason is reported
+        as ``code``, and the change as made by the agent (Rule 7). Called before the QueuePause is sent, as
+        its events may come before its answer."""
+        if paused:
+            self._chosen[line] = (code, reason)
+        self._expected[line] = (paused, reason if paused else "")
 
     def lines(self) -> set[str]:
         """Lines with a live call or a known agent state."""
@@ -1230,7 +1248,7 @@ class CallTracker:
             self._connect(lc, at, out)
 
     def _on_dtmf(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        """Rule 12: a digit pressed on a channel is DTMF_ENTERED for the line phones it talks to."""
+        """Rule 12: a key the agent pressed on the line's phone is DTMF_ENTERED for the line's current call."""
         if event != "dtmfend" or (msg.get("Direction") or "").strip().lower() != "received":
             return
         digit = (msg.get("Digit") or "").strip()
@@ -1238,23 +1256,17 @@ class CallTracker:
             log.debug("DTMFEnd with digit %r ignored", digit)
             return
         ch = self._find(msg, "")
-        if ch is None:
+        if ch is None or ch.line is None or ch.local_half:
             return
-        calls: list[_LineCall] = []
-        if ch.consult_of is not None:
-            # The consultation leg's ;1 half receives what the target presses (through its ;2 half).
-            if ch.call is not None:
-                calls.append(ch.call)
-        elif ch.bridge:
-            for key in sorted(self._bridges.get(ch.bridge, ())):
-                m = self._chans.get(key)
-                if m is None or m is ch or m.line is None or m.line == ch.line or m.consult_of is not None:
-                    continue
-                if m.call is not None and m.call.state is not CallState.FINISHED:
-                    calls.append(m.call)
-        for lc in calls:
-            out.append(LineEvent(line=lc.line, type=EventType.DTMF_ENTERED, call=lc.call, digits=digit.upper(),
-                                 ami_received_at=at))
+        lc = ch.call
+        consulting = next((c.call for c in self._chans.values() if c.consult_of == ch.key and c.call is not None
+                           and c.call.state is not CallState.FINISHED), None)
+        if consulting is not None:
+            lc = consulting
+        if lc is None or lc.state is CallState.FINISHED:
+            return
+        out.append(LineEvent(line=lc.line, type=EventType.DTMF_ENTERED, call=lc.call, digits=digit.upper(),
+                             ami_received_at=at))
 
     def _on_rename(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         ch = self._find(msg, "")
@@ -1287,18 +1299,29 @@ class CallTracker:
             queues.pop(queue, None)
         else:
             queues[queue] = _member_pause(msg, queues.get(queue))
-        self._publish_agent(line, at, out)
+        self._publish_agent(line, at, out, live=True)
 
-    def _publish_agent(self, line: str, at: float, out: list[LineEvent]) -> None:
+    def _publish_agent(self, line: str, at: float, out: list[LineEvent], live: bool = False) -> None:
         queues = self._members.get(line, {})
         names = tuple(sorted(queues))
         paused = bool(names) and all(queues[q][0] for q in names)
         reason = next((queues[q][1] for q in names if queues[q][1]), "") if paused else ""
-        state = AgentState(line=line, paused=paused, reason=reason, queues=names)
+        code = self._opts.agent_codes.code_of(paused, reason, self._chosen.get(line)) if names else ""
         previous = self._agents.get(line)
-        self._agents[line] = state
         before = (previous.paused, previous.reason) if previous is not None else (False, "")
+        set_by = previous.set_by if previous is not None else ""
         if (paused, reason) != before:
+            if self._expected.get(line) == (paused, reason):
+                set_by = "agent"
+                del self._expected[line]
+            else:
+                set_by = "pbx" if live and previous is not None else ""
+        if not paused:
+            self._chosen.pop(line, None)
+        state = AgentState(line=line, paused=paused, reason=reason, queues=names, code=code, set_by=set_by)
+        self._agents[line] = state
+        recoded = paused and previous is not None and previous.code != code
+        if (paused, reason) != before or recoded:
             out.append(LineEvent(line=line, type=EventType.AGENT_STATE_CHANGED, agent=state, ami_received_at=at))
 
     # ---- resync ----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.agent_states import DEFAULT_AGENT_CODES, AgentStateCodes
 from services.line_access import SecurityConfig, parse_security
 
 ASTERISK_KEYS = (
@@ -131,11 +132,39 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CallRecordsConfig:
+    """Optional ``CallRecords`` block: the gateway saves every call of a line whose agent opened a
+    session as a record in Creatio (docs/creatio-setup.md). Absent block = off."""
+
+    enabled: bool = False
+    #: Creatio site root (``https://crm.example.com``); overrides the agents' ServiceUrl
+    site_url: str = ""
+    #: other site roots an agent's ServiceUrl may name (the service account's password is only
+    #: ever sent to these and to site_url)
+    allowed_site_urls: tuple[str, ...] = ()
+    user_name: str = ""
+    password: str = field(default="", repr=False)
+    #: "msgutil" (MsgUtilService.svc/UpdateCall, as CMS does) or "odata" (OData 4 /0/odata/Call)
+    api: str = "msgutil"
+    #: a record still not saved after this long is given up and the agent told (CALL_SAVING_ERROR)
+    retry_for_seconds: float = 900.0
+    request_timeout_seconds: float = 10.0
+    #: concurrent HTTP requests to Creatio
+    concurrency: int = 4
+
+    def redacted(self) -> dict[str, Any]:
+        return {name: ("***" if name == "password" and getattr(self, name) else getattr(self, name))
+                for name in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     asterisk: AsteriskConfig
     cluster: ClusterConfig
     source: str = ""
     security: SecurityConfig = field(default_factory=lambda: SecurityConfig())
+    call_records: CallRecordsConfig = CallRecordsConfig()
+    agent_states: AgentStateCodes = DEFAULT_AGENT_CODES
     #: things worth an administrator's look that do not stop the start (unknown keys, typos)
     warnings: tuple[str, ...] = ()
 
@@ -169,11 +198,123 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
         asterisk = parse_asterisk(asterisk_block, warnings=warnings)
         cluster = parse_cluster(cluster_block, env, warnings=warnings)
         security = parse_security(_find_block(document, "security") or {}, asterisk)
+        records_block = _find_block(document, "callrecords")
+        call_records = parse_call_records(records_block, env) if records_block is not None else CallRecordsConfig()
+        states_block = _find_block(document, "agentstates")
+        agent_states = parse_agent_states(states_block) if states_block is not None else DEFAULT_AGENT_CODES
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
     if source:
         warnings = [f"{source}: {w}" for w in warnings]
-    return Settings(asterisk=asterisk, cluster=cluster, source=source, security=security, warnings=tuple(warnings))
+    return Settings(asterisk=asterisk, cluster=cluster, source=source, security=security, call_records=call_records,
+                    agent_states=agent_states, warnings=tuple(warnings))
+
+
+_STATES_KEYS = ("ready", "wrapUp", "paused", "pbxPaused", "onConnect")
+_CODE_RE = re.compile(r"^[^\r\n]{1,100}$")
+
+
+def parse_agent_states(block: Mapping[str, Any], where: str = "AgentStates") -> AgentStateCodes:
+    """``{"ready": "Active" | [...], "wrapUp": "WrapUp", "paused": {"Lunch": "lunch", ...},
+    "pbxPaused": "Paused", "onConnect": "pbx" | "profile"}`` (services/agent_states.py has the rules)."""
+    values = _fold_keys(block, where)
+    unknown = sorted(k for k in values if k not in {n.lower() for n in _STATES_KEYS})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(_STATES_KEYS)}")
+    defaults = DEFAULT_AGENT_CODES
+    ready_raw = values.get("ready", defaults.ready)
+    ready = [ready_raw] if isinstance(ready_raw, str) else ready_raw
+    if not isinstance(ready, list) or not ready or not all(isinstance(c, str) and _CODE_RE.match(c) for c in ready):
+        raise ConfigError(f"{where}.ready: expected a state code or a list of codes, e.g. \"Active\"")
+    paused_raw = values.get("paused", {})
+    if not isinstance(paused_raw, Mapping) or not all(
+        isinstance(k, str) and _CODE_RE.match(k) and isinstance(v, str) for k, v in paused_raw.items()
+    ):
+        raise ConfigError(
+            f"{where}.paused: expected an object code -> QueuePause reason, e.g. {{\"Lunch\": \"lunch\"}}"
+        )
+    reader = _Reader(values, where)
+    codes = AgentStateCodes(
+        ready=ready[0],
+        other_ready=tuple(ready[1:]),
+        wrap_up=reader.text("wrapUp", defaults.wrap_up),
+        paused=reader.text("pbxPaused", defaults.paused),
+        pause_reasons=tuple((k, v.strip()) for k, v in paused_raw.items()),
+        on_connect=reader.text("onConnect", defaults.on_connect).lower(),
+    )
+    if codes.on_connect not in ("pbx", "profile"):
+        raise ConfigError(f"{where}.onConnect: {codes.on_connect!r} must be \"pbx\" or \"profile\"")
+    reasons = [(r or c).casefold() for c, r in codes.pause_reasons] + [codes.wrap_up_reason.casefold()]
+    if len(set(reasons)) != len(reasons):
+        raise ConfigError(f"{where}.paused: two states pause with the same reason; give each its own, or the "
+                          "state cannot be told back from the PBX")
+    everything = [*ready, codes.wrap_up, *(c for c, _ in codes.pause_reasons)]
+    if len(set(everything)) != len(everything):
+        raise ConfigError(f"{where}: a code is listed twice (ready, wrapUp and paused must differ)")
+    return codes
+
+
+_RECORDS_KEYS = ("enabled", "siteUrl", "allowedSiteUrls", "userName", "password", "api", "retryForSeconds",
+                 "requestTimeoutSeconds", "concurrency")
+
+
+def parse_call_records(
+    block: Mapping[str, Any], env: Mapping[str, str], where: str = "CallRecords"
+) -> CallRecordsConfig:
+    """``CMS_CALL_RECORDS_PASSWORD`` (better than the file) and ``CMS_CALL_RECORDS_USER`` override the block."""
+    values = _fold_keys(block, where)
+    unknown = sorted(k for k in values if k not in {n.lower() for n in _RECORDS_KEYS})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(_RECORDS_KEYS)}")
+    if env.get("CMS_CALL_RECORDS_PASSWORD"):
+        values["password"] = env["CMS_CALL_RECORDS_PASSWORD"]
+    if env.get("CMS_CALL_RECORDS_USER"):
+        values["username"] = env["CMS_CALL_RECORDS_USER"]
+    reader = _Reader(values, where)
+    defaults = CallRecordsConfig()
+    allowed_raw = values.get("allowedsiteurls") or []
+    if isinstance(allowed_raw, str):
+        allowed_raw = [u for u in allowed_raw.split(",") if u.strip()]
+    if not isinstance(allowed_raw, list) or not all(isinstance(u, str) for u in allowed_raw):
+        raise ConfigError(f"{where}.allowedSiteUrls: expected a list of URLs such as [\"https://crm.example.com\"]")
+    cfg = CallRecordsConfig(
+        enabled=reader.boolean("enabled", True),
+        site_url=site_root(reader.text("siteUrl", ""), f"{where}.siteUrl") if values.get("siteurl") else "",
+        allowed_site_urls=tuple(site_root(u, f"{where}.allowedSiteUrls") for u in allowed_raw),
+        user_name=reader.text("userName", ""),
+        password=reader.text("password", ""),
+        api=reader.text("api", defaults.api).lower(),
+        retry_for_seconds=reader.number("retryForSeconds", defaults.retry_for_seconds, low=1, high=7 * 86400),
+        request_timeout_seconds=reader.number(
+            "requestTimeoutSeconds", defaults.request_timeout_seconds, low=0.5, high=120
+        ),
+        concurrency=reader.integer("concurrency", defaults.concurrency, low=1, high=64),
+    )
+    if not cfg.enabled:
+        return cfg
+    if cfg.api not in ("msgutil", "odata"):
+        raise ConfigError(f"{where}.api: {cfg.api!r} must be \"msgutil\" (MsgUtilService, as CMS) or \"odata\"")
+    if not cfg.user_name:
+        raise ConfigError(f"{where}.userName: required (the Creatio service account that writes call records)")
+    if not cfg.password:
+        raise ConfigError(f"{where}.password: required; set it in the file or in CMS_CALL_RECORDS_PASSWORD")
+    if not cfg.site_url and not cfg.allowed_site_urls:
+        raise ConfigError(
+            f"{where}.siteUrl: required (e.g. \"https://crm.example.com\"), or list the sites agents may name "
+            f"in {where}.allowedSiteUrls; the service account's password is sent nowhere else"
+        )
+    return cfg
+
+
+def site_root(url: str, where: str) -> str:
+    """A Creatio site root from what an admin or a client gives: scheme://host[:port][/path], without
+    the workspace suffix ``/0`` and trailing slashes (``https://crm/0/`` -> ``https://crm``)."""
+    text = url.strip().rstrip("/")
+    if text.endswith("/0"):
+        text = text[:-2]
+    if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~\-/]*)?", text):
+        raise ConfigError(f"{where}: {url!r} must be an http:// or https:// site URL such as https://crm.example.com")
+    return text
 
 
 def _parse_json(text: str, source: str) -> dict[str, Any]:

@@ -145,7 +145,7 @@ class LineStateWriter:
             line = event.line
             ops += ["x", key(self._keys.events(line)), f"{event.epoch}-{event.seq}", event.encode(), ""]
             if event.call is not None:
-                if event.call.active:
+                if event.call.on_line:  # a busy call stays in snapshots until its RING_FINISHED
                     ops += ["h", key(self._keys.calls(line)), event.call.id, json.dumps(event.call.to_dict()), ""]
                 else:
                     ops += ["d", key(self._keys.calls(line)), event.call.id, "", ""]

@@ -51,6 +51,10 @@ class EventType(StrEnum):
     ABONENT_BUSY = "abonent_busy"
     DTMF_ENTERED = "dtmf_entered"
     AGENT_STATE_CHANGED = "agent_state_changed"
+    #: the call's record was written to Creatio; ``call.database_uid`` is its id there
+    CALL_SAVED = "call_saved"
+    #: saving the call's record in Creatio was given up; the agent is told (CALL_SAVING_ERROR)
+    CALL_SAVE_FAILED = "call_save_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +84,17 @@ class Call:
     hangup_cause: int | None = None
     hangup_cause_text: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    #: id of the call's record in Creatio once saved (ami_gateway.call_records), else ""
+    database_uid: str = ""
 
     @property
     def active(self) -> bool:
         return self.state not in (CallState.FINISHED, CallState.BUSY)
+
+    @property
+    def on_line(self) -> bool:
+        """Still on the line: active, or busy (Creatio keeps a busy call, with Drop, until RING_FINISHED)."""
+        return self.state is not CallState.FINISHED
 
     def evolve(self, **changes: Any) -> Call:
         return replace(self, **changes)
@@ -114,6 +125,7 @@ class Call:
                 hangup_cause=_opt_int(data.get("hangup_cause")),
                 hangup_cause_text=str(data.get("hangup_cause_text", "")),
                 extra={str(k): str(v) for k, v in dict(data.get("extra") or {}).items()},
+                database_uid=str(data.get("database_uid", "")),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise WireError(f"bad call object: {exc!r}") from exc
@@ -127,9 +139,15 @@ class AgentState:
     paused: bool
     reason: str = ""
     queues: tuple[str, ...] = ()
+    #: the Creatio agent-state code this is (services.agent_states), "" when not decided
+    code: str = ""
+    #: who made the last change: "agent" (a state chosen through us), "pbx" (a supervisor, the dialplan,
+    #: another tool), "" (not known: first seen, or listed after a reconnect)
+    set_by: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"line": self.line, "paused": self.paused, "reason": self.reason, "queues": list(self.queues)}
+        return {"line": self.line, "paused": self.paused, "reason": self.reason, "queues": list(self.queues),
+                "code": self.code, "set_by": self.set_by}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AgentState:
@@ -139,6 +157,8 @@ class AgentState:
                 paused=bool(data["paused"]),
                 reason=str(data.get("reason", "")),
                 queues=tuple(str(q) for q in data.get("queues", ())),
+                code=str(data.get("code", "")),
+                set_by=str(data.get("set_by", "")),
             )
         except (KeyError, TypeError) as exc:
             raise WireError(f"bad agent state: {exc!r}") from exc
@@ -216,6 +236,8 @@ class CommandName(StrEnum):
     AGENT_PAUSE = "agent_pause"
     AGENT_UNPAUSE = "agent_unpause"
     WRAP_UP = "wrap_up"
+    #: who saves this line's calls in Creatio: args contact (UserContactUId), service_url, user
+    RECORD_OWNER = "record_owner"
 
 
 @dataclass(frozen=True, slots=True)

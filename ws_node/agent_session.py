@@ -33,9 +33,13 @@ Rules, from the client's source (docs/creatio-protocol.md has the details):
 6. Catch-up after a reconnect. Claiming the line starts a *catch-up*: the shell follows the
    line, reads where this agent stood when it left (``services.delivery_log``) and the line's
    history since, and calls :meth:`AgentSession.on_claimed` exactly once. Until then live
-   events are held back (in order) and a snapshot request waits, so the client sees: the
-   gap's ended calls (RING_STARTED ... RING_FINISHED, so the CRM logs them), then the live
-   events that came meanwhile, then the snapshot it asked for.
+   events are held back (in order) and a snapshot request waits, so the client sees the live
+   events that came meanwhile, then the snapshot it asked for: the calls live now, in their
+   current state. Calls that rang and ended during the gap are *not* replayed (Creatio would
+   show each as a new incoming call); they are in Creatio's call records. With
+   ``SessionOptions.replay_missed_calls`` they are sent first (RING_STARTED ... RING_FINISHED).
+   A connection whose stream broke while it stayed open is still repaired event by event
+   (``ws_node.line_feed``): that is not a reconnect.
 7. ``debugMode`` in ``connectionParams`` logs this session's traffic (both ways), and only this
    session's, when the administrator allowed debugging for this user (``Security.users[].debug``);
    the lines are bounded per user in number and length (:class:`DebugBudget`).
@@ -50,6 +54,15 @@ Rules, from the client's source (docs/creatio-protocol.md has the details):
 10. Restatements are not news. After a gateway restart the new epoch announces every live call
     again (RING_STARTED or COMMUTATION_STARTED, same call id); for a call the session already
     shows in that state the call is updated silently, since the client pops up every RING_STARTED.
+11. Agent states (``services.agent_states``). SetMsgUserState codes map to unpause / wrap-up / pause
+    with the code's reason; states are reported as the code the gateway decided (kept with the
+    agent state in Redis). Creatio's header re-sends the state saved in the user's profile on every
+    connect. With ``onConnect: "pbx"`` (the default) the first SetMsgUserState within
+    ``PROFILE_STATE_WINDOW`` seconds of OpenConnection is taken as that re-send: when the PBX's
+    state was last changed by the PBX side (a supervisor's QueueMemberPause, ``set_by == "pbx"``)
+    and differs, the PBX wins and its state is reported back (a stale "Paused" must not re-pause an
+    agent a supervisor unpaused); otherwise it is carried out. Later choices are always carried
+    out. With ``"profile"`` the re-sent state is always carried out.
 """
 
 from __future__ import annotations
@@ -112,6 +125,9 @@ class SessionOptions:
     agent_codes: cp.AgentStateCodes = cp.DEFAULT_AGENT_CODES
     #: longest line name accepted from ``connectionParams.ExtensionName``
     max_line_length: int = 32
+    #: channel technologies of the lines (the Asterisk block's ``protocol``): ExtensionName may be
+    #: ``305`` or ``<tech>/305`` with one of these, as admins type it in Creatio's Call Centre parameters
+    line_protocols: tuple[str, ...] = ("SIP",)
     #: live events held back while a catch-up runs; past this the catch-up is given up
     max_held_events: int = 1000
     #: ProcessLogs/SetLogFilePath are honoured only when the node has a client log folder
@@ -122,6 +138,10 @@ class SessionOptions:
     security: SecurityConfig = SecurityConfig()
     #: node-wide, shared by every session: bounds each user's debug lines
     debug_budget: DebugBudget | None = None
+    #: after a reconnect, replay the calls that rang and ended while the agent was away (RING_STARTED ...
+    #: RING_FINISHED). Off: Creatio shows each replayed ring as a new incoming call (notification, panel
+    #: switch, a history entry stamped with the replay time); the saved call records are the history.
+    replay_missed_calls: bool = False
 
 
 class FrameMemo:
@@ -146,6 +166,9 @@ class FrameMemo:
                 self._entries.popitem(last=False)
         return frames
 
+
+#: rule 8: how long after OpenConnection a SetMsgUserState counts as the header re-sending the profile's state
+PROFILE_STATE_WINDOW = 15.0
 
 _LINE_RE = re.compile(r"[A-Za-z0-9_-]+")
 _CONTEXT_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
@@ -199,7 +222,7 @@ class AgentSession:
         "_env", "_opts", "_memo", "_clock", "_new_id", "state", "library_instance_uid", "connection_uid", "line",
         "default_originate_context", "originate_context", "debug_mode", "call_centre_enabled", "user_uid", "_calls",
         "_agent", "_catching_up", "_held", "_snapshot_wanted", "replayed", "_log_file", "_context_override",
-        "_context_refusal",
+        "_context_refusal", "_agent_known", "_profile_state_until", "_deferred_state",
     )
 
     def __init__(
@@ -239,6 +262,12 @@ class AgentSession:
         self._snapshot_wanted = False
         #: events replayed at the last catch-up (for tests and logs)
         self.replayed = 0
+        #: rule 8: the line's agent state has been read since the line was claimed (it may be None)
+        self._agent_known = False
+        #: rule 8: until then a SetMsgUserState is taken as the header re-sending the profile's state
+        self._profile_state_until = 0.0
+        #: rule 8: that re-sent (code, reason), waiting for the line's agent state
+        self._deferred_state: tuple[str, str] | None = None
 
     # ---- introspection ---------------------------------------------------------------
 
@@ -266,7 +295,8 @@ class AgentSession:
         for call in self._calls.values():
             if call.active:
                 return call
-        return None
+        # a busy call is still the line's call (with Drop) until its RING_FINISHED
+        return next(iter(self._calls.values()), None)
 
     # ---- inputs from the shell ---------------------------------------------------------
 
@@ -315,7 +345,7 @@ class AgentSession:
         """The line's calls (and, if known, agent state) as read by the shell."""
         if self.state is not SessionState.OPEN:
             return
-        mine = sorted((c for c in calls if c.line == self.line and c.active), key=lambda c: c.started_at)
+        mine = sorted((c for c in calls if c.line == self.line and c.on_line), key=lambda c: c.started_at)
         self._calls = {cp.call_guid(c.id): c for c in mine}
         self._send(cp.snapshot_frame(mine, self.current_call, self.connection_uid))
         if not mine:
@@ -324,13 +354,21 @@ class AgentSession:
             self._agent = agent
             if self.call_centre_enabled:
                 self._send_agent_state()
+        self._agent_learned()
+
+    def _agent_learned(self) -> None:
+        self._agent_known = True
+        if self._deferred_state is not None:
+            code, reason = self._deferred_state
+            self._deferred_state = None
+            self._profile_state(code, reason)
 
     def on_calls_known(self, calls: Sequence[Call]) -> None:
         """Seed the call table (e.g. from the snapshot taken when the line was claimed)
         without telling the client; it asks for its own snapshot after CONNECTION_CREATED."""
         if self.state is not SessionState.OPEN:
             return
-        mine = sorted((c for c in calls if c.line == self.line and c.active), key=lambda c: c.started_at)
+        mine = sorted((c for c in calls if c.line == self.line and c.on_line), key=lambda c: c.started_at)
         self._calls = {cp.call_guid(c.id): c for c in mine}
 
     def on_claimed(self, calls: Sequence[Call], missed: Sequence[LineEvent] = ()) -> None:
@@ -347,7 +385,7 @@ class AgentSession:
             return
         self._catching_up = False
         held, self._held = self._held, []
-        self.replayed = self._replay(missed, held[0] if held else None)
+        self.replayed = self._replay(missed, held[0] if held else None) if self._opts.replay_missed_calls else 0
         for event in held:
             self.on_line_event(event)
         if self._snapshot_wanted:
@@ -397,15 +435,17 @@ class AgentSession:
             return
         if agent is not None and agent.line == self.line:
             self._agent = agent
-        if self._agent is not None and self.call_centre_enabled:
+        if self._agent is not None and self.call_centre_enabled and self._deferred_state is None:
             self._send_agent_state()
+        self._agent_learned()
 
     def on_command_result(self, result: CommandResult, command: Command) -> None:
         if self.state is SessionState.CLOSED or result.ok:
             return
         message = result.error or f"{command.name.value} failed"
         log.info("command failed conn=%s line=%s cmd=%s: %s", self.connection_uid, self.line, command.name, message)
-        self._error(MsgErrorType.COMMAND_ERROR, message)
+        saving = command.name is CommandName.RECORD_OWNER
+        self._error(MsgErrorType.CALL_SAVING_ERROR if saving else MsgErrorType.COMMAND_ERROR, message)
 
     def on_disconnect(self) -> None:
         if self.state is SessionState.CLOSED:
@@ -468,9 +508,7 @@ class AgentSession:
         line = _get_ci(params, "ExtensionName")
         if not isinstance(line, str) or not line.strip():
             raise _Refused(MsgErrorType.CONNECTION_CONFIG_ERROR, "connectionParams.ExtensionName is missing")
-        line = line.strip()
-        if len(line) > self._opts.max_line_length or not _LINE_RE.fullmatch(line):
-            raise _Refused(MsgErrorType.CONNECTION_CONFIG_ERROR, f"bad ExtensionName {line[:40]!r}")
+        line = self._line_of(line)
         context = _get_ci(params, "OriginateContext")
         if context is None or context == "":
             context = ""
@@ -502,7 +540,11 @@ class AgentSession:
             self.state = SessionState.OPEN
             log.info("connection open conn=%s line=%s user=%s", self.connection_uid, line, self.user_uid)
             self._catching_up = True
+            self._agent_known = False
+            self._deferred_state = None
+            self._profile_state_until = self._clock() + PROFILE_STATE_WINDOW
             self._env.claim_line(self, line)
+            self._submit_record_owner(session_params)
         self.state = SessionState.OPEN
         if newly_debugging:
             self._debug("in", json.dumps(cmd.raw, ensure_ascii=False))
@@ -539,6 +581,41 @@ class AgentSession:
         self.state = SessionState.LIBRARY
         self._error(MsgErrorType.CONNECTION_CONFIG_ERROR, message)
         self._send(cp.disconnected_frame("LineRefused", connection_uid=uid, reconnect=False))
+
+    def _submit_record_owner(self, session_params: Any) -> None:
+        """Whose calls these are and which site keeps them: the gateway saves the line's calls for this
+        contact (its CallRecords block decides whether, and which site is trusted)."""
+        contact = _get_ci(session_params, "UserContactUId")
+        if not isinstance(contact, str) or not contact.strip():
+            return
+        service_url = _get_ci(session_params, "ServiceUrl")
+        assert self.line is not None
+        args = {
+            "contact": contact.strip()[:64],
+            "service_url": service_url.strip()[:512] if isinstance(service_url, str) else "",
+            "user": self.user_uid,
+        }
+        # Not the agent's command: its own id space, so the agent's command ids stay as they were.
+        command = Command(id=uuid.uuid4().hex, line=self.line, name=CommandName.RECORD_OWNER, args=args,
+                          issued_at=self._clock())
+        self._env.submit_command(self, command)
+
+    def _line_of(self, extension: str) -> str:
+        """``305``, ``SIP/305``, ``PJSIP/305`` (the technology must be a configured one), trimmed -> ``305``."""
+        text = extension.strip()
+        techs = self._opts.line_protocols
+        allowed = f"the line number (e.g. 305) or {' or '.join(f'{t}/305' for t in techs)}"
+        if "/" in text:
+            tech, _, text = text.partition("/")
+            tech, text = tech.strip(), text.strip()
+            if tech.upper() not in (t.upper() for t in techs):
+                raise _Refused(MsgErrorType.CONNECTION_CONFIG_ERROR,
+                               f"ExtensionName {extension.strip()[:40]!r}: {tech[:12]!r} is not this PBX's channel "
+                               f"technology; use {allowed}")
+        if not text or len(text) > self._opts.max_line_length or not _LINE_RE.fullmatch(text):
+            raise _Refused(MsgErrorType.CONNECTION_CONFIG_ERROR,
+                           f"bad ExtensionName {extension.strip()[:40]!r}: use {allowed}")
+        return text
 
     def _close_connection(self, cmd: cp.ClientCommand) -> None:
         uid = self.connection_uid
@@ -635,13 +712,39 @@ class AgentSession:
         if not isinstance(code, str) or not code or len(code) > 100:
             raise _Refused(MsgErrorType.COMMAND_ERROR, "SetMsgUserState: bad code")
         reason = reason if isinstance(reason, str) else ""
+        if self._opts.agent_codes.on_connect == "pbx" and self._clock() < self._profile_state_until:
+            self._profile_state_until = 0.0
+            if not self._agent_known:
+                self._deferred_state = (code, reason)
+                assert self.line is not None
+                self._env.request_agent_state(self, self.line)
+                return
+            self._profile_state(code, reason)
+            return
+        self._carry_out_state(code, reason)
+
+    def _profile_state(self, code: str, reason: str) -> None:
+        """Rule 8: the state the header re-sends on connect, against what the PBX says now."""
         codes = self._opts.agent_codes
-        if code == codes.ready:
+        agent = self._agent
+        if agent is None or not agent.queues or agent.set_by != "pbx" or codes.code_for(agent) == code:
+            # the PBX has nothing to say, or its state is the agent's own last choice (or not known to be
+            # anyone else's): the re-sent state is carried out
+            self._carry_out_state(code, reason)
+            return
+        log.info("line %s: profile state %r not applied on connect: the PBX changed it to %r since "
+                 "(onConnect=pbx)", self.line, code, codes.code_for(agent))
+        if self.call_centre_enabled:
+            self._send_agent_state()
+
+    def _carry_out_state(self, code: str, reason: str) -> None:
+        codes = self._opts.agent_codes
+        if codes.is_ready(code):
             self._submit(CommandName.AGENT_UNPAUSE, {})
-        elif code == codes.wrap_up:
+        elif codes.is_wrap_up(code):
             self._submit(CommandName.WRAP_UP, {"active": "true"})
         else:
-            self._submit(CommandName.AGENT_PAUSE, {"reason": (reason or code)[:200], "state_code": code})
+            self._submit(CommandName.AGENT_PAUSE, {"reason": codes.reason_for(code, reason)[:200], "state_code": code})
 
     def _set_wrap_up(self, cmd: cp.ClientCommand) -> None:
         active = cmd.params.get("isWrapUpActive")

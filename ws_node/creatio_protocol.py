@@ -33,7 +33,8 @@ from enum import IntEnum, IntFlag, StrEnum
 from functools import lru_cache
 from typing import Any, Final
 
-from services.wire import AgentState, Call, CallState, Direction, EventType, LineEvent
+from services.agent_states import DEFAULT_AGENT_CODES, AgentStateCodes
+from services.wire import Call, CallState, Direction, EventType, LineEvent
 
 # --------------------------------------------------------------------------------------
 # Enums, numbers exactly as in Terrasoft/integration/telephony/telephony-enums.js
@@ -412,6 +413,8 @@ def call_to_creatio(call: Call, *, features: int | None = None) -> dict[str, Any
         "state": int(_STATE_MAP[call.state]),
         "callFeaturesSet": int(call_features(call) if features is None else features),
     }
+    if call.database_uid:
+        obj["databaseUId"] = call.database_uid
     if call.redirecting_number:
         obj["redirectingId"] = call.redirecting_number
     if call.redirection_number:
@@ -488,23 +491,6 @@ def line_state_frame(features: int, *, connection_uid: str = "", call_id: str | 
     return encode_server_event(MsgEventType.LINE_STATE_CHANGED, content, connection_uid=connection_uid)
 
 
-@dataclass(frozen=True, slots=True)
-class AgentStateCodes:
-    """Creatio ``SysMsgUserState`` codes. They live in Creatio's database per library, so
-    they are configuration; these defaults are guesses to be checked against the target
-    Creatio (see docs/creatio-protocol.md)."""
-
-    ready: str = "Active"
-    paused: str = "Paused"
-    wrap_up: str = "WrapUp"
-
-    def code_for(self, agent: AgentState) -> str:
-        return self.paused if agent.paused else self.ready
-
-
-DEFAULT_AGENT_CODES: Final = AgentStateCodes()
-
-
 def agent_state_frame(code: str, *, connection_uid: str = "") -> str:
     # content must itself be JSON: the client JSON.parse-s it, a bare string is dropped
     return encode_server_event(MsgEventType.AGENT_STATE_CHANGED, _dumps(code), connection_uid=connection_uid)
@@ -516,10 +502,11 @@ def snapshot_frame(calls: Sequence[Call], current: Call | None, connection_uid: 
     Only active calls are listed; ``current`` is listed too (the client looks it up among
     ActiveCalls) and is dropped if it is not active.
     """
-    active = [c for c in calls if c.active]
-    if current is not None and current.active and all(c.id != current.id for c in active):
+    # a busy call is listed too: Creatio keeps it, with Drop, until RING_FINISHED
+    active = [c for c in calls if c.on_line]
+    if current is not None and current.on_line and all(c.id != current.id for c in active):
         active.insert(0, current)
-    consulting = len(active) > 1
+    consulting = sum(1 for c in active if c.active) > 1
     objs = {c.id: call_to_creatio(c, features=call_features(c, consulting=consulting)) for c in active}
     cur = objs.get(current.id) if current is not None else None
     content = {"ActiveCalls": list(objs.values()), "CurrentCall": cur}
@@ -552,11 +539,22 @@ def line_event_to_frames(
     changed. When the line is left without an active call, a LINE_STATE_CHANGED without
     callId re-enables dialling (the client does not do it by itself).
 
-    CALL_INFO_CHANGED is matched by the client on ``databaseUId``, which we never set, so
-    with several calls on the line it would update the wrong one: it is only sent when
-    the call is the line's only active call.
+    CALL_INFO_CHANGED is matched by the client on ``databaseUId``: without one (the call is not
+    saved in Creatio yet, or records are off) it could update the wrong call when the line has
+    several, so it is then only sent when the call is the line's only active call.
+
+    CALL_SAVED becomes CALL_SAVED_IN_DB with the call object (its ``databaseUId`` set);
+    CALL_SAVE_FAILED becomes ERROR with errorType CALL_SAVING_ERROR.
     """
     etype = event.type
+    if etype is EventType.CALL_SAVED:
+        if event.call is None or not event.call.database_uid:
+            return []
+        return [encode_server_event(MsgEventType.CALL_SAVED_IN_DB, call_to_creatio(event.call),
+                                    connection_uid=connection_uid)]
+    if etype is EventType.CALL_SAVE_FAILED:
+        return [error_frame(MsgErrorType.CALL_SAVING_ERROR, _save_failed_text(event.call),
+                            connection_uid=connection_uid)]
     if etype is EventType.DTMF_ENTERED:
         return [encode_server_event(MsgEventType.DTMF_ENTERED, _dumps(event.digits), connection_uid=connection_uid)]
     if etype is EventType.AGENT_STATE_CHANGED:
@@ -570,7 +568,7 @@ def line_event_to_frames(
     others = [c for c in other_calls if c.id != call.id and c.active]
     if etype is EventType.RING_FINISHED and call.state is not CallState.FINISHED:
         call = call.evolve(state=CallState.FINISHED)
-    if etype is EventType.CALL_INFO_CHANGED and others:
+    if etype is EventType.CALL_INFO_CHANGED and others and not call.database_uid:
         return []
     this_active = call.active
     consulting = bool(others) and this_active
@@ -592,9 +590,17 @@ def line_event_to_frames(
                 call_id=call_guid(other.id),
             )
         )
-    if not others and not this_active:
+    if not others and not call.on_line:
+        # idle only once the call is over: after ABONENT_BUSY the busy call keeps its Drop until RING_FINISHED
         frames.append(line_state_frame(IDLE_LINE_FEATURES, connection_uid=connection_uid))
     return frames
+
+
+def _save_failed_text(call: Call | None) -> str:
+    if call is None:
+        return "A call could not be saved in Creatio"
+    view = call_to_creatio(call)
+    return f"The call {view['callerId']} -> {view['calledId']} could not be saved in Creatio"
 
 
 __all__ = [

@@ -20,6 +20,7 @@ from tests.support.creatio_client import (
     ABONENT_BUSY,
     AGENT_STATE_CHANGED,
     COMMUTATION_STARTED,
+    DTMF_ENTERED,
     END_HOLD_ACTION,
     ERROR,
     LINE_STATE_CHANGED,
@@ -372,7 +373,11 @@ def test_dtmf_on_a_connected_call_is_carried_out(cluster: LocalCluster) -> None:
             call = await answered_call(cluster, agent)
             mark = len(agent.events)
             await agent.call_command("SendDtmf", call, {"digits": "12#"})
-            await no_event(agent, ERROR, mark, 1.5)  # a success is silent
+            # once Asterisk played them, the digits the agent sent are echoed (the panel's "last dialed")
+            echo = await agent.wait_for(DTMF_ENTERED, after=mark, timeout=10)
+            assert echo.content == "12#"
+            await no_event(agent, ERROR, mark, 1.5)  # a success is otherwise silent
+            assert [e.content for e in agent.of_type(DTMF_ENTERED, mark)] == ["12#"]  # once, not per Sent event
             await agent.call_command("DropCall", call)
             await agent.wait_for(RING_FINISHED, after=mark, timeout=10)
         finally:
@@ -473,7 +478,7 @@ def test_answer_blind_transfer_consult_and_cancel_dnd_wrap_up(cluster: LocalClus
             mark = len(agent.events)
             await agent.send("SetDnd")
             await agent.send("SetWrapUpUserState", {"isWrapUpActive": True})
-            assert (await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10)).content == "Paused"
+            assert (await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10)).content == "WrapUp"
             await agent.send("SetWrapUpUserState", {"isWrapUpActive": False})
             await agent.wait_for(AGENT_STATE_CHANGED, after=mark, timeout=10,
                                  predicate=lambda r: r.content == "Active")

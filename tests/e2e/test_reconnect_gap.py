@@ -1,9 +1,10 @@
-"""No missed call across a reconnect, through the real cluster.
+"""Reconnects without phantom calls, through the real cluster.
 
-Creatio's client, after a drop, reconnects about 5 s later and only asks for a snapshot; calls
-that rang and ended meanwhile must still reach it (RING_STARTED ... RING_FINISHED, before the
-snapshot), whichever node it lands on, and when the line's history no longer covers the gap
-the node says so (log + metric) and sends the snapshot alone.
+Creatio's client, after a drop, reconnects about 5 s later and only asks for a snapshot. It gets the
+calls live now, in their current state, whichever node it lands on; calls that rang and ended
+meanwhile are not replayed (Creatio would show each replayed ring as a new incoming call; they are in
+Creatio's call records instead, issue 11). The node still reads the gap (metrics, log), and when the
+line's history no longer covers it, says so.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def call_id(item: Received) -> Any:
     return item.content["id"]
 
 
-def test_calls_that_rang_and_ended_during_a_drop_are_replayed_before_the_snapshot(cluster: LocalCluster) -> None:
+def test_calls_that_rang_and_ended_during_a_drop_are_not_replayed(cluster: LocalCluster) -> None:
     async def main() -> None:
         agent = CreatioAgent(cluster.client_url, "401")
         await agent.connect()
@@ -126,13 +127,10 @@ def test_calls_that_rang_and_ended_during_a_drop_are_replayed_before_the_snapsho
         try:
             gap, snapshot = before_snapshot(agent)
             types = [e.event_type for e in gap]
-            assert types == [RING_STARTED, COMMUTATION_STARTED, RING_FINISHED], types
-            assert len({call_id(e) for e in gap}) == 1
-            assert gap[0].content["callerId"] == CALLER
-            assert gap[-1].content["state"] == 0  # finished
+            assert not {RING_STARTED, COMMUTATION_STARTED, RING_FINISHED} & set(types), types  # no phantom call
             assert calls_in_snapshot(snapshot) == []
-            assert metric(cluster, "cms_node_replayed_events_total") - replayed_before == 3
-            assert metric(cluster, "cms_node_reconnect_catchups_total", outcome="replayed") >= 1
+            assert metric(cluster, "cms_node_replayed_events_total") == replayed_before
+            assert metric(cluster, "cms_node_reconnect_catchups_total", outcome="replayed") >= 1  # gap was read
 
             # a second reconnect with nothing new in between replays nothing
             await asyncio.sleep(1.0)
@@ -179,9 +177,7 @@ def test_node_killed_the_agent_comes_back_on_the_other_node_with_the_gap(cluster
             assert node_of_agents(cluster) != [node]
             gap, snapshot = before_snapshot(agent)
             types = [e.event_type for e in gap]
-            ended = [e.event_type for e in gap if e.content.get("callerId") == CALLER]
-            assert ended == [RING_STARTED, RING_FINISHED], types
-            assert all(e.content.get("callerId") != "79995550000" for e in gap)  # not replayed ...
+            assert not {RING_STARTED, COMMUTATION_STARTED, RING_FINISHED} & set(types), types  # not replayed ...
             live = calls_in_snapshot(snapshot)
             assert [c["callerId"] for c in live] == ["79995550000"]  # ... it is in the snapshot
         finally:

@@ -3,7 +3,7 @@
 // client (@microsoft/signalr from npm), for the Python e2e tests.
 //
 //   node signalr_agent.js --url http://127.0.0.1:2013/?key=K --line 305 [--skip-negotiation]
-//                         [--negotiate-via http://127.0.0.1:PORT_A] [--no-open] [--origin O]
+//                         [--negotiate-via http://127.0.0.1:PORT_A] [--no-open] [--origin O] [--contact GUID]
 //
 // Like Terrasoft.SignalRChannel it builds HubConnectionBuilder().withUrl(url) with no automatic
 // reconnect, listens to "ServerMessage" and invokes "SendRawMessage" with the JSON text Creatio's
@@ -22,7 +22,7 @@ const readline = require("readline");
 const signalR = require("@microsoft/signalr");
 
 function parseArgs(argv) {
-  const args = { url: "", line: "", skipNegotiation: false, negotiateVia: "", open: true, origin: "" };
+  const args = { url: "", line: "", skipNegotiation: false, negotiateVia: "", open: true, origin: "", contact: "" };
   for (let i = 0; i < argv.length; i++) {
     const flag = argv[i];
     if (flag === "--url") args.url = argv[++i];
@@ -32,6 +32,7 @@ function parseArgs(argv) {
     else if (flag === "--no-open") args.open = false;
     else if (flag === "--origin") args.origin = argv[++i];
     else if (flag === "--user") args.user = argv[++i];
+    else if (flag === "--contact") args.contact = argv[++i];
     else throw new Error(`unknown flag ${flag}`);
   }
   if (!args.url) throw new Error("--url is required");
@@ -106,7 +107,12 @@ async function main() {
     if (!args.open) return;
     if (envelope.eventType === MsgEventType.LIBRARY_INITIALIZED) {
       const connectionParams = JSON.stringify({ ExtensionName: args.line, OriginateContext: "", debugMode: false });
-      const sessionServiceParams = JSON.stringify(args.user ? { UserUId: args.user } : {});
+      // --user: who the agent is (line ownership); --contact: sessionServiceParams as Creatio sends
+      // them (UserContactUId: whose calls are saved)
+      const params = {};
+      if (args.contact) Object.assign(params, { UserUId: args.contact, UserContactUId: args.contact, ServiceUrl: "http://creatio/0" });
+      if (args.user) params.UserUId = args.user;
+      const sessionServiceParams = JSON.stringify(params);
       send("OpenConnection", { connectionParams, sessionServiceParams });
     } else if (envelope.eventType === MsgEventType.CONNECTION_CREATED) {
       connectionUId = envelope.connectionUId || "";

@@ -33,6 +33,7 @@ LINE_STATE_CHANGED = 11
 AGENT_STATE_CHANGED = 12
 ABONENT_BUSY = 13
 DISCONNECTED = 14
+CALL_SAVED_IN_DB = 15
 CALL_INFO_CHANGED = 17
 DTMF_ENTERED = 18
 
@@ -71,6 +72,8 @@ class CreatioAgent:
         self.origin = origin
         #: Terrasoft.SysValue.CURRENT_USER.value: a GUID
         self.user_uid = user_uid if user_uid is not None else str(uuid.uuid4())
+        #: sessionServiceParams.UserContactUId: the contact call records are saved for
+        self.contact_uid = str(uuid.uuid4())
         self.connection_params: dict[str, Any] = {"ExtensionName": line, "OriginateContext": "", "debugMode": False}
         self.connection_params.update(connection_params or {})
         self.ws: Any = None
@@ -156,7 +159,7 @@ class CreatioAgent:
             {
                 "connectionParams": json.dumps(self.connection_params),
                 "sessionServiceParams": json.dumps(
-                    {"UserUId": self.user_uid, "UserContactUId": str(uuid.uuid4()), "ServiceUrl": "http://creatio"}
+                    {"UserUId": self.user_uid, "UserContactUId": self.contact_uid, "ServiceUrl": "http://creatio"}
                 ),
             },
         )

@@ -44,6 +44,8 @@ class FakeEnv:
         self.snapshots: list[str] = []
         self.agent_queries: list[str] = []
         self.commands: list[Command] = []
+        #: RECORD_OWNER commands (sent on every line claim) kept apart from the agent's own
+        self.owner_commands: list[Command] = []
         self.closed: list[tuple[int, str]] = []
 
     def send_frame(self, text: str) -> None:
@@ -62,6 +64,9 @@ class FakeEnv:
         self.agent_queries.append(line)
 
     def submit_command(self, session: AgentSession, command: Command) -> None:
+        if command.name is CommandName.RECORD_OWNER:
+            self.owner_commands.append(command)
+            return
         self.commands.append(command)
 
     def close(self, code: int, reason: str) -> None:
@@ -568,6 +573,8 @@ def test_set_dnd() -> None:
 
 def test_agent_states() -> None:
     session, env = opened()
+    session.on_snapshot([])  # the line is in no queue: the state re-sent on connect is carried out (rule 8)
+    env.take()
     session.on_text(cmd("SetMsgUserState", {"code": "Active", "reason": ""}))
     assert last_command(env).name is CommandName.AGENT_UNPAUSE
     session.on_text(cmd("SetMsgUserState", {"code": "Paused", "reason": "Lunch"}))
@@ -724,8 +731,8 @@ def test_fuzz_session(frames: list[str]) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def claimed_without_catch_up(**params: Any) -> tuple[AgentSession, FakeEnv]:
-    session, env = new_session()
+def claimed_without_catch_up(*, replay: bool = True, **params: Any) -> tuple[AgentSession, FakeEnv]:
+    session, env = new_session(options=SessionOptions(replay_missed_calls=replay))
     session.on_text(cmd("LoadLibrary", {"AssemblyName": "x"}))
     session.on_text(open_cmd(**params))
     env.take()
@@ -783,6 +790,23 @@ def test_live_events_during_catch_up_are_held_and_not_sent_twice() -> None:
     types = [m["eventType"] for m in env.take()]
     # replay up to seq 6, then the held live events (DTMF, RING_FINISHED + idle line state)
     assert types == [5, 7, 18, 6, 11]
+
+
+def test_by_default_a_reconnect_gets_the_snapshot_not_old_rings() -> None:
+    session, env = claimed_without_catch_up(replay=False)
+    session.on_text(cmd("QueryActiveCallSnapshot"))
+    still_on = make_call(id="still", state=CallState.CONNECTED, started_at=50.0)
+    missed = gap_of_one_call() + [event(EventType.RING_STARTED, still_on.evolve(state=CallState.RINGING), seq=9)]
+    session.on_claimed([still_on], missed)
+    assert env.frames == [] and session.replayed == 0  # no phantom ring of the ended call
+    assert env.snapshots == [LINE]
+    assert [c.id for c in session.calls] == ["still"]
+    # live events held during the catch-up still go out, in order
+    session2, env2 = claimed_without_catch_up(replay=False)
+    gap = gap_of_one_call(first_seq=5)
+    session2.on_line_event(gap[3])
+    session2.on_claimed([], gap)
+    assert [m["eventType"] for m in env2.take()] == [6, 11]
 
 
 def test_nothing_missed_sends_nothing() -> None:

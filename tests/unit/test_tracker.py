@@ -369,15 +369,15 @@ def member(event: str, queue: str, paused: str, reason: str = "", iface: str = "
 def test_agent_pause_changes_only() -> None:
     tracker = CallTracker(matcher())
     assert tracker.handle(member("QueueMemberStatus", "support", "0"), 1.0) == []  # learning is not a change
-    assert tracker.agent_state("305") == AgentState("305", False, "", ("support",))
+    assert tracker.agent_state("305") == AgentState("305", False, "", ("support",), code="Active")
     [ev] = tracker.handle(member("QueueMemberPause", "support", "1", "break"), 2.0)
-    assert ev.type is AG and ev.agent == AgentState("305", True, "break", ("support",))
+    assert ev.type is AG and ev.agent == AgentState("305", True, "break", ("support",), code="Paused", set_by="pbx")
     assert ev.call is None and ev.ami_received_at == 2.0
     assert tracker.handle(member("QueueMemberPause", "support", "1", "break"), 3.0) == []  # duplicate
     assert tracker.handle(member("QueueMemberStatus", "support", "1", "break"), 3.0) == []
     # joins a second queue unpaused: no longer paused in all its queues
     [ev] = tracker.handle(member("QueueMemberAdded", "sales", "0", iface="SIP/305"), 4.0)
-    assert ev.agent == AgentState("305", False, "", ("sales", "support"))
+    assert ev.agent == AgentState("305", False, "", ("sales", "support"), code="Active", set_by="pbx")
     [ev] = tracker.handle(member("QueueMemberRemoved", "sales", "0"), 5.0)
     assert ev.agent is not None and ev.agent.paused and ev.agent.reason == "break"
     assert tracker.handle(member("QueueMemberPause", "support", "1", iface="SIP/trunk-in"), 6.0) == []
@@ -496,7 +496,7 @@ def test_resync_refreshes_pause_states() -> None:
     tracker = CallTracker(matcher())
     qm = msg("QueueMember", Queue="support", Location="Local/305@from-queue/n", Paused="1", PausedReason="lunch")
     [ev] = tracker.resync([], [qm], 1.0)
-    assert ev.type is AG and ev.agent == AgentState("305", True, "lunch", ("support",))
+    assert ev.type is AG and ev.agent == AgentState("305", True, "lunch", ("support",), code="Paused")
     assert tracker.resync([], [qm], 2.0) == []
     [ev] = tracker.resync([], [], 3.0)
     assert ev.agent == AgentState("305", False, "", ())

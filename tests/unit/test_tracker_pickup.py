@@ -45,7 +45,7 @@ def check_pickup(msgs: list[AmiMessage]) -> None:
     assert (picked.redirecting_number, picked.redirection_number) == ("305", "306")
     assert picked.channel == "SIP/306-00000012"
     dtmf = [e for e in events if e.type is EventType.DTMF_ENTERED]
-    assert [(e.line, e.digits) for e in dtmf] == [("306", "1")]  # the caller's 1; the agent's own 5 is not
+    assert [(e.line, e.digits) for e in dtmf] == [("306", "5")]  # the agent's own 5; the caller's 1 is not
     end = lines["306"][-1].call
     assert end is not None and end.hangup_cause == 16 and end.answered_at is not None
     assert_clean(tracker)
@@ -92,21 +92,21 @@ def connected_tracker() -> CallTracker:
     return tracker
 
 
-def test_dtmf_from_the_caller_is_entered_on_the_agent_line() -> None:
+def test_dtmf_the_agent_presses_is_entered_on_the_agent_line_the_callers_is_not() -> None:
     tracker = connected_tracker()
-    trunk = ("SIP/trunk-in-00000003", "1795685548.7")
-    out = tracker.handle(dtmf(*trunk, "#", "Received"), 2000.0)
-    assert [(e.line, e.type, e.digits) for e in out] == [("305", EventType.DTMF_ENTERED, "#")]
-    assert out[0].call == tracker.calls_of("305")[0] and out[0].ami_received_at == 2000.0
-    assert tracker.handle(dtmf(*trunk, "#", "Received", event="DTMFBegin"), 2001.0) == []  # End only: once
-    assert tracker.handle(dtmf(*trunk, "7", "Sent"), 2002.0) == []  # PlayDTMF / passed on: not pressed here
     phone = ("SIP/305-00000004", "1795685548.8")
-    assert tracker.handle(dtmf(*phone, "5", "Received"), 2003.0) == []  # the agent's own keys
-    assert tracker.handle(dtmf(*trunk, "12", "Received"), 2004.0) == []  # garbage digit
+    out = tracker.handle(dtmf(*phone, "5", "Received"), 2000.0)  # the agent's own key on the desk phone
+    assert [(e.line, e.type, e.digits) for e in out] == [("305", EventType.DTMF_ENTERED, "5")]
+    assert out[0].call == tracker.calls_of("305")[0] and out[0].ami_received_at == 2000.0
+    assert tracker.handle(dtmf(*phone, "5", "Received", event="DTMFBegin"), 2001.0) == []  # End only: once
+    assert tracker.handle(dtmf(*phone, "7", "Sent"), 2002.0) == []  # PlayDTMF / passed on: not pressed here
+    trunk = ("SIP/trunk-in-00000003", "1795685548.7")
+    assert tracker.handle(dtmf(*trunk, "#", "Received"), 2003.0) == []  # the caller's keys: not the agent's
+    assert tracker.handle(dtmf(*phone, "12", "Received"), 2004.0) == []  # garbage digit
     assert tracker.handle(dtmf("SIP/nobody-1", "1.1", "3", "Received"), 2005.0) == []  # unknown channel
 
 
-def test_dtmf_between_two_lines_goes_to_the_other_line() -> None:
+def test_dtmf_between_two_lines_is_entered_on_the_line_that_pressed_it() -> None:
     msgs = load("internal.ami")
     tracker, _ = play(msgs[: until(msgs, "BridgeLeave") - 1])  # 305 and 306 talking
     enter = [m for m in msgs if m.event == "BridgeEnter"]
@@ -114,6 +114,6 @@ def test_dtmf_between_two_lines_goes_to_the_other_line() -> None:
     lines = {(m.get("Channel") or "")[4:7]: ((m.get("Channel") or ""), (m.get("Uniqueid") or "")) for m in bridged}
     assert set(lines) == {"305", "306"}
     out = tracker.handle(dtmf(*lines["305"], "9", "Received"), 2000.0)
-    assert [(e.line, e.digits) for e in out] == [("306", "9")]
+    assert [(e.line, e.digits) for e in out] == [("305", "9")]
     out = tracker.handle(dtmf(*lines["306"], "4", "Received"), 2001.0)
-    assert [(e.line, e.digits) for e in out] == [("305", "4")]
+    assert [(e.line, e.digits) for e in out] == [("306", "4")]
