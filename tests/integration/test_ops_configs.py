@@ -505,7 +505,10 @@ def test_compose_haproxy_config_passes_haproxy_check(haproxy_bin: str, tmp_path:
     text = (tmp_path / "haproxy.cfg").read_text(encoding="utf-8")
     assert "server-template ws 1-8 ws-node:8081 check resolvers docker init-addr none" in text
     assert "nameserver dns 127.0.0.11:53" in text
-    assert "bind 0.0.0.0:2014 name wss ssl crt" in text and "bind 0.0.0.0:8404" in text
+    # With a certificate both client ports take TLS and plain (docs/balancer.md): a sniffing TCP frontend
+    # binds them, the TLS terminator sits on an internal socket.
+    assert "bind 0.0.0.0:2013 name ws" in text and "bind 0.0.0.0:2014 name wss" in text
+    assert "accept-proxy name tls ssl crt" in text and "bind 0.0.0.0:8404" in text
     assert "placeholder" not in text
     check = run([haproxy_bin, "-c", "-dW", "-f", str(tmp_path / "haproxy.cfg")])
     assert check.returncode == 0, check.stdout + check.stderr
