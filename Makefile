@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?=
 
-.PHONY: run test drill bench setup system-deps browser-deps lint typecheck unit integration e2e clean
+.PHONY: run test drill chaos bench setup system-deps browser-deps lint typecheck unit integration e2e clean
 
 run: setup
 	$(PY) -m local_cluster $(if $(CONFIG),--config $(CONFIG),)
@@ -19,6 +19,11 @@ test: setup lint typecheck
 # Failover drill: 200 simulated Creatio agents, a node SIGKILLed under traffic; DRILL_ARGS for more.
 drill: setup
 	$(PY) -m ops.drill --agents 200 $(DRILL_ARGS)
+
+# Every fault in turn (node kill/stop, gateway, RabbitMQ, Redis, AMI, Asterisk restart, slow links)
+# under traffic with 300 agents on both transports; prints a PASS/FAIL per fault. CHAOS_ARGS for more.
+chaos: setup
+	$(PY) -m ops.chaos $(CHAOS_ARGS)
 
 # Benchmarks of every stage against same-run baselines; BENCH_ARGS=--quick for a smoke run.
 bench: setup

@@ -214,6 +214,7 @@ class ChaosRun:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         reports = self._judge()
+        self._save_evidence()
         return ChaosResult(reports, len(everyone), signalr, self.calls_played, self.standby,
                            time.monotonic() - began, self.notes)
 
@@ -225,6 +226,17 @@ class ChaosRun:
         observations = [observe(a) for a in self.agents]
         commands = [(c.number, c.at) for a in self.command_agents for c in a.commands]
         return [judge_phase(p, truth, observations, originates, call_guid, commands) for p in self.phases]
+
+    def _save_evidence(self) -> None:
+        """What the verdicts were computed from, for anyone who wants to check one by hand."""
+        evidence = {
+            "phases": [dataclasses.asdict(p) for p in self.phases],
+            "truth": merge_truth(*self.truth_lifetimes, ended_at=self.lifetime_ends),
+            "agents": [{**dataclasses.asdict(observe(a)), "transport": a.transport} for a in self.agents],
+            "commands": [{"line": a.line, "number": c.number, "at": c.at}
+                         for a in self.command_agents for c in a.commands],
+        }
+        (self.options.run_dir / "evidence.json").write_text(json.dumps(evidence))
 
     async def _phase(self, name: str, start: float) -> float:
         opts = self.options

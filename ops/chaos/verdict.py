@@ -43,7 +43,7 @@ EVENT_NAMES = {RING_STARTED: "RING_STARTED", COMMUTATION_STARTED: "COMMUTATION_S
                RING_FINISHED: "RING_FINISHED", ABONENT_BUSY: "ABONENT_BUSY"}
 #: call events that happen at most once per call and line in the traffic mix
 ONCE_EVENTS = frozenset(EVENT_NAMES)
-ORDER = {RING_STARTED: 0, COMMUTATION_STARTED: 1, RING_FINISHED: 2}
+ORDER = {RING_STARTED: 0, COMMUTATION_STARTED: 1, ABONENT_BUSY: 1, RING_FINISHED: 2}
 
 #: (scenario, role) -> events the line's agent must get; role 0 is the line dialled, 1 the queue's
 #: second member. Checked against a fault-free baseline at the start of every run.
@@ -52,7 +52,7 @@ EXPECTED_EVENTS: Mapping[tuple[str, int], frozenset[int]] = {
     ("inbound-direct-long", 0): frozenset({RING_STARTED, COMMUTATION_STARTED, RING_FINISHED}),
     ("inbound-direct-noanswer", 0): frozenset({RING_STARTED, RING_FINISHED}),
     ("inbound-direct-abandoned", 0): frozenset({RING_STARTED, RING_FINISHED}),
-    ("inbound-busy", 0): frozenset({RING_FINISHED}),
+    ("inbound-busy", 0): frozenset({RING_STARTED, ABONENT_BUSY, RING_FINISHED}),
     ("inbound-queue", 0): frozenset({RING_STARTED, COMMUTATION_STARTED, RING_FINISHED}),
     ("inbound-queue", 1): frozenset({RING_STARTED, RING_FINISHED}),
 }
