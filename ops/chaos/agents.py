@@ -16,6 +16,7 @@ simulator's ground truth (ops/chaos/verdict.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import random
 import time
@@ -41,6 +42,8 @@ SIGNALR_PING_SECONDS = 10.0
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
+    #: when it was asked for and when the answer was read: the state it shows was true in between
+    asked: float
     at: float
     call_ids: tuple[str, ...]
 
@@ -67,6 +70,7 @@ class ChaosAgent:
     _ws: Any = None
     _stop: bool = False
     _invocation: int = 0
+    _asked: collections.deque[float] = field(default_factory=collections.deque)
 
     # ---- connection life ---------------------------------------------------------------------
 
@@ -79,6 +83,7 @@ class ChaosAgent:
                     if outage is not None:
                         outage.attempts += 1
                     self._ws = ws
+                    self._asked.clear()
                     snapshot = await self._open()
                     self.connected.set()
                     if outage is not None:
@@ -180,6 +185,8 @@ class ChaosAgent:
             self._invocation += 1
             text = json.dumps({"type": 1, "invocationId": str(self._invocation), "target": "SendRawMessage",
                                "arguments": [text]}) + RS
+        if command["command"] == "QueryActiveCallSnapshot":
+            self._asked.append(time.time())  # answers come in order on one connection
         await self._ws.send(text)
 
     def _texts(self, message: str | bytes) -> list[str]:
@@ -213,7 +220,8 @@ class ChaosAgent:
                 if call_id:
                     ids.append(call_id)
                     self._note_caller(call_id, call)
-            self.snapshots.append(Snapshot(now, tuple(ids)))
+            asked = self._asked.popleft() if self._asked else now
+            self.snapshots.append(Snapshot(asked, now, tuple(ids)))
         elif event_type in CALL_EVENTS and isinstance(content, dict):
             call_id = str(content.get("id", ""))
             if call_id:

@@ -25,14 +25,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from local_cluster.infra import port_open
 from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
 from ops.chaos.agents import ChaosAgent, Transport
 from ops.chaos.fault_proxy import PASS, LinkFault, ProxyHost
 from ops.chaos.servers import PrivateRabbit, PrivateRedis
-from ops.chaos.verdict import Drop, Observation, Phase, PhaseReport, judge_phase, merge_truth, parse_originates
+from ops.chaos.verdict import Drop, Observation, Phase, PhaseReport, TruthLog, judge_phase, parse_originates
 from ops.drill.__main__ import TRAFFIC_MIX, _get, _post
 from ops.drill.truth import parse_truth
 from ws_node.creatio_protocol import call_guid
@@ -116,8 +115,9 @@ class ChaosRun:
         self.agents: list[ChaosAgent] = []
         self.command_agents: list[ChaosAgent] = []
         self.phases: list[Phase] = []
-        self.truth_lifetimes: list[dict[str, Any]] = []
-        self.lifetime_ends: list[float | None] = []
+        self.truth = TruthLog()
+        #: (time, seconds late) of the harness's own event loop, to tell its lag from the cluster's
+        self.lag: list[tuple[float, float]] = []
         self.calls_played = 0
         self.standby = False
         self.notes: list[str] = []
@@ -192,11 +192,13 @@ class ChaosRun:
             batch = everyone[first:first + 50]
             tasks += [asyncio.create_task(a.run()) for a in batch]
             await asyncio.wait_for(asyncio.gather(*(a.connected.wait() for a in batch)), 90)
+        await asyncio.to_thread(self._check_links)
         signalr = sum(a.transport == "signalr" for a in everyone)
         print(f"{len(everyone)} agents connected ({signalr} SignalR, {len(everyone) - signalr} WebSocket, "
               f"{len(self.command_agents)} sending click-to-dial); traffic {opts.cps}/s", flush=True)
         self._traffic_open.set()
-        background = [asyncio.create_task(self._traffic()), asyncio.create_task(self._commands())]
+        background = [asyncio.create_task(self._traffic()), asyncio.create_task(self._commands()),
+                      asyncio.create_task(self._harvest_truth()), asyncio.create_task(self._watch_lag())]
         start: float = time.time()
         try:
             for name in opts.faults:
@@ -206,8 +208,7 @@ class ChaosRun:
             self._traffic_open.set()
             await asyncio.gather(*background, return_exceptions=True)
         await self._settle()
-        self.truth_lifetimes.append(await asyncio.to_thread(_get, f"{self.simulator_url}/calls"))
-        self.lifetime_ends.append(None)
+        self.truth.add(await asyncio.to_thread(_get, f"{self.simulator_url}/calls"))
         for agent in everyone:
             agent.stop()
         for task in tasks:
@@ -215,23 +216,37 @@ class ChaosRun:
         await asyncio.gather(*tasks, return_exceptions=True)
         reports = self._judge()
         self._save_evidence()
+        for phase in self.phases:
+            lag = self.lag_in(phase)
+            if lag > 0.5:
+                self.notes.append(f"{phase.name}: this harness's event loop ran up to {lag:.1f}s late "
+                                  "(machine load); snapshots are judged by when they were asked for")
         return ChaosResult(reports, len(everyone), signalr, self.calls_played, self.standby,
                            time.monotonic() - began, self.notes)
 
     def _judge(self) -> list[PhaseReport]:
-        payload = merge_truth(*self.truth_lifetimes, ended_at=self.lifetime_ends)
+        payload = self.truth.payload()
         traffic_lines = [a.line for a in self.agents]
         truth = parse_truth(payload, traffic_lines)
         originates = parse_originates(payload)
         observations = [observe(a) for a in self.agents]
         commands = [(c.number, c.at) for a in self.command_agents for c in a.commands]
-        return [judge_phase(p, truth, observations, originates, call_guid, commands) for p in self.phases]
+        phases = [dataclasses.replace(p, open_ended=p is self.phases[-1]) for p in self.phases]
+        return [judge_phase(p, truth, observations, originates, call_guid, commands) for p in phases]
+
+    def _check_links(self) -> None:
+        """Every link must go through its proxy, or its faults would silently test nothing."""
+        unused = [name for name, stats in self.proxies.stats().items() if stats["accepted"] == 0]
+        if unused:
+            raise RuntimeError(f"no connection went through the {', '.join(unused)} fault proxy; "
+                               "the cluster's settings do not point at it")
 
     def _save_evidence(self) -> None:
         """What the verdicts were computed from, for anyone who wants to check one by hand."""
         evidence = {
             "phases": [dataclasses.asdict(p) for p in self.phases],
-            "truth": merge_truth(*self.truth_lifetimes, ended_at=self.lifetime_ends),
+            "truth": self.truth.payload(),
+            "harness_lag": self.lag,
             "agents": [{**dataclasses.asdict(observe(a)), "transport": a.transport} for a in self.agents],
             "commands": [{"line": a.line, "number": c.number, "at": c.at}
                          for a in self.command_agents for c in a.commands],
@@ -266,6 +281,28 @@ class ChaosRun:
             await asyncio.gather(*(a.query_snapshot() for a in self.agents))
             await asyncio.sleep(1.0)
 
+    async def _harvest_truth(self) -> None:
+        """The simulator keeps its last 1,000 calls only: read them often enough to keep every one."""
+        while self._running:
+            await self._traffic_open.wait()
+            try:
+                self.truth.add(await asyncio.to_thread(_get, f"{self.simulator_url}/calls"))
+            except OSError as exc:
+                log.info("truth not read: %s", exc)
+            await asyncio.sleep(10.0)
+
+    async def _watch_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._running:
+            due = loop.time() + 0.1
+            await asyncio.sleep(0.1)
+            late = loop.time() - due
+            if late > 0.05:
+                self.lag.append((time.time(), late))
+
+    def lag_in(self, phase: Phase) -> float:
+        return max((late for at, late in self.lag if phase.start <= at < phase.end), default=0.0)
+
     async def _traffic(self) -> None:
         opts = self.options
         names = [name for name, _ in TRAFFIC_MIX]
@@ -295,6 +332,7 @@ class ChaosRun:
         pause = self.options.command_interval / len(self.command_agents)
         while self._running:
             for agent in self.command_agents:
+                await self._traffic_open.wait()
                 if not self._running:
                     return
                 self._number += 1
@@ -381,7 +419,7 @@ def observe(agent: ChaosAgent) -> Observation:
         line=agent.line,
         events={k: list(v) for k, v in agent.events.items()},
         callers=dict(agent.callers),
-        snapshots=[(s.at, s.call_ids) for s in agent.snapshots],
+        snapshots=[(s.asked, s.at, s.call_ids) for s in agent.snapshots],
         drops=[Drop(o.dropped_at, o.first_retry_at, o.ready_at) for o in agent.outages],
     )
 
@@ -487,9 +525,9 @@ async def fault_asterisk_restart(run: ChaosRun) -> Outcome:
     assert run.cluster is not None
     await run.pause_traffic()
     try:
-        run.truth_lifetimes.append(await asyncio.to_thread(_get, f"{run.simulator_url}/calls"))
+        last = await asyncio.to_thread(_get, f"{run.simulator_url}/calls")
         await asyncio.to_thread(run.cluster.kill, "simulator", signal.SIGKILL)
-        run.lifetime_ends.append(time.time())
+        run.truth.crashed(last, time.time())
         await asyncio.sleep(2.0)
         await asyncio.to_thread(run.cluster.restart, "simulator")
         await asyncio.to_thread(_wait_ports, run.cluster.options.ami_port, run.cluster.options.simulator_control_port)

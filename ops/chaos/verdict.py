@@ -6,7 +6,8 @@ which agents may lose their connection (a node killed or stopped).
 
 Definitions (docs/chaos.md explains them for operators):
 
-* A call belongs to the phase in which the simulator started it.
+* A call belongs to the phase in which the simulator started it; its end (RING_FINISHED, or an end that
+  never reached the agent) to the phase in which it ended.
 * **Recovery began** at the phase's ``fault_end`` (the fault was removed: the process restarted,
   the link healed, the node was killed and its agents may retry). For an agent that lost its
   connection in the phase, its own recovery began when it was connected again with a snapshot.
@@ -76,6 +77,8 @@ class Phase:
     node_fault: bool = False
     applicable: bool = True
     note: str = ""
+    #: the last phase: calls that end after it (hung up when the run ends) are judged in it
+    open_ended: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +96,8 @@ class Observation:
     line: str
     events: Mapping[str, Sequence[tuple[int, float]]]
     callers: Mapping[str, str]
-    snapshots: Sequence[tuple[float, tuple[str, ...]]]
+    #: (asked at, answered at, call ids)
+    snapshots: Sequence[tuple[float, float, tuple[str, ...]]]
     drops: Sequence[Drop] = ()
 
 
@@ -168,27 +172,41 @@ def parse_originates(payload: Mapping[str, Any]) -> list[Originate]:
     return result
 
 
-def merge_truth(*payloads: Mapping[str, Any], ended_at: Sequence[float | None] = ()) -> dict[str, Any]:
-    """One /calls answer from several simulator lifetimes, oldest first.
+class TruthLog:
+    """Every call the simulator played, from /calls answers read now and then.
 
-    A lifetime that ended in a crash (``ended_at`` given for it) leaves its live calls over at
-    that moment: an Asterisk that restarts has no calls.
+    The simulator keeps only its last 1,000 finished calls, and an Asterisk that restarts forgets
+    everything, so the run reads /calls often and keeps every call it ever saw. A lifetime that ended
+    in a crash (:meth:`crashed`) leaves its live calls over at that moment: a restarted Asterisk has
+    no calls.
     """
-    finished: dict[str, dict[str, Any]] = {}
-    live: dict[str, dict[str, Any]] = {}
-    for index, payload in enumerate(payloads):
-        crash = ended_at[index] if index < len(ended_at) else None
+
+    def __init__(self) -> None:
+        self._calls: dict[str, dict[str, Any]] = {}
+        self._over: set[str] = set()
+
+    def add(self, payload: Mapping[str, Any]) -> None:
         for item in payload.get("finished", []):
-            finished[str(item.get("linkedid"))] = item
+            key = str(item.get("linkedid"))
+            self._calls[key] = dict(item)
+            self._over.add(key)
         for item in payload.get("live", []):
             key = str(item.get("linkedid"))
-            if crash is not None:
-                finished[key] = {**item, "ended": crash, "state": "crashed"}
-            else:
-                live[key] = item
-    for key in finished:
-        live.pop(key, None)
-    return {"finished": list(finished.values()), "live": list(live.values())}
+            if key not in self._over:
+                self._calls[key] = dict(item)
+
+    def crashed(self, payload: Mapping[str, Any], at: float) -> None:
+        """The last answer of a lifetime that ended at ``at`` without ending its calls."""
+        self.add(payload)
+        for key, item in self._calls.items():
+            if key not in self._over:
+                self._calls[key] = {**item, "ended": at, "state": "crashed"}
+                self._over.add(key)
+
+    def payload(self) -> dict[str, Any]:
+        """All calls, shaped as one /calls answer."""
+        return {"finished": [c for k, c in self._calls.items() if k in self._over],
+                "live": [c for k, c in self._calls.items() if k not in self._over]}
 
 
 def _role(call: TruthCall, line: str) -> int:
@@ -200,15 +218,18 @@ def _ring_ids(truth: Iterable[TruthCall], line: str, guid: Callable[[str], str])
 
 
 def snapshot_errors(
-    call_ids: Iterable[str], calls_of_line: Mapping[str, TruthCall], line: str, at: float,
-    slack: float = SNAPSHOT_SLACK,
+    call_ids: Iterable[str], calls_of_line: Mapping[str, TruthCall], line: str, asked: float,
+    answered: float | None = None, slack: float = SNAPSHOT_SLACK,
 ) -> tuple[int, int]:
-    """(ghosts, live calls missing) in one snapshot taken at ``at``.
+    """(ghosts, live calls missing) in one snapshot asked for at ``asked`` and read at ``answered``.
 
-    A ghost is a call surely over (ended before ``at - slack``), or one that never rang the line;
-    a missing call is surely live: its scenario keeps the line's leg as long as the call, it started
-    before ``at - slack`` and had not ended by ``at + slack``.
+    The state it shows was true at some moment in between (the harness may read it late on a busy
+    machine). A ghost is a call surely over (ended before ``asked - slack``), or one that never rang
+    the line; a missing call is surely live: its scenario keeps the line's leg as long as the call,
+    it started before ``asked - slack`` and had not ended by ``answered + slack``.
     """
+    at = asked
+    until = answered if answered is not None else asked
     from ops.drill.truth import WHOLE_CALL_SCENARIOS
 
     shown = set(call_ids)
@@ -220,10 +241,17 @@ def snapshot_errors(
     missing = 0
     for call_id, call in calls_of_line.items():
         whole = call.scenario in WHOLE_CALL_SCENARIOS and _role(call, line) == 0
-        if (whole and call.started < at - slack and (call.ended is None or call.ended > at + slack)
+        if (whole and call.started < at - slack and (call.ended is None or call.ended > until + slack)
                 and call_id not in shown):
             missing += 1
     return ghosts, missing
+
+
+def _missed(report: PhaseReport, line: str, call: TruthCall, not_seen: frozenset[int] | set[int]) -> None:
+    if not_seen:
+        report.missed.update(not_seen)
+        report.missed_calls.append(f"{line}:{call.linkedid}:{call.scenario}:-"
+                                   + ",".join(EVENT_NAMES[t] for t in sorted(not_seen)))
 
 
 def _drop_in(obs: Observation, phase: Phase) -> Drop | None:
@@ -246,22 +274,30 @@ def judge_phase(
     if not phase.applicable:
         return report
     in_phase = [c for c in truth if phase.start <= c.started < phase.end]
+    # A call's end belongs to the phase in which it happened: a 90 s call may start in one phase and
+    # end in another fault's; the last phase also takes the calls hung up after it.
+    ended_in_phase = [c for c in truth if c.ended is not None and phase.start <= c.ended
+                      and (c.ended < phase.end or phase.open_ended)]
     report.calls = len(in_phase)
 
-    # lost: the drill's judge over this phase's calls
+    # lost: ops/drill's judge; missing and wrong by the call's start, unfinished by its end
     seen: dict[str, dict[str, SeenCall]] = {}
     for obs in observations:
         calls: dict[str, SeenCall] = {}
         for call_id, events in obs.events.items():
             calls[call_id] = SeenCall(obs.callers.get(call_id, ""), [t for t, _ in events])
-        for _, ids in obs.snapshots:
+        for _, _, ids in obs.snapshots:
             for call_id in ids:
                 calls.setdefault(call_id, SeenCall(obs.callers.get(call_id, ""))).event_types.append(SNAPSHOT)
         seen[obs.line] = calls
     for verdict in judge(in_phase, seen, guid):
-        for linkedid in (*verdict.missing, *verdict.unfinished, *verdict.wrong):
+        for linkedid in (*verdict.missing, *verdict.wrong):
             report.lost += 1
             report.lost_calls.append(f"{verdict.line}:{linkedid}")
+    for verdict in judge(ended_in_phase, seen, guid):
+        for linkedid in verdict.unfinished:
+            report.lost += 1
+            report.lost_calls.append(f"{verdict.line}:{linkedid}:no end")
 
     for obs in observations:
         drop = _drop_in(obs, phase)
@@ -274,9 +310,7 @@ def judge_phase(
         for call in in_phase:
             if obs.line not in call.lines:
                 continue
-            call_id = guid(f"{call.linkedid}:{obs.line}")
-            events = list(obs.events.get(call_id, ()))
-            types = [t for t, _ in events]
+            types = [t for t, _ in obs.events.get(guid(f"{call.linkedid}:{obs.line}"), ())]
             counts = Counter(t for t in types if t in ONCE_EVENTS)
             report.duplicates += sum(n - 1 for n in counts.values() if n > 1)
             ranks = [ORDER[t] for t in types if t in ORDER]
@@ -284,11 +318,13 @@ def judge_phase(
                 report.out_of_order += 1
             if call.started >= recovered + START_SLACK:
                 expected = EXPECTED_EVENTS.get((call.scenario, _role(call, obs.line)), frozenset())
-                not_seen = expected - set(types)
-                if not_seen:
-                    report.missed.update(not_seen)
-                    report.missed_calls.append(
-                        f"{obs.line}:{call.linkedid}:{call.scenario}:-" + ",".join(EVENT_NAMES[t] for t in not_seen))
+                _missed(report, obs.line, call, (expected - {RING_FINISHED}) - set(types))
+        for call in ended_in_phase:
+            if obs.line not in call.lines or call.ended is None or call.ended < recovered + START_SLACK:
+                continue
+            expected = EXPECTED_EVENTS.get((call.scenario, _role(call, obs.line)), frozenset())
+            types = [t for t, _ in obs.events.get(guid(f"{call.linkedid}:{obs.line}"), ())]
+            _missed(report, obs.line, call, (expected & {RING_FINISHED}) - set(types))
 
     # consistency, from the snapshots every agent was given after recovery began
     for obs in observations:
@@ -298,10 +334,10 @@ def judge_phase(
             reference = max(reference, drop.first_retry_at)
         calls_of_line = _ring_ids(truth, obs.line, guid)
         consistent_at: float | None = None
-        for at, ids in obs.snapshots:
+        for at, answered, ids in obs.snapshots:
             if not phase.fault_end <= at < phase.end:
                 continue
-            ghosts, missing = snapshot_errors(ids, calls_of_line, obs.line, at)
+            ghosts, missing = snapshot_errors(ids, calls_of_line, obs.line, at, answered)
             if at >= reference + CONSISTENT_WITHIN:
                 report.ghosts += ghosts
                 report.live_missing_from_snapshots += missing

@@ -10,9 +10,9 @@ from ops.chaos.verdict import (
     Observation,
     Originate,
     Phase,
+    TruthLog,
     format_table,
     judge_phase,
-    merge_truth,
     parse_originates,
     snapshot_errors,
 )
@@ -35,18 +35,22 @@ def full(call_id: str, at: float) -> list[tuple[int, float]]:
     return [(RING_STARTED, at), (COMMUTATION_STARTED, at + 1.5), (RING_FINISHED, at + 5)]
 
 
-def probes(*ids_by_time: tuple[float, tuple[str, ...]]) -> list[tuple[float, tuple[str, ...]]]:
-    return list(ids_by_time)
+Snapshots = list[tuple[float, float, tuple[str, ...]]]
 
 
-def quiet_probes(start: float = 112.0, end: float = 130.0) -> list[tuple[float, tuple[str, ...]]]:
-    return [(float(t), ()) for t in range(int(start), int(end))]
+def snaps(*ids_by_time: tuple[float, tuple[str, ...]], rtt: float = 0.01) -> Snapshots:
+    """Snapshots asked for at each time and answered ``rtt`` later."""
+    return [(at, at + rtt, ids) for at, ids in ids_by_time]
+
+
+def quiet_probes(start: float = 112.0, end: float = 130.0) -> Snapshots:
+    return snaps(*[(float(t), ()) for t in range(int(start), int(end))])
 
 
 def test_clean_phase_passes() -> None:
     truth = [answered("1", "500", 114.0)]
     obs = Observation("500", {"g-1:500": full("g-1:500", 114.1)}, {"g-1:500": "7916"},
-                      [(t, ("g-1:500",) if 115.5 < t < 118.5 else ()) for t, _ in quiet_probes()])
+                      snaps(*[(t, ("g-1:500",) if 115.5 < t < 118.5 else ()) for t, _, _ in quiet_probes()]))
     report = judge_phase(PHASE, truth, [obs], [], guid)
     assert report.calls == 1 and report.lost == 0 and not report.missed
     assert report.duplicates == 0 and report.out_of_order == 0 and report.ghosts == 0
@@ -78,8 +82,8 @@ def test_an_agent_that_dropped_recovers_when_it_is_back() -> None:
     node = Phase("node-kill", 100.0, 110.0, 110.0, 130.0, node_fault=True)
     truth = [answered("1", "500", 113.0, 125.0)]  # rang while the agent was away: in its snapshot only
     obs = Observation("500", {"g-1:500": [(RING_FINISHED, 125.0)]}, {},
-                      [(116.2, ("g-1:500",)), *[(float(t), ("g-1:500",)) for t in range(117, 124)],
-                       *[(float(t), ()) for t in range(127, 130)]],
+                      snaps((116.2, ("g-1:500",)), *[(float(t), ("g-1:500",)) for t in range(117, 124)],
+                            *[(float(t), ()) for t in range(127, 130)]),
                       drops=[Drop(110.0, 115.0, 116.2)])
     report = judge_phase(node, truth, [obs], [], guid)
     assert report.agents_disconnected == 1 and report.not_reconnected == 0
@@ -114,7 +118,7 @@ def test_duplicates_and_out_of_order() -> None:
 
 def test_ghosts_after_the_deadline_and_consistency_time() -> None:
     truth = [answered("1", "500", 100.0, 111.0)]  # over before recovery began
-    snapshots = [(float(t), ("g-1:500",) if t < 120 else ()) for t in range(112, 130)]
+    snapshots = snaps(*[(float(t), ("g-1:500",) if t < 120 else ()) for t in range(112, 130)])
     report = judge_phase(PHASE, truth, [Observation("500", {"g-1:500": full("", 100.0)}, {}, snapshots)], [], guid)
     # shown from 112 to 119; counted as ghosts from 117 (5 s after recovery) on
     assert report.ghosts == 3
@@ -135,6 +139,14 @@ def test_a_call_that_never_rang_the_line_is_a_ghost_and_a_live_call_must_be_show
     assert snapshot_errors(("g-2:500",), fresh, "500", 120.0) == (0, 0)
 
 
+def test_a_snapshot_read_late_is_judged_by_when_it_was_asked_for() -> None:
+    """On a loaded machine the harness may read an answer seconds after the node sent it."""
+    ended = {"g-1:500": TruthCall("1", ("500",), "", 100.0, 121.0, "inbound-direct-long")}
+    assert snapshot_errors(("g-1:500",), ended, "500", 120.5, 124.0) == (0, 0)  # not a ghost
+    assert snapshot_errors((), ended, "500", 120.5, 124.0) == (0, 0)  # nor surely live throughout
+    assert snapshot_errors(("g-1:500",), ended, "500", 122.5, 124.0) == (1, 0)
+
+
 def test_commands_executed_twice_stale_or_not_at_all() -> None:
     originates = [Originate("55501", 115.1), Originate("55502", 116.0), Originate("55502", 116.5),
                   Originate("55503", 125.0)]
@@ -153,15 +165,19 @@ def test_queue_second_member_expects_no_commutation() -> None:
     assert not report.missed and report.lost == 0
 
 
-def test_truth_over_simulator_lifetimes() -> None:
-    first = {"finished": [{"linkedid": "a", "started": 1, "ended": 2}],
-             "live": [{"linkedid": "b", "started": 3, "ended": None, "scenario": "inbound-direct-long",
-                       "vars": {"line": "500"}}]}
-    second = {"finished": [{"linkedid": "c", "started": 20, "ended": 25}], "live": []}
-    merged = merge_truth(first, second, ended_at=[10.0, None])
+def test_truth_kept_over_reads_and_simulator_lifetimes() -> None:
+    log = TruthLog()
+    log.add({"finished": [{"linkedid": "a", "started": 1, "ended": 2}],
+             "live": [{"linkedid": "b", "started": 3, "ended": None}, {"linkedid": "d", "started": 4}]})
+    # the simulator dropped "a" from its bounded list; "d" ended in the meantime
+    log.add({"finished": [{"linkedid": "d", "started": 4, "ended": 6}], "live": [{"linkedid": "b", "started": 3}]})
+    log.crashed({"finished": [], "live": [{"linkedid": "b", "started": 3, "ended": None}]}, at=10.0)
+    log.add({"finished": [{"linkedid": "c", "started": 20, "ended": 25}], "live": [{"linkedid": "e", "started": 30}]})
+    merged = log.payload()
     by_id = {c["linkedid"]: c for c in merged["finished"]}
-    assert set(by_id) == {"a", "b", "c"} and merged["live"] == []
-    assert by_id["b"]["ended"] == 10.0
+    assert set(by_id) == {"a", "b", "c", "d"} and [c["linkedid"] for c in merged["live"]] == ["e"]
+    assert by_id["b"]["ended"] == 10.0 and by_id["b"]["state"] == "crashed"
+    assert by_id["d"]["ended"] == 6
 
 
 def test_originates_from_truth() -> None:
@@ -173,11 +189,27 @@ def test_originates_from_truth() -> None:
 def test_table_marks_not_applicable_and_failures() -> None:
     skipped = Phase("gateway-kill", 1.0, 2.0, 2.0, 2.0, applicable=False, note="no standby gateway")
     bad = judge_phase(PHASE, [answered("1", "500", 111.0)], [Observation("500", {}, {}, quiet_probes())], [], guid)
-    good = judge_phase(Phase("baseline", 0.0, 1.0, 1.0, 10.0), [], [Observation("500", {}, {},
-                                                                                   [(2.0, ())])], [], guid)
+    good = judge_phase(Phase("baseline", 0.0, 1.0, 1.0, 10.0), [], [Observation("500", {}, {}, snaps((2.0, ())))],
+                       [], guid)
     table = format_table([good, judge_phase(skipped, [], [], [], guid), bad])
     lines = table.splitlines()
     assert lines[0].startswith("fault")
     assert "PASS" in lines[2]
     assert "n/a: no standby gateway" in lines[3]
     assert "FAIL: 0 calls lost" in lines[4]
+
+
+def test_a_calls_end_is_judged_in_the_phase_where_it_ended() -> None:
+    """A long call starts in one fault's phase and ends in the next one's."""
+    first = Phase("ami-cut", 100.0, 104.0, 106.0, 130.0)
+    second = Phase("redis-restart-empty", 130.0, 134.0, 135.0, 160.0, open_ended=True)
+    long_call = TruthCall("1", ("500",), "7916", 110.0, 150.0, "inbound-direct-long")
+    hung_up_at_the_end = TruthCall("2", ("500",), "7916", 140.0, 200.0, "inbound-direct-long")
+    events = {"g-1:500": [(RING_STARTED, 110.1), (COMMUTATION_STARTED, 111.6)],
+              "g-2:500": [(RING_STARTED, 140.1), (COMMUTATION_STARTED, 141.6)]}
+    obs = Observation("500", events, {}, snaps(*[(float(t), ()) for t in range(106, 160)]))
+    one = judge_phase(first, [long_call, hung_up_at_the_end], [obs], [], guid)
+    two = judge_phase(second, [long_call, hung_up_at_the_end], [obs], [], guid)
+    assert one.lost == 0 and not one.missed
+    assert two.lost == 2 and two.lost_calls == ["500:1:no end", "500:2:no end"]
+    assert two.missed[RING_FINISHED] == 2
