@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import resource
 import shutil
 import signal
@@ -19,10 +20,11 @@ import time
 from pathlib import Path
 
 from ops.chaos.harness import ALL_FAULTS, FAULTS, QUICK_FAULTS, ChaosOptions, ChaosResult, ChaosRun
-from ops.chaos.verdict import format_table
+from ops.chaos.verdict import format_table, judge_evidence
+from ws_node.creatio_protocol import call_guid
 
 
-def parse_args(argv: list[str] | None) -> ChaosOptions:
+def parse_args(argv: list[str] | None) -> tuple[ChaosOptions, Path | None]:
     parser = argparse.ArgumentParser(prog="python -m ops.chaos", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, default=300, help="agents ringing in the traffic")
@@ -37,6 +39,8 @@ def parse_args(argv: list[str] | None) -> ChaosOptions:
     parser.add_argument("--reconnect-delay", type=float, default=5.0, help="agents' first retry (Creatio: 5 s)")
     parser.add_argument("--run-dir", type=Path, default=None, help="logs and data (default: .run/chaos, emptied)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--judge", type=Path, default=None, metavar="EVIDENCE",
+                        help="print the table again from a run's evidence.json, without running anything")
     args = parser.parse_args(argv)
     faults = QUICK_FAULTS if args.quick else tuple(f.strip() for f in args.faults.split(",") if f.strip())
     unknown = [f for f in faults if f not in FAULTS]
@@ -49,7 +53,7 @@ def parse_args(argv: list[str] | None) -> ChaosOptions:
     )
     if args.run_dir is not None:
         options.run_dir = args.run_dir
-    return options
+    return options, args.judge
 
 
 def run(options: ChaosOptions) -> ChaosResult:
@@ -100,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     _stop_on_sigterm()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    options = parse_args(argv)
+    options, evidence = parse_args(argv)
+    if evidence is not None:
+        reports = judge_evidence(json.loads(evidence.read_text()), call_guid)
+        print(format_table(reports))
+        return 0 if all(r.passed for r in reports if r.phase.applicable) else 1
     started = time.monotonic()
     if options.run_dir == ChaosOptions.run_dir and options.run_dir.exists():
         shutil.rmtree(options.run_dir)  # the previous run's logs and broker data; ours start clean

@@ -38,6 +38,7 @@ ACTIVE_CALL_SNAPSHOT = 10
 CALL_EVENTS = frozenset({5, 6, 7, 8, 9, 13, 17, 18})
 RS = "\x1e"
 SIGNALR_PING_SECONDS = 10.0
+UNANSWERED_SNAPSHOT_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +241,10 @@ class ChaosAgent:
         """Ask for a snapshot (the answer is recorded when it arrives); False when not connected."""
         if self._ws is None or not self.connected.is_set():
             return False
+        if self._asked:
+            if time.time() - self._asked[0] < UNANSWERED_SNAPSHOT_SECONDS:
+                return False  # one question at a time, so each answer is matched to its question
+            self._asked.clear()  # never answered: ask again
         try:
             await self._send({"command": "QueryActiveCallSnapshot", "parameters": {}})
         except (OSError, websockets.WebSocketException):

@@ -25,15 +25,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from local_cluster.infra import port_open
 from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
 from ops.chaos.agents import ChaosAgent, Transport
 from ops.chaos.fault_proxy import PASS, LinkFault, ProxyHost
 from ops.chaos.servers import PrivateRabbit, PrivateRedis
-from ops.chaos.verdict import Drop, Observation, Phase, PhaseReport, TruthLog, judge_phase, parse_originates
+from ops.chaos.verdict import Drop, Observation, Phase, PhaseReport, TruthLog, judge_evidence
 from ops.drill.__main__ import TRAFFIC_MIX, _get, _post
-from ops.drill.truth import parse_truth
 from ws_node.creatio_protocol import call_guid
 
 log = logging.getLogger(__name__)
@@ -225,14 +225,7 @@ class ChaosRun:
                            time.monotonic() - began, self.notes)
 
     def _judge(self) -> list[PhaseReport]:
-        payload = self.truth.payload()
-        traffic_lines = [a.line for a in self.agents]
-        truth = parse_truth(payload, traffic_lines)
-        originates = parse_originates(payload)
-        observations = [observe(a) for a in self.agents]
-        commands = [(c.number, c.at) for a in self.command_agents for c in a.commands]
-        phases = [dataclasses.replace(p, open_ended=p is self.phases[-1]) for p in self.phases]
-        return [judge_phase(p, truth, observations, originates, call_guid, commands) for p in phases]
+        return judge_evidence(self.evidence(), call_guid)
 
     def _check_links(self) -> None:
         """Every link must go through its proxy, or its faults would silently test nothing."""
@@ -241,9 +234,9 @@ class ChaosRun:
             raise RuntimeError(f"no connection went through the {', '.join(unused)} fault proxy; "
                                "the cluster's settings do not point at it")
 
-    def _save_evidence(self) -> None:
-        """What the verdicts were computed from, for anyone who wants to check one by hand."""
-        evidence = {
+    def evidence(self) -> dict[str, Any]:
+        """What the verdicts are computed from; saved, so anyone can check one by hand or judge again."""
+        return {
             "phases": [dataclasses.asdict(p) for p in self.phases],
             "truth": self.truth.payload(),
             "harness_lag": self.lag,
@@ -251,7 +244,9 @@ class ChaosRun:
             "commands": [{"line": a.line, "number": c.number, "at": c.at}
                          for a in self.command_agents for c in a.commands],
         }
-        (self.options.run_dir / "evidence.json").write_text(json.dumps(evidence))
+
+    def _save_evidence(self) -> None:
+        (self.options.run_dir / "evidence.json").write_text(json.dumps(self.evidence()))
 
     async def _phase(self, name: str, start: float) -> float:
         opts = self.options
@@ -275,11 +270,17 @@ class ChaosRun:
         return end
 
     async def _probe(self, seconds: float) -> None:
-        """Every agent asks for a snapshot each second: when each is right again is the consistency time."""
+        """Every agent asks for a snapshot each second: when each is right again is the consistency time.
+
+        The questions are spread over the second, ten slices of agents, as independent panels would
+        spread them: a burst of hundreds at once would measure the burst, not the fault.
+        """
         deadline = time.monotonic() + seconds
+        slices = [self.agents[i::10] for i in range(10)]
         while time.monotonic() < deadline:
-            await asyncio.gather(*(a.query_snapshot() for a in self.agents))
-            await asyncio.sleep(1.0)
+            for group in slices:
+                await asyncio.gather(*(a.query_snapshot() for a in group))
+                await asyncio.sleep(0.1)
 
     async def _harvest_truth(self) -> None:
         """The simulator keeps its last 1,000 calls only: read them often enough to keep every one."""

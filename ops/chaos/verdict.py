@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ops.drill.truth import SeenCall, TruthCall, judge, percentile
+from ops.drill.truth import SeenCall, TruthCall, judge, parse_truth, percentile
 
 RING_STARTED = 5
 RING_FINISHED = 6
@@ -236,7 +236,7 @@ def snapshot_errors(
     ghosts = 0
     for call_id in shown:
         call = calls_of_line.get(call_id)
-        if call is None or (call.ended is not None and call.ended < at - slack) or call.started > at + slack:
+        if call is None or (call.ended is not None and call.ended < at - slack) or call.started > until + slack:
             ghosts += 1
     missing = 0
     for call_id, call in calls_of_line.items():
@@ -368,6 +368,28 @@ def judge_phase(
         if any(started - sent_at > command_ttl + COMMAND_SLACK for started in done):
             report.commands_stale += 1
     return report
+
+
+def judge_evidence(evidence: Mapping[str, Any], guid: Callable[[str], str]) -> list[PhaseReport]:
+    """Every phase's report from a run's saved evidence (what `make chaos` writes to evidence.json)."""
+    phases = [Phase(**p) for p in evidence["phases"]]
+    if phases:
+        phases[-1] = Phase(**{**evidence["phases"][-1], "open_ended": True})
+    payload = evidence["truth"]
+    observations = [
+        Observation(
+            line=a["line"],
+            events={k: [(int(t), float(at)) for t, at in v] for k, v in a["events"].items()},
+            callers=a["callers"],
+            snapshots=[(float(asked), float(at), tuple(ids)) for asked, at, ids in a["snapshots"]],
+            drops=[Drop(**d) for d in a["drops"]],
+        )
+        for a in evidence["agents"]
+    ]
+    truth = parse_truth(payload, [o.line for o in observations])
+    originates = parse_originates(payload)
+    commands = [(str(c["number"]), float(c["at"])) for c in evidence.get("commands", [])]
+    return [judge_phase(p, truth, observations, originates, guid, commands) for p in phases]
 
 
 def format_table(reports: Sequence[PhaseReport]) -> str:
