@@ -4,7 +4,7 @@ table with a PASS/FAIL per fault against issue 10's targets and exits 1 if any t
 
 Faults: baseline (none), node-kill, node-stop, gateway-kill, gateway-restart, rabbitmq-restart,
 rabbitmq-unreachable, redis-restart-empty, redis-unreachable, ami-cut, asterisk-restart,
-slow-ami, slow-amqp, slow-redis, slow-client. See docs/chaos.md.
+slow-ami, slow-amqp, slow-redis, slow-client, rabbitmq-stall, redis-stall. See docs/chaos.md.
 """
 
 from __future__ import annotations

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from local_cluster.infra import port_open
+from local_cluster.infra import InfrastructureError, port_open
 from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
 from ops.chaos.agents import ChaosAgent, Transport
 from ops.chaos.fault_proxy import PASS, LinkFault, ProxyHost
-from ops.chaos.servers import PrivateRabbit, PrivateRedis
+from ops.chaos.servers import PrivateRabbit, PrivateRedis, PrivateServer
 from ops.chaos.verdict import Drop, Observation, Phase, PhaseReport, TruthLog, judge_evidence
 from ops.drill.__main__ import TRAFFIC_MIX, _get, _post
 from ws_node.creatio_protocol import call_guid
@@ -42,7 +42,7 @@ LINKS = ("ami", "amqp", "redis", "client")
 ALL_FAULTS = (
     "baseline", "node-kill", "node-stop", "gateway-kill", "gateway-restart", "rabbitmq-restart",
     "rabbitmq-unreachable", "redis-restart-empty", "redis-unreachable", "ami-cut", "asterisk-restart",
-    *(f"slow-{link}" for link in LINKS),
+    *(f"slow-{link}" for link in LINKS), "rabbitmq-stall", "redis-stall",
 )
 QUICK_FAULTS = ("baseline", "node-kill", "rabbitmq-unreachable", "redis-restart-empty")
 
@@ -59,6 +59,7 @@ class ChaosOptions:
     observe_seconds: float = 12.0
     outage_seconds: float = 30.0
     stop_seconds: float = 10.0
+    stall_seconds: float = 15.0
     link_fault_seconds: float = 15.0
     latency: float = 0.05
     loss: float = 0.02
@@ -111,6 +112,8 @@ class ChaosRun:
         self.proxies = ProxyHost()
         self.rabbit = PrivateRabbit(options.run_dir / "rabbitmq")
         self.redis = PrivateRedis(options.run_dir / "redis")
+        #: servers this run could not start privately (name -> why): never restarted
+        self.shared: dict[str, str] = {}
         self.cluster: ChaosCluster | None = None
         self.agents: list[ChaosAgent] = []
         self.command_agents: list[ChaosAgent] = []
@@ -132,10 +135,10 @@ class ChaosRun:
         opts = self.options
         opts.run_dir.mkdir(parents=True, exist_ok=True)
         self.proxies.start()
-        self.rabbit.start()
-        self.redis.start()
-        amqp_port = self.proxies.add("amqp", "127.0.0.1", self.rabbit.port)
-        redis_port = self.proxies.add("redis", "127.0.0.1", self.redis.port)
+        amqp_target = self._private_or_shared(self.rabbit, 5672)
+        redis_target = self._private_or_shared(self.redis, 6379)
+        amqp_port = self.proxies.add("amqp", "127.0.0.1", amqp_target)
+        redis_port = self.proxies.add("redis", "127.0.0.1", redis_target)
         cluster_options = ClusterOptions.ephemeral(
             opts.run_dir / "cluster",
             amqp_url=f"amqp://guest:guest@127.0.0.1:{amqp_port}/",
@@ -148,6 +151,20 @@ class ChaosRun:
         self.proxies.add("client", "127.0.0.1", cluster_options.haproxy_port)
         self.cluster = ChaosCluster(cluster_options, ami_port)
         self.cluster.start(timeout=120)
+
+    def _private_or_shared(self, server: PrivateServer, shared_port: int) -> int:
+        """A private server when this machine can run one; else the shared one, behind the proxy only
+        (its outage faults still work through the proxy; its restart faults are then not applicable)."""
+        try:
+            server.start()
+            return server.port
+        except InfrastructureError as exc:
+            if not port_open(shared_port):
+                raise
+            self.shared[server.name] = str(exc)
+            self.notes.append(f"{server.name}: {exc}; using the shared one on {shared_port} behind the proxy "
+                              "(never restarted)")
+            return shared_port
 
     def stop(self) -> None:
         if self.cluster is not None:
@@ -490,11 +507,15 @@ async def fault_gateway_restart(run: ChaosRun) -> Outcome:
 
 
 async def fault_rabbitmq_restart(run: ChaosRun) -> Outcome:
+    if run.rabbit.name in run.shared:
+        return "RabbitMQ is the machine's shared one (no rabbitmq-server to run a private one)"
     await asyncio.to_thread(run.rabbit.restart)
     return time.time(), False, None
 
 
 async def fault_redis_restart_empty(run: ChaosRun) -> Outcome:
+    if run.redis.name in run.shared:
+        return "Redis is the machine's shared one (no redis-server to run a private one)"
     await asyncio.to_thread(run.redis.restart)
     return time.time(), False, None
 
@@ -514,6 +535,15 @@ async def fault_rabbitmq_unreachable(run: ChaosRun) -> Outcome:
 
 async def fault_redis_unreachable(run: ChaosRun) -> Outcome:
     return await _link_outage(run, "redis", run.options.outage_seconds, LinkFault("cut")), False, None
+
+
+async def fault_rabbitmq_stall(run: ChaosRun) -> Outcome:
+    """The broker stops answering but every TCP connection stays up: only heartbeats can tell."""
+    return await _link_outage(run, "amqp", run.options.stall_seconds, LinkFault("blackhole")), False, None
+
+
+async def fault_redis_stall(run: ChaosRun) -> Outcome:
+    return await _link_outage(run, "redis", run.options.stall_seconds, LinkFault("blackhole")), False, None
 
 
 async def fault_ami_cut(run: ChaosRun) -> Outcome:
@@ -555,6 +585,8 @@ FAULTS: dict[str, Callable[[ChaosRun], Awaitable[Outcome]]] = {
     "rabbitmq-unreachable": fault_rabbitmq_unreachable,
     "redis-restart-empty": fault_redis_restart_empty,
     "redis-unreachable": fault_redis_unreachable,
+    "rabbitmq-stall": fault_rabbitmq_stall,
+    "redis-stall": fault_redis_stall,
     "ami-cut": fault_ami_cut,
     "asterisk-restart": fault_asterisk_restart,
     **{f"slow-{link}": _slow(link) for link in LINKS},
