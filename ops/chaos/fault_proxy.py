@@ -263,6 +263,7 @@ async def _host_serve(conn: Connection) -> None:
             elif op == "stop":
                 for proxy in proxies.values():
                     await proxy.close()
+                await asyncio.sleep(0.2)  # the aborted connections' handlers finish before the loop closes
                 conn.send(("ok", None))
                 return
             else:

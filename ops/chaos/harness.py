@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 LINKS = ("ami", "amqp", "redis", "client")
 ALL_FAULTS = (
-    "baseline", "node-kill", "node-stop", "gateway-kill", "gateway-restart", "rabbitmq-restart",
+    "baseline", "node-kill", "node-stop", "gateway-kill", "gateway-restart", "cluster-restart", "rabbitmq-restart",
     "rabbitmq-unreachable", "redis-restart-empty", "redis-unreachable", "ami-cut", "asterisk-restart",
     *(f"slow-{link}" for link in LINKS), "rabbitmq-stall", "redis-stall",
 )
@@ -126,7 +126,6 @@ class ChaosRun:
         self.notes: list[str] = []
         self._traffic_open = asyncio.Event()
         self._running = True
-        self._probing = False
         self._number = 0
 
     # ---- set up and tear down ------------------------------------------------------------------
@@ -168,8 +167,7 @@ class ChaosRun:
 
     def stop(self) -> None:
         if self.cluster is not None:
-            with contextlib.suppress(Exception):
-                self._resume_all()
+            self._resume_all()  # a node left SIGSTOPped by an interrupted run must be able to stop
             self.cluster.stop()
             self.cluster = None
         self.proxies.stop()
@@ -506,6 +504,24 @@ async def fault_gateway_restart(run: ChaosRun) -> Outcome:
     return time.time(), False, None
 
 
+async def fault_cluster_restart(run: ChaosRun) -> Outcome:
+    """What an operator's restart of `make run` does: every cluster process stops (SIGTERM) and starts
+    again over the namespace the previous ones left in Redis; the PBX and the agents stay."""
+    assert run.cluster is not None
+    names = [c.name for c in run.cluster.children if c.name != "simulator"]
+    for name in reversed(names):  # HAProxy and the nodes first, as LocalCluster.stop does
+        await asyncio.to_thread(run.cluster.kill, name, signal.SIGTERM)
+    stopped = time.time()
+    # The gateway last: LocalCluster's wait for its /health gives up if any other child is down.
+    for name in sorted(names, key=lambda n: n.startswith("gateway")):
+        await asyncio.to_thread(run.cluster.restart, name)
+    for name in names:
+        if name.startswith("node"):
+            await run.wait_node_serving(name)
+    await run.wait_gateway_ready()
+    return stopped, True, None
+
+
 async def fault_rabbitmq_restart(run: ChaosRun) -> Outcome:
     if run.rabbit.name in run.shared:
         return "RabbitMQ is the machine's shared one (no rabbitmq-server to run a private one)"
@@ -581,6 +597,7 @@ FAULTS: dict[str, Callable[[ChaosRun], Awaitable[Outcome]]] = {
     "node-stop": fault_node_stop,
     "gateway-kill": fault_gateway_kill,
     "gateway-restart": fault_gateway_restart,
+    "cluster-restart": fault_cluster_restart,
     "rabbitmq-restart": fault_rabbitmq_restart,
     "rabbitmq-unreachable": fault_rabbitmq_unreachable,
     "redis-restart-empty": fault_redis_restart_empty,

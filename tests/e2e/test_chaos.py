@@ -48,6 +48,8 @@ def report_of(result: ChaosResult, fault: str) -> PhaseReport:
 ])
 def test_fault_meets_every_target(chaos: ChaosResult, fault: str) -> None:
     report = report_of(chaos, fault)
+    if not report.phase.applicable:
+        pytest.skip(report.phase.note)
     failed = [name for name, ok in report.targets().items() if not ok]
     assert not failed, (failed, report.lost_calls[:5], report.missed_calls[:5])
 
@@ -56,6 +58,8 @@ def test_the_run_measured_something(chaos: ChaosResult) -> None:
     """Guards against a harness that passes because nothing happened."""
     assert chaos.signalr_agents > 0 and chaos.agents - chaos.signalr_agents > 0
     for report in chaos.reports:
+        if not report.phase.applicable:  # e.g. no redis-server here: the shared Redis is never restarted
+            continue
         assert report.calls >= 10, report.phase.name
         assert report.consistent_seconds, report.phase.name
         assert report.commands > 0, report.phase.name
