@@ -91,7 +91,6 @@ class ChaosAgent:
                         outage.ready_at = snapshot.at
                         outage.snapshot_ids = snapshot.call_ids
                         outage.snapshot_at = snapshot.at
-                        self.outages.append(outage)
                         outage = None
                     backoff = self.reconnect_delay
                     pinger = asyncio.create_task(self._ping()) if self.transport == "signalr" else None
@@ -112,15 +111,16 @@ class ChaosAgent:
             self.connected.clear()
             now = time.time()
             if outage is None:
+                # Recorded at once: an agent that never gets back must count too (its task is
+                # cancelled at the end of the run, mid-retry).
                 outage = Outage(dropped_at=now)
+                self.outages.append(outage)
                 delay = self.reconnect_delay * random.uniform(0.9, 1.1)
                 outage.first_retry_at = now + delay
             else:
                 delay = backoff
                 backoff = min(backoff * 1.5, 30.0)
             await asyncio.sleep(delay)
-        if outage is not None:
-            self.outages.append(outage)  # never came back: ready_at stays 0
 
     async def _connect(self) -> Any:
         if self.transport == "ws":

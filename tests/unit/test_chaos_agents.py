@@ -61,3 +61,21 @@ def test_evidence_round_trip() -> None:
     [report] = judge_evidence(evidence, lambda key: f"g-{key}")
     assert report.calls == 1 and report.lost == 0 and not report.missed and report.phase.open_ended
     assert report.passed, report.targets()
+
+
+def test_an_agent_that_never_gets_back_is_counted_even_when_the_run_ends_mid_retry() -> None:
+    import asyncio
+
+    from local_cluster.infra import free_port
+
+    async def main() -> ChaosAgent:
+        agent = ChaosAgent(f"ws://127.0.0.1:{free_port()}/", "500", reconnect_delay=0.05)  # nothing listens
+        task = asyncio.create_task(agent.run())
+        await asyncio.sleep(0.5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return agent
+
+    agent = asyncio.run(main())
+    assert len(agent.outages) == 1
+    assert agent.outages[0].ready_at == 0.0 and agent.outages[0].attempts >= 1
