@@ -59,6 +59,8 @@ EXPECTED_EVENTS: Mapping[tuple[str, int], frozenset[int]] = {
 }
 
 CONSISTENT_WITHIN = 5.0
+#: share of a killed or stopped node's agents that must be consistent within 5 s of their first retry
+NODE_FAULT_SHARE = 0.99
 #: calls starting this close to the moment recovery began may legitimately be on either side
 START_SLACK = 0.5
 #: snapshot times vs the simulator's clock (the gateway processes an event a little later)
@@ -123,6 +125,9 @@ class PhaseReport:
     live_missing_from_snapshots: int = 0
     consistent_seconds: list[float] = field(default_factory=list)
     never_consistent: int = 0
+    #: seconds until consistent (inf: not within the phase), agents that dropped in it and the others
+    consistent_dropped: list[float] = field(default_factory=list)
+    consistent_stayed: list[float] = field(default_factory=list)
     commands: int = 0
     commands_twice: int = 0
     commands_stale: int = 0
@@ -139,14 +144,17 @@ class PhaseReport:
     def targets(self) -> dict[str, bool]:
         """Issue 10's targets, each PASS (True) or FAIL."""
         p = self.phase
+        stayed_ok = bool(self.consistent_stayed) and max(self.consistent_stayed) <= CONSISTENT_WITHIN
         if p.node_fault:
+            # issue 10: "node kill: 99 % within 5 s of first retry"; agents the fault did not touch: all
+            dropped = self.consistent_dropped
+            share = sum(s <= CONSISTENT_WITHIN for s in dropped) / len(dropped) if dropped else 1.0
             disconnects_ok = self.not_reconnected == 0
-            consistent_ok = (self.never_consistent == 0 and bool(self.consistent_seconds)
-                             and self.consistent_p99 <= CONSISTENT_WITHIN)
+            consistent_ok = share >= NODE_FAULT_SHARE and (stayed_ok or not self.consistent_stayed)
         else:
             disconnects_ok = self.agents_disconnected == 0 and self.not_reconnected == 0
-            consistent_ok = (self.never_consistent == 0 and bool(self.consistent_seconds)
-                             and self.consistent_max <= CONSISTENT_WITHIN)
+            everyone = self.consistent_stayed + self.consistent_dropped
+            consistent_ok = bool(everyone) and max(everyone) <= CONSISTENT_WITHIN
         return {
             "0 calls lost": self.lost == 0,
             "0 missed after recovery": sum(self.missed.values()) == 0,
@@ -347,10 +355,12 @@ def judge_phase(
                 consistent_at = at
         later_drop = any(consistent_at is not None and d.dropped_at > consistent_at and d.dropped_at < phase.end
                          for d in obs.drops)
-        if consistent_at is None or later_drop:
+        seconds = math.inf if consistent_at is None or later_drop else max(0.0, consistent_at - reference)
+        if seconds == math.inf:
             report.never_consistent += 1
         else:
-            report.consistent_seconds.append(max(0.0, consistent_at - reference))
+            report.consistent_seconds.append(seconds)
+        (report.consistent_dropped if drop is not None else report.consistent_stayed).append(seconds)
 
     # commands
     executions: dict[str, list[float]] = {}

@@ -213,3 +213,24 @@ def test_a_calls_end_is_judged_in_the_phase_where_it_ended() -> None:
     assert one.lost == 0 and not one.missed
     assert two.lost == 2 and two.lost_calls == ["500:1:no end", "500:2:no end"]
     assert two.missed[RING_FINISHED] == 2
+
+
+def test_node_fault_needs_99_percent_of_its_agents_consistent_within_5s_of_their_first_retry() -> None:
+    node = Phase("node-kill", 100.0, 110.0, 110.0, 130.0, node_fault=True)
+
+    def agents(late: int) -> list[Observation]:
+        result = []
+        for i in range(150):
+            line = str(600 + i)
+            if i < 100:  # on the killed node: back at 116 (first retry 115), or (late ones) after the phase
+                ready = 135.0 if i < late else 116.0
+                snapshots = snaps(*[(float(t), ()) for t in range(116, 130)]) if i >= late else []
+                result.append(Observation(line, {}, {}, snapshots, drops=[Drop(110.0, 115.0, ready)]))
+            else:
+                result.append(Observation(line, {}, {}, quiet_probes(110.0)))
+        return result
+
+    one_late = judge_phase(node, [], agents(1), [], guid)
+    assert one_late.never_consistent == 1 and one_late.targets()["consistent within 5 s"]
+    two_late = judge_phase(node, [], agents(2), [], guid)
+    assert not two_late.targets()["consistent within 5 s"]
