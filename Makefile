@@ -10,7 +10,7 @@ CONFIG ?=
 # More options for `make run`, e.g. RUN_ARGS='--port 2023 --nodes 3' or '--auto-ports' (python -m local_cluster -h)
 RUN_ARGS ?=
 
-.PHONY: run test doctor drill bench setup system-deps browser-deps lint typecheck unit integration e2e engines-test clean
+.PHONY: run test doctor drill chaos bench setup system-deps browser-deps lint typecheck unit integration e2e engines-test clean
 
 # Supervises every process (a dead one is restarted with backoff); Ctrl-C or SIGTERM stops them all.
 run: setup
@@ -26,6 +26,11 @@ doctor: setup
 # Failover drill: 200 simulated Creatio agents, a node SIGKILLed under traffic; DRILL_ARGS for more.
 drill: setup
 	$(PY) -m ops.drill --agents 200 $(DRILL_ARGS)
+
+# Every fault in turn (node kill/stop, gateway, RabbitMQ, Redis, AMI, Asterisk restart, slow links)
+# under traffic with 300 agents on both transports; prints a PASS/FAIL per fault. CHAOS_ARGS for more.
+chaos: setup
+	$(PY) -m ops.chaos $(CHAOS_ARGS)
 
 # Benchmarks of every stage against same-run baselines; BENCH_ARGS=--quick for a smoke run.
 bench: setup
