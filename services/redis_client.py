@@ -98,9 +98,22 @@ class SentinelRedis(aioredis.Redis):
                 await client.aclose()
 
 
-def redis_client(url: str, **options: Any) -> aioredis.Redis:
-    """A client for ``url``; ``options`` are redis-py connection options (timeouts...)."""
+def redis_client(
+    url: str, *, max_connections: int | None = None, pool_wait_seconds: float = 5.0, **options: Any
+) -> aioredis.Redis:
+    """A client for ``url``; ``options`` are redis-py connection options (timeouts...).
+
+    ``max_connections`` (plain URLs): a pool of at most that many connections where a command that
+    finds them all busy waits up to ``pool_wait_seconds`` for one. redis-py's default pool instead
+    fails at 100 with "Too many connections": a node answering hundreds of reconnecting agents'
+    snapshots at once left some of them unanswered.
+    """
     if not is_sentinel_url(url):
+        if max_connections is not None:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=pool_wait_seconds, **options
+            )
+            return aioredis.Redis.from_pool(pool)
         return aioredis.from_url(url, **options)
     spec = parse_sentinel_url(url)
     sentinel_options = {

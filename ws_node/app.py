@@ -78,7 +78,9 @@ class Node:
         self.node_id = options.node_id or uuid.uuid4().hex[:8]
         # Bounded waits: a Redis that stops answering (not just refusing) must not freeze the
         # event loop's catch-ups or snapshots; live events never wait for Redis.
-        self.redis = redis_client(settings.cluster.redis_url, socket_timeout=5.0, socket_connect_timeout=3.0)
+        # A reconnect storm asks for hundreds of snapshots at once: they queue for a connection, never fail.
+        self.redis = redis_client(settings.cluster.redis_url, max_connections=64, pool_wait_seconds=5.0,
+                                  socket_timeout=5.0, socket_connect_timeout=3.0)
         self.feed = LineFeed(
             self.node_id,
             Broker(settings.cluster.broker_urls, name=f"node {self.node_id}"),
