@@ -121,7 +121,7 @@ class LineStateWriter:
         """
         self._fence = (key, token)
 
-    async def write(self, events: Sequence[LineEvent]) -> None:
+    async def write(self, events: Sequence[LineEvent], encoded: Sequence[bytes] | None = None) -> None:
         """Store positioned events, and apply each one's call to the line's active-calls hash.
 
         Deriving the hash from the events themselves keeps it exactly as of the last event
@@ -130,6 +130,7 @@ class LineStateWriter:
         One script does it all, so it is atomic and, when fenced, conditional on the lease. A stream
         entry that is already there (a retry after the reply of a stored batch was lost) is skipped;
         the rest of the batch is idempotent. Raises :class:`Fenced` when the fence does not hold.
+        ``encoded``: the events' bodies, when the caller has them already (the outbox publishes the same bytes).
         """
         if not events:
             return
@@ -141,9 +142,12 @@ class LineStateWriter:
 
         ops: list[str | int | bytes] = []
         last: dict[str, LineEvent] = {}
-        for event in events:
+        bodies = encoded if encoded is not None else [event.encode() for event in events]
+        if len(bodies) != len(events):
+            raise ValueError(f"{len(events)} events but {len(bodies)} encoded bodies")
+        for event, body in zip(events, bodies, strict=True):
             line = event.line
-            ops += ["x", key(self._keys.events(line)), f"{event.epoch}-{event.seq}", event.encode(), ""]
+            ops += ["x", key(self._keys.events(line)), f"{event.epoch}-{event.seq}", body, ""]
             if event.call is not None:
                 if event.call.active:
                     ops += ["h", key(self._keys.calls(line)), event.call.id, json.dumps(event.call.to_dict()), ""]
