@@ -1,10 +1,12 @@
 """Each line's state in Redis: current calls, agent state, stream position, recent history.
 
 The gateway is the single writer (the one holding the lease). For every batch of events it
-writes, in one script that first checks the lease:
-the calls hash, the agent state, the history stream entries and the position, *before* it
-publishes the events. So a node that receives event (epoch, n) from RabbitMQ can always find
-everything up to n in Redis, and a node that missed events can fill the gap from the stream.
+writes, in one script that first checks the lease: the calls hash, the agent state, the history
+stream entries and the position. The write travels beside the batch's publish, not before it
+(ami_gateway/event_outbox.py): a node that receives event (epoch, n) from RabbitMQ finds everything
+up to n in Redis a moment later at most (the gateway holds at most its window of batches ahead of
+Redis), so a node that missed events waits briefly for the entry it needs and fills the gap from
+the stream (ws_node/line_feed.py). Writes are applied strictly in order.
 
 Keys (``P`` = deployment prefix, ``L`` = line)::
 
