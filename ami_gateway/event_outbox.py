@@ -22,7 +22,9 @@ What this gives up, and why it is safe (docs/performance.md, "Redis beside the h
   history when it repairs (a gap, a new epoch, a reconnect), and then waits briefly for the entry
   it needs (ws_node/line_feed.py); an in-order event is delivered without touching Redis.
 * If Redis fails after a batch was published, that batch keeps the window until its write lands:
-  at most ``window`` batches are ever ahead of Redis, and nothing more is published meanwhile. The
+  at most ``window`` batches are ever ahead of Redis. Once a write has failed (or one has hung for
+  ``store_stall_seconds``), nothing more is published until Redis answers: an outage costs only the
+  batches that were already out when it began, and the outbox is back to "store, then publish". The
   write is retried until it lands (Redis back with its data: the history is complete), or the
   outbox overflows (new epoch, every line restated), or Redis came back empty: the lease vanished
   with it, so the fenced write is refused, this gateway steps down and the next term restates every
@@ -201,6 +203,7 @@ class EventOutbox:
         batch_size: int = 256,
         window: int = 8,
         store_chunk: int = 1024,
+        store_stall_seconds: float = 0.25,
         on_continuity_lost: Callable[[], Awaitable[None]] | None = None,
         may_publish: Callable[[], bool] = lambda: True,
         on_fenced: Callable[[str], None] | None = None,
@@ -215,6 +218,10 @@ class EventOutbox:
             raise ValueError(f"window must be at least 1 batch, not {window}")
         self._window_size = window
         self._store_chunk = max(1, store_chunk)
+        self._store_stall = store_stall_seconds
+        # Redis trouble seen by the store task: the last write failed, or one has been outstanding since then.
+        self._store_failing = False
+        self._writing_since: float | None = None
         self._queue: collections.deque[LineEvent] = collections.deque()
         self._wakeup = asyncio.Event()
         self._store_wakeup = asyncio.Event()
@@ -312,10 +319,12 @@ class EventOutbox:
                     self._idle.set()
                     await self._wakeup.wait()
                     continue
-                if self._sent < self._base + len(self._queue) and len(self._in_flight) < self._window_size:
+                if (self._sent < self._base + len(self._queue) and len(self._in_flight) < self._window_size
+                        and not self._redis_in_trouble()):
                     await self._store_and_send(backoff)
                     continue
-                await self._wakeup.wait()  # window full or everything sent: wait for a confirm, a write or events
+                # Window full, everything sent, or Redis failing: wait for a confirm, a write or events.
+                await self._wakeup.wait()
         finally:
             store.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -359,6 +368,15 @@ class EventOutbox:
         self._sent = end
         self._in_flight.append(in_flight)
 
+    def _redis_in_trouble(self) -> bool:
+        """Whether to stop publishing beside Redis: its last write failed, or one hangs. Then the batches
+        already out wait for their writes, and nothing more goes out until Redis answers again, so an
+        outage costs at most the batches that were published before it was noticed."""
+        if self._store_failing:
+            return True
+        since = self._writing_since
+        return since is not None and time.perf_counter() - since > self._store_stall
+
     async def _store_loop(self) -> None:
         """Write handed batches to Redis, strictly in order (the calls hash and the position are "last
         write wins"), merging what waits into one script call, retrying a failed write with backoff.
@@ -368,6 +386,10 @@ class EventOutbox:
         backoff = Backoff(initial=0.1, maximum=2.0)
         while not self.fenced:
             if not self._to_store:
+                # Nothing owed to Redis (e.g. an overflow dropped what a failing write was retrying): no
+                # trouble to hold publishing for. The next write says again whether Redis answers.
+                self._store_failing = False
+                self._writing_since = None
                 self._store_wakeup.clear()
                 await self._store_wakeup.wait()
                 continue
@@ -381,31 +403,40 @@ class EventOutbox:
                 encoded.extend(bodies)
                 end = batch_end
             generation = self._generation
+            self._writing_since = time.perf_counter()
             try:
                 await self._writer.write(chunk, encoded)
             except Fenced as exc:
                 self._fence(str(exc))
                 return
             except (OSError, ConnectionError) as exc:
-                await self._failed("redis", exc, backoff)
+                await self._store_failed(exc, backoff, generation)
                 continue
             except Exception as exc:  # redis.exceptions.* do not share a base with OSError
                 if not type(exc).__module__.startswith("redis"):
                     raise
                 if "equal or smaller than the target stream top item" not in str(exc):
-                    await self._failed("redis", exc, backoff)
+                    await self._store_failed(exc, backoff, generation)
                     continue
                 # The previous attempt was stored but its reply was lost: the stream already holds these
                 # ids (stream ids only grow). The rest of that transaction is idempotent.
                 log.warning("batch of %d events was already stored", len(chunk))
             self._redis_health.succeeded()
             backoff.reset()
+            self._writing_since = None
+            self._store_failing = False
+            self._wakeup.set()  # publishing may resume
             if generation != self._generation:
                 continue  # an overflow dropped these events meanwhile (and cleared what was left to store)
             while self._to_store and self._to_store[0][2] <= end:
                 self._to_store.popleft()
             self._stored = end
             self._wakeup.set()
+
+    async def _store_failed(self, exc: BaseException, backoff: Backoff, generation: int) -> None:
+        self._store_failing = generation == self._generation  # else what failed was dropped by an overflow
+        self._writing_since = None
+        await self._failed("redis", exc, backoff)
 
     def _on_confirms(self, batch: _InFlight) -> None:
         batch.confirmed_at = time.time()
