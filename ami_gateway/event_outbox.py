@@ -43,7 +43,8 @@ carries every line's state as of then.
 
 Fencing (ami_gateway/lease.py): every Redis write checks the lease in the same script; a refused
 write stops this outbox for good (``on_fenced``: the gateway steps down). Before each batch goes
-out ``may_publish`` is asked (the lease's local deadline), so a gateway that wakes from a pause, or
+out, and before each Redis write (a retry included), ``may_publish`` is asked (the lease's local
+deadline), so a gateway that wakes from a pause, or
 whose Redis comes back after an outage, writes and publishes nothing until it has proved the lease
 is still its own.
 """
@@ -392,6 +393,11 @@ class EventOutbox:
                 self._writing_since = None
                 self._store_wakeup.clear()
                 await self._store_wakeup.wait()
+                continue
+            if not self._may_publish():
+                # The lease is not confirmed: a write now could meet a fence that has only expired (Redis
+                # was away) and stop a term that is about to resume. Wait until it is renewed or resumed.
+                await asyncio.sleep(0.05)
                 continue
             chunk: list[LineEvent] = []
             encoded: list[bytes] = []
