@@ -68,7 +68,7 @@ from ami_gateway.lease import FENCED
 from services.backoff import Backoff
 from services.config import redact_url
 from services.infra_metrics import BROKER_ERRORS, BROKER_RECONNECTS, RedisHealth
-from services.line_state import Fenced, LineStateWriter
+from services.line_state import EncodedEvent, Fenced, LineStateWriter
 from services.topology import Topology
 from services.wire import LineEvent
 
@@ -245,7 +245,7 @@ class EventOutbox:
         self._in_flight: collections.deque[_InFlight] = collections.deque()  # oldest first
         self._generation = 0  # bumped when an overflow clears the queue under a batch in flight
         #: batches the store task has yet to write, in queue order, with the index each one ends at
-        self._to_store: collections.deque[tuple[list[LineEvent], list[bytes], int]] = collections.deque()
+        self._to_store: collections.deque[tuple[list[LineEvent], list[EncodedEvent], int]] = collections.deque()
 
     def put(self, events: Sequence[LineEvent]) -> None:
         """Never blocks: the AMI read path calls this."""
@@ -348,17 +348,17 @@ class EventOutbox:
         end = min(self._sent + self._batch_size, self._base + len(self._queue))
         batch = [self._queue[i - self._base] for i in range(self._sent, end)]
         # Encoded once for both (encoding is the largest CPU cost of a batch in the publish profile).
-        bodies = [event.encode() for event in batch]
+        encoded = [EncodedEvent.of(event) for event in batch]
         generation = self._generation
         if self._handed < end:
             # After a broker failure the same events are published again; they are written only once.
             skip = self._handed - self._sent
-            self._to_store.append((batch[skip:], bodies[skip:], end))
+            self._to_store.append((batch[skip:], encoded[skip:], end))
             self._handed = end
             self._store_wakeup.set()
         started = time.perf_counter()
         try:
-            confirms = await self._publisher.send(batch, bodies)
+            confirms = await self._publisher.send(batch, [e.body for e in encoded])
         except (aio_pika.exceptions.AMQPError, OSError, ConnectionError, RuntimeError, TimeoutError) as exc:
             await self._republish_from_oldest(backoff, exc)
             return
@@ -400,13 +400,13 @@ class EventOutbox:
                 await asyncio.sleep(0.05)
                 continue
             chunk: list[LineEvent] = []
-            encoded: list[bytes] = []
+            encoded: list[EncodedEvent] = []
             end = self._stored
-            for events, bodies, batch_end in self._to_store:
+            for events, prepared, batch_end in self._to_store:
                 if chunk and len(chunk) + len(events) > self._store_chunk:
                     break
                 chunk.extend(events)
-                encoded.extend(bodies)
+                encoded.extend(prepared)
                 end = batch_end
             generation = self._generation
             self._writing_since = time.perf_counter()

@@ -44,6 +44,22 @@ class LineSnapshot:
     agent: AgentState | None
 
 
+@dataclass(frozen=True, slots=True)
+class EncodedEvent:
+    """A line event's bytes, made once for both of its destinations: ``body`` is the history entry and
+    the broker message (the same bytes as ``LineEvent.encode``), ``call`` the call's JSON for the calls hash."""
+
+    body: bytes
+    call: str | None
+
+    @classmethod
+    def of(cls, event: LineEvent) -> EncodedEvent:
+        # One to_dict per event: turning the call into a dict (dataclasses.asdict) is the costly part.
+        data = event.to_dict()
+        body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+        return cls(body, json.dumps(data["call"]) if data["call"] is not None else None)
+
+
 class Fenced(Exception):
     """A fenced write found another gateway's lease (or none): this gateway must stop writing."""
 
@@ -123,7 +139,7 @@ class LineStateWriter:
         """
         self._fence = (key, token)
 
-    async def write(self, events: Sequence[LineEvent], encoded: Sequence[bytes] | None = None) -> None:
+    async def write(self, events: Sequence[LineEvent], encoded: Sequence[EncodedEvent] | None = None) -> None:
         """Store positioned events, and apply each one's call to the line's active-calls hash.
 
         Deriving the hash from the events themselves keeps it exactly as of the last event
@@ -132,7 +148,7 @@ class LineStateWriter:
         One script does it all, so it is atomic and, when fenced, conditional on the lease. A stream
         entry that is already there (a retry after the reply of a stored batch was lost) is skipped;
         the rest of the batch is idempotent. Raises :class:`Fenced` when the fence does not hold.
-        ``encoded``: the events' bodies, when the caller has them already (the outbox publishes the same bytes).
+        ``encoded``: the events' bytes, when the caller has them already (the outbox publishes the same body).
         """
         if not events:
             return
@@ -144,15 +160,15 @@ class LineStateWriter:
 
         ops: list[str | int | bytes] = []
         last: dict[str, LineEvent] = {}
-        bodies = encoded if encoded is not None else [event.encode() for event in events]
-        if len(bodies) != len(events):
-            raise ValueError(f"{len(events)} events but {len(bodies)} encoded bodies")
-        for event, body in zip(events, bodies, strict=True):
+        prepared = encoded if encoded is not None else [EncodedEvent.of(event) for event in events]
+        if len(prepared) != len(events):
+            raise ValueError(f"{len(events)} events but {len(prepared)} encoded")
+        for event, bytes_ in zip(events, prepared, strict=True):
             line = event.line
-            ops += ["x", key(self._keys.events(line)), f"{event.epoch}-{event.seq}", body, ""]
+            ops += ["x", key(self._keys.events(line)), f"{event.epoch}-{event.seq}", bytes_.body, ""]
             if event.call is not None:
                 if event.call.active:
-                    ops += ["h", key(self._keys.calls(line)), event.call.id, json.dumps(event.call.to_dict()), ""]
+                    ops += ["h", key(self._keys.calls(line)), event.call.id, bytes_.call or "", ""]
                 else:
                     ops += ["d", key(self._keys.calls(line)), event.call.id, "", ""]
             if event.agent is not None:

@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from ami_gateway.event_outbox import EventOutbox, EventPublisher, Sequencer
 from local_cluster.infra import Infrastructure
-from services.line_state import LineKeys, LineStateWriter
+from services.line_state import EncodedEvent, LineKeys, LineStateWriter
 from services.topology import Topology
 from services.wire import Call, CallState, Direction, EventType, LineEvent
 from tests.integration.test_gateway_proxy import TcpProxy, cleanup, wait_until
@@ -184,7 +184,7 @@ class SlowWriter(LineStateWriter):
         super().__init__(client, prefix)
         self._delay = delay
 
-    async def write(self, events: Sequence[LineEvent], encoded: Sequence[bytes] | None = None) -> None:
+    async def write(self, events: Sequence[LineEvent], encoded: Sequence[EncodedEvent] | None = None) -> None:
         await asyncio.sleep(self._delay)
         await super().write(events, encoded)
 

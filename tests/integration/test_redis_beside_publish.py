@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 
 from ami_gateway.event_outbox import EventOutbox, EventPublisher, Sequencer
 from local_cluster.infra import Infrastructure
-from services.line_state import LineStateWriter
+from services.line_state import EncodedEvent, LineStateWriter
 from services.topology import Topology
 from services.wire import LineEvent
 from tests.integration.test_event_pipeline import Collector, _cleanup, _event
@@ -36,7 +36,7 @@ class LateWriter(LineStateWriter):
         super().__init__(client, prefix)
         self.delay = delay
 
-    async def write(self, events: Sequence[LineEvent], encoded: Sequence[bytes] | None = None) -> None:
+    async def write(self, events: Sequence[LineEvent], encoded: Sequence[EncodedEvent] | None = None) -> None:
         await asyncio.sleep(self.delay)
         await super().write(events, encoded)
 
