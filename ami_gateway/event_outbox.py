@@ -296,6 +296,7 @@ class EventOutbox:
     async def run(self) -> None:
         backoff = Backoff(initial=0.1, maximum=2.0)
         store = asyncio.create_task(self._store_loop(), name="outbox-store")
+        store.add_done_callback(lambda _: self._wakeup.set())  # an error in it must not go unnoticed here
         try:
             while not self.fenced:
                 if store.done():
