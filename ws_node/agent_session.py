@@ -385,7 +385,10 @@ class AgentSession:
             return
         self._catching_up = False
         held, self._held = self._held, []
-        self.replayed = self._replay(missed, held[0] if held else None) if self._opts.replay_missed_calls else 0
+        # Without the full replay, a call the agent saw before it left and that ended in the gap still
+        # gets its RING_FINISHED: otherwise the panel keeps it ringing. That closes, it announces nothing.
+        self.replayed = self._replay(missed, held[0] if held else None,
+                                     closing_only=not self._opts.replay_missed_calls)
         for event in held:
             self.on_line_event(event)
         if self._snapshot_wanted:
@@ -393,20 +396,26 @@ class AgentSession:
             assert self.line is not None
             self._env.request_snapshot(self, self.line)
 
-    def _replay(self, missed: Sequence[LineEvent], first_live: LineEvent | None) -> int:
+    def _replay(self, missed: Sequence[LineEvent], first_live: LineEvent | None, *, closing_only: bool = False) -> int:
         """Send the gap's ended calls. Calls still active are left to the snapshot; events the
-        session gets live anyway (from ``first_live`` on) are not sent twice."""
+        session gets live anyway (from ``first_live`` on) are not sent twice. ``closing_only``: just
+        the RING_FINISHED of calls that began before the gap (the agent saw them ring), nothing of
+        calls that began and ended inside it (Creatio would pop each up as a new call)."""
         active = {c.id for c in self._calls.values()}
         ended = {
             e.call.id
             for e in missed
             if e.call is not None and e.call.id not in active
         }
+        if closing_only:
+            ended -= {e.call.id for e in missed if e.call is not None and e.type is EventType.RING_STARTED}
         sent = 0
         for event in missed:
             if first_live is not None and event.epoch == first_live.epoch and event.seq >= first_live.seq:
                 break
             if event.call is None or event.call.id not in ended or event.type not in _REPLAYED:
+                continue
+            if closing_only and event.type is not EventType.RING_FINISHED:
                 continue
             call = event.call
             if event.type is EventType.RING_FINISHED and call.state is not CallState.FINISHED:
@@ -419,8 +428,8 @@ class AgentSession:
             self._send(frames[0])
             sent += 1
         if sent:
-            log.info("replayed %d missed events conn=%s line=%s user=%s", sent, self.connection_uid, self.line,
-                     self.user_uid)
+            log.info("%s %d missed events conn=%s line=%s user=%s", "closed" if closing_only else "replayed", sent,
+                     self.connection_uid, self.line, self.user_uid)
         return sent
 
     def on_snapshot_failed(self, message: str) -> None:

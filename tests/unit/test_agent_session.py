@@ -809,6 +809,19 @@ def test_by_default_a_reconnect_gets_the_snapshot_not_old_rings() -> None:
     assert [m["eventType"] for m in env2.take()] == [6, 11]
 
 
+def test_a_call_seen_ringing_before_the_gap_is_closed_not_replayed() -> None:
+    """The agent left while call A rang; A ended in the gap, B rang and ended in it. Without the
+    full replay the panel must still lose A (its RING_FINISHED) and never hear of B."""
+    session, env = claimed_without_catch_up(replay=False)
+    seen = make_call(id="seen", state=CallState.RINGING, started_at=10.0)
+    missed = [event(EventType.RING_FINISHED, seen.evolve(state=CallState.FINISHED), seq=4)] + gap_of_one_call(
+        first_seq=5)
+    session.on_claimed([], missed)
+    msgs = env.take()
+    assert [m["eventType"] for m in msgs] == [6]
+    assert content(msgs[0])["id"] == cp.call_guid("seen") and session.replayed == 1
+
+
 def test_nothing_missed_sends_nothing() -> None:
     session, env = claimed_without_catch_up()
     session.on_claimed([make_call()], [])
