@@ -539,7 +539,8 @@ class Gateway:
                     log.error("cannot list live channels (the AMI user needs write = call for Status, or "
                               "reporting); calls that ended while disconnected stay open until their next event")
                 else:
-                    self._emit(self.tracker.resync(channels, members or [], now))
+                    told = {c.id for calls in (self._stale_calls or {}).values() for c in calls}
+                    self._emit(self.tracker.resync(channels, members or [], now, announced=told))
                     self._finish_stale_calls(now)
                 if self.queue_trace is not None and members is not None:
                     self._trace(self.queue_trace.resync(members))

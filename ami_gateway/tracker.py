@@ -120,7 +120,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -1327,9 +1327,15 @@ class CallTracker:
     # ---- resync ----------------------------------------------------------------------------------
 
     def resync(
-        self, channels: list[AmiMessage], queue_members: list[AmiMessage], received_at: float
+        self, channels: list[AmiMessage], queue_members: list[AmiMessage], received_at: float,
+        announced: Collection[str] | None = None,
     ) -> list[LineEvent]:
-        """Align with the PBX after an AMI (re)connect; see Rule 8 of the module docstring."""
+        """Align with the PBX after an AMI (re)connect; see Rule 8 of the module docstring.
+
+        ``announced``: ids of the calls the agents were already told of (the previous term's calls).
+        A call found connected that is not among them rang while nobody watched: it is announced
+        RING_STARTED then COMMUTATION_STARTED, so the agent's panel pops it up like any call. None:
+        unknown, a connected call is announced connected only."""
         at = received_at
         out: list[LineEvent] = []
         present: dict[str, AmiMessage] = {}
@@ -1370,7 +1376,7 @@ class CallTracker:
             bridged = bool(ch.bridge) and len(self._bridges.get(ch.bridge, ())) > 1
             lc = ch.call
             if lc is None:
-                lc = self._resync_announce(ch, app, bridged, msg, at, out)
+                lc = self._resync_announce(ch, app, bridged, msg, at, out, announced)
             elif lc.state is CallState.RINGING and ch.state == _UP and (bridged or lc.role is _Role.INCOMING):
                 self._connect(lc, at, out)
         # 4. pause states
@@ -1390,7 +1396,8 @@ class CallTracker:
         return out
 
     def _resync_announce(
-        self, ch: _Chan, app: str, bridged: bool, msg: AmiMessage, at: float, out: list[LineEvent]
+        self, ch: _Chan, app: str, bridged: bool, msg: AmiMessage, at: float, out: list[LineEvent],
+        announced: Collection[str] | None = None,
     ) -> _LineCall:
         group = self._groups.get(ch.linkedid)
         others = [self._chans[k] for k in sorted(group.chans) if k != ch.key and k in self._chans] if group else []
@@ -1412,6 +1419,9 @@ class CallTracker:
             lc.started_at = at - duration
             lc.call = lc.call.evolve(started_at=lc.started_at)
         connected = ch.state == _UP and (bridged or role is _Role.INCOMING)
+        if connected and announced is not None and lc.call.id not in announced:
+            lc.call = self._compose(lc)
+            self._emit(lc, EventType.RING_STARTED, at, out)
         if connected:
             lc.state = CallState.CONNECTED
             lc.answered_at = at

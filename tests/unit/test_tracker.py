@@ -492,6 +492,21 @@ def test_resync_announces_calls_found_on_the_pbx() -> None:
     assert end.type is RF and end.call is not None and end.call.id == "1.1:305"
 
 
+def test_a_call_answered_while_nobody_watched_rings_before_it_connects() -> None:
+    """A takeover finds a call connected that no agent was told of (it rang between the old
+    gateway's death and the new one's resync): RING_STARTED then COMMUTATION_STARTED, so Creatio
+    pops it up; a call the previous term announced is restated connected only."""
+    def resynced(announced: set[str]) -> list[tuple[str, EventType]]:
+        tracker = CallTracker(matcher())
+        trunk = show("SIP/trunk-00000003", "1.1", "1.1", "6", "Dial", "br-1", CallerIDNum="79161234567")
+        phone = show("SIP/305-00000004", "1.2", "1.1", "6", "AppDial", "br-1", CallerIDNum="305",
+                     ConnectedLineNum="79161234567")
+        return [(e.line, e.type) for e in tracker.resync([trunk, phone], [], 100.0, announced=announced)]
+
+    assert resynced(set()) == [("305", RS), ("305", CS)]
+    assert resynced({"1.1:305"}) == [("305", CS)]
+
+
 def test_resync_refreshes_pause_states() -> None:
     tracker = CallTracker(matcher())
     qm = msg("QueueMember", Queue="support", Location="Local/305@from-queue/n", Paused="1", PausedReason="lunch")
