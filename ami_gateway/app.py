@@ -717,14 +717,21 @@ class Gateway:
                     log.warning("dropping undecodable command: %s", exc)
                     return
                 try:
-                    result = await self._carry_out(command)
+                    result = await self._carry_out(command, redelivered=bool(message.redelivered))
                     if result is None:
-                        # Not ours to carry out (lease unconfirmed or lost): back to the queue, for the holder.
+                        # Not ours to carry out (lease unconfirmed or lost): back to the queue, for the holder,
+                        # as a fresh message. A broker redelivery means "may have been carried out"
+                        # (see _carry_out); this one certainly was not, so it must not look redelivered.
                         FENCED.labels(what="command").inc()
                         log.warning("command %s %s returned to the queue: this gateway does not hold the lease",
                                     command.name.value, command.id, extra={"line": command.line})
                         await asyncio.sleep(0.1)  # while our lease is unconfirmed it may come straight back
-                        await message.reject(requeue=True)
+                        await channel.default_exchange.publish(
+                            aio_pika.Message(body=message.body, reply_to=message.reply_to,
+                                             correlation_id=message.correlation_id, expiration=message.expiration,
+                                             content_type=message.content_type),
+                            routing_key=self.topology.commands_queue, mandatory=False,
+                        )
                         return
                 except asyncio.CancelledError:
                     # Stepping down or stopping: the next holder gets it (and its claim, if we made one,
@@ -745,7 +752,7 @@ class Gateway:
             BROKER_ERRORS.inc()
             log.warning("command answer or ack lost: %s", exc)
 
-    async def _carry_out(self, command: Command) -> CommandResult | None:
+    async def _carry_out(self, command: Command, *, redelivered: bool = False) -> CommandResult | None:
         """Claim the command under the lease, then execute it; None when this gateway may not.
 
         The claim (a fenced SET NX of the command id) is what keeps a command from running twice: a
@@ -762,6 +769,14 @@ class Gateway:
                         extra={"line": command.line})
             return CommandResult(command_id=command.id, ok=False,
                                  error="the telephony gateway cannot reach its state store; try again")
+        if first_time and redelivered:
+            # The broker delivered it before (a consumer that died, stepped down or lost its channel
+            # held it), yet there is no claim: the claims went with a Redis that came back empty or
+            # failed over, and that consumer may have sent it. An Originate sent twice rings a customer
+            # twice: at most once is the lesser harm, and the agent is told to check the call.
+            log.warning("command %s %s redelivered without its claim (Redis lost it); not repeated",
+                        command.name.value, command.id, extra={"line": command.line})
+            first_time = False
         if not first_time:
             log.warning("command %s %s delivered again (after a takeover or a lost ack); not repeated",
                         command.name.value, command.id, extra={"line": command.line})

@@ -18,7 +18,7 @@ from ami_gateway.queue_policy import AUTO_PAUSE_REASON
 from ami_simulator.model import Call as SimCall
 from ami_simulator.server import AmiSimulator, User, parse_classes
 from local_cluster.infra import Infrastructure
-from services.wire import CallState, CommandName, EventType, LineEvent
+from services.wire import CallState, Command, CommandName, EventType, LineEvent
 from tests.integration.test_gateway_proxy import (
     SECRET,
     CommandClient,
@@ -126,6 +126,33 @@ def test_make_call_originates_from_the_agent_line_in_the_users_context(infra: In
             assert not trunk.ok and "'from-trunk' is not allowed on this server" in trunk.error
             assert not any(c.variables.get("context") == "from-trunk"
                            for c in [*r.sim.model.calls.values(), *r.sim.model.finished])
+
+    run(main())
+
+
+def test_a_redelivered_command_without_its_claim_is_not_carried_out_again(infra: Infrastructure, prefix: str) -> None:
+    """Claims live in Redis. A command the broker redelivers (its consumer died or stepped down
+    holding it) whose claim is gone (Redis came back empty) may already have reached the PBX:
+    it is refused, not sent again (chaos redis-restart-empty saw click-to-dial run twice)."""
+    async def main() -> None:
+        async with rig(infra, prefix) as r:
+            def originated() -> int:
+                return sum(1 for c in [*r.sim.model.calls.values(), *r.sim.model.finished]
+                           if c.variables.get("line") == "307")
+
+            again = Command(id="redelivered-1", line="307", name=CommandName.MAKE_CALL,
+                            args={"number": "5550001"}, issued_at=time.time())
+            result = await r.gateway._carry_out(again, redelivered=True)
+            assert result is not None and not result.ok and "check the call" in result.error
+            assert originated() == 0
+            # The same command id delivered once more, now with its claim taken: still not repeated.
+            assert not (await r.gateway._carry_out(again)).ok  # type: ignore[union-attr]
+            # A first delivery is carried out as ever.
+            first = Command(id="first-1", line="307", name=CommandName.MAKE_CALL, args={"number": "5550002"},
+                            issued_at=time.time())
+            done = await r.gateway._carry_out(first)
+            assert done is not None and done.ok, done
+            await wait_until(lambda: originated() == 1, 5)
 
     run(main())
 
