@@ -159,6 +159,8 @@ class Gateway:
         self.replay_done = asyncio.Event()
         self._resync_buffer: list[tuple[AmiMessage, float]] | None = None
         self._stale_calls: dict[str, list[Call]] | None = None
+        #: whether Redis held an earlier term when this one began: then its calls are what agents were told
+        self._after_earlier_term = False
         self._tasks: list[Task] = []
         self._command_tasks: set[Task] = set()
         self._commands_task: Task | None = None
@@ -357,6 +359,7 @@ class Gateway:
         log.warning("took the gateway lease: epoch %s%s", term.epoch,
                     " (after an earlier gateway's term)" if after_earlier_term else "")
         self.active = True
+        self._after_earlier_term = after_earlier_term
         self.sequencer.restart(term.epoch)
         self.writer.fence(self.lease.key, term.token)
         set_lease_state("active")
@@ -539,8 +542,7 @@ class Gateway:
                     log.error("cannot list live channels (the AMI user needs write = call for Status, or "
                               "reporting); calls that ended while disconnected stay open until their next event")
                 else:
-                    told = {c.id for calls in (self._stale_calls or {}).values() for c in calls}
-                    self._emit(self.tracker.resync(channels, members or [], now, announced=told))
+                    self._emit(self.tracker.resync(channels, members or [], now, announced=self._announced_calls()))
                     self._finish_stale_calls(now)
                 if self.queue_trace is not None and members is not None:
                     self._trace(self.queue_trace.resync(members))
@@ -588,6 +590,15 @@ class Gateway:
         self._synced_session = None
         self.ready.clear()
         GATEWAY_READY.set(0)
+
+    def _announced_calls(self) -> set[str] | None:
+        """The calls agents were already told of, for the resync to tell a call that rang unwatched
+        (announced ringing, then connected) from one being restated. None when it cannot be known."""
+        if self._stale_calls is None:
+            return set()  # an AMI reconnect within this term: the tracker itself knows what it announced
+        if not self._after_earlier_term:
+            return None  # a first start, or a Redis that came back empty: what agents saw is unknown
+        return {c.id for calls in self._stale_calls.values() for c in calls}
 
     def _finish_stale_calls(self, now: float) -> None:
         """Calls a previous gateway run left in Redis that are no longer live get their end."""
