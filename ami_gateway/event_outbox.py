@@ -2,38 +2,16 @@
 
 The read path calls :meth:`EventOutbox.put` synchronously; it only assigns each event its
 line position and appends it to a bounded in-memory queue, so a slow or absent Redis or
-RabbitMQ never delays reading AMI.
-
-Redis is beside the hot path, not in series with it. The drain task takes batches in order and,
-for each, hands it to the store task (Redis: state + history + position, one fenced script) *and*
-publishes it to RabbitMQ with publisher confirms, in the same step, awaiting neither: an event
-pays the broker hop only, while its Redis write travels at the same time (a write takes a fraction
-of the hop). Up to ``window`` batches are in flight at once. A batch is done, and its events leave
-the outbox, only when the broker confirmed it *and* Redis holds it. The store task writes strictly
-in order (what waits is merged into one script call) and retries a failed write with backoff; a
-nack, a lost channel or a failed publish closes the connection and republishes everything not yet
-confirmed from the oldest batch, in order (Redis is written once per event whatever happens to its
-publish). So events leave in the order Asterisk produced them and none is skipped; a node may see
-an event twice after a retry and drops duplicates by sequence number.
-
-What this gives up, and why it is safe (docs/performance.md, "Redis beside the hot path"):
-
-* A node may receive event (epoch, n) a moment before Redis holds it. A node only reads the
-  history when it repairs (a gap, a new epoch, a reconnect), and then waits briefly for the entry
-  it needs (ws_node/line_feed.py); an in-order event is delivered without touching Redis.
-* If Redis fails after a batch was published, that batch keeps the window until its write lands:
-  at most ``window`` batches are ever ahead of Redis. Once a write has failed (or one has hung for
-  ``store_stall_seconds``), nothing more is published until Redis answers: an outage costs only the
-  batches that were already out when it began, and the outbox is back to "store, then publish". The
-  write is retried until it lands (Redis back with its data: the history is complete), or the
-  outbox overflows (new epoch, every line restated), or Redis came back empty: the lease vanished
-  with it, so the fenced write is refused, this gateway steps down and the next term restates every
-  line in a new epoch. Either way the last word every reader gets is the truth as stored in Redis;
-  an event a node delivered that Redis never got is superseded by the new epoch's restatement (the
-  node takes that epoch from its seq 1, then the snapshot).
-* A refused (fenced) write after a publish stops the outbox: the successor's epoch restates every
-  line. ``may_publish`` is checked before each batch goes out, so a gateway that knows its lease
-  may have run out publishes nothing; only a clock that lies could let one window through.
+RabbitMQ never delays reading AMI. A single drain task takes batches in order and, for each
+batch, first writes Redis (state + history), then publishes it to RabbitMQ with publisher
+confirms, without waiting for those confirms before it moves to the next batch: up to
+``window`` batches are unconfirmed at once, so an event pays one Redis write and the broker
+hop, not also the confirm round trip of the batch before it. An event leaves the outbox only
+when its batch is confirmed (confirms are taken oldest first). A failed Redis write is retried
+with backoff; a nack, a lost channel or a failed publish closes the connection and republishes
+everything unconfirmed from the oldest batch, in order. So events leave in the order Asterisk
+produced them, each is in Redis before any node can see it, and none is skipped. A node may see
+an event twice after a retry; it drops duplicates by sequence number.
 
 If the buffer overflows (the broker or Redis away for very long), the oldest events are
 dropped and continuity is declared lost: the next events start a new epoch, which tells every
@@ -42,18 +20,16 @@ reader to take a fresh snapshot instead of trusting its history. Until that epoc
 carries every line's state as of then.
 
 Fencing (ami_gateway/lease.py): every Redis write checks the lease in the same script; a refused
-write stops this outbox for good (``on_fenced``: the gateway steps down). Before each batch goes
-out, and before each Redis write (a retry included), ``may_publish`` is asked (the lease's local
-deadline), so a gateway that wakes from a pause, or
-whose Redis comes back after an outage, writes and publishes nothing until it has proved the lease
-is still its own.
+write stops this outbox for good (``on_fenced``: the gateway steps down). Before each publish
+and each Redis write ``may_publish`` is asked (the lease's local deadline), so a gateway that wakes
+from a pause, or whose Redis comes back after an outage, writes and publishes nothing until it has
+proved the lease is still its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -69,7 +45,7 @@ from services.backoff import Backoff
 from services.broker import Broker, declare_events_exchange
 from services.config import redact_url
 from services.infra_metrics import BROKER_ERRORS, RedisHealth
-from services.line_state import EncodedEvent, Fenced, LineStateWriter
+from services.line_state import Fenced, LineStateWriter
 from services.topology import Topology
 from services.wire import LineEvent
 
@@ -132,15 +108,12 @@ class EventPublisher:
     async def publish(self, events: Sequence[LineEvent]) -> None:
         await (await self.send(events))
 
-    async def send(
-        self, events: Sequence[LineEvent], bodies: Sequence[bytes] | None = None
-    ) -> asyncio.Future[list[Any]]:
+    async def send(self, events: Sequence[LineEvent]) -> asyncio.Future[list[Any]]:
         """Start publishing ``events`` and return the future of their confirms, without waiting for them.
 
         Each message becomes a task at once, in order, and the tasks take the channel's (FIFO) lock in
         the order they were created: frames reach the broker in the order of ``events``, and after the
         frames of every earlier call. The future fails on a nack or when the channel is lost.
-        ``bodies``: the events already encoded (the outbox encodes once for Redis and the broker).
         """
         exchange = await self._ensure()
         # One channel keeps frames in order; awaiting the confirms together (a window as large as
@@ -149,14 +122,14 @@ class EventPublisher:
             *(
                 exchange.publish(
                     aio_pika.Message(
-                        body=body,
+                        body=event.encode(),
                         content_type="application/json",
                         delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
                     ),
                     routing_key=self._topology.line_routing_key(event.line),
                     mandatory=False,
                 )
-                for event, body in zip(events, bodies or [event.encode() for event in events], strict=True)
+                for event in events
             )
         )
 
@@ -171,27 +144,20 @@ class EventPublisher:
 
 @dataclass(eq=False)
 class _InFlight:
-    """A batch published and not yet done: the events at the head of the queue it stands for.
-
-    Done when the broker confirmed it *and* the store task has written Redis up to ``end`` (an
-    absolute event index, see :class:`EventOutbox`)."""
+    """A batch published and not yet confirmed: the events at the head of the queue it stands for."""
 
     events: list[LineEvent]
     confirms: asyncio.Future[list[Any]]
     generation: int
-    end: int
-    started: float  # perf_counter when it was handed to Redis and the broker
+    started: float  # perf_counter when its Redis write began
     confirmed_at: float = 0.0  # wall clock, set when the broker's last confirm for it arrived
+    confirmed_perf: float = 0.0
 
     def failed(self) -> bool:
         return self.confirms.done() and (self.confirms.cancelled() or self.confirms.exception() is not None)
 
 
 class EventOutbox:
-    """See the module docstring. Positions in the queue are counted as absolute event indexes
-    (``_base`` is the index of ``_queue[0]``), so the drain loop, the store task and the confirms can
-    each say how far they got without renumbering when the head of the queue is taken off."""
-
     def __init__(
         self,
         writer: LineStateWriter,
@@ -201,8 +167,6 @@ class EventOutbox:
         capacity: int = 200_000,
         batch_size: int = 256,
         window: int = 8,
-        store_chunk: int = 1024,
-        store_stall_seconds: float = 0.25,
         on_continuity_lost: Callable[[], Awaitable[None]] | None = None,
         may_publish: Callable[[], bool] = lambda: True,
         on_fenced: Callable[[str], None] | None = None,
@@ -216,14 +180,8 @@ class EventOutbox:
         if window < 1:
             raise ValueError(f"window must be at least 1 batch, not {window}")
         self._window_size = window
-        self._store_chunk = max(1, store_chunk)
-        self._store_stall = store_stall_seconds
-        # Redis trouble seen by the store task: the last write failed, or one has been outstanding since then.
-        self._store_failing = False
-        self._writing_since: float | None = None
         self._queue: collections.deque[LineEvent] = collections.deque()
         self._wakeup = asyncio.Event()
-        self._store_wakeup = asyncio.Event()
         self._continuity_lost = False
         self._lost_epoch: str | None = None  # set from an overflow until the sequencer has a new epoch
         self._on_continuity_lost = on_continuity_lost
@@ -235,15 +193,13 @@ class EventOutbox:
         self._idle = asyncio.Event()
         self._idle.set()
         self.published = 0
-        # Absolute event indexes (never reset, so a late answer about old events cannot be misread):
-        self._base = 0  # index of _queue[0]
-        self._handed = 0  # events up to here are handed to the store task (written or waiting to be)
-        self._stored = 0  # events up to here are in Redis
-        self._sent = 0  # events up to here are published and waiting for their confirms
+        # How many events at the head of the queue are already in Redis: a batch whose publish failed is
+        # retried on RabbitMQ only (its stream ids are taken; XADD would refuse them a second time).
+        self._stored = 0
+        # How many events at the head of the queue are published and waiting for their confirms (<= _stored).
+        self._sent = 0
         self._in_flight: collections.deque[_InFlight] = collections.deque()  # oldest first
         self._generation = 0  # bumped when an overflow clears the queue under a batch in flight
-        #: batches the store task has yet to write, in queue order, with the index each one ends at
-        self._to_store: collections.deque[tuple[list[LineEvent], list[EncodedEvent], int]] = collections.deque()
 
     def put(self, events: Sequence[LineEvent]) -> None:
         """Never blocks: the AMI read path calls this."""
@@ -263,10 +219,9 @@ class EventOutbox:
             # A partial history would have a hole readers cannot see; drop it all and restate
             # every line under a new epoch instead (see on_continuity_lost).
             dropped = len(self._queue)
-            self._base += dropped
             self._queue.clear()
-            self._handed = self._stored = self._sent = self._base
-            self._to_store.clear()
+            self._stored = 0
+            self._sent = 0
             self._generation += 1
             EVENTS_DROPPED.inc(dropped)
             self._continuity_lost = True
@@ -293,14 +248,10 @@ class EventOutbox:
 
     async def run(self) -> None:
         backoff = Backoff(initial=0.1, maximum=2.0)
-        store = asyncio.create_task(self._store_loop(), name="outbox-store")
-        store.add_done_callback(lambda _: self._wakeup.set())  # an error in it must not go unnoticed here
         try:
             while not self.fenced:
-                if store.done():
-                    store.result()  # the store task never ends by itself: re-raise what ended it
-                # Cleared before looking at the state and awaited only when there is nothing to do: a put(),
-                # a confirm or a Redis write that lands while this loop works is seen by the checks below.
+                # Cleared before looking at the state and awaited only when there is nothing to do: a put()
+                # or a confirm that lands while this loop works is seen by the checks below.
                 self._wakeup.clear()
                 if self._continuity_lost and self._on_continuity_lost is not None:
                     self._continuity_lost = False
@@ -311,152 +262,91 @@ class EventOutbox:
                 if any(batch.failed() for batch in self._in_flight):
                     await self._republish_from_oldest(backoff)
                     continue
-                if self._in_flight and self._in_flight[0].confirms.done() and self._stored >= self._in_flight[0].end:
-                    self._done(self._in_flight.popleft())
+                if self._in_flight and self._in_flight[0].confirms.done():
+                    self._confirmed(self._in_flight.popleft())
                     backoff.reset()
                     continue
                 if not self._queue:
                     self._idle.set()
                     await self._wakeup.wait()
                     continue
-                if (self._sent < self._base + len(self._queue) and len(self._in_flight) < self._window_size
-                        and not self._redis_in_trouble()):
+                if self._sent < len(self._queue) and len(self._in_flight) < self._window_size:
                     await self._store_and_send(backoff)
                     continue
-                # Window full, everything sent, or Redis failing: wait for a confirm, a write or events.
-                await self._wakeup.wait()
+                await self._wakeup.wait()  # window full or everything sent: wait for a confirm or more events
         finally:
-            store.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await store
             for batch in self._in_flight:
                 batch.confirms.cancel()
             self._in_flight.clear()
 
     async def _store_and_send(self, backoff: Backoff) -> None:
-        """Hand the next batch to the store task and publish it, together, without awaiting either.
-
-        Redis is not in series with the broker: the write and the publish travel at the same time, and
-        the batch is done when both have answered. The lease is checked once, before either goes out."""
+        """Write the next batch to Redis (unless it is there already), then publish it without awaiting confirms."""
         if not self._may_publish():
             # The lease is not confirmed (Redis away, or we were paused): write and publish nothing until
             # it is renewed or resumed; if it was lost, the gateway stops this outbox.
             await self._held_back()
             return
-        self._holding = False
-        end = min(self._sent + self._batch_size, self._base + len(self._queue))
-        batch = [self._queue[i - self._base] for i in range(self._sent, end)]
-        # Encoded once for both (encoding is the largest CPU cost of a batch in the publish profile).
-        encoded = [EncodedEvent.of(event) for event in batch]
+        end = min(self._sent + self._batch_size, len(self._queue))
+        batch = [self._queue[i] for i in range(self._sent, end)]
         generation = self._generation
-        if self._handed < end:
-            # After a broker failure the same events are published again; they are written only once.
-            skip = self._handed - self._sent
-            self._to_store.append((batch[skip:], encoded[skip:], end))
-            self._handed = end
-            self._store_wakeup.set()
         started = time.perf_counter()
         try:
-            confirms = await self._publisher.send(batch, [e.body for e in encoded])
+            if self._stored < end:
+                await self._writer.write([self._queue[i] for i in range(self._stored, end)])
+                self._redis_health.succeeded()
+                if generation != self._generation:
+                    return
+                self._stored = end
+        except Fenced as exc:
+            self._fence(str(exc))
+            return
+        except (OSError, ConnectionError) as exc:
+            await self._failed("redis", exc, backoff)
+            return
+        except Exception as exc:  # redis.exceptions.* do not share a base with OSError
+            if not type(exc).__module__.startswith("redis"):
+                raise
+            if "equal or smaller than the target stream top item" not in str(exc):
+                await self._failed("redis", exc, backoff)
+                return
+            # The previous attempt was stored but its reply was lost: the stream already holds these
+            # ids (stream ids only grow). The rest of that transaction is idempotent; go on and publish.
+            log.warning("batch of %d events was already stored; publishing it", end - self._stored)
+            self._stored = end
+        if not self._may_publish():
+            # Stored, then paused past the lease (the check above passed before the pause): publish only
+            # once the lease is renewed or resumed.
+            await self._held_back()
+            return
+        self._holding = False
+        try:
+            confirms = await self._publisher.send(batch)
         except (aio_pika.exceptions.AMQPError, OSError, ConnectionError, RuntimeError, TimeoutError) as exc:
             await self._republish_from_oldest(backoff, exc)
             return
-        in_flight = _InFlight(batch, confirms, generation, end, started)
+        in_flight = _InFlight(batch, confirms, generation, started)
         confirms.add_done_callback(lambda _: self._on_confirms(in_flight))
         if generation != self._generation:
             return  # an overflow dropped these events while the channel opened; their confirms are of no use
         self._sent = end
         self._in_flight.append(in_flight)
 
-    def _redis_in_trouble(self) -> bool:
-        """Whether to stop publishing beside Redis: its last write failed, or one hangs. Then the batches
-        already out wait for their writes, and nothing more goes out until Redis answers again, so an
-        outage costs at most the batches that were published before it was noticed."""
-        if self._store_failing:
-            return True
-        since = self._writing_since
-        return since is not None and time.perf_counter() - since > self._store_stall
-
-    async def _store_loop(self) -> None:
-        """Write handed batches to Redis, strictly in order (the calls hash and the position are "last
-        write wins"), merging what waits into one script call, retrying a failed write with backoff.
-
-        A batch may be on the broker already while its write waits or is retried: it stays in flight
-        (holding the window) until the write lands, so at most ``window`` batches are ahead of Redis."""
-        backoff = Backoff(initial=0.1, maximum=2.0)
-        while not self.fenced:
-            if not self._to_store:
-                # Nothing owed to Redis (e.g. an overflow dropped what a failing write was retrying): no
-                # trouble to hold publishing for. The next write says again whether Redis answers.
-                self._store_failing = False
-                self._writing_since = None
-                self._store_wakeup.clear()
-                await self._store_wakeup.wait()
-                continue
-            if not self._may_publish():
-                # The lease is not confirmed: a write now could meet a fence that has only expired (Redis
-                # was away) and stop a term that is about to resume. Wait until it is renewed or resumed.
-                await asyncio.sleep(0.05)
-                continue
-            chunk: list[LineEvent] = []
-            encoded: list[EncodedEvent] = []
-            end = self._stored
-            for events, prepared, batch_end in self._to_store:
-                if chunk and len(chunk) + len(events) > self._store_chunk:
-                    break
-                chunk.extend(events)
-                encoded.extend(prepared)
-                end = batch_end
-            generation = self._generation
-            self._writing_since = time.perf_counter()
-            try:
-                await self._writer.write(chunk, encoded)
-            except Fenced as exc:
-                self._fence(str(exc))
-                return
-            except (OSError, ConnectionError) as exc:
-                await self._store_failed(exc, backoff, generation)
-                continue
-            except Exception as exc:  # redis.exceptions.* do not share a base with OSError
-                if not type(exc).__module__.startswith("redis"):
-                    raise
-                if "equal or smaller than the target stream top item" not in str(exc):
-                    await self._store_failed(exc, backoff, generation)
-                    continue
-                # The previous attempt was stored but its reply was lost: the stream already holds these
-                # ids (stream ids only grow). The rest of that transaction is idempotent.
-                log.warning("batch of %d events was already stored", len(chunk))
-            self._redis_health.succeeded()
-            backoff.reset()
-            self._writing_since = None
-            self._store_failing = False
-            self._wakeup.set()  # publishing may resume
-            if generation != self._generation:
-                continue  # an overflow dropped these events meanwhile (and cleared what was left to store)
-            while self._to_store and self._to_store[0][2] <= end:
-                self._to_store.popleft()
-            self._stored = end
-            self._wakeup.set()
-
-    async def _store_failed(self, exc: BaseException, backoff: Backoff, generation: int) -> None:
-        self._store_failing = generation == self._generation  # else what failed was dropped by an overflow
-        self._writing_since = None
-        await self._failed("redis", exc, backoff)
-
     def _on_confirms(self, batch: _InFlight) -> None:
         batch.confirmed_at = time.time()
+        batch.confirmed_perf = time.perf_counter()
         if not batch.confirms.cancelled():
             batch.confirms.exception()  # retrieved here: a batch abandoned after an overflow is never awaited
         self._wakeup.set()
 
-    def _done(self, batch: _InFlight) -> None:
-        PUBLISH_SECONDS.observe(time.perf_counter() - batch.started)
+    def _confirmed(self, batch: _InFlight) -> None:
+        PUBLISH_SECONDS.observe(batch.confirmed_perf - batch.started)
         for event in batch.events:
             if event.ami_received_at:
                 EVENT_PUBLISH_LATENCY.observe(batch.confirmed_at - event.ami_received_at)
         for _ in batch.events:
             self._queue.popleft()
-        self._base += len(batch.events)
+        self._stored = max(0, self._stored - len(batch.events))
+        self._sent -= len(batch.events)
         self.published += len(batch.events)
         EVENTS_PUBLISHED.inc(len(batch.events))
         OUTBOX_DEPTH.set(len(self._queue))
@@ -473,14 +363,12 @@ class EventOutbox:
         log.error("outbox stopped: %s; %d events of this term are discarded", reason, len(self._queue))
         self.fenced = True
         self._idle.set()
-        self._wakeup.set()
         if self._on_fenced is not None:
             self._on_fenced(reason)
 
     async def _republish_from_oldest(self, backoff: Backoff, exc: BaseException | None = None) -> None:
         """A nack, a lost channel or a failed publish: drop the connection and everything in flight; the
-        loop then publishes again from the oldest unconfirmed event, in order. Redis writes go on: each
-        event is written once, whatever happens to its publish."""
+        loop then publishes again from the oldest unconfirmed event (already in Redis), in order."""
         if exc is None:
             failed = next(batch for batch in self._in_flight if batch.failed())
             exc = asyncio.CancelledError() if failed.confirms.cancelled() else failed.confirms.exception()
@@ -489,7 +377,7 @@ class EventOutbox:
             batch.confirms.cancel()  # closing the connection fails them already; cancelling covers a hung one
         await asyncio.gather(*(batch.confirms for batch in self._in_flight), return_exceptions=True)
         self._in_flight.clear()
-        self._sent = self._base
+        self._sent = 0
         await self._failed("rabbitmq", exc or RuntimeError("publish failed"), backoff)
 
     async def _failed(self, what: str, exc: BaseException, backoff: Backoff) -> None:

@@ -1,12 +1,10 @@
 """Each line's state in Redis: current calls, agent state, stream position, recent history.
 
 The gateway is the single writer (the one holding the lease). For every batch of events it
-writes, in one script that first checks the lease: the calls hash, the agent state, the history
-stream entries and the position. The write travels beside the batch's publish, not before it
-(ami_gateway/event_outbox.py): a node that receives event (epoch, n) from RabbitMQ finds everything
-up to n in Redis a moment later at most (the gateway holds at most its window of batches ahead of
-Redis), so a node that missed events waits briefly for the entry it needs and fills the gap from
-the stream (ws_node/line_feed.py). Writes are applied strictly in order.
+writes, in one script that first checks the lease:
+the calls hash, the agent state, the history stream entries and the position, *before* it
+publishes the events. So a node that receives event (epoch, n) from RabbitMQ can always find
+everything up to n in Redis, and a node that missed events can fill the gap from the stream.
 
 Keys (``P`` = deployment prefix, ``L`` = line)::
 
@@ -42,22 +40,6 @@ class LineSnapshot:
     seq: int
     calls: tuple[Call, ...]
     agent: AgentState | None
-
-
-@dataclass(frozen=True, slots=True)
-class EncodedEvent:
-    """A line event's bytes, made once for both of its destinations: ``body`` is the history entry and
-    the broker message (the same bytes as ``LineEvent.encode``), ``call`` the call's JSON for the calls hash."""
-
-    body: bytes
-    call: str | None
-
-    @classmethod
-    def of(cls, event: LineEvent) -> EncodedEvent:
-        # One to_dict per event: turning the call into a dict (dataclasses.asdict) is the costly part.
-        data = event.to_dict()
-        body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
-        return cls(body, json.dumps(data["call"]) if data["call"] is not None else None)
 
 
 class Fenced(Exception):
@@ -139,7 +121,7 @@ class LineStateWriter:
         """
         self._fence = (key, token)
 
-    async def write(self, events: Sequence[LineEvent], encoded: Sequence[EncodedEvent] | None = None) -> None:
+    async def write(self, events: Sequence[LineEvent]) -> None:
         """Store positioned events, and apply each one's call to the line's active-calls hash.
 
         Deriving the hash from the events themselves keeps it exactly as of the last event
@@ -148,7 +130,6 @@ class LineStateWriter:
         One script does it all, so it is atomic and, when fenced, conditional on the lease. A stream
         entry that is already there (a retry after the reply of a stored batch was lost) is skipped;
         the rest of the batch is idempotent. Raises :class:`Fenced` when the fence does not hold.
-        ``encoded``: the events' bytes, when the caller has them already (the outbox publishes the same body).
         """
         if not events:
             return
@@ -160,15 +141,12 @@ class LineStateWriter:
 
         ops: list[str | int | bytes] = []
         last: dict[str, LineEvent] = {}
-        prepared = encoded if encoded is not None else [EncodedEvent.of(event) for event in events]
-        if len(prepared) != len(events):
-            raise ValueError(f"{len(events)} events but {len(prepared)} encoded")
-        for event, bytes_ in zip(events, prepared, strict=True):
+        for event in events:
             line = event.line
-            ops += ["x", key(self._keys.events(line)), f"{event.epoch}-{event.seq}", bytes_.body, ""]
+            ops += ["x", key(self._keys.events(line)), f"{event.epoch}-{event.seq}", event.encode(), ""]
             if event.call is not None:
                 if event.call.on_line:  # a busy call stays in snapshots until its RING_FINISHED
-                    ops += ["h", key(self._keys.calls(line)), event.call.id, bytes_.call or "", ""]
+                    ops += ["h", key(self._keys.calls(line)), event.call.id, json.dumps(event.call.to_dict()), ""]
                 else:
                     ops += ["d", key(self._keys.calls(line)), event.call.id, "", ""]
             if event.agent is not None:

@@ -50,9 +50,6 @@ for _outcome in ("repaired", "resync"):
 LINES_BOUND = Gauge("cms_node_lines_bound", "Lines this node receives events for")
 BROKER_CONNECTED = Gauge("cms_node_broker_connected", "1 while the node's RabbitMQ connection is up")
 CATCH_UP_EVENTS = Counter("cms_node_catch_up_events_total", "Line events handed to agents from the Redis history")
-HISTORY_WAITS = Counter(
-    "cms_node_history_waits_total", "Times a catch-up found Redis not yet holding the event it needs and waited"
-)
 HISTORY_WAIT_TIMEOUTS = Counter(
     "cms_node_history_wait_timeouts_total", "Catch-ups that gave up waiting for an event to reach the Redis history"
 )
@@ -340,12 +337,8 @@ class LineFeed:
 
     async def _read_history(self, line: str, live: LineEvent | None) -> LineHistory:
         """The line's history after our position, waiting briefly for ``live`` to be in it: the
-        gateway writes Redis beside the publish, so an event may arrive before its write lands.
-
-        Only a repair waits (an in-order event never reads Redis). The write is usually a fraction
-        of a millisecond behind: poll from 1 ms, doubling to 20 ms, up to ``history_wait``."""
+        gateway may publish an event before its Redis write has landed."""
         deadline = time.monotonic() + self._history_wait
-        pause = 0.001
         while True:
             position = self.router.position(line) or ("", 0)
             history = await asyncio.wait_for(
@@ -361,9 +354,7 @@ class LineFeed:
                     line, live.epoch, live.seq, self._history_wait, snapshot.epoch or "-", snapshot.seq,
                 )
                 return history
-            HISTORY_WAITS.inc()
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.02)
+            await asyncio.sleep(0.02)
 
     async def _repair_all(self) -> None:
         """After a broker reconnect: events published while we were away went nowhere."""
