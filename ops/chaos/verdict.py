@@ -267,6 +267,19 @@ def _drop_in(obs: Observation, phase: Phase) -> Drop | None:
     return drops[0] if drops else None
 
 
+def _inside_every_drop(call: TruthCall, observations: Sequence[Observation]) -> bool:
+    """The call rang and ended while every agent of its lines was disconnected. Such a call is not
+    sent after the reconnect, by design (docs/creatio-protocol.md, issue 11: Creatio would pop a
+    replayed ring up as a new call; the call is in Creatio's call records instead): not a loss."""
+    if call.ended is None:
+        return False
+    agents = [o for o in observations if o.line in call.lines]
+    return bool(agents) and all(
+        any(d.dropped_at <= call.started and (not d.ready_at or call.ended <= d.ready_at) for d in o.drops)
+        for o in agents
+    )
+
+
 def judge_phase(
     phase: Phase,
     truth: Sequence[TruthCall],
@@ -281,6 +294,7 @@ def judge_phase(
     report = PhaseReport(phase)
     if not phase.applicable:
         return report
+    truth = [c for c in truth if not _inside_every_drop(c, observations)]
     in_phase = [c for c in truth if phase.start <= c.started < phase.end]
     # A call's end belongs to the phase in which it happened: a 90 s call may start in one phase and
     # end in another fault's; the last phase also takes the calls hung up after it.

@@ -93,6 +93,18 @@ def test_an_agent_that_dropped_recovers_when_it_is_back() -> None:
     assert report.passed, report.targets()
 
 
+def test_a_call_wholly_inside_the_agents_gap_is_not_expected_one_overlapping_it_is() -> None:
+    """Issue 11: a call that rang and ended while the agent was away is not replayed after the
+    reconnect (Creatio's call records hold it); one that ends after the agent is back must end."""
+    node = Phase("node-kill", 100.0, 110.0, 110.0, 130.0, node_fault=True)
+    inside = answered("1", "500", 111.0, 113.0)
+    overlapping = answered("2", "500", 112.0, 120.0)
+    obs = Observation("500", {}, {}, quiet_probes(117.0), drops=[Drop(110.0, 115.0, 116.2)])
+    report = judge_phase(node, [inside, overlapping], [obs], [], guid)
+    assert report.lost_calls == ["500:2"], report.lost_calls  # the overlapping call: never seen, never ended
+    assert not any(c.startswith("500:1") for c in report.lost_calls)
+
+
 def test_a_disconnect_fails_a_broker_fault_and_a_lost_agent_fails_any() -> None:
     obs = Observation("500", {}, {}, quiet_probes(), drops=[Drop(111.0, 116.0, 117.0)])
     assert not judge_phase(PHASE, [], [obs], [], guid).targets()["disconnects only for a node fault"]
