@@ -130,5 +130,14 @@ async def run_checks(options: DoctorOptions, emit: Callable[[Result], None]) -> 
         add(skipped("ports free", "--skip-ports (the cluster is running here)"))
     cert = options.tls_cert or (description.tls_cert if isinstance(description, ClusterDescription) else None)
     add(*check_certificate_file(cert, options.public_host))
-    add(*await check_creatio(options.creatio, options.timeout))
+    add(*await check_creatio(options.creatio or _records_account(settings), options.timeout))
     return results
+
+
+def _records_account(settings: Settings | None) -> CreatioAccount | None:
+    """The service account of the config's CallRecords block, when call records are configured."""
+    if settings is None or not settings.call_records.enabled or not settings.call_records.user_name:
+        return None
+    records = settings.call_records
+    site = records.site_url or (records.allowed_site_urls[0] if records.allowed_site_urls else "")
+    return CreatioAccount(site, records.user_name, records.password) if site else None

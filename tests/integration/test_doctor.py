@@ -263,6 +263,15 @@ def test_creatio_service_account(tmp_path: Path, cluster_file: Path) -> None:
                               "CMS_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"})
         assert bad[0] == 1
         assert "Invalid username or password" in line_of(bad[1], "[FAIL] Creatio login as Supervisor")
+        # Without flags the config's own CallRecords block is what doctor logs in with.
+        records = tmp_path / "records.json"
+        records.write_text(json.dumps({"CallRecords": {"siteUrl": site.removesuffix("/0/"),
+                                                       "userName": "Supervisor", "password": "creatio-pass"}}))
+        configured = run_doctor("--config", str(records), "--skip-ports", "--cluster", str(cluster_file),
+                                env={"CMS_REDIS_URL": "redis://127.0.0.1:1/0",
+                                     "CMS_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"})
+        assert line_of(configured[1], "[ ok ] Creatio login as Supervisor")
+        assert "creatio-pass" not in configured[1]
     finally:
         server.shutdown()
         server.server_close()
