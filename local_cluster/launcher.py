@@ -645,6 +645,8 @@ class LocalCluster:
             "client, Creatio 8.x (SignalR)": self.signalr_url,
             "agent console (demo line 305)": f"http://127.0.0.1:{self.options.haproxy_port}/console?line=305"
             + (f"&key={self.options.deployment_key}" if self.options.deployment_key else ""),
+            "cluster status page": f"http://127.0.0.1:{self.options.haproxy_port}/status"
+            + (f"?key={self.options.deployment_key}" if self.options.deployment_key else ""),
             "HAProxy stats": f"http://127.0.0.1:{self.options.stats_port}/stats",
             "HAProxy metrics": f"http://127.0.0.1:{self.options.stats_port}/metrics",
         }
