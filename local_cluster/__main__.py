@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 from wsgiref.simple_server import WSGIServer
 
-from local_cluster.infra import free_port
+from local_cluster.infra import free_ports
 from local_cluster.launcher import (
     ClusterOptions,
     LaunchAborted,
@@ -127,11 +127,11 @@ def build_options(args: argparse.Namespace, prefix: str, amqp_url: str, redis_ur
     if args.run_dir is not None:
         options.run_dir = args.run_dir
     if args.auto_ports:
-        options.haproxy_port, options.stats_port = free_port(), free_port()
-        options.node_ports = tuple(free_port() for _ in range(args.nodes))
-        options.gateway_metrics_ports = tuple(free_port() for _ in range(args.gateways))
-        options.ami_port, options.simulator_control_port = free_port(), free_port()
-        args.metrics_port = free_port()
+        ports = free_ports(5 + args.nodes + args.gateways)
+        options.haproxy_port, options.stats_port, options.ami_port, options.simulator_control_port = ports[:4]
+        args.metrics_port = ports[4]
+        options.node_ports = tuple(ports[5:5 + args.nodes])
+        options.gateway_metrics_ports = tuple(ports[5 + args.nodes:])
     else:
         options.haproxy_port, options.stats_port = args.port, args.stats_port
         options.node_ports = tuple(args.node_port + i for i in range(args.nodes))

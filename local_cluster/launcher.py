@@ -47,6 +47,7 @@ from local_cluster.infra import (
     InfrastructureError,
     PrivateServer,
     free_port,
+    free_ports,
     port_open,
 )
 from local_cluster.spawn import spawn
@@ -142,15 +143,16 @@ class ClusterOptions:
     def ephemeral(cls, run_dir: Path, **overrides: Any) -> ClusterOptions:
         """Options for a test run: free ports everywhere and a unique namespace."""
         gateways = int(overrides.get("gateways", 1))
+        ports = free_ports(7 + gateways)
         options = cls(
             run_dir=run_dir,
             prefix=f"t{uuid.uuid4().hex[:10]}",
-            haproxy_port=free_port(),
-            node_ports=(free_port(), free_port()),
-            gateway_metrics_port=free_port(),
-            stats_port=free_port(),
-            ami_port=free_port(),
-            simulator_control_port=free_port(),
+            haproxy_port=ports[0],
+            node_ports=(ports[1], ports[2]),
+            gateway_metrics_port=ports[3],
+            stats_port=ports[4],
+            ami_port=ports[5],
+            simulator_control_port=ports[6],
             demo=False,
             cleanup_namespace=True,
             gateways=gateways,
@@ -158,9 +160,7 @@ class ClusterOptions:
         for key, value in overrides.items():
             setattr(options, key, value)
         if "gateway_metrics_ports" not in overrides:
-            options.gateway_metrics_ports = (options.gateway_metrics_port,) + tuple(
-                free_port() for _ in range(gateways - 1)
-            )
+            options.gateway_metrics_ports = (options.gateway_metrics_port, *ports[7:7 + gateways - 1])
         return options
 
 

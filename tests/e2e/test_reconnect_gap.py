@@ -242,6 +242,26 @@ def seed_earlier_run(redis_url: str, prefix: str, line: str, calls: int = 3) -> 
         client.close()
 
 
+def active_epoch(cluster: LocalCluster) -> str:
+    """The epoch of the gateway that holds the lease and has resynced ('' when none does)."""
+    for port in cluster.gateway_ports:
+        status, body = http_get(f"http://127.0.0.1:{port}/health")
+        details = json.loads(body) if status == 200 else {}
+        if details.get("role") == "active" and details.get("epoch"):
+            return str(details["epoch"])
+    return ""
+
+
+def wait_for_an_active_gateway(cluster: LocalCluster, timeout: float, not_epoch: str = "") -> None:
+    """Until a gateway holds the lease in an epoch other than ``not_epoch`` and has resynced."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if active_epoch(cluster) not in ("", not_epoch):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no gateway active in a new epoch within {timeout:.0f}s")
+
+
 def call_events(agent: CreatioAgent, caller: str, after: int) -> list[int]:
     return [
         e.event_type
@@ -299,12 +319,15 @@ def test_first_call_after_a_gateway_restart_rings_over_an_earlier_runs_namespace
                     await wait_line_idle_after(cluster, "408", 3)
             assert all(not agent.closed for agent in agents.values())
 
+            # The agent that was away during the restart: the call that rang and ended meanwhile is not
+            # replayed (issue 11: Creatio would pop it up as a new call; it is in the call records), and
+            # the snapshot across the epoch change is right: nothing is live on 408.
             await away.reconnect()
             gap, snapshot = before_snapshot(away)
             types = [e.event_type for e in gap if e.event_type in (RING_STARTED, COMMUTATION_STARTED, RING_FINISHED)]
-            assert types == [RING_STARTED, COMMUTATION_STARTED, RING_FINISHED], types
-            assert gap[0].content["callerId"] == CALLER
+            assert types == [], types
             assert calls_in_snapshot(snapshot) == []
+            assert not away.closed
         finally:
             for agent in (*agents.values(), away):
                 await agent.close()
@@ -437,11 +460,16 @@ def test_redis_emptied_under_a_connected_agent_the_next_call_still_rings(cluster
 
             client = redis.Redis.from_url(cluster.redis_url)
             try:
+                before = active_epoch(cluster)
                 keys = list(client.scan_iter(f"{cluster.prefix}:*", count=1000))
                 client.delete(*keys)
             finally:
                 client.close()
 
+            # The lease went with the keys: a gateway takes it again, in a new epoch, and restates from
+            # AMI. A call that rings inside that takeover (about 2 s) is make chaos's business; this is
+            # the next one.
+            await asyncio.to_thread(wait_for_an_active_gateway, cluster, 20.0, before)
             mark = len(agent.events)
             await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="409", caller=CALLER)
             types = await wait_call_over(agent, CALLER, mark)
