@@ -261,7 +261,7 @@ class AgentConnection:
             await self._check_holders(agent, warn=admitted in ("shared", "assigned"))
         if self.session is not session or line not in self._lines:
             return
-        session.on_claimed(list(snapshot.calls), missed)
+        session.on_claimed(list(snapshot.calls), missed, epoch=snapshot.epoch)
         REPLAYED_EVENTS.inc(session.replayed)
         if agent is not None:
             # Everything up to the snapshot, and whatever the feed delivered since (held back
@@ -347,7 +347,7 @@ class AgentConnection:
                 session.on_snapshot_failed("call state store unavailable, try again shortly")
             return
         if self.session is session:
-            session.on_snapshot(list(snapshot.calls), snapshot.agent)
+            session.on_snapshot(list(snapshot.calls), snapshot.agent, epoch=snapshot.epoch)
 
     def request_agent_state(self, session: AgentSession, line: str) -> None:
         spawn(self._agent_state(session, line))
@@ -413,7 +413,7 @@ class AgentConnection:
 
     def resync(self, snapshot: LineSnapshot) -> None:
         if self.session is not None:
-            self.session.on_snapshot(list(snapshot.calls), snapshot.agent)
+            self.session.on_snapshot(list(snapshot.calls), snapshot.agent, epoch=snapshot.epoch)
             agent = self._agents.get(snapshot.line)
             if agent is not None:
                 self.hub.delivery_log.note(agent, snapshot.epoch, snapshot.seq)

@@ -52,8 +52,13 @@ Rules, from the client's source (docs/creatio-protocol.md has the details):
    :meth:`AgentSession.on_line_refused`: an ERROR, a DISCONNECTED without reconnect, nothing of the
    line was sent.
 10. Restatements are not news. After a gateway restart the new epoch announces every live call
-    again (RING_STARTED or COMMUTATION_STARTED, same call id); for a call the session already
-    shows in that state the call is updated silently, since the client pops up every RING_STARTED.
+    again (RING_STARTED or COMMUTATION_STARTED, same call id); for a call this session already
+    *announced* in that state (sent that very event), or showed in that state in a snapshot of an
+    earlier epoch, the call is updated silently, since the client pops up every RING_STARTED. A call
+    seen in a snapshot of the event's own epoch was not announced yet: the line's state in Redis is
+    written before the event is published, so a snapshot can show a call whose RING_STARTED is still
+    on its way (always so for calls that start while the broker is away), and that RING_STARTED is
+    news: it pops the call up.
 11. Agent states (``services.agent_states``). SetMsgUserState codes map to unpause / wrap-up / pause
     with the code's reason; states are reported as the code the gateway decided (kept with the
     agent state in Redis). Creatio's header re-sends the state saved in the user's profile on every
@@ -214,6 +219,8 @@ class _Refused(Exception):
 
 
 _DEFAULT_OPTIONS = SessionOptions()
+#: rule 10: announced calls remembered per session (a line has a handful of live calls)
+_MAX_ANNOUNCED = 64
 
 
 class AgentSession:
@@ -222,7 +229,7 @@ class AgentSession:
         "_env", "_opts", "_memo", "_clock", "_new_id", "state", "library_instance_uid", "connection_uid", "line",
         "default_originate_context", "originate_context", "debug_mode", "call_centre_enabled", "user_uid", "_calls",
         "_agent", "_catching_up", "_held", "_snapshot_wanted", "replayed", "_log_file", "_context_override",
-        "_context_refusal", "_agent_known", "_profile_state_until", "_deferred_state",
+        "_context_refusal", "_announced", "_agent_known", "_profile_state_until", "_deferred_state",
     )
 
     def __init__(
@@ -255,6 +262,9 @@ class AgentSession:
         self.user_uid = ""
         #: calls of the line, client GUID -> Call, oldest first (a dict keeps insertion order)
         self._calls: dict[str, Call] = {}
+        #: rule 10: client GUID -> (call state the client was shown, epoch of the snapshot that showed it,
+        #: "" when an event announced it)
+        self._announced: OrderedDict[str, tuple[CallState, str]] = OrderedDict()
         self._agent: AgentState | None = None
         #: between claiming the line and ``on_claimed``: live events held back, snapshot waiting
         self._catching_up = False
@@ -336,17 +346,20 @@ class AgentSession:
             self._track(event)
             if restated:
                 return
+            self._note_announced(event)
         frames = self._frames_for(event)
         send = self._send if self.debug_mode else self._env.send_frame
         for frame in frames:
             send(frame)
 
-    def on_snapshot(self, calls: Sequence[Call], agent: AgentState | None = None) -> None:
-        """The line's calls (and, if known, agent state) as read by the shell."""
+    def on_snapshot(self, calls: Sequence[Call], agent: AgentState | None = None, *, epoch: str = "") -> None:
+        """The line's calls (and, if known, agent state) as read by the shell; ``epoch``: the line's
+        epoch when they were read (rule 10)."""
         if self.state is not SessionState.OPEN:
             return
         mine = sorted((c for c in calls if c.line == self.line and c.on_line), key=lambda c: c.started_at)
         self._calls = {cp.call_guid(c.id): c for c in mine}
+        self._shown_in_snapshot(mine, epoch)
         self._send(cp.snapshot_frame(mine, self.current_call, self.connection_uid))
         if not mine:
             self._send(cp.line_state_frame(cp.IDLE_LINE_FEATURES, connection_uid=self.connection_uid))
@@ -363,21 +376,22 @@ class AgentSession:
             self._deferred_state = None
             self._profile_state(code, reason)
 
-    def on_calls_known(self, calls: Sequence[Call]) -> None:
+    def on_calls_known(self, calls: Sequence[Call], *, epoch: str = "") -> None:
         """Seed the call table (e.g. from the snapshot taken when the line was claimed)
         without telling the client; it asks for its own snapshot after CONNECTION_CREATED."""
         if self.state is not SessionState.OPEN:
             return
         mine = sorted((c for c in calls if c.line == self.line and c.on_line), key=lambda c: c.started_at)
         self._calls = {cp.call_guid(c.id): c for c in mine}
+        self._shown_in_snapshot(mine, epoch)
 
-    def on_claimed(self, calls: Sequence[Call], missed: Sequence[LineEvent] = ()) -> None:
+    def on_claimed(self, calls: Sequence[Call], missed: Sequence[LineEvent] = (), *, epoch: str = "") -> None:
         """The shell followed the line: ``calls`` are its active calls at position S, ``missed``
         the line's events between where this agent stood when it left and S (empty when nothing
         was missed or it cannot be known). Ends the catch-up (rule 6)."""
         if self.state is not SessionState.OPEN:
             return
-        self.on_calls_known(calls)
+        self.on_calls_known(calls, epoch=epoch)
         self._end_catch_up(missed)
 
     def _end_catch_up(self, missed: Sequence[LineEvent]) -> None:
@@ -583,6 +597,7 @@ class AgentSession:
         uid = self.connection_uid
         self.line = None
         self._calls.clear()
+        self._announced.clear()
         self._agent = None
         self._catching_up = False
         self._held = []
@@ -838,15 +853,41 @@ class AgentSession:
         return self._lookup(obj.get("id"), f"{cmd.name} {key}")
 
     def _restates(self, event: LineEvent) -> bool:
-        """Whether ``event`` announces a call this session already shows in that very state.
+        """Whether ``event`` announces a call this session already announced in that very state.
 
         The tracker announces each call (RING_STARTED, COMMUTATION_STARTED) at most once, so
         this only happens when a restarted gateway restates its live calls in a new epoch. The
-        client must not get them again: every RING_STARTED pops the call up as new (rule 8)."""
+        client must not get them again: every RING_STARTED pops the call up as new (rule 10).
+        What a snapshot showed does not count (rule 10): it may be ahead of the events."""
         if event.type not in (EventType.RING_STARTED, EventType.COMMUTATION_STARTED) or event.call is None:
             return False
-        known = self._calls.get(cp.call_guid(event.call.id))
-        return known is not None and known.state is event.call.state
+        shown = self._announced.get(cp.call_guid(event.call.id))
+        if shown is None or shown[0] is not event.call.state:
+            return False
+        return not shown[1] or _epoch_after(event.epoch, shown[1])
+
+    def _note_announced(self, event: LineEvent) -> None:
+        call = event.call
+        assert call is not None
+        guid = cp.call_guid(call.id)
+        if event.type is EventType.RING_FINISHED or call.state is CallState.FINISHED:
+            self._announced.pop(guid, None)
+            return
+        self._remember_shown(guid, call.state, "")
+
+    def _remember_shown(self, guid: str, state: CallState, snapshot_epoch: str) -> None:
+        self._announced[guid] = (state, snapshot_epoch)
+        self._announced.move_to_end(guid)
+        # calls whose end never reached this session (ended in a gap) must not grow it without bound
+        while len(self._announced) > _MAX_ANNOUNCED:
+            self._announced.popitem(last=False)
+
+    def _shown_in_snapshot(self, calls: Sequence[Call], epoch: str) -> None:
+        for call in calls:
+            guid = cp.call_guid(call.id)
+            shown = self._announced.get(guid)
+            if shown is None or shown[0] is not call.state:
+                self._remember_shown(guid, call.state, epoch)
 
     def _track(self, event: LineEvent) -> None:
         call = event.call
@@ -914,6 +955,7 @@ class AgentSession:
         line = self.line
         self.line = None
         self._calls.clear()
+        self._announced.clear()
         self._agent = None
         self._catching_up = False
         self._held = []
@@ -921,6 +963,17 @@ class AgentSession:
         if line is not None:
             log.info("connection released conn=%s line=%s", self.connection_uid, line)
             self._env.release_line(self, line)
+
+
+def _epoch_after(epoch: str, other: str) -> bool:
+    """Whether line epoch ``epoch`` is later than ``other`` (epochs are milliseconds, strictly growing);
+    an unknown epoch on either side counts as later (the conservative answer for rule 10: silent)."""
+    if not epoch or not other:
+        return True
+    try:
+        return int(epoch) > int(other)
+    except ValueError:
+        return epoch > other
 
 
 def _get_ci(obj: Any, key: str) -> Any:

@@ -1,4 +1,4 @@
-"""Rule 8 of AgentSession: a restarted gateway's restatement of a live call is not a new call."""
+"""Rule 10 of AgentSession: a restarted gateway's restatement of a live call is not a new call."""
 
 from __future__ import annotations
 
@@ -39,3 +39,34 @@ def test_a_call_that_ended_and_rings_again_rings() -> None:
     env.take()
     session.on_line_event(LineEvent(line=LINE, type=EventType.RING_STARTED, call=ringing, epoch="100", seq=2))
     assert [m["eventType"] for m in env.take()][0] == 5
+
+
+def test_a_call_a_snapshot_showed_before_its_ring_started_arrived_still_rings() -> None:
+    """Redis holds the call before its event is published (always so while the broker is away):
+    a snapshot of the same epoch shows it ringing, then its RING_STARTED arrives and is news."""
+    ringing = make_call()
+    session, env = opened()
+    session.on_snapshot([ringing], epoch="100")
+    env.take()
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_STARTED, call=ringing, epoch="100", seq=7))
+    assert [m["eventType"] for m in env.take()][0] == 5
+    # and once announced, the next gateway's restatement of it is silent again
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_STARTED, call=ringing, epoch="200", seq=1))
+    assert env.take() == []
+
+
+def test_a_call_seeded_at_the_claim_gets_its_in_flight_ring_started() -> None:
+    ringing = make_call()
+    session, env = opened()
+    session.on_calls_known([ringing], epoch="100")
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_STARTED, call=ringing, epoch="100", seq=3))
+    assert [m["eventType"] for m in env.take()][0] == 5
+
+
+def test_a_call_a_snapshot_of_an_earlier_epoch_showed_is_restated_silently() -> None:
+    talking = make_call(state=CallState.CONNECTED)
+    session, env = opened()
+    session.on_snapshot([talking], epoch="100")
+    env.take()
+    session.on_line_event(LineEvent(line=LINE, type=EventType.COMMUTATION_STARTED, call=talking, epoch="200", seq=1))
+    assert env.take() == []
