@@ -1,11 +1,14 @@
 """The gateway process: AMI in, line events out, commands executed.
 
-Every gateway starts as a *standby*: metrics endpoint, an AMI login with events off (warm, so a
-takeover needs no TCP or login round trips) and the lease loop (ami_gateway/lease.py). When it
-takes the lease it becomes *active*, under the new epoch the lease gave it: it reads what the
-previous term left in Redis, starts the outbox drain task, the command consumer and the
-queue-pause worker, turns AMI events on and resyncs (CoreShowChannels/Status, QueueStatus): live
-calls are restated, calls that vanished are ended. Ready means "active, events on, resynced".
+Every gateway starts as a *standby*: metrics endpoint, an AMI login (warm, so a takeover needs no
+TCP or login round trips) whose events feed its tracker, and the lease loop (ami_gateway/lease.py).
+A standby publishes nothing: its tracker's output is kept a few seconds in a shadow log
+(ami_gateway/takeover.py). When it takes the lease it becomes *active*, under the new epoch the
+lease gave it: it reads what the previous term left in Redis, starts the outbox drain task, the
+command consumer and the queue-pause worker, publishes what the shadow log holds that the previous
+term never published (calls that rang and ended while no gateway was active), resyncs
+(CoreShowChannels/Status, QueueStatus), brings every call agents were told of up to date and ends
+the calls that vanished. Ready means "active, events on, resynced".
 
 A gateway that loses the lease (another one took it after we were paused or cut off, or Redis
 restarted empty) *steps down*: it stops speaking at once (no publish, no Redis write, no AMI action,
@@ -36,6 +39,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Gauge, Histogram
 
+from ami_gateway import takeover
 from ami_gateway.ami_client import DEFAULT_EVENT_MASK, AmiClient, AmiError, AmiSession
 from ami_gateway.ami_protocol import AmiMessage, AmiParser
 from ami_gateway.call_records import CallRecordSaver
@@ -80,6 +84,15 @@ CALLS_IN_PROGRESS = Gauge("cms_calls_in_progress", "Calls the gateway currently 
 GATEWAY_READY = Gauge("cms_gateway_ready", "1 when the gateway holds the lease, is logged in to AMI and resynced")
 AUTO_PAUSES = Counter("cms_auto_pause_actions_total", "QueuePause actions sent by autoPauseOnCommutationStart",
                       ["paused", "outcome"])
+SHADOW_EVENTS = Gauge(
+    "cms_gateway_standby_shadow_events",
+    "Line events a standby tracked in the last few seconds without publishing them (published at a takeover "
+    "when the earlier term did not)",
+)
+SHADOW_PUBLISHED = Counter(
+    "cms_gateway_takeover_shadow_events_published_total",
+    "Line events a standby tracked that the earlier term never published, published at the takeover",
+)
 RESYNC_SECONDS = Histogram(
     "cms_ami_resync_seconds",
     "Time to list channels and queue members after an AMI (re)connect",
@@ -171,6 +184,10 @@ class Gateway:
         self._term_ready = asyncio.Event()  # the previous term's calls are read: sessions may resync
         self._activation_lock = asyncio.Lock()
         self._synced_session: AmiSession | None = None
+        #: a standby's tracker output (never published) of the last few lease ttls: at a takeover, the calls
+        #: that rang while no gateway published (see ami_gateway.takeover)
+        self._shadow = takeover.ShadowLog(window=max(5.0, 3 * lease_ttl))
+        self._shadow_session: AmiSession | None = None
         # Call records in Creatio (optional CallRecords block): its own tasks, fed from _emit.
         self.records: CallRecordSaver | None = None
         if settings.call_records.enabled:
@@ -200,7 +217,7 @@ class Gateway:
                 on_disconnected=self._on_ami_disconnected,
                 ping_interval=self._ping[0],
                 ping_timeout=self._ping[1],
-                event_mask="off",  # warm standby; events go on when this gateway takes the lease
+                # a standby follows the PBX too (its shadow log): what rings while no gateway is active is known
                 action_guard=self._may_act,
             )
         try:
@@ -359,6 +376,10 @@ class Gateway:
         log.warning("took the gateway lease: epoch %s%s", term.epoch,
                     " (after an earlier gateway's term)" if after_earlier_term else "")
         self.active = True
+        if self.ami is not None and self._resync_buffer is None:
+            # AMI events keep coming (a standby follows them): from now on they wait for the takeover's
+            # resync, which first publishes what the standby tracked, so nothing is published out of order
+            self._resync_buffer = []
         self._after_earlier_term = after_earlier_term
         self.sequencer.restart(term.epoch)
         self.writer.fence(self.lease.key, term.token)
@@ -430,8 +451,6 @@ class Gateway:
         return self.ami.session if ok and self.ami is not None else None
 
     def _on_ami_event(self, msg: AmiMessage, received_at: float) -> None:
-        if not self.active:
-            return  # a standby's session has events off; whatever still arrives is not ours to report
         self.last_event_at = received_at
         if self._resync_buffer is not None:
             self._resync_buffer.append((msg, received_at))
@@ -439,7 +458,7 @@ class Gateway:
         self._handle(msg, received_at)
 
     def _handle(self, msg: AmiMessage, received_at: float) -> None:
-        if self.queue_trace is not None:
+        if self.queue_trace is not None and self.active:
             self._trace(self.queue_trace.observe(msg))
         self._emit(self.tracker.handle(msg, received_at))
 
@@ -449,6 +468,11 @@ class Gateway:
 
     def _emit(self, events: list[LineEvent]) -> None:
         if not events:
+            return
+        if not self.active:
+            # a standby (or a term that stepped down) never publishes: what it tracked waits in the shadow log
+            self._shadow.add(events, time.time())
+            SHADOW_EVENTS.set(len(self._shadow))
             return
         if self.records is not None:
             events = self.records.stamp(events)
@@ -521,6 +545,34 @@ class Gateway:
     async def _on_ami_connected(self, session: AmiSession) -> None:
         if self.active:
             await self._activate(session)
+        else:
+            await self._follow_as_standby(session)
+
+    async def _follow_as_standby(self, session: AmiSession) -> None:
+        """A standby learns the live channels once per AMI session, then follows the events (shadow log)."""
+        async with self._activation_lock:
+            if self.active or self._shadow_session is session or session.closed.is_set():
+                return
+            if self._resync_buffer is None:
+                self._resync_buffer = []
+            try:
+                channels = await self._live_channels(session)
+                members = await self._queue_members(session)
+                if channels is not None:
+                    now = time.time()
+                    # straight to the shadow log even if the lease was taken meanwhile: the takeover publishes it
+                    self._shadow.add(self.tracker.resync(channels, members or [], now), now)
+                self._shadow_session = session
+            except AmiError as exc:
+                log.warning("standby could not list the live channels (%s); it learns them from events", exc)
+            finally:
+                if not self.active:  # else the activation, next under the lock, handles what waits
+                    self._drain_resync_buffer()
+
+    def _drain_resync_buffer(self) -> None:
+        buffered, self._resync_buffer = self._resync_buffer or [], None
+        for msg, received_at in buffered:
+            self._handle(msg, received_at)
 
     async def _activate(self, session: AmiSession) -> None:
         """Events on, then rebuild the truth before emitting deltas: what ended or started while we were away."""
@@ -528,7 +580,8 @@ class Gateway:
         async with self._activation_lock:
             if self._synced_session is session or session.closed.is_set() or not self.active:
                 return
-            self._resync_buffer = []
+            if self._resync_buffer is None:
+                self._resync_buffer = []
             started = time.perf_counter()
             try:
                 answer = (await session.send_action("Events", {"EventMask": DEFAULT_EVENT_MASK}))[0]
@@ -537,19 +590,23 @@ class Gateway:
                 channels = await self._live_channels(session)
                 members = await self._queue_members(session)
                 now = time.time()
+                published = await self._publish_shadow(now)
                 RESYNC_SECONDS.observe(time.perf_counter() - started)
                 if channels is None:
                     log.error("cannot list live channels (the AMI user needs write = call for Status, or "
                               "reporting); calls that ended while disconnected stay open until their next event")
                 else:
-                    self._emit(self.tracker.resync(channels, members or [], now, announced=self._announced_calls()))
-                    self._finish_stale_calls(now)
+                    announced = self._announced_calls()
+                    if announced is not None:
+                        announced |= {e.call.id for e in published if e.call is not None}
+                    resynced = self.tracker.resync(channels, members or [], now, announced=announced)
+                    self._emit(resynced)
+                    self._reconcile(published + resynced, now)
+                    self._finish_stale_calls(now, already=takeover.finished_ids(published + resynced))
                 if self.queue_trace is not None and members is not None:
                     self._trace(self.queue_trace.resync(members))
             finally:
-                buffered, self._resync_buffer = self._resync_buffer or [], None
-                for msg, received_at in buffered:
-                    self._handle(msg, received_at)
+                self._drain_resync_buffer()
             if not self.active:
                 return
             self._synced_session = session
@@ -600,11 +657,46 @@ class Gateway:
             return None  # a first start, or a Redis that came back empty: what agents saw is unknown
         return {c.id for calls in self._stale_calls.values() for c in calls}
 
-    def _finish_stale_calls(self, now: float) -> None:
-        """Calls a previous gateway run left in Redis that are no longer live get their end."""
+    async def _publish_shadow(self, now: float) -> list[LineEvent]:
+        """At a takeover: publish what this gateway tracked as a standby that the earlier term did not."""
+        window = self._shadow.take(now)
+        SHADOW_EVENTS.set(0)
+        if not window or self._stale_calls is None or not self._after_earlier_term:
+            # An AMI reconnect within the term: nothing was tracked unpublished. No earlier term (a first start,
+            # a Redis that came back empty): what agents saw is unknown, so calls are stated as they are now
+            # (the resync and _reconcile), not replayed ring by ring.
+            return []
+        lines = sorted({e.line for e in window})
+        history: dict[str, list[LineEvent]] = {}
+        try:
+            history = await self.writer.recent_events(lines)
+        except (OSError, aioredis.RedisError) as exc:
+            # Unknown what the earlier term said: its rings may come twice (nodes silence repeated
+            # announcements, rule 10 of ws_node.agent_session), which beats a call nobody saw.
+            log.warning("cannot read the earlier term's history (%s); publishing the standby's view", exc)
+        events = takeover.unpublished(window, history)
+        calls = {e.call.id for e in events if e.call is not None}
+        log.info("takeover: %d of %d events the standby tracked were not published by the earlier term "
+                 "(%d calls)", len(events), len(window), len(calls))
+        SHADOW_PUBLISHED.inc(len(events))
+        self._emit(events)
+        return events
+
+    def _reconcile(self, published: list[LineEvent], now: float) -> None:
+        """At a takeover: every live call agents were told of (Redis) is brought up to the tracker's view."""
+        if self._stale_calls is None:
+            return
+        live = {line: self.tracker.calls_of(line) for line in self.tracker.lines()}
+        self._emit(takeover.reconcile(live, self._stale_calls, published, now,
+                                      agents_knew_stored=self._after_earlier_term))
+
+    def _finish_stale_calls(self, now: float, already: set[tuple[str, str]] | None = None) -> None:
+        """Calls a previous gateway run left in Redis that are no longer live get their end
+        (unless ``already`` ended them)."""
         stale, self._stale_calls = self._stale_calls or {}, None
+        done = already or set()
         for line, calls in stale.items():
-            live = {c.id for c in self.tracker.calls_of(line)}
+            live = {c.id for c in self.tracker.calls_of(line)} | {cid for (ln, cid) in done if ln == line}
             ended = [
                 LineEvent(
                     line=line,

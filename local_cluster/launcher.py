@@ -608,13 +608,15 @@ class LocalCluster:
             os.killpg(child.process.pid, sig)
         child.process.wait(timeout=10)
 
-    def restart(self, name: str, timeout: float = 30.0) -> Child:
-        """Start a stopped (or killed) child again with its original command line; wait for /health."""
+    def restart(self, name: str, timeout: float = 30.0, *, wait: bool = True) -> Child:
+        """Start a stopped (or killed) child again with its original command line; wait for a gateway's
+        /health unless ``wait`` is False (several stopped children restarted together: the wait gives up
+        when any child is down)."""
         old = self.child(name)
         if old.alive():
             self.kill(name, signal.SIGTERM)
         child = self._spawn(name, old.args, old.env)
-        if name in self.gateway_names:
+        if wait and name in self.gateway_names:
             port = self.gateway_ports[self.gateway_names.index(name)]
             self._wait(lambda: self._healthy(port), time.monotonic() + timeout, f"{name} /health after restart")
         return child

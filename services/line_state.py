@@ -167,6 +167,17 @@ class LineStateWriter:
         raw = await self._redis.hgetall(self._keys.calls(line))
         return [_call(v) for v in raw.values()]
 
+    async def recent_events(self, lines: Sequence[str], count: int = 200) -> dict[str, list[LineEvent]]:
+        """The last ``count`` events stored for each of ``lines``, oldest first, pipelined: what an earlier
+        term published, so a takeover can tell what it must still publish."""
+        pipe = self._redis.pipeline(transaction=False)
+        for line in lines:
+            pipe.xrevrange(self._keys.events(line), max="+", min="-", count=count)
+        found: dict[str, list[LineEvent]] = {}
+        for line, entries in zip(lines, await pipe.execute(), strict=True):
+            found[line] = [LineEvent.decode(fields[b"e"]) for _id, fields in reversed(entries or []) if fields]
+        return found
+
     async def all_stored_calls(self, chunk: int = 500) -> dict[str, list[Call]]:
         """Every known line's active calls, pipelined (a takeover reads thousands of lines at once)."""
         lines = sorted(await self.known_lines())

@@ -512,9 +512,11 @@ async def fault_cluster_restart(run: ChaosRun) -> Outcome:
     for name in reversed(names):  # HAProxy and the nodes first, as LocalCluster.stop does
         await asyncio.to_thread(run.cluster.kill, name, signal.SIGTERM)
     stopped = time.time()
-    # The gateway last: LocalCluster's wait for its /health gives up if any other child is down.
-    for name in sorted(names, key=lambda n: n.startswith("gateway")):
-        await asyncio.to_thread(run.cluster.restart, name)
+    # The gateways last, all started before waiting for one: LocalCluster's wait for a gateway's /health
+    # gives up if any other child is down (with two gateways the second was still stopped).
+    ordered = sorted(names, key=lambda n: n.startswith("gateway"))
+    for name in ordered:
+        await asyncio.to_thread(run.cluster.restart, name, wait=name == ordered[-1])
     for name in names:
         if name.startswith("node"):
             await run.wait_node_serving(name)

@@ -45,9 +45,10 @@ def write_config(directory: Path, infra: Infrastructure, prefix: str, ami_port: 
 class GatewayProcess:
     """``python -m ami_gateway`` as an operator starts it; /health and /metrics read over HTTP."""
 
-    def __init__(self, config: Path, log_path: Path) -> None:
+    def __init__(self, config: Path, log_path: Path, args: tuple[str, ...] = ()) -> None:
         self.config = config
         self.log_path = log_path
+        self.args = args
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -56,7 +57,8 @@ class GatewayProcess:
         env["PYTHONPATH"] = str(ROOT)
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "ami_gateway", "--config", str(self.config), "--metrics-port", str(self.port)],
+                [sys.executable, "-m", "ami_gateway", "--config", str(self.config), "--metrics-port", str(self.port),
+                 *self.args],
                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
             )
         return self
@@ -130,11 +132,12 @@ class GatewayProcess:
 
 
 @contextlib.asynccontextmanager
-async def gateways(tmp_path: Path, config: Path) -> AsyncIterator[Callable[[str], GatewayProcess]]:
+async def gateways(tmp_path: Path, config: Path,
+                   args: tuple[str, ...] = ()) -> AsyncIterator[Callable[[str], GatewayProcess]]:
     started: list[GatewayProcess] = []
 
     def launch(name: str) -> GatewayProcess:
-        process = GatewayProcess(config, tmp_path / f"{name}.log").start()
+        process = GatewayProcess(config, tmp_path / f"{name}.log", args).start()
         started.append(process)
         return process
 
@@ -205,6 +208,63 @@ def test_kill_9_of_the_active_gateway_mid_call_the_standby_takes_over(infra: Inf
                 assert await second.metric("cms_gateway_takeovers_total") == 1
                 print(f"takeover: first event of the new epoch {takeover:.2f}s after SIGKILL")
                 assert takeover < 10, takeover  # the target is 3 s; this machine is shared, so only a sanity bound
+                assert_positions_sound(listener.events)
+        finally:
+            await sim.stop()
+            await listener.close()
+            await cleanup(infra, prefix)
+
+    asyncio.run(main())
+
+
+def test_a_call_that_rang_and_ended_while_no_gateway_was_active_reaches_the_agents(
+        infra: Infrastructure, prefix: str, tmp_path: Path) -> None:
+    """Chaos gateway-kill: a call refused busy between the active gateway's death and the standby's takeover
+    has no channel left when the standby resyncs; the standby followed it (shadow log) and publishes it at
+    the takeover, once, while what the dead gateway had already published is not repeated."""
+    async def main() -> None:
+        sim = AmiSimulator(port=0, users={"admin": SECRET})
+        await sim.start()
+        listener = await EventListener(infra.amqp_url, prefix).start(["305", "306"])
+        config = write_config(tmp_path, infra, prefix, sim.port)
+        try:
+            # a long lease, so the busy call is surely over before anybody takes over
+            async with gateways(tmp_path, config, ("--lease-ttl", "6")) as launch:
+                first = launch("first")
+                await first.wait_role("active", ready=True)
+                second = launch("second")
+                await second.wait_role("standby", ready=True)
+                earlier = sim.play("inbound-direct-answered", line="305")
+                await listener.wait_for(lambda e: e.line == "305" and e.type is EventType.RING_FINISHED, 15,
+                                        "an earlier call, published whole by the first gateway")
+                talking = sim.play("inbound-direct-long", line="305")
+                up = await listener.wait_for(lambda e: e.line == "305" and e.type is EventType.COMMUTATION_STARTED
+                                             and e.call is not None and e.call.linked_id == talking.id)
+                old_epoch = up.epoch
+
+                first.signal(signal.SIGKILL)
+                busy = sim.play("inbound-busy", line="306", caller="79160000306")
+                await sim.wait_call(busy, 10)
+                assert (await second.health() or (0, {}))[1].get("role") == "standby", "took over too early"
+
+                ring = await listener.wait_for(
+                    lambda e: e.line == "306" and e.type is EventType.RING_STARTED, 20, "the busy call rings")
+                assert ring.epoch != old_epoch and ring.call is not None and ring.call.linked_id == busy.id
+                assert ring.call.caller_number == "79160000306"
+                await listener.wait_for(lambda e: e.line == "306" and e.type is EventType.ABONENT_BUSY, 5, "busy")
+                await listener.wait_for(lambda e: e.line == "306" and e.type is EventType.RING_FINISHED, 5, "ended")
+                await second.wait_role("active", ready=True)
+                nxt = sim.play("inbound-direct-answered", line="306")
+                await listener.wait_for(lambda e: e.line == "306" and e.type is EventType.RING_STARTED
+                                        and e.call is not None and e.call.linked_id == nxt.id, 15, "the next call")
+                new_epoch = [e for e in listener.events if e.epoch == ring.epoch]
+                # the dead term's finished call is not told again, the live one is restated (connected only)
+                assert not [e for e in new_epoch if e.call is not None and e.call.linked_id == earlier.id]
+                restated = [e.type for e in new_epoch if e.call is not None and e.call.linked_id == talking.id]
+                assert restated == [EventType.COMMUTATION_STARTED], restated
+                busy_events = [e.type for e in new_epoch if e.call is not None and e.call.linked_id == busy.id]
+                assert busy_events == [EventType.RING_STARTED, EventType.ABONENT_BUSY, EventType.RING_FINISHED]
+                assert await second.metric("cms_gateway_takeover_shadow_events_published_total") >= 3
                 assert_positions_sound(listener.events)
         finally:
             await sim.stop()

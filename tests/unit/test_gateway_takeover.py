@@ -1,0 +1,77 @@
+"""ami_gateway.takeover: what a standby publishes when it takes over, from its shadow log and Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ami_gateway.takeover import ShadowLog, finished_ids, reconcile, unpublished
+from services.wire import Call, CallState, Direction, EventType, LineEvent
+
+
+def call(cid: str = "c1", line: str = "305", state: CallState = CallState.RINGING, **kw: Any) -> Call:
+    return Call(id=cid, line=line, linked_id=cid.split(":")[0], channel=f"SIP/{line}-1", direction=Direction.INBOUND,
+                state=state, caller_number="79160000000", called_number=line, **kw)
+
+
+def ev(kind: EventType, c: Call, epoch: str = "", seq: int = 0) -> LineEvent:
+    state = {EventType.RING_FINISHED: CallState.FINISHED, EventType.ABONENT_BUSY: CallState.BUSY,
+             EventType.COMMUTATION_STARTED: CallState.CONNECTED}.get(kind, c.state)
+    return LineEvent(line=c.line, type=kind, call=c.evolve(state=state), epoch=epoch, seq=seq)
+
+
+def test_a_busy_call_that_rang_and_ended_while_no_gateway_published_is_published_whole() -> None:
+    busy = call("b1")
+    window = [ev(EventType.RING_STARTED, busy), ev(EventType.ABONENT_BUSY, busy), ev(EventType.RING_FINISHED, busy)]
+    assert unpublished(window, {"305": []}) == window
+
+
+def test_what_the_earlier_term_published_is_not_repeated_and_its_finished_calls_stay_over() -> None:
+    answered, over = call("a1"), call("o1")
+    history = {"305": [ev(EventType.RING_STARTED, answered, "100", 1), ev(EventType.RING_STARTED, over, "100", 2),
+                       ev(EventType.RING_FINISHED, over, "100", 3)]}
+    window = [ev(EventType.RING_STARTED, answered), ev(EventType.RING_STARTED, over),
+              ev(EventType.COMMUTATION_STARTED, answered), ev(EventType.RING_FINISHED, over),
+              ev(EventType.CALL_INFO_CHANGED, over)]
+    assert [(e.type, e.call.id if e.call else "") for e in unpublished(window, history)] == [
+        (EventType.COMMUTATION_STARTED, "a1")]  # the answer it never published; nothing of the finished call
+
+
+def test_repeatable_events_and_agent_states_pass_and_lines_are_kept_apart() -> None:
+    held = call("h1", state=CallState.CONNECTED)
+    other_line = call("h1", line="306")  # same linked call, another line: its own history
+    history = {"305": [ev(EventType.RING_FINISHED, held, "100", 9)], "306": []}
+    window = [ev(EventType.RING_FINISHED, other_line), ev(EventType.HOLD_STARTED, call("x", state=CallState.HELD))]
+    assert unpublished(window, history) == window
+
+
+def test_the_shadow_log_keeps_only_its_window_and_empties_when_taken() -> None:
+    log = ShadowLog(window=5.0, max_events=3)
+    old, new = ev(EventType.RING_STARTED, call("old")), ev(EventType.RING_STARTED, call("new"))
+    log.add([old], now=100.0)
+    log.add([new], now=104.0)
+    assert log.take(now=106.0) == [new]
+    assert log.take(now=106.0) == []
+    log.add([ev(EventType.RING_STARTED, call(str(i))) for i in range(5)], now=200.0)
+    assert [e.call.id for e in log.take(now=200.0) if e.call] == ["2", "3", "4"]
+
+
+def test_reconcile_restates_live_calls_and_rings_the_ones_agents_never_heard_of() -> None:
+    ringing, talking, unseen, busy = (call("r1"), call("t1", state=CallState.CONNECTED),
+                                      call("u1", state=CallState.CONNECTED), call("b1", state=CallState.BUSY))
+    stored = {"305": [ringing, talking.evolve(state=CallState.RINGING)]}
+    live = {"305": [ringing, talking, unseen, busy]}
+    out = reconcile(live, stored, [], 1.0, agents_knew_stored=True)
+    assert [(e.type, e.call.id if e.call else "") for e in out] == [
+        (EventType.RING_STARTED, "r1"), (EventType.COMMUTATION_STARTED, "t1"),
+        (EventType.RING_STARTED, "u1"), (EventType.COMMUTATION_STARTED, "u1")]
+    # first start: what agents saw is unknown, so a connected call is announced connected only
+    first = reconcile({"305": [unseen]}, {}, [], 1.0, agents_knew_stored=False)
+    assert [e.type for e in first] == [EventType.COMMUTATION_STARTED]
+    # a call this takeover already announced (shadow log, resync) is not stated twice
+    assert reconcile(live, stored, [ev(EventType.RING_STARTED, ringing), ev(EventType.COMMUTATION_STARTED, talking),
+                                    ev(EventType.COMMUTATION_STARTED, unseen)], 1.0, agents_knew_stored=True) == []
+
+
+def test_finished_ids_names_line_and_call() -> None:
+    c = call("f1")
+    assert finished_ids([ev(EventType.RING_STARTED, c), ev(EventType.RING_FINISHED, c)]) == {("305", "f1")}
