@@ -422,7 +422,11 @@ class AgentSession:
             if e.call is not None and e.call.id not in active
         }
         if closing_only:
-            ended -= {e.call.id for e in missed if e.call is not None and e.type is EventType.RING_STARTED}
+            # A call whose ring is among the missed events began in the gap, unless that ring is a new term
+            # restating a call older than the term (a restarted gateway restates every live call): the
+            # agent saw that one ring before it left, and without its end the panel keeps it ringing.
+            ended -= {e.call.id for e in missed
+                      if e.call is not None and e.type is EventType.RING_STARTED and not _restatement(e)}
         sent = 0
         for event in missed:
             if first_live is not None and event.epoch == first_live.epoch and event.seq >= first_live.seq:
@@ -963,6 +967,15 @@ class AgentSession:
         if line is not None:
             log.info("connection released conn=%s line=%s", self.connection_uid, line)
             self._env.release_line(self, line)
+
+
+def _restatement(event: LineEvent) -> bool:
+    """Whether ``event`` states a call that began before its term did (epochs are the term's start in ms)."""
+    assert event.call is not None
+    try:
+        return 0 < event.call.started_at * 1000 < int(event.epoch)
+    except ValueError:
+        return False
 
 
 def _epoch_after(epoch: str, other: str) -> bool:

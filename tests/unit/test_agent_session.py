@@ -903,3 +903,25 @@ def test_debug_mode_logs_only_that_sessions_traffic(caplog: pytest.LogCaptureFix
     assert any("debug command" in m and "55502" in m for m in debug_lines)  # what went to the gateway
     assert any("debug out" in m and "333444" in m for m in debug_lines)  # the event frame
     assert all("user-1" in m for m in debug_lines)
+
+
+def test_a_call_seen_before_the_gap_and_restated_by_a_new_term_in_it_is_still_closed() -> None:
+    """The whole cluster restarted while the agent was away: the new term restated call A (ringing since
+    before the term began), then A ended. Its restated ring is not a call that began in the gap; a call
+    that rang for the first time in the new term is."""
+    session, env = claimed_without_catch_up(replay=False)
+    seen = make_call(id="seen", state=CallState.RINGING, started_at=1_000.0)
+    fresh = make_call(id="fresh", state=CallState.RINGING, started_at=2_001.0)
+    term = "2000000"  # the term began at t=2000 s
+    missed = [
+        LineEvent(line=LINE, type=EventType.RING_STARTED, call=seen, epoch=term, seq=1),
+        LineEvent(line=LINE, type=EventType.RING_STARTED, call=fresh, epoch=term, seq=2),
+        LineEvent(line=LINE, type=EventType.RING_FINISHED, call=seen.evolve(state=CallState.FINISHED), epoch=term,
+                  seq=3),
+        LineEvent(line=LINE, type=EventType.RING_FINISHED, call=fresh.evolve(state=CallState.FINISHED), epoch=term,
+                  seq=4),
+    ]
+    session.on_claimed([], missed)
+    msgs = env.take()
+    assert [m["eventType"] for m in msgs] == [6]
+    assert content(msgs[0])["id"] == cp.call_guid("seen")
