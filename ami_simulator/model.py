@@ -159,6 +159,8 @@ class Call:
     state: str = "playing"  # playing -> finished | hungup | transferred ...
     ended: float | None = None
     playing: bool = True
+    #: channel name -> when it hung up: one leg can end long before its call (a phone refusing busy)
+    channels_ended: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -170,6 +172,7 @@ class Call:
             "ended": self.ended,
             "channels": list(dict.fromkeys([*self.planned, *self.channels])),
             "liveChannels": sorted(self.live),
+            "channelsEnded": dict(self.channels_ended),
         }
 
 
@@ -331,6 +334,7 @@ class PbxModel:
         call = self.call_of(channel)
         if call is not None:
             call.live.discard(name)
+            call.channels_ended[name] = time.time()
             self.maybe_finish(call)
 
     def _bridge_enter(self, msg: AmiMessage, call: Call | None) -> None:

@@ -279,7 +279,8 @@ class ChaosRun:
         probe = asyncio.create_task(self._probe(opts.observe_seconds))
         await probe
         end = time.time()
-        self.phases.append(Phase(name, start, fault_start, fault_end, end, node_fault=node_fault))
+        self.phases.append(Phase(name, start, fault_start, fault_end, end, node_fault=node_fault,
+                                 pbx_unheard=name in PBX_UNHEARD))
         if repair is not None:
             await repair()
         return end
@@ -562,6 +563,10 @@ async def fault_rabbitmq_stall(run: ChaosRun) -> Outcome:
 
 async def fault_redis_stall(run: ChaosRun) -> Outcome:
     return await _link_outage(run, "redis", run.options.stall_seconds, LinkFault("blackhole")), False, None
+
+
+#: faults during which no gateway hears the PBX (every gateway's AMI link goes through the cut proxy)
+PBX_UNHEARD = frozenset({"ami-cut"})
 
 
 async def fault_ami_cut(run: ChaosRun) -> Outcome:

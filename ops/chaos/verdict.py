@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ops.drill.truth import SeenCall, TruthCall, judge, parse_truth, percentile
@@ -81,6 +81,9 @@ class Phase:
     note: str = ""
     #: the last phase: calls that end after it (hung up when the run ends) are judged in it
     open_ended: bool = False
+    #: no gateway could hear the PBX from fault_start to fault_end (the AMI link was cut): a line's leg that
+    #: began and ended in that time left no trace anybody could report (Asterisk does not replay events)
+    pbx_unheard: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,17 +270,48 @@ def _drop_in(obs: Observation, phase: Phase) -> Drop | None:
     return drops[0] if drops else None
 
 
-def _inside_every_drop(call: TruthCall, observations: Sequence[Observation]) -> bool:
-    """The call rang and ended while every agent of its lines was disconnected. Such a call is not
-    sent after the reconnect, by design (docs/creatio-protocol.md, issue 11: Creatio would pop a
-    replayed ring up as a new call; the call is in Creatio's call records instead): not a loss."""
-    if call.ended is None:
-        return False
-    agents = [o for o in observations if o.line in call.lines]
-    return bool(agents) and all(
-        any(d.dropped_at <= call.started and (not d.ready_at or call.ended <= d.ready_at) for d in o.drops)
-        for o in agents
-    )
+#: a line's leg that ends this soon after the AMI link is back was still over before the gateway could look
+UNHEARD_SLACK = 0.5
+
+
+def _expected_lines(call: TruthCall, observations: Sequence[Observation], phases: Sequence[Phase]) -> tuple[str, ...]:
+    """The lines of ``call`` whose agent can be expected to hear of it. Not a line whose leg (its phone
+    channel, which can end long before the call: a phone refusing busy) rang and ended
+
+    * while that line's agent was disconnected: such a call is not sent after the reconnect, by design
+      (docs/creatio-protocol.md, issue 11: Creatio would pop a replayed ring up as a new call; the call is
+      in Creatio's call records instead);
+    * while no gateway could hear the PBX (:attr:`Phase.pbx_unheard`): nothing is left to report.
+    """
+    kept: list[str] = []
+    for line in call.lines:
+        leg_end = call.leg_end(line)
+        if leg_end is None:
+            kept.append(line)
+            continue
+        agents = [o for o in observations if o.line == line]
+        away = bool(agents) and all(
+            any(d.dropped_at <= call.started and (not d.ready_at or leg_end <= d.ready_at) for d in o.drops)
+            for o in agents
+        )
+        unheard = any(p.pbx_unheard and p.fault_start <= call.started and leg_end <= p.fault_end + UNHEARD_SLACK
+                      for p in phases)
+        if not (away or unheard):
+            kept.append(line)
+    return tuple(kept)
+
+
+def expected_truth(truth: Sequence[TruthCall], observations: Sequence[Observation],
+                   phases: Sequence[Phase] = ()) -> list[TruthCall]:
+    """``truth`` with each call reduced to the lines that must hear of it (calls with none left out)."""
+    out: list[TruthCall] = []
+    for call in truth:
+        lines = _expected_lines(call, observations, phases)
+        if lines == call.lines:
+            out.append(call)
+        elif lines:
+            out.append(replace(call, lines=lines))
+    return out
 
 
 def judge_phase(
@@ -294,7 +328,7 @@ def judge_phase(
     report = PhaseReport(phase)
     if not phase.applicable:
         return report
-    truth = [c for c in truth if not _inside_every_drop(c, observations)]
+    truth = expected_truth(truth, observations, (phase,))
     in_phase = [c for c in truth if phase.start <= c.started < phase.end]
     # A call's end belongs to the phase in which it happened: a 90 s call may start in one phase and
     # end in another fault's; the last phase also takes the calls hung up after it.

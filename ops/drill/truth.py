@@ -15,6 +15,7 @@ Verdict per agent line:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,11 @@ class TruthCall:
     started: float
     ended: float | None
     scenario: str = ""
+    #: line -> when that line's phone channel hung up (its leg can end long before the call)
+    leg_ends: Mapping[str, float] = field(default_factory=dict)
+
+    def leg_end(self, line: str) -> float | None:
+        return self.leg_ends.get(line, self.ended)
 
 
 @dataclass(slots=True)
@@ -80,9 +86,21 @@ def parse_truth(payload: Mapping[str, Any], agent_lines: Iterable[str]) -> list[
                 started=float(item.get("started") or 0.0),
                 ended=float(item["ended"]) if item.get("ended") else None,
                 scenario=str(item.get("scenario", "")),
+                leg_ends=_leg_ends(item.get("channelsEnded") or {}, lines),
             )
         )
     return calls
+
+
+def _leg_ends(ended: Mapping[str, Any], lines: Iterable[str]) -> dict[str, float]:
+    """When each line's phone channel (``SIP/305-0000002a``) hung up, the last of them if it rang twice."""
+    found: dict[str, float] = {}
+    for line in lines:
+        pattern = re.compile(rf"^[A-Za-z0-9]+/{re.escape(line)}-[0-9a-f]+$")
+        times = [float(t) for name, t in ended.items() if pattern.match(name)]
+        if times:
+            found[line] = max(times)
+    return found
 
 
 def judge(

@@ -105,6 +105,30 @@ def test_a_call_wholly_inside_the_agents_gap_is_not_expected_one_overlapping_it_
     assert not any(c.startswith("500:1") for c in report.lost_calls)
 
 
+def test_a_leg_that_ended_inside_the_gap_is_not_expected_even_if_its_call_went_on() -> None:
+    """A phone refusing busy hangs up at once; the caller's trunk plays the busy tone for seconds more.
+    What the agent could have seen is its own leg: over while it was away, nothing is owed."""
+    node = Phase("cluster-restart", 100.0, 110.0, 111.0, 130.0, node_fault=True)
+    busy = TruthCall("1", ("500",), "7916", 112.0, 116.5, "inbound-busy", leg_ends={"500": 112.1})
+    still_ringing = TruthCall("2", ("500",), "7916", 112.0, 116.5, "inbound-direct-noanswer",
+                              leg_ends={"500": 116.5})
+    obs = Observation("500", {}, {}, quiet_probes(117.0), drops=[Drop(110.0, 112.0, 116.2)])
+    report = judge_phase(node, [busy, still_ringing], [obs], [], guid)
+    assert report.lost_calls == ["500:2"], report.lost_calls
+
+
+def test_a_leg_wholly_inside_an_ami_outage_left_nothing_to_report_one_outliving_it_is_expected() -> None:
+    cut = Phase("ami-cut", 100.0, 110.0, 112.0, 130.0, pbx_unheard=True)
+    unheard = TruthCall("1", ("500",), "7916", 110.5, 114.0, "inbound-busy", leg_ends={"500": 110.6})
+    heard = TruthCall("2", ("500",), "7916", 111.0, 119.0, "inbound-direct-answered", leg_ends={"500": 119.0})
+    obs = Observation("500", {}, {}, quiet_probes(112.0))
+    report = judge_phase(cut, [unheard, heard], [obs], [], guid)
+    assert report.lost_calls == ["500:2"], report.lost_calls
+    # the same leg in a phase where the PBX was heard is owed
+    heard_phase = Phase("slow-ami", 100.0, 110.0, 112.0, 130.0)
+    assert judge_phase(heard_phase, [unheard], [obs], [], guid).lost_calls == ["500:1"]
+
+
 def test_a_disconnect_fails_a_broker_fault_and_a_lost_agent_fails_any() -> None:
     obs = Observation("500", {}, {}, quiet_probes(), drops=[Drop(111.0, 116.0, 117.0)])
     assert not judge_phase(PHASE, [], [obs], [], guid).targets()["disconnects only for a node fault"]
