@@ -111,8 +111,9 @@ is reported once. Digits the agent sends from the CRM (the ``dtmf`` command, pla
 echoed by the gateway once Asterisk accepted them (``ami_gateway.app``).
 
 Rule 8 - resync. After an AMI (re)connect, ``CoreShowChannel`` and ``QueueMember`` lists are the truth:
-calls whose phone channel is gone are finished, new phone channels are announced as their state says, a
-ringing call found answered gets its COMMUTATION_STARTED, pause states are refreshed.
+calls whose phone channel is gone are finished, new phone channels are announced as their state says (one
+still Down, Rsrvd, OffHook or Dialing is no call yet: its own events announce it), a ringing call found
+answered gets its COMMUTATION_STARTED, pause states are refreshed.
 """
 
 from __future__ import annotations
@@ -136,6 +137,9 @@ log = logging.getLogger(__name__)
 
 _RINGING = 5
 _UP = 6
+#: Down, Rsrvd, OffHook, Dialing: a phone channel in these states is not in a call yet (the live rules announce
+#: it when it rings or dials out); a resync that finds one must not guess a call from it (Rule 8)
+_NOT_A_CALL_YET = frozenset({0, 1, 2, 3})
 _UNKNOWN = frozenset({"", "<unknown>", "unknown", "<null>", "(null)"})
 # Events that may describe a channel we never saw: anything else only updates known channels, so an event
 # about a dead channel (OriginateResponse of a failed call, a late Hangup...) cannot create a phantom.
@@ -1375,6 +1379,10 @@ class CallTracker:
             app = (msg.get("Application") or "").strip().lower()
             bridged = bool(ch.bridge) and len(self._bridges.get(ch.bridge, ())) > 1
             lc = ch.call
+            if lc is None and ch.state in _NOT_A_CALL_YET and not bridged:
+                # Just created (its Dial events are still on their way, e.g. in the takeover's buffer): announced
+                # by them, as INCOMING with the caller, not guessed now as the agent dialling out.
+                continue
             if lc is None:
                 lc = self._resync_announce(ch, app, bridged, msg, at, out, announced)
             elif lc.state is CallState.RINGING and ch.state == _UP and (bridged or lc.role is _Role.INCOMING):

@@ -507,6 +507,25 @@ def test_a_call_answered_while_nobody_watched_rings_before_it_connects() -> None
     assert resynced({"1.1:305"}) == [("305", CS)]
 
 
+def test_a_phone_channel_found_just_created_is_announced_by_its_dial_not_guessed_at_the_resync() -> None:
+    """A takeover's listing can show a queue member's phone before its DialBegin (still in the buffer): Down,
+    no application. It is no call yet; guessed as the agent dialling out it was shown with the agent's own
+    number as the caller. Its DialBegin then announces it INCOMING from the real caller."""
+    tracker = CallTracker(matcher())
+    trunk = show("SIP/trunk-in-00000003", "1.1", "1.1", "6", "Queue", "", CallerIDNum="79161234567")
+    created = show("SIP/305-00000004", "1.2", "1.1", "0", "", "", CallerIDNum="305")
+    assert tracker.resync([trunk, created], [], 100.0) == []
+    dial = msg("DialBegin", Channel="SIP/trunk-in-00000003", Uniqueid="1.1", Linkedid="1.1",
+               CallerIDNum="79161234567", DestChannel="SIP/305-00000004", DestUniqueid="1.2", DestLinkedid="1.1",
+               DestChannelState="0", DestCallerIDNum="305", DestConnectedLineNum="79161234567")
+    ring = msg("Newstate", Channel="SIP/305-00000004", Uniqueid="1.2", Linkedid="1.1", ChannelState="5",
+               CallerIDNum="305", ConnectedLineNum="79161234567")
+    events = tracker.handle(dial, 100.1) + tracker.handle(ring, 100.2)
+    assert [(e.line, e.type) for e in events] == [("305", RS)]
+    call = events[0].call
+    assert call is not None and call.caller_number == "79161234567" and call.direction is Direction.INBOUND
+
+
 def test_resync_refreshes_pause_states() -> None:
     tracker = CallTracker(matcher())
     qm = msg("QueueMember", Queue="support", Location="Local/305@from-queue/n", Paused="1", PausedReason="lunch")
