@@ -75,7 +75,10 @@ class StreamPosition:
         """The :meth:`encode` form back, or None when ``raw`` is missing or not that form."""
         if raw is None:
             return None
-        text = raw.decode() if isinstance(raw, bytes) else raw
+        try:
+            text = raw.decode() if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError:
+            return None  # a garbled record: as if there were none (the agent gets a snapshot)
         epoch, _, seq = text.partition(" ")
         if not seq.isdigit():
             return None
