@@ -8,20 +8,22 @@ from collections.abc import Sequence
 from typing import Any
 
 from ami_gateway.event_outbox import EventSink
-from services.broker_memory import MemoryBroker, MemoryConnection
+from services.broker_memory import MemoryBroker, MemoryClient, MemoryConnection
 from services.wire import LineEvent
 
 
 class MemoryEventPublisher(EventSink):
     def __init__(self, broker: MemoryBroker) -> None:
         self._broker = broker
+        #: the gateway's own link to the broker: ``client.cut()`` cuts it alone
+        self.client = MemoryClient(broker, "event publisher")
         self._connection: MemoryConnection | None = None
         #: every batch handed to :meth:`send`, in order (what went out on the wire, duplicates included)
         self.sent: list[LineEvent] = []
 
     async def send(self, events: Sequence[LineEvent]) -> asyncio.Future[list[Any]]:
         if self._connection is None or self._connection.is_closed:
-            self._connection = await self._broker.connect()
+            self._connection = await self.client.connect()
         confirm = self._broker.publish_events(self._connection, [(event.line, event.encode()) for event in events])
         self.sent.extend(events)
         return confirm

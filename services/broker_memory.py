@@ -66,6 +66,29 @@ class MemoryConnection:
             callback()
 
 
+class MemoryClient:
+    """One process's network link to the broker: its connections, and a fault of that link alone."""
+
+    def __init__(self, broker: MemoryBroker, name: str) -> None:
+        self.broker = broker
+        self.link = Outage(f"{name}'s link to the memory broker")
+        self._connections: list[MemoryConnection] = []
+
+    async def connect(self) -> MemoryConnection:
+        connection = await self.broker.connect(self.link)
+        self._connections = [c for c in self._connections if not c.is_closed] + [connection]
+        return connection
+
+    def cut(self) -> None:
+        """The link goes down: its connections close, new ones fail until :meth:`restore`."""
+        self.link.fail()
+        for connection in self._connections:
+            connection.close()
+
+    def restore(self) -> None:
+        self.link.recover()
+
+
 @dataclass(eq=False)
 class CommandMessage:
     body: bytes

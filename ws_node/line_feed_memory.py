@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.broker_memory import CommandMessage, MemoryBroker, MemoryConnection
-from services.memory_store import Outage, round_trip
+from services.broker_memory import CommandMessage, MemoryBroker, MemoryClient, MemoryConnection
+from services.memory_store import round_trip
 from services.topology import Topology
 from services.wire import Command
 from ws_node.line_feed import NodeBus, NodeLink
@@ -16,23 +16,11 @@ class MemoryNodeBus(NodeBus):
     def __init__(self, broker: MemoryBroker, topology: Topology, node_id: str) -> None:
         self._broker = broker
         self._reply_queue = topology.node_replies_queue(node_id)
-        #: this node's own network link to the broker (the rest of the cluster keeps its own)
-        self.link = Outage(f"node {node_id}'s link to the memory broker")
-        self._connections: list[MemoryConnection] = []
+        #: this node's own link to the broker: ``client.cut()`` cuts it alone
+        self.client = MemoryClient(broker, f"node {node_id}")
 
     async def connect(self) -> NodeLink:
-        connection = await self._broker.connect(self.link)
-        self._connections = [c for c in self._connections if not c.is_closed] + [connection]
-        return _MemoryNodeLink(self._broker, connection, self._reply_queue)
-
-    def cut(self) -> None:
-        """This node's link goes down: its connections close, new ones fail until :meth:`restore`."""
-        self.link.fail()
-        for connection in self._connections:
-            connection.close()
-
-    def restore(self) -> None:
-        self.link.recover()
+        return _MemoryNodeLink(self._broker, await self.client.connect(), self._reply_queue)
 
 
 class _MemoryNodeLink(NodeLink):
