@@ -74,6 +74,17 @@ class CommandQueue(Protocol):
         ...
 
 
+class SubscribingQueue(CommandQueue):
+    """A queue whose deliveries come from successive subscriptions (see :func:`consume_with_reconnects`)."""
+
+    def deliveries(self) -> AsyncIterator[CommandDelivery]:
+        return consume_with_reconnects(self._subscribe)
+
+    def _subscribe(self) -> AbstractAsyncContextManager[asyncio.Queue[CommandDelivery | None]]:
+        """One connection's subscription: its deliveries, then None once the connection is lost."""
+        raise NotImplementedError
+
+
 async def consume_with_reconnects(
     subscribe: Callable[[], AbstractAsyncContextManager[asyncio.Queue[CommandDelivery | None]]],
 ) -> AsyncIterator[CommandDelivery]:
@@ -137,14 +148,11 @@ class _RabbitDelivery(CommandDelivery):
         await self._message.reject(requeue=True)
 
 
-class RabbitCommandQueue(CommandQueue):
+class RabbitCommandQueue(SubscribingQueue):
     def __init__(self, broker: Broker, topology: Topology, *, prefetch_count: int = 64) -> None:
         self._broker = broker
         self._topology = topology
         self._prefetch = prefetch_count
-
-    def deliveries(self) -> AsyncIterator[CommandDelivery]:
-        return consume_with_reconnects(self._subscribe)
 
     @contextlib.asynccontextmanager
     async def _subscribe(self) -> AsyncIterator[asyncio.Queue[CommandDelivery | None]]:

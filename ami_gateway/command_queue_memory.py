@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from ami_gateway.command_queue import CommandDelivery, CommandQueue, consume_with_reconnects
+from ami_gateway.command_queue import CommandDelivery, SubscribingQueue
 from services.broker_memory import CommandMessage, MemoryBroker, MemoryConnection
 from services.memory_store import round_trip
 from services.wire import CommandResult
@@ -64,13 +64,10 @@ class _MemoryDelivery(CommandDelivery):
         self._settle(requeue=True)
 
 
-class MemoryCommandQueue(CommandQueue):
+class MemoryCommandQueue(SubscribingQueue):
     def __init__(self, broker: MemoryBroker, *, prefetch_count: int = 64) -> None:
         self._broker = broker
         self._prefetch = prefetch_count
-
-    def deliveries(self) -> AsyncIterator[CommandDelivery]:
-        return consume_with_reconnects(self._subscribe)
 
     @contextlib.asynccontextmanager
     async def _subscribe(self) -> AsyncIterator[asyncio.Queue[CommandDelivery | None]]:

@@ -13,7 +13,6 @@ import contextlib
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import pytest
 import redis.asyncio as aioredis
@@ -26,39 +25,19 @@ from services.line_state import LineStateReader, LineStateWriter
 from services.topology import Topology
 from services.wire import Command, CommandName, EventType, LineEvent, StreamPosition
 from tests.integration.test_event_pipeline import Collector, TcpProxy, _cleanup, _event
+from tests.support.hand_gateway import HandGateway
+from tests.support.waiting import until
 from ws_node.line_feed import LineFeed, RabbitNodeBus
 
 pytestmark = pytest.mark.integration
 
 
 async def _until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout:.0f}s")
-        await asyncio.sleep(0.02)
+    await until(predicate, timeout, what)
 
 
-@dataclass
-class Gateway:
-    """The gateway's two writes, done by hand: Redis first, then the broker (as today)."""
-
-    writer: LineStateWriter
-    publisher: EventPublisher
-    sequencer: Sequencer
-
-    async def restart(self) -> str:
-        epoch = await self.writer.new_epoch()
-        self.sequencer.restart(epoch)
-        return epoch
-
-    async def emit(self, *events: LineEvent, store: bool = True, publish: bool = True) -> list[LineEvent]:
-        positioned = [self.sequencer.position(e) for e in events]
-        if store:
-            await self.writer.write(positioned)
-        if publish:
-            await self.publisher.publish(positioned)
-        return positioned
+#: the gateway's two writes, done by hand: Redis first, then the broker (as the outbox does)
+Gateway = HandGateway[LineStateWriter, EventPublisher]
 
 
 def _proxied(url: str, proxy: TcpProxy) -> str:

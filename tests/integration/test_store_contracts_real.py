@@ -22,6 +22,7 @@ from services.broker import Broker
 from services.delivery_log import DeliveryStore, RedisDeliveryStore
 from services.line_state import LineReader, LineStateReader, LineStateWriter, LineWriter
 from services.topology import Topology
+from tests.integration.test_outbox_window import _via
 from tests.support.store_contracts import (
     BrokerContract,
     BrokerWorld,
@@ -33,13 +34,6 @@ from tests.support.store_contracts import (
 from ws_node.line_feed import NodeBus, RabbitNodeBus
 
 pytestmark = pytest.mark.integration
-
-
-def _via(url: str, port: int) -> str:
-    parts = urllib.parse.urlsplit(url)
-    credentials = parts.netloc.rpartition("@")[0]
-    netloc = f"{credentials}@127.0.0.1:{port}" if credentials else f"127.0.0.1:{port}"
-    return parts._replace(netloc=netloc).geturl()
 
 
 @contextlib.asynccontextmanager

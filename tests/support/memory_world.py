@@ -3,7 +3,8 @@
 One :class:`MemoryWorld` is what a deployment shares: the line state (Redis) and the broker
 (RabbitMQ), in-memory siblings of both. A :class:`HandGateway` is the gateway's output played by
 hand (number, store, publish: each step can be skipped or reordered the way a restart or an outage
-does); a :class:`Collector` stands for a node's agent sessions.
+does; tests/integration/test_node_continuity.py plays it over the real services); a
+:class:`Collector` stands for a node's agent sessions.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ami_gateway.event_outbox import Sequencer
 from ami_gateway.event_outbox_memory import MemoryEventPublisher
 from services.broker_memory import MemoryBroker
 from services.line_state import LineSnapshot
 from services.line_state_memory import MemoryLineStateReader, MemoryLineStateWriter, MemoryLineStore
 from services.topology import Topology
 from services.wire import Call, CallState, Direction, EventType, LineEvent, StreamPosition
+from tests.support.hand_gateway import HandGateway
 from ws_node.line_feed import LineFeed
 from ws_node.line_feed_memory import MemoryNodeBus
 
@@ -44,33 +45,14 @@ class Collector:
         return [e.position for e in self.events]
 
 
-class HandGateway:
-    def __init__(self, world: MemoryWorld) -> None:
-        self.writer = MemoryLineStateWriter(world.store)
-        self.publisher = MemoryEventPublisher(world.broker)
-        self.sequencer = Sequencer("")
-
-    async def restart(self) -> str:
-        """A new term: a new epoch, every line numbered from 1 again."""
-        epoch = await self.writer.new_epoch()
-        self.sequencer.restart(epoch)
-        return epoch
-
-    async def emit(self, *events: LineEvent, store: bool = True, publish: bool = True) -> list[LineEvent]:
-        """Number the events, then store and publish them (Redis first, as the outbox does)."""
-        numbered = [self.sequencer.position(e) for e in events]
-        if store:
-            await self.writer.write(numbered)
-        if publish:
-            await self.publisher.publish(numbered)
-        return numbered
-
-
 class MemoryWorld:
     def __init__(self) -> None:
         self.topology = Topology("mem")
         self.store = MemoryLineStore()
         self.broker = MemoryBroker()
+
+    def gateway(self) -> HandGateway[MemoryLineStateWriter, MemoryEventPublisher]:
+        return HandGateway(MemoryLineStateWriter(self.store), MemoryEventPublisher(self.broker))
 
     def node(self, node_id: str = "n1", *, history_wait_seconds: float = 0.3) -> tuple[LineFeed, MemoryNodeBus,
                                                                                          MemoryLineStateReader]:

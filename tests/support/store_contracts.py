@@ -39,6 +39,7 @@ from services.wire import (
     LineEvent,
     StreamPosition,
 )
+from tests.support.waiting import until
 from ws_node.line_feed import NodeBus, NodeLink
 
 P = StreamPosition
@@ -55,14 +56,6 @@ def call(call_id: str, state: CallState, line: str = "305", started_at: float = 
 def event(epoch: str, seq: int, line: str = "305", state: CallState = CallState.RINGING,
           call_id: str = "c1", agent: AgentState | None = None) -> LineEvent:
     return LineEvent(line, EventType.RING_STARTED, epoch, seq, call=call(call_id, state, line), agent=agent)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout:.0f}s")
-        await asyncio.sleep(0.01)
 
 
 async def eventually(operation: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:

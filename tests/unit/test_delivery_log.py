@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 from services.delivery_log import AgentKey, DeliveryLog
 from services.delivery_log_memory import MemoryDeliveryStore
 from services.wire import StreamPosition
-from tests.support.store_contracts import until
+from tests.support.waiting import until
 
 
 def _metric(name: str) -> float:

@@ -13,12 +13,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from prometheus_client import REGISTRY
 
+from ami_gateway.event_outbox_memory import MemoryEventPublisher
+from services.line_state_memory import MemoryLineStateWriter
 from services.wire import Command, CommandName, StreamPosition
 from tests.support.memory_world import Collector, HandGateway, MemoryWorld, ringing
-from tests.support.store_contracts import until
+from tests.support.waiting import until
 from ws_node.line_feed import LineFeed
 
 P = StreamPosition
+Gateway = HandGateway[MemoryLineStateWriter, MemoryEventPublisher]
 
 
 @contextlib.asynccontextmanager
@@ -31,10 +34,10 @@ async def _running(feed: LineFeed) -> AsyncIterator[LineFeed]:
         await feed.stop()
 
 
-def _run(body: Callable[[MemoryWorld, HandGateway], Awaitable[None]]) -> None:
+def _run(body: Callable[[MemoryWorld, Gateway], Awaitable[None]]) -> None:
     async def main() -> None:
         world = MemoryWorld()
-        gateway = HandGateway(world)
+        gateway = world.gateway()
         await gateway.restart()
         await body(world, gateway)
 
@@ -42,7 +45,7 @@ def _run(body: Callable[[MemoryWorld, HandGateway], Awaitable[None]]) -> None:
 
 
 def test_a_gap_is_repaired_from_the_history() -> None:
-    async def body(world: MemoryWorld, gateway: HandGateway) -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
         feed, _, _ = world.node()
         async with _running(feed):
             tab = Collector()
@@ -58,7 +61,7 @@ def test_a_gap_is_repaired_from_the_history() -> None:
 
 
 def test_a_new_epoch_is_delivered_from_seq_one_and_stragglers_of_the_old_one_dropped() -> None:
-    async def body(world: MemoryWorld, gateway: HandGateway) -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
         feed, _, _ = world.node()
         async with _running(feed):
             tab = Collector()
@@ -80,7 +83,7 @@ def test_a_line_from_an_earlier_run_gets_the_restarted_gateways_first_event() ->
     """The namespace holds an earlier run's state; the node starts from its snapshot, and the new
     epoch's first event (usually a RING_STARTED) must reach the agent as an event."""
 
-    async def body(world: MemoryWorld, gateway: HandGateway) -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
         old = gateway.sequencer.epoch
         await gateway.emit(*(ringing("305", n) for n in (1, 2, 3)), publish=False)
         feed, _, _ = world.node()
@@ -97,7 +100,7 @@ def test_a_line_from_an_earlier_run_gets_the_restarted_gateways_first_event() ->
 
 
 def test_an_earlier_run_whose_history_is_gone_gets_the_new_epoch_then_a_snapshot() -> None:
-    async def body(world: MemoryWorld, gateway: HandGateway) -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
         await gateway.emit(*(ringing("306", n) for n in (1, 2, 3)), publish=False)
         world.store.drop_history("306")
         feed, _, _ = world.node()
@@ -115,7 +118,7 @@ def test_an_earlier_run_whose_history_is_gone_gets_the_new_epoch_then_a_snapshot
 
 
 def test_redis_restarted_empty_then_restated_in_a_new_epoch() -> None:
-    async def body(world: MemoryWorld, gateway: HandGateway) -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
         feed, _, _ = world.node()
         async with _running(feed):
             tab = Collector()
@@ -136,7 +139,7 @@ def test_redis_restarted_empty_then_restated_in_a_new_epoch() -> None:
 
 
 def test_an_event_published_before_its_redis_write_is_waited_for_then_handed_once() -> None:
-    async def body(world: MemoryWorld, gateway: HandGateway) -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
         await gateway.emit(ringing("309", 1), publish=False)
         feed, _, _ = world.node(history_wait_seconds=2.0)
         async with _running(feed):
@@ -155,7 +158,7 @@ def test_an_event_published_before_its_redis_write_is_waited_for_then_handed_onc
 
 
 def test_an_event_never_written_to_redis_is_still_handed_after_the_wait() -> None:
-    async def body(world: MemoryWorld, gateway: HandGateway) -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
         await gateway.emit(ringing("309", 1), publish=False)  # the line has a past: a new epoch means a catch-up
         feed, _, _ = world.node(history_wait_seconds=0.2)
         async with _running(feed):
@@ -172,7 +175,7 @@ def test_an_event_never_written_to_redis_is_still_handed_after_the_wait() -> Non
 
 
 def test_after_a_broker_outage_what_was_published_meanwhile_comes_from_the_history() -> None:
-    async def body(world: MemoryWorld, gateway: HandGateway) -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
         feed, bus, _ = world.node()
         async with _running(feed):
             tab = Collector()
@@ -200,7 +203,7 @@ def test_after_a_broker_outage_what_was_published_meanwhile_comes_from_the_histo
 
 
 def test_redis_away_for_the_node_live_events_still_flow_and_the_line_resyncs_after() -> None:
-    async def body(world: MemoryWorld, gateway: HandGateway) -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
         feed, _, reader = world.node()
         async with _running(feed):
             tab = Collector()
@@ -230,7 +233,7 @@ def test_redis_away_for_the_node_live_events_still_flow_and_the_line_resyncs_aft
 
 
 def test_broker_back_before_redis_the_line_catches_up_once_redis_answers() -> None:
-    async def body(world: MemoryWorld, gateway: HandGateway) -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
         feed, bus, reader = world.node()
         async with _running(feed):
             tab = Collector()
@@ -257,7 +260,7 @@ def test_broker_back_before_redis_the_line_catches_up_once_redis_answers() -> No
 
 
 def test_two_nodes_each_get_only_the_lines_their_agents_follow() -> None:
-    async def body(world: MemoryWorld, gateway: HandGateway) -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
         feed_a, _, _ = world.node("a")
         feed_b, _, _ = world.node("b")
         async with _running(feed_a), _running(feed_b):
@@ -278,7 +281,7 @@ def test_two_nodes_each_get_only_the_lines_their_agents_follow() -> None:
 def test_a_node_that_lost_its_bus_link_mid_follow_binds_the_line_on_reconnect() -> None:
     """A line followed while the broker is away is bound by the reconnect, and caught up."""
 
-    async def body(world: MemoryWorld, gateway: HandGateway) -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
         feed, bus, _ = world.node()
         async with _running(feed):
             bus.client.cut()

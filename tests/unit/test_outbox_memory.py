@@ -19,7 +19,8 @@ from ami_gateway.event_outbox_memory import MemoryEventPublisher
 from services.line_state_memory import MemoryLineStateReader, MemoryLineStateWriter
 from services.wire import LINE_START, LineEvent
 from tests.support.memory_world import MemoryWorld, ringing
-from tests.support.store_contracts import NodeEnd, until
+from tests.support.store_contracts import NodeEnd
+from tests.support.waiting import until
 from ws_node.line_feed_memory import MemoryNodeBus
 
 LINES = ("501", "502", "503")
@@ -35,6 +36,13 @@ class Gateway:
         self.restarts: list[str] = []
         self.outbox = EventOutbox(self.writer, self.publisher, self.sequencer, on_continuity_lost=self._new_epoch,
                                   on_fenced=self.fenced.append, **options)
+
+    @classmethod
+    async def started(cls, world: MemoryWorld, **options: int) -> tuple[Gateway, NodeEnd]:
+        """A gateway in its first epoch, and a node's queue bound to every line."""
+        gateway = cls(world, **options)
+        gateway.sequencer.restart(await gateway.writer.new_epoch())
+        return gateway, await NodeEnd.open(MemoryNodeBus(world.broker, world.topology, "n1"), *LINES)
 
     async def _new_epoch(self) -> None:
         self.sequencer.restart(await self.writer.new_epoch())
@@ -83,9 +91,7 @@ def _run(body: Callable[[MemoryWorld], Awaitable[None]]) -> None:
 
 def test_while_redis_is_down_nothing_leaves_then_everything_does_in_order_once() -> None:
     async def body(world: MemoryWorld) -> None:
-        gateway = Gateway(world, batch_size=8, window=4)
-        gateway.sequencer.restart(await gateway.writer.new_epoch())
-        node = await NodeEnd.open(MemoryNodeBus(world.broker, world.topology, "n1"), *LINES)
+        gateway, node = await Gateway.started(world, batch_size=8, window=4)
         async with _draining(gateway):
             gateway.writer.link.fail()
             failures = _metric("cms_redis_errors_total")
@@ -106,9 +112,7 @@ def test_while_redis_is_down_nothing_leaves_then_everything_does_in_order_once()
 
 def test_a_write_whose_reply_was_lost_is_stored_once_and_published_once() -> None:
     async def body(world: MemoryWorld) -> None:
-        gateway = Gateway(world, batch_size=8, window=4)
-        gateway.sequencer.restart(await gateway.writer.new_epoch())
-        node = await NodeEnd.open(MemoryNodeBus(world.broker, world.topology, "n1"), *LINES)
+        gateway, node = await Gateway.started(world, batch_size=8, window=4)
         async with _draining(gateway):
             gateway.writer.link.lose_replies(2)  # stored, but the outbox hears a failure: it retries
             gateway.outbox.put(_batch(1, 10))
@@ -123,9 +127,7 @@ def test_a_write_whose_reply_was_lost_is_stored_once_and_published_once() -> Non
 
 def test_a_broker_cut_mid_stream_leaves_every_line_in_order_without_gaps() -> None:
     async def body(world: MemoryWorld) -> None:
-        gateway = Gateway(world, batch_size=8, window=4)
-        gateway.sequencer.restart(await gateway.writer.new_epoch())
-        node = await NodeEnd.open(MemoryNodeBus(world.broker, world.topology, "n1"), *LINES)
+        gateway, node = await Gateway.started(world, batch_size=8, window=4)
         async with _draining(gateway):
             gateway.outbox.put(_batch(1, 100))
             await until(lambda: gateway.outbox.published >= 40, what="the first confirms")
@@ -145,11 +147,9 @@ def test_a_broker_cut_mid_stream_leaves_every_line_in_order_without_gaps() -> No
 
 def test_a_fenced_write_stops_the_outbox_for_good() -> None:
     async def body(world: MemoryWorld) -> None:
-        gateway = Gateway(world)
-        gateway.sequencer.restart(await gateway.writer.new_epoch())
+        gateway, node = await Gateway.started(world)
         gateway.writer.fence("lease", "gw-a 1")
         world.store.strings["lease"] = "gw-a 1"
-        node = await NodeEnd.open(MemoryNodeBus(world.broker, world.topology, "n1"), *LINES)
         async with _draining(gateway):
             gateway.outbox.put(_batch(1, 2))
             assert await gateway.outbox.wait_idle(10)
@@ -167,10 +167,8 @@ def test_a_fenced_write_stops_the_outbox_for_good() -> None:
 
 def test_an_overflow_while_redis_is_down_restarts_every_line_under_a_new_epoch() -> None:
     async def body(world: MemoryWorld) -> None:
-        gateway = Gateway(world, capacity=20, batch_size=8)
-        first = await gateway.writer.new_epoch()
-        gateway.sequencer.restart(first)
-        node = await NodeEnd.open(MemoryNodeBus(world.broker, world.topology, "n1"), *LINES)
+        gateway, node = await Gateway.started(world, capacity=20, batch_size=8)
+        first = gateway.sequencer.epoch
         async with _draining(gateway):
             gateway.outbox.put(_batch(1, 2))
             assert await gateway.outbox.wait_idle(10)
@@ -182,7 +180,7 @@ def test_an_overflow_while_redis_is_down_restarts_every_line_under_a_new_epoch()
             gateway.outbox.put(_batch(11, 11))
             assert await gateway.outbox.wait_idle(10)
             await until(lambda: len(node.events) == 9)
-            assert [e.position for e in node.events if e.line == "501"][-1].epoch == gateway.restarts[0] != first
+            assert gateway.restarts[0] != first
             assert [(e.epoch, e.seq) for e in node.events if e.line == "501"] == [
                 (first, 1), (first, 2), (gateway.restarts[0], 1)
             ]
