@@ -34,9 +34,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import aio_pika
 import redis.asyncio as aioredis
-from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Gauge, Histogram
 
 from ami_gateway import takeover
@@ -45,6 +43,7 @@ from ami_gateway.ami_protocol import AmiMessage, AmiParser
 from ami_gateway.call_records import CallRecordSaver
 from ami_gateway.command_executor import CommandExecutor
 from ami_gateway.command_plan import REASON_MAX
+from ami_gateway.command_queue import QUEUE_FAILURES, CommandDelivery, CommandQueue, RabbitCommandQueue
 from ami_gateway.event_outbox import (
     EventOutbox,
     EventPublisher,
@@ -56,7 +55,7 @@ from ami_gateway.packet_info import parse_packet_info
 from ami_gateway.queue_policy import AutoPausePolicy, PauseRequest, QueueChange, QueueStateTrace, agent_choice
 from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.backoff import Backoff
-from services.broker import Broker, close_quietly, declare_commands_queue
+from services.broker import Broker
 from services.config import Settings, redact_url
 from services.heartbeat import Heartbeat
 from services.infra_metrics import BROKER_ERRORS, RedisHealth
@@ -125,7 +124,9 @@ class Gateway:
         self._lease_redis = redis_client(
             settings.cluster.redis_url, socket_timeout=max(0.2, lease_ttl / 2), socket_connect_timeout=lease_ttl
         )
-        self._commands_broker = Broker(settings.cluster.broker_urls, name="gateway commands")
+        self.commands: CommandQueue = RabbitCommandQueue(
+            Broker(settings.cluster.broker_urls, name="gateway commands"), self.topology, prefetch_count=64
+        )
         self.lease = GatewayLease(self._lease_redis, settings.cluster.prefix, ttl=lease_ttl)
         self._lease_timing = (lease_renew_interval, lease_poll_interval)
         self.writer = LineStateWriter(self.redis, settings.cluster.prefix, settings.cluster.history_length)
@@ -779,48 +780,23 @@ class Gateway:
         # Not before the first resync of this term: until then the queue keeps the commands (and their
         # deadlines) rather than this gateway answering them against a tracker that knows no call yet.
         await self.ready.wait()
-        backoff = Backoff(initial=0.2, maximum=10.0)
-        while True:
-            try:
-                connection = await self._commands_broker.connect()
-                try:
-                    channel, queue = await declare_commands_queue(connection, self.topology, prefetch_count=64)
-                    backoff.reset()
-                    # Not queue.iterator(): leaving it waits for a basic.cancel answer, and a quorum queue that
-                    # lost its majority never answers, which would hold up a stop or a step-down forever.
-                    messages: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
-                    connection.close_callbacks.add(lambda *_, q=messages: q.put_nowait(None))
-                    channel.close_callbacks.add(lambda *_, q=messages: q.put_nowait(None))
-                    await queue.consume(messages.put)
-                    while True:
-                        message = await messages.get()
-                        if message is None:
-                            raise ConnectionError("the commands channel or its connection closed")
-                        # Concurrently (at most prefetch_count at a time): a click-to-dial that waits
-                        # for the phone to answer must not hold up another agent's hangup.
-                        task = asyncio.create_task(self._handle_command(channel, message))
-                        self._command_tasks.add(task)
-                        task.add_done_callback(self._command_tasks.discard)
-                finally:
-                    await close_quietly(connection)  # bounded, for the same reason
-            except asyncio.CancelledError:
-                raise
-            except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
-                BROKER_ERRORS.inc()
-                delay = backoff.next_delay()
-                log.warning("command queue unavailable (%s); retry in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+        async for delivery in self.commands.deliveries():
+            # Concurrently (at most the queue's prefetch at a time): a click-to-dial that waits
+            # for the phone to answer must not hold up another agent's hangup.
+            task = asyncio.create_task(self._handle_command(delivery))
+            self._command_tasks.add(task)
+            task.add_done_callback(self._command_tasks.discard)
 
-    async def _handle_command(self, channel: aio_pika.abc.AbstractChannel, message: AbstractIncomingMessage) -> None:
+    async def _handle_command(self, delivery: CommandDelivery) -> None:
         try:
-            async with message.process(ignore_processed=True):
+            async with delivery.processing():
                 try:
-                    command = Command.decode(message.body)
+                    command = Command.decode(delivery.body)
                 except WireError as exc:
                     log.warning("dropping undecodable command: %s", exc)
                     return
                 try:
-                    result = await self._carry_out(command, redelivered=bool(message.redelivered))
+                    result = await self._carry_out(command, redelivered=delivery.redelivered)
                     if result is None:
                         # Not ours to carry out (lease unconfirmed or lost): back to the queue, for the holder,
                         # as a fresh message. A broker redelivery means "may have been carried out"
@@ -829,28 +805,16 @@ class Gateway:
                         log.warning("command %s %s returned to the queue: this gateway does not hold the lease",
                                     command.name.value, command.id, extra={"line": command.line})
                         await asyncio.sleep(0.1)  # while our lease is unconfirmed it may come straight back
-                        await channel.default_exchange.publish(
-                            aio_pika.Message(body=message.body, reply_to=message.reply_to,
-                                             correlation_id=message.correlation_id, expiration=message.expiration,
-                                             content_type=message.content_type),
-                            routing_key=self.topology.commands_queue, mandatory=False,
-                        )
+                        await delivery.hand_back()
                         return
                 except asyncio.CancelledError:
                     # Stepping down or stopping: the next holder gets it (and its claim, if we made one,
                     # keeps it from running twice).
-                    with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError, RuntimeError):
-                        await message.reject(requeue=True)
+                    with contextlib.suppress(*QUEUE_FAILURES):
+                        await delivery.requeue()
                     raise
-                if message.reply_to:
-                    await channel.default_exchange.publish(
-                        aio_pika.Message(
-                            body=result.encode(), correlation_id=command.id, content_type="application/json"
-                        ),
-                        routing_key=message.reply_to,
-                        mandatory=False,
-                    )
-        except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
+                await delivery.reply(result)
+        except QUEUE_FAILURES as exc:
             # The broker went away mid-command: the answer (or the ack) is lost; the node times the command out.
             BROKER_ERRORS.inc()
             log.warning("command answer or ack lost: %s", exc)

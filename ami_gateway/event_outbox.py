@@ -24,6 +24,12 @@ write stops this outbox for good (``on_fenced``: the gateway steps down). Before
 and each Redis write ``may_publish`` is asked (the lease's local deadline), so a gateway that wakes
 from a pause, or whose Redis comes back after an outage, writes and publishes nothing until it has
 proved the lease is still its own.
+
+The outbox's two outputs are interfaces: the line state through a
+:class:`~services.line_state.LineWriter` (Redis: :class:`~services.line_state.LineStateWriter`) and
+the broker through an :class:`EventSink` (RabbitMQ: :class:`EventPublisher`); their in-memory
+siblings (services/line_state_memory.py, ami_gateway/event_outbox_memory.py) let unit tests drive
+it through outages.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
@@ -45,7 +51,7 @@ from services.backoff import Backoff
 from services.broker import Broker, declare_events_exchange
 from services.config import redact_url
 from services.infra_metrics import BROKER_ERRORS, RedisHealth
-from services.line_state import Fenced, LineStateWriter
+from services.line_state import Fenced, LineWriter
 from services.topology import Topology
 from services.wire import LineEvent
 
@@ -82,7 +88,27 @@ class Sequencer:
         self._seq.clear()
 
 
-class EventPublisher:
+class EventSink(Protocol):
+    """Where the outbox publishes: one ordered channel with publisher confirms, (re)opened on demand.
+
+    A publish that cannot start raises ``aio_pika.exceptions.AMQPError``, ``OSError``, ``RuntimeError``
+    or ``TimeoutError``; one the broker refuses or loses fails its confirms future instead."""
+
+    async def send(self, events: Sequence[LineEvent]) -> asyncio.Future[list[Any]]:
+        """Start publishing ``events``, in order and after everything sent before, and return the
+        future of their confirms without waiting for it."""
+        ...
+
+    async def publish(self, events: Sequence[LineEvent]) -> None:
+        """Publish and wait for the confirms."""
+        ...
+
+    async def close(self) -> None:
+        """Drop the connection (quietly); the next send opens a new one."""
+        ...
+
+
+class EventPublisher(EventSink):
     """RabbitMQ side of the outbox: one connection, one confirming channel, reconnects on demand."""
 
     def __init__(self, broker: Broker | str, topology: Topology) -> None:
@@ -160,8 +186,8 @@ class _InFlight:
 class EventOutbox:
     def __init__(
         self,
-        writer: LineStateWriter,
-        publisher: EventPublisher,
+        writer: LineWriter,
+        publisher: EventSink,
         sequencer: Sequencer,
         *,
         capacity: int = 200_000,

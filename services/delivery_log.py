@@ -33,6 +33,10 @@ the loop is never held for long by one of them.
 
 ``P:line:L:holders`` (hash user -> last seen, unix seconds) tells a node claiming a line for one
 user whether another user holds it (the shared-line policy lives in ws_node).
+
+The storage is a :class:`DeliveryStore`: :class:`RedisDeliveryStore` (the keys above) or its
+in-memory sibling in ``services/delivery_log_memory.py``; the batching, rotations and retries
+stay here, the same over both.
 """
 
 from __future__ import annotations
@@ -41,14 +45,14 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple, Protocol
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from services.backoff import Backoff
+from services.wire import StreamPosition
 
 log = logging.getLogger(__name__)
 
@@ -64,28 +68,6 @@ def clean_id(value: object) -> str:
     return value if isinstance(value, str) and _ID_RE.fullmatch(value) else ""
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
-    epoch: str
-    seq: int
-
-    def order(self) -> tuple[int, int]:
-        return (int(self.epoch) if self.epoch.isdigit() else 0, self.seq)
-
-    def encode(self) -> str:
-        return f"{self.epoch or '-'} {self.seq}"
-
-    @classmethod
-    def decode(cls, raw: bytes | str | None) -> Position | None:
-        if raw is None:
-            return None
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        epoch, _, seq = text.partition(" ")
-        if not seq.isdigit():
-            return None
-        return cls("" if epoch == "-" else epoch, int(seq))
-
-
 class AgentKey(NamedTuple):
     """One agent's tab on one line. ``user`` and ``tab`` may be empty (not known).
 
@@ -94,6 +76,92 @@ class AgentKey(NamedTuple):
     line: str
     user: str = ""
     tab: str = ""
+
+
+class DeliveryWrite(NamedTuple):
+    """One agent's share of a flush: its records (tab and user) at ``position`` unless None, and
+    its user's holder entry on the line when ``holder``."""
+
+    agent: AgentKey
+    position: StreamPosition | None
+    holder: bool
+
+
+class DeliveryStore(Protocol):
+    """Where delivery records and line holders are kept. Failures raise ``OSError`` (``ConnectionError``),
+    ``redis.RedisError`` or ``TimeoutError``; a failed :meth:`write` may have written part of its batch
+    (the caller writes all of it again)."""
+
+    async def read(self, agent: AgentKey) -> StreamPosition | None:
+        """The position of ``agent``'s tab record if there is one, else its user's record on the line."""
+        ...
+
+    async def write(self, batch: Sequence[DeliveryWrite], *, ttl: int, holder_ttl: int, stamp: str) -> None:
+        """In one round trip: each record (tab and user keys) kept ``ttl`` seconds, each holder entry
+        set to ``stamp``, and each touched line's holder set kept ``holder_ttl`` seconds."""
+        ...
+
+    async def claim(self, agent: AgentKey, *, stamp: str, holder_ttl: int) -> dict[str, str]:
+        """Set ``agent.user``'s holder entry on the line to ``stamp``; returns every entry as it was before."""
+        ...
+
+
+class RedisDeliveryStore(DeliveryStore):
+    """Delivery records as ``P:delivered:L:U[:T]`` strings, holders as the ``P:line:L:holders`` hash."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self._redis = client
+        self._prefix = prefix
+
+    def _user_key(self, agent: AgentKey) -> str:
+        return f"{self._prefix}:delivered:{agent.line}:{agent.user or NO_USER}"
+
+    def _tab_key(self, agent: AgentKey) -> str:
+        return f"{self._user_key(agent)}:{agent.tab}"
+
+    def _holders_key(self, line: str) -> str:
+        return f"{self._prefix}:line:{line}:holders"
+
+    async def read(self, agent: AgentKey) -> StreamPosition | None:
+        keys = [self._user_key(agent)]
+        if agent.tab:
+            keys.insert(0, self._tab_key(agent))
+        values = await self._redis.mget(keys)
+        for value in values:
+            position = StreamPosition.decode(value)
+            if position is not None:
+                return position
+        return None
+
+    async def write(self, batch: Sequence[DeliveryWrite], *, ttl: int, holder_ttl: int, stamp: str) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        holder_lines: set[str] = set()
+        for agent, position, holder in batch:
+            if position is not None:
+                value = position.encode()
+                pipe.execute_command("SET", self._user_key(agent), value, "EX", ttl)
+                if agent.tab:
+                    pipe.execute_command("SET", self._tab_key(agent), value, "EX", ttl)
+            if holder:
+                pipe.execute_command("HSET", self._holders_key(agent.line), agent.user, stamp)
+                holder_lines.add(agent.line)
+        for line in holder_lines:
+            pipe.execute_command("EXPIRE", self._holders_key(line), holder_ttl)
+        if len(pipe):
+            await pipe.execute()
+
+    async def claim(self, agent: AgentKey, *, stamp: str, holder_ttl: int) -> dict[str, str]:
+        key = self._holders_key(agent.line)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(key)
+        pipe.hset(key, agent.user, stamp)
+        pipe.expire(key, holder_ttl)
+        holders, _, _ = await pipe.execute()
+        return {_text(user): _text(seen) for user, seen in holders.items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class _Rotation:
@@ -130,8 +198,7 @@ class _Rotation:
 class DeliveryLog:
     def __init__(
         self,
-        client: aioredis.Redis,
-        prefix: str,
+        store: DeliveryStore,
         *,
         ttl_seconds: float = 900.0,
         flush_interval: float = 0.5,
@@ -140,8 +207,7 @@ class DeliveryLog:
         write_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._redis = client
-        self._prefix = prefix
+        self._store = store
         self.ttl = max(10, int(ttl_seconds))
         self.flush_interval = flush_interval
         self.holder_window = holder_window
@@ -150,8 +216,8 @@ class DeliveryLog:
         #: a flush that hangs (Redis stalled, not refusing) is abandoned and retried
         self.write_timeout = write_timeout
         self._clock = clock
-        #: agent -> (epoch, seq): plain tuples, built on the hot path
-        self._positions: dict[AgentKey, tuple[str, int]] = {}
+        #: agent -> the last position handed to it
+        self._positions: dict[AgentKey, StreamPosition] = {}
         self._live: dict[AgentKey, int] = {}
         self._dirty: set[AgentKey] = set()
         #: connected agents' records are rewritten well before their TTL runs out ...
@@ -160,36 +226,25 @@ class DeliveryLog:
         self._holder_refresh = _Rotation(holder_window / 3)
         self._task: asyncio.Task[None] | None = None
 
-    # ---- keys --------------------------------------------------------------------------------
-
-    def _user_key(self, agent: AgentKey) -> str:
-        return f"{self._prefix}:delivered:{agent.line}:{agent.user or NO_USER}"
-
-    def _tab_key(self, agent: AgentKey) -> str:
-        return f"{self._user_key(agent)}:{agent.tab}"
-
-    def _holders_key(self, line: str) -> str:
-        return f"{self._prefix}:line:{line}:holders"
-
     # ---- the hot path ------------------------------------------------------------------------
 
-    def note(self, agent: AgentKey, epoch: str, seq: int) -> None:
-        """``agent`` was handed the event at ``(epoch, seq)``. Only moves forward."""
+    def note(self, agent: AgentKey, position: StreamPosition) -> None:
+        """``agent`` was handed the event at ``position``. Only moves forward."""
         current = self._positions.get(agent)
         if current is not None:
-            if current[0] == epoch:
-                if seq <= current[1]:
+            if current.epoch == position.epoch:
+                if position.seq <= current.seq:
                     return
-            elif Position(epoch, seq).order() < Position(*current).order():
+            elif position < current:
                 return
-        self._positions[agent] = (epoch, seq)
+        self._positions[agent] = position
         self._dirty.add(agent)
 
     # ---- membership --------------------------------------------------------------------------
 
-    def attach(self, agent: AgentKey, position: Position) -> None:
+    def attach(self, agent: AgentKey, position: StreamPosition) -> None:
         self._live[agent] = self._live.get(agent, 0) + 1
-        self.note(agent, position.epoch, position.seq)
+        self.note(agent, position)
         self._dirty.add(agent)
         self._ensure_task()
 
@@ -208,35 +263,21 @@ class DeliveryLog:
 
     # ---- reads -------------------------------------------------------------------------------
 
-    async def last(self, agent: AgentKey) -> Position | None:
+    async def last(self, agent: AgentKey) -> StreamPosition | None:
         """Where ``agent`` stood: its tab's record, else its user's record on that line."""
         local = self._positions.get(agent)
         if local is not None and agent not in self._live:
-            return Position(*local)  # it left this node a moment ago; the write may still be pending
-        keys = [self._user_key(agent)]
-        if agent.tab:
-            keys.insert(0, self._tab_key(agent))
-        values = await self._redis.mget(keys)
-        for value in values:
-            position = Position.decode(value)
-            if position is not None:
-                return position
-        return None
+            return local  # it left this node a moment ago; the write may still be pending
+        return await self._store.read(agent)
 
     async def claim(self, agent: AgentKey) -> list[str]:
         """Mark ``agent.user`` as holding the line; returns the *other* users seen on it lately."""
         if not agent.user:
             return []
-        key = self._holders_key(agent.line)
         now = self._clock()
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hgetall(key)
-        pipe.hset(key, agent.user, f"{now:.0f}")
-        pipe.expire(key, int(self.holder_window * 2))
-        holders, _, _ = await pipe.execute()
+        holders = await self._store.claim(agent, stamp=f"{now:.0f}", holder_ttl=int(self.holder_window * 2))
         others = []
-        for raw_user, raw_seen in holders.items():
-            user = raw_user.decode() if isinstance(raw_user, bytes) else str(raw_user)
+        for user, raw_seen in holders.items():
             try:
                 seen = float(raw_seen)
             except ValueError:
@@ -291,25 +332,15 @@ class DeliveryLog:
         stamp = f"{now:.0f}"
         holder_ttl = int(self.holder_window * 2)
         for first in range(0, len(work), self.max_batch):
-            chunk = work[first : first + self.max_batch]
-            pipe = self._redis.pipeline(transaction=False)
-            holder_lines: set[str] = set()
-            for agent, records, holder in chunk:
-                position = self._positions.get(agent)
-                if records and position is not None:
-                    value = Position(*position).encode()
-                    pipe.execute_command("SET", self._user_key(agent), value, "EX", self.ttl)
-                    if agent.tab:
-                        pipe.execute_command("SET", self._tab_key(agent), value, "EX", self.ttl)
-                if holder:
-                    pipe.execute_command("HSET", self._holders_key(agent.line), agent.user, stamp)
-                    holder_lines.add(agent.line)
-            for line in holder_lines:
-                pipe.execute_command("EXPIRE", self._holders_key(line), holder_ttl)
-            if not len(pipe):
+            chunk = []
+            for agent, records, holder in work[first : first + self.max_batch]:
+                position = self._positions.get(agent) if records else None
+                if position is not None or holder:
+                    chunk.append(DeliveryWrite(agent, position, holder))
+            if not chunk:
                 continue
             try:
-                await pipe.execute()
+                await self._store.write(chunk, ttl=self.ttl, holder_ttl=holder_ttl, stamp=stamp)
             except BaseException:
                 # what this chunk and the ones after it had to write is written next time
                 self._dirty.update(a for a, records, _ in work[first:] if records and a in batch)
@@ -340,4 +371,4 @@ class DeliveryLog:
             log.warning("delivery positions lost at shutdown: %s", exc)
 
 
-__all__ = ["NO_USER", "AgentKey", "DeliveryLog", "Position", "clean_id"]
+__all__ = ["NO_USER", "AgentKey", "DeliveryLog", "DeliveryStore", "DeliveryWrite", "RedisDeliveryStore", "clean_id"]

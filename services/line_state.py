@@ -18,6 +18,11 @@ Keys (``P`` = deployment prefix, ``L`` = line)::
 
 Using ``<epoch>-<seq>`` as the stream id makes "everything after position (e, s)" a single
 XRANGE, and makes ids grow across epochs because epochs are strictly growing.
+
+Interfaces: the gateway writes through a :class:`LineWriter`, the nodes read through a
+:class:`LineReader`. :class:`LineStateWriter` and :class:`LineStateReader` below are the Redis
+implementations; ``services/line_state_memory.py`` holds their in-memory siblings, which follow the
+same contract (tests/support/store_contracts.py runs one suite against both).
 """
 
 from __future__ import annotations
@@ -26,24 +31,87 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from services.wire import AgentState, Call, LineEvent, WireError
+from services.wire import AgentState, Call, LineEvent, StreamPosition, WireError
 
 
 @dataclass(frozen=True, slots=True)
 class LineSnapshot:
     line: str
-    epoch: str
-    seq: int
+    #: the last event the snapshot includes
+    position: StreamPosition
     calls: tuple[Call, ...]
     agent: AgentState | None
+
+    @property
+    def epoch(self) -> str:
+        return self.position.epoch
+
+    @property
+    def seq(self) -> int:
+        return self.position.seq
+
+
+@dataclass(frozen=True, slots=True)
+class LineHistory:
+    """A line's history after a position, and its snapshot, read in one transaction.
+
+    ``anchored`` proves the history is complete from the position on: the entry at the position
+    itself is still in the stream (trimming only removes the oldest entries), or the position is
+    the start of the line (epoch ``""``, seq 0). Without it, events after the position may be gone.
+    """
+
+    events: tuple[LineEvent, ...]
+    anchored: bool
+    snapshot: LineSnapshot
 
 
 class Fenced(Exception):
     """A fenced write found another gateway's lease (or none): this gateway must stop writing."""
+
+
+class HistoryUnavailable(Exception):
+    """The requested position is no longer (or not yet) in the line's history: take a snapshot."""
+
+
+class LineWriter(Protocol):
+    """The gateway's side: one writer at a time (the lease holder), fenced by the lease.
+
+    Storage failures raise ``OSError`` (``ConnectionError``) or ``redis.RedisError``; a refused fence
+    raises :class:`Fenced` and writes nothing.
+    """
+
+    async def new_epoch(self, now_ms: int | None = None) -> str:
+        """An epoch strictly greater than any claimed before in this namespace, even if the clock went back."""
+        ...
+
+    def fence(self, key: str, token: str) -> None:
+        """From now on every write first checks, atomically, that ``key`` still holds ``token``."""
+        ...
+
+    async def write(self, events: Sequence[LineEvent]) -> None:
+        """Store positioned events: history, calls, agent state and position, all or nothing.
+
+        An event whose history entry is already there (a retry of a write whose reply was lost) is
+        skipped; the rest of the batch is idempotent."""
+        ...
+
+    async def all_stored_calls(self, chunk: int = 500) -> dict[str, list[Call]]:
+        """Every line ever written, with its active calls (what agents were last told)."""
+        ...
+
+
+class LineReader(Protocol):
+    """The nodes' side: snapshots and history, never writes."""
+
+    async def snapshot(self, line: str) -> LineSnapshot: ...
+
+    async def history_since(self, line: str, position: StreamPosition, limit: int = 10_000) -> LineHistory:
+        """Everything after ``position``, across epochs, with the snapshot it leads to (read together)."""
+        ...
 
 
 # KEYS[1] is the fence key; ARGV[1] the token it must hold ("" = no fence), ARGV[2] the history
@@ -69,10 +137,6 @@ return 1
 """
 
 
-class HistoryUnavailable(Exception):
-    """The requested position is no longer (or not yet) in the line's history: take a snapshot."""
-
-
 class LineKeys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -92,8 +156,8 @@ class LineKeys:
         return f"{self.prefix}:line:{line}:events"
 
 
-class LineStateWriter:
-    """The gateway's side. Not safe to share between two gateways: there is one writer."""
+class LineStateWriter(LineWriter):
+    """The gateway's side, on Redis. Not safe to share between two gateways: there is one writer."""
 
     def __init__(self, client: aioredis.Redis, prefix: str, history_length: int = 1000) -> None:
         self._redis = client
@@ -197,8 +261,8 @@ class LineStateWriter:
         )
 
 
-class LineStateReader:
-    """The nodes' side: snapshots and gap repair, never writes."""
+class LineStateReader(LineReader):
+    """The nodes' side, on Redis: snapshots and gap repair, never writes."""
 
     def __init__(self, client: aioredis.Redis, prefix: str) -> None:
         self._redis = client
@@ -210,38 +274,34 @@ class LineStateReader:
         pipe.get(self._keys.agent(line))
         pipe.hgetall(self._keys.pos(line))
         raw_calls, raw_agent, raw_pos = await pipe.execute()
-        calls = tuple(sorted((_call(v) for v in raw_calls.values()), key=lambda c: c.started_at))
-        agent = AgentState.from_dict(json.loads(raw_agent)) if raw_agent else None
-        epoch = _text(raw_pos.get(b"epoch", b"")) if raw_pos else ""
-        seq = int(raw_pos.get(b"seq", 0)) if raw_pos else 0
-        return LineSnapshot(line=line, epoch=epoch, seq=seq, calls=calls, agent=agent)
+        return _snapshot(line, raw_calls, raw_agent, raw_pos)
 
-    async def events_after(self, line: str, epoch: str, seq: int, limit: int = 10_000) -> list[LineEvent]:
-        """Events of ``line`` after position (epoch, seq), in order.
+    async def events_after(self, line: str, position: StreamPosition, limit: int = 10_000) -> list[LineEvent]:
+        """Events of ``line`` after ``position``, in its epoch only.
 
         Raises HistoryUnavailable when the position is from another epoch or already trimmed,
         i.e. when "nothing missed" cannot be proven.
         """
+        epoch, seq = position.epoch, position.seq
         key = self._keys.events(line)
         entries = await self._redis.xrange(key, min=f"({epoch}-{seq}", max="+", count=limit) or []
         events = [LineEvent.decode(fields[b"e"]) for _id, fields in entries if fields]
         if events and (events[0].epoch != epoch or events[0].seq != seq + 1):
             raise HistoryUnavailable(
-                f"line {line}: history continues at {events[0].epoch}/{events[0].seq}, not {epoch}/{seq + 1}"
+                f"line {line}: history continues at {events[0].position}, not {epoch or '-'}/{seq + 1}"
             )
         if not events:
-            pos = await self._redis.hgetall(self._keys.pos(line))
-            cur_epoch = _text(pos.get(b"epoch", b"")) if pos else ""
-            cur_seq = int(pos.get(b"seq", 0)) if pos else 0
-            if (cur_epoch, cur_seq) != (epoch, seq) and not (cur_epoch == "" and seq == 0):
-                raise HistoryUnavailable(f"line {line}: at {cur_epoch}/{cur_seq}, cannot continue {epoch}/{seq}")
+            current = _position(await self._redis.hgetall(self._keys.pos(line)))
+            if current != position and not (current.epoch == "" and seq == 0):
+                raise HistoryUnavailable(f"line {line}: at {current}, cannot continue {position}")
         return events
 
-    async def history_since(self, line: str, epoch: str, seq: int, limit: int = 10_000) -> LineHistory:
-        """Everything after position (epoch, seq), across epochs, with the snapshot it leads to.
+    async def history_since(self, line: str, position: StreamPosition, limit: int = 10_000) -> LineHistory:
+        """Everything after ``position``, across epochs, with the snapshot it leads to.
 
         Read in one MULTI, so the snapshot stands exactly where the returned history ends (the
         gateway writes state, history and position together)."""
+        epoch, seq = position.epoch, position.seq
         start = f"{epoch}-{seq}" if epoch and seq > 0 else "-"
         pipe = self._redis.pipeline(transaction=True)
         pipe.xrange(self._keys.events(line), min=start, max="+", count=limit + 1)
@@ -258,26 +318,16 @@ class LineStateReader:
         return LineHistory(events=events, anchored=anchored, snapshot=_snapshot(line, raw_calls, raw_agent, raw_pos))
 
 
-@dataclass(frozen=True, slots=True)
-class LineHistory:
-    """A line's history after a position, and its snapshot, read in one transaction.
-
-    ``anchored`` proves the history is complete from the position on: the entry at the position
-    itself is still in the stream (trimming only removes the oldest entries), or the position is
-    the start of the line (epoch ``""``, seq 0). Without it, events after the position may be gone.
-    """
-
-    events: tuple[LineEvent, ...]
-    anchored: bool
-    snapshot: LineSnapshot
-
-
 def _snapshot(line: str, raw_calls: Any, raw_agent: Any, raw_pos: Any) -> LineSnapshot:
     calls = tuple(sorted((_call(v) for v in raw_calls.values()), key=lambda c: c.started_at))
     agent = AgentState.from_dict(json.loads(raw_agent)) if raw_agent else None
-    epoch = _text(raw_pos.get(b"epoch", b"")) if raw_pos else ""
-    seq = int(raw_pos.get(b"seq", 0)) if raw_pos else 0
-    return LineSnapshot(line=line, epoch=epoch, seq=seq, calls=calls, agent=agent)
+    return LineSnapshot(line=line, position=_position(raw_pos), calls=calls, agent=agent)
+
+
+def _position(raw_pos: Any) -> StreamPosition:
+    if not raw_pos:
+        return StreamPosition()
+    return StreamPosition(_text(raw_pos.get(b"epoch", b"")), int(raw_pos.get(b"seq", 0)))
 
 
 def _call(raw: Any) -> Call:

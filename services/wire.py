@@ -5,9 +5,9 @@ encoded as compact JSON. The gateway is the only producer of :class:`LineEvent`;
 the only producers of :class:`Command`. ``SCHEMA_VERSION`` is carried in every message so a
 rolling upgrade can refuse (rather than misread) a message from a newer peer.
 
-Continuity: each line has a stream position ``(epoch, seq)``. ``seq`` grows by one per event
-of that line, without gaps, for as long as ``epoch`` is unchanged. A new epoch means "continuity
-was lost; forget what you know about this line and take a snapshot" (centrifuge's
+Continuity: each line has a :class:`StreamPosition` ``(epoch, seq)``. ``seq`` grows by one per
+event of that line, without gaps, for as long as ``epoch`` is unchanged. A new epoch means
+"continuity was lost; forget what you know about this line and take a snapshot" (centrifuge's
 StreamPosition idea).
 """
 
@@ -23,6 +23,70 @@ SCHEMA_VERSION = 1
 
 class WireError(ValueError):
     """A message on the bus could not be decoded into the schema."""
+
+
+# ---- stream positions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """Where a line's stream stands: event ``seq`` of ``epoch``.
+
+    Epochs are the gateway's claim times in milliseconds, digit strings that only grow; ``""``
+    means "no epoch yet" (a line never written) and comes before every real one. ``seq`` counts
+    a line's events from 1 within an epoch, so ``StreamPosition("", 0)`` is the start of a line.
+
+    Positions compare by (epoch as a number, seq): the epoch is text on the wire and in Redis,
+    and "999" < "1000" as text. Equality is field by field.
+    """
+
+    epoch: str = ""
+    seq: int = 0
+
+    def order(self) -> tuple[int, int]:
+        """The sort key: epochs as numbers, ``""`` (or anything not a number) as 0."""
+        return (int(self.epoch) if self.epoch.isdigit() else 0, self.seq)
+
+    def newer_epoch_than(self, other: StreamPosition) -> bool:
+        """Whether this position's epoch comes after ``other``'s (whatever the seqs)."""
+        return self.order()[0] > other.order()[0]
+
+    def __lt__(self, other: StreamPosition) -> bool:
+        return self.order() < other.order()
+
+    def __le__(self, other: StreamPosition) -> bool:
+        return self.order() <= other.order()
+
+    def __gt__(self, other: StreamPosition) -> bool:
+        return self.order() > other.order()
+
+    def __ge__(self, other: StreamPosition) -> bool:
+        return self.order() >= other.order()
+
+    def __str__(self) -> str:
+        return f"{self.epoch or '-'}/{self.seq}"
+
+    def encode(self) -> str:
+        """``"<epoch> <seq>"``, ``-`` for no epoch: the form kept in Redis by the delivery log."""
+        return f"{self.epoch or '-'} {self.seq}"
+
+    @classmethod
+    def decode(cls, raw: bytes | str | None) -> StreamPosition | None:
+        """The :meth:`encode` form back, or None when ``raw`` is missing or not that form."""
+        if raw is None:
+            return None
+        try:
+            text = raw.decode() if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError:
+            return None  # a garbled record: as if there were none (the agent gets a snapshot)
+        epoch, _, seq = text.partition(" ")
+        if not seq.isdigit():
+            return None
+        return cls("" if epoch == "-" else epoch, int(seq))
+
+
+#: the start of a line: no epoch, no event yet
+LINE_START = StreamPosition()
 
 
 class CallState(StrEnum):
@@ -177,6 +241,10 @@ class LineEvent:
     digits: str = ""
     #: wall-clock time (time.time()) when the AMI bytes that caused this event arrived.
     ami_received_at: float = 0.0
+
+    @property
+    def position(self) -> StreamPosition:
+        return StreamPosition(self.epoch, self.seq)
 
     def positioned(self, epoch: str, seq: int) -> LineEvent:
         return replace(self, epoch=epoch, seq=seq)

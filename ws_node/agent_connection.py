@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.delivery_log import AgentKey, DeliveryLog, Position
+from services.delivery_log import AgentKey, DeliveryLog, RedisDeliveryStore
 from services.line_access import SecurityConfig, Verdict, decide
 from services.line_state import HistoryUnavailable, LineSnapshot
 from services.wire import Command, CommandResult, LineEvent, WireError
@@ -50,7 +50,7 @@ from ws_node.client_logs import ClientLogRefused, ClientLogStore
 from ws_node.command_quota import CommandQuota
 from ws_node.line_feed import LineFeed
 from ws_node.line_holders import HOLDER_STORE_ERRORS, LineHolders
-from ws_node.line_router import order, plan_catch_up
+from ws_node.line_router import plan_catch_up
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ class ConnectionHub:
     def __init__(
         self,
         feed: LineFeed,
+        redis_client: aioredis.Redis,
+        prefix: str,
         *,
         max_backlog_frames: int = 2000,
         session_options: dict[str, Any] | None = None,
@@ -110,15 +112,15 @@ class ConnectionHub:
         self.security = security or SecurityConfig()
         self.command_limiter = command_limiter or CommandLimiter(clock=time.monotonic)
         #: the same budgets, shared by every node (the node's own above still hold without Redis)
-        self.command_quota = CommandQuota(feed.redis, feed.prefix, self.command_limiter.limits)
-        self.holders = LineHolders(feed.redis, feed.prefix, ttl_seconds=self.security.holder_ttl_seconds)
+        self.command_quota = CommandQuota(redis_client, prefix, self.command_limiter.limits)
+        self.holders = LineHolders(redis_client, prefix, ttl_seconds=self.security.holder_ttl_seconds)
         feed.before_stop.append(self.holders.close)
         self.max_backlog_frames = max_backlog_frames
         self.session_options = session_options or {}
         # One event's frames are encoded once per node and shared by every tab of the line.
         self.frame_memo = FrameMemo()
         self.connections: set[AgentConnection] = set()
-        self.delivery_log = delivery_log or DeliveryLog(feed.redis, feed.prefix)
+        self.delivery_log = delivery_log or DeliveryLog(RedisDeliveryStore(redis_client, prefix))
         feed.before_stop.append(self.delivery_log.close)
 
     def close_all(self, code: int = 1001, reason: str = "server going away") -> None:
@@ -267,10 +269,10 @@ class AgentConnection:
             # Everything up to the snapshot, and whatever the feed delivered since (held back
             # during the catch-up, now sent), has reached the session.
             self._agents[line] = agent
-            self.hub.delivery_log.attach(agent, Position(snapshot.epoch, snapshot.seq))
+            self.hub.delivery_log.attach(agent, snapshot.position)
             delivered = self.hub.feed.router.position(line)
-            if delivered is not None and delivered[0]:
-                self.hub.delivery_log.note(agent, delivered[0], delivered[1])
+            if delivered is not None and delivered.epoch:
+                self.hub.delivery_log.note(agent, delivered)
 
     async def _missed(self, agent: AgentKey, snapshot: LineSnapshot) -> list[LineEvent]:
         """The line's events between where ``agent`` last stood and ``snapshot``."""
@@ -279,14 +281,13 @@ class AgentConnection:
             if last is None:
                 CATCH_UPS.labels(outcome="first_time").inc()
                 return []
-            if last.order() >= Position(snapshot.epoch, snapshot.seq).order():
+            if last >= snapshot.position:
                 CATCH_UPS.labels(outcome="nothing_missed").inc()
                 return []
             # Across epochs too: a gateway restart while the agent was away starts a new epoch at
             # seq 1, which continues the old one (see line_router); a hole means history is gone.
-            history = await self.hub.feed.reader.history_since(agent.line, last.epoch, last.seq)
-            plan = plan_catch_up((last.epoch, last.seq), history.events, history.anchored,
-                                 (history.snapshot.epoch, history.snapshot.seq))
+            history = await self.hub.feed.reader.history_since(agent.line, last)
+            plan = plan_catch_up(last, history.events, history.anchored, history.snapshot.position)
             if plan.resync_at is not None:
                 raise HistoryUnavailable(f"line {agent.line}: history after {last.encode()} is incomplete")
             events = list(plan.events)
@@ -302,7 +303,7 @@ class AgentConnection:
             log.warning("line %s: catch-up failed (%s); sending the snapshot only", agent.line, exc,
                         extra={"conn": self.conn_id})
             return []
-        gap = [e for e in events if order((e.epoch, e.seq)) <= order((snapshot.epoch, snapshot.seq))]
+        gap = [e for e in events if e.position <= snapshot.position]
         CATCH_UPS.labels(outcome="replayed").inc()
         log.info("line %s user %s: %d events missed since %s", agent.line, agent.user or "-", len(gap),
                  last.encode(), extra={"conn": self.conn_id})
@@ -407,7 +408,7 @@ class AgentConnection:
         session.on_line_event(event)
         agent = self._agents.get(event.line)
         if agent is not None:
-            self.hub.delivery_log.note(agent, event.epoch, event.seq)
+            self.hub.delivery_log.note(agent, event.position)
         if event.ami_received_at:
             END_TO_END.observe(max(0.0, time.time() - event.ami_received_at))
 
@@ -416,4 +417,4 @@ class AgentConnection:
             self.session.on_snapshot(list(snapshot.calls), snapshot.agent, epoch=snapshot.epoch)
             agent = self._agents.get(snapshot.line)
             if agent is not None:
-                self.hub.delivery_log.note(agent, snapshot.epoch, snapshot.seq)
+                self.hub.delivery_log.note(agent, snapshot.position)

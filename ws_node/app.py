@@ -23,13 +23,14 @@ from prometheus_client import Gauge
 from services.broker import Broker
 from services.config import Settings, redact_url
 from services.heartbeat import Heartbeat
+from services.line_state import LineStateReader
 from services.redis_client import redis_client
 from services.topology import Topology
 from ws_node.admission import AdmissionPolicy, CommandLimiter, DebugBudget, parse_command_limits
 from ws_node.agent_connection import ConnectionHub
 from ws_node.agent_session import SessionOptions
 from ws_node.client_logs import ClientLogStore
-from ws_node.line_feed import LineFeed
+from ws_node.line_feed import LineFeed, RabbitNodeBus
 from ws_node.signalr_token import ConnectionTokens, derive_secret
 from ws_node.status_page import StatusCollector, StatusPageResource
 from ws_node.web import NegotiateResource, build_site
@@ -83,15 +84,17 @@ class Node:
                                   socket_timeout=5.0, socket_connect_timeout=3.0)
         self.feed = LineFeed(
             self.node_id,
-            Broker(settings.cluster.broker_urls, name=f"node {self.node_id}"),
-            self.redis,
-            Topology(settings.cluster.prefix),
+            RabbitNodeBus(Broker(settings.cluster.broker_urls, name=f"node {self.node_id}"),
+                          Topology(settings.cluster.prefix), self.node_id),
+            LineStateReader(self.redis, settings.cluster.prefix),
             command_ttl_seconds=settings.cluster.command_ttl_seconds,
         )
         self.draining = False
         security = settings.security
         self.hub = ConnectionHub(
             self.feed,
+            self.redis,
+            settings.cluster.prefix,
             max_backlog_frames=options.max_backlog_frames,
             session_options={
                 "originate_context": settings.asterisk.originate_context,

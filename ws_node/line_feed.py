@@ -14,6 +14,11 @@
   a snapshot once Redis answers again (retried with backoff).
 * Commands go to the gateway's work queue with a per-message expiration; answers come back on
   this node's reply queue, matched by correlation id.
+
+The broker is reached through a :class:`NodeBus` (:class:`RabbitNodeBus` here; its in-memory
+sibling is ws_node/line_feed_memory.py) and Redis through a
+:class:`~services.line_state.LineReader`, so everything above runs unchanged over the memory
+stores in unit tests.
 """
 
 from __future__ import annotations
@@ -34,10 +39,10 @@ from prometheus_client import Counter, Gauge
 from services.backoff import Backoff
 from services.broker import Broker, declare_commands_queue, declare_events_exchange, declare_node_queues
 from services.infra_metrics import BROKER_ERRORS, RedisHealth
-from services.line_state import LineHistory, LineSnapshot, LineStateReader
+from services.line_state import LineHistory, LineReader, LineSnapshot
 from services.topology import Topology
-from services.wire import Command, CommandResult, LineEvent, WireError
-from ws_node.line_router import LineRouter, Verdict, order, plan_catch_up
+from services.wire import LINE_START, Command, CommandResult, LineEvent, WireError
+from ws_node.line_router import LineRouter, Verdict, plan_catch_up
 
 log = logging.getLogger(__name__)
 
@@ -61,40 +66,157 @@ class LineSubscriber(Protocol):
     def resync(self, snapshot: LineSnapshot) -> None: ...
 
 
+#: what a lost or refusing broker connection raises, over RabbitMQ or in memory
+BROKER_FAILURES: tuple[type[BaseException], ...] = (aio_pika.exceptions.AMQPError, OSError, RuntimeError)
+
+
+class NodeLink(Protocol):
+    """One connection of a node to the broker. Every operation raises one of :data:`BROKER_FAILURES`
+    (or ``TimeoutError``) once the connection is gone."""
+
+    async def declare(self, on_event: Callable[[bytes], None], on_reply: Callable[[bytes, str | None], None]) -> None:
+        """Declare the node's events queue (no bindings yet) and reply queue, and start consuming both:
+        each line event's body goes to ``on_event``, each reply's body and correlation id to ``on_reply``,
+        in the order the broker delivers them."""
+        ...
+
+    async def bind(self, line: str) -> None: ...
+
+    async def unbind(self, line: str) -> None: ...
+
+    async def send_command(self, command: Command, ttl_seconds: float) -> None:
+        """Put ``command`` on the gateway's queue, to be dropped unless taken within ``ttl_seconds``;
+        its answer comes to ``on_reply``."""
+        ...
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is lost (or closed)."""
+        ...
+
+    async def close(self) -> None:
+        """Close the connection; quiet if it is already gone."""
+        ...
+
+
+class NodeBus(Protocol):
+    async def connect(self) -> NodeLink:
+        """One attempt at a connection. A refused login at the very first connect raises
+        :class:`~services.broker.BrokerLoginRefused`, which ends the feed: a configuration error."""
+        ...
+
+
+class RabbitNodeBus(NodeBus):
+    """The node's side of RabbitMQ: its exclusive events and reply queues, the commands queue."""
+
+    def __init__(self, broker: Broker | str, topology: Topology, node_id: str) -> None:
+        # One or several RabbitMQ members, with a 15 s heartbeat unless the URL says otherwise (services/broker.py).
+        self._broker = broker if isinstance(broker, Broker) else Broker([broker], name=f"node {node_id}")
+        self._topology = topology
+        self._node_id = node_id
+
+    async def connect(self) -> NodeLink:
+        return _RabbitNodeLink(await self._broker.connect(), self._topology, self._node_id)
+
+
+class _RabbitNodeLink(NodeLink):
+    def __init__(self, connection: AbstractConnection, topology: Topology, node_id: str) -> None:
+        self._connection = connection
+        self._topology = topology
+        self._node_id = node_id
+        self._closed = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: self._closed.set())
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+
+    async def declare(self, on_event: Callable[[bytes], None], on_reply: Callable[[bytes, str | None], None]) -> None:
+        # The commands queue exists before this node's first command, whichever process started first.
+        commands_channel, _ = await declare_commands_queue(self._connection, self._topology)
+        await commands_channel.close()
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=512)
+        await declare_events_exchange(channel, self._topology)
+        queue, replies = await declare_node_queues(channel, self._topology, self._node_id)
+
+        # Coroutines, as aio-pika wants; each message is handed on in the order the broker sent it.
+        async def event(message: AbstractIncomingMessage) -> None:
+            on_event(message.body)
+
+        async def reply(message: AbstractIncomingMessage) -> None:
+            on_reply(message.body, message.correlation_id)
+
+        await queue.consume(event, no_ack=True)
+        await replies.consume(reply, no_ack=True)
+        self._channel = channel
+        self._queue = queue
+
+    def _declared(self) -> tuple[AbstractChannel, AbstractQueue]:
+        if self._channel is None or self._queue is None:
+            raise RuntimeError("the node's queues are not declared on this connection")
+        return self._channel, self._queue
+
+    async def bind(self, line: str) -> None:
+        _, queue = self._declared()
+        await queue.bind(self._topology.events_exchange, self._topology.line_routing_key(line))
+
+    async def unbind(self, line: str) -> None:
+        _, queue = self._declared()
+        await queue.unbind(self._topology.events_exchange, self._topology.line_routing_key(line))
+
+    async def send_command(self, command: Command, ttl_seconds: float) -> None:
+        channel, _ = self._declared()
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body=command.encode(),
+                content_type="application/json",
+                correlation_id=command.id,
+                reply_to=self._topology.node_replies_queue(self._node_id),
+                expiration=ttl_seconds,
+            ),
+            routing_key=self._topology.commands_queue,
+            mandatory=False,
+        )
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def close(self) -> None:
+        if not self._connection.is_closed:
+            try:
+                await self._connection.close()
+            except BROKER_FAILURES:
+                pass
+
+
 class LineFeed:
     def __init__(
         self,
         node_id: str,
-        broker: Broker | str,
-        redis_client: aioredis.Redis,
-        topology: Topology,
+        bus: NodeBus,
+        reader: LineReader,
         *,
         command_ttl_seconds: float = 5.0,
         history_wait_seconds: float = 1.0,
         redis_timeout_seconds: float = 5.0,
     ) -> None:
         self.node_id = node_id
-        self._topology = topology
-        # One or several RabbitMQ members, with a 15 s heartbeat unless the URL says otherwise (services/broker.py).
-        self._broker = broker if isinstance(broker, Broker) else Broker([broker], name=f"node {node_id}")
-        self.redis = redis_client
-        self.prefix = topology.prefix
-        self.reader = LineStateReader(redis_client, topology.prefix)
+        self._bus = bus
+        self.reader = reader
         self._redis_health = RedisHealth()
         #: awaited first thing in :meth:`stop` (e.g. the delivery log's last write)
         self.before_stop: list[Callable[[], Awaitable[None]]] = []
         self.router: LineRouter[LineSubscriber] = LineRouter()
         self._command_ttl = command_ttl_seconds
-        self._connection: AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._queue: AbstractQueue | None = None
+        #: the current connection, declared or not (closed at stop)
+        self._connection: NodeLink | None = None
+        #: the current connection once its queues are declared: binds and commands go here
+        self._link: NodeLink | None = None
         self._bound: set[str] = set()
         # A channel answers one RPC at a time; letting hundreds of binds wait inside aiormq (a task,
         # futures and a lock waiter each) cost a third of a connection's CPU in a connection storm.
         # They wait here instead, cheaply, one RPC in flight.
         self._binding_gate = asyncio.Semaphore(1)
         self._pending: dict[str, asyncio.Future[CommandResult]] = {}
-        self._events: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._events: asyncio.Queue[bytes] = asyncio.Queue()
         self.connected = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._catch_up_lock = asyncio.Lock()
@@ -135,11 +257,8 @@ class LineFeed:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
-        if self._connection is not None and not self._connection.is_closed:
-            try:
-                await self._connection.close()
-            except (aio_pika.exceptions.AMQPError, OSError, RuntimeError):
-                pass
+        if self._connection is not None:
+            await self._connection.close()
 
     async def _connection_loop(self) -> None:
         backoff = Backoff(initial=0.2, maximum=10.0)
@@ -147,10 +266,8 @@ class LineFeed:
             try:
                 # One round over the broker members (counts reconnects and failovers); a refused first login
                 # raises BrokerLoginRefused, which ends this task: /health says 503 and the log says why.
-                connection = await self._broker.connect()
+                connection = await self._bus.connect()
                 self._connection = connection
-                closed = asyncio.Event()
-                connection.close_callbacks.add(lambda *_, ev=closed: ev.set())
                 try:
                     await asyncio.wait_for(self._declare(connection), 30)
                 except BaseException:
@@ -165,16 +282,15 @@ class LineFeed:
                 # Events published while we were away (or before the queue existed) went nowhere:
                 # the history has them. A Redis failure here is retried by _resync_later.
                 await self._repair_all()
-                await closed.wait()
+                await connection.wait_closed()
                 raise ConnectionError("broker connection closed")
             except asyncio.CancelledError:
                 raise
-            except (aio_pika.exceptions.AMQPError, OSError, RuntimeError, ConnectionError, TimeoutError) as exc:
+            except (aio_pika.exceptions.AMQPError, OSError, RuntimeError, TimeoutError) as exc:
                 BROKER_ERRORS.inc()
                 BROKER_CONNECTED.set(0)
                 self.connected.clear()
-                self._queue = None
-                self._channel = None
+                self._link = None
                 self._bound = set()
                 for future in self._pending.values():
                     if not future.done():
@@ -183,25 +299,16 @@ class LineFeed:
                 log.warning("node %s: broker unavailable (%s); retry in %.1fs", self.node_id, exc, delay)
                 await asyncio.sleep(delay)
 
-    async def _declare(self, connection: AbstractConnection) -> None:
-        # The commands queue exists before this node's first command, whichever process started first.
-        commands_channel, _ = await declare_commands_queue(connection, self._topology)
-        await commands_channel.close()
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=512)
-        await declare_events_exchange(channel, self._topology)
-        queue, replies = await declare_node_queues(channel, self._topology, self.node_id)
-        await queue.consume(self._events.put, no_ack=True)
-        await replies.consume(self._on_reply, no_ack=True)
-        self._channel = channel
-        self._queue = queue
+    async def _declare(self, link: NodeLink) -> None:
+        await link.declare(self._events.put_nowait, self._on_reply)
+        self._link = link
         self._bound = set()
         # Every followed line, including those followed while this ran (their own bind found no
         # queue, or this one): loop until nothing is left unbound.
         while missing := [line for line in self.router.lines() if line not in self._bound]:
             for line in missing:
                 async with self._binding_gate:
-                    await queue.bind(self._topology.events_exchange, self._topology.line_routing_key(line))
+                    await link.bind(line)
                 self._bound.add(line)
         LINES_BOUND.set(len(self._bound))
 
@@ -212,7 +319,7 @@ class LineFeed:
         if self.router.attach(subscriber, line):
             await self._bind(line)
         snapshot = await self.reader.snapshot(line)
-        self.router.start_from(line, snapshot.epoch, snapshot.seq)
+        self.router.start_from(line, snapshot.position)
         return snapshot
 
     async def unfollow(self, subscriber: LineSubscriber, line: str) -> None:
@@ -220,31 +327,31 @@ class LineFeed:
             await self._unbind(line)
 
     async def _bind(self, line: str) -> None:
-        queue = self._queue
-        if queue is None or line in self._bound:
+        link = self._link
+        if link is None or line in self._bound:
             return
         try:
             async with self._binding_gate:
-                if line in self._bound or self._queue is not queue:
+                if line in self._bound or self._link is not link:
                     return  # bound meanwhile (reconnect) or the queue is gone: the reconnect binds it
-                await queue.bind(self._topology.events_exchange, self._topology.line_routing_key(line))
+                await link.bind(line)
             self._bound.add(line)
             LINES_BOUND.set(len(self._bound))
-        except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
+        except BROKER_FAILURES as exc:
             # The reconnect loop binds every followed line again.
             BROKER_ERRORS.inc()
             log.warning("bind of line %s failed (%s); will bind on reconnect", line, exc)
 
     async def _unbind(self, line: str) -> None:
-        queue = self._queue
+        link = self._link
         self._bound.discard(line)
         LINES_BOUND.set(len(self._bound))
-        if queue is None:
+        if link is None:
             return
         try:
             async with self._binding_gate:
-                await queue.unbind(self._topology.events_exchange, self._topology.line_routing_key(line))
-        except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
+                await link.unbind(line)
+        except BROKER_FAILURES as exc:
             BROKER_ERRORS.inc()
             log.warning("unbind of line %s failed: %s", line, exc)
 
@@ -252,9 +359,9 @@ class LineFeed:
 
     async def _process_events(self) -> None:
         while True:
-            message = await self._events.get()
+            body = await self._events.get()
             try:
-                event = LineEvent.decode(message.body)
+                event = LineEvent.decode(body)
             except WireError as exc:
                 LINE_EVENTS.labels(verdict="undecodable").inc()
                 log.warning("dropping undecodable line event: %s", exc)
@@ -315,18 +422,17 @@ class LineFeed:
             if position is None:
                 return  # the last session left meanwhile
             snapshot = history.snapshot
-            plan = plan_catch_up(
-                position, history.events, history.anchored, (snapshot.epoch, snapshot.seq), live, force_resync=resync
-            )
+            plan = plan_catch_up(position, history.events, history.anchored, snapshot.position, live,
+                                 force_resync=resync)
             for event in plan.events:
                 self._deliver(event)
             if plan.resync_at is not None:
                 GAP_REPAIRS.labels(outcome="resync").inc()
                 log.info(
-                    "line %s: continuity from %s/%d not provable; %d events from history, then the snapshot at %s/%d",
-                    line, position[0] or "-", position[1], len(plan.events), snapshot.epoch or "-", snapshot.seq,
+                    "line %s: continuity from %s not provable; %d events from history, then the snapshot at %s",
+                    line, position, len(plan.events), snapshot.position,
                 )
-                self.router.reset(line, *plan.resync_at)
+                self.router.reset(line, plan.resync_at)
                 for subscriber in self.router.sessions(line):
                     subscriber.resync(snapshot)
             elif plan.events:
@@ -340,18 +446,16 @@ class LineFeed:
         gateway may publish an event before its Redis write has landed."""
         deadline = time.monotonic() + self._history_wait
         while True:
-            position = self.router.position(line) or ("", 0)
-            history = await asyncio.wait_for(
-                self.reader.history_since(line, position[0], position[1]), self._redis_timeout
-            )
+            position = self.router.position(line) or LINE_START
+            history = await asyncio.wait_for(self.reader.history_since(line, position), self._redis_timeout)
             snapshot = history.snapshot
-            if live is None or order((snapshot.epoch, snapshot.seq)) >= order((live.epoch, live.seq)):
+            if live is None or snapshot.position >= live.position:
                 return history
             if time.monotonic() >= deadline:
                 HISTORY_WAIT_TIMEOUTS.inc()
                 log.warning(
-                    "line %s: Redis has no %s/%d after %.1fs (at %s/%d)",
-                    line, live.epoch, live.seq, self._history_wait, snapshot.epoch or "-", snapshot.seq,
+                    "line %s: Redis has no %s after %.1fs (at %s)",
+                    line, live.position, self._history_wait, snapshot.position,
                 )
                 return history
             await asyncio.sleep(0.02)
@@ -399,39 +503,29 @@ class LineFeed:
     # ---- commands --------------------------------------------------------------------------
 
     async def send_command(self, command: Command, timeout: float = 10.0) -> CommandResult:
-        channel = self._channel
-        if channel is None or not self.connected.is_set():
+        link = self._link
+        if link is None or not self.connected.is_set():
             return CommandResult(command.id, ok=False, error="messaging broker unavailable; try again")
         future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
         self._pending[command.id] = future
         try:
-            await channel.default_exchange.publish(
-                aio_pika.Message(
-                    body=command.encode(),
-                    content_type="application/json",
-                    correlation_id=command.id,
-                    reply_to=self._topology.node_replies_queue(self.node_id),
-                    expiration=self._command_ttl,
-                ),
-                routing_key=self._topology.commands_queue,
-                mandatory=False,
-            )
+            await link.send_command(command, self._command_ttl)
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             return CommandResult(command.id, ok=False, error="the telephony gateway did not answer in time")
-        except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
+        except BROKER_FAILURES as exc:
             BROKER_ERRORS.inc()
             return CommandResult(command.id, ok=False, error=f"messaging broker error: {exc}")
         finally:
             self._pending.pop(command.id, None)
 
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+    def _on_reply(self, body: bytes, correlation_id: str | None) -> None:
         try:
-            result = CommandResult.decode(message.body)
+            result = CommandResult.decode(body)
         except WireError as exc:
             log.warning("dropping undecodable command result: %s", exc)
             return
-        future = self._pending.get(message.correlation_id or result.command_id)
+        future = self._pending.get(correlation_id or result.command_id)
         if future is not None and not future.done():
             future.set_result(result)
 

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from services.wire import LineEvent
+from services.wire import LineEvent, StreamPosition
 
 S = TypeVar("S")
 
@@ -52,24 +52,11 @@ class Verdict(enum.Enum):
     NOBODY = "nobody"
 
 
-Position = tuple[str, int]
-
-
-def epoch_order(epoch: str) -> int:
-    """Epochs compare as numbers; ``""`` (no epoch yet) before every real one."""
-    return int(epoch) if epoch.isdigit() else 0
-
-
-def order(position: Position) -> tuple[int, int]:
-    return (epoch_order(position[0]), position[1])
-
-
-def continues(position: Position, event: LineEvent) -> bool:
+def continues(position: StreamPosition, event: LineEvent) -> bool:
     """Whether ``event`` comes right after ``position`` with nothing missed in between."""
-    epoch, seq = position
-    if event.epoch == epoch or epoch == "":
-        return event.seq == seq + 1
-    return event.seq == 1 and epoch_order(event.epoch) > epoch_order(epoch)
+    if event.epoch == position.epoch or position.epoch == "":
+        return event.seq == position.seq + 1
+    return event.seq == 1 and event.position.newer_epoch_than(position)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,17 +65,17 @@ class CatchUpPlan:
     set, the snapshot read with the history (it stands at ``resync_at``); then ``live``."""
 
     events: tuple[LineEvent, ...]
-    resync_at: Position | None
+    resync_at: StreamPosition | None
     live: LineEvent | None
     #: where the line stands afterwards
-    position: Position
+    position: StreamPosition
 
 
 def plan_catch_up(
-    position: Position,
+    position: StreamPosition,
     history: Sequence[LineEvent],
     anchored: bool,
-    snapshot_at: Position,
+    snapshot_at: StreamPosition,
     live: LineEvent | None = None,
     *,
     force_resync: bool = False,
@@ -106,27 +93,27 @@ def plan_catch_up(
     for event in history:
         if continues(current, event):
             events.append(event)
-            current = (event.epoch, event.seq)
-        elif order((event.epoch, event.seq)) > order(current):
+            current = event.position
+        elif event.position > current:
             lost = True  # a hole; a newer epoch's seq 1, if any, resumes the stream
-    if order(snapshot_at) > order(current):
+    if snapshot_at > current:
         lost = True  # the history stops short of the snapshot: the snapshot knows more
-    resync_at: Position | None = None
+    resync_at: StreamPosition | None = None
     if force_resync or (lost and (snapshot_at != position or events)):
         # Also when Redis stands *behind* the node (it restarted empty): the snapshot is the
         # truth from now on, and the line continues from its position.
         resync_at = current = snapshot_at
     handed: LineEvent | None = None
-    if live is not None and order((live.epoch, live.seq)) > order(current):
+    if live is not None and live.position > current:
         handed = live
-        current = (live.epoch, live.seq)
+        current = live.position
     return CatchUpPlan(events=tuple(events), resync_at=resync_at, live=handed, position=current)
 
 
 class LineRouter(Generic[S]):
     def __init__(self) -> None:
         self._sessions: dict[str, set[S]] = {}
-        self._positions: dict[str, tuple[str, int]] = {}
+        self._positions: dict[str, StreamPosition] = {}
 
     # ---- membership ------------------------------------------------------------------------
 
@@ -160,22 +147,22 @@ class LineRouter(Generic[S]):
 
     # ---- stream positions ------------------------------------------------------------------
 
-    def position(self, line: str) -> tuple[str, int] | None:
+    def position(self, line: str) -> StreamPosition | None:
         return self._positions.get(line)
 
-    def start_from(self, line: str, epoch: str, seq: int) -> None:
+    def start_from(self, line: str, position: StreamPosition) -> None:
         """Set where a line stands (from a snapshot) unless the node is already further on.
 
         An empty epoch means the line has no history yet: its first event will be seq 1.
         """
         current = self._positions.get(line)
-        if current is None or (epoch and (current[0] != epoch or current[1] < seq)):
-            self._positions[line] = (epoch, seq)
+        if current is None or (position.epoch and (current.epoch != position.epoch or current.seq < position.seq)):
+            self._positions[line] = position
 
-    def reset(self, line: str, epoch: str, seq: int) -> None:
+    def reset(self, line: str, position: StreamPosition) -> None:
         """Set where a line stands, forwards or back (a resync from a snapshot)."""
         if line in self._sessions:
-            self._positions[line] = (epoch, seq)
+            self._positions[line] = position
 
     def classify(self, event: LineEvent) -> Verdict:
         if event.line not in self._sessions:
@@ -183,13 +170,13 @@ class LineRouter(Generic[S]):
         current = self._positions.get(event.line)
         if current is None:
             return Verdict.DELIVER
-        epoch, seq = current
+        epoch, seq = current.epoch, current.seq
         if epoch == "":
             # The line had never been written when we started following it: its first epoch
             # starts at seq 1, so anything later than 1 is still a detectable gap.
             epoch = event.epoch
         if event.epoch != epoch:
-            return Verdict.NEW_EPOCH if epoch_order(event.epoch) > epoch_order(epoch) else Verdict.STALE
+            return Verdict.NEW_EPOCH if event.position.newer_epoch_than(StreamPosition(epoch)) else Verdict.STALE
         if event.seq <= seq:
             return Verdict.DUPLICATE
         if event.seq == seq + 1:
@@ -198,4 +185,4 @@ class LineRouter(Generic[S]):
 
     def delivered(self, event: LineEvent) -> None:
         if event.line in self._sessions:
-            self._positions[event.line] = (event.epoch, event.seq)
+            self._positions[event.line] = event.position

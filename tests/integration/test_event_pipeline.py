@@ -15,10 +15,10 @@ from prometheus_client import REGISTRY
 from ami_gateway.event_outbox import EventOutbox, EventPublisher, Sequencer
 from local_cluster.infra import Infrastructure
 from services.broker import QUORUM
-from services.line_state import LineSnapshot, LineStateWriter
+from services.line_state import LineSnapshot, LineStateReader, LineStateWriter
 from services.topology import Topology
 from services.wire import Call, CallState, Command, CommandName, CommandResult, Direction, EventType, LineEvent
-from ws_node.line_feed import LineFeed
+from ws_node.line_feed import LineFeed, RabbitNodeBus
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,7 @@ def test_events_arrive_in_order_and_gaps_are_repaired_from_history(infra: Infras
         sequencer = Sequencer(await writer.new_epoch())
         publisher = EventPublisher(infra.amqp_url, topology)
         outbox = EventOutbox(writer, publisher, sequencer)
-        feed = LineFeed("n1", infra.amqp_url, redis_client, topology)
+        feed = LineFeed("n1", RabbitNodeBus(infra.amqp_url, topology, "n1"), LineStateReader(redis_client, prefix))
         collector = Collector()
         drain = asyncio.create_task(outbox.run())
         try:
@@ -118,7 +118,8 @@ def test_commands_round_trip_and_stale_commands_expire(infra: Infrastructure, pr
     async def main() -> None:
         topology = Topology(prefix)
         redis_client = aioredis.from_url(infra.redis_url)
-        feed = LineFeed("n1", infra.amqp_url, redis_client, topology, command_ttl_seconds=1.0)
+        feed = LineFeed("n1", RabbitNodeBus(infra.amqp_url, topology, "n1"), LineStateReader(redis_client, prefix),
+                        command_ttl_seconds=1.0)
         connection = await aio_pika.connect(infra.amqp_url)
         try:
             await feed.start()
@@ -226,7 +227,7 @@ def test_broker_link_cut_events_published_meanwhile_arrive_in_order(infra: Infra
         await proxy.start()
         credentials = amqp.netloc.rpartition("@")[0]
         proxied_url = amqp._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}").geturl()
-        feed = LineFeed("n1", proxied_url, redis_client, topology)
+        feed = LineFeed("n1", RabbitNodeBus(proxied_url, topology, "n1"), LineStateReader(redis_client, prefix))
         collector = Collector()
         drain = asyncio.create_task(outbox.run())
         reconnects = REGISTRY.get_sample_value("cms_broker_reconnects_total") or 0.0

@@ -10,9 +10,9 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from local_cluster.infra import Infrastructure
-from services.delivery_log import AgentKey, DeliveryLog, Position
+from services.delivery_log import AgentKey, DeliveryLog, RedisDeliveryStore
 from services.line_state import HistoryUnavailable, LineStateReader, LineStateWriter
-from services.wire import Call, CallState, Direction, EventType, LineEvent
+from services.wire import Call, CallState, Direction, EventType, LineEvent, StreamPosition
 
 pytestmark = pytest.mark.integration
 
@@ -63,11 +63,11 @@ def test_snapshot_follows_the_events_and_history_fills_gaps(infra: Infrastructur
         snap = await reader.snapshot("305")
         assert snap.calls == () and snap.seq == 3
 
-        missed = await reader.events_after("305", epoch, 1)
+        missed = await reader.events_after("305", StreamPosition(epoch, 1))
         assert [(e.seq, e.type) for e in missed] == [(2, EventType.COMMUTATION_STARTED), (3, EventType.RING_FINISHED)]
-        assert await reader.events_after("305", epoch, 3) == []
+        assert await reader.events_after("305", StreamPosition(epoch, 3)) == []
         with pytest.raises(HistoryUnavailable):
-            await reader.events_after("305", str(int(epoch) - 1), 7)
+            await reader.events_after("305", StreamPosition(str(int(epoch) - 1), 7))
 
     run(infra, prefix, body)
 
@@ -81,8 +81,8 @@ def test_trimmed_history_is_reported_not_hidden(infra: Infrastructure, prefix: s
             call = _call(CallState.RINGING, call_id=f"c{seq}")
             await writer.write([LineEvent("306", EventType.RING_STARTED, epoch, seq, call=call)])
         with pytest.raises(HistoryUnavailable):
-            await reader.events_after("306", epoch, 1)
-        recent = await reader.events_after("306", epoch, 395)
+            await reader.events_after("306", StreamPosition(epoch, 1))
+        recent = await reader.events_after("306", StreamPosition(epoch, 395))
         assert [e.seq for e in recent] == [396, 397, 398, 399]
 
     run(infra, prefix, body)
@@ -93,53 +93,42 @@ def test_trimmed_history_is_reported_not_hidden(infra: Infrastructure, prefix: s
 
 def test_delivery_positions_written_in_batches_are_read_by_another_node(infra: Infrastructure, prefix: str) -> None:
     async def body(client: aioredis.Redis) -> None:
-        node_a = DeliveryLog(client, prefix, ttl_seconds=60, flush_interval=0.05)
-        node_b = DeliveryLog(client, prefix, ttl_seconds=60, flush_interval=0.05)
+        node_a = DeliveryLog(RedisDeliveryStore(client, prefix), ttl_seconds=60, flush_interval=0.05)
+        node_b = DeliveryLog(RedisDeliveryStore(client, prefix), ttl_seconds=60, flush_interval=0.05)
         tab = AgentKey("305", "user-1", "tab-1")
         flushes = REGISTRY.get_sample_value("cms_node_delivery_log_flushes_total") or 0.0
-        node_a.attach(tab, Position("17", 3))
+        node_a.attach(tab, StreamPosition("17", 3))
         for seq in range(4, 200):
-            node_a.note(tab, "17", seq)
-        node_a.note(tab, "17", 50)  # never backwards
+            node_a.note(tab, StreamPosition("17", seq))
+        node_a.note(tab, StreamPosition("17", 50))  # never backwards
         await asyncio.sleep(0.3)
-        assert await node_b.last(tab) == Position("17", 199)
+        assert await node_b.last(tab) == StreamPosition("17", 199)
         # 197 positions, written in a handful of pipelines rather than one command each
         assert (REGISTRY.get_sample_value("cms_node_delivery_log_flushes_total") or 0.0) - flushes <= 3
         # a reloaded page (a new tab uid) falls back to the user's record on that line
-        assert await node_b.last(AgentKey("305", "user-1", "tab-new")) == Position("17", 199)
+        assert await node_b.last(AgentKey("305", "user-1", "tab-new")) == StreamPosition("17", 199)
         assert await node_b.last(AgentKey("305", "user-2", "tab-1")) is None
         ttl = await client.ttl(f"{prefix}:delivered:305:user-1:tab-1")
         assert 50 < ttl <= 60
         # a new epoch replaces an old one whatever its numbers
-        node_a.note(tab, "18", 1)
+        node_a.note(tab, StreamPosition("18", 1))
         node_a.detach(tab)
         await node_a.close()
-        assert await node_b.last(tab) == Position("18", 1)
+        assert await node_b.last(tab) == StreamPosition("18", 1)
         await node_b.close()
 
     run(infra, prefix, body)
 
 
-def test_unknown_user_is_kept_per_line(infra: Infrastructure, prefix: str) -> None:
+def test_an_unknown_users_record_is_kept_per_line_in_the_documented_form(infra: Infrastructure, prefix: str) -> None:
     async def body(client: aioredis.Redis) -> None:
-        log = DeliveryLog(client, prefix, flush_interval=0.05)
-        log.attach(AgentKey("306"), Position("", 0))
+        log = DeliveryLog(RedisDeliveryStore(client, prefix), flush_interval=0.05)
+        log.attach(AgentKey("306"), StreamPosition("", 0))
         await log.close()
         assert await client.get(f"{prefix}:delivered:306:-") == b"- 0"
-        assert await DeliveryLog(client, prefix).last(AgentKey("306", "", "whatever")) == Position("", 0)
 
     run(infra, prefix, body)
 
 
-def test_holders_tell_a_second_user_apart(infra: Infrastructure, prefix: str) -> None:
-    async def body(client: aioredis.Redis) -> None:
-        now = [1000.0]
-        log = DeliveryLog(client, prefix, holder_window=60, clock=lambda: now[0])
-        assert await log.claim(AgentKey("307", "alice", "t1")) == []
-        assert await log.claim(AgentKey("307", "alice", "t2")) == []  # her second tab
-        assert await log.claim(AgentKey("307", "bob", "t3")) == ["alice"]
-        now[0] += 120  # alice left long ago
-        assert await log.claim(AgentKey("307", "carol", "t4")) == []
-        assert await log.claim(AgentKey("307", "", "t5")) == []  # anonymous: not tracked
-
-    run(infra, prefix, body)
+# The delivery log's other cases (holders, reading an unknown user's record back) run against Redis
+# in test_store_contracts_real.py (TestRedisDelivery), and against the memory store in the unit tests.

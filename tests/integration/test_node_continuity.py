@@ -13,7 +13,6 @@ import contextlib
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,44 +20,24 @@ from prometheus_client import REGISTRY
 
 from ami_gateway.event_outbox import EventPublisher, Sequencer
 from local_cluster.infra import Infrastructure
-from services.delivery_log import AgentKey, DeliveryLog, Position
-from services.line_state import LineStateWriter
+from services.delivery_log import AgentKey, DeliveryLog, RedisDeliveryStore
+from services.line_state import LineStateReader, LineStateWriter
 from services.topology import Topology
-from services.wire import Command, CommandName, EventType, LineEvent
+from services.wire import Command, CommandName, EventType, LineEvent, StreamPosition
 from tests.integration.test_event_pipeline import Collector, TcpProxy, _cleanup, _event
-from ws_node.line_feed import LineFeed
+from tests.support.hand_gateway import HandGateway
+from tests.support.waiting import until
+from ws_node.line_feed import LineFeed, RabbitNodeBus
 
 pytestmark = pytest.mark.integration
 
 
 async def _until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout:.0f}s")
-        await asyncio.sleep(0.02)
+    await until(predicate, timeout, what)
 
 
-@dataclass
-class Gateway:
-    """The gateway's two writes, done by hand: Redis first, then the broker (as today)."""
-
-    writer: LineStateWriter
-    publisher: EventPublisher
-    sequencer: Sequencer
-
-    async def restart(self) -> str:
-        epoch = await self.writer.new_epoch()
-        self.sequencer.restart(epoch)
-        return epoch
-
-    async def emit(self, *events: LineEvent, store: bool = True, publish: bool = True) -> list[LineEvent]:
-        positioned = [self.sequencer.position(e) for e in events]
-        if store:
-            await self.writer.write(positioned)
-        if publish:
-            await self.publisher.publish(positioned)
-        return positioned
+#: the gateway's two writes, done by hand: Redis first, then the broker (as the outbox does)
+Gateway = HandGateway[LineStateWriter, EventPublisher]
 
 
 def _proxied(url: str, proxy: TcpProxy) -> str:
@@ -78,7 +57,8 @@ async def _world(
     writer = LineStateWriter(redis_client, prefix)
     publisher = EventPublisher(infra.amqp_url, topology)
     gateway = Gateway(writer, publisher, Sequencer(await writer.new_epoch()))
-    feed = LineFeed("n1", amqp_url or infra.amqp_url, node_redis, topology, redis_timeout_seconds=3.0)
+    bus = RabbitNodeBus(amqp_url or infra.amqp_url, topology, "n1")
+    feed = LineFeed("n1", bus, LineStateReader(node_redis, prefix), redis_timeout_seconds=3.0)
     try:
         await gateway.emit(_event("999", 0))  # the gateway declares the exchange
         await feed.start()
@@ -330,23 +310,23 @@ def test_delivery_positions_survive_a_redis_outage_and_are_written_after(infra: 
             target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl(), socket_timeout=1.0, socket_connect_timeout=1.0
         )
         direct = aioredis.from_url(infra.redis_url)
-        log = DeliveryLog(cut_client, prefix, ttl_seconds=60, flush_interval=0.05)
+        log = DeliveryLog(RedisDeliveryStore(cut_client, prefix), ttl_seconds=60, flush_interval=0.05)
         agent = AgentKey("312", "user-1", "tab-1")
         try:
-            log.attach(agent, Position("100", 1))
+            log.attach(agent, StreamPosition("100", 1))
             await _until(lambda: (REGISTRY.get_sample_value("cms_node_delivery_log_flushes_total") or 0) > 0)
             await proxy.cut()
             errors = REGISTRY.get_sample_value("cms_node_delivery_log_errors_total") or 0.0
             for seq in range(2, 50):
-                log.note(agent, "100", seq)  # the hot path never touches Redis
+                log.note(agent, StreamPosition("100", seq))  # the hot path never touches Redis
             await asyncio.sleep(3.0)
             failed = (REGISTRY.get_sample_value("cms_node_delivery_log_errors_total") or 0.0) - errors
             assert 1 <= failed < 20, failed  # backing off: far fewer than one try per 50 ms flush
 
             await proxy.restore()
-            reader = DeliveryLog(direct, prefix)
+            reader = DeliveryLog(RedisDeliveryStore(direct, prefix))
             deadline = time.monotonic() + 30
-            while await reader.last(agent) != Position("100", 49):
+            while await reader.last(agent) != StreamPosition("100", 49):
                 assert time.monotonic() < deadline, await reader.last(agent)
                 await asyncio.sleep(0.1)
         finally:
