@@ -36,8 +36,9 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Gauge, Histogram
 
+from ami.protocol import AmiMessage, AmiParser
+from ami.scenario import ScenarioError, load_scenario
 from ami_gateway.ami_client import DEFAULT_EVENT_MASK, AmiClient, AmiError, AmiSession
-from ami_gateway.ami_protocol import AmiMessage, AmiParser
 from ami_gateway.call_records import CallRecordSaver
 from ami_gateway.command_executor import CommandExecutor
 from ami_gateway.command_plan import REASON_MAX
@@ -651,8 +652,6 @@ class Gateway:
 
     async def _replay(self, path: str) -> None:
         """``filePath``: play a scenario file (a raw AMI capture is one) through the same path as live AMI."""
-        from ami_simulator.scenario import ScenarioError, load_scenario
-
         try:
             scenario = load_scenario(path)
         except (OSError, ScenarioError) as exc:

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from prometheus_client import Counter, Histogram
 
+from ami.protocol import AmiMessage
 from ami_gateway.ami_client import AmiError, AmiSession
-from ami_gateway.ami_protocol import AmiMessage
 from ami_gateway.command_plan import AmiAction, CommandRefused, LineView, check_fresh, plan_command
 from ami_gateway.lines import LineMatcher
 from services.config import AsteriskConfig

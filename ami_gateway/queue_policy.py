@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ami_gateway.ami_protocol import AmiMessage
+from ami.protocol import AmiMessage
 from ami_gateway.lines import LineMatcher
 from services.agent_states import AgentStateCodes
 from services.wire import AgentState, Command, CommandName, EventType, LineEvent

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ami_gateway.ami_protocol import AmiMessage
+from ami.protocol import AmiMessage
 
 # The channel snapshot every channel event carries, in Asterisk's order.
 CHANNEL_FIELDS = (

@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 * Every AMI client gets a :class:`_Session`: banner, then actions parsed by the sans-I/O
-  :class:`~ami_gateway.ami_protocol.AmiParser`, answered with Asterisk's exact wording (``Authentication
+  :class:`~ami.protocol.AmiParser`, answered with Asterisk's exact wording (``Authentication
   failed``, ``Missing action in request``, ``Invalid/unknown command``, ``Permission denied``...), ActionID
   echoed on every answer.
-* Calls are scenario plays (:mod:`ami_simulator.scenario`): a task renders the template with fresh ids and
+* Calls are scenario plays (:mod:`ami.scenario`): a task renders the template with fresh ids and
   emits its events on time. Each event first goes through :class:`~ami_simulator.model.PbxModel`, so the
   model (live channels, bridges, queue members) is always what the clients were told, and list actions
   (``CoreShowChannels``, ``Status``, ``QueueStatus``) tell the truth at any moment.
@@ -35,20 +35,12 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from ami_gateway.ami_protocol import AmiMessage, AmiParser, MalformedMessage, encode_message, md5_login_key
+from ami.protocol import AmiMessage, AmiParser, MalformedMessage, encode_message, md5_login_key
+from ami.scenario import IdAllocator, Scenario, ScenarioError, Step, load_scenario, play_steps
 from ami_simulator import features
+from ami_simulator.builtin import builtin_scenario, builtin_scenario_names
 from ami_simulator.features import Consult, Parked
 from ami_simulator.model import CAUSE_TEXT, STATE_DESC, Call, Channel, PbxModel, event
-from ami_simulator.scenario import (
-    IdAllocator,
-    Scenario,
-    ScenarioError,
-    Step,
-    builtin_scenario,
-    builtin_scenario_names,
-    load_scenario,
-    play_steps,
-)
 
 __all__ = ["AmiSimulator", "User"]
 

@@ -34,7 +34,7 @@ def agent_lines(count: int, first: int = 7000) -> list[str]:
 
 
 def _parse_and_track(data: bytes) -> tuple[int, int]:
-    from ami_gateway.ami_protocol import AmiMessage, AmiParser
+    from ami.protocol import AmiMessage, AmiParser
     from ami_gateway.lines import LineMatcher
     from ami_gateway.tracker import CallTracker, TrackerOptions
 
@@ -54,7 +54,7 @@ def _parse_and_track(data: bytes) -> tuple[int, int]:
 
 
 def _parse_only(data: bytes) -> int:
-    from ami_gateway.ami_protocol import AmiParser
+    from ami.protocol import AmiParser
 
     parser = AmiParser(expect_banner=False)
     count = 0
@@ -177,7 +177,7 @@ class _PlayDriver(threading.Thread):
     def run(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from ami_simulator.scenario import builtin_scenario
+        from ami_simulator.builtin import builtin_scenario
 
         with self._lock:
             self._since = time.perf_counter()
@@ -369,7 +369,7 @@ async def _stall(ctx: Context) -> StageResult:
 
 def _line_events(count: int) -> list[Any]:
     """Line events the tracker makes from the synthesized mix (100 lines), repeated up to ``count``."""
-    from ami_gateway.ami_protocol import AmiMessage, AmiParser
+    from ami.protocol import AmiMessage, AmiParser
     from ami_gateway.lines import LineMatcher
     from ami_gateway.tracker import CallTracker, TrackerOptions
 

@@ -10,8 +10,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from ami.protocol import AmiMessage, AmiParser, encode_action
 from ami_gateway.ami_client import AMI_DISCONNECTS
-from ami_gateway.ami_protocol import AmiMessage, AmiParser, encode_action
 from ami_gateway.lines import LineMatcher
 from ami_gateway.tracker import CallTracker
 from ami_simulator.server import AmiSimulator

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ami_gateway.ami_protocol import AmiMessage
+from ami.protocol import AmiMessage
 from ami_gateway.lines import LineMatcher
 from ami_gateway.queue_policy import AgentChoice, agent_choice
 from ami_gateway.tracker import CallTracker, TrackerOptions
