@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from prometheus_client import Counter, Histogram
 
+from ami.permissions import WRITE_CLASSES
 from ami.protocol import AmiMessage
 from ami_gateway.ami_client import AmiError, AmiSession
 from ami_gateway.command_plan import AmiAction, CommandRefused, LineView, check_fresh, plan_command
@@ -38,25 +39,6 @@ for _name in CommandName:
     for _outcome in ("success", "error"):
         COMMANDS.labels(command=_name.value, outcome=_outcome)
 
-# The manager.conf write class each action needs (Asterisk registers them so): named in "permission denied".
-WRITE_CLASS = {
-    "Originate": "originate",
-    "Hangup": "call",
-    "SIPnotify": "system",
-    "PJSIPNotify": "system",
-    "Park": "call",
-    "Redirect": "call",
-    "BlindTransfer": "call",
-    "Atxfer": "call",
-    "CancelAtxfer": "call",
-    "Bridge": "call",
-    "PlayDTMF": "call",
-    "SetVar": "call",
-    "DBGet": "system",
-    "DBPut": "system",
-    "DBDel": "system",
-    "QueuePause": "agent",
-}
 # OriginateResponse Reason: the AST_CONTROL code the originated channel ended its dial with.
 _ORIGINATE_REASONS = {
     "0": "the line could not be dialled (unknown, unregistered or refused)",
@@ -74,7 +56,8 @@ def _ok(message: AmiMessage) -> bool:
 def explain(action: AmiAction, message: str) -> str:
     """An AMI error as the agent (and the administrator reading the log) should read it."""
     if message.lower() == "permission denied":
-        needed = WRITE_CLASS.get(action.name, "?")
+        first, *others = WRITE_CLASSES.get(action.name.lower()) or ("?",)
+        needed = f"{first} (or {', '.join(others)})" if others else first
         return f"{action.name} was refused: the AMI user needs write = {needed} in manager.conf"
     if message.lower() in ("invalid/unknown command", "unknown command"):
         return f"{action.name} is not available on this Asterisk (module not loaded or version too old)"

@@ -35,6 +35,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from ami.permissions import WRITE_CLASSES
 from ami.protocol import AmiMessage, AmiParser, MalformedMessage, encode_message, md5_login_key
 from ami.scenario import IdAllocator, Scenario, ScenarioError, Step, load_scenario, play_steps
 from ami_simulator import features
@@ -69,37 +70,6 @@ ALL_CLASSES = frozenset(
         "message",
     }
 )
-# Write permission an action needs (any one class of the set), as registered in Asterisk's manager.c /
-# app_queue.c. Empty set: no permission needed.
-ACTION_PERMS: dict[str, frozenset[str]] = {
-    "originate": frozenset({"originate"}),
-    "hangup": frozenset({"system", "call"}),
-    "redirect": frozenset({"call"}),
-    "blindtransfer": frozenset({"call"}),
-    "atxfer": frozenset({"call"}),
-    "cancelatxfer": frozenset({"call"}),
-    "park": frozenset({"call"}),
-    "bridge": frozenset({"call"}),
-    "dbget": frozenset({"system", "reporting"}),
-    "dbput": frozenset({"system"}),
-    "dbdel": frozenset({"system"}),
-    "filter": frozenset({"system"}),
-    "playdtmf": frozenset({"call"}),
-    "setvar": frozenset({"call"}),
-    "getvar": frozenset({"call", "reporting"}),
-    "status": frozenset({"system", "call", "reporting"}),
-    "coreshowchannels": frozenset({"system", "reporting"}),
-    "queuepause": frozenset({"agent"}),
-    "queueadd": frozenset({"agent"}),
-    "queueremove": frozenset({"agent"}),
-    "queuestatus": frozenset(),
-    "queuesummary": frozenset(),
-    "command": frozenset({"command"}),
-    "sipnotify": frozenset({"system"}),
-    "pjsipnotify": frozenset({"system"}),
-    "ping": frozenset(),
-    "events": frozenset(),
-}
 TALK_AFTER_TRANSFER = 5.0
 # How long a call picked up from the parking lot goes on before the simulator ends it.
 TALK_AFTER_RESUME = 60.0
@@ -841,8 +811,8 @@ class AmiSimulator:
         if handler is None:
             s.error(m, "Invalid/unknown command")
             return
-        needed = ACTION_PERMS.get(key, frozenset())
-        if needed and s.user is not None and not (needed & s.user.write):
+        needed = WRITE_CLASSES.get(key, ())
+        if needed and s.user is not None and s.user.write.isdisjoint(needed):
             self.metrics.actions.labels(action=key, response="denied").inc()
             s.error(m, "Permission denied")
             return
