@@ -41,7 +41,7 @@ from ami.scenario import ScenarioError, load_scenario
 from ami_gateway.ami_client import DEFAULT_EVENT_MASK, AmiClient, AmiError, AmiSession
 from ami_gateway.call_records import CallRecordSaver
 from ami_gateway.command_executor import CommandExecutor
-from ami_gateway.command_plan import REASON_MAX
+from ami_gateway.command_plan import REASON_MAX, CommandRefused, queue_pause
 from ami_gateway.event_outbox import (
     EventOutbox,
     EventPublisher,
@@ -63,14 +63,17 @@ from services.redis_client import redis_client
 from services.topology import Topology
 from services.wire import (
     AgentState,
+    BadCommand,
     Call,
     CallState,
     Command,
     CommandName,
     CommandResult,
+    DtmfArgs,
     EventType,
     LineEvent,
     WireError,
+    WrapUpArgs,
 )
 
 Task = asyncio.Task[None]
@@ -470,20 +473,11 @@ class Gateway:
             request = await self._pause_requests.get()
             outcome = "error"
             try:
-                session = self._session()
-                if session is None:
-                    log.warning("auto pause of line %s skipped: AMI not connected", request.line)
-                    continue
-                fields = {"Interface": self.matcher.interface_for(request.line),
-                          "Paused": "true" if request.paused else "false"}
-                if request.paused and request.reason:
-                    fields["Reason"] = request.reason
-                answer = (await session.send_action("QueuePause", fields))[0]
-                if (answer.response or "").lower() == "success":
-                    outcome = "success"
-                else:
-                    log.warning("auto %s of line %s refused: %s", "pause" if request.paused else "unpause",
-                                request.line, answer.get("Message"), extra={"line": request.line})
+                await self.executor.carry_out(queue_pause(self.matcher, request.line, request.paused, request.reason))
+                outcome = "success"
+            except CommandRefused as exc:
+                log.warning("auto %s of line %s not done: %s", "pause" if request.paused else "unpause",
+                            request.line, exc, extra={"line": request.line})
             except AmiError as exc:
                 log.warning("auto pause of line %s failed: %s", request.line, exc, extra={"line": request.line})
             finally:
@@ -510,14 +504,17 @@ class Gateway:
         self._emit([LineEvent(line=line, type=kind, call=call, ami_received_at=time.time())])
 
     def _command_done(self, command: Command, result: CommandResult) -> None:
-        if command.name is CommandName.WRAP_UP and result.ok:
-            self.auto_pause.set_wrap_up(command.line, command.args.get("active", "true").lower() == "true")
-        if command.name is CommandName.DTMF and result.ok:
+        if not result.ok:
+            return
+        args = command.args
+        if isinstance(args, WrapUpArgs):
+            self.auto_pause.set_wrap_up(command.line, args.active)
+        if isinstance(args, DtmfArgs):
             # DTMF_ENTERED is "DTMF characters sent": the panel shows what the agent dialled (tracker Rule 12).
             # PlayDTMF's own events are "Sent" ones the tracker never reports, so this is the only echo.
-            call = next((c for c in self.tracker.calls_of(command.line) if c.id == command.args.get("call_id")), None)
+            call = next((c for c in self.tracker.calls_of(command.line) if c.id == args.call_id), None)
             self._emit([LineEvent(line=command.line, type=EventType.DTMF_ENTERED, call=call,
-                                  digits=command.args.get("digits", ""), ami_received_at=time.time())])
+                                  digits=args.digits, ami_received_at=time.time())])
 
     async def _on_ami_connected(self, session: AmiSession) -> None:
         if self.active:
@@ -723,6 +720,13 @@ class Gateway:
             async with message.process(ignore_processed=True):
                 try:
                     command = Command.decode(message.body)
+                except BadCommand as exc:
+                    log.warning("refusing undecodable command: %s", exc)
+                    if exc.command_id and message.reply_to:
+                        # The sender (a node of another version, a tool) is told why instead of timing out.
+                        await self._reply(channel, message.reply_to,
+                                          CommandResult(command_id=exc.command_id, ok=False, error=str(exc)))
+                    return
                 except WireError as exc:
                     log.warning("dropping undecodable command: %s", exc)
                     return
@@ -750,17 +754,19 @@ class Gateway:
                         await message.reject(requeue=True)
                     raise
                 if message.reply_to:
-                    await channel.default_exchange.publish(
-                        aio_pika.Message(
-                            body=result.encode(), correlation_id=command.id, content_type="application/json"
-                        ),
-                        routing_key=message.reply_to,
-                        mandatory=False,
-                    )
+                    await self._reply(channel, message.reply_to, result)
         except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
             # The broker went away mid-command: the answer (or the ack) is lost; the node times the command out.
             BROKER_ERRORS.inc()
             log.warning("command answer or ack lost: %s", exc)
+
+    @staticmethod
+    async def _reply(channel: aio_pika.abc.AbstractChannel, reply_to: str, result: CommandResult) -> None:
+        await channel.default_exchange.publish(
+            aio_pika.Message(body=result.encode(), correlation_id=result.command_id, content_type="application/json"),
+            routing_key=reply_to,
+            mandatory=False,
+        )
 
     async def _carry_out(self, command: Command, *, redelivered: bool = False) -> CommandResult | None:
         """Claim the command under the lease, then execute it; None when this gateway may not.

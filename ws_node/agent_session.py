@@ -81,7 +81,28 @@ from typing import Any, Protocol
 from services.config import AsteriskConfig
 from services.delivery_log import AgentKey, clean_id
 from services.line_access import SecurityConfig
-from services.wire import AgentState, Call, CallState, Command, CommandName, CommandResult, EventType, LineEvent
+from services.wire import (
+    AgentState,
+    Call,
+    CallArgs,
+    CallState,
+    Command,
+    CommandArgs,
+    CommandName,
+    CommandResult,
+    DialArgs,
+    DndArgs,
+    DndMode,
+    DtmfArgs,
+    EventType,
+    LineEvent,
+    NoArgs,
+    PauseArgs,
+    RecordOwnerArgs,
+    TransferArgs,
+    TransferPairArgs,
+    WrapUpArgs,
+)
 from ws_node import creatio_protocol as cp
 from ws_node.admission import CONTEXT_REFUSED, DEBUG_REFUSED, DebugBudget
 from ws_node.client_logs import ClientLogRefused, validate_name
@@ -599,11 +620,11 @@ class AgentSession:
             return
         service_url = _get_ci(session_params, "ServiceUrl")
         assert self.line is not None
-        args = {
-            "contact": contact.strip()[:64],
-            "service_url": service_url.strip()[:512] if isinstance(service_url, str) else "",
-            "user": self.user_uid,
-        }
+        args = RecordOwnerArgs(
+            contact=contact.strip()[:64],
+            service_url=service_url.strip()[:512] if isinstance(service_url, str) else "",
+            user=self.user_uid,
+        )
         # Not the agent's command: its own id space, so the agent's command ids stay as they were.
         command = Command(id=uuid.uuid4().hex, line=self.line, name=CommandName.RECORD_OWNER, args=args,
                           issued_at=self._clock())
@@ -635,52 +656,52 @@ class AgentSession:
 
     def _make_call(self, cmd: cp.ClientCommand) -> None:
         target = self._target(cmd)
-        self._submit(CommandName.MAKE_CALL, self._with_context({"number": target}, CommandName.MAKE_CALL))
+        self._submit(CommandName.MAKE_CALL, DialArgs(target, context=self._context_for(CommandName.MAKE_CALL)))
 
     def _answer(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
         if call.state is not CallState.RINGING:
             raise _Refused(MsgErrorType.COMMAND_ERROR, "AnswerCall: the call is not ringing")
-        self._submit(CommandName.ANSWER, {"call_id": call.id})
+        self._submit(CommandName.ANSWER, CallArgs(call.id))
 
     def _hold_toggle(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
         if call.state is CallState.HELD:
-            self._submit(CommandName.UNHOLD, {"call_id": call.id})
+            self._submit(CommandName.UNHOLD, CallArgs(call.id))
         elif call.state is CallState.CONNECTED:
-            self._submit(CommandName.HOLD, {"call_id": call.id})
+            self._submit(CommandName.HOLD, CallArgs(call.id))
         else:
             raise _Refused(MsgErrorType.COMMAND_ERROR, "HoldCall: the call is neither connected nor held")
 
     def _drop(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
-        self._submit(CommandName.HANGUP, {"call_id": call.id})
+        self._submit(CommandName.HANGUP, CallArgs(call.id))
 
     def _blind_transfer(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
         target = self._target(cmd)
         self._submit(CommandName.BLIND_TRANSFER,
-                     self._with_context({"call_id": call.id, "number": target}, CommandName.BLIND_TRANSFER))
+                     TransferArgs(target, call.id, context=self._context_for(CommandName.BLIND_TRANSFER)))
 
     def _consult(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
         target = self._target(cmd)
         self._submit(CommandName.CONSULT_CALL,
-                     self._with_context({"call_id": call.id, "number": target}, CommandName.CONSULT_CALL))
+                     TransferArgs(target, call.id, context=self._context_for(CommandName.CONSULT_CALL)))
 
     def _transfer(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
         consult = self._call_param(cmd, "consultationCall")
         if consult.id == call.id:
             raise _Refused(MsgErrorType.COMMAND_ERROR, "TransferCall: consultation call is the call itself")
-        self._submit(CommandName.COMPLETE_TRANSFER, {"call_id": call.id, "consult_call_id": consult.id})
+        self._submit(CommandName.COMPLETE_TRANSFER, TransferPairArgs(call.id, consult.id))
 
     def _cancel_transfer(self, cmd: cp.ClientCommand) -> None:
         call = self._call_param(cmd, "currentCall")
         consult = self._call_param(cmd, "consultCall")
         if consult.id == call.id:
             raise _Refused(MsgErrorType.COMMAND_ERROR, "CancelTransfer: consultation call is the call itself")
-        self._submit(CommandName.CANCEL_TRANSFER, {"call_id": call.id, "consult_call_id": consult.id})
+        self._submit(CommandName.CANCEL_TRANSFER, TransferPairArgs(call.id, consult.id))
 
     def _dtmf(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
@@ -689,11 +710,11 @@ class AgentSession:
             digits = str(digits)
         if not isinstance(digits, str) or not _DTMF_RE.fullmatch(digits):
             raise _Refused(MsgErrorType.COMMAND_ERROR, "SendDtmf: bad digits")
-        self._submit(CommandName.DTMF, {"call_id": call.id, "digits": digits})
+        self._submit(CommandName.DTMF, DtmfArgs(digits, call.id))
 
     def _set_dnd(self, cmd: cp.ClientCommand) -> None:
         # The client sends no parameter: SetDnd is a toggle, as with TAPI.
-        self._submit(CommandName.SET_DND, {"mode": "toggle"})
+        self._submit(CommandName.SET_DND, DndArgs(DndMode.TOGGLE))
 
     def _query_line_state(self, cmd: cp.ClientCommand) -> None:
         current = self.current_call
@@ -749,17 +770,17 @@ class AgentSession:
     def _carry_out_state(self, code: str, reason: str) -> None:
         codes = self._opts.agent_codes
         if codes.is_ready(code):
-            self._submit(CommandName.AGENT_UNPAUSE, {})
+            self._submit(CommandName.AGENT_UNPAUSE, NoArgs())
         elif codes.is_wrap_up(code):
-            self._submit(CommandName.WRAP_UP, {"active": "true"})
+            self._submit(CommandName.WRAP_UP, WrapUpArgs(active=True))
         else:
-            self._submit(CommandName.AGENT_PAUSE, {"reason": codes.reason_for(code, reason)[:200], "state_code": code})
+            self._submit(CommandName.AGENT_PAUSE, PauseArgs(codes.reason_for(code, reason)[:200], state_code=code))
 
     def _set_wrap_up(self, cmd: cp.ClientCommand) -> None:
         active = cmd.params.get("isWrapUpActive")
         if not isinstance(active, bool):
             raise _Refused(MsgErrorType.COMMAND_ERROR, "SetWrapUpUserState: isWrapUpActive must be a boolean")
-        self._submit(CommandName.WRAP_UP, {"active": "true" if active else "false"})
+        self._submit(CommandName.WRAP_UP, WrapUpArgs(active=active))
 
     def _query_user_state(self, cmd: cp.ClientCommand) -> None:
         if self._agent is not None:
@@ -791,7 +812,7 @@ class AgentSession:
 
     # ---- helpers -----------------------------------------------------------------------
 
-    def _submit(self, name: CommandName, args: dict[str, str]) -> None:
+    def _submit(self, name: CommandName, args: CommandArgs) -> None:
         assert self.line is not None
         command = Command(id=self._new_id(), line=self.line, name=name, args=args, issued_at=self._clock())
         if self.debug_mode:
@@ -800,12 +821,11 @@ class AgentSession:
             log.debug("submit conn=%s line=%s cmd=%s args=%s", self.connection_uid, self.line, name, args)
         self._env.submit_command(self, command)
 
-    def _with_context(self, args: dict[str, str], name: CommandName) -> dict[str, str]:
+    def _context_for(self, name: CommandName) -> str:
+        """The user's own context for a dialling command ("" = the gateway's default); rule 8."""
         if self._context_refusal is not None:
             raise _Refused(MsgErrorType.COMMAND_ERROR, f"{name.value}: {self._context_refusal}")
-        if self._context_override:
-            args["context"] = self._context_override
-        return args
+        return self._context_override
 
     def _target(self, cmd: cp.ClientCommand) -> str:
         target = cmd.params.get("targetAddress")

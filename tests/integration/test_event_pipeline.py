@@ -17,7 +17,17 @@ from local_cluster.infra import Infrastructure
 from services.broker import QUORUM
 from services.line_state import LineSnapshot, LineStateWriter
 from services.topology import Topology
-from services.wire import Call, CallState, Command, CommandName, CommandResult, Direction, EventType, LineEvent
+from services.wire import (
+    Call,
+    CallState,
+    Command,
+    CommandName,
+    CommandResult,
+    DialArgs,
+    Direction,
+    EventType,
+    LineEvent,
+)
 from ws_node.line_feed import LineFeed
 
 pytestmark = pytest.mark.integration
@@ -132,7 +142,7 @@ def test_commands_round_trip_and_stale_commands_expire(infra: Infrastructure, pr
                     async for message in messages:
                         async with message.process():
                             command = Command.decode(message.body)
-                            result = CommandResult(command.id, ok=True, data={"echo": command.args["number"]})
+                            result = CommandResult(command.id, ok=True, data={"echo": command.args_as(DialArgs).number})
                             await channel.default_exchange.publish(
                                 aio_pika.Message(result.encode(), correlation_id=command.id),
                                 routing_key=message.reply_to or "",
@@ -140,11 +150,11 @@ def test_commands_round_trip_and_stale_commands_expire(infra: Infrastructure, pr
                         return
 
             # Stale: nobody consumes for longer than the TTL, so the broker drops it.
-            stale = Command("old", "305", CommandName.MAKE_CALL, {"number": "1"}, issued_at=time.time())
+            stale = Command("old", "305", CommandName.MAKE_CALL, DialArgs("1"), issued_at=time.time())
             result = await feed.send_command(stale, timeout=1.5)
             assert not result.ok and "did not answer" in result.error
             answerer = asyncio.create_task(answer_one())
-            fresh = Command("new", "305", CommandName.MAKE_CALL, {"number": "5551234"}, issued_at=time.time())
+            fresh = Command("new", "305", CommandName.MAKE_CALL, DialArgs("5551234"), issued_at=time.time())
             result = await feed.send_command(fresh, timeout=5)
             assert result.ok and result.data == {"echo": "5551234"}
             await answerer

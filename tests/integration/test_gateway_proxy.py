@@ -24,7 +24,7 @@ from local_cluster.infra import Infrastructure
 from services.broker import QUORUM
 from services.config import AsteriskConfig, ClusterConfig, Settings
 from services.topology import Topology
-from services.wire import Command, CommandName, CommandResult, LineEvent
+from services.wire import Command, CommandName, CommandResult, LineEvent, command_args
 
 pytestmark = pytest.mark.integration
 
@@ -216,19 +216,23 @@ class CommandClient:
 
     async def send(self, line: str, name: CommandName, timeout: float = TIMEOUT, issued_at: float | None = None,
                    **args: str) -> CommandResult:
-        assert self._channel is not None
-        command = Command(id=uuid.uuid4().hex, line=line, name=name, args=args,
+        command = Command(id=uuid.uuid4().hex, line=line, name=name, args=command_args(name, args),
                           issued_at=time.time() if issued_at is None else issued_at)
+        return await self.send_body(command.id, command.encode(), timeout)
+
+    async def send_body(self, command_id: str, body: bytes, timeout: float = TIMEOUT) -> CommandResult:
+        """Publish ``body`` as it is (a command of another version, a broken one) and await its answer."""
+        assert self._channel is not None
         future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
-        self._answers[command.id] = future
+        self._answers[command_id] = future
         await self._channel.default_exchange.publish(
-            aio_pika.Message(body=command.encode(), reply_to=self._reply_queue, correlation_id=command.id),
+            aio_pika.Message(body=body, reply_to=self._reply_queue, correlation_id=command_id),
             routing_key=self._topology.commands_queue,
         )
         try:
             return await asyncio.wait_for(future, timeout)
         finally:
-            self._answers.pop(command.id, None)
+            self._answers.pop(command_id, None)
 
     async def close(self) -> None:
         if self._connection is not None:

@@ -14,7 +14,7 @@ import pytest
 from services import logs
 from services.config import AsteriskConfig, ConfigError, load_settings
 from services.line_access import SecurityConfig, UserAssignment, Verdict, decide
-from services.wire import CommandName
+from services.wire import CommandName, DialArgs
 from tests.unit.test_agent_session import FakeEnv, cmd, content, open_cmd
 from ws_node import creatio_protocol as cp
 from ws_node.admission import (
@@ -170,11 +170,11 @@ def test_the_admins_context_for_the_user_wins_and_only_an_override_travels() -> 
     open_as(session, ALICE, "305", OriginateContext="from-trunk")  # the browser's value is ignored
     assert [f["eventType"] for f in env.take()] == [2]
     session.on_text(cmd("MakeCall", {"targetAddress": "200"}))
-    assert env.commands.pop().args == {"number": "200", "context": "from-vip"}
+    assert env.commands.pop().args == DialArgs("200", context="from-vip")
     open_as(session, CAROL, "307", OriginateContext="from-internal")  # the default is the gateway's
     env.take()
     session.on_text(cmd("MakeCall", {"targetAddress": "200"}))
-    assert env.commands.pop().args == {"number": "200"}
+    assert env.commands.pop().args == DialArgs("200")
 
 
 # ---- a refused line -------------------------------------------------------------------------------
