@@ -459,6 +459,27 @@ def test_auto_pause_on_answer_and_restore_after_the_call(infra: Infrastructure, 
     run(main())
 
 
+def test_auto_pause_refused_for_want_of_the_agent_class_says_which_class(
+    infra: Infrastructure, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """autoPauseOnCommutationStart's QueuePause is planned and sent as the agents' own: a refusal is explained
+    the same way (it was hand-built in app.py and logged Asterisk's bare "Permission denied")."""
+    caplog.set_level(logging.WARNING, logger="ami_gateway.app")
+    no_agent_class = User(SECRET, parse_classes("call,agent,originate"), parse_classes("call,originate"))
+
+    async def main() -> None:
+        async with rig(infra, prefix, auto_pause_on_commutation_start=True,
+                       sim_options={"users": {"admin": no_agent_class}}) as r:
+            await r.connected_call()
+            await wait_until(lambda: any("auto pause of line 305 not done" in m for m in caplog.messages),
+                             what="the refusal logged")
+            assert not any(m.paused for m in r.sim.model.find_members("305"))
+
+    run(main())
+    refusal = next(m for m in caplog.messages if "auto pause of line 305 not done" in m)
+    assert refusal.endswith("QueuePause was refused: the AMI user needs write = agent in manager.conf")
+
+
 def test_auto_pause_keeps_the_agents_own_choice_and_wrap_up(infra: Infrastructure, prefix: str) -> None:
     async def main() -> None:
         async with rig(infra, prefix, auto_pause_on_commutation_start=True) as r:
