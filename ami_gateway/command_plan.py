@@ -49,6 +49,7 @@ from ami_gateway.lines import LineMatcher
 from ami_gateway.tracker import CallControl
 from services.agent_states import WRAP_UP_REASON  # the QueuePause reason of after-call work
 from services.config import AsteriskConfig
+from services.line_access import originate_context_refusal
 from services.wire import (
     Call,
     CallArgs,
@@ -80,7 +81,6 @@ __all__ = [
 ORIGINATE_RING_SECONDS = 30
 
 _NUMBER_RE = re.compile(r"^\+?[0-9A-Za-z*#._-]{1,64}$")
-_CONTEXT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 _DTMF_RE = re.compile(r"^[0-9*#A-D]{1,32}$")
 REASON_MAX = 200
 
@@ -157,12 +157,9 @@ def _number(command: Command, number: str) -> str:
 
 
 def _context(command: Command, requested: str, config: AsteriskConfig) -> str:
-    """The node sends only a user's own context; it must be one the administrator allows, as a
-    browser can name any context in connectionParams (``from-trunk`` would dial out for free)."""
+    """The node sends only a user's own context; this gateway owns the default (originateContext)."""
     context = requested.strip() or config.originate_context
-    if not _CONTEXT_RE.fullmatch(context):
-        raise CommandRefused(f"{command.name.value}: bad dialplan context {context[:80]!r}")
-    refusal = config.context_refusal(context)
+    refusal = originate_context_refusal(context, config)
     if refusal is not None:
         raise CommandRefused(f"{command.name.value}: {refusal}")
     return context

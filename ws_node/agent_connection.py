@@ -45,7 +45,7 @@ from services.line_access import SecurityConfig, Verdict, decide
 from services.line_state import HistoryUnavailable, LineSnapshot
 from services.wire import Command, CommandResult, LineEvent, WireError
 from ws_node.admission import CommandLimiter
-from ws_node.agent_session import AgentSession, FrameMemo
+from ws_node.agent_session import AgentSession, FrameMemo, SessionOptions
 from ws_node.client_logs import ClientLogRefused, ClientLogStore
 from ws_node.command_quota import CommandQuota
 from ws_node.line_feed import LineFeed
@@ -99,7 +99,7 @@ class ConnectionHub:
         feed: LineFeed,
         *,
         max_backlog_frames: int = 2000,
-        session_options: dict[str, Any] | None = None,
+        session_options: SessionOptions | None = None,
         delivery_log: DeliveryLog | None = None,
         client_logs: ClientLogStore | None = None,
         security: SecurityConfig | None = None,
@@ -114,7 +114,7 @@ class ConnectionHub:
         self.holders = LineHolders(feed.redis, feed.prefix, ttl_seconds=self.security.holder_ttl_seconds)
         feed.before_stop.append(self.holders.close)
         self.max_backlog_frames = max_backlog_frames
-        self.session_options = session_options or {}
+        self.session_options = session_options or SessionOptions()
         # One event's frames are encoded once per node and shared by every tab of the line.
         self.frame_memo = FrameMemo()
         self.connections: set[AgentConnection] = set()
@@ -141,7 +141,7 @@ class AgentConnection:
         self.sink = sink
         self.transport = transport
         self.conn_id = uuid.uuid4().hex[:12]
-        self.session: AgentSession | None = AgentSession(self, frame_memo=hub.frame_memo, **hub.session_options)
+        self.session: AgentSession | None = AgentSession(self, frame_memo=hub.frame_memo, options=hub.session_options)
         self._lines: set[str] = set()
         #: the delivery-log identity of each followed line, once the line is caught up
         self._agents: dict[str, AgentKey] = {}

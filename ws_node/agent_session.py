@@ -45,7 +45,7 @@ Rules, from the client's source (docs/creatio-protocol.md has the details):
    the lines are bounded per user in number and length (:class:`DebugBudget`).
 8. The dialplan context comes from the administrator: the user's ``originateContext`` in the
    Security block, else ``connectionParams.OriginateContext`` if the server allows it
-   (``AsteriskConfig.context_refusal``, the gateway's own check), else the server's default,
+   (``services.line_access.originate_context_refusal``, the gateway's own check), else the server's default,
    which is not sent (the gateway owns it). A context the server does not allow is reported at
    OpenConnection and refuses every dialling command.
 9. Who may open a line is decided by the shell (``services.line_access``); a refusal arrives as
@@ -80,7 +80,7 @@ from typing import Any, Protocol
 
 from services.config import AsteriskConfig
 from services.delivery_log import AgentKey, clean_id
-from services.line_access import SecurityConfig
+from services.line_access import CONTEXT_RE, SecurityConfig, originate_context_refusal
 from services.wire import (
     AgentState,
     Call,
@@ -153,8 +153,8 @@ class SessionOptions:
     max_held_events: int = 1000
     #: ProcessLogs/SetLogFilePath are honoured only when the node has a client log folder
     client_logs: bool = False
-    #: which dialplan contexts an agent may use (``None``: only the session's default context)
-    asterisk: AsteriskConfig | None = None
+    #: which dialplan contexts an agent may use: originateContext and allowedOriginateContexts (rule 8)
+    asterisk: AsteriskConfig = AsteriskConfig()
     #: per-user settings from the administrator: line, context, debugging
     security: SecurityConfig = SecurityConfig()
     #: node-wide, shared by every session: bounds each user's debug lines
@@ -192,7 +192,6 @@ class FrameMemo:
 PROFILE_STATE_WINDOW = 15.0
 
 _LINE_RE = re.compile(r"[A-Za-z0-9_-]+")
-_CONTEXT_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
 _TARGET_RE = re.compile(r"[0-9A-Za-z+*#_]{1,64}")
 _DTMF_RE = re.compile(r"[0-9A-Da-d*#]{1,32}")
 
@@ -241,7 +240,7 @@ class AgentSession:
     # One per agent connection, thousands per node: no per-instance dict.
     __slots__ = (
         "_env", "_opts", "_memo", "_clock", "_new_id", "state", "library_instance_uid", "connection_uid", "line",
-        "default_originate_context", "originate_context", "debug_mode", "call_centre_enabled", "user_uid", "_calls",
+        "debug_mode", "call_centre_enabled", "user_uid", "_calls",
         "_agent", "_catching_up", "_held", "_snapshot_wanted", "replayed", "_log_file", "_context_override",
         "_context_refusal", "_agent_known", "_profile_state_until", "_deferred_state",
     )
@@ -252,7 +251,6 @@ class AgentSession:
         *,
         options: SessionOptions | None = None,
         frame_memo: FrameMemo | None = None,
-        originate_context: str = "",
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
@@ -266,9 +264,7 @@ class AgentSession:
         self.library_instance_uid = ""
         self.connection_uid = ""
         self.line: str | None = None
-        #: node default (the gateway's own); a user's allowed context overrides it (rule 8)
-        self.default_originate_context = originate_context
-        self.originate_context = originate_context
+        #: the user's own context, sent with dialling commands; "" = the gateway's originateContext (rule 8)
         self._context_override = ""
         self._context_refusal: str | None = None
         self.debug_mode = False
@@ -299,6 +295,11 @@ class AgentSession:
     @property
     def agent(self) -> AgentState | None:
         return self._agent
+
+    @property
+    def originate_context(self) -> str:
+        """Where this user's calls are dialled from (rule 8)."""
+        return self._context_override or self._opts.asterisk.originate_context
 
     @property
     def agent_key(self) -> AgentKey | None:
@@ -542,7 +543,7 @@ class AgentSession:
         context = _get_ci(params, "OriginateContext")
         if context is None or context == "":
             context = ""
-        elif not isinstance(context, str) or not _CONTEXT_RE.fullmatch(context):
+        elif not isinstance(context, str) or not CONTEXT_RE.fullmatch(context):
             raise _Refused(MsgErrorType.CONNECTION_CONFIG_ERROR, "bad OriginateContext")
         session_params = cmd.params.get("sessionServiceParams") or {}
         user = _get_ci(session_params, "UserUId")
@@ -586,12 +587,11 @@ class AgentSession:
         """Rule 8: the administrator's context for this user, else the browser's if allowed."""
         assignment = self._opts.security.assignment(user_uid, line)
         wanted = (assignment.originate_context if assignment is not None else "") or requested
-        self.originate_context = wanted or self.default_originate_context
-        self._context_override = wanted if wanted and wanted != self.default_originate_context else ""
+        default = self._opts.asterisk.originate_context
+        self._context_override = wanted if wanted and wanted != default else ""
         self._context_refusal = None
         if self._context_override:
-            checker = self._opts.asterisk or AsteriskConfig(originate_context=self.default_originate_context)
-            self._context_refusal = checker.context_refusal(self._context_override)
+            self._context_refusal = originate_context_refusal(self._context_override, self._opts.asterisk)
             if self._context_refusal is not None:
                 CONTEXT_REFUSED.inc()
                 log.warning("OriginateContext refused conn=%s line=%s user=%s: %r is not allowed",

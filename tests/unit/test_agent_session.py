@@ -417,7 +417,7 @@ def test_make_call_bad_target(target: Any) -> None:
 
 
 def test_default_originate_context() -> None:
-    session, env = new_session(originate_context="from-internal")
+    session, env = new_session()
     session.on_text(open_cmd())
     env.take()
     session.on_text(cmd("MakeCall", {"targetAddress": "200"}))
