@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 __all__ = [
     "AmiMessage",
     "AmiParser",
-    "AmiProtocolError",
     "Banner",
     "MalformedMessage",
     "encode_action",
@@ -49,15 +48,6 @@ _END_COMMAND = "--END COMMAND--"
 _END_COMMAND_B = _END_COMMAND.encode()
 # Header names that may precede the raw output of a "Response: Follows" answer.
 _FOLLOWS_HEADERS = frozenset({"response", "privilege", "actionid", "message"})
-
-
-class AmiProtocolError(Exception):
-    """The peer broke the AMI protocol (malformed or oversized input, impossible answer).
-
-    The parser itself never raises it: it reports bad input as :class:`MalformedMessage` values so one bad
-    message cannot take a connection down. Higher layers (login, action correlation) raise it when what they
-    received makes the session unusable.
-    """
 
 
 @dataclass(frozen=True, slots=True)
