@@ -20,7 +20,9 @@ costs linear time. A message that grows past ``max_message_bytes`` without its t
 never holds more than about ``max_message_bytes`` plus the last chunk handed to :meth:`receive_data`.
 
 Bad content is the peer's problem, not a crash: a message with a line that has no colon becomes a
-:class:`MalformedMessage` and parsing continues with the next one. Line endings may be CRLF (Asterisk) or
+:class:`MalformedMessage` and parsing continues with the next one, so the codec has no exception for the
+peer's input (a session that cannot go on is the client's ``AmiError``); ``ValueError`` is for our own
+output only (a CR or LF in an action we encode). Line endings may be CRLF (Asterisk) or
 bare LF (some proxies and hand-written files).
 """
 
