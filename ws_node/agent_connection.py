@@ -34,8 +34,7 @@ import collections
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
@@ -43,6 +42,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.delivery_log import AgentKey, DeliveryLog, Position
 from services.line_access import SecurityConfig, Verdict, decide
 from services.line_state import HistoryUnavailable, LineSnapshot
+from services.tasks import background
 from services.wire import Command, CommandResult, LineEvent, WireError
 from ws_node.admission import CommandLimiter
 from ws_node.agent_session import AgentSession, FrameMemo, SessionOptions
@@ -126,10 +126,6 @@ class ConnectionHub:
             connection.close(code, reason)
 
 
-def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    return asyncio.ensure_future(coro)
-
-
 class AgentConnection:
     # A node holds thousands of these: no per-instance dict, and the backlog exists only while
     # the client is not reading.
@@ -171,7 +167,7 @@ class AgentConnection:
         for line in list(self._lines):
             self._lines.discard(line)
             self._forget(line)
-            spawn(self.hub.feed.unfollow(self, line))
+            background(self.hub.feed.unfollow(self, line))
         self._backlog = None
 
     def pause(self) -> None:
@@ -210,7 +206,7 @@ class AgentConnection:
 
     def claim_line(self, session: AgentSession, line: str) -> None:
         self._lines.add(line)
-        spawn(self._follow(session, line))
+        background(self._follow(session, line))
 
     async def _admitted(self, session: AgentSession, line: str) -> str | None:
         """Why ``session``'s user may open ``line`` (holding it if first come), or ``None`` when it
@@ -231,7 +227,7 @@ class AgentConnection:
                 if self.session is session and line in self._lines:
                     self._claims[line] = claim_id
                     return decision.reason
-                spawn(self.hub.holders.release(claim_id))
+                background(self.hub.holders.release(claim_id))
                 return None
             decision = decide(self.hub.security, line, user, holders=[other])
         LINE_REFUSALS.labels(reason=decision.reason).inc()
@@ -324,7 +320,7 @@ class AgentConnection:
     def _forget(self, line: str) -> None:
         claim_id = self._claims.pop(line, None)
         if claim_id is not None:
-            spawn(self.hub.holders.release(claim_id))
+            background(self.hub.holders.release(claim_id))
         agent = self._agents.pop(line, None)
         if agent is not None:
             self.hub.delivery_log.detach(agent)
@@ -333,10 +329,10 @@ class AgentConnection:
         if line in self._lines:
             self._lines.discard(line)
             self._forget(line)
-            spawn(self.hub.feed.unfollow(self, line))
+            background(self.hub.feed.unfollow(self, line))
 
     def request_snapshot(self, session: AgentSession, line: str) -> None:
-        spawn(self._snapshot(session, line))
+        background(self._snapshot(session, line))
 
     async def _snapshot(self, session: AgentSession, line: str) -> None:
         try:
@@ -350,7 +346,7 @@ class AgentConnection:
             session.on_snapshot(list(snapshot.calls), snapshot.agent)
 
     def request_agent_state(self, session: AgentSession, line: str) -> None:
-        spawn(self._agent_state(session, line))
+        background(self._agent_state(session, line))
 
     async def _agent_state(self, session: AgentSession, line: str) -> None:
         try:
@@ -368,7 +364,7 @@ class AgentConnection:
                         command.name.value, refusal, extra={"conn": self.conn_id, "line": command.line})
             session.on_command_result(CommandResult(command.id, ok=False, error=refusal), command)
             return
-        spawn(self._command(session, command))
+        background(self._command(session, command))
 
     async def _command(self, session: AgentSession, command: Command) -> None:
         # The cluster-wide budget, one check at a time per connection so its commands reach the

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import websockets
 
 from ops.drill.swarm import Outage
+from services.tasks import background
 
 Transport = Literal["ws", "signalr"]
 
@@ -267,4 +268,4 @@ class ChaosAgent:
         self._stop = True
         ws = self._ws
         if ws is not None:
-            asyncio.ensure_future(ws.close())
+            background(ws.close())
