@@ -55,3 +55,18 @@ def test_no_forbidden_arrow(package: str) -> None:
 def test_the_walk_sees_lazy_imports() -> None:
     source = "import os\nfrom ami.protocol import AmiMessage\ndef f() -> None:\n    from ami_simulator import x\n"
     assert list(imported_packages(source)) == [(1, "os"), (2, "ami"), (4, "ami_simulator")]
+
+
+def test_the_drill_chaos_and_bench_take_creatio_numbers_from_the_codec() -> None:
+    from ws_node.creatio_protocol import MsgEventType
+
+    names = set(MsgEventType.__members__)
+    copies = []
+    for package in ("ops", "bench"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) \
+                        and isinstance(node.value.value, int):
+                    copies += [f"{path.relative_to(ROOT)}:{node.lineno} {t.id}" for t in node.targets
+                               if isinstance(t, ast.Name) and t.id in names]
+    assert copies == []
