@@ -22,6 +22,7 @@ import redis
 
 from local_cluster.infra import Infrastructure
 from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
+from ops.chaos.fault_proxy import CUT, PASS, ProxyThread
 from services.wire import EventType, LineEvent
 from tests.e2e.test_signalr import SignalRAgent, content, ensure_signalr_client, opened
 from tests.support.creatio_client import (
@@ -34,7 +35,6 @@ from tests.support.creatio_client import (
     Received,
     calls_in_snapshot,
 )
-from tests.support.link_proxy import LinkProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -369,7 +369,7 @@ def test_broker_outage_keeps_every_agent_connected_and_calls_ring_after(infra: I
     and calls ring after."""
     signalr_script = ensure_signalr_client()
     target = urllib.parse.urlsplit(infra.amqp_url)
-    proxy = LinkProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy = ProxyThread("broker", target.hostname or "127.0.0.1", target.port or 5672)
     proxy.start()
     credentials = target.netloc.rpartition("@")[0]
     proxied = target._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}").geturl()
@@ -393,7 +393,7 @@ def test_broker_outage_keeps_every_agent_connected_and_calls_ring_after(infra: I
         await opened(signalr)
         try:
             for outage in (5.0, 30.0):
-                proxy.cut()
+                proxy.set_fault(CUT)
                 cut_at = time.monotonic()
                 await wait_broker(cluster, "down", timeout=20)
                 assert all(status == 200 for status, _body in node_health(cluster))
@@ -411,7 +411,7 @@ def test_broker_outage_keeps_every_agent_connected_and_calls_ring_after(infra: I
                     assert haproxy_up(cluster) == len(cluster.node_ports)
                     assert not any(agent.closed for agent in agents)
                     await asyncio.sleep(0.5)
-                proxy.restore()
+                proxy.set_fault(PASS)
                 await wait_broker(cluster, "connected")
 
                 # the call of the outage reaches its agent whole (republished or repaired from Redis)
@@ -443,7 +443,7 @@ def test_broker_outage_keeps_every_agent_connected_and_calls_ring_after(infra: I
         asyncio.run(main())
     finally:
         cluster.stop()
-        proxy.close()
+        proxy.stop()
 
 
 def test_redis_emptied_under_a_connected_agent_the_next_call_still_rings(cluster: LocalCluster) -> None:
