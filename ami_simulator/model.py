@@ -159,6 +159,8 @@ class Call:
     state: str = "playing"  # playing -> finished | hungup | transferred ...
     ended: float | None = None
     playing: bool = True
+    #: the digits PlayDTMF played into the call, in order (what a test checks the PBX was asked for)
+    dtmf: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -168,6 +170,7 @@ class Call:
             "state": self.state,
             "started": self.started,
             "ended": self.ended,
+            "dtmf": self.dtmf,
             "channels": list(dict.fromkeys([*self.planned, *self.channels])),
             "liveChannels": sorted(self.live),
         }

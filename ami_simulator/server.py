@@ -1251,6 +1251,9 @@ class AmiSimulator:
             s.error(m, "No digit specified")
             return
         duration = m.get("Duration") or ""
+        call = self.model.call_of(channel)
+        if call is not None:
+            call.dtmf += digit[0]
         s.success(m, "DTMF successfully queued")
         for msg in features.dtmf_events(channel, digit[0], int(duration) if duration.isdigit() else 250):
             self.emit(msg)

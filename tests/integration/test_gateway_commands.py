@@ -377,6 +377,7 @@ def test_dtmf_is_played_to_the_far_end(infra: Infrastructure, prefix: str) -> No
             first = await observer.event("DTMFEnd", Digit="1")
             second = await observer.event("DTMFEnd", Digit="#")
             assert first["Channel"] == second["Channel"] == call.planned[0]  # the trunk, toward the caller
+            assert call.to_json()["dtmf"] == "1#"  # what an end-to-end test reads from GET /calls
             bad = await r.send("305", CommandName.DTMF, call_id=call_id, digits="9x")
             assert not bad.ok and "digits" in bad.error
 

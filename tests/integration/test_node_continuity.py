@@ -298,14 +298,17 @@ def test_broker_cut_commands_fail_fast_and_the_line_is_repaired_after(infra: Inf
 
                 await proxy.set_fault(CUT)
                 await _until(lambda: not feed.connected.is_set())
+                failures = REGISTRY.get_sample_value("cms_broker_errors_total") or 0.0
                 started = time.monotonic()
                 result = await feed.send_command(Command(id="c1", name=CommandName.HANGUP, line="311"))
                 assert not result.ok and "broker" in (result.error or "")
                 assert time.monotonic() - started < 1.0
                 new_epoch = await gateway.restart()  # the gateway restarts meanwhile, too
-                await gateway.emit(_event("311", 2), _event("311", 3))
+                await gateway.emit(_event("311", 2), _event("311", 3))  # confirmed: published while away
 
-                await asyncio.sleep(2.0)
+                # the node tried again while the broker was away (and failed), before it comes back
+                await _until(lambda: (REGISTRY.get_sample_value("cms_broker_errors_total") or 0.0) > failures,
+                             what="a failed reconnect")
                 await proxy.set_fault(PASS)
                 await asyncio.wait_for(feed.connected.wait(), 30)
                 await _until(lambda: len(tab.events) == 3)

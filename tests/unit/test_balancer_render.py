@@ -272,7 +272,10 @@ def test_missing_nodes_key() -> None:
 
 def test_without_tls_the_wss_port_may_collide() -> None:
     # wss_port is unused without a certificate, so it does not conflict with anything.
-    ClusterDescription.from_dict(good() | {"wss_port": 2013})
+    cluster = ClusterDescription.from_dict(good() | {"wss_port": 2013})
+    assert cluster.wss_port == 2013 and not cluster.tls_enabled
+    binds = [line for line in lines(render_config(cluster)) if line.startswith("bind ")]
+    assert binds == ["bind 127.0.0.1:2013 name ws", "bind 127.0.0.1:8404 name stats"]
 
 
 def test_round_trip_and_file_loading(tmp_path: Path) -> None:
