@@ -40,6 +40,14 @@ class Direction(StrEnum):
     INTERNAL = "internal"
 
 
+class DndMode(StrEnum):
+    """set_dnd: on, off, or the other way round from what the PBX says now."""
+
+    ON = "on"
+    OFF = "off"
+    TOGGLE = "toggle"
+
+
 class EventType(StrEnum):
     """What happened to a line. Nodes map these onto the Creatio client's event numbers."""
 
@@ -287,18 +295,16 @@ class TransferPairArgs:
 
 @dataclass(frozen=True, slots=True)
 class DtmfArgs:
+    """dtmf: ``digits`` played to the party the line talks to."""
+
     digits: str
     call_id: str = ""
 
 
-class DndMode(StrEnum):
-    ON = "on"
-    OFF = "off"
-    TOGGLE = "toggle"
-
-
 @dataclass(frozen=True, slots=True)
 class DndArgs:
+    """set_dnd. Creatio's SetDnd carries nothing: the node always asks for a toggle."""
+
     mode: DndMode = DndMode.TOGGLE
 
 
@@ -318,6 +324,8 @@ class NoArgs:
 
 @dataclass(frozen=True, slots=True)
 class WrapUpArgs:
+    """wrap_up: after-call work on (paused with the wrap-up reason) or off."""
+
     active: bool = True
 
 
