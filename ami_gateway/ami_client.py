@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from ami_gateway.ami_protocol import (
+from ami.protocol import (
     AmiMessage,
     AmiParser,
     Banner,

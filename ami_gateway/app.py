@@ -37,12 +37,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
+from ami.protocol import AmiMessage, AmiParser
+from ami.scenario import ScenarioError, load_scenario
 from ami_gateway import takeover
 from ami_gateway.ami_client import DEFAULT_EVENT_MASK, AmiClient, AmiError, AmiSession
-from ami_gateway.ami_protocol import AmiMessage, AmiParser
 from ami_gateway.call_records import CallRecordSaver
 from ami_gateway.command_executor import CommandExecutor
-from ami_gateway.command_plan import REASON_MAX
+from ami_gateway.command_plan import REASON_MAX, CommandRefused, queue_pause
 from ami_gateway.command_queue import QUEUE_FAILURES, CommandDelivery, CommandQueue, RabbitCommandQueue
 from ami_gateway.event_outbox import (
     EventOutbox,
@@ -65,14 +66,17 @@ from services.redis_client import redis_client
 from services.topology import Topology
 from services.wire import (
     AgentState,
+    BadCommand,
     Call,
     CallState,
     Command,
     CommandName,
     CommandResult,
+    DtmfArgs,
     EventType,
     LineEvent,
     WireError,
+    WrapUpArgs,
 )
 
 Task = asyncio.Task[None]
@@ -494,20 +498,11 @@ class Gateway:
             request = await self._pause_requests.get()
             outcome = "error"
             try:
-                session = self._session()
-                if session is None:
-                    log.warning("auto pause of line %s skipped: AMI not connected", request.line)
-                    continue
-                fields = {"Interface": self.matcher.interface_for(request.line),
-                          "Paused": "true" if request.paused else "false"}
-                if request.paused and request.reason:
-                    fields["Reason"] = request.reason
-                answer = (await session.send_action("QueuePause", fields))[0]
-                if (answer.response or "").lower() == "success":
-                    outcome = "success"
-                else:
-                    log.warning("auto %s of line %s refused: %s", "pause" if request.paused else "unpause",
-                                request.line, answer.get("Message"), extra={"line": request.line})
+                await self.executor.carry_out(queue_pause(self.matcher, request.line, request.paused, request.reason))
+                outcome = "success"
+            except CommandRefused as exc:
+                log.warning("auto %s of line %s not done: %s", "pause" if request.paused else "unpause",
+                            request.line, exc, extra={"line": request.line})
             except AmiError as exc:
                 log.warning("auto pause of line %s failed: %s", request.line, exc, extra={"line": request.line})
             finally:
@@ -534,14 +529,17 @@ class Gateway:
         self._emit([LineEvent(line=line, type=kind, call=call, ami_received_at=time.time())])
 
     def _command_done(self, command: Command, result: CommandResult) -> None:
-        if command.name is CommandName.WRAP_UP and result.ok:
-            self.auto_pause.set_wrap_up(command.line, command.args.get("active", "true").lower() == "true")
-        if command.name is CommandName.DTMF and result.ok:
+        if not result.ok:
+            return
+        args = command.args
+        if isinstance(args, WrapUpArgs):
+            self.auto_pause.set_wrap_up(command.line, args.active)
+        if isinstance(args, DtmfArgs):
             # DTMF_ENTERED is "DTMF characters sent": the panel shows what the agent dialled (tracker Rule 12).
             # PlayDTMF's own events are "Sent" ones the tracker never reports, so this is the only echo.
-            call = next((c for c in self.tracker.calls_of(command.line) if c.id == command.args.get("call_id")), None)
+            call = next((c for c in self.tracker.calls_of(command.line) if c.id == args.call_id), None)
             self._emit([LineEvent(line=command.line, type=EventType.DTMF_ENTERED, call=call,
-                                  digits=command.args.get("digits", ""), ami_received_at=time.time())])
+                                  digits=args.digits, ami_received_at=time.time())])
 
     async def _on_ami_connected(self, session: AmiSession) -> None:
         if self.active:
@@ -744,8 +742,6 @@ class Gateway:
 
     async def _replay(self, path: str) -> None:
         """``filePath``: play a scenario file (a raw AMI capture is one) through the same path as live AMI."""
-        from ami_simulator.scenario import ScenarioError, load_scenario
-
         try:
             scenario = load_scenario(path)
         except (OSError, ScenarioError) as exc:
@@ -792,6 +788,12 @@ class Gateway:
             async with delivery.processing():
                 try:
                     command = Command.decode(delivery.body)
+                except BadCommand as exc:
+                    log.warning("refusing undecodable command: %s", exc)
+                    if exc.command_id:
+                        # The sender (a node of another version, a tool) is told why instead of timing out.
+                        await delivery.reply(CommandResult(command_id=exc.command_id, ok=False, error=str(exc)))
+                    return
                 except WireError as exc:
                     log.warning("dropping undecodable command: %s", exc)
                     return

@@ -49,7 +49,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from ami_gateway.call_record_model import CallRecord, RecordOwner, apply, is_guid
 from ami_gateway.creatio_api import CreatioSite, Credentials, SaveError
 from services.config import CallRecordsConfig, ConfigError, site_root
-from services.wire import Command, CommandResult, LineEvent
+from services.wire import Command, CommandResult, LineEvent, RecordOwnerArgs
 
 log = logging.getLogger(__name__)
 
@@ -192,14 +192,15 @@ class CallRecordSaver:
 
     async def set_owner(self, command: Command) -> CommandResult:
         line = command.line
-        contact = command.args.get("contact", "").strip().lower()
+        args = command.args_as(RecordOwnerArgs)
+        contact = args.contact.strip().lower()
         if not is_guid(contact):
             return CommandResult(command.id, False, "call records: sessionServiceParams.UserContactUId is not a GUID")
         try:
-            site = self._site_for(command.args.get("service_url", ""))
+            site = self._site_for(args.service_url)
         except ConfigError as exc:
             return CommandResult(command.id, False, f"call records: {exc}")
-        owner = RecordOwner(contact=contact, site=site, user=command.args.get("user", "")[:64])
+        owner = RecordOwner(contact=contact, site=site, user=args.user[:64])
         if self._owners.get(line) != owner:
             self._owners[line] = owner
             try:

@@ -16,12 +16,13 @@ from collections.abc import Callable
 
 from prometheus_client import Counter, Histogram
 
+from ami.permissions import WRITE_CLASSES
+from ami.protocol import AmiMessage
 from ami_gateway.ami_client import AmiError, AmiSession
-from ami_gateway.ami_protocol import AmiMessage
-from ami_gateway.command_plan import AmiAction, CommandRefused, LineView, check_fresh, plan_command
+from ami_gateway.command_plan import AmiAction, CommandPlan, CommandRefused, LineView, check_fresh, plan_command
 from ami_gateway.lines import LineMatcher
 from services.config import AsteriskConfig
-from services.wire import Command, CommandName, CommandResult
+from services.wire import Command, CommandName, CommandResult, DndArgs, DndMode
 
 __all__ = ["CommandExecutor", "CommandRefused"]
 
@@ -38,25 +39,6 @@ for _name in CommandName:
     for _outcome in ("success", "error"):
         COMMANDS.labels(command=_name.value, outcome=_outcome)
 
-# The manager.conf write class each action needs (Asterisk registers them so): named in "permission denied".
-WRITE_CLASS = {
-    "Originate": "originate",
-    "Hangup": "call",
-    "SIPnotify": "system",
-    "PJSIPNotify": "system",
-    "Park": "call",
-    "Redirect": "call",
-    "BlindTransfer": "call",
-    "Atxfer": "call",
-    "CancelAtxfer": "call",
-    "Bridge": "call",
-    "PlayDTMF": "call",
-    "SetVar": "call",
-    "DBGet": "system",
-    "DBPut": "system",
-    "DBDel": "system",
-    "QueuePause": "agent",
-}
 # OriginateResponse Reason: the AST_CONTROL code the originated channel ended its dial with.
 _ORIGINATE_REASONS = {
     "0": "the line could not be dialled (unknown, unregistered or refused)",
@@ -74,7 +56,8 @@ def _ok(message: AmiMessage) -> bool:
 def explain(action: AmiAction, message: str) -> str:
     """An AMI error as the agent (and the administrator reading the log) should read it."""
     if message.lower() == "permission denied":
-        needed = WRITE_CLASS.get(action.name, "?")
+        first, *others = WRITE_CLASSES.get(action.name.lower()) or ("?",)
+        needed = f"{first} (or {', '.join(others)})" if others else first
         return f"{action.name} was refused: the AMI user needs write = {needed} in manager.conf"
     if message.lower() in ("invalid/unknown command", "unknown command"):
         return f"{action.name} is not available on this Asterisk (module not loaded or version too old)"
@@ -116,18 +99,14 @@ class CommandExecutor:
         outcome = "error"
         try:
             check_fresh(command, self._clock(), self._ttl)
-            session = self._session()
-            if session is None:
-                raise CommandRefused("the PBX is not connected; try again in a moment")
+            session = self._connected()
             dnd_now = None
-            if command.name is CommandName.SET_DND and command.args.get("mode", "toggle").lower() == "toggle":
+            if isinstance(command.args, DndArgs) and command.args.mode is DndMode.TOGGLE:
                 dnd_now = await self._dnd_state(session, command.line)
             plan = plan_command(command, self._view, self._config, self._matcher, dnd_now=dnd_now)
             if plan.retriever is not None:
                 self._view.expect_retriever(command.line, *plan.retriever)
-            data = dict(plan.data)
-            for action in plan.actions:
-                data.update(await self._run(session, action))
+            data = await self.carry_out(plan, session)
             outcome = "success"
             result = CommandResult(command_id=command.id, ok=True, data=data)
         except CommandRefused as exc:
@@ -142,6 +121,20 @@ class CommandExecutor:
         if self._on_done is not None:
             self._on_done(command, result)
         return result
+
+    def _connected(self) -> AmiSession:
+        session = self._session()
+        if session is None:
+            raise CommandRefused("the PBX is not connected; try again in a moment")
+        return session
+
+    async def carry_out(self, plan: CommandPlan, session: AmiSession | None = None) -> dict[str, str]:
+        """Send the plan's actions in order; what they did, or :class:`CommandRefused` / ``AmiError``."""
+        session = session or self._connected()
+        data = dict(plan.data)
+        for action in plan.actions:
+            data.update(await self._run(session, action))
+        return data
 
     async def _run(self, session: AmiSession, action: AmiAction) -> dict[str, str]:
         answer = await session.send_action(

@@ -49,7 +49,22 @@ from ami_gateway.lines import LineMatcher
 from ami_gateway.tracker import CallControl
 from services.agent_states import WRAP_UP_REASON  # the QueuePause reason of after-call work
 from services.config import AsteriskConfig
-from services.wire import Call, CallState, Command, CommandName
+from services.line_access import originate_context_refusal
+from services.wire import (
+    Call,
+    CallArgs,
+    CallState,
+    Command,
+    CommandName,
+    DialArgs,
+    DndArgs,
+    DndMode,
+    DtmfArgs,
+    PauseArgs,
+    TransferArgs,
+    TransferPairArgs,
+    WrapUpArgs,
+)
 
 __all__ = [
     "AmiAction",
@@ -59,13 +74,13 @@ __all__ = [
     "WRAP_UP_REASON",
     "check_fresh",
     "plan_command",
+    "queue_pause",
 ]
 
 #: How long the agent's phone rings for a click-to-dial before Asterisk gives up (Originate Timeout).
 ORIGINATE_RING_SECONDS = 30
 
 _NUMBER_RE = re.compile(r"^\+?[0-9A-Za-z*#._-]{1,64}$")
-_CONTEXT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 _DTMF_RE = re.compile(r"^[0-9*#A-D]{1,32}$")
 REASON_MAX = 200
 
@@ -120,8 +135,7 @@ def check_fresh(command: Command, now: float, ttl: float) -> None:
         raise CommandRefused(f"command expired: it reached the gateway {age:.1f}s after it was sent (limit {ttl:g}s)")
 
 
-def _own_call(command: Command, view: LineView, key: str = "call_id") -> CallControl:
-    call_id = command.args.get(key, "")
+def _own_call(command: Command, view: LineView, call_id: str, key: str = "call_id") -> CallControl:
     controls = view.controls(command.line)
     if not call_id:
         if len(controls) == 1 and key == "call_id":
@@ -135,20 +149,17 @@ def _own_call(command: Command, view: LineView, key: str = "call_id") -> CallCon
     raise CommandRefused(f"no call {call_id} on line {command.line}")
 
 
-def _number(command: Command) -> str:
-    number = command.args.get("number", "").strip()
+def _number(command: Command, number: str) -> str:
+    number = number.strip()
     if not _NUMBER_RE.fullmatch(number):
         raise CommandRefused(f"{command.name.value} needs a valid number (digits, * # +), got {number!r}")
     return number
 
 
-def _context(command: Command, config: AsteriskConfig) -> str:
-    """The node sends only a user's own context; it must be one the administrator allows, as a
-    browser can name any context in connectionParams (``from-trunk`` would dial out for free)."""
-    context = command.args.get("context", "").strip() or config.originate_context
-    if not _CONTEXT_RE.fullmatch(context):
-        raise CommandRefused(f"{command.name.value}: bad dialplan context {context[:80]!r}")
-    refusal = config.context_refusal(context)
+def _context(command: Command, requested: str, config: AsteriskConfig) -> str:
+    """The node sends only a user's own context; this gateway owns the default (originateContext)."""
+    context = requested.strip() or config.originate_context
+    refusal = originate_context_refusal(context, config)
     if refusal is not None:
         raise CommandRefused(f"{command.name.value}: {refusal}")
     return context
@@ -228,6 +239,19 @@ def _pick_up(command: Command, control: CallControl, config: AsteriskConfig, mat
     )
 
 
+def queue_pause(matcher: LineMatcher, line: str, paused: bool, reason: str = "") -> CommandPlan:
+    """``QueuePause`` of the line's queue interface in every queue it is in: the agent's pause, unpause and
+    wrap-up, and autoPauseOnCommutationStart's own (ami_gateway/queue_policy.py)."""
+    reason = reason.strip()[:REASON_MAX]
+    if any(c in reason for c in "\r\n"):
+        raise CommandRefused("agent_pause: the reason must be one line")
+    interface = matcher.interface_for(line)
+    fields: list[tuple[str, str]] = [("Interface", interface), ("Paused", "true" if paused else "false")]
+    if paused and reason:
+        fields.append(("Reason", reason))
+    return CommandPlan((_action("QueuePause", *fields),), {"interface": interface, "paused": str(paused).lower()})
+
+
 def plan_command(
     command: Command,
     view: LineView,
@@ -243,13 +267,13 @@ def plan_command(
     """
     name = command.name
     line = command.line
-    args = command.args
     if not matcher.is_line(line):
         raise CommandRefused(f"{line!r} is not an agent line")
 
     if name is CommandName.MAKE_CALL:
-        number = _number(command)
-        context = _context(command, config)
+        dial = command.args_as(DialArgs)
+        number = _number(command, dial.number)
+        context = _context(command, dial.context, config)
         tech = view.tech_of(line) or matcher.protocols[0]
         wait = float(ORIGINATE_RING_SECONDS + 10)
         return CommandPlan(
@@ -271,7 +295,7 @@ def plan_command(
         )
 
     if name is CommandName.HANGUP:
-        control = _own_call(command, view)
+        control = _own_call(command, view, command.args_as(CallArgs).call_id)
         actions = []
         if control.channel:
             actions.append(_action("Hangup", ("Channel", control.channel), ("Cause", "16")))
@@ -284,7 +308,7 @@ def plan_command(
         return CommandPlan(tuple(actions))
 
     if name is CommandName.ANSWER:
-        control = _own_call(command, view)
+        control = _own_call(command, view, command.args_as(CallArgs).call_id)
         _require(control, (CallState.RINGING,), "answer")
         if control.transferer:
             raise CommandRefused("answer: a consultation call is answered by the other party")
@@ -297,7 +321,7 @@ def plan_command(
         raise CommandRefused(f"answer: only SIP and PJSIP phones can be told to answer, not {control.tech}")
 
     if name in (CommandName.HOLD, CommandName.UNHOLD):
-        control = _own_call(command, view)
+        control = _own_call(command, view, command.args_as(CallArgs).call_id)
         lot_context = config.parking_lot_context
         if not lot_context:
             raise CommandRefused(
@@ -322,31 +346,34 @@ def plan_command(
         return _pick_up(command, control, config, matcher, view)
 
     if name is CommandName.BLIND_TRANSFER:
-        control = _own_call(command, view)
-        number = _number(command)
+        transfer = command.args_as(TransferArgs)
+        control = _own_call(command, view, transfer.call_id)
+        number = _number(command, transfer.number)
         _require(control, (CallState.CONNECTED,), "blind_transfer")
         if control.transferer:
             raise CommandRefused("blind_transfer: complete or cancel the consultation first")
-        context = _context(command, config)
+        context = _context(command, transfer.context, config)
         return CommandPlan(
             (_action("BlindTransfer", ("Channel", control.channel), ("Exten", number), ("Context", context)),)
         )
 
     if name is CommandName.CONSULT_CALL:
-        control = _own_call(command, view)
-        number = _number(command)
+        transfer = command.args_as(TransferArgs)
+        control = _own_call(command, view, transfer.call_id)
+        number = _number(command, transfer.number)
         _require(control, (CallState.CONNECTED,), "consult_call")
         if control.transferer:
             raise CommandRefused("consult_call: already consulting; complete or cancel that transfer first")
-        context = _context(command, config)
+        context = _context(command, transfer.context, config)
         return CommandPlan(
             (_action("Atxfer", ("Channel", control.channel), ("Exten", number), ("Context", context)),),
             {"transferer": control.channel},
         )
 
     if name in (CommandName.COMPLETE_TRANSFER, CommandName.CANCEL_TRANSFER):
-        original = _own_call(command, view)
-        consult = _own_call(command, view, "consult_call_id")
+        pair = command.args_as(TransferPairArgs)
+        original = _own_call(command, view, pair.call_id)
+        consult = _own_call(command, view, pair.consult_call_id, "consult_call_id")
         if consult.call.id == original.call.id:
             raise CommandRefused(f"{name.value}: the consultation call is the call itself")
         atxfer = bool(consult.transferer) and consult.transferer == original.channel
@@ -383,8 +410,9 @@ def plan_command(
         return CommandPlan((hangup,))
 
     if name is CommandName.DTMF:
-        control = _own_call(command, view)
-        digits = args.get("digits", "")
+        dtmf = command.args_as(DtmfArgs)
+        control = _own_call(command, view, dtmf.call_id)
+        digits = dtmf.digits
         if not _DTMF_RE.fullmatch(digits):
             raise CommandRefused("dtmf needs 1-32 digits among 0-9, *, #, A-D")
         _require(control, (CallState.CONNECTED,), "dtmf")
@@ -395,15 +423,13 @@ def plan_command(
         )
 
     if name is CommandName.SET_DND:
-        mode = args.get("mode", "toggle").strip().lower()
-        if mode not in ("on", "off", "toggle"):
-            raise CommandRefused(f"set_dnd: mode must be on, off or toggle, not {mode!r}")
-        if mode == "toggle":
+        mode = command.args_as(DndArgs).mode
+        if mode is DndMode.TOGGLE:
             if dnd_now is None:
                 raise CommandRefused("set_dnd: the current DND state is unknown")
             turn_on = not dnd_now
         else:
-            turn_on = mode == "on"
+            turn_on = mode is DndMode.ON
         device_state = ("Variable", f"DEVICE_STATE(Custom:DND{line})")
         dnd_actions: tuple[AmiAction, ...]
         if turn_on:
@@ -418,21 +444,11 @@ def plan_command(
             )
         return CommandPlan(dnd_actions, {"dnd": "on" if turn_on else "off"})
 
-    if name in (CommandName.AGENT_PAUSE, CommandName.AGENT_UNPAUSE, CommandName.WRAP_UP):
-        interface = matcher.interface_for(line)
-        if name is CommandName.WRAP_UP:
-            active = args.get("active", "true").strip().lower()
-            if active not in ("true", "false"):
-                raise CommandRefused(f"wrap_up: active must be true or false, not {active!r}")
-            pause, reason = active == "true", WRAP_UP_REASON
-        else:
-            pause = name is CommandName.AGENT_PAUSE
-            reason = args.get("reason", "").strip()[:REASON_MAX]
-            if any(c in reason for c in "\r\n"):
-                raise CommandRefused("agent_pause: the reason must be one line")
-        fields: list[tuple[str, str]] = [("Interface", interface), ("Paused", "true" if pause else "false")]
-        if pause and reason:
-            fields.append(("Reason", reason))
-        return CommandPlan((_action("QueuePause", *fields),), {"interface": interface, "paused": str(pause).lower()})
+    if name is CommandName.WRAP_UP:
+        return queue_pause(matcher, line, command.args_as(WrapUpArgs).active, WRAP_UP_REASON)
+    if name is CommandName.AGENT_PAUSE:
+        return queue_pause(matcher, line, True, command.args_as(PauseArgs).reason)
+    if name is CommandName.AGENT_UNPAUSE:
+        return queue_pause(matcher, line, False)
 
     raise CommandRefused(f"{name.value} is not supported")

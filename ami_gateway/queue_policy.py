@@ -25,10 +25,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ami_gateway.ami_protocol import AmiMessage
+from ami.protocol import AmiMessage
 from ami_gateway.lines import LineMatcher
 from services.agent_states import AgentStateCodes
-from services.wire import AgentState, Command, CommandName, EventType, LineEvent
+from services.wire import AgentState, Command, CommandName, EventType, LineEvent, PauseArgs, WrapUpArgs
 
 __all__ = ["AUTO_PAUSE_REASON", "AgentChoice", "AutoPausePolicy", "PauseRequest", "QueueChange", "QueueStateTrace",
            "agent_choice"]
@@ -62,13 +62,13 @@ def agent_choice(command: Command, codes: AgentStateCodes, reason_max: int) -> A
     QueuePause (its QueueMemberPause may come before its answer), so the change is reported as the agent's,
     with the agent's code (services/agent_states.py)."""
     args = command.args
-    if command.name is CommandName.AGENT_PAUSE:
-        reason = args.get("reason", "").strip()[:reason_max]
-        return AgentChoice(command.line, args.get("state_code") or reason, reason, True)
+    if isinstance(args, PauseArgs):
+        reason = args.reason.strip()[:reason_max]
+        return AgentChoice(command.line, args.state_code or reason, reason, True)
     if command.name is CommandName.AGENT_UNPAUSE:
         return AgentChoice(command.line, codes.ready, "", False)
-    if command.name is CommandName.WRAP_UP:
-        if args.get("active", "true").strip().lower() == "true":
+    if isinstance(args, WrapUpArgs):
+        if args.active:
             return AgentChoice(command.line, codes.wrap_up, codes.wrap_up_reason, True)
         return AgentChoice(command.line, codes.ready, "", False)
     return None

@@ -125,7 +125,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ami_gateway.ami_protocol import AmiMessage
+from ami.protocol import AmiMessage
 from ami_gateway.lines import LineMatcher
 from ami_gateway.packet_info import PacketInfoSpec, Source
 from services.agent_states import DEFAULT_AGENT_CODES, AgentStateCodes

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ami_gateway.ami_protocol import AmiMessage
+from ami.protocol import AmiMessage
 
 # The channel snapshot every channel event carries, in Asterisk's order.
 CHANNEL_FIELDS = (
@@ -161,6 +161,8 @@ class Call:
     playing: bool = True
     #: channel name -> when it hung up: one leg can end long before its call (a phone refusing busy)
     channels_ended: dict[str, float] = field(default_factory=dict)
+    #: the digits PlayDTMF played into the call, in order (what a test checks the PBX was asked for)
+    dtmf: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -170,6 +172,7 @@ class Call:
             "state": self.state,
             "started": self.started,
             "ended": self.ended,
+            "dtmf": self.dtmf,
             "channels": list(dict.fromkeys([*self.planned, *self.channels])),
             "liveChannels": sorted(self.live),
             "channelsEnded": dict(self.channels_ended),

@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 * Every AMI client gets a :class:`_Session`: banner, then actions parsed by the sans-I/O
-  :class:`~ami_gateway.ami_protocol.AmiParser`, answered with Asterisk's exact wording (``Authentication
+  :class:`~ami.protocol.AmiParser`, answered with Asterisk's exact wording (``Authentication
   failed``, ``Missing action in request``, ``Invalid/unknown command``, ``Permission denied``...), ActionID
   echoed on every answer.
-* Calls are scenario plays (:mod:`ami_simulator.scenario`): a task renders the template with fresh ids and
+* Calls are scenario plays (:mod:`ami.scenario`): a task renders the template with fresh ids and
   emits its events on time. Each event first goes through :class:`~ami_simulator.model.PbxModel`, so the
   model (live channels, bridges, queue members) is always what the clients were told, and list actions
   (``CoreShowChannels``, ``Status``, ``QueueStatus``) tell the truth at any moment.
@@ -35,20 +35,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from ami_gateway.ami_protocol import AmiMessage, AmiParser, MalformedMessage, encode_message, md5_login_key
+from ami.permissions import WRITE_CLASSES
+from ami.protocol import AmiMessage, AmiParser, MalformedMessage, encode_message, md5_login_key
+from ami.scenario import IdAllocator, Scenario, ScenarioError, Step, load_scenario, play_steps
 from ami_simulator import features
+from ami_simulator.builtin import builtin_scenario, builtin_scenario_names
 from ami_simulator.features import Consult, Parked
 from ami_simulator.model import CAUSE_TEXT, STATE_DESC, Call, Channel, PbxModel, event
-from ami_simulator.scenario import (
-    IdAllocator,
-    Scenario,
-    ScenarioError,
-    Step,
-    builtin_scenario,
-    builtin_scenario_names,
-    load_scenario,
-    play_steps,
-)
 
 __all__ = ["AmiSimulator", "User"]
 
@@ -77,37 +70,6 @@ ALL_CLASSES = frozenset(
         "message",
     }
 )
-# Write permission an action needs (any one class of the set), as registered in Asterisk's manager.c /
-# app_queue.c. Empty set: no permission needed.
-ACTION_PERMS: dict[str, frozenset[str]] = {
-    "originate": frozenset({"originate"}),
-    "hangup": frozenset({"system", "call"}),
-    "redirect": frozenset({"call"}),
-    "blindtransfer": frozenset({"call"}),
-    "atxfer": frozenset({"call"}),
-    "cancelatxfer": frozenset({"call"}),
-    "park": frozenset({"call"}),
-    "bridge": frozenset({"call"}),
-    "dbget": frozenset({"system", "reporting"}),
-    "dbput": frozenset({"system"}),
-    "dbdel": frozenset({"system"}),
-    "filter": frozenset({"system"}),
-    "playdtmf": frozenset({"call"}),
-    "setvar": frozenset({"call"}),
-    "getvar": frozenset({"call", "reporting"}),
-    "status": frozenset({"system", "call", "reporting"}),
-    "coreshowchannels": frozenset({"system", "reporting"}),
-    "queuepause": frozenset({"agent"}),
-    "queueadd": frozenset({"agent"}),
-    "queueremove": frozenset({"agent"}),
-    "queuestatus": frozenset(),
-    "queuesummary": frozenset(),
-    "command": frozenset({"command"}),
-    "sipnotify": frozenset({"system"}),
-    "pjsipnotify": frozenset({"system"}),
-    "ping": frozenset(),
-    "events": frozenset(),
-}
 TALK_AFTER_TRANSFER = 5.0
 # How long a call picked up from the parking lot goes on before the simulator ends it.
 TALK_AFTER_RESUME = 60.0
@@ -849,8 +811,8 @@ class AmiSimulator:
         if handler is None:
             s.error(m, "Invalid/unknown command")
             return
-        needed = ACTION_PERMS.get(key, frozenset())
-        if needed and s.user is not None and not (needed & s.user.write):
+        needed = WRITE_CLASSES.get(key, ())
+        if needed and s.user is not None and s.user.write.isdisjoint(needed):
             self.metrics.actions.labels(action=key, response="denied").inc()
             s.error(m, "Permission denied")
             return
@@ -1289,6 +1251,9 @@ class AmiSimulator:
             s.error(m, "No digit specified")
             return
         duration = m.get("Duration") or ""
+        call = self.model.call_of(channel)
+        if call is not None:
+            call.dtmf += digit[0]
         s.success(m, "DTMF successfully queued")
         for msg in features.dtmf_events(channel, digit[0], int(duration) if duration.isdigit() else 250):
             self.emit(msg)

@@ -1,6 +1,6 @@
 """HAProxy in front of the ws_node processes: cluster description, config rendering, control."""
 
-from balancer.cluster import BACKEND_NAME, ClusterConfigError, ClusterDescription, Node, load_cluster
+from balancer.cluster import BACKEND_NAME, ClusterConfigError, ClusterDescription, DnsDiscovery, Node, load_cluster
 from balancer.haproxy_ctl import (
     ConfigCheckError,
     HAProxyError,
@@ -17,6 +17,7 @@ __all__ = [
     "ClusterConfigError",
     "ClusterDescription",
     "ConfigCheckError",
+    "DnsDiscovery",
     "HAProxyError",
     "Node",
     "RuntimeAPI",

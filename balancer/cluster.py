@@ -24,6 +24,7 @@ __all__ = [
     "BACKEND_NAME",
     "ClusterConfigError",
     "ClusterDescription",
+    "DnsDiscovery",
     "Node",
     "load_cluster",
     "parse_node_flag",
@@ -41,6 +42,7 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9._~-]{16,256}$")
 _ORIGIN_RE = re.compile(r"^https?://[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$")
 # Paths and log targets: anything printable except what would break a haproxy.cfg token.
 _TOKEN_RE = re.compile(r"^[^\s\"'#\\]+$")
+_RESOLVER_RE = re.compile(r"^[0-9A-Fa-f.:\[\]]+:[0-9]{1,5}$")
 
 
 class ClusterConfigError(ValueError):
@@ -109,6 +111,29 @@ class Node:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsDiscovery:
+    """Nodes found by DNS instead of listed: every replica answers to one name with an A record of its own
+    (Docker Compose's embedded DNS, a Kubernetes headless service). HAProxy keeps ``slots`` servers
+    ``ws1..wsN`` (what ``python -m balancer drain`` takes) and fills them from the answers."""
+
+    name: str
+    port: int = 8081
+    slots: int = 16
+    #: the DNS server HAProxy asks (Docker's embedded one by default)
+    resolver: str = "127.0.0.11:53"
+
+    def __post_init__(self) -> None:
+        # HAProxy's resolver takes letters, digits, '-' and '.'; a Compose service name with '_' needs an alias.
+        if not isinstance(self.name, str) or not _HOSTNAME_RE.match(self.name):
+            raise ClusterConfigError("name", f"{self.name!r} must be a DNS name: letters, digits, '-' and '.' only")
+        _check_port("port", self.port)
+        if isinstance(self.slots, bool) or not isinstance(self.slots, int) or not 1 <= self.slots <= 1000:
+            raise ClusterConfigError("slots", f"expected an integer 1-1000, got {self.slots!r}")
+        if not isinstance(self.resolver, str) or not _RESOLVER_RE.match(self.resolver):
+            raise ClusterConfigError("resolver", f"expected ip:port, got {self.resolver!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterDescription:
     """Everything `render_config` needs. Defaults suit a local run on 127.0.0.1."""
 
@@ -133,9 +158,16 @@ class ClusterDescription:
     #: `stdout`/`stderr` (raw format, for containers and supervisors) or a syslog target such as `/dev/log`.
     log_target: str = "stdout"
     health_path: str = "/health"
+    #: nodes found by DNS (``nodes`` is then empty); None: the ``nodes`` listed are all there are
+    discovery: DnsDiscovery | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.nodes, tuple) or not self.nodes:
+        if self.discovery is not None:
+            if not isinstance(self.discovery, DnsDiscovery):
+                raise ClusterConfigError("discovery", f"expected a DnsDiscovery, got {self.discovery!r}")
+            if self.nodes:
+                raise ClusterConfigError("nodes", "list nodes or discover them by DNS, not both")
+        elif not isinstance(self.nodes, tuple) or not self.nodes:
             raise ClusterConfigError("nodes", "at least one node is required")
         seen_names: set[str] = set()
         seen_addrs: set[str] = set()
@@ -212,9 +244,9 @@ class ClusterDescription:
         unknown = sorted(set(data) - _FIELDS)
         if unknown:
             raise ClusterConfigError(unknown[0], f"unknown key (known keys: {', '.join(sorted(_FIELDS))})")
-        if "nodes" not in data:
+        if "nodes" not in data and "discovery" not in data:
             raise ClusterConfigError("nodes", "required key is missing")
-        raw_nodes = data["nodes"]
+        raw_nodes = data.get("nodes", ())
         if not isinstance(raw_nodes, Sequence) or isinstance(raw_nodes, str):
             raise ClusterConfigError("nodes", "expected a list of {name, host, port} objects")
         nodes = tuple(_node_from_dict(f"nodes[{i}]", raw) for i, raw in enumerate(raw_nodes))
@@ -227,6 +259,8 @@ class ClusterDescription:
                 if not isinstance(value, Sequence) or isinstance(value, str):
                     raise ClusterConfigError(key, "expected a list of origins")
                 value = tuple(value)
+            elif key == "discovery" and value is not None:
+                value = _discovery_from_dict(value)
             elif key in ("tls_cert", "runtime_socket", "pidfile"):
                 if value is None and key == "tls_cert":
                     pass
@@ -253,6 +287,10 @@ class ClusterDescription:
             "maxconn": self.maxconn,
             "log_target": self.log_target,
             "health_path": self.health_path,
+            "discovery": None if self.discovery is None else {
+                "name": self.discovery.name, "port": self.discovery.port, "slots": self.discovery.slots,
+                "resolver": self.discovery.resolver,
+            },
         }
 
 
@@ -272,6 +310,21 @@ def _node_from_dict(key: str, raw: object) -> Node:
         return Node(name=raw["name"], host=raw["host"], port=raw["port"])
     except ClusterConfigError as exc:
         raise ClusterConfigError(f"{key}.{exc.key}", exc.problem) from None
+
+
+def _discovery_from_dict(raw: object) -> DnsDiscovery:
+    known = ("name", "port", "slots", "resolver")
+    if not isinstance(raw, Mapping):
+        raise ClusterConfigError("discovery", f"expected an object with name, port, slots, resolver, got {raw!r}")
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ClusterConfigError(f"discovery.{unknown[0]}", f"unknown key (known keys: {', '.join(known)})")
+    if "name" not in raw:
+        raise ClusterConfigError("discovery.name", "required key is missing")
+    try:
+        return DnsDiscovery(**{k: raw[k] for k in known if k in raw})
+    except ClusterConfigError as exc:
+        raise ClusterConfigError(f"discovery.{exc.key}", exc.problem) from None
 
 
 def parse_node_flag(text: str) -> dict[str, Any]:

@@ -31,12 +31,10 @@ from bench.wsproto import (
     handshake_request,
     parse_handshake_response,
 )
+from ws_node.creatio_protocol import MsgEventType
 
 __all__ = ["ConnectResult", "Swarm", "raise_fd_limit"]
 
-LIBRARY_INITIALIZED = 1
-CONNECTION_CREATED = 2
-ERROR = 3
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -144,15 +142,15 @@ class AgentClient(asyncio.Protocol):
             event_type = json.loads(payload).get("eventType")
         except (ValueError, AttributeError):
             return
-        if self.state == "loading" and event_type == LIBRARY_INITIALIZED:
+        if self.state == "loading" and event_type == MsgEventType.LIBRARY_INITIALIZED:
             self.state = "opening"
             self._send(OP_TEXT, open_connection_frame(self.line))
-        elif self.state == "opening" and event_type == CONNECTION_CREATED:
+        elif self.state == "opening" and event_type == MsgEventType.CONNECTION_CREATED:
             self.state = "open"
             self.counters.open += 1
             if not self.opened.done():
                 self.opened.set_result(None)
-        elif event_type == ERROR:
+        elif event_type == MsgEventType.ERROR:
             self._fail(f"server error before open: {payload[:120]!r}")
 
     def _fail(self, reason: str) -> None:

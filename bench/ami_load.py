@@ -14,8 +14,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from ami_gateway.ami_protocol import AmiMessage
-from ami_simulator.scenario import IdAllocator, builtin_scenario
+from ami.protocol import AmiMessage
+from ami.scenario import IdAllocator
+from ami_simulator.builtin import builtin_scenario
 
 __all__ = ["CALL_MIX", "CallPlan", "mean_events_per_call", "plan_calls", "synthesize_ami"]
 

@@ -23,9 +23,9 @@ import websockets
 
 from bench.context import Context
 from bench.report import Figure, StageResult
+from ws_node.creatio_protocol import MsgEventType
 
 RS = "\x1e"
-LINE_STATE_CHANGED = 11
 
 
 def flood(url: str, batch: str, seconds: float) -> tuple[int, list[int | None]]:
@@ -72,7 +72,7 @@ async def well_behaved_round_trips(agent: Any, seconds: float) -> list[float]:
         mark = len(agent.events)
         started = time.perf_counter()
         await agent.send("QueryLineState")
-        await agent.wait_for(LINE_STATE_CHANGED, after=mark, timeout=10)
+        await agent.wait_for(MsgEventType.LINE_STATE_CHANGED, after=mark, timeout=10)
         out.append(time.perf_counter() - started)
         await asyncio.sleep(0.2)
     return out

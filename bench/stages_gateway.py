@@ -34,7 +34,7 @@ def agent_lines(count: int, first: int = 7000) -> list[str]:
 
 
 def _parse_and_track(data: bytes) -> tuple[int, int]:
-    from ami_gateway.ami_protocol import AmiMessage, AmiParser
+    from ami.protocol import AmiMessage, AmiParser
     from ami_gateway.lines import LineMatcher
     from ami_gateway.tracker import CallTracker, TrackerOptions
 
@@ -54,7 +54,7 @@ def _parse_and_track(data: bytes) -> tuple[int, int]:
 
 
 def _parse_only(data: bytes) -> int:
-    from ami_gateway.ami_protocol import AmiParser
+    from ami.protocol import AmiParser
 
     parser = AmiParser(expect_banner=False)
     count = 0
@@ -177,7 +177,7 @@ class _PlayDriver(threading.Thread):
     def run(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from ami_simulator.scenario import builtin_scenario
+        from ami_simulator.builtin import builtin_scenario
 
         with self._lock:
             self._since = time.perf_counter()
@@ -264,7 +264,7 @@ def stage_stall(ctx: Context) -> StageResult:
 
 
 async def _stall(ctx: Context) -> StageResult:
-    from bench.proxy import TcpProxy
+    from ops.chaos.fault_proxy import BLACKHOLE, PASS, LinkFault, ProxyThread
 
     result = StageResult("stall")
     from ami_gateway.app import Gateway
@@ -272,8 +272,8 @@ async def _stall(ctx: Context) -> StageResult:
 
     ami_port, control_port = _free_port(), _free_port()
     prefix = ctx.new_prefix()
-    broker = TcpProxy(*_host_port(ctx.amqp_url, 5672)).start()
-    redis_proxy = TcpProxy(*_host_port(ctx.redis_url, 6379)).start()
+    broker = ProxyThread("broker", *_host_port(ctx.amqp_url, 5672)).start()
+    redis_proxy = ProxyThread("redis", *_host_port(ctx.redis_url, 6379)).start()
     simulator = start_simulator(ami_port, control_port)
     settings_path = write_settings(ctx.run_dir / f"stall-{prefix}.json", ami_port=ami_port,
                                    amqp_url=_swap_port(ctx.amqp_url, broker.port),
@@ -316,14 +316,15 @@ async def _stall(ctx: Context) -> StageResult:
         for name, mode in (("healthy", "pass"), ("degraded", "hold")):
             phase = _Phase()
             if mode == "hold":
-                broker.set_mode("hold")
-                redis_proxy.set_mode("delay", 0.2)
+                # Not waited for: this loop is the gateway's, whose read gaps are being measured.
+                broker.set_fault(BLACKHOLE, wait=False)
+                redis_proxy.set_fault(LinkFault(latency=0.2), wait=False)
             await asyncio.sleep(seconds)
             phase.duration = time.perf_counter() - phase.started
             phases[name] = phase
         depth_when_degraded = gateway.outbox.depth
-        broker.set_mode("pass")
-        redis_proxy.set_mode("pass")
+        broker.set_fault(PASS, wait=False)
+        redis_proxy.set_fault(PASS, wait=False)
         driver.stop()
         released = time.perf_counter()
         drained = False
@@ -339,8 +340,8 @@ async def _stall(ctx: Context) -> StageResult:
         if monitor is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await monitor
-        broker.set_mode("pass")
-        redis_proxy.set_mode("pass")
+        broker.set_fault(PASS)
+        redis_proxy.set_fault(PASS)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(gateway.stop(flush_timeout=5), 20)
         stop_process(simulator)
@@ -369,7 +370,7 @@ async def _stall(ctx: Context) -> StageResult:
 
 def _line_events(count: int) -> list[Any]:
     """Line events the tracker makes from the synthesized mix (100 lines), repeated up to ``count``."""
-    from ami_gateway.ami_protocol import AmiMessage, AmiParser
+    from ami.protocol import AmiMessage, AmiParser
     from ami_gateway.lines import LineMatcher
     from ami_gateway.tracker import CallTracker, TrackerOptions
 

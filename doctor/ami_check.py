@@ -11,8 +11,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from ami.protocol import AmiMessage, AmiParser, Banner, MalformedMessage, encode_action
 from ami_gateway.ami_client import DEFAULT_EVENT_MASK
-from ami_gateway.ami_protocol import AmiMessage, AmiParser, Banner, MalformedMessage, encode_action
 from doctor.ami_rights import (
     PROBES,
     READ_NEEDS,
@@ -91,7 +91,7 @@ class _Conversation:
 
 def _check_replay(path: str) -> Result:
     """``filePath``: the gateway replays this capture instead of talking to a PBX; it must load."""
-    from ami_simulator.scenario import ScenarioError, load_scenario
+    from ami.scenario import ScenarioError, load_scenario
 
     name = "Asterisk.filePath replay loads"
     try:

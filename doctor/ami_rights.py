@@ -17,6 +17,8 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from ami.permissions import write_classes
+
 
 class Grant(enum.Enum):
     GRANTED = "granted"
@@ -31,32 +33,35 @@ class Probe:
 
     action: str
     fields: tuple[tuple[str, str], ...] = ()
-    #: write classes Asterisk accepts for it (any one)
-    classes: tuple[str, ...] = ()
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Write classes Asterisk accepts for it (any one; the first is the one to grant)."""
+        return write_classes(self.action)
 
 
 PROBES: dict[str, Probe] = {
     p.action: p
     for p in (
-        Probe("Originate", (), ("originate",)),
-        Probe("Hangup", (), ("call", "system")),
-        Probe("Redirect", (), ("call",)),
-        Probe("BlindTransfer", (), ("call",)),
-        Probe("Atxfer", (), ("call",)),
-        Probe("CancelAtxfer", (), ("call",)),
-        Probe("Park", (), ("call",)),
-        Probe("Bridge", (), ("call",)),
-        Probe("PlayDTMF", (), ("call",)),
-        Probe("SetVar", (), ("call",)),
-        Probe("DBGet", (), ("system", "reporting")),
-        Probe("DBPut", (), ("system",)),
-        Probe("DBDel", (), ("system",)),
-        Probe("SIPnotify", (), ("system",)),
-        Probe("PJSIPNotify", (), ("system",)),
-        Probe("QueuePause", (), ("agent",)),
+        Probe("Originate"),
+        Probe("Hangup"),
+        Probe("Redirect"),
+        Probe("BlindTransfer"),
+        Probe("Atxfer"),
+        Probe("CancelAtxfer"),
+        Probe("Park"),
+        Probe("Bridge"),
+        Probe("PlayDTMF"),
+        Probe("SetVar"),
+        Probe("DBGet"),
+        Probe("DBPut"),
+        Probe("DBDel"),
+        Probe("SIPnotify"),
+        Probe("PJSIPNotify"),
+        Probe("QueuePause"),
         # Listings: harmless even when they run (they only describe the channels).
-        Probe("Status", (("Channel", "doctor-no-such-channel"),), ("call", "reporting", "system")),
-        Probe("CoreShowChannels", (), ("system", "reporting")),
+        Probe("Status", (("Channel", "doctor-no-such-channel"),)),
+        Probe("CoreShowChannels"),
     )
 }
 

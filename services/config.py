@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from services.agent_states import DEFAULT_AGENT_CODES, AgentStateCodes
-from services.line_access import SecurityConfig, parse_security
+from services.line_access import CONTEXT_RE, SecurityConfig, parse_security
 
 ASTERISK_KEYS = (
     "url",
@@ -55,7 +55,6 @@ ASTERISK_KEYS = (
 
 _HOST_PORT_RE = re.compile(r"[A-Za-z0-9_.-]+:[0-9]{1,5}|\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_CONTEXT_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
 
 
 class ConfigError(ValueError):
@@ -82,18 +81,6 @@ class AsteriskConfig:
     parking_lot_context: str = ""
     #: contexts an agent's own OriginateContext may name besides ``originate_context`` (docs/security.md)
     allowed_originate_contexts: tuple[str, ...] = ()
-
-    def context_refusal(self, context: str) -> str | None:
-        """Why an agent may not originate into ``context`` (``None``: it may). The one check the node
-        (at OpenConnection, to tell the agent early) and the gateway (before any Originate) share."""
-        if context == self.originate_context or context in self.allowed_originate_contexts:
-            return None
-        allowed = ", ".join(dict.fromkeys((self.originate_context, *self.allowed_originate_contexts)))
-        return (
-            f"dialplan context {context[:80]!r} is not allowed on this server (allowed: {allowed}); "
-            "the administrator adds it to Asterisk.allowedOriginateContexts or clears the user's "
-            "Outgoing call context"
-        )
 
     @property
     def uses_pbx(self) -> bool:
@@ -380,7 +367,7 @@ def parse_asterisk(
         packet_info_config=reader.text("packetInfoConfig", defaults.packet_info_config),
         file_path=reader.text("filePath", defaults.file_path),
         parking_lot_context=reader.text("parkingLotContext", defaults.parking_lot_context),
-        allowed_originate_contexts=reader.names("allowedOriginateContexts", _CONTEXT_RE, "a dialplan context"),
+        allowed_originate_contexts=reader.names("allowedOriginateContexts", CONTEXT_RE, "a dialplan context"),
     )
     if cfg.queue_extension_format and "{0}" not in cfg.queue_extension_format:
         raise ConfigError(

@@ -31,11 +31,41 @@ import enum
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 _LINE_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _UID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_CONTEXT_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
+#: A dialplan context name wherever one is accepted: Asterisk.allowedOriginateContexts, Security.users[],
+#: connectionParams.OriginateContext and the commands the gateway plans. Nothing that could end an AMI header.
+CONTEXT_RE = re.compile(r"[A-Za-z0-9_.-]{1,80}")
+
+
+class ContextPolicy(Protocol):
+    """The Asterisk block's say on contexts (services.config.AsteriskConfig)."""
+
+    @property
+    def originate_context(self) -> str: ...
+
+    @property
+    def allowed_originate_contexts(self) -> tuple[str, ...]: ...
+
+
+def originate_context_refusal(context: str, policy: ContextPolicy) -> str | None:
+    """Why an agent may not originate into ``context`` (``None``: it may): the server's ``originateContext``
+    and the contexts in ``allowedOriginateContexts``, nothing else, as a browser can name any context in
+    connectionParams (``from-trunk`` would dial out for free). The one check of the node (at
+    OpenConnection, to tell the agent early), the gateway (before any Originate) and the configuration
+    (a user's assigned context)."""
+    if not CONTEXT_RE.fullmatch(context):
+        return f"bad dialplan context {context[:80]!r}"
+    if context == policy.originate_context or context in policy.allowed_originate_contexts:
+        return None
+    allowed = ", ".join(dict.fromkeys((policy.originate_context, *policy.allowed_originate_contexts)))
+    return (
+        f"dialplan context {context[:80]!r} is not allowed on this server (allowed: {allowed}); "
+        "the administrator adds it to Asterisk.allowedOriginateContexts or clears the user's "
+        "Outgoing call context"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,11 +228,11 @@ def _parse_user(item: Any, where: str, asterisk: Any) -> UserAssignment:
     if not isinstance(line, str) or not _LINE_RE.fullmatch(line.strip()):
         raise ConfigError(f"{where}.line: required, the line as in Creatio's 'Number' field, e.g. \"305\"")
     context = values.get("originatecontext") or ""
-    if not isinstance(context, str) or (context and not _CONTEXT_RE.fullmatch(context.strip())):
-        raise ConfigError(f"{where}.originateContext: not a dialplan context name (letters, digits, '_', '-')")
+    if not isinstance(context, str) or (context and not CONTEXT_RE.fullmatch(context.strip())):
+        raise ConfigError(f"{where}.originateContext: not a dialplan context name (letters, digits, '_', '-', '.')")
     context = context.strip()
     if context:
-        refusal = asterisk.context_refusal(context)
+        refusal = originate_context_refusal(context, asterisk)
         if refusal is not None:
             raise ConfigError(f"{where}.originateContext: {context!r} must also be listed in "
                               "Asterisk.allowedOriginateContexts")

@@ -14,9 +14,10 @@ StreamPosition idea).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar, get_type_hints
 
 SCHEMA_VERSION = 1
 
@@ -101,6 +102,14 @@ class Direction(StrEnum):
     INBOUND = "inbound"
     OUTBOUND = "outbound"
     INTERNAL = "internal"
+
+
+class DndMode(StrEnum):
+    """set_dnd: on, off, or the other way round from what the PBX says now."""
+
+    ON = "on"
+    OFF = "off"
+    TOGGLE = "toggle"
 
 
 class EventType(StrEnum):
@@ -304,20 +313,198 @@ class CommandName(StrEnum):
     AGENT_PAUSE = "agent_pause"
     AGENT_UNPAUSE = "agent_unpause"
     WRAP_UP = "wrap_up"
-    #: who saves this line's calls in Creatio: args contact (UserContactUId), service_url, user
+    #: who saves this line's calls in Creatio (RecordOwnerArgs)
     RECORD_OWNER = "record_owner"
+
+
+# ---- command arguments: one frozen type per command (COMMAND_ARGS says which) --------------------------
+#
+# On the wire they stay the JSON object of version 1, so a rolling upgrade may mix old and new nodes and
+# gateways without a schema bump: every field keeps its name and its string value, except WrapUpArgs.active,
+# now a JSON boolean. An old gateway reads it with str(): "True"/"False", which it lower-cases, so it still
+# understands a new node; a new gateway accepts the old "true"/"false" strings. Unknown fields are ignored
+# (a newer node may add one); a missing required field or a value of the wrong type is a BadCommand.
+#
+# What a field must look like beyond its type (a dialable number, DTMF digits, an allowed context) is the
+# gateway's planner's to judge: it answers the agent with the reason.
+
+
+@dataclass(frozen=True, slots=True)
+class CallArgs:
+    """hangup, answer, hold, unhold. No ``call_id``: the line's only call."""
+
+    call_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DialArgs:
+    """make_call. ``context``: the user's own dialplan context; empty = the gateway's originateContext."""
+
+    number: str
+    context: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferArgs:
+    """blind_transfer, consult_call: ``call_id`` to ``number`` in ``context`` (as DialArgs)."""
+
+    number: str
+    call_id: str = ""
+    context: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferPairArgs:
+    """complete_transfer, cancel_transfer: the first call and its consultation."""
+
+    call_id: str = ""
+    consult_call_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DtmfArgs:
+    """dtmf: ``digits`` played to the party the line talks to."""
+
+    digits: str
+    call_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DndArgs:
+    """set_dnd. Creatio's SetDnd carries nothing: the node always asks for a toggle."""
+
+    mode: DndMode = DndMode.TOGGLE
+
+
+@dataclass(frozen=True, slots=True)
+class PauseArgs:
+    """agent_pause. ``state_code``: the Creatio agent-state code chosen, which the gateway reports back
+    (services/agent_states.py); empty = the reason stands for it."""
+
+    reason: str = ""
+    state_code: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NoArgs:
+    """agent_unpause."""
+
+
+@dataclass(frozen=True, slots=True)
+class WrapUpArgs:
+    """wrap_up: after-call work on (paused with the wrap-up reason) or off."""
+
+    active: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOwnerArgs:
+    """record_owner: the Creatio contact (UserContactUId) whose calls these are, its site, its user."""
+
+    contact: str
+    service_url: str = ""
+    user: str = ""
+
+
+CommandArgs = (
+    CallArgs | DialArgs | TransferArgs | TransferPairArgs | DtmfArgs | DndArgs | PauseArgs | NoArgs | WrapUpArgs
+    | RecordOwnerArgs
+)
+
+COMMAND_ARGS: dict[CommandName, type[CommandArgs]] = {
+    CommandName.MAKE_CALL: DialArgs,
+    CommandName.HANGUP: CallArgs,
+    CommandName.ANSWER: CallArgs,
+    CommandName.HOLD: CallArgs,
+    CommandName.UNHOLD: CallArgs,
+    CommandName.BLIND_TRANSFER: TransferArgs,
+    CommandName.CONSULT_CALL: TransferArgs,
+    CommandName.COMPLETE_TRANSFER: TransferPairArgs,
+    CommandName.CANCEL_TRANSFER: TransferPairArgs,
+    CommandName.DTMF: DtmfArgs,
+    CommandName.SET_DND: DndArgs,
+    CommandName.AGENT_PAUSE: PauseArgs,
+    CommandName.AGENT_UNPAUSE: NoArgs,
+    CommandName.WRAP_UP: WrapUpArgs,
+    CommandName.RECORD_OWNER: RecordOwnerArgs,
+}
+
+# The field types, resolved once (the annotations are strings under `from __future__ import annotations`).
+_ARG_TYPES: dict[CommandName, dict[str, Any]] = {name: get_type_hints(kind) for name, kind in COMMAND_ARGS.items()}
+
+_A = TypeVar("_A", bound=CommandArgs)
+
+
+class BadCommand(WireError):
+    """A command whose arguments do not fit its type; the message names the command and the field.
+
+    ``command_id`` is set when the envelope was readable, so the sender can still be answered."""
+
+    def __init__(self, message: str, command_id: str = "") -> None:
+        super().__init__(message)
+        self.command_id = command_id
+
+
+def _arg_value(command: CommandName, name: str, kind: Any, value: Any) -> Any:
+    where = f"{command.value}.{name}"
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"  # what version-1 nodes send
+        raise BadCommand(f"{where} must be true or false, not {value!r:.40}")
+    if not isinstance(value, str):
+        raise BadCommand(f"{where} must be a string, not {type(value).__name__}")
+    if isinstance(kind, type) and issubclass(kind, StrEnum):
+        try:
+            return kind(value.strip().lower())
+        except ValueError:
+            raise BadCommand(
+                f"{where} must be one of {', '.join(m.value for m in kind)}, not {value!r:.40}"
+            ) from None
+    return value
+
+
+def command_args(name: CommandName, values: Mapping[str, Any]) -> CommandArgs:
+    """The typed arguments of command ``name`` from their JSON object; raises :class:`BadCommand`."""
+    kind = COMMAND_ARGS[name]
+    hints = _ARG_TYPES[name]
+    found: dict[str, Any] = {}
+    for spec in fields(kind):
+        if spec.name in values:
+            found[spec.name] = _arg_value(name, spec.name, hints[spec.name], values[spec.name])
+        elif spec.default is MISSING:
+            raise BadCommand(f"{name.value}.{spec.name} is missing")
+    return kind(**found)
 
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """A request from an agent's connection, carried out by the gateway as AMI actions."""
+    """A request from an agent's connection, carried out by the gateway as AMI actions.
+
+    ``args`` is the type :data:`COMMAND_ARGS` gives for ``name``; left out, the defaults of that type
+    (only for a command whose arguments all have one)."""
 
     id: str
     line: str
     name: CommandName
-    args: dict[str, str] = field(default_factory=dict)
+    args: CommandArgs | None = None
     #: wall-clock time when the node accepted the command; the gateway refuses stale ones.
     issued_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        kind = COMMAND_ARGS[self.name]
+        if self.args is None:
+            object.__setattr__(self, "args", command_args(self.name, {}))
+        elif type(self.args) is not kind:
+            raise TypeError(f"{self.name.value} takes {kind.__name__}, not {type(self.args).__name__}")
+
+    def args_as(self, kind: type[_A]) -> _A:
+        """``args`` as the type the caller expects for this command (a programming error if it is not)."""
+        args = self.args
+        if not isinstance(args, kind):
+            raise TypeError(f"{self.name.value} carries {type(args).__name__}, not {kind.__name__}")
+        return args
 
     def encode(self) -> bytes:
         return _dumps(
@@ -326,7 +513,7 @@ class Command:
                 "id": self.id,
                 "line": self.line,
                 "name": self.name.value,
-                "args": self.args,
+                "args": asdict(self.args) if self.args is not None else {},
                 "issued_at": self.issued_at,
             }
         )
@@ -335,19 +522,23 @@ class Command:
     def decode(cls, raw: bytes | str) -> Command:
         data = _loads(raw)
         _check_version(data)
+        command_id = str(data.get("id", ""))
         try:
+            name = CommandName(data["name"])
             args = data.get("args") or {}
             if not isinstance(args, dict):
-                raise TypeError("args must be an object")
+                raise BadCommand(f"{name.value}: args must be an object")
             return cls(
                 id=str(data["id"]),
                 line=str(data["line"]),
-                name=CommandName(data["name"]),
-                args={str(k): str(v) for k, v in args.items()},
+                name=name,
+                args=command_args(name, args),
                 issued_at=float(data.get("issued_at", 0.0)),
             )
+        except BadCommand as exc:
+            raise BadCommand(f"bad command: {exc}", command_id) from None
         except (KeyError, ValueError, TypeError) as exc:
-            raise WireError(f"bad command: {exc!r}") from exc
+            raise BadCommand(f"bad command: {exc!r}", command_id) from exc
 
 
 @dataclass(frozen=True, slots=True)

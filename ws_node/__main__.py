@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from services import logs
     from services.config import ConfigError, load_settings
-    from ws_node.agent_connection import spawn
+    from services.tasks import background
     from ws_node.app import Node, NodeOptions
 
     try:
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if stopping:
             return
         stopping = True
-        d = Deferred.fromFuture(spawn(node.drain_and_stop()))
+        d = Deferred.fromFuture(background(node.drain_and_stop()))
         d.addBoth(lambda _: reactor.stop())
 
     def on_start_failed(failure: object) -> None:
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
     loop.add_signal_handler(signal.SIGTERM, on_signal)
     loop.add_signal_handler(signal.SIGINT, on_signal)
-    reactor.callWhenRunning(lambda: Deferred.fromFuture(spawn(node.start())).addErrback(on_start_failed))
+    reactor.callWhenRunning(
+        lambda: Deferred.fromFuture(background(node.start(), report=False)).addErrback(on_start_failed))
     reactor.run(installSignalHandlers=False)
     return 1 if start_failed else 0
 

@@ -34,8 +34,7 @@ import collections
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
@@ -43,9 +42,10 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.delivery_log import AgentKey, DeliveryLog, RedisDeliveryStore
 from services.line_access import SecurityConfig, Verdict, decide
 from services.line_state import HistoryUnavailable, LineSnapshot
+from services.tasks import background
 from services.wire import Command, CommandResult, LineEvent, WireError
 from ws_node.admission import CommandLimiter
-from ws_node.agent_session import AgentSession, FrameMemo
+from ws_node.agent_session import AgentSession, FrameMemo, SessionOptions
 from ws_node.client_logs import ClientLogRefused, ClientLogStore
 from ws_node.command_quota import CommandQuota
 from ws_node.line_feed import LineFeed
@@ -101,7 +101,7 @@ class ConnectionHub:
         prefix: str,
         *,
         max_backlog_frames: int = 2000,
-        session_options: dict[str, Any] | None = None,
+        session_options: SessionOptions | None = None,
         delivery_log: DeliveryLog | None = None,
         client_logs: ClientLogStore | None = None,
         security: SecurityConfig | None = None,
@@ -116,7 +116,7 @@ class ConnectionHub:
         self.holders = LineHolders(redis_client, prefix, ttl_seconds=self.security.holder_ttl_seconds)
         feed.before_stop.append(self.holders.close)
         self.max_backlog_frames = max_backlog_frames
-        self.session_options = session_options or {}
+        self.session_options = session_options or SessionOptions()
         # One event's frames are encoded once per node and shared by every tab of the line.
         self.frame_memo = FrameMemo()
         self.connections: set[AgentConnection] = set()
@@ -126,10 +126,6 @@ class ConnectionHub:
     def close_all(self, code: int = 1001, reason: str = "server going away") -> None:
         for connection in list(self.connections):
             connection.close(code, reason)
-
-
-def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    return asyncio.ensure_future(coro)
 
 
 class AgentConnection:
@@ -143,7 +139,7 @@ class AgentConnection:
         self.sink = sink
         self.transport = transport
         self.conn_id = uuid.uuid4().hex[:12]
-        self.session: AgentSession | None = AgentSession(self, frame_memo=hub.frame_memo, **hub.session_options)
+        self.session: AgentSession | None = AgentSession(self, frame_memo=hub.frame_memo, options=hub.session_options)
         self._lines: set[str] = set()
         #: the delivery-log identity of each followed line, once the line is caught up
         self._agents: dict[str, AgentKey] = {}
@@ -173,7 +169,7 @@ class AgentConnection:
         for line in list(self._lines):
             self._lines.discard(line)
             self._forget(line)
-            spawn(self.hub.feed.unfollow(self, line))
+            background(self.hub.feed.unfollow(self, line))
         self._backlog = None
 
     def pause(self) -> None:
@@ -212,7 +208,7 @@ class AgentConnection:
 
     def claim_line(self, session: AgentSession, line: str) -> None:
         self._lines.add(line)
-        spawn(self._follow(session, line))
+        background(self._follow(session, line))
 
     async def _admitted(self, session: AgentSession, line: str) -> str | None:
         """Why ``session``'s user may open ``line`` (holding it if first come), or ``None`` when it
@@ -233,7 +229,7 @@ class AgentConnection:
                 if self.session is session and line in self._lines:
                     self._claims[line] = claim_id
                     return decision.reason
-                spawn(self.hub.holders.release(claim_id))
+                background(self.hub.holders.release(claim_id))
                 return None
             decision = decide(self.hub.security, line, user, holders=[other])
         LINE_REFUSALS.labels(reason=decision.reason).inc()
@@ -325,7 +321,7 @@ class AgentConnection:
     def _forget(self, line: str) -> None:
         claim_id = self._claims.pop(line, None)
         if claim_id is not None:
-            spawn(self.hub.holders.release(claim_id))
+            background(self.hub.holders.release(claim_id))
         agent = self._agents.pop(line, None)
         if agent is not None:
             self.hub.delivery_log.detach(agent)
@@ -334,10 +330,10 @@ class AgentConnection:
         if line in self._lines:
             self._lines.discard(line)
             self._forget(line)
-            spawn(self.hub.feed.unfollow(self, line))
+            background(self.hub.feed.unfollow(self, line))
 
     def request_snapshot(self, session: AgentSession, line: str) -> None:
-        spawn(self._snapshot(session, line))
+        background(self._snapshot(session, line))
 
     async def _snapshot(self, session: AgentSession, line: str) -> None:
         try:
@@ -351,7 +347,7 @@ class AgentConnection:
             session.on_snapshot(list(snapshot.calls), snapshot.agent, epoch=snapshot.epoch)
 
     def request_agent_state(self, session: AgentSession, line: str) -> None:
-        spawn(self._agent_state(session, line))
+        background(self._agent_state(session, line))
 
     async def _agent_state(self, session: AgentSession, line: str) -> None:
         try:
@@ -369,7 +365,7 @@ class AgentConnection:
                         command.name.value, refusal, extra={"conn": self.conn_id, "line": command.line})
             session.on_command_result(CommandResult(command.id, ok=False, error=refusal), command)
             return
-        spawn(self._command(session, command))
+        background(self._command(session, command))
 
     async def _command(self, session: AgentSession, command: Command) -> None:
         # The cluster-wide budget, one check at a time per connection so its commands reach the

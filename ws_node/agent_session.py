@@ -45,7 +45,7 @@ Rules, from the client's source (docs/creatio-protocol.md has the details):
    the lines are bounded per user in number and length (:class:`DebugBudget`).
 8. The dialplan context comes from the administrator: the user's ``originateContext`` in the
    Security block, else ``connectionParams.OriginateContext`` if the server allows it
-   (``AsteriskConfig.context_refusal``, the gateway's own check), else the server's default,
+   (``services.line_access.originate_context_refusal``, the gateway's own check), else the server's default,
    which is not sent (the gateway owns it). A context the server does not allow is reported at
    OpenConnection and refuses every dialling command.
 9. Who may open a line is decided by the shell (``services.line_access``); a refusal arrives as
@@ -85,8 +85,29 @@ from typing import Any, Protocol
 
 from services.config import AsteriskConfig
 from services.delivery_log import AgentKey, clean_id
-from services.line_access import SecurityConfig
-from services.wire import AgentState, Call, CallState, Command, CommandName, CommandResult, EventType, LineEvent
+from services.line_access import CONTEXT_RE, SecurityConfig, originate_context_refusal
+from services.wire import (
+    AgentState,
+    Call,
+    CallArgs,
+    CallState,
+    Command,
+    CommandArgs,
+    CommandName,
+    CommandResult,
+    DialArgs,
+    DndArgs,
+    DndMode,
+    DtmfArgs,
+    EventType,
+    LineEvent,
+    NoArgs,
+    PauseArgs,
+    RecordOwnerArgs,
+    TransferArgs,
+    TransferPairArgs,
+    WrapUpArgs,
+)
 from ws_node import creatio_protocol as cp
 from ws_node.admission import CONTEXT_REFUSED, DEBUG_REFUSED, DebugBudget
 from ws_node.client_logs import ClientLogRefused, validate_name
@@ -137,8 +158,8 @@ class SessionOptions:
     max_held_events: int = 1000
     #: ProcessLogs/SetLogFilePath are honoured only when the node has a client log folder
     client_logs: bool = False
-    #: which dialplan contexts an agent may use (``None``: only the session's default context)
-    asterisk: AsteriskConfig | None = None
+    #: which dialplan contexts an agent may use: originateContext and allowedOriginateContexts (rule 8)
+    asterisk: AsteriskConfig = AsteriskConfig()
     #: per-user settings from the administrator: line, context, debugging
     security: SecurityConfig = SecurityConfig()
     #: node-wide, shared by every session: bounds each user's debug lines
@@ -176,7 +197,6 @@ class FrameMemo:
 PROFILE_STATE_WINDOW = 15.0
 
 _LINE_RE = re.compile(r"[A-Za-z0-9_-]+")
-_CONTEXT_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
 _TARGET_RE = re.compile(r"[0-9A-Za-z+*#_]{1,64}")
 _DTMF_RE = re.compile(r"[0-9A-Da-d*#]{1,32}")
 
@@ -229,7 +249,7 @@ class AgentSession:
     # One per agent connection, thousands per node: no per-instance dict.
     __slots__ = (
         "_env", "_opts", "_memo", "_clock", "_new_id", "state", "library_instance_uid", "connection_uid", "line",
-        "default_originate_context", "originate_context", "debug_mode", "call_centre_enabled", "user_uid", "_calls",
+        "debug_mode", "call_centre_enabled", "user_uid", "_calls",
         "_agent", "_catching_up", "_held", "_snapshot_wanted", "replayed", "_log_file", "_context_override",
         "_context_refusal", "_announced", "_agent_known", "_profile_state_until", "_deferred_state",
     )
@@ -240,7 +260,6 @@ class AgentSession:
         *,
         options: SessionOptions | None = None,
         frame_memo: FrameMemo | None = None,
-        originate_context: str = "",
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
@@ -254,9 +273,7 @@ class AgentSession:
         self.library_instance_uid = ""
         self.connection_uid = ""
         self.line: str | None = None
-        #: node default (the gateway's own); a user's allowed context overrides it (rule 8)
-        self.default_originate_context = originate_context
-        self.originate_context = originate_context
+        #: the user's own context, sent with dialling commands; "" = the gateway's originateContext (rule 8)
         self._context_override = ""
         self._context_refusal: str | None = None
         self.debug_mode = False
@@ -290,6 +307,11 @@ class AgentSession:
     @property
     def agent(self) -> AgentState | None:
         return self._agent
+
+    @property
+    def originate_context(self) -> str:
+        """Where this user's calls are dialled from (rule 8)."""
+        return self._context_override or self._opts.asterisk.originate_context
 
     @property
     def agent_key(self) -> AgentKey | None:
@@ -546,7 +568,7 @@ class AgentSession:
         context = _get_ci(params, "OriginateContext")
         if context is None or context == "":
             context = ""
-        elif not isinstance(context, str) or not _CONTEXT_RE.fullmatch(context):
+        elif not isinstance(context, str) or not CONTEXT_RE.fullmatch(context):
             raise _Refused(MsgErrorType.CONNECTION_CONFIG_ERROR, "bad OriginateContext")
         session_params = cmd.params.get("sessionServiceParams") or {}
         user = _get_ci(session_params, "UserUId")
@@ -590,12 +612,11 @@ class AgentSession:
         """Rule 8: the administrator's context for this user, else the browser's if allowed."""
         assignment = self._opts.security.assignment(user_uid, line)
         wanted = (assignment.originate_context if assignment is not None else "") or requested
-        self.originate_context = wanted or self.default_originate_context
-        self._context_override = wanted if wanted and wanted != self.default_originate_context else ""
+        default = self._opts.asterisk.originate_context
+        self._context_override = wanted if wanted and wanted != default else ""
         self._context_refusal = None
         if self._context_override:
-            checker = self._opts.asterisk or AsteriskConfig(originate_context=self.default_originate_context)
-            self._context_refusal = checker.context_refusal(self._context_override)
+            self._context_refusal = originate_context_refusal(self._context_override, self._opts.asterisk)
             if self._context_refusal is not None:
                 CONTEXT_REFUSED.inc()
                 log.warning("OriginateContext refused conn=%s line=%s user=%s: %r is not allowed",
@@ -625,11 +646,11 @@ class AgentSession:
             return
         service_url = _get_ci(session_params, "ServiceUrl")
         assert self.line is not None
-        args = {
-            "contact": contact.strip()[:64],
-            "service_url": service_url.strip()[:512] if isinstance(service_url, str) else "",
-            "user": self.user_uid,
-        }
+        args = RecordOwnerArgs(
+            contact=contact.strip()[:64],
+            service_url=service_url.strip()[:512] if isinstance(service_url, str) else "",
+            user=self.user_uid,
+        )
         # Not the agent's command: its own id space, so the agent's command ids stay as they were.
         command = Command(id=uuid.uuid4().hex, line=self.line, name=CommandName.RECORD_OWNER, args=args,
                           issued_at=self._clock())
@@ -661,52 +682,52 @@ class AgentSession:
 
     def _make_call(self, cmd: cp.ClientCommand) -> None:
         target = self._target(cmd)
-        self._submit(CommandName.MAKE_CALL, self._with_context({"number": target}, CommandName.MAKE_CALL))
+        self._submit(CommandName.MAKE_CALL, DialArgs(target, context=self._context_for(CommandName.MAKE_CALL)))
 
     def _answer(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
         if call.state is not CallState.RINGING:
             raise _Refused(MsgErrorType.COMMAND_ERROR, "AnswerCall: the call is not ringing")
-        self._submit(CommandName.ANSWER, {"call_id": call.id})
+        self._submit(CommandName.ANSWER, CallArgs(call.id))
 
     def _hold_toggle(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
         if call.state is CallState.HELD:
-            self._submit(CommandName.UNHOLD, {"call_id": call.id})
+            self._submit(CommandName.UNHOLD, CallArgs(call.id))
         elif call.state is CallState.CONNECTED:
-            self._submit(CommandName.HOLD, {"call_id": call.id})
+            self._submit(CommandName.HOLD, CallArgs(call.id))
         else:
             raise _Refused(MsgErrorType.COMMAND_ERROR, "HoldCall: the call is neither connected nor held")
 
     def _drop(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
-        self._submit(CommandName.HANGUP, {"call_id": call.id})
+        self._submit(CommandName.HANGUP, CallArgs(call.id))
 
     def _blind_transfer(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
         target = self._target(cmd)
         self._submit(CommandName.BLIND_TRANSFER,
-                     self._with_context({"call_id": call.id, "number": target}, CommandName.BLIND_TRANSFER))
+                     TransferArgs(target, call.id, context=self._context_for(CommandName.BLIND_TRANSFER)))
 
     def _consult(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
         target = self._target(cmd)
         self._submit(CommandName.CONSULT_CALL,
-                     self._with_context({"call_id": call.id, "number": target}, CommandName.CONSULT_CALL))
+                     TransferArgs(target, call.id, context=self._context_for(CommandName.CONSULT_CALL)))
 
     def _transfer(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
         consult = self._call_param(cmd, "consultationCall")
         if consult.id == call.id:
             raise _Refused(MsgErrorType.COMMAND_ERROR, "TransferCall: consultation call is the call itself")
-        self._submit(CommandName.COMPLETE_TRANSFER, {"call_id": call.id, "consult_call_id": consult.id})
+        self._submit(CommandName.COMPLETE_TRANSFER, TransferPairArgs(call.id, consult.id))
 
     def _cancel_transfer(self, cmd: cp.ClientCommand) -> None:
         call = self._call_param(cmd, "currentCall")
         consult = self._call_param(cmd, "consultCall")
         if consult.id == call.id:
             raise _Refused(MsgErrorType.COMMAND_ERROR, "CancelTransfer: consultation call is the call itself")
-        self._submit(CommandName.CANCEL_TRANSFER, {"call_id": call.id, "consult_call_id": consult.id})
+        self._submit(CommandName.CANCEL_TRANSFER, TransferPairArgs(call.id, consult.id))
 
     def _dtmf(self, cmd: cp.ClientCommand) -> None:
         call = self._executor_call(cmd)
@@ -715,11 +736,11 @@ class AgentSession:
             digits = str(digits)
         if not isinstance(digits, str) or not _DTMF_RE.fullmatch(digits):
             raise _Refused(MsgErrorType.COMMAND_ERROR, "SendDtmf: bad digits")
-        self._submit(CommandName.DTMF, {"call_id": call.id, "digits": digits})
+        self._submit(CommandName.DTMF, DtmfArgs(digits, call.id))
 
     def _set_dnd(self, cmd: cp.ClientCommand) -> None:
         # The client sends no parameter: SetDnd is a toggle, as with TAPI.
-        self._submit(CommandName.SET_DND, {"mode": "toggle"})
+        self._submit(CommandName.SET_DND, DndArgs(DndMode.TOGGLE))
 
     def _query_line_state(self, cmd: cp.ClientCommand) -> None:
         current = self.current_call
@@ -775,17 +796,17 @@ class AgentSession:
     def _carry_out_state(self, code: str, reason: str) -> None:
         codes = self._opts.agent_codes
         if codes.is_ready(code):
-            self._submit(CommandName.AGENT_UNPAUSE, {})
+            self._submit(CommandName.AGENT_UNPAUSE, NoArgs())
         elif codes.is_wrap_up(code):
-            self._submit(CommandName.WRAP_UP, {"active": "true"})
+            self._submit(CommandName.WRAP_UP, WrapUpArgs(active=True))
         else:
-            self._submit(CommandName.AGENT_PAUSE, {"reason": codes.reason_for(code, reason)[:200], "state_code": code})
+            self._submit(CommandName.AGENT_PAUSE, PauseArgs(codes.reason_for(code, reason)[:200], state_code=code))
 
     def _set_wrap_up(self, cmd: cp.ClientCommand) -> None:
         active = cmd.params.get("isWrapUpActive")
         if not isinstance(active, bool):
             raise _Refused(MsgErrorType.COMMAND_ERROR, "SetWrapUpUserState: isWrapUpActive must be a boolean")
-        self._submit(CommandName.WRAP_UP, {"active": "true" if active else "false"})
+        self._submit(CommandName.WRAP_UP, WrapUpArgs(active=active))
 
     def _query_user_state(self, cmd: cp.ClientCommand) -> None:
         if self._agent is not None:
@@ -817,7 +838,7 @@ class AgentSession:
 
     # ---- helpers -----------------------------------------------------------------------
 
-    def _submit(self, name: CommandName, args: dict[str, str]) -> None:
+    def _submit(self, name: CommandName, args: CommandArgs) -> None:
         assert self.line is not None
         command = Command(id=self._new_id(), line=self.line, name=name, args=args, issued_at=self._clock())
         if self.debug_mode:
@@ -826,12 +847,11 @@ class AgentSession:
             log.debug("submit conn=%s line=%s cmd=%s args=%s", self.connection_uid, self.line, name, args)
         self._env.submit_command(self, command)
 
-    def _with_context(self, args: dict[str, str], name: CommandName) -> dict[str, str]:
+    def _context_for(self, name: CommandName) -> str:
+        """The user's own context for a dialling command ("" = the gateway's default); rule 8."""
         if self._context_refusal is not None:
             raise _Refused(MsgErrorType.COMMAND_ERROR, f"{name.value}: {self._context_refusal}")
-        if self._context_override:
-            args["context"] = self._context_override
-        return args
+        return self._context_override
 
     def _target(self, cmd: cp.ClientCommand) -> str:
         target = cmd.params.get("targetAddress")

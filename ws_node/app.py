@@ -96,15 +96,12 @@ class Node:
             self.redis,
             settings.cluster.prefix,
             max_backlog_frames=options.max_backlog_frames,
-            session_options={
-                "originate_context": settings.asterisk.originate_context,
-                "options": SessionOptions(
-                    client_logs=bool(options.client_log_dir), asterisk=settings.asterisk, security=security,
-                    debug_budget=DebugBudget(security.debug_lines_per_minute, security.debug_max_chars, time.monotonic),
-                    agent_codes=settings.agent_states,
-                    line_protocols=tuple(t.strip() for t in settings.asterisk.protocol.split(",") if t.strip()),
-                ),
-            },
+            session_options=SessionOptions(
+                client_logs=bool(options.client_log_dir), asterisk=settings.asterisk, security=security,
+                debug_budget=DebugBudget(security.debug_lines_per_minute, security.debug_max_chars, time.monotonic),
+                agent_codes=settings.agent_states,
+                line_protocols=tuple(t.strip() for t in settings.asterisk.protocol.split(",") if t.strip()),
+            ),
             client_logs=ClientLogStore(Path(options.client_log_dir)) if options.client_log_dir else None,
             security=security,
             command_limiter=CommandLimiter(parse_command_limits(options.command_limits), time.monotonic),

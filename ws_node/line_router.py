@@ -142,9 +142,6 @@ class LineRouter(Generic[S]):
     def lines(self) -> list[str]:
         return list(self._sessions)
 
-    def session_count(self) -> int:
-        return sum(len(s) for s in self._sessions.values())
-
     # ---- stream positions ------------------------------------------------------------------
 
     def position(self, line: str) -> StreamPosition | None:

@@ -31,6 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from services.heartbeat import read_registry
+from services.tasks import background
 from ws_node.cluster_status import ProcessReading, RateWindow, counters_of, parse_metrics, summarize
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ class StatusDataResource(_Guarded):
                 request.write(json.dumps({"error": "status unavailable"}).encode())
                 request.finish()
 
-        d = Deferred.fromFuture(asyncio.ensure_future(self._collector.snapshot()))
+        d = Deferred.fromFuture(background(self._collector.snapshot(), report=False))
         d.addCallbacks(done, failed)
         return NOT_DONE_YET
 

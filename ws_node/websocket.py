@@ -23,12 +23,10 @@ import enum
 import logging
 import time
 from collections.abc import Callable
-from pprint import pformat
 from typing import Any
 
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.task import LoopingCall
 
@@ -43,12 +41,12 @@ from ws_node.admission import (
     admit,
 )
 from ws_node.agent_connection import AgentConnection, ConnectionHub
+from ws_node.autobahn_edge import defer_debug_formatting, stop_auto_ping, write_prepared
 from ws_node.creatio_protocol import MsgErrorType, error_frame
 from ws_node.signalr_token import ConnectionTokens
 
 log = logging.getLogger(__name__)
 _txaio: Any = txaio  # untyped at run time (framework chosen by autobahn.twisted)
-_autobahn_protocol: Any = autobahn_protocol
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -63,23 +61,6 @@ PREPARED_CACHE_SIZE = 64
 RATE_WARNING = "too many messages: slow down (messages over the limit are dropped)"
 #: from a flooder's close frame to dropping its socket
 FLOODER_DROP_SECONDS = 1.0
-
-
-def _pformat_if_debugging(obj: object, *args: Any, **kwargs: Any) -> str:
-    """Autobahn's ``pformat`` for its debug lines, done only when debug logging is on.
-
-    ``WebSocketProtocol._connectionMade`` pretty-prints its ~40 options for a debug line on
-    every connection, and ``startHandshake`` its transport details, before the logger can
-    decide to drop the line: about a tenth of a handshake's CPU with debug logging off."""
-    if _txaio.get_global_log_level() in ("debug", "trace"):
-        return pformat(obj, *args, **kwargs)
-    return "(not formatted: autobahn debug logging is off)"
-
-
-def defer_autobahn_debug_formatting() -> None:
-    """Install :func:`_pformat_if_debugging` in Autobahn's protocol module (idempotent)."""
-    if _autobahn_protocol.pformat is pformat:
-        _autobahn_protocol.pformat = _pformat_if_debugging
 
 
 def _close_reason(reason: str) -> bytes | None:
@@ -141,12 +122,7 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
 
     def _start_signalr(self) -> None:
         self.mode = Mode.SIGNALR
-        # SignalR pings (type 6) keep both sides alive; WebSocket-level auto-pings would only double
-        # the idle traffic of every connection.
-        self.autoPingInterval = 0
-        if self.autoPingPendingCall is not None:
-            self.autoPingPendingCall.cancel()
-            self.autoPingPendingCall = None
+        stop_auto_ping(self)
         self.hub_protocol = signalr.HubConnection(max_record_chars=self.factory.policy.max_message_bytes)
         self.keepalive = signalr.KeepAlive(
             self.factory.clock(), ping_interval=self.factory.ping_interval, client_timeout=self.factory.client_timeout
@@ -338,18 +314,7 @@ class AgentProtocol(WebSocketServerProtocol):  # type: ignore[misc]
     def write_text(self, text: str) -> None:
         if self.state != WebSocketServerProtocol.STATE_OPEN:
             return
-        message = self.factory.prepared_for(text, self.mode)
-        protocol: Any = self  # Autobahn's per-connection attributes are set at run time, untyped
-        if protocol._perMessageCompress is None and not protocol.send_queue and not protocol.logOctets:
-            # What Autobahn's sendPreparedMessage -> sendData does for an unqueued, uncompressed
-            # frame, without its debug line: that one formats the method name and the peer eagerly
-            # for every frame (a sizeable share of fan-out CPU) even with debug logging off.
-            data = message.payloadHybi
-            transport: Any = self.transport
-            transport.write(data)
-            self.trafficStats.outgoingOctetsWireLevel += len(data)
-        else:
-            self.sendPreparedMessage(message)
+        write_prepared(self, self.factory.prepared_for(text, self.mode))
         if self.keepalive is not None:
             self.keepalive.sent(self.factory.clock())
 
@@ -380,7 +345,7 @@ class AgentServerFactory(WebSocketServerFactory):  # type: ignore[misc]
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(url)
-        defer_autobahn_debug_formatting()
+        defer_debug_formatting()
         self.hub = hub
         self.policy = policy
         self.tokens = tokens

@@ -1,15 +1,12 @@
 """Render haproxy.cfg for the compose deployment, where ws_node replicas come and go with `--scale`.
 
-The balancer renders one `server` line per known node. Under Docker Compose the nodes are not
-known in advance: every replica of the `ws_node` service answers to the same DNS name on the
-compose network, and Docker's embedded DNS server (127.0.0.11) returns one A record per running
-replica. So this script renders the cluster through the balancer (same template, same checks,
-same key/Origin/TLS rules), then replaces the single placeholder server with a `server-template`
-whose slots HAProxy fills from DNS, and adds the `resolvers` section that points at Docker's DNS.
-A replica that starts appears within `hold valid` seconds; one that is removed frees its slot.
-
-TODO(balancer): once `ClusterDescription` has a `discovery` option (see compose/README.md), this
-post-processing goes away and the entrypoint calls `python -m balancer render` directly.
+Under Docker Compose the nodes are not known in advance: every replica of the `ws_node` service
+answers to the same DNS name on the compose network, and Docker's embedded DNS server (127.0.0.11)
+returns one A record per running replica. So this script describes the cluster with DNS discovery
+(`balancer.cluster.DnsDiscovery`) and renders it through the balancer (same template, same checks,
+same key/Origin/TLS rules): a `server-template` whose slots HAProxy fills from DNS, and a `resolvers`
+section that points at Docker's DNS. A replica that starts appears within `hold valid` seconds; one
+that is removed frees its slot.
 
 Settings come from the environment (the compose file sets them; see compose/.env.example):
 
@@ -32,19 +29,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from balancer.cluster import ClusterConfigError, ClusterDescription, Node
+from balancer.cluster import ClusterConfigError, ClusterDescription, DnsDiscovery
 from balancer.haproxy_ctl import ConfigCheckError, HAProxyNotFoundError, check_config
 from balancer.render import render_config, write_config
 
-# Rendered through the balancer with this stand-in node, then swapped for the server-template.
-_PLACEHOLDER = Node(name="ws-placeholder", host="placeholder.invalid", port=8081)
-_DNS_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
-_RESOLVER_RE = re.compile(r"^[0-9A-Fa-f.:\[\]]+:[0-9]{1,5}$")
+#: DnsDiscovery's fields, as the variables that set them
+_DISCOVERY_VARIABLES = {"name": "CMS_NODE_DNS_NAME", "port": "CMS_NODE_PORT", "slots": "CMS_NODE_SLOTS",
+                        "resolver": "CMS_DNS_RESOLVER"}
 
 
 class SettingsError(ValueError):
@@ -66,16 +61,16 @@ def _integer(env: Mapping[str, str], name: str, default: int, low: int, high: in
 
 def render(env: Mapping[str, str]) -> str:
     """The complete haproxy.cfg for these settings (not yet checked by haproxy)."""
-    dns_name = env.get("CMS_NODE_DNS_NAME", "").strip() or "ws-node"
-    if not _DNS_NAME_RE.match(dns_name):
-        # HAProxy's resolver accepts letters, digits, '-' and '.'; Compose service names with '_'
-        # need a network alias (the compose file gives ws_node the alias `ws-node`).
-        raise SettingsError(f"CMS_NODE_DNS_NAME: {dns_name!r} must be letters, digits, '-' and '.' only")
-    port = _integer(env, "CMS_NODE_PORT", 8081, 1, 65535)
-    slots = _integer(env, "CMS_NODE_SLOTS", 16, 1, 1000)
-    resolver = env.get("CMS_DNS_RESOLVER", "").strip() or "127.0.0.11:53"
-    if not _RESOLVER_RE.match(resolver):
-        raise SettingsError(f"CMS_DNS_RESOLVER: expected ip:port, got {resolver!r}")
+    # The compose file gives the ws_node service the network alias `ws-node`: HAProxy's resolver does not take '_'.
+    try:
+        discovery = DnsDiscovery(
+            name=env.get("CMS_NODE_DNS_NAME", "").strip() or "ws-node",
+            port=_integer(env, "CMS_NODE_PORT", 8081, 1, 65535),
+            slots=_integer(env, "CMS_NODE_SLOTS", 16, 1, 1000),
+            resolver=env.get("CMS_DNS_RESOLVER", "").strip() or "127.0.0.11:53",
+        )
+    except ClusterConfigError as exc:
+        raise SettingsError(f"{_DISCOVERY_VARIABLES[exc.key]}: {exc.problem}") from None
     maxconn = _integer(env, "CMS_HAPROXY_MAXCONN", 50000, 1, 1_000_000)
     run_dir = Path(env.get("CMS_RUN_DIR", "").strip() or "/run/cms")
     ws_port = _integer(env, "CMS_WS_PORT", 2013, 1, 65535)
@@ -102,7 +97,8 @@ def render(env: Mapping[str, str]) -> str:
 
     try:
         description = ClusterDescription(
-            nodes=(_PLACEHOLDER,),
+            nodes=(),
+            discovery=discovery,
             bind=bind,
             ws_port=ws_port,
             wss_port=wss_port,
@@ -120,33 +116,7 @@ def render(env: Mapping[str, str]) -> str:
     except ClusterConfigError as exc:
         raise SettingsError(f"cluster description: {exc}") from None
 
-    text = render_config(description)
-    placeholder = f"    server {_PLACEHOLDER.name} {_PLACEHOLDER.address} check\n"
-    if text.count(placeholder) != 1:
-        raise RuntimeError("the balancer template no longer renders `server NAME ADDR check`; update this script")
-    # `init-addr none`: start even while no replica resolves yet (slots stay in MAINT until DNS
-    # answers). Server names ws1..wsN are what `python -m balancer drain` takes.
-    template = f"    server-template ws 1-{slots} {dns_name}:{port} check resolvers docker init-addr none\n"
-    text = text.replace(placeholder, template)
-    text = text.replace(f"# Nodes: {_PLACEHOLDER.name}", f"# Nodes: discovered from DNS name {dns_name}")
-    resolvers = (
-        "\n"
-        "# Docker's embedded DNS: one A record per running ws_node replica.\n"
-        "resolvers docker\n"
-        f"    nameserver dns {resolver}\n"
-        "    accepted_payload_size 8192\n"
-        "    resolve_retries 3\n"
-        "    timeout resolve 1s\n"
-        "    timeout retry 1s\n"
-        # A removed replica's record vanishes: free its slot after 10 s instead of the default 30 s.
-        "    hold valid 10s\n"
-        "    hold nx 10s\n"
-        "    hold obsolete 10s\n"
-        "    hold other 10s\n"
-        "    hold refused 10s\n"
-        "    hold timeout 10s\n"
-    )
-    return text + resolvers
+    return render_config(description)
 
 
 def main(argv: list[str] | None = None) -> int:

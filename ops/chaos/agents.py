@@ -28,12 +28,11 @@ from typing import Any, Literal
 import websockets
 
 from ops.drill.swarm import Outage
+from services.tasks import background
+from ws_node.creatio_protocol import MsgEventType
 
 Transport = Literal["ws", "signalr"]
 
-LIBRARY_INITIALIZED = 1
-CONNECTION_CREATED = 2
-ACTIVE_CALL_SNAPSHOT = 10
 #: events that carry one call as their content
 CALL_EVENTS = frozenset({5, 6, 7, 8, 9, 13, 17, 18})
 RS = "\x1e"
@@ -151,12 +150,12 @@ class ChaosAgent:
             if not str(answer).startswith("{}"):
                 raise ValueError(f"SignalR handshake refused: {answer!r}")
         await self._send({"command": "LoadLibrary", "parameters": {"libraryName": "Asterisk"}})
-        await self._until(LIBRARY_INITIALIZED)
+        await self._until(MsgEventType.LIBRARY_INITIALIZED)
         params = json.dumps({"ExtensionName": self.line, "debugMode": False})
         await self._send({"command": "OpenConnection", "parameters": {"connectionParams": params}})
-        await self._until(CONNECTION_CREATED)
+        await self._until(MsgEventType.CONNECTION_CREATED)
         await self._send({"command": "QueryActiveCallSnapshot", "parameters": {}})
-        await self._until(ACTIVE_CALL_SNAPSHOT)
+        await self._until(MsgEventType.ACTIVE_CALL_SNAPSHOT)
         return self.snapshots[-1]
 
     async def _until(self, event_type: int) -> None:
@@ -212,7 +211,7 @@ class ChaosAgent:
                 content = json.loads(content)
             except ValueError:
                 pass
-        if event_type == ACTIVE_CALL_SNAPSHOT:
+        if event_type == MsgEventType.ACTIVE_CALL_SNAPSHOT:
             ids = []
             for call in (content or {}).get("ActiveCalls") or []:
                 if isinstance(call, str):
@@ -267,4 +266,4 @@ class ChaosAgent:
         self._stop = True
         ws = self._ws
         if ws is not None:
-            asyncio.ensure_future(ws.close())
+            background(ws.close())

@@ -18,8 +18,11 @@ Modes, set at any time with :meth:`FaultProxy.set_fault`:
   partition that ended before TCP gave up.
 
 The delay arithmetic (:func:`chunk_delay`) is pure and unit-tested; :class:`FaultProxy` is the
-asyncio shell; :class:`ProxyHost` runs proxies in a child process, so the chaos harness's own
-load (hundreds of agents on the same interpreter) never adds latency to the links it measures.
+asyncio shell, for a caller on the same loop; :class:`ProxyThread` runs one on a loop of its own
+thread, driven synchronously (a test or a bench stage whose own loop must not carry the relay);
+:class:`ProxyHost` runs proxies in a child process, so the chaos harness's own load (hundreds of
+agents on the same interpreter) never adds latency to the links it measures. The tests' and the
+benchmarks' links go through these too: one relay, whatever breaks the link.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import contextlib
 import logging
 import multiprocessing
 import random
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Literal
@@ -69,6 +73,10 @@ class LinkFault:
 
 
 PASS = LinkFault()
+#: the peer went away: open connections reset, new ones refused (until PASS again, on the same port)
+CUT = LinkFault("cut")
+#: a partition: connections stay up, nothing moves (until PASS again)
+BLACKHOLE = LinkFault("blackhole")
 
 
 def chunk_delay(fault: LinkFault, rand: Callable[[], float]) -> float:
@@ -133,6 +141,10 @@ class FaultProxy:
     async def start(self) -> int:
         await self._listen()
         return self.port
+
+    def retarget(self, host: str, port: int) -> None:
+        """Connections from now on go to ``host:port`` (a server that moved, a replacement PBX)."""
+        self.target = (host, port)
 
     async def _listen(self) -> None:
         self._server = await asyncio.start_server(self._on_client, "127.0.0.1", self.port, reuse_address=True)
@@ -329,6 +341,63 @@ class ProxyHost:
             self._process.join(5)
 
     def __enter__(self) -> ProxyHost:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---- a thread hosting one proxy -------------------------------------------------------------------
+
+
+class ProxyThread:
+    """One :class:`FaultProxy` on an event loop of its own thread, driven synchronously."""
+
+    def __init__(self, name: str, target_host: str, target_port: int, port: int = 0, seed: int = 0) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"proxy-{name}", daemon=True)
+        self._proxy = FaultProxy(name, target_host, target_port, port, seed)
+
+    @property
+    def port(self) -> int:
+        return self._proxy.port
+
+    @property
+    def stats(self) -> LinkStats:
+        return self._proxy.stats
+
+    def start(self) -> ProxyThread:
+        self._thread.start()
+        self._call(self._proxy.start())
+        return self
+
+    def set_fault(self, fault: LinkFault, *, wait: bool = True) -> None:
+        """Applied when this returns; ``wait=False`` only asks for it (a caller whose own loop is being
+        measured must not block on another thread)."""
+        if wait:
+            self._call(self._proxy.set_fault(fault))
+        else:
+            asyncio.run_coroutine_threadsafe(self._proxy.set_fault(fault), self._loop)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._call(self._shutdown())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    async def _shutdown(self) -> None:
+        await self._proxy.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    def __enter__(self) -> ProxyThread:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

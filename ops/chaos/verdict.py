@@ -34,17 +34,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ops.drill.truth import SeenCall, TruthCall, judge, parse_truth, percentile
+from ws_node.creatio_protocol import MsgEventType
 
-RING_STARTED = 5
-RING_FINISHED = 6
-COMMUTATION_STARTED = 7
-ABONENT_BUSY = 13
-SNAPSHOT = 10
-EVENT_NAMES = {RING_STARTED: "RING_STARTED", COMMUTATION_STARTED: "COMMUTATION_STARTED",
-               RING_FINISHED: "RING_FINISHED", ABONENT_BUSY: "ABONENT_BUSY"}
+# Creatio's event numbers, from the one module that has them (the drill and the bench use it too).
+RING_STARTED, RING_FINISHED = MsgEventType.RING_STARTED, MsgEventType.RING_FINISHED
+COMMUTATION_STARTED, ABONENT_BUSY = MsgEventType.COMMUTATION_STARTED, MsgEventType.ABONENT_BUSY
+#: a call seen in a snapshot, recorded among the events
+SNAPSHOT = MsgEventType.ACTIVE_CALL_SNAPSHOT
+EVENT_NAMES: dict[int, str] = {
+    kind: kind.name for kind in (RING_STARTED, COMMUTATION_STARTED, RING_FINISHED, ABONENT_BUSY)
+}
 #: call events that happen at most once per call and line in the traffic mix
 ONCE_EVENTS = frozenset(EVENT_NAMES)
-ORDER = {RING_STARTED: 0, COMMUTATION_STARTED: 1, ABONENT_BUSY: 1, RING_FINISHED: 2}
+ORDER: dict[int, int] = {RING_STARTED: 0, COMMUTATION_STARTED: 1, ABONENT_BUSY: 1, RING_FINISHED: 2}
 
 #: (scenario, role) -> events the line's agent must get; role 0 is the line dialled, 1 the queue's
 #: second member. Checked against a fault-free baseline at the start of every run.

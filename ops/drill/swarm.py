@@ -18,10 +18,7 @@ from typing import Any
 import websockets
 
 from ops.drill.truth import SeenCall
-
-LIBRARY_INITIALIZED = 1
-CONNECTION_CREATED = 2
-ACTIVE_CALL_SNAPSHOT = 10
+from ws_node.creatio_protocol import MsgEventType
 
 
 @dataclass(slots=True)
@@ -83,19 +80,19 @@ class DrillAgent:
 
     async def _open(self, ws: Any) -> tuple[str, ...]:
         await ws.send(json.dumps({"command": "LoadLibrary", "parameters": {"libraryName": "Asterisk"}}))
-        await self._until(ws, LIBRARY_INITIALIZED)
+        await self._until(ws, MsgEventType.LIBRARY_INITIALIZED)
         params = json.dumps({"ExtensionName": self.line, "debugMode": False})
         await ws.send(json.dumps({"command": "OpenConnection", "parameters": {"connectionParams": params}}))
-        await self._until(ws, CONNECTION_CREATED)
+        await self._until(ws, MsgEventType.CONNECTION_CREATED)
         await ws.send(json.dumps({"command": "QueryActiveCallSnapshot", "parameters": {}}))
-        content = await self._until(ws, ACTIVE_CALL_SNAPSHOT)
+        content = await self._until(ws, MsgEventType.ACTIVE_CALL_SNAPSHOT)
         calls = (content or {}).get("ActiveCalls") or []
         ids = []
         for call in calls:
             if isinstance(call, str):
                 call = json.loads(call)
             ids.append(str(call.get("id")))
-            self._note(call, ACTIVE_CALL_SNAPSHOT)
+            self._note(call, MsgEventType.ACTIVE_CALL_SNAPSHOT)
         return tuple(ids)
 
     async def _until(self, ws: Any, event_type: int) -> Any:

@@ -20,10 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-RING_STARTED = 5
-RING_FINISHED = 6
-COMMUTATION_STARTED = 7
-
+from ws_node.creatio_protocol import MsgEventType
 
 #: Scenarios in which the line's own leg lasts as long as the whole call, so "the simulator says
 #: the call is live" implies "the agent's call is live". In the others (no answer, a queue's
@@ -53,7 +50,7 @@ class SeenCall:
 
     @property
     def finished(self) -> bool:
-        return RING_FINISHED in self.event_types
+        return MsgEventType.RING_FINISHED in self.event_types
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,13 +34,26 @@ def _call_of(content: object) -> dict[str, object]:
 
 
 def test_every_process_serves_metrics_and_health(cluster: LocalCluster) -> None:
-    for name, url in cluster.urls().items():
-        if url.endswith("/metrics"):
-            status, body = http_get(url)
-            assert status == 200, name
-            assert b"# TYPE" in body, name
-    status, body = http_get(f"http://127.0.0.1:{cluster.options.gateway_metrics_port}/health")
-    assert status == 200 and json.loads(body)["ami"] == "connected"
+    def at(port: int, health: str = "/health") -> tuple[str, str]:
+        return f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{port}{health}"
+
+    processes = {name: at(port) for name, port in zip(cluster.gateway_names, cluster.gateway_ports, strict=True)}
+    processes |= {f"node{i + 1}": at(port) for i, port in enumerate(cluster.node_ports)}
+    processes["simulator"] = at(cluster.options.simulator_control_port)
+    processes["haproxy"] = at(cluster.options.stats_port, "/healthz")  # its monitor-uri
+    assert sorted(processes) == sorted(c.name for c in cluster.children)  # every process the launcher started
+    answers = {}
+    for name, (metrics, health) in processes.items():
+        status, body = http_get(metrics)
+        assert status == 200 and b"# TYPE" in body, name
+        status, body = http_get(health)
+        assert status == 200, name
+        answers[name] = body
+    gateways = [json.loads(answers[name]) for name in cluster.gateway_names]
+    assert sorted(g["role"] for g in gateways) == ["active", "standby"]
+    assert all(g["ami"] == "connected" for g in gateways)  # the standby is logged in too, events off
+    nodes = [json.loads(answers[f"node{i + 1}"]) for i in range(len(cluster.node_ports))]
+    assert all(n["broker"] == "connected" and n["feed"] == "running" for n in nodes)
 
 
 def test_inbound_call_rings_the_agent_through_haproxy(cluster: LocalCluster) -> None:

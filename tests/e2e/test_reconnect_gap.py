@@ -22,23 +22,30 @@ import redis
 
 from local_cluster.infra import Infrastructure
 from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
+from ops.chaos.fault_proxy import CUT, PASS, ProxyThread
 from services.wire import EventType, LineEvent
 from tests.e2e.test_signalr import SignalRAgent, content, ensure_signalr_client, opened
 from tests.support.creatio_client import (
+    ABONENT_BUSY,
     ACTIVE_CALL_SNAPSHOT,
+    CALL_INFO_CHANGED,
     COMMUTATION_STARTED,
+    END_HOLD_ACTION,
     ERROR,
+    PUT_HOLD_ACTION,
     RING_FINISHED,
     RING_STARTED,
     CreatioAgent,
     Received,
     calls_in_snapshot,
 )
-from tests.support.link_proxy import LinkProxy
 
 pytestmark = pytest.mark.e2e
 
 CALLER = "79160001122"
+#: every event that tells the client about a call
+CALL_EVENTS = frozenset({RING_STARTED, COMMUTATION_STARTED, RING_FINISHED, PUT_HOLD_ACTION, END_HOLD_ACTION,
+                         CALL_INFO_CHANGED, ABONENT_BUSY})
 
 
 def metric(cluster: LocalCluster, name: str, **labels: str) -> float:
@@ -132,11 +139,16 @@ def test_calls_that_rang_and_ended_during_a_drop_are_not_replayed(cluster: Local
             assert metric(cluster, "cms_node_replayed_events_total") == replayed_before
             assert metric(cluster, "cms_node_reconnect_catchups_total", outcome="replayed") >= 1  # gap was read
 
-            # a second reconnect with nothing new in between replays nothing
-            await asyncio.sleep(1.0)
+            # a second reconnect with nothing new in between finds nothing missed and replays nothing
+            await asyncio.sleep(1.0)  # the node writes the position the first catch-up reached every 0.5 s
+            nothing_missed = metric(cluster, "cms_node_reconnect_catchups_total", outcome="nothing_missed")
+            replayed_before = metric(cluster, "cms_node_replayed_events_total")
             await agent.reconnect()
             gap, snapshot = before_snapshot(agent)
-            assert gap == [] or all(e.event_type not in (RING_STARTED, RING_FINISHED) for e in gap)
+            assert [e.event_type for e in gap if e.event_type in CALL_EVENTS] == []
+            assert calls_in_snapshot(snapshot) == []
+            assert metric(cluster, "cms_node_reconnect_catchups_total", outcome="nothing_missed") == nothing_missed + 1
+            assert metric(cluster, "cms_node_replayed_events_total") == replayed_before
         finally:
             await agent.close()
 
@@ -369,7 +381,7 @@ def test_broker_outage_keeps_every_agent_connected_and_calls_ring_after(infra: I
     and calls ring after."""
     signalr_script = ensure_signalr_client()
     target = urllib.parse.urlsplit(infra.amqp_url)
-    proxy = LinkProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy = ProxyThread("broker", target.hostname or "127.0.0.1", target.port or 5672)
     proxy.start()
     credentials = target.netloc.rpartition("@")[0]
     proxied = target._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}").geturl()
@@ -393,7 +405,7 @@ def test_broker_outage_keeps_every_agent_connected_and_calls_ring_after(infra: I
         await opened(signalr)
         try:
             for outage in (5.0, 30.0):
-                proxy.cut()
+                proxy.set_fault(CUT)
                 cut_at = time.monotonic()
                 await wait_broker(cluster, "down", timeout=20)
                 assert all(status == 200 for status, _body in node_health(cluster))
@@ -411,7 +423,7 @@ def test_broker_outage_keeps_every_agent_connected_and_calls_ring_after(infra: I
                     assert haproxy_up(cluster) == len(cluster.node_ports)
                     assert not any(agent.closed for agent in agents)
                     await asyncio.sleep(0.5)
-                proxy.restore()
+                proxy.set_fault(PASS)
                 await wait_broker(cluster, "connected")
 
                 # the call of the outage reaches its agent whole (republished or repaired from Redis)
@@ -443,7 +455,7 @@ def test_broker_outage_keeps_every_agent_connected_and_calls_ring_after(infra: I
         asyncio.run(main())
     finally:
         cluster.stop()
-        proxy.close()
+        proxy.stop()
 
 
 def test_redis_emptied_under_a_connected_agent_the_next_call_still_rings(cluster: LocalCluster) -> None:

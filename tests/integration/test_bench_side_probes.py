@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from bench.proxy import TcpProxy
 from bench.side_probes import SideProbes
 from bench.stages_gateway import _host_port, _swap_port
 from local_cluster.infra import Infrastructure
+from ops.chaos.fault_proxy import BLACKHOLE, PASS, ProxyThread
 
 pytestmark = pytest.mark.integration
 
@@ -29,16 +29,16 @@ def test_probes_measure_both_engines(infra: Infrastructure) -> None:
 
 
 def test_a_held_broker_shows_as_a_long_hop(infra: Infrastructure) -> None:
-    proxy = TcpProxy(*_host_port(infra.amqp_url, 5672)).start()
+    proxy = ProxyThread("broker", *_host_port(infra.amqp_url, 5672)).start()
     try:
         with SideProbes(_swap_port(infra.amqp_url, proxy.port), infra.redis_url) as probes:
             deadline = time.monotonic() + 15
             while not probes.broker and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert probes.broker, f"no broker hop through the proxy: {probes.errors}"
-            proxy.set_mode("hold")
+            proxy.set_fault(BLACKHOLE)
             time.sleep(0.6)
-            proxy.set_mode("pass")
+            proxy.set_fault(PASS)
             time.sleep(0.5)
     finally:
         proxy.stop()

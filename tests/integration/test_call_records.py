@@ -20,7 +20,7 @@ from ami_gateway.call_record_model import proposed_uid
 from ami_gateway.call_records import CallRecordSaver
 from local_cluster.infra import Infrastructure
 from services.config import CallRecordsConfig
-from services.wire import Call, CallState, Command, CommandName, Direction, EventType, LineEvent
+from services.wire import Call, CallState, Command, CommandName, Direction, EventType, LineEvent, RecordOwnerArgs
 from tests.support.creatio_site import CreatioSite, running_site
 
 pytestmark = pytest.mark.integration
@@ -59,7 +59,7 @@ class Harness:
 
     async def own(self, line: str = LINE, contact: str = CONTACT, url: str = "") -> bool:
         result = await self.saver.set_owner(Command(uuid.uuid4().hex, line, CommandName.RECORD_OWNER,
-                                                    {"contact": contact, "service_url": url, "user": "u1"}))
+                                                    RecordOwnerArgs(contact, service_url=url, user="u1")))
         return result.ok
 
 

@@ -14,10 +14,21 @@ from prometheus_client import REGISTRY
 
 from ami_gateway.event_outbox import EventOutbox, EventPublisher, Sequencer
 from local_cluster.infra import Infrastructure
+from ops.chaos.fault_proxy import CUT, PASS, FaultProxy
 from services.broker import QUORUM
 from services.line_state import LineSnapshot, LineStateReader, LineStateWriter
 from services.topology import Topology
-from services.wire import Call, CallState, Command, CommandName, CommandResult, Direction, EventType, LineEvent
+from services.wire import (
+    Call,
+    CallState,
+    Command,
+    CommandName,
+    CommandResult,
+    DialArgs,
+    Direction,
+    EventType,
+    LineEvent,
+)
 from ws_node.line_feed import LineFeed, RabbitNodeBus
 
 pytestmark = pytest.mark.integration
@@ -133,7 +144,7 @@ def test_commands_round_trip_and_stale_commands_expire(infra: Infrastructure, pr
                     async for message in messages:
                         async with message.process():
                             command = Command.decode(message.body)
-                            result = CommandResult(command.id, ok=True, data={"echo": command.args["number"]})
+                            result = CommandResult(command.id, ok=True, data={"echo": command.args_as(DialArgs).number})
                             await channel.default_exchange.publish(
                                 aio_pika.Message(result.encode(), correlation_id=command.id),
                                 routing_key=message.reply_to or "",
@@ -141,11 +152,11 @@ def test_commands_round_trip_and_stale_commands_expire(infra: Infrastructure, pr
                         return
 
             # Stale: nobody consumes for longer than the TTL, so the broker drops it.
-            stale = Command("old", "305", CommandName.MAKE_CALL, {"number": "1"}, issued_at=time.time())
+            stale = Command("old", "305", CommandName.MAKE_CALL, DialArgs("1"), issued_at=time.time())
             result = await feed.send_command(stale, timeout=1.5)
             assert not result.ok and "did not answer" in result.error
             answerer = asyncio.create_task(answer_one())
-            fresh = Command("new", "305", CommandName.MAKE_CALL, {"number": "5551234"}, issued_at=time.time())
+            fresh = Command("new", "305", CommandName.MAKE_CALL, DialArgs("5551234"), issued_at=time.time())
             result = await feed.send_command(fresh, timeout=5)
             assert result.ok and result.data == {"echo": "5551234"}
             await answerer
@@ -159,61 +170,6 @@ def test_commands_round_trip_and_stale_commands_expire(infra: Infrastructure, pr
     asyncio.run(main())
 
 
-class TcpProxy:
-    """A loopback TCP relay we can cut: the node's broker link goes through it, nothing else."""
-
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        self.upstream = (upstream_host, upstream_port)
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            writer.close()
-            return
-        self._writers.update((writer, up_writer))
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            dst.close()
-            self._writers.discard(dst)
-
-    async def cut(self) -> None:
-        """Refuse new connections and reset the open ones, as a dead link would."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for writer in list(self._writers):
-            transport = writer.transport
-            transport.abort()
-        self._writers.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def restore(self) -> None:
-        await self.start()  # same port
-
-
 def test_broker_link_cut_events_published_meanwhile_arrive_in_order(infra: Infrastructure, prefix: str) -> None:
     async def main() -> None:
         topology = Topology(prefix)
@@ -223,7 +179,7 @@ def test_broker_link_cut_events_published_meanwhile_arrive_in_order(infra: Infra
         publisher = EventPublisher(infra.amqp_url, topology)  # the gateway's link is not cut
         outbox = EventOutbox(writer, publisher, sequencer)
         amqp = urllib.parse.urlsplit(infra.amqp_url)
-        proxy = TcpProxy(amqp.hostname or "127.0.0.1", amqp.port or 5672)
+        proxy = FaultProxy("proxy", amqp.hostname or "127.0.0.1", amqp.port or 5672)
         await proxy.start()
         credentials = amqp.netloc.rpartition("@")[0]
         proxied_url = amqp._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}").geturl()
@@ -241,14 +197,14 @@ def test_broker_link_cut_events_published_meanwhile_arrive_in_order(infra: Infra
             outbox.put([_event("305", n) for n in range(1, 4)])
             await _wait_until(lambda: len(collector.events) == 3)
 
-            await proxy.cut()
+            await proxy.set_fault(CUT)
             await _wait_until(lambda: not feed.connected.is_set())
             outbox.put([_event("305", n) for n in range(4, 31)])  # published while the node is away
             assert await outbox.wait_idle(10)
             await asyncio.sleep(0.5)
             assert len(collector.events) == 3
 
-            await proxy.restore()
+            await proxy.set_fault(PASS)
             await asyncio.wait_for(feed.connected.wait(), 20)
             await _wait_until(lambda: len(collector.events) == 30)
             outbox.put([_event("305", n) for n in range(31, 36)])  # and live again after
@@ -263,7 +219,7 @@ def test_broker_link_cut_events_published_meanwhile_arrive_in_order(infra: Infra
             with contextlib.suppress(asyncio.CancelledError):
                 await drain
             await feed.stop()
-            await proxy.cut()
+            await proxy.set_fault(CUT)
             await publisher.close()
             await _cleanup(infra, prefix, redis_client)
             await redis_client.aclose()

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
+from ami.protocol import AmiMessage
 from ami_gateway.ami_client import AmiClient, AmiFenced, AmiSession
-from ami_gateway.ami_protocol import AmiMessage
 from ami_simulator.server import AmiSimulator, User, parse_classes
 from services.backoff import Backoff
 from tests.integration.test_gateway_proxy import SECRET, wait_until

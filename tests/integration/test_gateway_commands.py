@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from ami_gateway.queue_policy import AUTO_PAUSE_REASON
 from ami_simulator.model import Call as SimCall
 from ami_simulator.server import AmiSimulator, User, parse_classes
 from local_cluster.infra import Infrastructure
-from services.wire import CallState, Command, CommandName, EventType, LineEvent
+from services.wire import CallState, Command, CommandName, DialArgs, EventType, LineEvent
 from tests.integration.test_gateway_proxy import (
     SECRET,
     CommandClient,
@@ -141,14 +142,14 @@ def test_a_redelivered_command_without_its_claim_is_not_carried_out_again(infra:
                            if c.variables.get("line") == "307")
 
             again = Command(id="redelivered-1", line="307", name=CommandName.MAKE_CALL,
-                            args={"number": "5550001"}, issued_at=time.time())
+                            args=DialArgs("5550001"), issued_at=time.time())
             result = await r.gateway._carry_out(again, redelivered=True)
             assert result is not None and not result.ok and "check the call" in result.error
             assert originated() == 0
             # The same command id delivered once more, now with its claim taken: still not repeated.
             assert not (await r.gateway._carry_out(again)).ok  # type: ignore[union-attr]
             # A first delivery is carried out as ever.
-            first = Command(id="first-1", line="307", name=CommandName.MAKE_CALL, args={"number": "5550002"},
+            first = Command(id="first-1", line="307", name=CommandName.MAKE_CALL, args=DialArgs("5550002"),
                             issued_at=time.time())
             done = await r.gateway._carry_out(first)
             assert done is not None and done.ok, done
@@ -376,6 +377,7 @@ def test_dtmf_is_played_to_the_far_end(infra: Infrastructure, prefix: str) -> No
             first = await observer.event("DTMFEnd", Digit="1")
             second = await observer.event("DTMFEnd", Digit="#")
             assert first["Channel"] == second["Channel"] == call.planned[0]  # the trunk, toward the caller
+            assert call.to_json()["dtmf"] == "1#"  # what an end-to-end test reads from GET /calls
             bad = await r.send("305", CommandName.DTMF, call_id=call_id, digits="9x")
             assert not bad.ok and "digits" in bad.error
 
@@ -420,6 +422,25 @@ def test_pause_and_unpause_in_every_queue_with_a_reason(infra: Infrastructure, p
     run(main())
 
 
+def test_an_older_nodes_command_is_carried_out_and_a_broken_one_is_answered(infra: Infrastructure,
+                                                                            prefix: str) -> None:
+    async def main() -> None:
+        async with rig(infra, prefix) as r:
+            # What a node of the previous build sends: wrap_up's flag as the string "true".
+            old = {"v": 1, "id": "old-1", "line": "305", "name": "wrap_up", "args": {"active": "true"},
+                   "issued_at": time.time()}
+            assert (await r.commands.send_body("old-1", json.dumps(old).encode())).ok
+            await wait_until(lambda: [m.paused_reason for m in r.sim.model.find_members("305")] == ["Wrap-up"] * 2,
+                             what="wrap-up")
+            # A command whose arguments do not fit is answered with what is wrong, not left to time out.
+            broken = {**old, "id": "bad-1", "name": "set_dnd", "args": {"mode": "maybe"}}
+            result = await r.commands.send_body("bad-1", json.dumps(broken).encode())
+            assert not result.ok
+            assert result.error == "bad command: set_dnd.mode must be one of on, off, toggle, not 'maybe'"
+
+    run(main())
+
+
 def test_auto_pause_on_answer_and_restore_after_the_call(infra: Infrastructure, prefix: str) -> None:
     async def main() -> None:
         async with rig(infra, prefix, auto_pause_on_commutation_start=True) as r:
@@ -437,6 +458,27 @@ def test_auto_pause_on_answer_and_restore_after_the_call(infra: Infrastructure, 
             assert not any(m.paused for m in r.sim.model.find_members("Local/305@from-queue/n"))
 
     run(main())
+
+
+def test_auto_pause_refused_for_want_of_the_agent_class_says_which_class(
+    infra: Infrastructure, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """autoPauseOnCommutationStart's QueuePause is planned and sent as the agents' own: a refusal is explained
+    the same way (it was hand-built in app.py and logged Asterisk's bare "Permission denied")."""
+    caplog.set_level(logging.WARNING, logger="ami_gateway.app")
+    no_agent_class = User(SECRET, parse_classes("call,agent,originate"), parse_classes("call,originate"))
+
+    async def main() -> None:
+        async with rig(infra, prefix, auto_pause_on_commutation_start=True,
+                       sim_options={"users": {"admin": no_agent_class}}) as r:
+            await r.connected_call()
+            await wait_until(lambda: any("auto pause of line 305 not done" in m for m in caplog.messages),
+                             what="the refusal logged")
+            assert not any(m.paused for m in r.sim.model.find_members("305"))
+
+    run(main())
+    refusal = next(m for m in caplog.messages if "auto pause of line 305 not done" in m)
+    assert refusal.endswith("QueuePause was refused: the AMI user needs write = agent in manager.conf")
 
 
 def test_auto_pause_keeps_the_agents_own_choice_and_wrap_up(infra: Infrastructure, prefix: str) -> None:

@@ -24,101 +24,12 @@ from local_cluster.infra import Infrastructure
 from services.broker import QUORUM
 from services.config import AsteriskConfig, ClusterConfig, Settings
 from services.topology import Topology
-from services.wire import Command, CommandName, CommandResult, LineEvent
+from services.wire import Command, CommandName, CommandResult, LineEvent, command_args
 
 pytestmark = pytest.mark.integration
 
 SECRET = "s3cret"
 TIMEOUT = 15.0
-
-
-class TcpProxy:
-    """Loopback TCP proxy: ``pause()`` holds bytes both ways (the peers see silence, TCP stays up), ``cut()``
-    aborts every connection and refuses new ones until ``restore()``; ``retarget()`` changes the upstream."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self._server: asyncio.Server | None = None
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-        self._refusing = False
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.connections = 0
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def start(self) -> TcpProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return self
-
-    def pause(self) -> None:
-        self._flowing.clear()
-
-    def resume(self) -> None:
-        self._flowing.set()
-
-    def cut(self) -> None:
-        self._refusing = True
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-
-    def restore(self) -> None:
-        self._refusing = False
-        self._flowing.set()
-
-    def retarget(self, port: int) -> None:
-        self.target_port = port
-
-    async def stop(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._refusing:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.connections += 1
-        self._writers.update((writer, up_writer))
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(src, dst))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                data = await src.read(65536)
-                if not data:
-                    break
-                await self._flowing.wait()
-                if dst.is_closing():
-                    break
-                dst.write(data)
-                await dst.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self._writers.discard(dst)
-            if not dst.is_closing():
-                dst.close()
-
-
-# ---- the gateway and its peers on the bus -----------------------------------------------------------
 
 
 def gateway_settings(infra: Infrastructure, prefix: str, ami_port: int, *, amqp_url: str | None = None,
@@ -216,19 +127,23 @@ class CommandClient:
 
     async def send(self, line: str, name: CommandName, timeout: float = TIMEOUT, issued_at: float | None = None,
                    **args: str) -> CommandResult:
-        assert self._channel is not None
-        command = Command(id=uuid.uuid4().hex, line=line, name=name, args=args,
+        command = Command(id=uuid.uuid4().hex, line=line, name=name, args=command_args(name, args),
                           issued_at=time.time() if issued_at is None else issued_at)
+        return await self.send_body(command.id, command.encode(), timeout)
+
+    async def send_body(self, command_id: str, body: bytes, timeout: float = TIMEOUT) -> CommandResult:
+        """Publish ``body`` as it is (a command of another version, a broken one) and await its answer."""
+        assert self._channel is not None
         future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
-        self._answers[command.id] = future
+        self._answers[command_id] = future
         await self._channel.default_exchange.publish(
-            aio_pika.Message(body=command.encode(), reply_to=self._reply_queue, correlation_id=command.id),
+            aio_pika.Message(body=body, reply_to=self._reply_queue, correlation_id=command_id),
             routing_key=self._topology.commands_queue,
         )
         try:
             return await asyncio.wait_for(future, timeout)
         finally:
-            self._answers.pop(command.id, None)
+            self._answers.pop(command_id, None)
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -265,35 +180,3 @@ async def _echo_server() -> asyncio.Server:
     return await asyncio.start_server(echo, "127.0.0.1", 0)
 
 
-def test_proxy_forwards_pauses_cuts_and_restores() -> None:
-    async def main() -> None:
-        server = await _echo_server()
-        proxy = await TcpProxy(server.sockets[0].getsockname()[1]).start()
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-            writer.write(b"ping")
-            assert await asyncio.wait_for(reader.read(4), 5) == b"ping"
-            proxy.pause()
-            writer.write(b"held")
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(reader.read(4), 0.3)
-            proxy.resume()
-            assert await asyncio.wait_for(reader.read(4), 5) == b"held"
-            proxy.cut()
-            assert await asyncio.wait_for(reader.read(4), 5) == b""
-            writer.close()
-            r2, w2 = await asyncio.open_connection("127.0.0.1", proxy.port)  # refused: closed at once
-            with contextlib.suppress(ConnectionError):
-                assert await asyncio.wait_for(r2.read(4), 5) == b""
-            w2.close()
-            proxy.restore()
-            r3, w3 = await asyncio.open_connection("127.0.0.1", proxy.port)
-            w3.write(b"back")
-            assert await asyncio.wait_for(r3.read(4), 5) == b"back"
-            w3.close()
-        finally:
-            await proxy.stop()
-            server.close()
-            await server.wait_closed()
-
-    asyncio.run(main())

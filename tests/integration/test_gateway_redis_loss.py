@@ -21,13 +21,13 @@ import redis.asyncio as aioredis
 from ami_gateway.app import Gateway, run_gateway
 from ami_simulator.server import AmiSimulator
 from local_cluster.infra import Infrastructure, free_port, port_open
+from ops.chaos.fault_proxy import CUT, PASS, FaultProxy
 from services.config import Settings
 from services.line_state import LineSnapshot, LineStateReader
 from services.wire import CallState, EventType
 from tests.integration.test_gateway_proxy import (
     SECRET,
     EventListener,
-    TcpProxy,
     cleanup,
     gateway_settings,
     running_gateway,
@@ -157,7 +157,8 @@ def test_redis_unreachable_the_active_keeps_reading_and_resumes_its_term_in_orde
 
     async def main() -> None:
         redis_port = urlsplit(infra.redis_url).port or 6379
-        proxy = await TcpProxy(redis_port).start()
+        proxy = FaultProxy("proxy", "127.0.0.1", redis_port)
+        await proxy.start()
         listener = await EventListener(infra.amqp_url, prefix).start(["399", *lines])
         sim = AmiSimulator(port=0, users={"admin": SECRET}, time_scale=0.01, max_client_buffer=128 * 1024, queues={})
         await sim.start()
@@ -175,7 +176,7 @@ def test_redis_unreachable_the_active_keeps_reading_and_resumes_its_term_in_orde
                     epoch = first.epoch
                     seen_before = len(listener.events)
 
-                    proxy.cut()  # Redis unreachable for both gateways
+                    await proxy.set_fault(CUT)  # Redis unreachable for both gateways
                     cut_at = time.monotonic()
                     calls = [sim.play("inbound-direct-answered", line=line, caller=f"7916{n:07d}")
                              for n in range(2) for line in lines]
@@ -191,7 +192,7 @@ def test_redis_unreachable_the_active_keeps_reading_and_resumes_its_term_in_orde
                     await asyncio.sleep(max(0.0, 10.0 - (time.monotonic() - cut_at)))  # several lease ttls
                     assert not active.lease.held()
 
-                    proxy.restore()
+                    await proxy.set_fault(PASS)
                     restored_at = time.monotonic()
                     await wait_until(lambda: len(listener.events) - seen_before >= produced, 30, "all delivered")
                     print(f"Redis back: all {produced} waiting events delivered "
@@ -203,7 +204,7 @@ def test_redis_unreachable_the_active_keeps_reading_and_resumes_its_term_in_orde
             await recorder.close()
             await sim.stop()
             await listener.close()
-            await proxy.stop()
+            await proxy.close()
             await cleanup(infra, prefix)
 
         expected = recorder.expected(set(lines))
@@ -285,7 +286,8 @@ def test_outbox_overflow_while_redis_is_away_restarts_under_a_new_epoch_with_the
 
     async def main() -> None:
         redis_port = urlsplit(infra.redis_url).port or 6379
-        proxy = await TcpProxy(redis_port).start()
+        proxy = FaultProxy("proxy", "127.0.0.1", redis_port)
+        await proxy.start()
         listener = await EventListener(infra.amqp_url, prefix).start(["305", *lines])
         sim = AmiSimulator(port=0, users={"admin": SECRET}, time_scale=0.01, queues={})
         await sim.start()
@@ -300,13 +302,13 @@ def test_outbox_overflow_while_redis_is_away_restarts_under_a_new_epoch_with_the
                 assert up.call is not None
                 sim.time_scale = 0.01
 
-                proxy.cut()
+                await proxy.set_fault(CUT)
                 calls = [sim.play("inbound-direct-answered", line=line, caller=f"7916{n:07d}")
                          for n in range(2) for line in lines]  # 60 events: more than the outbox holds
                 for call in calls:
                     await sim.wait_call(call, 30)
                 await asyncio.sleep(3.0)  # past the lease ttl
-                proxy.restore()
+                await proxy.set_fault(PASS)
 
                 restated = await listener.wait_for(
                     lambda e: e.line == "305" and e.epoch != up.epoch, 20, "305 restated under a new epoch")
@@ -324,7 +326,7 @@ def test_outbox_overflow_while_redis_is_away_restarts_under_a_new_epoch_with_the
             await client.aclose()
             await sim.stop()
             await listener.close()
-            await proxy.stop()
+            await proxy.close()
             await cleanup(infra, prefix)
 
     asyncio.run(main())

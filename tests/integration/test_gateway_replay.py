@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ami_simulator.scenario import load_scenario
+from ami.scenario import load_scenario
 from ami_simulator.server import AmiSimulator
 from local_cluster.infra import Infrastructure
 from services.wire import LineEvent

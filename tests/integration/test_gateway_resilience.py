@@ -10,17 +10,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from ami.protocol import AmiMessage, AmiParser, encode_action
 from ami_gateway.ami_client import AMI_DISCONNECTS
-from ami_gateway.ami_protocol import AmiMessage, AmiParser, encode_action
 from ami_gateway.lines import LineMatcher
 from ami_gateway.tracker import CallTracker
 from ami_simulator.server import AmiSimulator
 from local_cluster.infra import Infrastructure
+from ops.chaos.fault_proxy import BLACKHOLE, CUT, PASS, FaultProxy
 from services.wire import CallState, EventType, LineEvent
 from tests.integration.test_gateway_proxy import (
     SECRET,
     EventListener,
-    TcpProxy,
     cleanup,
     gateway_settings,
     running_gateway,
@@ -87,7 +87,8 @@ def test_broker_outage_during_a_burst_loses_nothing_and_keeps_order(infra: Infra
 
     async def main() -> None:
         amqp_port = urlsplit(infra.amqp_url).port or 5672
-        broker = await TcpProxy(amqp_port).start()
+        broker = FaultProxy("broker", "127.0.0.1", amqp_port)
+        await broker.start()
         listener = await EventListener(infra.amqp_url, prefix).start(["399", *burst_lines])
         # A small per-client buffer: a gateway that stopped reading for a moment would be cut by the simulator.
         sim = AmiSimulator(port=0, users={"admin": SECRET}, time_scale=0.01, max_client_buffer=128 * 1024,
@@ -103,7 +104,7 @@ def test_broker_outage_during_a_burst_loses_nothing_and_keeps_order(infra: Infra
                 await listener.wait_for(lambda e: e.line == "399" and e.type is EventType.RING_FINISHED)
                 assert gateway.ami is not None and gateway.ami.sessions_established == 1
 
-                broker.cut()  # RabbitMQ unreachable from the gateway
+                await broker.set_fault(CUT)  # RabbitMQ unreachable from the gateway
                 seen_before = len(listener.events)
                 calls = [sim.play("inbound-direct-answered", line=line, caller=f"7916{n:07d}")
                          for n in range(3) for line in burst_lines]
@@ -118,14 +119,14 @@ def test_broker_outage_during_a_burst_loses_nothing_and_keeps_order(infra: Infra
                 assert sim.metrics.clients_dropped._value.get() == 0  # the simulator never had to cut us
                 assert gateway.ami.sessions_established == 1 and gateway.ami.ready.is_set()
 
-                broker.restore()
+                await broker.set_fault(PASS)
                 await wait_until(lambda: gateway.outbox.depth == 0, 30, "outbox drained")
                 await wait_until(lambda: len(listener.events) - seen_before >= produced, 30, "all events delivered")
         finally:
             await recorder.close()
             await sim.stop()
             await listener.close()
-            await broker.stop()
+            await broker.close()
             await cleanup(infra, prefix)
 
         expected = recorder.expected(set(burst_lines))
@@ -144,7 +145,8 @@ def test_pbx_restart_mid_call_ends_the_call_and_announces_the_new_truth(infra: I
         listener = await EventListener(infra.amqp_url, prefix).start(["305", "306"])
         first = AmiSimulator(port=0, users={"admin": SECRET}, queues={"support": ["305", "306"]})
         await first.start()
-        ami = await TcpProxy(first.port).start()
+        ami = FaultProxy("ami", "127.0.0.1", first.port)
+        await ami.start()
         second: AmiSimulator | None = None
         try:
             settings = gateway_settings(infra, prefix, ami.port)
@@ -155,7 +157,7 @@ def test_pbx_restart_mid_call_ends_the_call_and_announces_the_new_truth(infra: I
                 assert up.call is not None and up.call.linked_id == old.id
 
                 # The PBX dies with the call up; while the gateway is away a new PBX has other calls and states.
-                ami.cut()
+                await ami.set_fault(CUT)
                 await first.stop()
                 second = AmiSimulator(port=0, users={"admin": SECRET}, queues={"support": ["305", "306"]})
                 await second.start()
@@ -163,8 +165,8 @@ def test_pbx_restart_mid_call_ends_the_call_and_announces_the_new_truth(infra: I
                     member.paused, member.paused_reason = True, "Meeting"
                 new = second.play("inbound-direct-long", line="306")
                 await wait_until(lambda: any(c.bridge for c in second.model.channels.values()), what="new call up")
-                ami.retarget(second.port)
-                ami.restore()
+                ami.retarget("127.0.0.1", second.port)
+                await ami.set_fault(PASS)
 
                 ended = await listener.wait_for(
                     lambda e: e.line == "305" and e.type is EventType.RING_FINISHED, what="end of the old call"
@@ -189,7 +191,7 @@ def test_pbx_restart_mid_call_ends_the_call_and_announces_the_new_truth(infra: I
             if second is not None:
                 await second.stop()
             await first.stop()
-            await ami.stop()
+            await ami.close()
             await listener.close()
             await cleanup(infra, prefix)
 
@@ -200,22 +202,23 @@ def test_a_silent_ami_session_is_dropped_by_the_keepalive_and_reopened(infra: In
     async def main() -> None:
         sim = AmiSimulator(port=0, users={"admin": SECRET})
         await sim.start()
-        ami = await TcpProxy(sim.port).start()
+        ami = FaultProxy("ami", "127.0.0.1", sim.port)
+        await ami.start()
         before = AMI_DISCONNECTS.labels(reason="ping_timeout")._value.get()
         try:
             settings = gateway_settings(infra, prefix, ami.port)
             async with running_gateway(settings, ping_interval=0.3, ping_timeout=0.5) as gateway:
                 await asyncio.wait_for(gateway.ready.wait(), 10)
                 assert gateway.ami is not None
-                ami.pause()  # TCP stays up, nothing gets through: only the Ping can tell
+                await ami.set_fault(BLACKHOLE)  # TCP stays up, nothing gets through: only the Ping can tell
                 await wait_until(lambda: not gateway.ami.ready.is_set(), 5, "session declared dead")  # type: ignore[union-attr]
                 assert AMI_DISCONNECTS.labels(reason="ping_timeout")._value.get() == before + 1
-                ami.resume()
+                await ami.set_fault(PASS)
                 await wait_until(lambda: gateway.ami.sessions_established == 2, 15, "session reopened")  # type: ignore[union-attr]
-                assert ami.connections >= 2
+                assert ami.stats.accepted >= 2
         finally:
             await sim.stop()
-            await ami.stop()
+            await ami.close()
             await cleanup(infra, prefix)
 
     asyncio.run(main())

@@ -20,11 +20,12 @@ from prometheus_client import REGISTRY
 
 from ami_gateway.event_outbox import EventPublisher, Sequencer
 from local_cluster.infra import Infrastructure
+from ops.chaos.fault_proxy import CUT, PASS, FaultProxy
 from services.delivery_log import AgentKey, DeliveryLog, RedisDeliveryStore
 from services.line_state import LineStateReader, LineStateWriter
 from services.topology import Topology
 from services.wire import Command, CommandName, EventType, LineEvent, StreamPosition
-from tests.integration.test_event_pipeline import Collector, TcpProxy, _cleanup, _event
+from tests.integration.test_event_pipeline import Collector, _cleanup, _event
 from tests.support.hand_gateway import HandGateway
 from tests.support.waiting import until
 from ws_node.line_feed import LineFeed, RabbitNodeBus
@@ -40,7 +41,7 @@ async def _until(predicate: Callable[[], bool], timeout: float = 15.0, what: str
 Gateway = HandGateway[LineStateWriter, EventPublisher]
 
 
-def _proxied(url: str, proxy: TcpProxy) -> str:
+def _proxied(url: str, proxy: FaultProxy) -> str:
     parts = urllib.parse.urlsplit(url)
     credentials = parts.netloc.rpartition("@")[0]
     netloc = f"{credentials}@127.0.0.1:{proxy.port}" if credentials else f"127.0.0.1:{proxy.port}"
@@ -226,7 +227,7 @@ def test_redis_unreachable_live_events_still_flow_and_the_line_resyncs_after(
 
     async def main() -> None:
         target = urllib.parse.urlsplit(infra.redis_url)
-        proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+        proxy = FaultProxy("proxy", target.hostname or "127.0.0.1", target.port or 6379)
         await proxy.start()
         node_redis_url = target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
         try:
@@ -236,7 +237,7 @@ def test_redis_unreachable_live_events_still_flow_and_the_line_resyncs_after(
                 await gateway.emit(*(_event("310", n) for n in range(1, 3)))
                 await _until(lambda: len(tab.events) == 2)
 
-                await proxy.cut()
+                await proxy.set_fault(CUT)
                 await gateway.emit(_event("310", 3))  # continues: no Redis needed
                 await _until(lambda: len(tab.events) == 3)
                 await gateway.emit(_event("310", 4), publish=False)  # missed by the node
@@ -248,14 +249,14 @@ def test_redis_unreachable_live_events_still_flow_and_the_line_resyncs_after(
                 assert [e.seq for e in tab.events] == [1, 2, 3, 5, 1]
                 assert not feed.redis_available
 
-                await proxy.restore()
+                await proxy.set_fault(PASS)
                 await _until(lambda: len(tab.resyncs) == 1, timeout=30, what="resync after Redis returned")
                 assert feed.redis_available
                 assert (tab.resyncs[0].epoch, tab.resyncs[0].seq) == (gateway.sequencer.epoch, 1)
                 await gateway.emit(_event("310", 7))
                 await _until(lambda: len(tab.events) == 6)
         finally:
-            await proxy.cut()
+            await proxy.set_fault(CUT)
 
     asyncio.run(main())
 
@@ -266,7 +267,7 @@ def test_broker_cut_commands_fail_fast_and_the_line_is_repaired_after(infra: Inf
 
     async def main() -> None:
         target = urllib.parse.urlsplit(infra.amqp_url)
-        proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+        proxy = FaultProxy("proxy", target.hostname or "127.0.0.1", target.port or 5672)
         await proxy.start()
         try:
             async with _world(infra, prefix, amqp_url=_proxied(infra.amqp_url, proxy)) as (gateway, feed, _redis):
@@ -275,17 +276,20 @@ def test_broker_cut_commands_fail_fast_and_the_line_is_repaired_after(infra: Inf
                 await gateway.emit(_event("311", 1))
                 await _until(lambda: len(tab.events) == 1)
 
-                await proxy.cut()
+                await proxy.set_fault(CUT)
                 await _until(lambda: not feed.connected.is_set())
+                failures = REGISTRY.get_sample_value("cms_broker_errors_total") or 0.0
                 started = time.monotonic()
                 result = await feed.send_command(Command(id="c1", name=CommandName.HANGUP, line="311"))
                 assert not result.ok and "broker" in (result.error or "")
                 assert time.monotonic() - started < 1.0
                 new_epoch = await gateway.restart()  # the gateway restarts meanwhile, too
-                await gateway.emit(_event("311", 2), _event("311", 3))
+                await gateway.emit(_event("311", 2), _event("311", 3))  # confirmed: published while away
 
-                await asyncio.sleep(2.0)
-                await proxy.restore()
+                # the node tried again while the broker was away (and failed), before it comes back
+                await _until(lambda: (REGISTRY.get_sample_value("cms_broker_errors_total") or 0.0) > failures,
+                             what="a failed reconnect")
+                await proxy.set_fault(PASS)
                 await asyncio.wait_for(feed.connected.wait(), 30)
                 await _until(lambda: len(tab.events) == 3)
                 assert _positions(tab.events[1:]) == [(new_epoch, 1), (new_epoch, 2)]
@@ -293,7 +297,7 @@ def test_broker_cut_commands_fail_fast_and_the_line_is_repaired_after(infra: Inf
                 await _until(lambda: len(tab.events) == 4)
                 assert tab.resyncs == []
         finally:
-            await proxy.cut()
+            await proxy.set_fault(CUT)
 
     asyncio.run(main())
 
@@ -304,7 +308,7 @@ def test_delivery_positions_survive_a_redis_outage_and_are_written_after(infra: 
 
     async def main() -> None:
         target = urllib.parse.urlsplit(infra.redis_url)
-        proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+        proxy = FaultProxy("proxy", target.hostname or "127.0.0.1", target.port or 6379)
         await proxy.start()
         cut_client = aioredis.from_url(
             target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl(), socket_timeout=1.0, socket_connect_timeout=1.0
@@ -315,7 +319,7 @@ def test_delivery_positions_survive_a_redis_outage_and_are_written_after(infra: 
         try:
             log.attach(agent, StreamPosition("100", 1))
             await _until(lambda: (REGISTRY.get_sample_value("cms_node_delivery_log_flushes_total") or 0) > 0)
-            await proxy.cut()
+            await proxy.set_fault(CUT)
             errors = REGISTRY.get_sample_value("cms_node_delivery_log_errors_total") or 0.0
             for seq in range(2, 50):
                 log.note(agent, StreamPosition("100", seq))  # the hot path never touches Redis
@@ -323,7 +327,7 @@ def test_delivery_positions_survive_a_redis_outage_and_are_written_after(infra: 
             failed = (REGISTRY.get_sample_value("cms_node_delivery_log_errors_total") or 0.0) - errors
             assert 1 <= failed < 20, failed  # backing off: far fewer than one try per 50 ms flush
 
-            await proxy.restore()
+            await proxy.set_fault(PASS)
             reader = DeliveryLog(RedisDeliveryStore(direct, prefix))
             deadline = time.monotonic() + 30
             while await reader.last(agent) != StreamPosition("100", 49):
@@ -332,7 +336,7 @@ def test_delivery_positions_survive_a_redis_outage_and_are_written_after(infra: 
         finally:
             log.detach(agent)
             await log.close()
-            await proxy.cut()
+            await proxy.set_fault(CUT)
             keys = [k async for k in direct.scan_iter(f"{prefix}:*")]
             if keys:
                 await direct.delete(*keys)
@@ -348,10 +352,10 @@ def test_broker_back_before_redis_the_lines_catch_up_once_redis_answers(infra: I
 
     async def main() -> None:
         amqp = urllib.parse.urlsplit(infra.amqp_url)
-        broker_proxy = TcpProxy(amqp.hostname or "127.0.0.1", amqp.port or 5672)
+        broker_proxy = FaultProxy("broker_proxy", amqp.hostname or "127.0.0.1", amqp.port or 5672)
         await broker_proxy.start()
         target = urllib.parse.urlsplit(infra.redis_url)
-        redis_proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+        redis_proxy = FaultProxy("redis_proxy", target.hostname or "127.0.0.1", target.port or 6379)
         await redis_proxy.start()
         node_redis_url = target._replace(netloc=f"127.0.0.1:{redis_proxy.port}").geturl()
         try:
@@ -363,23 +367,23 @@ def test_broker_back_before_redis_the_lines_catch_up_once_redis_answers(infra: I
                 await gateway.emit(_event("313", 1))
                 await _until(lambda: len(tab.events) == 1)
 
-                await broker_proxy.cut()
-                await redis_proxy.cut()
+                await broker_proxy.set_fault(CUT)
+                await redis_proxy.set_fault(CUT)
                 await _until(lambda: not feed.connected.is_set())
                 await gateway.emit(_event("313", 2), _event("313", 3))  # published into the void
-                await broker_proxy.restore()
+                await broker_proxy.set_fault(PASS)
                 await asyncio.wait_for(feed.connected.wait(), 30)
                 await _until(lambda: not feed.redis_available, what="the repair finding Redis away")
                 assert len(tab.events) == 1
 
-                await redis_proxy.restore()
+                await redis_proxy.set_fault(PASS)
                 await _until(lambda: len(tab.events) == 3 and len(tab.resyncs) == 1, timeout=30)
                 assert [e.seq for e in tab.events] == [1, 2, 3]
                 assert tab.resyncs[0].seq == 3
                 await gateway.emit(_event("313", 4))
                 await _until(lambda: len(tab.events) == 4)
         finally:
-            await broker_proxy.cut()
-            await redis_proxy.cut()
+            await broker_proxy.set_fault(CUT)
+            await redis_proxy.set_fault(CUT)
 
     asyncio.run(main())

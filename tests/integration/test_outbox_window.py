@@ -20,10 +20,11 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from ami_gateway.event_outbox import EventOutbox, EventPublisher, Sequencer
 from local_cluster.infra import Infrastructure
+from ops.chaos.fault_proxy import BLACKHOLE, CUT, PASS, FaultProxy
 from services.line_state import LineKeys, LineStateWriter
 from services.topology import Topology
 from services.wire import Call, CallState, Direction, EventType, LineEvent
-from tests.integration.test_gateway_proxy import TcpProxy, cleanup, wait_until
+from tests.integration.test_gateway_proxy import cleanup, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +120,8 @@ def test_broker_cut_with_a_full_window_keeps_every_line_in_order_without_gaps(in
 
     async def main() -> None:
         amqp_port = urllib.parse.urlsplit(infra.amqp_url).port or 5672
-        broker = await TcpProxy(amqp_port).start()
+        broker = FaultProxy("broker", "127.0.0.1", amqp_port)
+        await broker.start()
         redis_client = aioredis.from_url(infra.redis_url)
         writer = LineStateWriter(redis_client, prefix)
         publisher = EventPublisher(_via(infra.amqp_url, broker.port), Topology(prefix))
@@ -136,14 +138,14 @@ def test_broker_cut_with_a_full_window_keeps_every_line_in_order_without_gaps(in
             # First cut: while events stream (confirms flowing, batches in flight).
             outbox.put([_event(line, n) for n in range(1, per_line // 2 + 1) for line in LINES])
             await wait_until(lambda: outbox.published - published_before >= 5 * batch_size, 10, "first confirms")
-            broker.cut()
+            await broker.set_fault(CUT)
             await asyncio.sleep(0.3)
-            broker.restore()
+            await broker.set_fault(PASS)
             assert await outbox.wait_idle(30)  # reconnected and caught up before the next phase
 
             # Second cut: hold the broker's bytes so that no confirm comes back and the window fills up.
             outbox.put([_event(line, n) for n in range(per_line // 2 + 1, per_line + 1) for line in LINES])
-            broker.pause()
+            await broker.set_fault(BLACKHOLE)
             published_at_pause = outbox.published
             await asyncio.sleep(0.5)
             stored = await _stored_total(redis_client, prefix)
@@ -152,15 +154,15 @@ def test_broker_cut_with_a_full_window_keeps_every_line_in_order_without_gaps(in
             unconfirmed = stored - (outbox.published - published_before)
             assert unconfirmed >= (window - 1) * batch_size, f"only {unconfirmed} events beyond the last confirm"
             assert unconfirmed <= window * batch_size + batch_size  # and it kept to its window
-            broker.cut()  # the window in flight is lost
+            await broker.set_fault(CUT)  # the window in flight is lost
             await asyncio.sleep(0.3)
-            broker.restore()
+            await broker.set_fault(PASS)
 
             assert await outbox.wait_idle(30)
             total = len(LINES) * per_line
             assert outbox.published - published_before == total
             await wait_until(lambda: all(per_line in consumer.seqs(line) for line in LINES), 15, "last events")
-            assert broker.connections >= 3  # it reconnected after each cut
+            assert broker.stats.accepted >= 3  # it reconnected after each cut
             for line in LINES:
                 _assert_gap_free(consumer.seqs(line), per_line)
             assert outbox.depth == 0
@@ -168,7 +170,7 @@ def test_broker_cut_with_a_full_window_keeps_every_line_in_order_without_gaps(in
             await _stop(drain)
             await outbox.close()
             await consumer.close()
-            await broker.stop()
+            await broker.close()
             await redis_client.aclose()
             await cleanup(infra, prefix)
 
@@ -241,7 +243,8 @@ def test_overflow_with_a_window_in_flight_restarts_cleanly_under_a_new_epoch(inf
 
     async def main() -> None:
         amqp_port = urllib.parse.urlsplit(infra.amqp_url).port or 5672
-        broker = await TcpProxy(amqp_port).start()
+        broker = FaultProxy("broker", "127.0.0.1", amqp_port)
+        await broker.start()
         redis_client = aioredis.from_url(infra.redis_url)
         writer = LineStateWriter(redis_client, prefix)
         sequencer = Sequencer(await writer.new_epoch())
@@ -263,7 +266,7 @@ def test_overflow_with_a_window_in_flight_restarts_cleanly_under_a_new_epoch(inf
             await consumer.start(LINES)
             published_before = outbox.published
 
-            broker.pause()  # confirms stop: the window fills, then the queue grows past its capacity
+            await broker.set_fault(BLACKHOLE)  # confirms stop: the window fills, then the queue grows past its capacity
             outbox.put([_event(line, n) for n in range(1, 61) for line in LINES])  # 300 events
             await asyncio.sleep(0.3)
             assert outbox.published == published_before and outbox.depth == 300
@@ -275,7 +278,7 @@ def test_overflow_with_a_window_in_flight_restarts_cleanly_under_a_new_epoch(inf
             outbox.put([_event(line, n) for n in range(1, 41) for line in LINES])  # positioned in the new epoch
             # The held bytes flow again: the old generation's window is confirmed late, and those confirms must
             # not be taken for the new events'.
-            broker.resume()
+            await broker.set_fault(PASS)
 
             assert await outbox.wait_idle(30)
             assert outbox.depth == 0
@@ -288,7 +291,7 @@ def test_overflow_with_a_window_in_flight_restarts_cleanly_under_a_new_epoch(inf
             await _stop(drain)
             await outbox.close()
             await consumer.close()
-            await broker.stop()
+            await broker.close()
             await redis_client.aclose()
             await cleanup(infra, prefix)
 

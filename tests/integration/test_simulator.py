@@ -10,7 +10,7 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from ami_gateway.ami_protocol import AmiMessage, AmiParser, Banner, encode_action, md5_login_key
+from ami.protocol import AmiMessage, AmiParser, Banner, encode_action, md5_login_key
 from ami_simulator.server import AmiSimulator, User, parse_classes
 
 SECRET = "s3cret"

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from services.wire import Call, CallState, CommandName, Direction, EventType, LineEvent
+from services.wire import Call, CallArgs, CallState, CommandName, Direction, EventType, LineEvent
 from tests.unit.test_agent_state_codes import Env, frame, session_at
 from ws_node import creatio_protocol as cp
 from ws_node.agent_session import AgentSession, SessionOptions
@@ -34,7 +34,7 @@ def test_busy_call_keeps_drop_until_ring_finished() -> None:
     assert [c["id"] for c in snap["ActiveCalls"]] == [cp.call_guid("9.1:305")]
     assert snap["CurrentCall"]["callFeaturesSet"] == cp.CallFeaturesSet.CAN_DROP
     session.on_text(json.dumps({"command": "DropCall", "commandUId": "", "commandExecutorId": cp.call_guid("9.1:305")}))
-    assert [(c.name, c.args) for c in env.commands] == [(CommandName.HANGUP, {"call_id": "9.1:305"})]
+    assert [(c.name, c.args) for c in env.commands] == [(CommandName.HANGUP, CallArgs("9.1:305"))]
     env.frames.clear()
     session.on_line_event(LineEvent("305", EventType.RING_FINISHED, call=busy.evolve(state=CallState.FINISHED)))
     assert [json.loads(f)["eventType"] for f in env.frames] == [6, 11]  # now the line is idle

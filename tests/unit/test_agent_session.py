@@ -15,13 +15,20 @@ from services.line_access import SecurityConfig, UserAssignment
 from services.wire import (
     AgentState,
     Call,
+    CallArgs,
     CallState,
     Command,
     CommandName,
     CommandResult,
+    DialArgs,
     Direction,
+    DtmfArgs,
     EventType,
     LineEvent,
+    PauseArgs,
+    TransferArgs,
+    TransferPairArgs,
+    WrapUpArgs,
 )
 from ws_node import creatio_protocol as cp
 from ws_node.agent_session import AgentSession, FrameMemo, SessionOptions, SessionState
@@ -396,7 +403,7 @@ def test_make_call() -> None:
     session.on_text(cmd("MakeCall", {"targetAddress": "+7 (495) 123-45-67"}))
     c = last_command(env)
     assert c.name is CommandName.MAKE_CALL
-    assert c.args == {"number": "+74951234567", "context": "from-crm"}
+    assert c.args == DialArgs("+74951234567", context="from-crm")
     assert c.id == "cmd-1"
 
 
@@ -410,12 +417,12 @@ def test_make_call_bad_target(target: Any) -> None:
 
 
 def test_default_originate_context() -> None:
-    session, env = new_session(originate_context="from-internal")
+    session, env = new_session()
     session.on_text(open_cmd())
     env.take()
     session.on_text(cmd("MakeCall", {"targetAddress": "200"}))
     # the gateway owns the default: only a user's own context travels with a command
-    assert last_command(env).args == {"number": "200"}
+    assert last_command(env).args == DialArgs("200")
     session.on_text(open_cmd("102", OriginateContext="vip"))
     env.take()
     assert session.originate_context == "vip"
@@ -428,7 +435,7 @@ def test_calls_known_seeds_silently() -> None:
     assert env.frames == []
     assert session.calls == [call]
     session.on_text(cmd("DropCall", None, call))
-    assert last_command(env).args == {"call_id": "a1"}
+    assert last_command(env).args == CallArgs("a1")
 
 
 def test_snapshot_failed() -> None:
@@ -448,9 +455,9 @@ def test_answer_drop() -> None:
     call = make_call()
     session, env = with_calls(call)
     session.on_text(cmd("AnswerCall", None, call))
-    assert last_command(env) == Command("cmd-1", LINE, CommandName.ANSWER, {"call_id": "a1"}, 1000.0)
+    assert last_command(env) == Command("cmd-1", LINE, CommandName.ANSWER, CallArgs("a1"), 1000.0)
     session.on_text(cmd("DropCall", None, call))
-    assert last_command(env).args == {"call_id": "a1"}
+    assert last_command(env).args == CallArgs("a1")
 
 
 def test_answer_connected_call_refused() -> None:
@@ -509,7 +516,7 @@ def test_executor_id_from_executor_object() -> None:
     text = json.loads(cmd("DropCall", None, call))
     text["commandExecutorId"] = ""
     session.on_text(json.dumps(text))
-    assert last_command(env).args == {"call_id": "a1"}
+    assert last_command(env).args == CallArgs("a1")
 
 
 def test_blind_transfer_and_consult() -> None:
@@ -517,10 +524,10 @@ def test_blind_transfer_and_consult() -> None:
     session, env = with_calls(call)
     session.on_text(cmd("BlindTransferCall", {"targetAddress": "300"}, call))
     c = last_command(env)
-    assert (c.name, c.args) == (CommandName.BLIND_TRANSFER, {"call_id": "a1", "number": "300"})
+    assert (c.name, c.args) == (CommandName.BLIND_TRANSFER, TransferArgs("300", "a1"))
     session.on_text(cmd("MakeConsultCall", {"targetAddress": "301"}, call))
     c = last_command(env)
-    assert (c.name, c.args) == (CommandName.CONSULT_CALL, {"call_id": "a1", "number": "301"})
+    assert (c.name, c.args) == (CommandName.CONSULT_CALL, TransferArgs("301", "a1"))
 
 
 def test_transfer_and_cancel() -> None:
@@ -529,7 +536,7 @@ def test_transfer_and_cancel() -> None:
     session, env = with_calls(main, consult)
     session.on_text(cmd("TransferCall", {"consultationCall": json.dumps(cp.call_to_creatio(consult))}, main))
     c = last_command(env)
-    assert (c.name, c.args) == (CommandName.COMPLETE_TRANSFER, {"call_id": "a1", "consult_call_id": "c2"})
+    assert (c.name, c.args) == (CommandName.COMPLETE_TRANSFER, TransferPairArgs("a1", "c2"))
     session.on_text(
         cmd(
             "CancelTransfer",
@@ -540,7 +547,7 @@ def test_transfer_and_cancel() -> None:
         )
     )
     c = last_command(env)
-    assert (c.name, c.args) == (CommandName.CANCEL_TRANSFER, {"call_id": "a1", "consult_call_id": "c2"})
+    assert (c.name, c.args) == (CommandName.CANCEL_TRANSFER, TransferPairArgs("a1", "c2"))
 
 
 def test_transfer_needs_known_distinct_consult_call() -> None:
@@ -558,9 +565,9 @@ def test_send_dtmf() -> None:
     call = make_call(state=CallState.CONNECTED)
     session, env = with_calls(call)
     session.on_text(cmd("SendDtmf", {"digits": "1#"}, call))
-    assert last_command(env).args == {"call_id": "a1", "digits": "1#"}
+    assert last_command(env).args == DtmfArgs("1#", "a1")
     session.on_text(cmd("SendDtmf", {"digits": 5}, call))
-    assert last_command(env).args["digits"] == "5"
+    assert last_command(env).args == DtmfArgs("5", "a1")
     session.on_text(cmd("SendDtmf", {"digits": "1;x"}, call))
     assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
 
@@ -579,15 +586,15 @@ def test_agent_states() -> None:
     assert last_command(env).name is CommandName.AGENT_UNPAUSE
     session.on_text(cmd("SetMsgUserState", {"code": "Paused", "reason": "Lunch"}))
     c = last_command(env)
-    assert (c.name, c.args) == (CommandName.AGENT_PAUSE, {"reason": "Lunch", "state_code": "Paused"})
+    assert (c.name, c.args) == (CommandName.AGENT_PAUSE, PauseArgs("Lunch", state_code="Paused"))
     session.on_text(cmd("SetMsgUserState", {"code": "Break", "reason": ""}))
-    assert last_command(env).args == {"reason": "Break", "state_code": "Break"}
+    assert last_command(env).args == PauseArgs("Break", state_code="Break")
     session.on_text(cmd("SetMsgUserState", {"code": "WrapUp"}))
     c = last_command(env)
-    assert (c.name, c.args) == (CommandName.WRAP_UP, {"active": "true"})
+    assert (c.name, c.args) == (CommandName.WRAP_UP, WrapUpArgs(active=True))
     session.on_text(cmd("SetWrapUpUserState", {"isWrapUpActive": False}))
     c = last_command(env)
-    assert (c.name, c.args) == (CommandName.WRAP_UP, {"active": "false"})
+    assert (c.name, c.args) == (CommandName.WRAP_UP, WrapUpArgs(active=False))
     session.on_text(cmd("SetWrapUpUserState", {"isWrapUpActive": "yes"}))
     assert only_error(env)["errorType"] == MsgErrorType.COMMAND_ERROR
     session.on_text(cmd("SetMsgUserState", {"reason": "x"}))

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from ami_gateway.ami_protocol import AmiMessage
+from ami.protocol import AmiMessage
 from ami_gateway.lines import LineMatcher
 from ami_gateway.queue_policy import AgentChoice, agent_choice
 from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.agent_states import AgentStateCodes
 from services.config import ConfigError, parse_agent_states
-from services.wire import AgentState, Command, CommandName, EventType, LineEvent
+from services.wire import AgentState, Command, CommandName, EventType, LineEvent, PauseArgs, WrapUpArgs, command_args
 from ws_node.agent_session import PROFILE_STATE_WINDOW, AgentSession, SessionOptions
 
 CODES = parse_agent_states({"ready": ["Active", "Available"], "wrapUp": "AfterCall",
@@ -146,7 +146,7 @@ def test_stale_profile_pause_does_not_repause_an_agent_a_supervisor_unpaused() -
     clock[0] += 1
     session.on_text(frame("SetMsgUserState", {"code": "Lunch"}))
     assert [(c.name, c.args) for c in env.commands] == [
-        (CommandName.AGENT_PAUSE, {"reason": "lunch", "state_code": "Lunch"})]
+        (CommandName.AGENT_PAUSE, PauseArgs("lunch", state_code="Lunch"))]
 
 
 def test_profile_state_is_carried_out_when_the_pbx_state_is_the_agents_own() -> None:
@@ -171,7 +171,7 @@ def test_profile_state_is_carried_out_after_the_window_or_without_queues_or_when
     session, env = session_at([100.0])
     session.on_snapshot([], None)  # in no queue: nothing to protect
     session.on_text(frame("SetMsgUserState", {"code": "AfterCall"}))
-    assert [(c.name, c.args) for c in env.commands] == [(CommandName.WRAP_UP, {"active": "true"})]
+    assert [(c.name, c.args) for c in env.commands] == [(CommandName.WRAP_UP, WrapUpArgs(active=True))]
 
     profile = AgentStateCodes(on_connect="profile")
     session, env = session_at([100.0], profile)
@@ -191,7 +191,7 @@ def test_the_agent_sees_the_code_the_gateway_decided() -> None:
 
 def test_agent_choice_of_each_command() -> None:
     def choice(name: CommandName, **args: str) -> AgentChoice | None:
-        return agent_choice(Command("c", "305", name, args), CODES, 200)
+        return agent_choice(Command("c", "305", name, command_args(name, args)), CODES, 200)
 
     lunch = choice(CommandName.AGENT_PAUSE, reason=" lunch ", state_code="Lunch")
     assert lunch == AgentChoice("305", "Lunch", "lunch", True)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ami_gateway.ami_protocol import (
+from ami.protocol import (
     AmiMessage,
     AmiParser,
     Banner,

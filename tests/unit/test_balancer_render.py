@@ -17,7 +17,15 @@ from typing import Any
 import jinja2
 import pytest
 
-from balancer import ClusterConfigError, ClusterDescription, Node, RuntimeAPI, RuntimeAPIError, render_config
+from balancer import (
+    ClusterConfigError,
+    ClusterDescription,
+    DnsDiscovery,
+    Node,
+    RuntimeAPI,
+    RuntimeAPIError,
+    render_config,
+)
 from balancer.__main__ import main
 from balancer.cluster import load_cluster, parse_node_flag
 from balancer.haproxy_ctl import declares_master_worker, format_status
@@ -161,6 +169,19 @@ def test_strict_undefined_fails_on_unknown_variables(tmp_path: Path) -> None:
         render_config(BASE, template="bad2.j2", templates_dir=tmp_path)
 
 
+def test_dns_discovery_renders_a_server_template_and_its_resolver() -> None:
+    cluster = ClusterDescription(nodes=(), discovery=DnsDiscovery("ws-node", port=8081, slots=8,
+                                                                   resolver="127.0.0.11:53"))
+    cfg = render_config(cluster)
+    assert "# Nodes: discovered from DNS name ws-node" in cfg
+    backend = section(cfg, "backend ws_nodes")
+    assert "server-template ws 1-8 ws-node:8081 check resolvers docker init-addr none" in backend
+    assert not any(line.startswith("server ") for line in backend)
+    resolvers = section(cfg, "resolvers docker")
+    assert resolvers[0] == "nameserver dns 127.0.0.11:53" and "hold valid 10s" in resolvers
+    assert "resolvers" not in render_config(BASE)  # listed nodes need no DNS
+
+
 def test_rendering_is_deterministic() -> None:
     assert render_config(BASE) == render_config(BASE)
 
@@ -218,6 +239,32 @@ def test_invalid_descriptions_name_the_key(patch: dict[str, Any], key: str) -> N
     assert str(info.value).startswith(f"{key}: ")
 
 
+@pytest.mark.parametrize(
+    ("patch", "key"),
+    [
+        ({"nodes": [], "discovery": {"name": "ws_node"}}, "discovery.name"),
+        ({"nodes": [], "discovery": {"name": "ws-node", "slots": 0}}, "discovery.slots"),
+        ({"nodes": [], "discovery": {"name": "ws-node", "resolver": "dns"}}, "discovery.resolver"),
+        ({"nodes": [], "discovery": {"name": "ws-node", "ttl": 5}}, "discovery.ttl"),
+        ({"nodes": [], "discovery": {"port": 8081}}, "discovery.name"),
+        ({"discovery": {"name": "ws-node"}}, "nodes"),  # good()'s node as well: one or the other
+    ],
+)
+def test_invalid_discovery_names_the_key(patch: dict[str, Any], key: str) -> None:
+    with pytest.raises(ClusterConfigError) as info:
+        ClusterDescription.from_dict(good() | patch)
+    assert info.value.key == key
+
+
+def test_discovery_round_trips() -> None:
+    data = {"discovery": {"name": "cms-ws-node.cms.svc.cluster.local", "port": 8081, "slots": 32,
+                          "resolver": "10.96.0.10:53"}}
+    cluster = ClusterDescription.from_dict(data)
+    assert cluster.nodes == () and cluster.discovery == DnsDiscovery("cms-ws-node.cms.svc.cluster.local", 8081, 32,
+                                                                     "10.96.0.10:53")
+    assert ClusterDescription.from_dict(cluster.to_dict()) == cluster
+
+
 def test_missing_nodes_key() -> None:
     with pytest.raises(ClusterConfigError, match=r"^nodes: required"):
         ClusterDescription.from_dict({"bind": "0.0.0.0"})
@@ -225,7 +272,10 @@ def test_missing_nodes_key() -> None:
 
 def test_without_tls_the_wss_port_may_collide() -> None:
     # wss_port is unused without a certificate, so it does not conflict with anything.
-    ClusterDescription.from_dict(good() | {"wss_port": 2013})
+    cluster = ClusterDescription.from_dict(good() | {"wss_port": 2013})
+    assert cluster.wss_port == 2013 and not cluster.tls_enabled
+    binds = [line for line in lines(render_config(cluster)) if line.startswith("bind ")]
+    assert binds == ["bind 127.0.0.1:2013 name ws", "bind 127.0.0.1:8404 name stats"]
 
 
 def test_round_trip_and_file_loading(tmp_path: Path) -> None:

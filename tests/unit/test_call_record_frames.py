@@ -6,7 +6,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from services.wire import Call, CallState, Command, CommandName, CommandResult, Direction, EventType, LineEvent
+from services.wire import (
+    Call,
+    CallState,
+    Command,
+    CommandName,
+    CommandResult,
+    Direction,
+    EventType,
+    LineEvent,
+    RecordOwnerArgs,
+)
 from ws_node import creatio_protocol as cp
 from ws_node.agent_session import AgentSession
 
@@ -95,9 +105,8 @@ def test_open_connection_names_the_lines_record_owner_once() -> None:
     session.on_text(open_frame(params))  # the client repeats OpenConnection: the line is not claimed again
     assert [c.name for c in env.commands] == [CommandName.RECORD_OWNER]
     owner = env.commands[0]
-    assert owner.line == "305" and owner.args == {
-        "contact": "c0ffee00-0000-4000-8000-000000000001", "service_url": "https://crm.example.com/0",
-        "user": "u-1"}
+    assert owner.line == "305" and owner.args == RecordOwnerArgs(
+        contact="c0ffee00-0000-4000-8000-000000000001", service_url="https://crm.example.com/0", user="u-1")
     # a refusal (site not allowed...) reaches the agent as a call-saving error
     env.frames.clear()
     session.on_command_result(CommandResult(owner.id, False, "call records: not allowed"), owner)

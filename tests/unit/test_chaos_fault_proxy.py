@@ -1,6 +1,6 @@
 """The fault proxy's delay arithmetic (pure) and the proxy itself on loopback sockets: pass, cut
 (refused, then listening again on the same port), blackhole (held, then delivered in order),
-latency and loss."""
+latency and loss, a new target; in a child process and on a thread of its own."""
 
 from __future__ import annotations
 
@@ -10,7 +10,17 @@ import time
 
 import pytest
 
-from ops.chaos.fault_proxy import PASS, FaultProxy, LinkFault, ProxyHost, chunk_delay, release_time
+from ops.chaos.fault_proxy import (
+    BLACKHOLE,
+    CUT,
+    PASS,
+    FaultProxy,
+    LinkFault,
+    ProxyHost,
+    ProxyThread,
+    chunk_delay,
+    release_time,
+)
 
 
 def draws(*values: float) -> itertools.cycle[float]:
@@ -204,3 +214,44 @@ def test_proxy_host_in_a_child_process() -> None:
 
     with ProxyHost() as host:
         asyncio.run(serve(host))
+
+
+def test_retarget_sends_new_connections_to_the_new_server() -> None:
+    async def main() -> None:
+        first, second = await echo_server(), await echo_server()
+        proxy = FaultProxy("t", "127.0.0.1", first.port)
+        port = await proxy.start()
+        assert await roundtrip(port, b"one") == b"one"
+        first.close()
+        await proxy.set_fault(CUT)
+        proxy.retarget("127.0.0.1", second.port)
+        await proxy.set_fault(PASS)
+        assert await roundtrip(port, b"two") == b"two"
+        assert proxy.stats.accepted == 2 and proxy.stats.refused_upstream == 0
+        await proxy.close()
+        second.close()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+
+
+def test_proxy_thread_is_driven_from_a_loop_it_does_not_share() -> None:
+    async def main() -> None:
+        server = await echo_server()
+        with ProxyThread("t", "127.0.0.1", server.port) as proxy:
+            assert await roundtrip(proxy.port, b"thread") == b"thread"
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            await asyncio.to_thread(proxy.set_fault, BLACKHOLE)
+            writer.write(b"held")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.readexactly(4), 0.3)
+            proxy.set_fault(PASS, wait=False)  # asked for, not awaited: the caller's loop goes on
+            assert await asyncio.wait_for(reader.readexactly(4), 5) == b"held"
+            await asyncio.to_thread(proxy.set_fault, CUT)
+            assert await asyncio.wait_for(reader.read(4), 5) == b""
+            writer.close()
+            assert proxy.stats.closed_by_cut == 1
+        server.close()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from ops.drill.truth import (
-    RING_FINISHED,
-    RING_STARTED,
     SeenCall,
     TruthCall,
     judge,
@@ -12,6 +10,9 @@ from ops.drill.truth import (
     percentile,
     snapshot_is_correct,
 )
+
+# Creatio's event numbers, written out here on purpose: the test checks the drill, not the codec.
+RING_STARTED, RING_FINISHED = 5, 6
 
 
 def guid(call_id: str) -> str:

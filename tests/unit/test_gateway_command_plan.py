@@ -17,7 +17,7 @@ from ami_gateway.command_plan import (
 from ami_gateway.lines import LineMatcher
 from ami_gateway.tracker import CallControl
 from services.config import AsteriskConfig
-from services.wire import Call, CallState, Command, CommandName, Direction
+from services.wire import BadCommand, Call, CallState, Command, CommandName, Direction, command_args
 from tests.unit.test_tracker import load, play
 
 CONFIG = AsteriskConfig(
@@ -58,7 +58,8 @@ def control(call_id: str = "1.1:305", state: CallState = CallState.CONNECTED, ch
 
 
 def cmd(name: CommandName, line: str = "305", **args: str) -> Command:
-    return Command(id="c1", line=line, name=name, args=args, issued_at=1000.0)
+    # Through the decoder, as the arguments arrive from a node.
+    return Command(id="c1", line=line, name=name, args=command_args(name, args), issued_at=1000.0)
 
 
 def plan(command: Command, view: View | None = None, config: AsteriskConfig = CONFIG,
@@ -269,7 +270,8 @@ def test_dnd_on_off_toggle() -> None:
     ]
     assert plan(cmd(CommandName.SET_DND, mode="toggle"), dnd_now=True)[0][0] == "DBDel"
     assert plan(cmd(CommandName.SET_DND, mode="toggle"), dnd_now=False)[0][0] == "DBPut"
-    assert "mode must be on, off or toggle" in refused(cmd(CommandName.SET_DND, mode="maybe"))
+    with pytest.raises(BadCommand, match="set_dnd.mode must be one of on, off, toggle, not 'maybe'"):
+        cmd(CommandName.SET_DND, mode="maybe")
     off = plan_command(cmd(CommandName.SET_DND, mode="off"), View(), CONFIG, MATCHER)
     assert off.data == {"dnd": "off"} and off.actions[0].tolerated == ("Database entry not found",)
 

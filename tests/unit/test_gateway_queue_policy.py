@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ami_gateway.ami_protocol import AmiMessage
+from ami.protocol import AmiMessage
 from ami_gateway.queue_policy import AUTO_PAUSE_REASON, AutoPausePolicy, PauseRequest, QueueStateTrace
 from ami_gateway.tracker import CallTracker
 from services.wire import AgentState, Call, CallState, Direction, EventType, LineEvent

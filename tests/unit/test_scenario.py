@@ -9,16 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ami_gateway.ami_protocol import AmiMessage
-from ami_simulator.scenario import (
-    IdAllocator,
-    ScenarioError,
-    Step,
-    builtin_scenario,
-    builtin_scenario_names,
-    load_scenario,
-    play_steps,
-)
+from ami.protocol import AmiMessage
+from ami.scenario import IdAllocator, ScenarioError, Step, load_scenario, play_steps
+from ami_simulator.builtin import builtin_scenario, builtin_scenario_names
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "ami"
 CAPTURE_VARS = {"line": "305", "agent2": "306", "caller": "79161234567", "callerName": "Ivan Petrov"}

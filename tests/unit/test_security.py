@@ -11,11 +11,14 @@ from typing import Any
 
 import pytest
 
+from ami_gateway.command_plan import plan_command
+from ami_gateway.lines import LineMatcher
 from services import logs
 from services.config import AsteriskConfig, ConfigError, load_settings
-from services.line_access import SecurityConfig, UserAssignment, Verdict, decide
-from services.wire import CommandName
+from services.line_access import SecurityConfig, UserAssignment, Verdict, decide, originate_context_refusal
+from services.wire import CommandName, DialArgs
 from tests.unit.test_agent_session import FakeEnv, cmd, content, open_cmd
+from tests.unit.test_gateway_command_plan import View
 from ws_node import creatio_protocol as cp
 from ws_node.admission import (
     AdmissionPolicy,
@@ -124,19 +127,35 @@ def test_a_bad_security_block_names_the_key(
 
 def test_one_validator_allows_the_default_and_the_listed_contexts_only() -> None:
     config = AsteriskConfig(originate_context="from-internal", allowed_originate_contexts=("from-vip",))
-    assert config.context_refusal("from-internal") is None
-    assert config.context_refusal("from-vip") is None
-    refusal = config.context_refusal("from-trunk")
+    assert originate_context_refusal("from-internal", config) is None
+    assert originate_context_refusal("from-vip", config) is None
+    refusal = originate_context_refusal("from-trunk", config)
     assert refusal is not None and "'from-trunk' is not allowed on this server (allowed: from-internal, from-vip)" \
         in refusal
+    assert originate_context_refusal("a b", config) == "bad dialplan context 'a b'"
+    assert originate_context_refusal("x\r\nAction: Hangup", AsteriskConfig(originate_context="x\r\nAction: Hangup")) \
+        == "bad dialplan context 'x\\r\\nAction: Hangup'"  # even the default cannot end an AMI header
+
+
+def test_a_context_the_configuration_allows_is_one_the_node_and_the_gateway_allow(tmp_path: Path) -> None:
+    # The node's and the gateway's patterns used to disagree about '.', and the configuration's too.
+    settings = load_settings(write(tmp_path, {"Asterisk": {"allowedOriginateContexts": "from-crm.vip"}}), env={})
+    session, env = session_with(SecurityConfig(), asterisk=settings.asterisk)
+    open_as(session, CAROL, "307", OriginateContext="from-crm.vip")
+    assert [f["eventType"] for f in env.take()] == [2]  # CONNECTION_CREATED, no error
+    session.on_text(cmd("MakeCall", {"targetAddress": "200"}))
+    (command,) = env.commands
+    assert command.args == DialArgs("200", context="from-crm.vip")
+    plan = plan_command(command, View(), settings.asterisk, LineMatcher(protocol="SIP"))
+    assert plan.data["context"] == "from-crm.vip"
 
 
 def session_with(security: SecurityConfig = SECURITY, **kw: Any) -> tuple[AgentSession, FakeEnv]:
     env = FakeEnv()
-    asterisk = AsteriskConfig(originate_context="from-internal", allowed_originate_contexts=("from-vip",))
-    options = SessionOptions(asterisk=asterisk, security=security, **kw)
-    session = AgentSession(env, options=options, originate_context="from-internal", clock=lambda: 1000.0,
-                           new_id=lambda: "cmd-1")
+    kw.setdefault("asterisk", AsteriskConfig(originate_context="from-internal",
+                                             allowed_originate_contexts=("from-vip",)))
+    options = SessionOptions(security=security, **kw)
+    session = AgentSession(env, options=options, clock=lambda: 1000.0, new_id=lambda: "cmd-1")
     session.on_text(cmd("LoadLibrary", {}))
     env.take()
     return session, env
@@ -170,11 +189,11 @@ def test_the_admins_context_for_the_user_wins_and_only_an_override_travels() -> 
     open_as(session, ALICE, "305", OriginateContext="from-trunk")  # the browser's value is ignored
     assert [f["eventType"] for f in env.take()] == [2]
     session.on_text(cmd("MakeCall", {"targetAddress": "200"}))
-    assert env.commands.pop().args == {"number": "200", "context": "from-vip"}
+    assert env.commands.pop().args == DialArgs("200", context="from-vip")
     open_as(session, CAROL, "307", OriginateContext="from-internal")  # the default is the gateway's
     env.take()
     session.on_text(cmd("MakeCall", {"targetAddress": "200"}))
-    assert env.commands.pop().args == {"number": "200"}
+    assert env.commands.pop().args == DialArgs("200")
 
 
 # ---- a refused line -------------------------------------------------------------------------------

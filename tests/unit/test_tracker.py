@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ami_gateway.ami_protocol import AmiMessage, AmiParser
+from ami.protocol import AmiMessage, AmiParser
 from ami_gateway.lines import LineMatcher
 from ami_gateway.packet_info import parse_packet_info
 from ami_gateway.tracker import CallTracker, TrackerOptions

@@ -10,11 +10,12 @@ from collections.abc import Callable
 
 import pytest
 
-from ami_gateway.ami_protocol import AmiMessage
+from ami.protocol import AmiMessage
+from ami.scenario import IdAllocator
 from ami_gateway.tracker import CallTracker
 from ami_simulator import features
+from ami_simulator.builtin import builtin_scenario
 from ami_simulator.model import PbxModel, event
-from ami_simulator.scenario import IdAllocator, builtin_scenario
 from services.wire import CallState, Direction, EventType, LineEvent
 from tests.unit.test_tracker import assert_clean, by_line, load, matcher, play
 
@@ -182,8 +183,6 @@ def test_both_calls_are_live_while_the_second_one_rings() -> None:
 
 def test_a_phone_that_rejects_as_busy_before_ringing_still_shows_busy() -> None:
     """The simulator's inbound-busy flow: DialBegin, then DialEnd BUSY with no Ringing state in between."""
-    from ami_simulator.scenario import IdAllocator, builtin_scenario
-
     rendered = builtin_scenario("inbound-busy").render(IdAllocator(), {"line": "305"})
     msgs = [s.item for s in rendered.steps if isinstance(s.item, AmiMessage)]
     assert not any(m.event == "Newstate" and m.get("ChannelState") == "5" for m in msgs)

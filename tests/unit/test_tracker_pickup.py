@@ -8,7 +8,7 @@ with the caller pressing 1 and the agent pressing 5 once connected (``read = dtm
 
 from __future__ import annotations
 
-from ami_gateway.ami_protocol import AmiMessage
+from ami.protocol import AmiMessage
 from ami_gateway.tracker import CallTracker
 from services.wire import CallState, Direction, EventType
 from tests.unit.test_tracker import assert_clean, by_line, load, play

@@ -20,7 +20,9 @@ costs linear time. A message that grows past ``max_message_bytes`` without its t
 never holds more than about ``max_message_bytes`` plus the last chunk handed to :meth:`receive_data`.
 
 Bad content is the peer's problem, not a crash: a message with a line that has no colon becomes a
-:class:`MalformedMessage` and parsing continues with the next one. Line endings may be CRLF (Asterisk) or
+:class:`MalformedMessage` and parsing continues with the next one, so the codec has no exception for the
+peer's input (a session that cannot go on is the client's ``AmiError``); ``ValueError`` is for our own
+output only (a CR or LF in an action we encode). Line endings may be CRLF (Asterisk) or
 bare LF (some proxies and hand-written files).
 """
 
@@ -34,7 +36,6 @@ from dataclasses import dataclass, field
 __all__ = [
     "AmiMessage",
     "AmiParser",
-    "AmiProtocolError",
     "Banner",
     "MalformedMessage",
     "encode_action",
@@ -49,15 +50,6 @@ _END_COMMAND = "--END COMMAND--"
 _END_COMMAND_B = _END_COMMAND.encode()
 # Header names that may precede the raw output of a "Response: Follows" answer.
 _FOLLOWS_HEADERS = frozenset({"response", "privilege", "actionid", "message"})
-
-
-class AmiProtocolError(Exception):
-    """The peer broke the AMI protocol (malformed or oversized input, impossible answer).
-
-    The parser itself never raises it: it reports bad input as :class:`MalformedMessage` values so one bad
-    message cannot take a connection down. Higher layers (login, action correlation) raise it when what they
-    received makes the session unusable.
-    """
 
 
 @dataclass(frozen=True, slots=True)

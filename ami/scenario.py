@@ -55,11 +55,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
-from ami_gateway.ami_protocol import AmiMessage, AmiParser, Banner, MalformedMessage
+from ami.protocol import AmiMessage, AmiParser, Banner, MalformedMessage
 
 __all__ = [
     "DEFAULT_VARS",
@@ -68,8 +67,6 @@ __all__ = [
     "Scenario",
     "ScenarioError",
     "Step",
-    "builtin_scenario",
-    "builtin_scenario_names",
     "load_scenario",
     "play_steps",
 ]
@@ -351,29 +348,6 @@ def _seconds(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise ValueError("delay must be a finite number of seconds >= 0")
     return value
-
-
-_SCENARIO_CACHE: dict[str, Scenario] = {}
-
-
-def builtin_scenario_names() -> list[str]:
-    """Names of the scenarios shipped in ``ami_simulator/scenarios``."""
-    folder = resources.files("ami_simulator") / "scenarios"
-    return sorted(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".ami"))
-
-
-def builtin_scenario(name: str) -> Scenario:
-    """A shipped scenario by name (``inbound-direct-answered``...), loaded once."""
-    scenario = _SCENARIO_CACHE.get(name)
-    if scenario is None:
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-            raise ScenarioError(f"bad scenario name {name!r}")
-        resource = resources.files("ami_simulator") / "scenarios" / f"{name}.ami"
-        if not resource.is_file():
-            raise ScenarioError(f"no scenario named {name!r}; known: {', '.join(builtin_scenario_names())}")
-        scenario = _load(resource.read_bytes(), name, DEFAULT_GAP)
-        _SCENARIO_CACHE[name] = scenario
-    return scenario
 
 
 async def play_steps(
