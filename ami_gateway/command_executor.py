@@ -156,7 +156,9 @@ class CommandExecutor:
             message = (response.get("Message") or "").strip()
             if message in action.tolerated:
                 return {}
-            if action.fallback is not None:
+            if action.fallback is not None and (
+                not action.fallback_when or message.lower().startswith(tuple(w.lower() for w in action.fallback_when))
+            ):
                 log.info("%s failed (%s); trying %s", action.name, message, action.fallback.name)
                 return await self._run(session, action.fallback)
             raise CommandRefused(explain(action, message))

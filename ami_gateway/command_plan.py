@@ -20,7 +20,8 @@ hold              ``Park`` of the party the line talks to, TimeoutChannel = the 
                   line's channel (parkingLotContext set)
 unhold            the line's phone is called into <space>@parkingLotContext:          originate (call)
                   ``Originate`` (ChannelId announced to the tracker); ``Redirect``
-                  of the line's channel there if it is still alive
+                  of the line's channel there if it is still alive (the
+                  ``Originate`` if that channel is gone when it arrives)
 blind_transfer    ``BlindTransfer`` Channel=<line's channel>                          call
 consult_call      ``Atxfer`` Channel=<line's channel>                                 call
 complete_transfer ``Hangup`` of the transferer (Atxfer), else ``Bridge`` of the two  call
@@ -110,6 +111,8 @@ class AmiAction:
     tolerated: tuple[str, ...] = ()
     #: tried instead when this action fails (CancelAtxfer without the atxferabort feature...).
     fallback: AmiAction | None = None
+    #: the error messages (their beginning, any case) that lead to ``fallback``; empty: any failure does.
+    fallback_when: tuple[str, ...] = ()
 
     def field(self, name: str) -> str:
         return next((v for k, v in self.fields if k == name), "")
@@ -193,22 +196,37 @@ def _pick_up(command: Command, control: CallControl, config: AsteriskConfig, mat
              view: LineView) -> CommandPlan:
     """Bring the line back to its parked far end: ``ParkedCall(<space>)`` in the lot's context (Rule 10 of the
     tracker). A live channel of the line is redirected there; after Asterisk hung the phone's channel up (the
-    usual case: the bridge dissolves when its peer is parked), the phone is called into the lot."""
+    usual case: the bridge dissolves when its peer is parked), the phone is called into the lot.
+
+    The gateway's view trails the PBX: a channel it still sees may hang up (res_parking hangs the parker up
+    once it has heard the space) before the Redirect reaches Asterisk. Then the Redirect finds no channel and
+    the phone is called into the lot instead, so the resume does not depend on which came first."""
     lot_context = config.parking_lot_context
     space = control.parked_space
+    call_back = _call_into_lot(command, control, config, matcher, view)
     if control.channel:
-        return CommandPlan(
-            (
-                _action(
-                    "Redirect",
-                    ("Channel", control.channel),
-                    ("Context", lot_context),
-                    ("Exten", space),
-                    ("Priority", "1"),
-                ),
-            ),
-            {"parking_space": space},
+        redirect = _action(
+            "Redirect",
+            ("Channel", control.channel),
+            ("Context", lot_context),
+            ("Exten", space),
+            ("Priority", "1"),
+            fallback=call_back.actions[0],
+            fallback_when=CHANNEL_GONE,
         )
+        return CommandPlan((redirect,), {"parking_space": space}, retriever=call_back.retriever)
+    return call_back
+
+
+#: how Asterisk (and the simulator) answer an action on a channel that is gone or going
+CHANNEL_GONE = ("No such channel", "Channel does not exist", "Redirect failed")
+
+
+def _call_into_lot(command: Command, control: CallControl, config: AsteriskConfig, matcher: LineMatcher,
+                   view: LineView) -> CommandPlan:
+    """Ring the line's phone into the parking space of its held call (``Originate`` with our ChannelId)."""
+    lot_context = config.parking_lot_context
+    space = control.parked_space
     tech = control.tech or view.tech_of(command.line) or matcher.protocols[0]
     # A Uniqueid of our own (Originate ChannelId, Asterisk 12+), so the tracker knows the ringing phone is
     # this call coming back. 28 characters: fits the 32 of common CDR uniqueid columns.

@@ -85,9 +85,16 @@ Asterisk does not leave the agent's phone in the call: the two-party bridge diss
 phone's channel hangs up (or runs on in the dialplan after ``Dial``). While its far end is parked, that
 ``Hangup`` does not finish the call: the call stays held, *detached* from any channel. ``UnParkedCall`` ends
 the hold (HOLD_ENDED): the retriever becomes the call's channel when it is a phone of the same line (the
-channel announced by :meth:`CallTracker.expect_retriever` is never announced as a call of its own); picked up
-by anyone else, or given up (``ParkedCallGiveUp``), or timed out (``ParkedCallTimeOut``: Asterisk then calls
-the parker back, a new call), a detached call finishes.
+channel announced by :meth:`CallTracker.expect_retriever` is never announced as a call of its own, even when
+the call it was meant for ended before it appeared, and once that call ends - picked up by someone else, given
+up - its answer and hangup no longer touch it); picked up by anyone else, or given up (``ParkedCallGiveUp``),
+or timed out (``ParkedCallTimeOut``: Asterisk then calls the parker back, a new call), a detached call
+finishes. res_parking's events and the bridging core's reach AMI interleaved in any order: a ``ParkedCall``
+before or after the parkee's ``BridgeLeave``, its ``BridgeEnter`` into the lot or its partner's leaving finds
+the same partners (each channel keeps the peers of the last talking bridge it was in; holding bridges do not
+count), and an ``UnParkedCall`` anywhere among the retrieving phone's events gives the same result. Not
+covered: a ``ParkedCall`` after the phone's ``Hangup`` (res_parking hangs the parker up only after reading it
+the space, which the same ``ParkedCall`` starts).
 
 Rule 11 - call pickup. Asterisk 12+ carries out a pickup (``Pickup()``, the ``*8``/``**<exten>`` feature codes) by
 answering the picker's channel, giving it the ringing channel's connected line and *moving* it into the ringing
@@ -183,6 +190,12 @@ def _meaningful(value: str | None) -> bool:
     return value is not None and value.strip().lower() not in _UNKNOWN
 
 
+def _holding(msg: AmiMessage) -> bool:
+    """A BridgeEnter into a holding bridge (a parking lot's): its members wait, they do not talk to each other."""
+    kind = (msg.get("BridgeType") or "").strip().lower()
+    return kind in ("parking", "holding") or (msg.get("BridgeTechnology") or "").strip().lower() == "holding_bridge"
+
+
 def _dialled(exten: str) -> bool:
     """An Exten that is a number someone dialled (not the "s" start extension)."""
     return _meaningful(exten) and exten not in ("s", "h", "i", "t")
@@ -255,6 +268,7 @@ class _LineCall:
     remote: tuple[str, str] | None = None  # set by a transfer: who the agent now talks to
     held_by_consult: bool = False  # held because the line's phone is consulting (Atxfer), not by Hold
     parked: tuple[str, str, str] | None = None  # (space, lot, parkee channel key) while its far end is parked
+    retriever: str = ""  # key of the phone channel called into the lot for it, until UnParkedCall (Rule 10)
     redirecting: str = ""
     redirection: str = ""
 
@@ -285,7 +299,9 @@ class _Chan:
     call: _LineCall | None = None
     done: bool = False  # its call is over: never announce another one on this channel
     consult_of: str | None = None  # for an Atxfer consultation leg (Local ;1): the transferer phone's key
-    left_bridge: str = ""  # the bridge it left last (to know whom a parked channel was talking to)
+    # Who it last shared a talking bridge with (not a parking lot's holding bridge), kept after it leaves: a
+    # ParkedCall may come before or after the parkee's BridgeLeave and its partner's (Rule 10).
+    last_peers: frozenset[str] = frozenset()
 
 
 @dataclass(eq=False, slots=True)
@@ -509,9 +525,14 @@ class CallTracker:
         self._groups.setdefault(linkedid, _Group()).chans.add(key)
         resumes = self._retrievers.pop(key, None)
         if resumes is not None and ch.line == resumes[0]:
+            # Rule 10: it rings and answers for the held call, which it picks up; whether that call is still
+            # parked when the phone appears (the caller may have given up a moment before), it is never a call
+            # of its own.
+            ch.done = True
             held = self._calls.get(resumes[0], {}).get(resumes[1])
             if held is not None and held.parked is not None:
-                ch.call = held  # Rule 10: it rings and answers for the held call, which it picks up
+                ch.call = held
+                held.retriever = key
         return ch
 
     @staticmethod
@@ -712,6 +733,11 @@ class CallTracker:
         if ch is not None and ch.call is lc:
             ch.call = None
             ch.done = True
+        retriever = self._chans.get(lc.retriever) if lc.retriever else None
+        if retriever is not None and retriever.call is lc:
+            # Rule 10: the call ended (picked up by someone else, given up) while the phone was being called
+            # into the lot for it: that phone's own events (answer, hangup) must not touch it again.
+            retriever.call = None
 
     def _emit(self, lc: _LineCall, kind: EventType, at: float, out: list[LineEvent]) -> None:
         lc.call = lc.call.evolve(state=lc.state, direction=lc.direction, answered_at=lc.answered_at)
@@ -952,6 +978,11 @@ class CallTracker:
         members = self._bridges.get(bridge, set())
         if len(members) < 2:
             return
+        if not _holding(msg):
+            for key in members:
+                m = self._chans.get(key)
+                if m is not None:
+                    m.last_peers = frozenset(members - {key})
         self._detect_consultation(members, at, out)
         for key in sorted(members):
             m = self._chans.get(key)
@@ -1001,7 +1032,6 @@ class CallTracker:
     def _on_bridge_leave(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         ch = self._snap(msg, "", event)
         if ch is not None and ch.bridge == (msg.get("BridgeUniqueid") or "").strip():
-            ch.left_bridge = ch.bridge
             self._leave_bridge(ch)
 
     def _on_bridge_destroy(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
@@ -1133,16 +1163,18 @@ class CallTracker:
             self._set_held(lc, True, at, out)
 
     def _parked_partners(self, parkee: _Chan) -> list[_Chan]:
-        """The phones a parked channel was talking to: its old bridge, else its Dial partner (parked between
-        the answer and the bridge)."""
-        if parkee.left_bridge:
-            keys = set(self._bridges.get(parkee.left_bridge, ()))
-        else:
-            keys = set(parkee.children)
-            if parkee.dialed_by is not None:
-                keys.add(parkee.dialed_by)
-        chans = [self._chans[k] for k in sorted(keys) if k in self._chans and k != parkee.key]
-        return [c for c in chans if c.line is not None and c.consult_of is None and c.call is not None]
+        """The phones a parked channel was talking to: the peers of the last talking bridge it was in, else its
+        Dial partner (parked between the answer and the bridge). Asterisk publishes ParkedCall from res_parking
+        and the bridge events from the bridging core, and AMI interleaves the two as they come: the ParkedCall may
+        arrive while the parkee is still in its bridge, after it left, after it entered the lot, or after the
+        phone left the dissolving bridge. The peers kept at the last BridgeEnter are the same in every case."""
+        dial = set(parkee.children) | ({parkee.dialed_by} if parkee.dialed_by is not None else set())
+        for keys in (parkee.last_peers, dial):
+            chans = [self._chans[k] for k in sorted(keys) if k in self._chans and k != parkee.key]
+            phones = [c for c in chans if c.line is not None and c.consult_of is None and c.call is not None]
+            if phones:
+                return phones
+        return []
 
     def _on_unparked_call(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         parkee = self._snap(msg, "Parkee", event)
@@ -1170,6 +1202,7 @@ class CallTracker:
             # The line's phone picked its call up again: it is the call's channel from now on.
             retriever.call = lc
             lc.uid = retriever.key
+            lc.retriever = ""
             self._refresh(lc, at, out, announce=False)
             self._set_held(lc, False, at, out)
             return
@@ -1183,6 +1216,8 @@ class CallTracker:
             self._finish(lc, at, out, cause, text)
             return
         ch.call = None
+        if lc.retriever == ch.key:
+            lc.retriever = ""  # the phone called into the lot was not answered: the call stays parked
         if lc.uid == ch.key:
             # Keep showing the party the agent talked to, whatever the channel that picks the call up says.
             call = lc.call

@@ -68,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "less CPU per frame sent) or the standard one; auto = uvloop if available "
                              "[CMS_NODE_EVENT_LOOP]")
     parser.add_argument("--drain-seconds", type=float, default=_env("DRAIN_SECONDS", "3"))
+    # Accepted so that a node started with an older deployment's settings still starts (a rolling upgrade
+    # must not stop on it); it does nothing now, and the node says so at start (obsolete_settings).
     parser.add_argument("--client-log-dir", default=_env("CLIENT_LOG_DIR", ""),
-                        help="folder where agents' ProcessLogs/SetLogFilePath may write; unset = refused "
-                             "[CMS_NODE_CLIENT_LOG_DIR]")
+                        help="obsolete, ignored: agents' ProcessLogs/SetLogFilePath are always refused and "
+                             "nothing is written to files [CMS_NODE_CLIENT_LOG_DIR]")
     parser.add_argument("--admin-token", default=_env("ADMIN_TOKEN"),
                         help="token the /status page requires (?token= or Authorization: Bearer); unset: the "
                              "deployment key guards it [CMS_NODE_ADMIN_TOKEN]")
@@ -86,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-backups", type=int, default=_env("LOG_BACKUPS", "5"),
                         help="rotated log files kept [CMS_NODE_LOG_BACKUPS]")
     return parser
+
+
+def obsolete_settings(args: argparse.Namespace) -> list[str]:
+    """One line for each setting the node still accepts but no longer uses: what changed, what to do."""
+    warnings = []
+    if args.client_log_dir:
+        warnings.append(
+            "--client-log-dir / CMS_NODE_CLIENT_LOG_DIR is ignored: agents' ProcessLogs and SetLogFilePath are "
+            "now always refused with an ERROR and nothing is written to that folder; remove the setting"
+        )
+    return warnings
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -169,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    for warning in settings.warnings:
+    for warning in [*settings.warnings, *obsolete_settings(args)]:
         log.warning("configuration: %s", warning)
     from services.broker import refused_login
 
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             signalr_token_secret=args.signalr_token_secret, signalr_token_lifetime=args.signalr_token_lifetime,
             signalr_ping_interval=args.signalr_ping_interval, signalr_client_timeout=args.signalr_client_timeout,
             max_backlog_frames=args.max_backlog_frames, drain_seconds=args.drain_seconds,
-            client_log_dir=args.client_log_dir, admin_token=args.admin_token, advertise_host=args.advertise_host,
+            admin_token=args.admin_token, advertise_host=args.advertise_host,
             command_limits=args.command_limits,
         ),
     )

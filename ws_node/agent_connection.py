@@ -46,7 +46,6 @@ from services.tasks import background
 from services.wire import Command, CommandResult, LineEvent, WireError
 from ws_node.admission import CommandLimiter
 from ws_node.agent_session import AgentSession, FrameMemo, SessionOptions
-from ws_node.client_logs import ClientLogRefused, ClientLogStore
 from ws_node.command_quota import CommandQuota
 from ws_node.line_feed import LineFeed
 from ws_node.line_holders import HOLDER_STORE_ERRORS, LineHolders
@@ -103,12 +102,10 @@ class ConnectionHub:
         max_backlog_frames: int = 2000,
         session_options: SessionOptions | None = None,
         delivery_log: DeliveryLog | None = None,
-        client_logs: ClientLogStore | None = None,
         security: SecurityConfig | None = None,
         command_limiter: CommandLimiter | None = None,
     ) -> None:
         self.feed = feed
-        self.client_logs = client_logs
         self.security = security or SecurityConfig()
         self.command_limiter = command_limiter or CommandLimiter(clock=time.monotonic)
         #: the same budgets, shared by every node (the node's own above still hold without Redis)
@@ -384,11 +381,6 @@ class AgentConnection:
         result: CommandResult = await self.hub.feed.send_command(command)
         if self.session is session:
             session.on_command_result(result, command)
-
-    def append_client_log(self, session: AgentSession, name: str, text: str) -> None:
-        if self.hub.client_logs is None:
-            raise ClientLogRefused("client logs are disabled on this server")
-        self.hub.client_logs.append(name, text)
 
     def close(self, code: int, reason: str) -> None:
         if not self._closing:

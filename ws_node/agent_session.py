@@ -68,6 +68,9 @@ Rules, from the client's source (docs/creatio-protocol.md has the details):
     and differs, the PBX wins and its state is reported back (a stale "Paused" must not re-pause an
     agent a supervisor unpaused); otherwise it is carried out. Later choices are always carried
     out. With ``"profile"`` the re-sent state is always carried out.
+12. ProcessLogs / SetLogFilePath (Creatio: "start processing logs", "the file from which logs will be
+    processed", i.e. CMS replaying a recorded PBX log) are refused with ERROR(4), open or not: a browser
+    must not make the cluster replay calls, and nothing a client sends is written to a file.
 """
 
 from __future__ import annotations
@@ -110,7 +113,6 @@ from services.wire import (
 )
 from ws_node import creatio_protocol as cp
 from ws_node.admission import CONTEXT_REFUSED, DEBUG_REFUSED, DebugBudget
-from ws_node.client_logs import ClientLogRefused, validate_name
 from ws_node.creatio_protocol import CtiCommand, MsgErrorType, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -133,10 +135,6 @@ class SessionEnvironment(Protocol):
 
     def close(self, code: int, reason: str) -> None: ...
 
-    def append_client_log(self, session: AgentSession, name: str, text: str) -> None:
-        """Write one client log entry (only called when SessionOptions.client_logs is on);
-        raises ClientLogRefused when the write is not allowed."""
-
 
 class SessionState(enum.Enum):
     NEW = "new"
@@ -156,8 +154,6 @@ class SessionOptions:
     line_protocols: tuple[str, ...] = ("SIP",)
     #: live events held back while a catch-up runs; past this the catch-up is given up
     max_held_events: int = 1000
-    #: ProcessLogs/SetLogFilePath are honoured only when the node has a client log folder
-    client_logs: bool = False
     #: which dialplan contexts an agent may use: originateContext and allowedOriginateContexts (rule 8)
     asterisk: AsteriskConfig = AsteriskConfig()
     #: per-user settings from the administrator: line, context, debugging
@@ -212,7 +208,15 @@ _NOT_IMPLEMENTED = frozenset(
         CtiCommand.LIBRARY_SPECIFIC_SERVICE,
     }
 )
-_DISABLED = frozenset({CtiCommand.PROCESS_LOGS, CtiCommand.SET_LOG_FILE_PATH})
+#: Creatio defines ProcessLogs as "start processing logs" and SetLogFilePath as "the file from which logs will be
+#: processed": CMS replaying a recorded PBX log as if it were live. Taking that from a browser would let any
+#: agent inject fake calls into every agent's panel on a live PBX, and the admin's way to replay a capture is
+#: the gateway's own Asterisk.filePath; so both are refused, and nothing a client sends is ever written to a file.
+_LOG_REPLAY = frozenset({CtiCommand.PROCESS_LOGS, CtiCommand.SET_LOG_FILE_PATH})
+_LOG_REPLAY_REFUSAL = (
+    "{name} is refused: replaying PBX logs from the CRM is not allowed on this server "
+    "(an administrator replays a capture with the gateway's Asterisk.filePath instead)"
+)
 
 #: Events of a gap worth replaying: what a call went through. Not CALL_INFO_CHANGED (the client
 #: matches it by databaseUId, which could pick the wrong call), not DTMF or agent state (the
@@ -250,7 +254,7 @@ class AgentSession:
     __slots__ = (
         "_env", "_opts", "_memo", "_clock", "_new_id", "state", "library_instance_uid", "connection_uid", "line",
         "debug_mode", "call_centre_enabled", "user_uid", "_calls",
-        "_agent", "_catching_up", "_held", "_snapshot_wanted", "replayed", "_log_file", "_context_override",
+        "_agent", "_catching_up", "_held", "_snapshot_wanted", "replayed", "_context_override",
         "_context_refusal", "_announced", "_agent_known", "_profile_state_until", "_deferred_state",
     )
 
@@ -263,7 +267,6 @@ class AgentSession:
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
-        self._log_file = ""
         self._env = env
         self._opts = options or _DEFAULT_OPTIONS
         self._memo = frame_memo
@@ -521,13 +524,11 @@ class AgentSession:
         if name is CtiCommand.OPEN_CONNECTION:
             self._open_connection(cmd)
             return
+        if name in _LOG_REPLAY:
+            # open or not, the answer is the same: say why rather than "connection is not open"
+            raise _Refused(MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR, _LOG_REPLAY_REFUSAL.format(name=cmd.name))
         if self.state is not SessionState.OPEN:
             raise _Refused(MsgErrorType.COMMAND_ERROR, f"{cmd.name}: connection is not open")
-        if name in _DISABLED:
-            if not self._opts.client_logs:
-                raise _Refused(MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR, f"{cmd.name} is disabled on this server")
-            self._client_log(name, cmd)
-            return
         if name in _NOT_IMPLEMENTED:
             raise _Refused(MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR, f"{cmd.name} is not supported")
         if name in _CALL_CENTRE_COMMANDS and not self.call_centre_enabled:
@@ -539,16 +540,6 @@ class AgentSession:
             )
         handler = self._handlers[name]
         handler(self, cmd)
-
-    def _client_log(self, name: CtiCommand, cmd: cp.ClientCommand) -> None:
-        try:
-            if name is CtiCommand.SET_LOG_FILE_PATH:
-                self._log_file = validate_name(str(_get_ci(cmd.params, "filePath") or ""))
-                return
-            text = json.dumps(cmd.params, ensure_ascii=False, separators=(",", ":"))
-            self._env.append_client_log(self, self._log_file or f"line-{self.line}.log", text)
-        except ClientLogRefused as exc:
-            raise _Refused(MsgErrorType.COMMAND_ERROR, f"{cmd.name}: {exc}") from None
 
     def _load_library(self, cmd: cp.ClientCommand) -> None:
         if not self.library_instance_uid:

@@ -15,7 +15,6 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import Gauge
@@ -29,7 +28,6 @@ from services.topology import Topology
 from ws_node.admission import AdmissionPolicy, CommandLimiter, DebugBudget, parse_command_limits
 from ws_node.agent_connection import ConnectionHub
 from ws_node.agent_session import SessionOptions
-from ws_node.client_logs import ClientLogStore
 from ws_node.line_feed import LineFeed, RabbitNodeBus
 from ws_node.signalr_token import ConnectionTokens, derive_secret
 from ws_node.status_page import StatusCollector, StatusPageResource
@@ -54,8 +52,6 @@ class NodeOptions:
     signalr_client_timeout: float = 30.0
     max_backlog_frames: int = 2000
     drain_seconds: float = 3.0
-    #: folder for agents' ProcessLogs/SetLogFilePath; empty = those commands are refused
-    client_log_dir: str = ""
     #: /status needs this token when set (else the deployment key, when set)
     admin_token: str = ""
     #: the name other nodes reach this node's /metrics and /health by (default: host, or this
@@ -97,12 +93,11 @@ class Node:
             settings.cluster.prefix,
             max_backlog_frames=options.max_backlog_frames,
             session_options=SessionOptions(
-                client_logs=bool(options.client_log_dir), asterisk=settings.asterisk, security=security,
+                asterisk=settings.asterisk, security=security,
                 debug_budget=DebugBudget(security.debug_lines_per_minute, security.debug_max_chars, time.monotonic),
                 agent_codes=settings.agent_states,
                 line_protocols=tuple(t.strip() for t in settings.asterisk.protocol.split(",") if t.strip()),
             ),
-            client_logs=ClientLogStore(Path(options.client_log_dir)) if options.client_log_dir else None,
             security=security,
             command_limiter=CommandLimiter(parse_command_limits(options.command_limits), time.monotonic),
         )

@@ -3,7 +3,8 @@
 Agent states, with an ``AgentStates`` block: the code the agent chose comes back exactly; a supervisor's pause or
 unpause on the PBX (QueuePause from another AMI client) reaches the agent as the configured code; on reconnect,
 the state Creatio's header re-sends from the profile does not undo what a supervisor did meanwhile. Then
-ExtensionName as admins type it, and the caller of an attended transfer's original call.
+ExtensionName as admins type it, and the caller of an attended transfer's original call. The last test goes
+over the same points on Creatio 8.x's SignalR transport.
 """
 
 from __future__ import annotations
@@ -11,17 +12,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from local_cluster.infra import Infrastructure
 from local_cluster.launcher import ClusterOptions, LocalCluster
+from tests.e2e.test_signalr import SignalRAgent, assert_creatio_sequence_ok, content, ensure_signalr_client
+from tests.e2e.test_signalr import opened as signalr_opened
 from tests.support.creatio_client import (
+    ABONENT_BUSY,
     AGENT_STATE_CHANGED,
     COMMUTATION_STARTED,
+    DTMF_ENTERED,
     ERROR,
     LIBRARY_INITIALIZED,
     RING_FINISHED,
@@ -229,5 +235,81 @@ def test_a_code_the_agent_chose_survives_a_gateway_restart(cluster: LocalCluster
                                  predicate=lambda r: r.content == "Active")
         finally:
             await agent.close()
+
+    asyncio.run(main())
+
+
+def test_signalr_agent_sees_codes_extension_forms_busy_dtmf_and_the_original_caller(cluster: LocalCluster) -> None:
+    """The same points over Creatio 8.x's transport (Microsoft's SignalR client through HAProxy): ExtensionName
+    typed as `` SIP/306 ``, the chosen code back exactly and a supervisor's change as the configured code; on a
+    line of its own (309, in no queue: the other tests' calls do not reach it), the busy call kept until
+    RING_FINISHED, DTMF echoed once played, and the original caller kept on the transferring agent's call
+    through an attended transfer."""
+    script = ensure_signalr_client()
+    url = f"http://127.0.0.1:{cluster.options.haproxy_port}/"
+    caller = "79165550309"
+
+    async def main() -> None:
+        states = SignalRAgent(script, url, " SIP/306 ")
+        calls = SignalRAgent(script, url, "SIP/309")
+        await states.start()
+        await calls.start()
+
+        async def event(agent: SignalRAgent, kind: int, mark: int, pred: Callable[[Any], bool] = lambda c: True,
+                        timeout: float = 15.0) -> Any:
+            item = await agent.wait(lambda i: i["kind"] == "event" and i["eventType"] == kind and pred(content(i)),
+                                    timeout, after=mark)
+            return content(item)
+
+        async def send(agent: SignalRAgent, command: str, parameters: dict[str, Any] | None = None,
+                       executor: dict[str, Any] | None = None) -> None:
+            await agent.send({"op": "send", "command": command, "parameters": parameters or {}, "executor": executor})
+
+        try:
+            await signalr_opened(states)
+            await signalr_opened(calls)
+            # codes (point 3), on 306 (in the simulator's "support" queue), opened as "SIP/306" with spaces
+            mark = len(states.lines)
+            await send(states, "SetMsgUserState", {"code": "Lunch", "reason": ""})
+            await event(states, AGENT_STATE_CHANGED, mark, lambda c: c == "Lunch")
+            assert stored_agent(cluster, "306")["code"] == "Lunch"
+            mark = len(states.lines)
+            await supervisor_pause(cluster, "306", False)
+            await event(states, AGENT_STATE_CHANGED, mark, lambda c: c == "Active")
+            mark = len(states.lines)
+            await send(states, "SetMsgUserState", {"code": "Active", "reason": ""})  # the agent's own choice, last
+            await states.wait(lambda i: i["kind"] == "invoked" and i["label"] == "SetMsgUserState", after=mark)
+
+            # busy (point 4): the call stays, as busy, until its RING_FINISHED
+            mark = len(calls.lines)
+            await asyncio.to_thread(cluster.play, "inbound-busy", line="309", caller=caller)
+            busy = await event(calls, ABONENT_BUSY, mark)
+            assert busy["state"] == 6 and busy["deviceId"] == "309"
+            await event(calls, RING_FINISHED, mark, lambda c: c["id"] == busy["id"])
+
+            # DTMF echo, then the attended transfer keeps the original caller (point 4)
+            mark = len(calls.lines)
+            await asyncio.to_thread(cluster.play, "inbound-direct-noanswer", line="309", caller=caller)
+            ring = await event(calls, RING_STARTED, mark)
+            await send(calls, "AnswerCall", executor=ring)
+            call = await event(calls, COMMUTATION_STARTED, mark)
+            await send(calls, "SendDtmf", {"digits": "12#"}, executor=call)
+            assert await event(calls, DTMF_ENTERED, mark) == "12#"
+            await send(calls, "MakeConsultCall", {"targetAddress": "310"}, executor=call)
+            consult = await event(calls, RING_STARTED, mark, lambda c: c.get("calledId") == "310")
+            await asyncio.sleep(1.0)
+            await send(calls, "TransferCall", {"consultationCall": json.dumps(consult)}, executor=call)
+            await event(calls, RING_FINISHED, mark, lambda c: c["id"] == call["id"])
+            await asyncio.sleep(1.0)
+            objects = [content(i) for i in calls.lines[mark:] if i["kind"] == "event"
+                       and isinstance(content(i), dict) and content(i).get("id") == call["id"]]
+            assert objects and all(o["callerId"] == caller for o in objects), objects
+            assert [content(i) for i in calls.events(DTMF_ENTERED)] == ["12#"]
+            for agent in (states, calls):
+                assert not agent.events(ERROR), agent.events(ERROR)
+                assert_creatio_sequence_ok(agent)
+        finally:
+            await calls.stop()
+            await states.stop()
 
     asyncio.run(main())

@@ -1,7 +1,8 @@
 """Call records through the whole cluster: simulator -> gateway -> Creatio-shaped site over HTTP, and
 CALL_SAVED_IN_DB / databaseUId to the agent's client through the nodes and HAProxy.
 
-Each flow the simulator plays leaves one row per call and line in the test site with Creatio's columns.
+Each flow the simulator plays (direct, queue, outbound, internal, hold, blind and attended transfer, busy, no
+answer, abandoned) leaves one row per call and line in the test site with Creatio's columns.
 """
 
 from __future__ import annotations
@@ -219,6 +220,38 @@ def test_queue_call_gives_one_row_per_agent_line(cluster: LocalCluster, site: Cr
     asyncio.run(main())
 
 
+def test_internal_call_gives_each_agent_a_row_with_its_own_direction(cluster: LocalCluster, site: CreatioSite) -> None:
+    """Agent to agent (the simulator's ``internal`` flow): the caller's line gets an outgoing record, the called
+    line an incoming one, both naming the two lines, each owned by its own agent's contact."""
+
+    async def main() -> None:
+        caller, called = await opened(cluster, "571"), await opened(cluster, "572")
+        try:
+            marks = (len(caller.events), len(called.events))
+            await play(cluster, "internal", line="571", agent2="572")
+            out_ring = obj(await caller.wait_for(RING_STARTED, after=marks[0], timeout=15))
+            in_ring = obj(await called.wait_for(RING_STARTED, after=marks[1], timeout=15))
+            out_uid = await saved(caller, out_ring["id"], marks[0])
+            in_uid = await saved(called, in_ring["id"], marks[1])
+            assert out_uid != in_uid
+            await caller.wait_for(RING_FINISHED, after=marks[0], timeout=20)
+            await called.wait_for(RING_FINISHED, after=marks[1], timeout=20)
+            placed, received = await final_row(site, out_uid), await final_row(site, in_uid)
+            assert (placed["CallerId"], placed["CalledId"], placed["DirectionId"]) == ("571", "572", DIRECTION_OUT)
+            assert (received["CallerId"], received["CalledId"], received["DirectionId"]) == ("571", "572",
+                                                                                            DIRECTION_IN)
+            assert placed["CreatedById"] == caller.contact_uid and received["CreatedById"] == called.contact_uid
+            # rings 1.5 s, talks 3 s (simulator timing, with slack for a loaded machine)
+            for row in (placed, received):
+                assert 1 <= row["BeforeConnectionTime"] <= 4 and 2 <= row["TalkTime"] <= 6, row
+            assert len(rows_for_line(site, "571")) == 1 and len(rows_for_line(site, "572")) == 1
+        finally:
+            await caller.close()
+            await called.close()
+
+    asyncio.run(main())
+
+
 def test_hold_time_and_consultation_parent(cluster: LocalCluster, site: CreatioSite) -> None:
     async def main() -> None:
         agent = await opened(cluster, "531")
@@ -251,6 +284,11 @@ def test_hold_time_and_consultation_parent(cluster: LocalCluster, site: CreatioS
             assert row["HoldTime"] >= 2, row
             child = await final_row(site, consult_uid)
             assert child["ParentCallId"] == uid
+            # the phone called back into the lot to resume is the same call: no ring, no record of its own
+            rings = [obj(r)["id"] for r in agent.of_type(RING_STARTED, mark)]
+            assert rings == [call["id"], consult["id"]], rings
+            assert sorted(r["IntegrationId"] for r in rows_for_line(site, "531")) == sorted(
+                [row["IntegrationId"], child["IntegrationId"]])
             assert (child["CallerId"], child["CalledId"], child["DirectionId"]) == ("531", "532", DIRECTION_OUT)
         finally:
             await agent.close()

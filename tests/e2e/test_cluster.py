@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import pytest
 
-from local_cluster.infra import Infrastructure
 from local_cluster.launcher import LocalCluster, http_get
-from tests.e2e.conftest import running_cluster
 from tests.support.creatio_client import (
     COMMUTATION_STARTED,
     RING_FINISHED,
@@ -119,26 +116,3 @@ def test_killing_the_agents_node_mid_call_keeps_the_call_in_the_snapshot(cluster
             await again.close()
 
     asyncio.run(main())
-
-
-def test_client_logs_are_written_only_inside_the_configured_folder(infra: Infrastructure, tmp_path: Path) -> None:
-    folder = tmp_path / "client-logs"
-    with running_cluster(infra, tmp_path / "run", extra_env={"CMS_NODE_CLIENT_LOG_DIR": str(folder)}) as local:
-        async def main() -> None:
-            agent = CreatioAgent(local.client_url, "307")
-            await agent.connect()
-            try:
-                await agent.open()
-                await agent.send("SetLogFilePath", {"filePath": "C:\\Logs\\..\\..\\Windows\\agent307.log"})
-                await agent.send("ProcessLogs", {"logs": "panel opened"})
-                for _ in range(50):
-                    if (folder / "agent307.log").exists():
-                        break
-                    await asyncio.sleep(0.1)
-            finally:
-                await agent.close()
-
-        asyncio.run(main())
-    written = [p.name for p in folder.iterdir()]
-    assert written == ["agent307.log"]
-    assert json.loads((folder / "agent307.log").read_text().strip()) == {"logs": "panel opened"}

@@ -155,6 +155,44 @@ def test_calls_that_rang_and_ended_during_a_drop_are_not_replayed(cluster: Local
     asyncio.run(main())
 
 
+def test_calls_that_rang_and_ended_during_a_drop_are_not_replayed_over_signalr(cluster: LocalCluster) -> None:
+    """Creatio 8.x (Microsoft's SignalR client): the panel comes back as the same tab (its libraryInstanceUId)
+    and user; the node reads the gap, yet the agent sees no ring of the call that came and went, only the
+    snapshot."""
+    script = ensure_signalr_client()
+    url = f"http://127.0.0.1:{cluster.options.haproxy_port}/"
+    user = "0e110000-0000-4000-8000-000000000403"
+
+    async def main() -> None:
+        first = SignalRAgent(script, url, "403", "--user", user)
+        await first.start()
+        try:
+            assert content(await opened(first)) == {"ActiveCalls": [], "CurrentCall": None}
+            [library] = [i["envelope"]["content"] for i in first.events(1)]  # LIBRARY_INITIALIZED
+            await asyncio.sleep(1.0)  # the node writes delivery positions every 0.5 s
+            start_seq = line_seq(cluster, "403")
+        finally:
+            await first.stop()  # the browser lost its network
+
+        await asyncio.to_thread(cluster.play, "inbound-direct-answered", line="403", caller=CALLER)
+        await wait_line_idle_after(cluster, "403", start_seq + 3)
+        read_before = metric(cluster, "cms_node_reconnect_catchups_total", outcome="replayed")
+
+        again = SignalRAgent(script, url, "403", "--user", user, "--library", library)
+        await again.start()
+        try:
+            snapshot = await opened(again)
+            assert content(snapshot) == {"ActiveCalls": [], "CurrentCall": None}
+            assert [i["envelope"]["content"] for i in again.events(1)] == [library]  # the same tab
+            calls = {RING_STARTED, COMMUTATION_STARTED, RING_FINISHED}
+            assert not [i for i in again.events() if i["eventType"] in calls], again.events()  # no phantom call
+            assert metric(cluster, "cms_node_reconnect_catchups_total", outcome="replayed") >= read_before + 1
+        finally:
+            await again.stop()
+
+    asyncio.run(main())
+
+
 def test_node_killed_the_agent_comes_back_on_the_other_node_with_the_gap(cluster: LocalCluster) -> None:
     async def main() -> None:
         agent = CreatioAgent(cluster.client_url, "402")

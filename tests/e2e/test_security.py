@@ -13,7 +13,6 @@ import socket
 import statistics
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -400,32 +399,41 @@ def test_slowloris_is_cut_by_the_node_and_by_haproxy(cluster: LocalCluster) -> N
     assert metric(cluster, "cms_node_slow_requests_aborted_total") >= aborted_before + 1
 
 
-def test_a_hard_link_planted_in_the_client_log_folder_is_not_written_through(
+def test_log_replay_commands_are_refused_and_nothing_is_written_with_the_old_client_log_dir(
     cluster: LocalCluster, tmp_path: Path
 ) -> None:
+    """The nodes run with an older deployment's CMS_NODE_CLIENT_LOG_DIR (the fixture): they start, say the
+    setting is ignored, and refuse ProcessLogs/SetLogFilePath with ERROR(4); a hard link planted in that
+    folder, the file named, nothing is written anywhere."""
     folder = Path(cluster.run_dir).parent / "client-logs"
     precious = tmp_path / "precious.conf"
     precious.write_text("secret=keep\n")
-    os.link(precious, folder / "planted.log")
+    planted = folder / "planted.log"
+    os.link(precious, planted)
 
     async def main() -> None:
         a = await agent(cluster, "319", CAROL)
         await a.open()
         mark = len(a.events)
-        await a.send("SetLogFilePath", {"filePath": "planted.log"})
-        await a.send("ProcessLogs", {"logs": "written through?"})
-        error = await a.wait_for(ERROR, after=mark)
-        assert "not a plain file of this folder" in error.content["data"]
-        mark = len(a.events)
-        await a.send("SetLogFilePath", {"filePath": f"fresh-{uuid.uuid4().hex[:6]}.log"})
-        await a.send("ProcessLogs", {"logs": "fine"})
+        sent = [("SetLogFilePath", {"filePath": "planted.log"}), ("ProcessLogs", {"logs": "written through?"}),
+                ("SetLogFilePath", {"filePath": "C:\\Logs\\..\\..\\Windows\\agent319.log"}),
+                ("ProcessLogs", {"logs": "Event: Newchannel\r\nChannel: SIP/305-1\r\n\r\n"})]
+        for command, params in sent:
+            await a.send(command, params)
         await a.send("QueryLineState")
-        await a.wait_for(LINE_STATE_CHANGED, after=mark)
-        assert not a.of_type(ERROR, after=mark)
+        await a.wait_for(LINE_STATE_CHANGED, after=mark)  # the connection carries on
+        errors = [e.content for e in a.of_type(ERROR, after=mark)]
+        assert [e["errorType"] for e in errors] == [4, 4, 4, 4], errors
+        assert [e["data"].split(" ", 1)[0] for e in errors] == [command for command, _ in sent]
+        assert all("refused" in e["data"] and "Asterisk.filePath" in e["data"] for e in errors)
         await a.close()
 
     asyncio.run(main())
     assert precious.read_text() == "secret=keep\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["planted.log"]
+    for node in ("node1", "node2"):
+        log = (cluster.run_dir / f"{cluster.prefix}-{node}.log").read_text(errors="replace")
+        assert "CMS_NODE_CLIENT_LOG_DIR is ignored" in log, node
 
 
 def test_error_texts_never_echo_python_internals(cluster: LocalCluster) -> None:

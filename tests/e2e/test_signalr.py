@@ -53,11 +53,16 @@ def ensure_signalr_client() -> Path:
     return JS_DIR / "signalr_agent.js"
 
 
+def client_log_dir(run_dir: Path) -> Path:
+    return run_dir.parent / "client-logs"
+
+
 def cluster_options(run_dir: Path, infra: Infrastructure) -> ClusterOptions:
     return ClusterOptions.ephemeral(
         run_dir, amqp_url=infra.amqp_url, redis_url=infra.redis_url, deployment_key=KEY,
-        # env twins of ws_node flags reach every node without launcher changes
-        extra_env={"CMS_NODE_SIGNALR_TOKEN_SECRET": SECRET},
+        # env twins of ws_node flags reach every node without launcher changes; the client log folder is an
+        # older deployment's setting, now ignored (test_log_replay_commands_get_an_error_over_signalr)
+        extra_env={"CMS_NODE_SIGNALR_TOKEN_SECRET": SECRET, "CMS_NODE_CLIENT_LOG_DIR": str(client_log_dir(run_dir))},
     )
 
 
@@ -256,6 +261,38 @@ def test_raw_and_signalr_agents_of_one_line_both_ring(cluster: LocalCluster, sig
             await modern.stop()
 
     asyncio.run(main())
+
+
+def test_log_replay_commands_get_an_error_over_signalr(cluster: LocalCluster, signalr_client: Path) -> None:
+    """ProcessLogs/SetLogFilePath through Microsoft's client: each invocation completes and its answer is
+    ERROR(4) as a ServerMessage; the folder the nodes were started with stays empty."""
+    folder = client_log_dir(cluster.run_dir)
+    folder.mkdir(exist_ok=True)
+
+    async def main() -> None:
+        agent = SignalRAgent(signalr_client, http_url(cluster), "304")
+        await agent.start()
+        try:
+            await opened(agent)
+            mark = len(agent.lines)
+            sent = [("SetLogFilePath", {"filePath": "C:\\Logs\\cti.log"}),
+                    ("ProcessLogs", {"logs": "Event: Newchannel\r\nChannel: SIP/304-1\r\n\r\n"})]
+            for command, params in sent:
+                await agent.send({"op": "send", "command": command, "parameters": params})
+            for command, _ in sent:
+                await agent.wait(lambda i, c=command: i["kind"] == "invoked" and i["label"] == c, after=mark)
+            first = await agent.event(ERROR, after=mark)
+            await agent.event(ERROR, after=agent.lines.index(first, mark) + 1)
+            errors = [content(i) for i in agent.lines[mark:] if i["kind"] == "event" and i["eventType"] == ERROR]
+            assert [e["errorType"] for e in errors] == [4, 4], errors
+            assert [e["data"].split(" ", 1)[0] for e in errors] == [command for command, _ in sent]
+            assert all("refused" in e["data"] for e in errors)
+            assert_creatio_sequence_ok(agent)
+        finally:
+            await agent.stop()
+
+    asyncio.run(main())
+    assert list(folder.iterdir()) == []
 
 
 def test_a_draining_node_closes_signalr_agents_who_come_back_elsewhere(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -15,7 +16,9 @@ from typing import Any
 import pytest
 
 from ami_gateway.app import Gateway
+from ami_gateway.command_executor import CommandExecutor
 from ami_gateway.queue_policy import AUTO_PAUSE_REASON
+from ami_gateway.tracker import CallControl, CallTracker
 from ami_simulator.model import Call as SimCall
 from ami_simulator.server import AmiSimulator, User, parse_classes
 from local_cluster.infra import Infrastructure
@@ -280,6 +283,57 @@ def test_hold_and_resume_by_parking_the_far_end(infra: Infrastructure, prefix: s
             done = await r.send("305", CommandName.HANGUP, call_id=call_id)
             assert done.ok, done.error
             await r.event("305", EventType.RING_FINISHED, call_id)
+
+    run(main())
+
+
+@dataclass
+class TrailingView:
+    """The tracker as it was a moment ago (what a command planned just before an event was read sees), with
+    the live tracker behind it for everything else."""
+
+    live: CallTracker
+    then: list[CallControl]
+
+    def controls(self, line: str) -> list[CallControl]:
+        return self.then
+
+    def tech_of(self, line: str) -> str | None:
+        return self.live.tech_of(line)
+
+    def expect_retriever(self, line: str, call_id: str, uniqueid: str) -> None:
+        self.live.expect_retriever(line, call_id, uniqueid)
+
+
+def test_a_resume_planned_on_a_phone_channel_asterisk_has_just_hung_up(infra: Infrastructure, prefix: str) -> None:
+    """The resume is planned while the gateway still sees the agent's channel (it hears the parking space), and
+    reaches the PBX after that channel hung up: the Redirect finds no channel, and the phone is called into the
+    lot instead. The call resumes either way; before, the agent got an error and the call stayed parked."""
+
+    async def main() -> None:
+        async with rig(infra, prefix, parking_lot_context="parkedcalls") as r:
+            call, call_id = await r.connected_call()
+            trunk, agent = call.planned[:2]
+            assert (await r.send("305", CommandName.HOLD, call_id=call_id)).ok
+            await r.event("305", EventType.HOLD_STARTED, call_id)
+            gw = r.gateway
+            await wait_until(lambda: agent not in r.sim.model.channels and gw.tracker.controls("305")[0].channel == "",
+                             what="the agent's channel gone")
+            # what the tracker showed while the agent's phone heard the space read out
+            then = dataclasses.replace(gw.tracker.controls("305")[0], channel=agent)
+            assert then.parked_space == "701"
+            executor = CommandExecutor(gw.settings.asterisk, gw.matcher,
+                                       session=lambda: gw.ami.session if gw.ami is not None else None,
+                                       view=TrailingView(gw.tracker, [then]))
+            result = await executor.execute(Command(id="resume-1", line="305", name=CommandName.UNHOLD,
+                                                    args={"call_id": call_id}, issued_at=time.time()))
+            assert result.ok, result.error
+            back = await r.event("305", EventType.HOLD_ENDED, call_id, state=CallState.CONNECTED)
+            assert back.call is not None and back.call.channel not in ("", agent)
+            phone = r.sim.model.channels[back.call.channel]
+            assert phone.snapshot["Uniqueid"].startswith("cms-")  # called into the lot, announced beforehand
+            assert [p.name for p in r.sim.model.bridge_partners(phone)] == [trunk]
+            assert {e.call.id for e in r.events.events if e.line == "305" and e.call} == {call_id}
 
     run(main())
 

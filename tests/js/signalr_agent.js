@@ -4,11 +4,15 @@
 //
 //   node signalr_agent.js --url http://127.0.0.1:2013/?key=K --line 305 [--skip-negotiation]
 //                         [--negotiate-via http://127.0.0.1:PORT_A] [--no-open] [--origin O] [--contact GUID]
+//                         [--library UID]
 //
 // Like Terrasoft.SignalRChannel it builds HubConnectionBuilder().withUrl(url) with no automatic
 // reconnect, listens to "ServerMessage" and invokes "SendRawMessage" with the JSON text Creatio's
 // MsgCommandInfo.serialize() produces. Like MsgServiceCtiProvider it sends LoadLibrary on start,
 // OpenConnection on LIBRARY_INITIALIZED and QueryActiveCallSnapshot on CONNECTION_CREATED.
+//
+// Like MsgCommandInfo every command carries libraryInstanceUId (the LIBRARY_INITIALIZED content, kept by the
+// singleton provider across reconnects); --library starts with one, as a panel reconnecting after a drop does.
 //
 // --negotiate-via sends the negotiate POST to another server than the WebSocket (the "negotiate on
 // node A, connect on node B" case) through a custom HttpClient, so the client is otherwise intact.
@@ -22,7 +26,8 @@ const readline = require("readline");
 const signalR = require("@microsoft/signalr");
 
 function parseArgs(argv) {
-  const args = { url: "", line: "", skipNegotiation: false, negotiateVia: "", open: true, origin: "", contact: "" };
+  const args = { url: "", line: "", skipNegotiation: false, negotiateVia: "", open: true, origin: "", contact: "",
+    library: "" };
   for (let i = 0; i < argv.length; i++) {
     const flag = argv[i];
     if (flag === "--url") args.url = argv[++i];
@@ -33,6 +38,7 @@ function parseArgs(argv) {
     else if (flag === "--origin") args.origin = argv[++i];
     else if (flag === "--user") args.user = argv[++i];
     else if (flag === "--contact") args.contact = argv[++i];
+    else if (flag === "--library") args.library = argv[++i];
     else throw new Error(`unknown flag ${flag}`);
   }
   if (!args.url) throw new Error("--url is required");
@@ -81,9 +87,10 @@ async function main() {
     .build();
 
   let connectionUId = "";
+  let libraryInstanceUId = args.library;
   const send = (command, parameters, executor) => {
     // Terrasoft.MsgCommandInfo.serialize(): nested objects travel as JSON strings, commandUId empty.
-    const body = { command, parameters: parameters || {}, commandUId: "", connectionUId };
+    const body = { command, parameters: parameters || {}, commandUId: "", connectionUId, libraryInstanceUId };
     if (executor !== undefined && executor !== null) {
       body.commandExecutor = typeof executor === "string" ? executor : JSON.stringify(executor);
     }
@@ -106,6 +113,7 @@ async function main() {
     emit({ kind: "event", eventType: envelope.eventType, envelope, argType: typeof text });
     if (!args.open) return;
     if (envelope.eventType === MsgEventType.LIBRARY_INITIALIZED) {
+      libraryInstanceUId = String(envelope.content || "");
       const connectionParams = JSON.stringify({ ExtensionName: args.line, OriginateContext: "", debugMode: false });
       // --user: who the agent is (line ownership); --contact: sessionServiceParams as Creatio sends
       // them (UserContactUId: whose calls are saved)

@@ -621,12 +621,13 @@ def test_call_centre_disabled() -> None:
 
 
 @pytest.mark.parametrize("name", ["ProcessLogs", "SetLogFilePath"])
-def test_log_commands_disabled(name: str) -> None:
+def test_log_replay_commands_refused(name: str) -> None:
     session, env = opened()
     session.on_text(cmd(name, {"filePath": "/etc/passwd"}))
     err = only_error(env)
     assert err["errorType"] == MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR
-    assert "disabled" in err["data"]
+    assert err["data"].startswith(f"{name} is refused")
+    assert env.commands == []
 
 
 @pytest.mark.parametrize(

@@ -106,8 +106,6 @@ class Env:
 
     def close(self, code: int, reason: str) -> None: ...
 
-    def append_client_log(self, session: AgentSession, name: str, text: str) -> None: ...
-
 
 def frame(command: str, params: dict[str, Any] | None = None) -> str:
     return json.dumps({"command": command, "commandUId": "", "parameters": params or {}})

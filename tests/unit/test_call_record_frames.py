@@ -86,8 +86,6 @@ class Env:
 
     def close(self, code: int, reason: str) -> None: ...
 
-    def append_client_log(self, session: AgentSession, name: str, text: str) -> None: ...
-
 
 def open_frame(session_params: dict[str, str]) -> str:
     return json.dumps({"command": "OpenConnection", "commandUId": "", "parameters": {

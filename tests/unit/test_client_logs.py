@@ -1,118 +1,79 @@
-"""ProcessLogs / SetLogFilePath: off unless a folder is configured, never a path outside it."""
+"""ProcessLogs / SetLogFilePath: Creatio's "start processing logs" and "the file from which logs will be processed"
+(CMS replaying a recorded PBX log). A browser must not make the cluster replay calls, so both are refused with
+ERROR(4), whatever they carry and whatever the node was started with; nothing a client sends reaches a file."""
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from services.wire import Command
-from ws_node.agent_session import AgentSession, SessionOptions
-from ws_node.client_logs import ClientLogRefused, ClientLogStore, validate_name
+from tests.unit.test_agent_session import FakeEnv, cmd, content, new_session, open_cmd, opened
+from ws_node.__main__ import build_parser, obsolete_settings
 from ws_node.creatio_protocol import MsgErrorType
 
-
-@pytest.mark.parametrize(
-    ("given", "stored"),
-    [("agent.log", "agent.log"), ("agent", "agent.log"), ("C:\\Logs\\Terrasoft\\cti.log", "cti.log"),
-     ("/var/log/creatio/cti.log", "cti.log")],
-)
-def test_names_reduce_to_a_plain_file_name(given: str, stored: str) -> None:
-    assert validate_name(given) == stored
-
-
-@pytest.mark.parametrize("bad", ["", "..", "../..", "a/..", ".hidden", "x..log", "name with space", "é.log", "a" * 200])
-def test_hostile_names_are_refused(bad: str) -> None:
-    with pytest.raises(ClientLogRefused):
-        validate_name(bad)
+HOSTILE_PARAMS: list[dict[str, Any] | None] = [
+    None,
+    {},
+    {"filePath": "C:\\Logs\\Terrasoft\\cti.log"},
+    {"filePath": "/etc/passwd"},
+    {"filePath": "../../../var/spool/cron/root"},
+    {"logs": "Event: Newchannel\r\nChannel: SIP/305-1\r\n\r\n" * 200},
+    {"filePath": "x", "logs": ["not", {"a": "string"}]},
+]
 
 
-def test_store_appends_inside_its_folder_only(tmp_path: Path) -> None:
-    store = ClientLogStore(tmp_path / "logs", max_file_bytes=200, max_entry_bytes=100)
-    store.append("/etc/passwd", "first line\nwith a newline")
-    assert (tmp_path / "logs" / "passwd.log").read_text() == "first line with a newline\n"
-    assert not (tmp_path / "passwd.log").exists()
-    with pytest.raises(ClientLogRefused, match="exceeds"):
-        store.append("a.log", "x" * 150)
-    store.append("a.log", "y" * 90)
-    store.append("a.log", "y" * 90)
-    with pytest.raises(ClientLogRefused, match="full"):
-        store.append("a.log", "y" * 90)
+def refusal(env: FakeEnv) -> dict[str, Any]:
+    frames = env.take()
+    assert len(frames) == 1 and frames[0]["eventType"] == 3, frames
+    error: dict[str, Any] = content(frames[0])
+    return error
 
 
-def test_a_symlink_planted_in_the_folder_is_not_followed(tmp_path: Path) -> None:
-    store = ClientLogStore(tmp_path / "logs")
-    outside = tmp_path / "outside.log"
-    outside.write_text("")
-    os.symlink(outside, tmp_path / "logs" / "evil.log")
-    with pytest.raises(ClientLogRefused):
-        store.append("evil.log", "text")
-    assert outside.read_text() == ""
+@pytest.mark.parametrize("params", HOSTILE_PARAMS)
+@pytest.mark.parametrize("name", ["ProcessLogs", "SetLogFilePath"])
+def test_log_replay_commands_are_refused_whatever_they_carry(name: str, params: dict[str, Any] | None) -> None:
+    session, env = opened()
+    session.on_text(cmd(name, params))
+    error = refusal(env)
+    assert error["errorType"] == MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR
+    # what Creatio's client logs: which command, that it is refused, and the admin's way to replay
+    assert error["data"].startswith(f"{name} is refused") and "Asterisk.filePath" in error["data"]
+    assert "\n" not in error["data"]
+    assert env.commands == [] and env.closed == []
+    # the session carries on as before
+    session.on_text(cmd("QueryLineState"))
+    assert [f["eventType"] for f in env.take()] == [11]
 
 
-class Env:
-    def __init__(self, store: ClientLogStore | None) -> None:
-        self.store = store
-        self.frames: list[dict[str, Any]] = []
-
-    def send_frame(self, text: str) -> None:
-        self.frames.append(json.loads(text))
-
-    def claim_line(self, session: AgentSession, line: str) -> None: ...
-
-    def release_line(self, session: AgentSession, line: str) -> None: ...
-
-    def request_snapshot(self, session: AgentSession, line: str) -> None: ...
-
-    def request_agent_state(self, session: AgentSession, line: str) -> None: ...
-
-    def submit_command(self, session: AgentSession, command: Command) -> None: ...
-
-    def close(self, code: int, reason: str) -> None: ...
-
-    def append_client_log(self, session: AgentSession, name: str, text: str) -> None:
-        if self.store is None:
-            raise ClientLogRefused("disabled")
-        self.store.append(name, text)
+@pytest.mark.parametrize("name", ["ProcessLogs", "SetLogFilePath"])
+def test_before_open_connection_the_refusal_says_why_not_that_the_connection_is_closed(name: str) -> None:
+    session, env = new_session()
+    session.on_text(cmd("LoadLibrary", {"AssemblyName": "Terrasoft.Messaging.Asterisk"}))
+    env.take()
+    session.on_text(cmd(name, {"filePath": "cti.log"}))
+    error = refusal(env)
+    assert error["errorType"] == MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR and "refused" in error["data"]
+    # and the connection opens normally afterwards
+    session.on_text(open_cmd())
+    assert [f["eventType"] for f in env.take()] == [2]
 
 
-def opened(env: Env, enabled: bool) -> AgentSession:
-    session = AgentSession(env, options=SessionOptions(client_logs=enabled))
-    session.on_text(json.dumps({"command": "LoadLibrary", "parameters": {}}))
-    params = {"connectionParams": json.dumps({"ExtensionName": "305"})}
-    session.on_text(json.dumps({"command": "OpenConnection", "parameters": params}))
-    session.on_claimed([])
-    env.frames.clear()
-    return session
+def test_a_file_path_then_process_logs_is_still_refused() -> None:
+    """The pair Creatio sends (the file, then "start"): the first refusal leaves nothing behind for the second."""
+    session, env = opened()
+    session.on_text(cmd("SetLogFilePath", {"filePath": "C:\\Logs\\cti.log"}))
+    session.on_text(cmd("ProcessLogs", {}))
+    errors = [content(f) for f in env.take()]
+    assert [e["errorType"] for e in errors] == [MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR] * 2
+    assert errors[1]["data"].startswith("ProcessLogs is refused")
 
 
-def test_session_writes_client_logs_when_enabled(tmp_path: Path) -> None:
-    store = ClientLogStore(tmp_path)
-    env = Env(store)
-    session = opened(env, enabled=True)
-    session.on_text(json.dumps({"command": "ProcessLogs", "parameters": {"logs": "ring shown"}}))
-    assert env.frames == []
-    assert "ring shown" in (tmp_path / "line-305.log").read_text()
-    session.on_text(json.dumps({"command": "SetLogFilePath", "parameters": {"filePath": "C:\\Temp\\tab1.log"}}))
-    session.on_text(json.dumps({"command": "ProcessLogs", "parameters": {"logs": "second"}}))
-    assert "second" in (tmp_path / "tab1.log").read_text()
-    # A path that climbs out only ever names a file inside the folder...
-    session.on_text(json.dumps({"command": "SetLogFilePath", "parameters": {"filePath": "../../etc/cron"}}))
-    session.on_text(json.dumps({"command": "ProcessLogs", "parameters": {"logs": "third"}}))
-    assert "third" in (tmp_path / "cron.log").read_text() and env.frames == []
-    # ...and one with no usable name is refused.
-    session.on_text(json.dumps({"command": "SetLogFilePath", "parameters": {"filePath": "../.."}}))
-    assert env.frames[-1]["eventType"] == 3
-    assert json.loads(env.frames[-1]["content"])["errorType"] == MsgErrorType.COMMAND_ERROR
+def test_the_old_client_log_dir_is_accepted_and_reported_as_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert obsolete_settings(build_parser().parse_args([])) == []
+    [warning] = obsolete_settings(build_parser().parse_args(["--client-log-dir", "/var/log/cms-client"]))
+    assert warning.startswith("--client-log-dir / CMS_NODE_CLIENT_LOG_DIR is ignored") and "\n" not in warning
+    assert "refused" in warning and "remove the setting" in warning
+    monkeypatch.setenv("CMS_NODE_CLIENT_LOG_DIR", "/var/log/cms-client")
+    assert obsolete_settings(build_parser().parse_args([])) == [warning]
 
-
-def test_session_refuses_client_logs_when_disabled(tmp_path: Path) -> None:
-    env = Env(None)
-    session = opened(env, enabled=False)
-    session.on_text(json.dumps({"command": "ProcessLogs", "parameters": {"logs": "x"}}))
-    error = json.loads(env.frames[-1]["content"])
-    assert error["errorType"] == MsgErrorType.COMMAND_NOT_IMPLEMENTED_ERROR and "disabled" in error["data"]
-    assert list(tmp_path.iterdir()) == []

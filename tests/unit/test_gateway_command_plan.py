@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -193,6 +194,22 @@ def test_resume_calls_the_phone_into_the_lot_once_asterisk_has_hung_it_up() -> N
     assert sync.actions[0].field("Async") == "false" and sync.actions[0].until_event == ""
     with pytest.raises(CommandRefused, match="the call is held"):
         plan_command(cmd(CommandName.HOLD), View({"305": [detached()]}), parking, MATCHER)
+
+
+def test_a_resume_redirect_falls_back_to_calling_the_phone_into_the_lot() -> None:
+    """The tracker may still see the phone's channel that Asterisk is hanging up: the Redirect then finds no
+    channel, and the same command calls the phone into the lot (the retriever is announced either way)."""
+    parking = AsteriskConfig(parking_lot_context="parkedcalls", async_originate=True)
+    alive = dataclasses.replace(detached(space="702"), channel="SIP/305-0000000a")
+    result = plan_command(cmd(CommandName.UNHOLD), View({"305": [alive]}), parking, MATCHER)
+    [redirect] = result.actions
+    assert redirect.name == "Redirect" and redirect.field("Channel") == "SIP/305-0000000a"
+    assert redirect.fallback is not None and redirect.fallback.name == "Originate"
+    assert "No such channel" in redirect.fallback_when and "Channel does not exist" in redirect.fallback_when
+    assert result.retriever == ("1.1:305", redirect.fallback.field("ChannelId"))
+    assert (redirect.fallback.field("Channel"), redirect.fallback.field("Exten")) == ("SIP/305", "702")
+    gone = plan_command(cmd(CommandName.UNHOLD), View({"305": [detached(space="702")]}), parking, MATCHER)
+    assert gone.actions[0].fields == redirect.fallback.fields  # the same call-back as when the channel is gone
 
 
 def test_blind_transfer_and_consultation() -> None:

@@ -1,11 +1,10 @@
 """The pure security rules (issue 12): who may open a line, contexts, command budgets, debug budgets,
-counting every inbound record, client log links, error texts, log rotation."""
+counting every inbound record, error texts, log rotation."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from ws_node.admission import (
     parse_command_limits,
 )
 from ws_node.agent_session import AgentSession, SessionOptions, SessionState
-from ws_node.client_logs import ClientLogRefused, ClientLogStore
 from ws_node.creatio_protocol import MsgErrorType
 
 ALICE, BOB, CAROL = "aaaaaaaa-0000-0000-0000-000000000001", "bbbbbbbb-0000-0000-0000-000000000002", "c-3"
@@ -324,19 +322,7 @@ def test_rotating_log_file(tmp_path: Path) -> None:
     assert all((tmp_path / name).stat().st_size <= 10_000 for name in files)
 
 
-# ---- client logs and error texts -----------------------------------------------------------------
-
-
-def test_a_pre_existing_hard_link_in_the_client_log_folder_is_not_written_through(tmp_path: Path) -> None:
-    outside = tmp_path / "precious.txt"
-    outside.write_text("keep me\n")
-    store = ClientLogStore(tmp_path / "logs")
-    os.link(outside, store.root / "agent.log")
-    with pytest.raises(ClientLogRefused, match="not a plain file of this folder"):
-        store.append("agent.log", "overwrite attempt")
-    assert outside.read_text() == "keep me\n"
-    store.append("other.log", "fine")
-    assert (store.root / "other.log").read_text() == "fine\n"
+# ---- error texts -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -195,6 +195,25 @@ def test_a_phone_that_rejects_as_busy_before_ringing_still_shows_busy() -> None:
 
 
 
+
+def test_the_simulators_internal_call_is_one_call_on_each_line() -> None:
+    """Agent to agent: the caller's line has an outgoing internal call, the called line an incoming one, both
+    naming the two lines (the e2e call records test checks the rows Creatio gets from these)."""
+    from ami.scenario import IdAllocator
+    from ami_simulator.builtin import builtin_scenario
+
+    rendered = builtin_scenario("internal").render(IdAllocator(), {"line": "305", "agent2": "306"})
+    tracker, events = play([s.item for s in rendered.steps if isinstance(s.item, AmiMessage)])
+    lines = by_line(events)
+    for line in ("305", "306"):
+        assert [e.type for e in lines[line]] == [EventType.RING_STARTED, EventType.COMMUTATION_STARTED,
+                                                 EventType.RING_FINISHED]
+        call = lines[line][-1].call
+        assert call is not None
+        assert (call.direction, call.caller_number, call.called_number) == (Direction.INTERNAL, "305", "306")
+        assert call.hangup_cause == 16 and call.answered_at is not None
+    assert_clean(tracker)
+
 # ---- hold by parking as res_parking does it: the agent's phone leaves the call ----------------------------
 
 
