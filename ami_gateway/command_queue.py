@@ -26,7 +26,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from services.backoff import Backoff
-from services.broker import Broker, close_quietly, declare_commands_queue
+from services.broker import BROKER_FAILURES, Broker, close_quietly, declare_commands_queue
 from services.infra_metrics import BROKER_ERRORS
 from services.topology import Topology
 from services.wire import CommandResult
@@ -34,7 +34,7 @@ from services.wire import CommandResult
 log = logging.getLogger(__name__)
 
 #: what a lost or refusing broker connection raises, over RabbitMQ or in memory
-QUEUE_FAILURES: tuple[type[BaseException], ...] = (aio_pika.exceptions.AMQPError, OSError, RuntimeError)
+QUEUE_FAILURES: tuple[type[BaseException], ...] = BROKER_FAILURES
 
 
 class CommandDelivery(Protocol):

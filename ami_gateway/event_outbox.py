@@ -48,7 +48,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ami_gateway.lease import FENCED
 from services.backoff import Backoff
-from services.broker import Broker, declare_events_exchange
+from services.broker import BROKER_FAILURES, Broker, declare_events_exchange
 from services.config import redact_url
 from services.infra_metrics import BROKER_ERRORS, RedisHealth
 from services.line_state import Fenced, LineWriter
@@ -164,7 +164,7 @@ class EventPublisher(EventSink):
         if connection is not None and not connection.is_closed:
             try:
                 await connection.close()
-            except (aio_pika.exceptions.AMQPError, OSError, RuntimeError):
+            except BROKER_FAILURES:
                 pass
 
 
@@ -347,7 +347,7 @@ class EventOutbox:
         self._holding = False
         try:
             confirms = await self._publisher.send(batch)
-        except (aio_pika.exceptions.AMQPError, OSError, ConnectionError, RuntimeError, TimeoutError) as exc:
+        except BROKER_FAILURES as exc:
             await self._republish_from_oldest(backoff, exc)
             return
         in_flight = _InFlight(batch, confirms, generation, started)

@@ -54,6 +54,13 @@ DEFAULT_HEARTBEAT_SECONDS = 15
 QUORUM = "quorum"
 
 
+#: What a broker operation raises when the broker or the link fails. StopAsyncIteration is aiormq's reader
+#: ending under a call in flight (seen when RabbitMQ stops mid-handshake): it ended a node's reconnect loop.
+BROKER_FAILURES: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPError, OSError, RuntimeError, TimeoutError, StopAsyncIteration,
+)
+
+
 class BrokerLoginRefused(Exception):
     """The broker refused our login at the first connect: a configuration error, not an outage."""
 
@@ -147,7 +154,7 @@ class Broker:
                     ) from exc
                 failures.append(f"{redact_url(url)}: login refused ({exc})")
                 continue
-            except (aio_pika.exceptions.AMQPError, OSError, TimeoutError, RuntimeError) as exc:
+            except BROKER_FAILURES as exc:
                 failures.append(f"{redact_url(url)}: {exc or type(exc).__name__}")
                 continue
             outcome = self._order.connected(index)
@@ -227,7 +234,7 @@ async def close_quietly(connection: AbstractConnection | None) -> None:
         return
     try:
         await asyncio.wait_for(connection.close(), 5)
-    except (aio_pika.exceptions.AMQPError, OSError, RuntimeError, TimeoutError):
+    except BROKER_FAILURES:
         pass
 
 

@@ -37,7 +37,13 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from prometheus_client import Counter, Gauge
 
 from services.backoff import Backoff
-from services.broker import Broker, declare_commands_queue, declare_events_exchange, declare_node_queues
+from services.broker import (
+    BROKER_FAILURES,
+    Broker,
+    declare_commands_queue,
+    declare_events_exchange,
+    declare_node_queues,
+)
 from services.infra_metrics import BROKER_ERRORS, RedisHealth
 from services.line_state import LineHistory, LineReader, LineSnapshot
 from services.topology import Topology
@@ -67,7 +73,7 @@ class LineSubscriber(Protocol):
 
 
 #: what a lost or refusing broker connection raises, over RabbitMQ or in memory
-BROKER_FAILURES: tuple[type[BaseException], ...] = (aio_pika.exceptions.AMQPError, OSError, RuntimeError)
+
 
 
 class NodeLink(Protocol):
@@ -286,7 +292,7 @@ class LineFeed:
                 raise ConnectionError("broker connection closed")
             except asyncio.CancelledError:
                 raise
-            except (aio_pika.exceptions.AMQPError, OSError, RuntimeError, TimeoutError) as exc:
+            except BROKER_FAILURES as exc:
                 BROKER_ERRORS.inc()
                 BROKER_CONNECTED.set(0)
                 self.connected.clear()

@@ -1,9 +1,9 @@
-"""`make chaos`, short: a node SIGKILLed, RabbitMQ unreachable, Redis restarted empty, under call
+"""`make chaos`, short: a node SIGKILLed, the active gateway SIGKILLed (the standby takes over), RabbitMQ
+unreachable, Redis restarted empty, the whole cluster restarted over its state, the AMI link cut, under call
 traffic with agents on both transports, on private RabbitMQ and Redis behind fault proxies.
 
 Each fault's verdict is computed by ops/chaos/verdict.py from the simulator's ground truth and
-asserted against issue 10's targets. Faults the cluster does not yet ride out every time are
-xfail with the reason (not strict: they pass in some runs); baseline is always asserted.
+asserted against issue 10's targets, every one of them for every fault.
 """
 
 from __future__ import annotations
@@ -19,16 +19,8 @@ from ops.chaos.verdict import PhaseReport
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
-FAULTS = ("baseline", "node-kill", "gateway-kill", "rabbitmq-unreachable", "redis-restart-empty")
-#: fault -> what the cluster still misses under it (issue 10, open). Not strict: in four runs of this
-#: test on 7 Dec 2026 each of these passed in some runs and missed one or two calls in others; a pass
-#: shows as XPASS. Baseline is always asserted.
-NOT_YET: dict[str, str] = {
-    "node-kill": "a short call (busy) around the moment the node died sometimes never reaches its agent",
-    "gateway-kill": "a call starting during the takeover is sometimes missing from what the agent saw",
-    "rabbitmq-unreachable": "calls starting as the broker comes back sometimes arrive without RING_STARTED",
-    "redis-restart-empty": "one or two calls around the restart are sometimes missing or never end",
-}
+FAULTS = ("baseline", "node-kill", "gateway-kill", "rabbitmq-unreachable", "redis-restart-empty", "cluster-restart",
+          "ami-cut")
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +38,7 @@ def report_of(result: ChaosResult, fault: str) -> PhaseReport:
     return next(r for r in result.reports if r.phase.name == fault)
 
 
-@pytest.mark.parametrize("fault", [
-    pytest.param(f, marks=pytest.mark.xfail(strict=False, reason=NOT_YET[f])) if f in NOT_YET else f for f in FAULTS
-])
+@pytest.mark.parametrize("fault", FAULTS)
 def test_fault_meets_every_target(chaos: ChaosResult, fault: str) -> None:
     report = report_of(chaos, fault)
     if not report.phase.applicable:

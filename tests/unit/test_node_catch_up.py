@@ -297,3 +297,27 @@ def test_a_node_that_lost_its_bus_link_mid_follow_binds_the_line_on_reconnect() 
 
     _run(body)
 
+
+
+def test_a_broker_connect_that_ends_with_stop_async_iteration_is_retried() -> None:
+    """aiormq's reader ending under a call in flight surfaces as StopAsyncIteration (RabbitMQ stopping
+    mid-handshake, chaos rabbitmq-restart): it ended the node's reconnect loop, and /health went 503."""
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
+        feed, bus, _ = world.node()
+        real_connect = bus.connect
+        failures = [StopAsyncIteration()]
+
+        async def flaky_connect():  # type: ignore[no-untyped-def]
+            if failures:
+                raise failures.pop()
+            return await real_connect()
+
+        bus.connect = flaky_connect  # type: ignore[method-assign]
+        async with _running(feed):
+            tab = Collector()
+            await feed.follow(tab, "305")
+            await gateway.emit(ringing("305", 1))
+            await until(lambda: len(tab.events) == 1)
+        assert not failures
+
+    _run(body)
