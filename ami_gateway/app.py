@@ -2,7 +2,7 @@
 
 Every gateway starts as a *standby*: metrics endpoint, an AMI login (warm, so a takeover needs no
 TCP or login round trips) whose events feed its tracker, and the lease loop (ami_gateway/lease.py).
-A standby publishes nothing: its tracker's output is kept a few seconds in a shadow log
+A standby publishes nothing: its tracker's output is kept for a minute in a shadow log
 (ami_gateway/takeover.py). When it takes the lease it becomes *active*, under the new epoch the
 lease gave it: it reads what the previous term left in Redis, starts the outbox drain task, the
 command consumer and the queue-pause worker, publishes what the shadow log holds that the previous
@@ -89,7 +89,7 @@ AUTO_PAUSES = Counter("cms_auto_pause_actions_total", "QueuePause actions sent b
                       ["paused", "outcome"])
 SHADOW_EVENTS = Gauge(
     "cms_gateway_standby_shadow_events",
-    "Line events a standby tracked in the last few seconds without publishing them (published at a takeover "
+    "Line events a standby tracked in the last minute without publishing them (published at a takeover "
     "when the earlier term did not)",
 )
 SHADOW_PUBLISHED = Counter(
@@ -189,9 +189,10 @@ class Gateway:
         self._term_ready = asyncio.Event()  # the previous term's calls are read: sessions may resync
         self._activation_lock = asyncio.Lock()
         self._synced_session: AmiSession | None = None
-        #: a standby's tracker output (never published) of the last few lease ttls: at a takeover, the calls
-        #: that rang while no gateway published (see ami_gateway.takeover)
-        self._shadow = takeover.ShadowLog(window=max(5.0, 3 * lease_ttl))
+        #: a standby's tracker output (never published) of the last minute: at a takeover, the calls that rang
+        #: while no gateway published (the active one dead, or cut off from Redis until its lease ran out; see
+        #: ami_gateway.takeover)
+        self._shadow = takeover.ShadowLog(window=max(60.0, 3 * lease_ttl))
         self._shadow_session: AmiSession | None = None
         # Call records in Creatio (optional CallRecords block): its own tasks, fed from _emit.
         self.records: CallRecordSaver | None = None
@@ -668,7 +669,7 @@ class Gateway:
         lines = sorted({e.line for e in window})
         history: dict[str, list[LineEvent]] = {}
         try:
-            history = await self.writer.recent_events(lines)
+            history = await self.writer.recent_events(lines, count=500)
         except (OSError, aioredis.RedisError) as exc:
             # Unknown what the earlier term said: its rings may come twice (nodes silence repeated
             # announcements, rule 10 of ws_node.agent_session), which beats a call nobody saw.

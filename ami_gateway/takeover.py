@@ -54,18 +54,27 @@ class ShadowLog:
             self._entries.popleft()
 
 
+#: how far apart two gateways' clocks (each stamps ``ami_received_at`` with its own) may be trusted to agree
+CLOCK_SKEW = 1.0
+
+
 def unpublished(window: Sequence[LineEvent], history: Mapping[str, Sequence[LineEvent]]) -> list[LineEvent]:
     """The events of ``window`` (a standby's shadow log) that the earlier term did not publish.
 
     ``history``: per line, the last events that term stored. A call it finished is over for the agents:
     nothing more of it. An event a call gets once (ring, answer, busy, finish) that is already there is
-    not repeated. Everything else (a call that rang and ended while no gateway published, the answer of
-    a call the earlier term only saw ringing, agent states) is published, in the shadow's order.
+    not repeated. The earlier term stored each line's events in order, so what the standby saw on a line
+    well before (more than :data:`CLOCK_SKEW`) the last event stored for it was stored too; around that
+    moment a repeatable event (hold, info, agent state) already there is not repeated. Everything else (a
+    call that rang and ended while no gateway published, the answer of a call the earlier term only saw
+    ringing) is published, in the shadow's order.
     """
     finished: set[tuple[str, str]] = set()
     published: set[tuple[str, str, EventType]] = set()
+    stored_until: dict[str, float] = {}
     for line, events in history.items():
         for event in events:
+            stored_until[line] = max(stored_until.get(line, 0.0), event.ami_received_at)
             if event.call is None:
                 continue
             published.add((line, event.call.id, event.type))
@@ -73,12 +82,20 @@ def unpublished(window: Sequence[LineEvent], history: Mapping[str, Sequence[Line
                 finished.add((line, event.call.id))
     out: list[LineEvent] = []
     for event in window:
+        until = stored_until.get(event.line, 0.0)
         if event.call is not None:
             key = (event.line, event.call.id)
             if key in finished:
                 continue
-            if event.type in ONCE_PER_CALL and (*key, event.type) in published:
+            if event.type in ONCE_PER_CALL:
+                if (*key, event.type) in published:
+                    continue
+                out.append(event)
                 continue
+            if 0 < event.ami_received_at <= until + CLOCK_SKEW and (*key, event.type) in published:
+                continue
+        if 0 < event.ami_received_at < until - CLOCK_SKEW:
+            continue  # stored before the earlier term's last event on this line
         out.append(event)
     return out
 

@@ -75,3 +75,21 @@ def test_reconcile_restates_live_calls_and_rings_the_ones_agents_never_heard_of(
 def test_finished_ids_names_line_and_call() -> None:
     c = call("f1")
     assert finished_ids([ev(EventType.RING_STARTED, c), ev(EventType.RING_FINISHED, c)]) == {("305", "f1")}
+
+
+def at(event: LineEvent, when: float) -> LineEvent:
+    return LineEvent(line=event.line, type=event.type, call=event.call, epoch=event.epoch, seq=event.seq,
+                     ami_received_at=when)
+
+
+def test_what_the_standby_saw_well_before_the_last_stored_event_of_its_line_was_stored() -> None:
+    """The earlier term stored each line in order: a hold from long before its last stored event is not told
+    again, nor is the same hold around that moment; a hold after it is (the Redis outage swallowed it)."""
+    live = call("l1", state=CallState.CONNECTED)
+    history = {"305": [at(ev(EventType.HOLD_STARTED, live, "100", 7), 1000.0),
+                       at(ev(EventType.HOLD_ENDED, live, "100", 8), 1010.0)]}
+    old_hold = at(ev(EventType.HOLD_STARTED, live), 999.9)
+    same_end = at(ev(EventType.HOLD_ENDED, live), 1010.3)
+    later = at(ev(EventType.HOLD_STARTED, live), 1030.0)
+    other_line = at(ev(EventType.HOLD_STARTED, call("x", line="306", state=CallState.CONNECTED)), 999.0)
+    assert unpublished([old_hold, same_end, later, other_line], history) == [later, other_line]
