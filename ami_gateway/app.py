@@ -661,11 +661,18 @@ class Gateway:
         """At a takeover: publish what this gateway tracked as a standby that the earlier term did not."""
         window = self._shadow.take(now)
         SHADOW_EVENTS.set(0)
-        if not window or self._stale_calls is None or not self._after_earlier_term:
-            # An AMI reconnect within the term: nothing was tracked unpublished. No earlier term (a first start,
-            # a Redis that came back empty): what agents saw is unknown, so calls are stated as they are now
-            # (the resync and _reconcile), not replayed ring by ring.
-            return []
+        if not window or self._stale_calls is None:
+            return []  # an AMI reconnect within the term: nothing was tracked unpublished
+        if not self._after_earlier_term:
+            # No earlier term (a first start, a Redis that came back empty): what agents saw is unknown. Live calls
+            # are stated as they are now (the resync and _reconcile), not replayed ring by ring; but the ends the
+            # standby saw are published, since the earlier term may have lost them with Redis (a call would stay
+            # on a panel), and a node passes an end on only to a tab that shows the call (ws_node.agent_session).
+            ends = [e for e in window if e.type is EventType.RING_FINISHED]
+            log.info("takeover without an earlier term: %d call ends the standby saw are published", len(ends))
+            SHADOW_PUBLISHED.inc(len(ends))
+            self._emit(ends)
+            return ends
         lines = sorted({e.line for e in window})
         history: dict[str, list[LineEvent]] = {}
         try:

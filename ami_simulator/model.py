@@ -161,6 +161,8 @@ class Call:
     playing: bool = True
     #: channel name -> when it hung up: one leg can end long before its call (a phone refusing busy)
     channels_ended: dict[str, float] = field(default_factory=dict)
+    #: channel name -> when it was created (a queue member's phone rings seconds after the call began)
+    channels_started: dict[str, float] = field(default_factory=dict)
     #: the digits PlayDTMF played into the call, in order (what a test checks the PBX was asked for)
     dtmf: str = ""
 
@@ -176,6 +178,7 @@ class Call:
             "channels": list(dict.fromkeys([*self.planned, *self.channels])),
             "liveChannels": sorted(self.live),
             "channelsEnded": dict(self.channels_ended),
+            "channelsStarted": dict(self.channels_started),
         }
 
 
@@ -259,6 +262,7 @@ class PbxModel:
                 if call is not None:
                     call.channels.append(channel.name)
                     call.live.add(channel.name)
+                    call.channels_started[channel.name] = time.time()
             return [msg]
         self._update_snapshot(msg, "")
         self._update_snapshot(msg, "Dest")

@@ -243,6 +243,11 @@ class _Refused(Exception):
 
 
 _DEFAULT_OPTIONS = SessionOptions()
+#: call events that only make sense for a call the client shows (rule 10): the rest announce one
+_ABOUT_A_SHOWN_CALL = frozenset({
+    EventType.RING_FINISHED, EventType.ABONENT_BUSY, EventType.HOLD_STARTED, EventType.HOLD_ENDED,
+    EventType.CALL_INFO_CHANGED,
+})
 #: rule 6: how far behind the stream an agent's delivery record may stand (flush interval plus frames in flight)
 _RECORD_LAG = 2.0
 #: rule 10: announced calls remembered per session (a line has a handful of live calls)
@@ -369,6 +374,11 @@ class AgentSession:
             if not self.call_centre_enabled:
                 return
         elif event.call is not None:
+            if event.type in _ABOUT_A_SHOWN_CALL and not self._shows(event.call):
+                # The client has no such call (it ended here already, or was never shown): an end, hold or
+                # change of it would be a stray frame, or a second RING_FINISHED of one call. This is what
+                # lets a new gateway term publish ends it cannot prove were published (ami_gateway.takeover).
+                return
             restated = self._restates(event)
             self._track(event)
             if restated:
@@ -476,6 +486,7 @@ class AgentSession:
             )
             # only the call event itself: the buttons are set by the snapshot that follows
             self._send(frames[0])
+            self._note_announced(LineEvent(line=event.line, type=event.type, call=call))
             sent += 1
         if sent:
             log.info("%s %d missed events conn=%s line=%s user=%s", "closed" if closing_only else "replayed", sent,
@@ -887,6 +898,10 @@ class AgentSession:
         if shown is None or shown[0] is not event.call.state:
             return False
         return not shown[1] or _epoch_after(event.epoch, shown[1])
+
+    def _shows(self, call: Call) -> bool:
+        guid = cp.call_guid(call.id)
+        return guid in self._calls or guid in self._announced
 
     def _note_announced(self, event: LineEvent) -> None:
         call = event.call

@@ -278,7 +278,7 @@ UNHEARD_SLACK = 0.5
 
 def _expected_lines(call: TruthCall, observations: Sequence[Observation], phases: Sequence[Phase]) -> tuple[str, ...]:
     """The lines of ``call`` whose agent can be expected to hear of it. Not a line whose leg (its phone
-    channel, which can end long before the call: a phone refusing busy) rang and ended
+    channel, which can begin after and end long before the call: a queue member, a phone refusing busy) rang and ended
 
     * while that line's agent was disconnected: such a call is not sent after the reconnect, by design
       (docs/creatio-protocol.md, issue 11: Creatio would pop a replayed ring up as a new call; the call is
@@ -287,16 +287,18 @@ def _expected_lines(call: TruthCall, observations: Sequence[Observation], phases
     """
     kept: list[str] = []
     for line in call.lines:
-        leg_end = call.leg_end(line)
+        if call.never_rang(line):
+            continue
+        leg_start, leg_end = call.leg_start(line), call.leg_end(line)
         if leg_end is None:
             kept.append(line)
             continue
         agents = [o for o in observations if o.line == line]
         away = bool(agents) and all(
-            any(d.dropped_at <= call.started and (not d.ready_at or leg_end <= d.ready_at) for d in o.drops)
+            any(d.dropped_at <= leg_start and (not d.ready_at or leg_end <= d.ready_at) for d in o.drops)
             for o in agents
         )
-        unheard = any(p.pbx_unheard and p.fault_start <= call.started and leg_end <= p.fault_end + UNHEARD_SLACK
+        unheard = any(p.pbx_unheard and p.fault_start <= leg_start and leg_end <= p.fault_end + UNHEARD_SLACK
                       for p in phases)
         if not (away or unheard):
             kept.append(line)

@@ -38,9 +38,21 @@ class TruthCall:
     scenario: str = ""
     #: line -> when that line's phone channel hung up (its leg can end long before the call)
     leg_ends: Mapping[str, float] = field(default_factory=dict)
+    #: line -> when that line's phone channel was created (a queue member's rings after the call began)
+    leg_starts: Mapping[str, float] = field(default_factory=dict)
+    #: the simulator reported the call's channels (``channelsStarted``): a line without a leg never rang
+    legs_reported: bool = False
 
     def leg_end(self, line: str) -> float | None:
         return self.leg_ends.get(line, self.ended)
+
+    def leg_start(self, line: str) -> float:
+        return self.leg_starts.get(line, self.started)
+
+    def never_rang(self, line: str) -> bool:
+        """The simulator reported the call's channels and none was ``line``'s phone (e.g. a queue call whose
+        PBX died before it rang the members); unknown (False) for a simulator that does not report them."""
+        return self.legs_reported and line not in self.leg_starts and self.ended is not None
 
 
 @dataclass(slots=True)
@@ -83,20 +95,24 @@ def parse_truth(payload: Mapping[str, Any], agent_lines: Iterable[str]) -> list[
                 started=float(item.get("started") or 0.0),
                 ended=float(item["ended"]) if item.get("ended") else None,
                 scenario=str(item.get("scenario", "")),
-                leg_ends=_leg_ends(item.get("channelsEnded") or {}, lines),
+                leg_ends=_leg_times(item.get("channelsEnded") or {}, lines, max),
+                leg_starts=_leg_times(item.get("channelsStarted") or {}, lines, min),
+                legs_reported="channelsStarted" in item,
             )
         )
     return calls
 
 
-def _leg_ends(ended: Mapping[str, Any], lines: Iterable[str]) -> dict[str, float]:
-    """When each line's phone channel (``SIP/305-0000002a``) hung up, the last of them if it rang twice."""
+def _leg_times(times_by_channel: Mapping[str, Any], lines: Iterable[str],
+               pick: Callable[[list[float]], float]) -> dict[str, float]:
+    """Per line, the time of its phone channel (``SIP/305-0000002a``) in ``times_by_channel``; ``pick``
+    chooses among several (a line rung twice in one call: its first start, its last end)."""
     found: dict[str, float] = {}
     for line in lines:
         pattern = re.compile(rf"^[A-Za-z0-9]+/{re.escape(line)}-[0-9a-f]+$")
-        times = [float(t) for name, t in ended.items() if pattern.match(name)]
+        times = [float(t) for name, t in times_by_channel.items() if pattern.match(name)]
         if times:
-            found[line] = max(times)
+            found[line] = pick(times)
     return found
 
 

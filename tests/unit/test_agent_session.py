@@ -809,12 +809,17 @@ def test_by_default_a_reconnect_gets_the_snapshot_not_old_rings() -> None:
     assert env.frames == [] and session.replayed == 0  # no phantom ring of the ended call
     assert env.snapshots == [LINE]
     assert [c.id for c in session.calls] == ["still"]
-    # live events held during the catch-up still go out, in order
+    # live events held during the catch-up still go out, in order; the end of a call the client never
+    # saw (it rang in the gap) is not one of them
     session2, env2 = claimed_without_catch_up(replay=False)
     gap = gap_of_one_call(first_seq=5)
+    still_live = make_call(id="live", state=CallState.CONNECTED, started_at=40.0)
     session2.on_line_event(gap[3])
-    session2.on_claimed([], gap)
-    assert [m["eventType"] for m in env2.take()] == [6, 11]
+    session2.on_line_event(event(EventType.RING_FINISHED, still_live.evolve(state=CallState.FINISHED), seq=9))
+    session2.on_claimed([still_live], gap)
+    msgs = env2.take()
+    assert [m["eventType"] for m in msgs] == [6, 11]
+    assert content(msgs[0])["id"] == cp.call_guid("live")
 
 
 def test_a_call_seen_ringing_before_the_gap_is_closed_not_replayed() -> None:

@@ -117,6 +117,27 @@ def test_a_leg_that_ended_inside_the_gap_is_not_expected_even_if_its_call_went_o
     assert report.lost_calls == ["500:2"], report.lost_calls
 
 
+def test_a_queue_members_leg_that_began_after_the_agent_dropped_is_judged_by_its_own_start() -> None:
+    node = Phase("cluster-restart", 100.0, 110.0, 111.0, 130.0, node_fault=True)
+    queue = TruthCall("1", ("501",), "7916", 109.0, 118.0, "inbound-queue",
+                      leg_starts={"501": 110.5}, leg_ends={"501": 113.0})
+    obs = Observation("501", {}, {}, quiet_probes(117.0), drops=[Drop(110.2, 112.0, 116.2)])
+    assert judge_phase(node, [queue], [obs], [], guid).lost_calls == []
+    rang_before = TruthCall("2", ("501",), "7916", 109.0, 118.0, "inbound-queue",
+                            leg_starts={"501": 110.0}, leg_ends={"501": 113.0})
+    assert judge_phase(node, [rang_before], [obs], [], guid).lost_calls == ["501:2"]
+
+
+def test_a_line_whose_phone_never_rang_is_not_owed_the_call() -> None:
+    """Asterisk died while the queue call was still in the queue: the members' phones never rang."""
+    crash = Phase("asterisk-restart", 100.0, 110.0, 112.0, 130.0)
+    queued = TruthCall("1", ("500", "501"), "7916", 109.5, 110.0, "inbound-queue",
+                       leg_starts={"500": 109.9}, leg_ends={"500": 110.0}, legs_reported=True)
+    nobody = TruthCall("2", ("500", "501"), "7916", 109.6, 110.0, "inbound-queue", legs_reported=True)
+    obs = [Observation("500", {}, {}, quiet_probes(112.0)), Observation("501", {}, {}, quiet_probes(112.0))]
+    assert judge_phase(crash, [queued, nobody], obs, [], guid).lost_calls == ["500:1"]
+
+
 def test_a_leg_wholly_inside_an_ami_outage_left_nothing_to_report_one_outliving_it_is_expected() -> None:
     cut = Phase("ami-cut", 100.0, 110.0, 112.0, 130.0, pbx_unheard=True)
     unheard = TruthCall("1", ("500",), "7916", 110.5, 114.0, "inbound-busy", leg_ends={"500": 110.6})

@@ -80,9 +80,11 @@ def test_each_lines_leg_ends_when_its_phone_channel_hung_up() -> None:
     payload = {"finished": [{
         "linkedid": "9.1", "scenario": "inbound-queue", "vars": {"line": "4000", "agent2": "4001", "caller": "1"},
         "started": 100.0, "ended": 130.0,
+        "channelsStarted": {"SIP/4001-00000003": 101.5, "SIP/4000-00000002": 101.0, "SIP/4000-00000007": 120.0},
         "channelsEnded": {"SIP/trunk-in-00000001": 130.0, "SIP/4001-00000003": 104.0, "SIP/4000-00000002": 129.9,
                           "SIP/40001-00000009": 101.0, "Local/4000@from-queue-00000004;1": 103.0},
     }]}
     (call,) = parse_truth(payload, ["4000", "4001"])
     assert call.leg_end("4000") == 129.9 and call.leg_end("4001") == 104.0
     assert call.leg_end("4002") == 130.0  # no channel of its own: the call's end
+    assert call.leg_start("4000") == 101.0 and call.leg_start("4001") == 101.5 and call.leg_start("4002") == 100.0

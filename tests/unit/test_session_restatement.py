@@ -70,3 +70,20 @@ def test_a_call_a_snapshot_of_an_earlier_epoch_showed_is_restated_silently() -> 
     env.take()
     session.on_line_event(LineEvent(line=LINE, type=EventType.COMMUTATION_STARTED, call=talking, epoch="200", seq=1))
     assert env.take() == []
+
+
+def test_an_end_of_a_call_the_client_does_not_show_is_not_sent() -> None:
+    """A new gateway term may publish ends it cannot prove were published: the second RING_FINISHED of a
+    call, or one of a call this tab never saw, must not reach the client; hold or info of such a call neither."""
+    ringing = make_call()
+    session, env = opened()
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_STARTED, call=ringing, epoch="100", seq=1))
+    ended = ringing.evolve(state=CallState.FINISHED)
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_FINISHED, call=ended, epoch="100", seq=2))
+    assert [m["eventType"] for m in env.take()][0:2] == [5, 6]
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_FINISHED, call=ended, epoch="200", seq=1))
+    stranger = make_call(id="s1", linked_id="s1", state=CallState.CONNECTED)
+    session.on_line_event(LineEvent(line=LINE, type=EventType.HOLD_STARTED, call=stranger, epoch="200", seq=2))
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_FINISHED, call=stranger, epoch="200", seq=3))
+    assert env.take() == []
+    assert session.calls == []
