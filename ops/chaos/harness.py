@@ -396,6 +396,19 @@ class ChaosRun:
         return status == 200 and any(row.startswith(f"ws_nodes,{name},") and ",UP," in row
                                      for row in body.decode().splitlines())
 
+    async def wait_pbx_heard(self, timeout: float = 60.0) -> None:
+        """Until a gateway is active with the PBX listed again: what happens on the PBX before then leaves
+        nothing any gateway could report (AMI does not replay events)."""
+        assert self.cluster is not None
+        ports = self.cluster.gateway_ports
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for port in ports:
+                if await asyncio.to_thread(_active_and_ready, port):
+                    return
+            await asyncio.sleep(0.1)
+        self.notes.append(f"no gateway active and ready within {timeout:.0f}s")
+
     async def wait_gateway_ready(self, timeout: float = 60.0) -> None:
         assert self.cluster is not None
         deadline = time.monotonic() + timeout
@@ -415,6 +428,15 @@ class ChaosRun:
 
     def resume_traffic(self) -> None:
         self._traffic_open.set()
+
+
+def _active_and_ready(port: int) -> bool:
+    """The gateway at ``port`` holds the lease and has resynced with the PBX (a standby answers 200 too)."""
+    try:
+        status, body = http_get(f"http://127.0.0.1:{port}/health", timeout=1)
+        return status == 200 and json.loads(body).get("role") == "active"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _healthy(port: int) -> bool:
@@ -512,7 +534,6 @@ async def fault_cluster_restart(run: ChaosRun) -> Outcome:
     names = [c.name for c in run.cluster.children if c.name != "simulator"]
     for name in reversed(names):  # HAProxy and the nodes first, as LocalCluster.stop does
         await asyncio.to_thread(run.cluster.kill, name, signal.SIGTERM)
-    stopped = time.time()
     # The gateways last, all started before waiting for one: LocalCluster's wait for a gateway's /health
     # gives up if any other child is down (with two gateways the second was still stopped).
     ordered = sorted(names, key=lambda n: n.startswith("gateway"))
@@ -522,7 +543,9 @@ async def fault_cluster_restart(run: ChaosRun) -> Outcome:
         if name.startswith("node"):
             await run.wait_node_serving(name)
     await run.wait_gateway_ready()
-    return stopped, True, None
+    # Recovery begins when the cluster serves again (an agent's retry before that only finds it down): consistency
+    # is timed from then, or from the agent's first retry if later; every call of the phase is judged for loss.
+    return time.time(), True, None
 
 
 async def fault_rabbitmq_restart(run: ChaosRun) -> Outcome:
@@ -585,6 +608,10 @@ async def fault_asterisk_restart(run: ChaosRun) -> Outcome:
         await asyncio.sleep(2.0)
         await asyncio.to_thread(run.cluster.restart, "simulator")
         await asyncio.to_thread(_wait_ports, run.cluster.options.ami_port, run.cluster.options.simulator_control_port)
+        # Calls resume once a gateway hears the PBX again: a call on a PBX no gateway is logged in to leaves no
+        # trace to report (the run's ami-cut measures that window on its own, pbx_unheard).
+        await asyncio.sleep(1.0)  # the gateways notice the dead session first
+        await run.wait_pbx_heard()
     finally:
         run.resume_traffic()
     return time.time(), False, None

@@ -274,15 +274,20 @@ def _drop_in(obs: Observation, phase: Phase) -> Drop | None:
 
 #: a line's leg that ends this soon after the AMI link is back was still over before the gateway could look
 UNHEARD_SLACK = 0.5
+#: frames in flight when an agent's connection dies die with it (Creatio's protocol has no acknowledgements,
+#: a proxy or node killed drops what it buffered): a leg that began this shortly before the drop counts as
+#: begun in it
+IN_FLIGHT_SLACK = 0.5
 
 
 def _expected_lines(call: TruthCall, observations: Sequence[Observation], phases: Sequence[Phase]) -> tuple[str, ...]:
-    """The lines of ``call`` whose agent can be expected to hear of it. Not a line whose leg (its phone
-    channel, which can begin after and end long before the call: a queue member, a phone refusing busy) rang and ended
+    """The lines of ``call`` whose agent can be expected to hear of it. Not a line whose phone never rang,
+    nor one whose leg (its phone channel, which can begin after and end long before the call: a queue
+    member, a phone refusing busy) rang and ended
 
-    * while that line's agent was disconnected: such a call is not sent after the reconnect, by design
-      (docs/creatio-protocol.md, issue 11: Creatio would pop a replayed ring up as a new call; the call is
-      in Creatio's call records instead);
+    * while that line's agent was disconnected (or began within :data:`IN_FLIGHT_SLACK` before): such a
+      call is not sent after the reconnect, by design (docs/creatio-protocol.md, issue 11: Creatio would
+      pop a replayed ring up as a new call; the call is in Creatio's call records instead);
     * while no gateway could hear the PBX (:attr:`Phase.pbx_unheard`): nothing is left to report.
     """
     kept: list[str] = []
@@ -295,7 +300,8 @@ def _expected_lines(call: TruthCall, observations: Sequence[Observation], phases
             continue
         agents = [o for o in observations if o.line == line]
         away = bool(agents) and all(
-            any(d.dropped_at <= leg_start and (not d.ready_at or leg_end <= d.ready_at) for d in o.drops)
+            any(d.dropped_at - IN_FLIGHT_SLACK <= leg_start and (not d.ready_at or leg_end <= d.ready_at)
+                for d in o.drops)
             for o in agents
         )
         unheard = any(p.pbx_unheard and p.fault_start <= leg_start and leg_end <= p.fault_end + UNHEARD_SLACK

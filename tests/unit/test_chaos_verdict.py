@@ -124,7 +124,7 @@ def test_a_queue_members_leg_that_began_after_the_agent_dropped_is_judged_by_its
     obs = Observation("501", {}, {}, quiet_probes(117.0), drops=[Drop(110.2, 112.0, 116.2)])
     assert judge_phase(node, [queue], [obs], [], guid).lost_calls == []
     rang_before = TruthCall("2", ("501",), "7916", 109.0, 118.0, "inbound-queue",
-                            leg_starts={"501": 110.0}, leg_ends={"501": 113.0})
+                            leg_starts={"501": 109.5}, leg_ends={"501": 113.0})
     assert judge_phase(node, [rang_before], [obs], [], guid).lost_calls == ["501:2"]
 
 
