@@ -31,7 +31,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -117,6 +117,7 @@ class Gateway:
         lease_renew_interval: float = 0.5,
         lease_poll_interval: float = 0.2,
         outbox_capacity: int = 200_000,
+        inherited: Sequence[LineEvent] = (),
     ) -> None:
         self.settings = settings
         self._ping = (ping_interval, ping_timeout)
@@ -193,6 +194,8 @@ class Gateway:
         #: while no gateway published (the active one dead, or cut off from Redis until its lease ran out; see
         #: ami_gateway.takeover)
         self._shadow = takeover.ShadowLog(window=max(60.0, 3 * lease_ttl))
+        # What the term this process ran before stepping down tracked and never got out (see handover()).
+        self._shadow.add(inherited, time.time())
         self._shadow_session: AmiSession | None = None
         # Call records in Creatio (optional CallRecords block): its own tasks, fed from _emit.
         self.records: CallRecordSaver | None = None
@@ -657,6 +660,12 @@ class Gateway:
             return None  # a first start, or a Redis that came back empty: what agents saw is unknown
         return {c.id for calls in self._stale_calls.values() for c in calls}
 
+    def handover(self) -> list[LineEvent]:
+        """What this gateway tracked and never got out, for the standby that replaces it in this process: a
+        term cut off from Redis until its lease ran out holds the calls of the outage in its outbox, and the
+        gateway that takes over may be that very standby (its own shadow log would start empty)."""
+        return [*self.outbox.unconfirmed(), *self._shadow.take(time.time())]
+
     async def _publish_shadow(self, now: float) -> list[LineEvent]:
         """At a takeover: publish what this gateway tracked as a standby that the earlier term did not."""
         window = self._shadow.take(now)
@@ -896,9 +905,12 @@ def _hms(seconds: str) -> str:
 
 async def run_gateway(settings: Settings, stop: asyncio.Event, *, metrics_host: str, metrics_port: int,
                       on_ready: Callable[[Gateway], None] | None = None, **options: Any) -> None:
-    """Run gateways until ``stop``: one that steps down (lease lost) is replaced by a fresh standby."""
+    """Run gateways until ``stop``: one that steps down (lease lost) is replaced by a fresh standby, which
+    inherits what the lost term tracked and never published (its shadow log)."""
+    inherited: list[LineEvent] = []
     while not stop.is_set():
-        gateway = Gateway(settings, metrics_host=metrics_host, metrics_port=metrics_port, **options)
+        gateway = Gateway(settings, metrics_host=metrics_host, metrics_port=metrics_port, inherited=inherited,
+                          **options)
         await gateway.start()
         if on_ready is not None:
             on_ready(gateway)
@@ -909,5 +921,6 @@ async def run_gateway(settings: Settings, stop: asyncio.Event, *, metrics_host: 
             for task in waits:
                 task.cancel()
             await gateway.stop()
+            inherited = gateway.handover()
         if not stop.is_set():
             log.warning("the lease was lost; starting again as a standby")

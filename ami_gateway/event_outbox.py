@@ -261,6 +261,11 @@ class EventOutbox:
     def depth(self) -> int:
         return len(self._queue)
 
+    def unconfirmed(self) -> list[LineEvent]:
+        """The events put that the broker has not confirmed yet, oldest first (a term that stops or is fenced
+        hands them to the next one, which publishes what the line histories show was not)."""
+        return list(self._queue)
+
     async def wait_idle(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)

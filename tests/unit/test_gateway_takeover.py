@@ -93,3 +93,21 @@ def test_what_the_standby_saw_well_before_the_last_stored_event_of_its_line_was_
     later = at(ev(EventType.HOLD_STARTED, live), 1030.0)
     other_line = at(ev(EventType.HOLD_STARTED, call("x", line="306", state=CallState.CONNECTED)), 999.0)
     assert unpublished([old_hold, same_end, later, other_line], history) == [later, other_line]
+
+
+def test_a_stepped_down_term_hands_what_it_never_got_out_to_the_standby_that_replaces_it(tmp_path: Any) -> None:
+    """Chaos redis-stall: the active gateway, cut off from Redis past its lease, held the outage's calls in its
+    outbox and was replaced in its process by a fresh standby, which took over with an empty shadow log."""
+    from ami_gateway.app import Gateway
+    from services.config import load_settings
+
+    config = tmp_path / "appsettings.json"
+    config.write_text('{"Asterisk": {"url": "127.0.0.1", "port": "1", "userName": "u", "secret": "s"}}')
+    settings = load_settings(config, env={})
+    held = ev(EventType.RING_STARTED, call("held"))
+    old = Gateway(settings, metrics_port=0)
+    old.sequencer.restart("100")
+    old.outbox.put([held])
+    assert [e.call.id for e in old.handover() if e.call] == ["held"]
+    new = Gateway(settings, metrics_port=0, inherited=old.handover())
+    assert [e.call.id for e in new.handover() if e.call] == ["held"]
