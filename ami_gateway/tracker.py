@@ -908,6 +908,12 @@ class CallTracker:
         caller = self._snap(msg, "", event)
         dest = self._snap(msg, "Dest", event)
         status = (msg.get("DialStatus") or "").strip().upper()
+        if caller is not None and dest is not None and caller is not dest and dest.dialed_by is None \
+                and not dest.originated and dest.call is None:
+            # Its DialBegin came before this tracker looked (a takeover's listing found it just created): the
+            # DialEnd names the same dialler, so the call is still INCOMING from the caller (Rule 2).
+            dest.dialed_by = caller.key
+            caller.children.add(dest.key)
         if dest is not None and dest.line is not None:
             lc = dest.call
             if status == "ANSWER":

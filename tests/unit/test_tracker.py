@@ -526,6 +526,22 @@ def test_a_phone_channel_found_just_created_is_announced_by_its_dial_not_guessed
     assert call is not None and call.caller_number == "79161234567" and call.direction is Direction.INBOUND
 
 
+def test_a_phone_refused_busy_whose_dial_began_before_the_resync_is_incoming_from_the_caller() -> None:
+    """The listing found the phone just created (its DialBegin already gone by); its DialEnd BUSY names the
+    dialler: the busy call is INCOMING from the caller, not the agent dialling out (chaos redis-restart-empty)."""
+    tracker = CallTracker(matcher())
+    trunk = show("SIP/trunk-in-00000003", "1.1", "1.1", "4", "Dial", "", CallerIDNum="79161234567")
+    created = show("SIP/305-00000004", "1.2", "1.1", "0", "AppDial", "", CallerIDNum="305")
+    assert tracker.resync([trunk, created], [], 100.0) == []
+    busy = msg("DialEnd", Channel="SIP/trunk-in-00000003", Uniqueid="1.1", Linkedid="1.1", CallerIDNum="79161234567",
+               DestChannel="SIP/305-00000004", DestUniqueid="1.2", DestLinkedid="1.1", DestChannelState="0",
+               DestCallerIDNum="305", DialStatus="BUSY")
+    events = tracker.handle(busy, 100.3)
+    assert [(e.line, e.type) for e in events] == [("305", RS), ("305", EventType.ABONENT_BUSY), ("305", RF)]
+    call = events[0].call
+    assert call is not None and call.caller_number == "79161234567" and call.direction is Direction.INBOUND
+
+
 def test_resync_refreshes_pause_states() -> None:
     tracker = CallTracker(matcher())
     qm = msg("QueueMember", Queue="support", Location="Local/305@from-queue/n", Paused="1", PausedReason="lunch")
