@@ -298,6 +298,9 @@ class _Chan:
     data: dict[str, str] = field(default_factory=dict)
     call: _LineCall | None = None
     done: bool = False  # its call is over: never announce another one on this channel
+    # A resync listed it as a Dial's or Queue's outgoing channel (Application AppDial/AppQueue) whose DialBegin
+    # this tracker never saw (it came before the listing): dialled by someone, not the agent's click-to-dial.
+    listed_as_dialled: bool = False
     consult_of: str | None = None  # for an Atxfer consultation leg (Local ;1): the transferer phone's key
     # Who it last shared a talking bridge with (not a parking lot's holding bridge), kept after it leaves: a
     # ParkedCall may come before or after the parkee's BridgeLeave and its partner's (Rule 10).
@@ -641,7 +644,7 @@ class CallTracker:
 
     def _role_of(self, ch: _Chan) -> _Role:
         origin, originated = self._origin(ch)
-        if origin is None and (originated or ch.dialed_by is None):
+        if origin is None and (originated or (ch.dialed_by is None and not ch.listed_as_dialled)):
             return _Role.ORIGINATED
         return _Role.INCOMING
 
@@ -1408,6 +1411,8 @@ class CallTracker:
             if ch is None:
                 continue
             ch.bridge = ""
+            if ch.dialed_by is None and (msg.get("Application") or "").strip().lower() in ("appdial", "appqueue"):
+                ch.listed_as_dialled = True
             bridge = (msg.get("BridgeId") or msg.get("BridgeUniqueid") or "").strip()
             if bridge:
                 self._bridges.setdefault(bridge, set()).add(ch.key)

@@ -285,7 +285,8 @@ class PbxModel:
                 caller.application_data = msg.get("DialString", "") or ""
             dest = self.channels.get(msg.get("DestChannel", "") or "")
             if dest is not None:
-                dest.application = "AppDial"
+                # Asterisk: app_dial's outgoing channels run "AppDial"; those of the dial API (Originate) "AppDial2"
+                dest.application = "AppDial" if caller is not None else "AppDial2"
                 dest.application_data = "(Outgoing Line)"
                 dest.dialed_by = caller.name if caller is not None else ""
         elif event == "QueueCallerJoin":

@@ -542,6 +542,24 @@ def test_a_phone_refused_busy_whose_dial_began_before_the_resync_is_incoming_fro
     assert call is not None and call.caller_number == "79161234567" and call.direction is Direction.INBOUND
 
 
+def test_a_queue_members_phone_listed_before_it_rang_rings_incoming_from_the_caller() -> None:
+    """After an AMI cut the listing shows a member's phone just created by its Local half's Dial (AppDial,
+    Down), the DialBegin lost in the cut. When it rings it is INCOMING from the caller, not a click-to-dial
+    showing the agent's own number (chaos ami-cut)."""
+    tracker = CallTracker(matcher())
+    trunk = show("SIP/trunk-in-00000003", "1.1", "1.1", "6", "Queue", "", CallerIDNum="79161234567")
+    local2 = show("Local/305@from-queue-00000001;2", "1.3", "1.1", "4", "Dial", "", CallerIDNum="79161234567")
+    phone = show("SIP/305-00000004", "1.4", "1.1", "0", "AppDial", "", CallerIDNum="305",
+                 ConnectedLineNum="79161234567")
+    assert tracker.resync([trunk, local2, phone], [], 100.0) == []
+    ring = msg("Newstate", Channel="SIP/305-00000004", Uniqueid="1.4", Linkedid="1.1", ChannelState="5",
+               CallerIDNum="305", ConnectedLineNum="79161234567")
+    events = tracker.handle(ring, 100.2)
+    assert [(e.line, e.type) for e in events] == [("305", RS)]
+    call = events[0].call
+    assert call is not None and call.caller_number == "79161234567" and call.direction is Direction.INBOUND
+
+
 def test_resync_refreshes_pause_states() -> None:
     tracker = CallTracker(matcher())
     qm = msg("QueueMember", Queue="support", Location="Local/305@from-queue/n", Paused="1", PausedReason="lunch")
