@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ AMI_PING_SECONDS = Histogram(
 )
 #: Event classes the gateway needs: channels, bridges, dials, parking, transfers (call), queues (agent)
 #: and key presses (dtmf, for DTMF_ENTERED; only delivered if the user may read them).
+#: seconds between logins Asterisk refused (a wrong secret does not fix itself; see AmiClient's backoff)
+_AUTH_RETRY = 15.0
 DEFAULT_EVENT_MASK = "call,agent,dtmf"  # dtmf only if the user may read it: Asterisk ANDs mask and read
 
 # Event names we count individually; the rest fall into "other" so the label set stays bounded.
@@ -248,7 +251,10 @@ class AmiClient:
         self._on_disconnected = on_disconnected
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
-        self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
+        # A gateway without AMI is deaf: every call meanwhile is lost for good (Asterisk replays nothing), and a
+        # refused connect costs the PBX nothing, so retries stay within 2 s. A refused login waits longer
+        # (_AUTH_RETRY): Asterisk logs each one, and fail2ban-style guards ban an address that keeps failing.
+        self._backoff = backoff or Backoff(initial=0.25, maximum=2.0)
         self._max_message_bytes = max_message_bytes
         self._event_mask = event_mask
         self._event_filters = tuple(event_filters)
@@ -263,6 +269,7 @@ class AmiClient:
     async def run(self) -> None:
         first = True
         while not self._stopping:
+            auth_refused = False
             if not first:
                 AMI_RECONNECTS.inc()
             first = False
@@ -272,6 +279,7 @@ class AmiClient:
             except AmiAuthError as exc:
                 AMI_DISCONNECTS.labels(reason="auth").inc()
                 log.error("AMI login refused by %s:%s: %s", self._host, self._port, exc)
+                auth_refused = True
             except AmiKeepaliveError as exc:
                 AMI_DISCONNECTS.labels(reason="ping_timeout").inc()
                 log.warning("AMI connection to %s:%s dead: %s", self._host, self._port, exc)
@@ -292,6 +300,8 @@ class AmiClient:
             if self._stopping:
                 break
             delay = self._backoff.next_delay()
+            if auth_refused:
+                delay = max(delay, _AUTH_RETRY * random.uniform(0.8, 1.2))
             log.info("AMI reconnect in %.1fs", delay)
             await asyncio.sleep(delay)
 

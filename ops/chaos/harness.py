@@ -124,6 +124,8 @@ class ChaosRun:
         self.calls_played = 0
         self.standby = False
         self.notes: list[str] = []
+        #: fault name -> when a gateway heard the PBX again after it (see Phase.pbx_heard_at)
+        self.pbx_heard_at: dict[str, float] = {}
         self._traffic_open = asyncio.Event()
         self._running = True
         self._number = 0
@@ -280,7 +282,7 @@ class ChaosRun:
         await probe
         end = time.time()
         self.phases.append(Phase(name, start, fault_start, fault_end, end, node_fault=node_fault,
-                                 pbx_unheard=name in PBX_UNHEARD))
+                                 pbx_unheard=name in PBX_UNHEARD, pbx_heard_at=self.pbx_heard_at.pop(name, 0.0)))
         if repair is not None:
             await repair()
         return end
@@ -593,7 +595,11 @@ PBX_UNHEARD = frozenset({"ami-cut"})
 
 
 async def fault_ami_cut(run: ChaosRun) -> Outcome:
-    return await _link_outage(run, "ami", 2.0, LinkFault("cut")), False, None
+    healed = await _link_outage(run, "ami", 2.0, LinkFault("cut"))
+    # Deaf until a gateway is logged in and resynced again (its reconnect backoff): legs of that time are unheard.
+    await run.wait_pbx_heard()
+    run.pbx_heard_at["ami-cut"] = time.time()
+    return healed, False, None
 
 
 async def fault_asterisk_restart(run: ChaosRun) -> Outcome:

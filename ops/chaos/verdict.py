@@ -86,6 +86,8 @@ class Phase:
     #: no gateway could hear the PBX from fault_start to fault_end (the AMI link was cut): a line's leg that
     #: began and ended in that time left no trace anybody could report (Asterisk does not replay events)
     pbx_unheard: bool = False
+    #: when a gateway was logged in and resynced again after such a fault (0: at fault_end)
+    pbx_heard_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,8 +306,8 @@ def _expected_lines(call: TruthCall, observations: Sequence[Observation], phases
                 for d in o.drops)
             for o in agents
         )
-        unheard = any(p.pbx_unheard and p.fault_start <= leg_start and leg_end <= p.fault_end + UNHEARD_SLACK
-                      for p in phases)
+        unheard = any(p.pbx_unheard and p.fault_start <= leg_start
+                      and leg_end <= max(p.fault_end, p.pbx_heard_at) + UNHEARD_SLACK for p in phases)
         if not (away or unheard):
             kept.append(line)
     return tuple(kept)

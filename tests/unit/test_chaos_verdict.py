@@ -145,6 +145,11 @@ def test_a_leg_wholly_inside_an_ami_outage_left_nothing_to_report_one_outliving_
     obs = Observation("500", {}, {}, quiet_probes(112.0))
     report = judge_phase(cut, [unheard, heard], [obs], [], guid)
     assert report.lost_calls == ["500:2"], report.lost_calls
+    # the gateway logged in again only at 115 (its reconnect backoff): a leg over by then was not heard either
+    late = Phase("ami-cut", 100.0, 110.0, 112.0, 130.0, pbx_unheard=True, pbx_heard_at=115.0)
+    deaf = TruthCall("3", ("500",), "7916", 112.5, 118.0, "inbound-direct-answered", leg_ends={"500": 114.8})
+    assert judge_phase(late, [deaf, heard], [obs], [], guid).lost_calls == ["500:2"]
+    assert judge_phase(cut, [deaf], [obs], [], guid).lost_calls == ["500:3"]
     # the same leg in a phase where the PBX was heard is owed
     heard_phase = Phase("slow-ami", 100.0, 110.0, 112.0, 130.0)
     assert judge_phase(heard_phase, [unheard], [obs], [], guid).lost_calls == ["500:1"]
