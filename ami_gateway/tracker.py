@@ -61,13 +61,6 @@ headers are ignored (debug log); a hung-up channel is remembered for a while so 
 it back. Channels, bridges and Local pairs are dropped on ``Hangup``; per-call data when the last channel
 of a Linkedid goes; a hard cap bounds the channel table if Hangups were lost.
 
-Rule 7 - agent state. ``QueueMemberStatus``/``QueueMemberPause``/``QueueMemberAdded``/``QueueMemberRemoved``
-keep, per line, each queue's pause flag (the member ``Interface``/``StateInterface`` mapped through the
-matcher). The agent is paused when paused in all its queues. Each state carries the Creatio code it is
-(``services.agent_states``: the code the agent chose if the pause has that choice's reason, else the code
-configured for the reason, else the "PBX paused" code - a supervisor's QueueMemberPause). AGENT_STATE_CHANGED
-is emitted only when the pause flag, reason or code changes (learning a membership is not a change).
-
 Rule 9 - consultation by ``Atxfer``. Asterisk 12+ carries out the AMI ``Atxfer`` action by calling a Local
 channel ``Local/<exten>@<context>-<seq>;1`` on behalf of the transferer (same Linkedid) and moving the
 transferer's phone channel out of its bridge into a new one with that ``;1`` half; the ``;2`` half runs the
@@ -117,10 +110,12 @@ digit for the line's current call (its consultation call while it consults, Rule
 is reported once. Digits the agent sends from the CRM (the ``dtmf`` command, played with ``PlayDTMF``) are
 echoed by the gateway once Asterisk accepted them (``ami_gateway.app``).
 
-Rule 8 - resync. After an AMI (re)connect, ``CoreShowChannel`` and ``QueueMember`` lists are the truth:
-calls whose phone channel is gone are finished, new phone channels are announced as their state says (one
-still Down, Rsrvd, OffHook or Dialing is no call yet: its own events announce it), a ringing call found
-answered gets its COMMUTATION_STARTED, pause states are refreshed.
+Rule 8 - resync. After an AMI (re)connect, the ``CoreShowChannel`` list is the truth: calls whose phone
+channel is gone are finished, new phone channels are announced as their state says (one still Down, Rsrvd,
+OffHook or Dialing is no call yet: its own events announce it), a ringing call found answered gets its
+COMMUTATION_STARTED.
+
+Agent state (queue membership and pause) is not the tracker's: see ami_gateway/agent_tracker.py.
 """
 
 from __future__ import annotations
@@ -133,10 +128,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ami.protocol import AmiMessage
+from ami_gateway.agent_tracker import MEMBER_EVENTS
 from ami_gateway.lines import LineMatcher
 from ami_gateway.packet_info import PacketInfoSpec, Source
-from services.agent_states import DEFAULT_AGENT_CODES, AgentStateCodes
-from services.wire import AgentState, Call, CallState, Direction, EventType, LineEvent
+from services.wire import Call, CallState, Direction, EventType, LineEvent
 
 __all__ = ["CallControl", "CallTracker", "TrackerOptions"]
 
@@ -177,9 +172,6 @@ _CREATING = frozenset(
     }
 )
 _FAILED_DIAL = frozenset({"CANCEL", "NOANSWER", "BUSY", "CONGESTION", "CHANUNAVAIL", "DONTCALL", "TORTURE"})
-_MEMBER_EVENTS = frozenset(
-    {"queuememberstatus", "queuememberpause", "queuememberpaused", "queuememberadded", "queuememberremoved"}
-)
 # Q.850 cause 26, AST_CAUSE_ANSWERED_ELSEWHERE: set by Asterisk's pickup on the ringing channel it replaces.
 _ANSWERED_ELSEWHERE = 26
 _DTMF_DIGITS = frozenset("0123456789*#ABCDEabcde")
@@ -208,10 +200,6 @@ def _int(value: str | None) -> int | None:
     return int(value) if value.isdigit() and len(value) < 10 else None
 
 
-def _truthy(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on")
-
-
 @dataclass(frozen=True)
 class TrackerOptions:
     #: CMS's sendRingStartedOnRingingState: announce an incoming call when the phone rings (state 5), not
@@ -222,8 +210,6 @@ class TrackerOptions:
     max_channels: int = 50_000
     #: how many hung-up channel ids are remembered to ignore late events about them.
     remember_hangups: int = 10_000
-    #: Creatio agent-state codes (the ``AgentStates`` block): which code a pause is reported as (Rule 7)
-    agent_codes: AgentStateCodes = DEFAULT_AGENT_CODES
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,12 +323,6 @@ class CallTracker:
         self._bridges: dict[str, set[str]] = {}
         self._groups: dict[str, _Group] = {}
         self._calls: dict[str, dict[str, _LineCall]] = {}
-        self._members: dict[str, dict[str, tuple[bool, str]]] = {}
-        self._agents: dict[str, AgentState] = {}
-        # line -> (code, QueuePause reason) of the agent's last choice of a pausing state (Rule 7)
-        self._chosen: dict[str, tuple[str, str]] = {}
-        # line -> (paused, reason) the agent's last choice will show as, until the PBX shows it (Rule 7)
-        self._expected: dict[str, tuple[bool, str]] = {}
         self._gone: OrderedDict[str, None] = OrderedDict()
         self._line_tech: dict[str, str] = {}  # line -> technology of its last phone channel (SIP, PJSIP)
         # Set by the first Hold/Unhold event: this PBX reports holds natively, music on hold is then only
@@ -362,20 +342,9 @@ class CallTracker:
         """The line's live calls (announced, not finished), oldest first."""
         return [lc.call for lc in self._calls.get(line, {}).values()]
 
-    def agent_state(self, line: str) -> AgentState | None:
-        return self._agents.get(line)
-
-    def expect_agent_code(self, line: str, code: str, reason: str, paused: bool = True) -> None:
-        """The agent chose ``code``, which pauses (or not) with ``reason``: a pause with that reason is reported
-        as ``code``, and the change as made by the agent (Rule 7). Called before the QueuePause is sent, as
-        its events may come before its answer."""
-        if paused:
-            self._chosen[line] = (code, reason)
-        self._expected[line] = (paused, reason if paused else "")
-
     def lines(self) -> set[str]:
-        """Lines with a live call or a known agent state."""
-        return {line for line, calls in self._calls.items() if calls} | set(self._agents)
+        """Lines with a live call."""
+        return {line for line, calls in self._calls.items() if calls}
 
     def control(self, line: str, call_id: str) -> CallControl | None:
         """The channels behind a live call of ``line`` (``None`` if the line has no such call)."""
@@ -441,11 +410,10 @@ class CallTracker:
         handler = _HANDLERS.get(event)
         if handler is not None:
             handler(self, msg, event, received_at, out)
-        elif event in _MEMBER_EVENTS:
-            self._on_member(msg, event, received_at, out)
         elif event in _QUEUE_AGENT_EVENTS:
             self._on_queue_agent(msg, event, received_at, out)
-        elif "channel" in msg and "uniqueid" in msg:
+        elif event not in MEMBER_EVENTS and "channel" in msg and "uniqueid" in msg:
+            # a queue member event describes no channel (it is the AgentStateTracker's)
             self._snap(msg, "", event)
         return out
 
@@ -1319,55 +1287,10 @@ class CallTracker:
         if ch.call is not None:
             self._refresh(ch.call, at, out)
 
-    # ---- agent (queue member) state --------------------------------------------------------------
-
-    def _on_member(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        queue = (msg.get("Queue") or "").strip()
-        line = None
-        for header in ("Interface", "Location", "StateInterface"):
-            value = msg.get(header)
-            if value:
-                line = self._matcher.line_of_interface(value)
-                if line is not None:
-                    break
-        if line is None or not queue:
-            log.debug("%s for a non-line member ignored", event)
-            return
-        queues = self._members.setdefault(line, {})
-        if event == "queuememberremoved":
-            queues.pop(queue, None)
-        else:
-            queues[queue] = _member_pause(msg, queues.get(queue))
-        self._publish_agent(line, at, out, live=True)
-
-    def _publish_agent(self, line: str, at: float, out: list[LineEvent], live: bool = False) -> None:
-        queues = self._members.get(line, {})
-        names = tuple(sorted(queues))
-        paused = bool(names) and all(queues[q][0] for q in names)
-        reason = next((queues[q][1] for q in names if queues[q][1]), "") if paused else ""
-        code = self._opts.agent_codes.code_of(paused, reason, self._chosen.get(line)) if names else ""
-        previous = self._agents.get(line)
-        before = (previous.paused, previous.reason) if previous is not None else (False, "")
-        set_by = previous.set_by if previous is not None else ""
-        if (paused, reason) != before:
-            if self._expected.get(line) == (paused, reason):
-                set_by = "agent"
-                del self._expected[line]
-            else:
-                set_by = "pbx" if live and previous is not None else ""
-        if not paused:
-            self._chosen.pop(line, None)
-        state = AgentState(line=line, paused=paused, reason=reason, queues=names, code=code, set_by=set_by)
-        self._agents[line] = state
-        recoded = paused and previous is not None and previous.code != code
-        if (paused, reason) != before or recoded:
-            out.append(LineEvent(line=line, type=EventType.AGENT_STATE_CHANGED, agent=state, ami_received_at=at))
-
     # ---- resync ----------------------------------------------------------------------------------
 
     def resync(
-        self, channels: list[AmiMessage], queue_members: list[AmiMessage], received_at: float,
-        announced: Collection[str] | None = None,
+        self, channels: list[AmiMessage], received_at: float, announced: Collection[str] | None = None,
     ) -> list[LineEvent]:
         """Align with the PBX after an AMI (re)connect; see Rule 8 of the module docstring.
 
@@ -1422,20 +1345,6 @@ class CallTracker:
                 lc = self._resync_announce(ch, app, bridged, msg, at, out, announced)
             elif lc.state is CallState.RINGING and ch.state == _UP and (bridged or lc.role is _Role.INCOMING):
                 self._connect(lc, at, out)
-        # 4. pause states
-        old_lines = set(self._members)
-        self._members = {}
-        for msg in queue_members:
-            queue = (msg.get("Queue") or "").strip()
-            line = None
-            for header in ("Location", "Interface", "StateInterface"):
-                value = msg.get(header)
-                if value and (line := self._matcher.line_of_interface(value)) is not None:
-                    break
-            if line is not None and queue:
-                self._members.setdefault(line, {})[queue] = _member_pause(msg, None)
-        for line in sorted(old_lines | set(self._members)):
-            self._publish_agent(line, at, out)
         return out
 
     def _resync_announce(
@@ -1500,15 +1409,6 @@ def _shown(call: Call) -> tuple[object, ...]:
         call.redirection_number,
         tuple(sorted(call.extra.items())),
     )
-
-
-def _member_pause(msg: AmiMessage, previous: tuple[bool, str] | None) -> tuple[bool, str]:
-    paused_header = msg.get("Paused")
-    if paused_header is None:
-        return previous if previous is not None else (False, "")
-    paused = _truthy(paused_header)
-    reason = (msg.get("PausedReason") or msg.get("Reason") or "").strip() if paused else ""
-    return paused, reason
 
 
 def _local_exten(name: str) -> str:
