@@ -73,8 +73,9 @@ def assert_clean(tracker: CallTracker) -> None:
     """Memory is bounded: nothing of a finished call stays behind."""
     for line in tracker.lines():
         assert tracker.calls_of(line) == []
-    assert not tracker._chans and not tracker._groups and not tracker._bridges and not tracker._locals
-    assert not tracker._by_name and not tracker._calls and not tracker._parked_calls
+    graph = tracker._graph
+    assert not graph.chans and not graph.groups and not graph.bridges and not graph.local_pairs
+    assert not graph.by_name and not graph.calls and not graph.parked_calls
 
 
 # ---- the real captures --------------------------------------------------------------------------
@@ -432,7 +433,7 @@ def test_unknown_channels_and_missing_headers() -> None:
     assert tracker.handle(msg("AttendedTransfer", Result="Success"), 1.0) == []
     assert tracker.handle(AmiMessage((("Response", "Success"),)), 1.0) == []
     assert tracker.handle(msg("OriginateResponse", Channel="SIP/305", Uniqueid="<null>", Response="Failure"), 1.0) == []
-    assert not tracker._chans
+    assert not tracker._graph.chans
 
 
 # ---- resync --------------------------------------------------------------------------------------
