@@ -128,6 +128,7 @@ from dataclasses import dataclass
 
 from ami.protocol import AmiMessage
 from ami_gateway.agent_tracker import MEMBER_EVENTS
+from ami_gateway.call_moments import CallMoments, party
 from ami_gateway.channel_graph import Channel, ChannelGraph, Group, LineCall, Role, as_int, dialled, meaningful
 from ami_gateway.lines import LineMatcher
 from ami_gateway.packet_info import PacketInfoSpec
@@ -205,6 +206,7 @@ class CallTracker:
         self._opts = options
         self._clock = clock
         self._graph = ChannelGraph(matcher, options.packet_info, options.max_channels, options.remember_hangups)
+        self._moments = CallMoments(self._graph, options.packet_info)
         # Set by the first Hold/Unhold event: this PBX reports holds natively, music on hold is then only
         # a consequence (and stops when a held call is transferred away, which is not an unhold).
         self._native_hold = False
@@ -294,195 +296,7 @@ class CallTracker:
             self._graph.snap(msg, "", event)
         return out
 
-    # ---- paths -----------------------------------------------------------------------------------
-
     # ---- calls -----------------------------------------------------------------------------------
-
-    def _role_of(self, ch: Channel) -> Role:
-        origin, originated = self._graph.origin(ch)
-        if origin is None and (originated or ch.dialed_by is None):
-            return Role.ORIGINATED
-        return Role.INCOMING
-
-    def _direction_for(self, ch: Channel, role: Role, dest: Channel | None = None) -> Direction:
-        if role is Role.INCOMING:
-            origin, _ = self._graph.origin(ch)
-            if origin is not None and origin.line is not None and origin.line != ch.line:
-                return Direction.INTERNAL
-            return Direction.INBOUND
-        if dest is not None and self._graph.dest_line(dest) not in (None, ch.line):
-            return Direction.INTERNAL
-        return Direction.OUTBOUND
-
-    def _announce(
-        self,
-        ch: Channel,
-        role: Role,
-        at: float,
-        out: list[LineEvent],
-        dest: Channel | None = None,
-        dial_exten: str = "",
-        redirect: tuple[str, str] = ("", ""),
-    ) -> LineCall:
-        assert ch.line is not None
-        group = self._graph.groups.setdefault(ch.linkedid, Group())
-        base = f"{ch.linkedid}:{ch.line}"
-        call_id, n = base, 1
-        while call_id in group.used_ids:
-            n += 1
-            call_id = f"{base}:{n}"
-        group.used_ids.add(call_id)
-        direction = self._direction_for(ch, role, dest)
-        if dial_exten and self._matcher.is_line(dial_exten) and dial_exten != ch.line:
-            direction = Direction.INTERNAL
-        placeholder = Call(
-            id=call_id,
-            line=ch.line,
-            linked_id=ch.linkedid,
-            channel=ch.name,
-            direction=direction,
-            state=CallState.RINGING,
-            started_at=at,
-        )
-        lc = LineCall(
-            id=call_id,
-            line=ch.line,
-            uid=ch.key,
-            linked_id=ch.linkedid,
-            role=role,
-            direction=direction,
-            state=CallState.RINGING,
-            started_at=at,
-            call=placeholder,
-        )
-        if role is not Role.INCOMING and dest is not None and dialled(ch.exten):
-            lc.dial_exten = ch.exten
-        if dial_exten:
-            lc.dial_exten = dial_exten
-        lc.redirecting, lc.redirection = redirect
-        lc.call = self._compose(lc)
-        ch.call = lc
-        group.calls.add(lc)
-        self._graph.calls.setdefault(ch.line, {})[call_id] = lc
-        out.append(LineEvent(line=ch.line, type=EventType.RING_STARTED, call=lc.call, ami_received_at=at))
-        log.debug("call %s started on line %s (%s, %s)", call_id, ch.line, role.value, direction.value)
-        return lc
-
-    def _ensure(self, ch: Channel, at: float, out: list[LineEvent]) -> LineCall | None:
-        if ch.call is not None:
-            return ch.call
-        if ch.line is None or ch.done:
-            return None
-        return self._announce(ch, self._role_of(ch), at, out)
-
-    def _emit(self, lc: LineCall, kind: EventType, at: float, out: list[LineEvent]) -> None:
-        lc.call = lc.call.evolve(state=lc.state, direction=lc.direction, answered_at=lc.answered_at)
-        out.append(LineEvent(line=lc.line, type=kind, call=lc.call, ami_received_at=at))
-
-    def _connect(self, lc: LineCall, at: float, out: list[LineEvent]) -> None:
-        if lc.answered_at is not None or lc.state is not CallState.RINGING:
-            return
-        lc.state = CallState.CONNECTED
-        lc.answered_at = at
-        self._refresh(lc, at, out, announce=False)
-        self._emit(lc, EventType.COMMUTATION_STARTED, at, out)
-
-    def _busy(self, lc: LineCall, at: float, out: list[LineEvent]) -> None:
-        if lc.state is CallState.BUSY:
-            return
-        lc.state = CallState.BUSY
-        self._emit(lc, EventType.ABONENT_BUSY, at, out)
-
-    def _finish(self, lc: LineCall, at: float, out: list[LineEvent], cause: int | None, text: str) -> None:
-        lc.state = CallState.FINISHED
-        lc.call = lc.call.evolve(
-            state=CallState.FINISHED,
-            direction=lc.direction,
-            answered_at=lc.answered_at,
-            ended_at=at,
-            hangup_cause=cause,
-            hangup_cause_text=text,
-        )
-        out.append(LineEvent(line=lc.line, type=EventType.RING_FINISHED, call=lc.call, ami_received_at=at))
-        self._graph.forget(lc)
-        log.debug("call %s finished on line %s (%s)", lc.id, lc.line, text or cause)
-
-    # ---- the view the client sees ----------------------------------------------------------------
-
-    def _compose(self, lc: LineCall) -> Call:
-        prev = lc.call
-        ch = self._graph.chans.get(lc.uid)
-        if ch is None:
-            return prev
-        chain = self._graph.chain(ch)
-        origin = next((c for c in chain[1:] if not c.local_half), None)
-        if lc.role is Role.INCOMING:
-            if lc.remote is not None:
-                caller_num, caller_name = lc.remote
-            elif meaningful(ch.connected_num):
-                caller_num = ch.connected_num
-                caller_name = ch.connected_name if meaningful(ch.connected_name) else ""
-            elif origin is not None:
-                caller_num, caller_name = _party(origin)
-            else:
-                caller_num, caller_name = "", ""
-            called_num, called_name = lc.line, ch.own_name
-        else:
-            caller_num, caller_name = lc.line, ch.own_name
-            if lc.remote is not None:
-                called_num, called_name = lc.remote
-            elif lc.dial_exten:
-                called_num, called_name = lc.dial_exten, ""
-            elif meaningful(ch.connected_num):
-                called_num = ch.connected_num
-                called_name = ch.connected_name if meaningful(ch.connected_name) else ""
-            else:
-                called_num, called_name = "", ""
-        queue = next((c.queue for c in chain if c.queue), "")
-        if not queue:
-            group = self._graph.groups.get(lc.linked_id)
-            queue = group.hints.get(lc.line, "") if group is not None else ""
-        redirecting, redirection = lc.redirecting, lc.redirection
-        if not redirecting:
-            src = next((c for c in chain if c.transferred_by), None)
-            if src is not None:
-                redirecting, redirection = src.transferred_by, src.transfer_target
-        extra = dict(prev.extra)
-        if self._opts.packet_info:
-            for c in reversed(chain):
-                extra.update(c.data)
-
-        def keep(new: str, old: str) -> str:
-            return new if new else old
-
-        return prev.evolve(
-            channel=ch.name,
-            direction=lc.direction,
-            state=lc.state,
-            caller_number=keep(caller_num, prev.caller_number),
-            caller_name=keep(caller_name, prev.caller_name),
-            called_number=keep(called_num, prev.called_number),
-            called_name=keep(called_name, prev.called_name),
-            queue=keep(queue, prev.queue),
-            redirecting_number=keep(redirecting, prev.redirecting_number),
-            redirection_number=keep(redirection, prev.redirection_number),
-            answered_at=lc.answered_at,
-            extra=extra,
-        )
-
-    def _refresh(self, lc: LineCall, at: float, out: list[LineEvent], announce: bool = True) -> None:
-        new = self._compose(lc)
-        changed = _shown(new) != _shown(lc.call)
-        lc.call = new
-        if changed and announce:
-            out.append(LineEvent(line=lc.line, type=EventType.CALL_INFO_CHANGED, call=new, ami_received_at=at))
-
-    def _refresh_group(self, linkedid: str, at: float, out: list[LineEvent]) -> None:
-        group = self._graph.groups.get(linkedid)
-        if group is None:
-            return
-        for lc in sorted(group.calls, key=lambda c: (c.started_at, c.id)):
-            self._refresh(lc, at, out)
 
     # ---- event handlers --------------------------------------------------------------------------
 
@@ -493,11 +307,11 @@ class CallTracker:
         if event == "newstate" and ch.state == _RINGING:
             self._on_ringing(ch, at, out)
         elif event in ("newcallerid", "newconnectedline"):
-            self._refresh_group(ch.linkedid, at, out)
+            self._moments.refresh_group(ch.linkedid, at, out)
 
     def _on_ringing(self, ch: Channel, at: float, out: list[LineEvent]) -> None:
         if ch.line is not None and ch.call is None and not ch.done and self._opts.send_ring_started_on_ringing_state:
-            self._ensure(ch, at, out)
+            self._moments.ensure(ch, at, out)
 
     def _on_dial_begin(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         caller = self._graph.snap(msg, "", event)
@@ -513,18 +327,18 @@ class CallTracker:
             for phone in self._graph.lines_behind(caller):
                 lc = phone.call
                 if lc is None and phone is caller and not phone.done:
-                    lc = self._announce(phone, Role.DIALING, at, out, dest=dest)
+                    lc = self._moments.announce(phone, Role.DIALING, at, out, dest=dest)
                 elif lc is not None and lc.role is not Role.INCOMING:
                     if dialled(exten) and not lc.dial_exten:
                         lc.dial_exten = exten
                     if self._graph.dest_line(dest) not in (None, lc.line):
                         lc.direction = Direction.INTERNAL
-                    self._refresh(lc, at, out)
+                    self._moments.refresh(lc, at, out)
         elif caller is None and dest.dialed_by is None:
             dest.originated = True
         if dest.line is not None and dest.call is None and not dest.done:
             if not self._opts.send_ring_started_on_ringing_state or dest.state == _RINGING:
-                self._ensure(dest, at, out)
+                self._moments.ensure(dest, at, out)
         if dest.line is not None:
             # A line rung by another line: the other line's outbound call is in fact internal.
             origin, _ = self._graph.origin(dest)
@@ -532,7 +346,7 @@ class CallTracker:
                 lc = origin.call
                 if lc.role is not Role.INCOMING and lc.direction is Direction.OUTBOUND:
                     lc.direction = Direction.INTERNAL
-                    self._refresh(lc, at, out)
+                    self._moments.refresh(lc, at, out)
 
     def _on_dial_state(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         self._graph.snap(msg, "", event)
@@ -547,29 +361,29 @@ class CallTracker:
         if dest is not None and dest.line is not None:
             lc = dest.call
             if status == "ANSWER":
-                lc = self._ensure(dest, at, out)
+                lc = self._moments.ensure(dest, at, out)
                 if lc is not None and lc.role is Role.INCOMING:
-                    self._connect(lc, at, out)
+                    self._moments.connect(lc, at, out)
             elif status == "BUSY" and lc is None and not dest.done and dest.call is None:
                 # Rejected as busy before it ever rang (DND, call waiting off): still the line's call, busy.
-                lc = self._ensure(dest, at, out)
+                lc = self._moments.ensure(dest, at, out)
                 if lc is not None:
-                    self._busy(lc, at, out)
-                    self._finish(lc, at, out, None, status)
+                    self._moments.busy(lc, at, out)
+                    self._moments.finish(lc, at, out, None, status)
             elif status in _FAILED_DIAL and lc is not None:
                 # The agent was the dialled party: its ring is over now, whatever the dialplan does next.
                 if status == "BUSY":
-                    self._busy(lc, at, out)
-                self._finish(lc, at, out, None, status)
+                    self._moments.busy(lc, at, out)
+                self._moments.finish(lc, at, out, None, status)
         if caller is not None and caller is not dest:
             for phone in self._graph.lines_behind(caller):
                 lc = phone.call
                 if lc is None or lc.role is Role.INCOMING:
                     continue
                 if status == "ANSWER":
-                    self._connect(lc, at, out)
+                    self._moments.connect(lc, at, out)
                 elif status == "BUSY":
-                    self._busy(lc, at, out)
+                    self._moments.busy(lc, at, out)
 
     def _on_hangup(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         ch = self._graph.find(msg, "")
@@ -591,7 +405,7 @@ class CallTracker:
             # The transferer hung up: its consultation legs are over for this line (the transfer completed).
             for leg in [c for c in self._graph.chans.values() if c.consult_of == ch.key]:
                 if leg.call is not None:
-                    self._finish(leg.call, at, out, cause, cause_text)
+                    self._moments.finish(leg.call, at, out, cause, cause_text)
                 leg.consult_of = None
                 leg.line = None
         self._graph.drop(ch)
@@ -625,14 +439,14 @@ class CallTracker:
             if m is None or m.call is None:
                 continue
             if m.state == _UP:
-                self._connect(m.call, at, out)
+                self._moments.connect(m.call, at, out)
             lc = m.call
             if lc.held_by_consult and m.line is not None and m.consult_of is None:
                 others = [self._graph.chans[k] for k in members if k != m.key and k in self._graph.chans]
                 if any(o.consult_of is None for o in others):
                     # Back with the other party: the consultation was cancelled.
                     lc.held_by_consult = False
-                    self._set_held(lc, False, at, out)
+                    self._moments.set_held(lc, False, at, out)
 
     def _detect_consultation(self, members: set[str], at: float, out: list[LineEvent]) -> None:
         """Rule 9: a phone bridged with a Local ;1 half nobody dialled, of its own call, is consulting."""
@@ -652,9 +466,9 @@ class CallTracker:
             leg.own_name = phone.own_name
             if original.state is CallState.CONNECTED:
                 original.held_by_consult = True
-                self._set_held(original, True, at, out)
+                self._moments.set_held(original, True, at, out)
             target = _local_exten(leg.name)
-            self._announce(leg, Role.DIALING, at, out, dial_exten=target if dialled(target) else "")
+            self._moments.announce(leg, Role.DIALING, at, out, dial_exten=target if dialled(target) else "")
             log.debug("line %s consults %s in call %s", leg.line, target, original.id)
 
     def _on_bridge_leave(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
@@ -674,15 +488,8 @@ class CallTracker:
         ch = self._graph.snap(msg, "", event)
         if ch is None or ch.call is None:
             return
-        self._set_held(ch.call, event == "hold", at, out)
+        self._moments.set_held(ch.call, event == "hold", at, out)
 
-    def _set_held(self, lc: LineCall, held: bool, at: float, out: list[LineEvent]) -> None:
-        if held and lc.state is CallState.CONNECTED:
-            lc.state = CallState.HELD
-            self._emit(lc, EventType.HOLD_STARTED, at, out)
-        elif not held and lc.state is CallState.HELD:
-            lc.state = CallState.CONNECTED
-            self._emit(lc, EventType.HOLD_ENDED, at, out)
 
     def _on_moh(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         """Older Asterisk: music on hold on X while bridged with the agent's phone means the agent holds."""
@@ -692,14 +499,14 @@ class CallTracker:
         for key in sorted(self._graph.bridges.get(ch.bridge, ())):
             m = self._graph.chans.get(key)
             if m is not None and m is not ch and m.call is not None:
-                self._set_held(m.call, event == "musiconholdstart", at, out)
+                self._moments.set_held(m.call, event == "musiconholdstart", at, out)
 
     def _on_queue_caller_join(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         ch = self._graph.snap(msg, "", event)
         queue = (msg.get("Queue") or "").strip()
         if ch is not None and queue:
             ch.queue = queue
-            self._refresh_group(ch.linkedid, at, out)
+            self._moments.refresh_group(ch.linkedid, at, out)
 
     def _on_queue_agent(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         caller = self._graph.snap(msg, "", event)
@@ -718,7 +525,7 @@ class CallTracker:
         group = self._graph.groups.get(linkedid)
         if group is not None and line is not None:
             group.hints.setdefault(line, queue)
-        self._refresh_group(linkedid, at, out)
+        self._moments.refresh_group(linkedid, at, out)
 
     def _on_blind_transfer(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         transferer = self._graph.snap(msg, "Transferer", event)
@@ -726,17 +533,17 @@ class CallTracker:
         if (msg.get("Result") or "").strip().lower() != "success":
             return
         target = (msg.get("Extension") or "").strip()
-        by = _party(transferer)[0] if transferer is not None else ""
+        by = party(transferer)[0] if transferer is not None else ""
         if transferer is not None and transferer.call is not None:
             lc = transferer.call
             lc.redirecting, lc.redirection = lc.line, target
-            self._refresh(lc, at, out)
+            self._moments.refresh(lc, at, out)
         if transferee is not None:
             transferee.transferred_by, transferee.transfer_target = by, target
             if transferee.call is not None:
                 lc = transferee.call
                 lc.redirecting, lc.redirection = by, target
-                self._refresh(lc, at, out)
+                self._moments.refresh(lc, at, out)
 
     def _on_attended_transfer(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         first = self._graph.snap(msg, "OrigTransferer", event)
@@ -756,25 +563,25 @@ class CallTracker:
             target = None
         by = next((c.line for c in (first, second) if c is not None and c.line), "")
         if not by and first is not None:
-            by = _party(first)[0]
-        target_party = _party(target) if target is not None else ("", "")
-        transferee_party = _party(transferee) if transferee is not None else ("", "")
+            by = party(first)[0]
+        target_party = party(target) if target is not None else ("", "")
+        transferee_party = party(transferee) if transferee is not None else ("", "")
         for c in (first, second):
             if c is not None and c.call is not None:
                 c.call.redirecting, c.call.redirection = by, target_party[0]
-                self._refresh(c.call, at, out)
+                self._moments.refresh(c.call, at, out)
         if target is not None and target.call is not None and meaningful(transferee_party[0]):
             lc = target.call
             lc.remote = transferee_party
             lc.redirecting, lc.redirection = by, target_party[0]
-            self._refresh(lc, at, out)
+            self._moments.refresh(lc, at, out)
         if transferee is not None:
             transferee.transferred_by, transferee.transfer_target = by, target_party[0]
             if transferee.call is not None and meaningful(target_party[0]):
                 lc = transferee.call
                 lc.remote = target_party
                 lc.redirecting, lc.redirection = by, target_party[0]
-                self._refresh(lc, at, out)
+                self._moments.refresh(lc, at, out)
 
     def _on_parked_call(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         parkee = self._graph.snap(msg, "Parkee", event)
@@ -788,7 +595,7 @@ class CallTracker:
                 continue
             lc.parked = (space, lot, parkee.key)
             self._graph.parked_calls.add(lc)
-            self._set_held(lc, True, at, out)
+            self._moments.set_held(lc, True, at, out)
 
     def _parked_partners(self, parkee: Channel) -> list[Channel]:
         """The phones a parked channel was talking to: the peers of the last talking bridge it was in, else its
@@ -821,27 +628,27 @@ class CallTracker:
         if event != "unparkedcall":
             if not attached:
                 why = "PARKED_TIMEOUT" if event == "parkedcalltimeout" else "PARKED_GIVEUP"
-                self._finish(lc, at, out, None, why)
+                self._moments.finish(lc, at, out, None, why)
             return
         if attached:
-            self._set_held(lc, False, at, out)
+            self._moments.set_held(lc, False, at, out)
             return
         if retriever is not None and retriever.line == lc.line and retriever.call in (None, lc):
             # The line's phone picked its call up again: it is the call's channel from now on.
             retriever.call = lc
             lc.uid = retriever.key
             lc.retriever = ""
-            self._refresh(lc, at, out, announce=False)
-            self._set_held(lc, False, at, out)
+            self._moments.refresh(lc, at, out, announce=False)
+            self._moments.set_held(lc, False, at, out)
             return
-        self._finish(lc, at, out, None, "PARKED_PICKUP")  # picked up by someone else
+        self._moments.finish(lc, at, out, None, "PARKED_PICKUP")  # picked up by someone else
 
     def _phone_gone(
         self, ch: Channel, lc: LineCall, at: float, out: list[LineEvent], cause: int | None, text: str
     ) -> None:
         """The call's phone channel hung up: the call is over, unless its far end is parked (Rule 10)."""
         if not self._graph.parked_alive(lc):
-            self._finish(lc, at, out, cause, text)
+            self._moments.finish(lc, at, out, cause, text)
             return
         ch.call = None
         if lc.retriever == ch.key:
@@ -866,7 +673,7 @@ class CallTracker:
             dialer, linkedid = target.dialed_by, target.linkedid
             target_line = target.line
             if target.call is not None and target.call.state is CallState.RINGING:
-                self._finish(target.call, at, out, _ANSWERED_ELSEWHERE, "Answered elsewhere")
+                self._moments.finish(target.call, at, out, _ANSWERED_ELSEWHERE, "Answered elsewhere")
                 target.done = True
         else:
             dialer, linkedid = self._answered_elsewhere.get(target_uid, (None, ""))
@@ -892,9 +699,9 @@ class CallTracker:
             picker.dialed_by = parent.key
             parent.children.add(picker.key)
         redirect = (target_line, picker.line) if target_line is not None and target_line != picker.line else ("", "")
-        lc = self._announce(picker, Role.INCOMING, at, out, redirect=redirect)
+        lc = self._moments.announce(picker, Role.INCOMING, at, out, redirect=redirect)
         if picker.state == _UP:
-            self._connect(lc, at, out)
+            self._moments.connect(lc, at, out)
 
     def _on_dtmf(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         """Rule 12: a key the agent pressed on the line's phone is DTMF_ENTERED for the line's current call."""
@@ -927,7 +734,7 @@ class CallTracker:
         ch.name = new
         self._graph.by_name[new] = ch.key
         if ch.call is not None:
-            self._refresh(ch.call, at, out)
+            self._moments.refresh(ch.call, at, out)
 
     # ---- resync ----------------------------------------------------------------------------------
 
@@ -954,7 +761,7 @@ class CallTracker:
                 self._phone_gone(old, old.call, at, out, None, "")
         for old in gone:
             if old.call is not None:
-                self._finish(old.call, at, out, None, "")
+                self._moments.finish(old.call, at, out, None, "")
             for waiting in self._graph.calls_parking(old):
                 self._unparked(waiting, None, "parkedcallgiveup", at, out)
             self._graph.drop(old)
@@ -986,7 +793,7 @@ class CallTracker:
             if lc is None:
                 lc = self._resync_announce(ch, app, bridged, msg, at, out, announced)
             elif lc.state is CallState.RINGING and ch.state == _UP and (bridged or lc.role is Role.INCOMING):
-                self._connect(lc, at, out)
+                self._moments.connect(lc, at, out)
         return out
 
     def _resync_announce(
@@ -1015,43 +822,19 @@ class CallTracker:
             lc.call = lc.call.evolve(started_at=lc.started_at)
         connected = ch.state == _UP and (bridged or role is Role.INCOMING)
         if connected and announced is not None and lc.call.id not in announced:
-            lc.call = self._compose(lc)
-            self._emit(lc, EventType.RING_STARTED, at, out)
+            lc.call = self._moments.compose(lc)
+            self._moments.emit(lc, EventType.RING_STARTED, at, out)
         if connected:
             lc.state = CallState.CONNECTED
             lc.answered_at = at
-        lc.call = self._compose(lc)
+        lc.call = self._moments.compose(lc)
         kind = EventType.COMMUTATION_STARTED if connected else EventType.RING_STARTED
-        self._emit(lc, kind, at, out)
+        self._moments.emit(lc, kind, at, out)
         return lc
 
     def _announce_quiet(self, ch: Channel, role: Role, at: float) -> LineCall:
         sink: list[LineEvent] = []
-        return self._announce(ch, role, at, sink)
-
-
-def _party(ch: Channel) -> tuple[str, str]:
-    """How a channel is shown as the other party: a line by its number, anything else by its caller id."""
-    if ch.line is not None:
-        return ch.line, ch.own_name
-    num = ch.caller_num if meaningful(ch.caller_num) else ""
-    name = ch.caller_name if meaningful(ch.caller_name) else ""
-    return num, name
-
-
-def _shown(call: Call) -> tuple[object, ...]:
-    return (
-        call.channel,
-        call.direction,
-        call.caller_number,
-        call.caller_name,
-        call.called_number,
-        call.called_name,
-        call.queue,
-        call.redirecting_number,
-        call.redirection_number,
-        tuple(sorted(call.extra.items())),
-    )
+        return self._moments.announce(ch, role, at, sink)
 
 
 def _local_exten(name: str) -> str:
