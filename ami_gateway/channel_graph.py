@@ -20,10 +20,13 @@ from ami_gateway.lines import LineMatcher
 from ami_gateway.packet_info import PacketInfoSpec, Source
 from services.wire import Call, CallState, Direction
 
-__all__ = ["Channel", "ChannelGraph", "Group", "LineCall", "Role", "as_int", "dialled", "meaningful"]
+__all__ = ["RINGING", "UP", "Channel", "ChannelGraph", "Group", "LineCall", "Role", "as_int", "dialled", "meaningful"]
 
 log = logging.getLogger(__name__)
 
+#: ChannelState values the tracker acts on
+RINGING = 5
+UP = 6
 _UNKNOWN = frozenset({"", "<unknown>", "unknown", "<null>", "(null)"})
 # Events that may describe a channel we never saw: anything else only updates known channels, so an event
 # about a dead channel (OriginateResponse of a failed call, a late Hangup...) cannot create a phantom.

@@ -110,6 +110,19 @@ digit for the line's current call (its consultation call while it consults, Rule
 is reported once. Digits the agent sends from the CRM (the ``dtmf`` command, played with ``PlayDTMF``) are
 echoed by the gateway once Asterisk accepted them (``ami_gateway.app``).
 
+The features, each in its own module of ami_gateway/call_features (its docstring has the rule in full):
+
+Rule 9 - consultation by ``Atxfer`` (``consultation.py``): the Local ``;1`` leg of an Atxfer is a second call
+of the transferer's line; the original call is held until the transfer completes or is cancelled.
+
+Rule 10 - parking (``parking.py``): a parked far end holds the calls it talked to; a call whose phone hung up
+while its far end waits in the lot stays held, detached, until it is picked up again, given up or times out.
+
+Rule 11 - call pickup (``pickup.py``): the picker takes the ringing channel's place; the rung line's call
+finishes "Answered elsewhere".
+
+Rule 12 - DTMF (``dtmf.py``): a key the agent pressed on the phone is DTMF_ENTERED for the line's current call.
+
 Rule 8 - resync. After an AMI (re)connect, the ``CoreShowChannel`` list is the truth: calls whose phone
 channel is gone are finished, new phone channels are announced as their state says (one still Down, Rsrvd,
 OffHook or Dialing is no call yet: its own events announce it), a ringing call found answered gets its
@@ -122,14 +135,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from ami.protocol import AmiMessage
 from ami_gateway.agent_tracker import MEMBER_EVENTS
+from ami_gateway.call_features.consultation import Consultation
+from ami_gateway.call_features.dtmf import Dtmf
+from ami_gateway.call_features.parking import Parking
+from ami_gateway.call_features.pickup import Pickup
 from ami_gateway.call_moments import CallMoments, party
-from ami_gateway.channel_graph import Channel, ChannelGraph, Group, LineCall, Role, as_int, dialled, meaningful
+from ami_gateway.channel_graph import RINGING, UP, Channel, ChannelGraph, LineCall, Role, as_int, dialled, meaningful
 from ami_gateway.lines import LineMatcher
 from ami_gateway.packet_info import PacketInfoSpec
 from services.wire import Call, CallState, Direction, EventType, LineEvent
@@ -138,16 +154,12 @@ __all__ = ["CallControl", "CallTracker", "TrackerOptions"]
 
 log = logging.getLogger(__name__)
 
-_RINGING = 5
-_UP = 6
 #: Down, Rsrvd, OffHook, Dialing: a phone channel in these states is not in a call yet (the live rules announce
 #: it when it rings or dials out); a resync that finds one must not guess a call from it (Rule 8)
 _NOT_A_CALL_YET = frozenset({0, 1, 2, 3})
 _FAILED_DIAL = frozenset({"CANCEL", "NOANSWER", "BUSY", "CONGESTION", "CHANUNAVAIL", "DONTCALL", "TORTURE"})
-# Q.850 cause 26, AST_CAUSE_ANSWERED_ELSEWHERE: set by Asterisk's pickup on the ringing channel it replaces.
-_ANSWERED_ELSEWHERE = 26
-_DTMF_DIGITS = frozenset("0123456789*#ABCDEabcde")
 _QUEUE_AGENT_EVENTS = frozenset({"agentcalled", "agentconnect", "agentcomplete", "agentringnoanswer", "agentdump"})
+_Handler = Callable[[AmiMessage, str, float, list[LineEvent]], None]
 
 
 def _holding(msg: AmiMessage) -> bool:
@@ -210,9 +222,39 @@ class CallTracker:
         # Set by the first Hold/Unhold event: this PBX reports holds natively, music on hold is then only
         # a consequence (and stops when a held call is transferred away, which is not an unhold).
         self._native_hold = False
-        # Rule 11: Uniqueid of a phone channel that hung up "answered elsewhere" -> (who dialled it, Linkedid), so a
-        # Pickup that comes after that Hangup still knows whose place the picker takes.
-        self._answered_elsewhere: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
+        self._consultation = Consultation(self._graph, self._moments)
+        self._parking = Parking(self._graph, self._moments)
+        self._pickup = Pickup(self._graph, self._moments)
+        dtmf = Dtmf(self._graph)
+        self._handlers: dict[str, _Handler] = {
+            "newchannel": self._on_snapshot,
+            "newstate": self._on_snapshot,
+            "newcallerid": self._on_snapshot,
+            "newconnectedline": self._on_snapshot,
+            "dialbegin": self._on_dial_begin,
+            "dialstate": self._on_dial_state,
+            "dialend": self._on_dial_end,
+            "hangup": self._on_hangup,
+            "localbridge": self._on_local_bridge,
+            "bridgeenter": self._on_bridge_enter,
+            "bridgeleave": self._on_bridge_leave,
+            "bridgedestroy": self._on_bridge_destroy,
+            "hold": self._on_hold,
+            "unhold": self._on_hold,
+            "musiconholdstart": self._on_moh,
+            "musiconholdstop": self._on_moh,
+            "queuecallerjoin": self._on_queue_caller_join,
+            "blindtransfer": self._on_blind_transfer,
+            "attendedtransfer": self._on_attended_transfer,
+            "rename": self._on_rename,
+            "parkedcall": self._parking.on_parked_call,
+            "unparkedcall": self._parking.on_unparked_call,
+            "parkedcallgiveup": self._parking.on_unparked_call,
+            "parkedcalltimeout": self._parking.on_unparked_call,
+            "pickup": self._pickup.on_pickup,
+            "dtmfbegin": dtmf.on_dtmf,
+            "dtmfend": dtmf.on_dtmf,
+        }
 
     # ---- queries ---------------------------------------------------------------------------------
 
@@ -286,9 +328,9 @@ class CallTracker:
         if not event:
             return []
         out: list[LineEvent] = []
-        handler = _HANDLERS.get(event)
+        handler = self._handlers.get(event)
         if handler is not None:
-            handler(self, msg, event, received_at, out)
+            handler(msg, event, received_at, out)
         elif event in _QUEUE_AGENT_EVENTS:
             self._on_queue_agent(msg, event, received_at, out)
         elif event not in MEMBER_EVENTS and "channel" in msg and "uniqueid" in msg:
@@ -296,15 +338,13 @@ class CallTracker:
             self._graph.snap(msg, "", event)
         return out
 
-    # ---- calls -----------------------------------------------------------------------------------
-
     # ---- event handlers --------------------------------------------------------------------------
 
     def _on_snapshot(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         ch = self._graph.snap(msg, "", event)
         if ch is None:
             return
-        if event == "newstate" and ch.state == _RINGING:
+        if event == "newstate" and ch.state == RINGING:
             self._on_ringing(ch, at, out)
         elif event in ("newcallerid", "newconnectedline"):
             self._moments.refresh_group(ch.linkedid, at, out)
@@ -337,7 +377,7 @@ class CallTracker:
         elif caller is None and dest.dialed_by is None:
             dest.originated = True
         if dest.line is not None and dest.call is None and not dest.done:
-            if not self._opts.send_ring_started_on_ringing_state or dest.state == _RINGING:
+            if not self._opts.send_ring_started_on_ringing_state or dest.state == RINGING:
                 self._moments.ensure(dest, at, out)
         if dest.line is not None:
             # A line rung by another line: the other line's outbound call is in fact internal.
@@ -392,22 +432,13 @@ class CallTracker:
             return
         cause = as_int(msg.get("Cause"))
         cause_text = (msg.get("Cause-txt") or "").strip()
-        if cause == _ANSWERED_ELSEWHERE and ch.line is not None:
-            self._answered_elsewhere[ch.key] = (ch.dialed_by, ch.linkedid)
-            while len(self._answered_elsewhere) > 1000:
-                self._answered_elsewhere.popitem(last=False)
+        self._pickup.hung_up(ch, cause)
         if ch.call is not None:
-            self._phone_gone(ch, ch.call, at, out, cause, cause_text)
+            self._parking.phone_gone(ch, ch.call, at, out, cause, cause_text)
         for lc in self._graph.calls_parking(ch):
             # The parked party hung up without a ParkedCallGiveUp (or it was lost).
-            self._unparked(lc, None, "parkedcallgiveup", at, out)
-        if ch.line is not None and ch.consult_of is None:
-            # The transferer hung up: its consultation legs are over for this line (the transfer completed).
-            for leg in [c for c in self._graph.chans.values() if c.consult_of == ch.key]:
-                if leg.call is not None:
-                    self._moments.finish(leg.call, at, out, cause, cause_text)
-                leg.consult_of = None
-                leg.line = None
+            self._parking.unparked(lc, None, "parkedcallgiveup", at, out)
+        self._consultation.transferer_gone(ch, cause, cause_text, at, out)
         self._graph.drop(ch)
 
     def _on_local_bridge(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
@@ -433,43 +464,14 @@ class CallTracker:
                 m = self._graph.chans.get(key)
                 if m is not None:
                     m.last_peers = frozenset(members - {key})
-        self._detect_consultation(members, at, out)
+        self._consultation.detect(members, at, out)
         for key in sorted(members):
             m = self._graph.chans.get(key)
             if m is None or m.call is None:
                 continue
-            if m.state == _UP:
+            if m.state == UP:
                 self._moments.connect(m.call, at, out)
-            lc = m.call
-            if lc.held_by_consult and m.line is not None and m.consult_of is None:
-                others = [self._graph.chans[k] for k in members if k != m.key and k in self._graph.chans]
-                if any(o.consult_of is None for o in others):
-                    # Back with the other party: the consultation was cancelled.
-                    lc.held_by_consult = False
-                    self._moments.set_held(lc, False, at, out)
-
-    def _detect_consultation(self, members: set[str], at: float, out: list[LineEvent]) -> None:
-        """Rule 9: a phone bridged with a Local ;1 half nobody dialled, of its own call, is consulting."""
-        chans = [self._graph.chans[k] for k in sorted(members) if k in self._graph.chans]
-        phones = [c for c in chans if c.line is not None and c.consult_of is None and c.call is not None]
-        for leg in chans:
-            if leg.local_half != ";1" or leg.consult_of is not None or leg.dialed_by is not None or leg.originated:
-                continue
-            if leg.call is not None or leg.done:
-                continue
-            phone = next((p for p in phones if p.linkedid == leg.linkedid), None)
-            if phone is None or phone.call is None or phone.call.state not in (CallState.CONNECTED, CallState.HELD):
-                continue
-            original = phone.call
-            leg.consult_of = phone.key
-            leg.line = phone.line
-            leg.own_name = phone.own_name
-            if original.state is CallState.CONNECTED:
-                original.held_by_consult = True
-                self._moments.set_held(original, True, at, out)
-            target = _local_exten(leg.name)
-            self._moments.announce(leg, Role.DIALING, at, out, dial_exten=target if dialled(target) else "")
-            log.debug("line %s consults %s in call %s", leg.line, target, original.id)
+            self._consultation.phone_bridged(m, members, at, out)
 
     def _on_bridge_leave(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         ch = self._graph.snap(msg, "", event)
@@ -489,7 +491,6 @@ class CallTracker:
         if ch is None or ch.call is None:
             return
         self._moments.set_held(ch.call, event == "hold", at, out)
-
 
     def _on_moh(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         """Older Asterisk: music on hold on X while bridged with the agent's phone means the agent holds."""
@@ -583,147 +584,6 @@ class CallTracker:
                 lc.redirecting, lc.redirection = by, target_party[0]
                 self._moments.refresh(lc, at, out)
 
-    def _on_parked_call(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        parkee = self._graph.snap(msg, "Parkee", event)
-        if parkee is None:
-            return
-        space = (msg.get("ParkingSpace") or "").strip()
-        lot = (msg.get("Parkinglot") or msg.get("ParkingLot") or "").strip()
-        for phone in self._parked_partners(parkee):
-            lc = phone.call
-            if lc is None or lc.state not in (CallState.CONNECTED, CallState.HELD):
-                continue
-            lc.parked = (space, lot, parkee.key)
-            self._graph.parked_calls.add(lc)
-            self._moments.set_held(lc, True, at, out)
-
-    def _parked_partners(self, parkee: Channel) -> list[Channel]:
-        """The phones a parked channel was talking to: the peers of the last talking bridge it was in, else its
-        Dial partner (parked between the answer and the bridge). Asterisk publishes ParkedCall from res_parking
-        and the bridge events from the bridging core, and AMI interleaves the two as they come: the ParkedCall may
-        arrive while the parkee is still in its bridge, after it left, after it entered the lot, or after the
-        phone left the dissolving bridge. The peers kept at the last BridgeEnter are the same in every case."""
-        dial = set(parkee.children) | ({parkee.dialed_by} if parkee.dialed_by is not None else set())
-        for keys in (parkee.last_peers, dial):
-            chans = [self._graph.chans[k] for k in sorted(keys) if k in self._graph.chans and k != parkee.key]
-            phones = [c for c in chans if c.line is not None and c.consult_of is None and c.call is not None]
-            if phones:
-                return phones
-        return []
-
-    def _on_unparked_call(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        parkee = self._graph.snap(msg, "Parkee", event)
-        if parkee is None:
-            return
-        retriever = self._graph.snap(msg, "Retriever", event)
-        for lc in self._graph.calls_parking(parkee):
-            self._unparked(lc, retriever, event, at, out)
-
-    def _unparked(
-        self, lc: LineCall, retriever: Channel | None, event: str, at: float, out: list[LineEvent]
-    ) -> None:
-        lc.parked = None
-        self._graph.parked_calls.discard(lc)
-        attached = lc.uid in self._graph.chans
-        if event != "unparkedcall":
-            if not attached:
-                why = "PARKED_TIMEOUT" if event == "parkedcalltimeout" else "PARKED_GIVEUP"
-                self._moments.finish(lc, at, out, None, why)
-            return
-        if attached:
-            self._moments.set_held(lc, False, at, out)
-            return
-        if retriever is not None and retriever.line == lc.line and retriever.call in (None, lc):
-            # The line's phone picked its call up again: it is the call's channel from now on.
-            retriever.call = lc
-            lc.uid = retriever.key
-            lc.retriever = ""
-            self._moments.refresh(lc, at, out, announce=False)
-            self._moments.set_held(lc, False, at, out)
-            return
-        self._moments.finish(lc, at, out, None, "PARKED_PICKUP")  # picked up by someone else
-
-    def _phone_gone(
-        self, ch: Channel, lc: LineCall, at: float, out: list[LineEvent], cause: int | None, text: str
-    ) -> None:
-        """The call's phone channel hung up: the call is over, unless its far end is parked (Rule 10)."""
-        if not self._graph.parked_alive(lc):
-            self._moments.finish(lc, at, out, cause, text)
-            return
-        ch.call = None
-        if lc.retriever == ch.key:
-            lc.retriever = ""  # the phone called into the lot was not answered: the call stays parked
-        if lc.uid == ch.key:
-            # Keep showing the party the agent talked to, whatever the channel that picks the call up says.
-            call = lc.call
-            if lc.role is Role.INCOMING:
-                lc.remote = (call.caller_number, call.caller_name)
-            else:
-                lc.remote = (call.called_number, call.called_name)
-            lc.uid = ""
-        log.debug("call %s on line %s stays held while parked; its phone channel %s is gone", lc.id, lc.line,
-                  ch.name)
-
-    def _on_pickup(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        """Rule 11: the picker takes the ringing channel's place."""
-        picker = self._graph.snap(msg, "", event)
-        target = self._graph.find(msg, "Target")
-        target_uid = (msg.get("TargetUniqueid") or "").strip()
-        if target is not None:
-            dialer, linkedid = target.dialed_by, target.linkedid
-            target_line = target.line
-            if target.call is not None and target.call.state is CallState.RINGING:
-                self._moments.finish(target.call, at, out, _ANSWERED_ELSEWHERE, "Answered elsewhere")
-                target.done = True
-        else:
-            dialer, linkedid = self._answered_elsewhere.get(target_uid, (None, ""))
-            target_line = self._matcher.line_of_channel((msg.get("TargetChannel") or "").strip())
-        self._answered_elsewhere.pop(target_uid, None)
-        linkedid = linkedid or (msg.get("TargetLinkedid") or "").strip()
-        if picker is None or picker is target or picker.line is None or picker.done:
-            return
-        if picker.call is not None:
-            log.debug("Pickup by %s, which already has call %s: ignored", picker.name, picker.call.id)
-            return
-        if meaningful(linkedid) and linkedid != picker.linkedid and not picker.children:
-            # After the masquerade the picker carries the ringing channel's Linkedid: the call's id follows it.
-            old = self._graph.groups.get(picker.linkedid)
-            if old is not None:
-                old.chans.discard(picker.key)
-                if not old.chans and not old.calls:
-                    del self._graph.groups[picker.linkedid]
-            picker.linkedid = linkedid
-            self._graph.groups.setdefault(linkedid, Group()).chans.add(picker.key)
-        parent = self._graph.chans.get(dialer) if dialer is not None else None
-        if parent is not None and parent is not picker and picker.dialed_by is None:
-            picker.dialed_by = parent.key
-            parent.children.add(picker.key)
-        redirect = (target_line, picker.line) if target_line is not None and target_line != picker.line else ("", "")
-        lc = self._moments.announce(picker, Role.INCOMING, at, out, redirect=redirect)
-        if picker.state == _UP:
-            self._moments.connect(lc, at, out)
-
-    def _on_dtmf(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        """Rule 12: a key the agent pressed on the line's phone is DTMF_ENTERED for the line's current call."""
-        if event != "dtmfend" or (msg.get("Direction") or "").strip().lower() != "received":
-            return
-        digit = (msg.get("Digit") or "").strip()
-        if len(digit) != 1 or digit not in _DTMF_DIGITS:
-            log.debug("DTMFEnd with digit %r ignored", digit)
-            return
-        ch = self._graph.find(msg, "")
-        if ch is None or ch.line is None or ch.local_half:
-            return
-        lc = ch.call
-        consulting = next((c.call for c in self._graph.chans.values() if c.consult_of == ch.key and c.call is not None
-                           and c.call.state is not CallState.FINISHED), None)
-        if consulting is not None:
-            lc = consulting
-        if lc is None or lc.state is CallState.FINISHED:
-            return
-        out.append(LineEvent(line=lc.line, type=EventType.DTMF_ENTERED, call=lc.call, digits=digit.upper(),
-                             ami_received_at=at))
-
     def _on_rename(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         ch = self._graph.find(msg, "")
         new = (msg.get("Newname") or "").strip()
@@ -758,12 +618,12 @@ class CallTracker:
         gone = [old for old in self._graph.chans.values() if old.key not in present]
         for old in gone:
             if old.call is not None and old.call.parked is not None and old.call.parked[2] in present:
-                self._phone_gone(old, old.call, at, out, None, "")
+                self._parking.phone_gone(old, old.call, at, out, None, "")
         for old in gone:
             if old.call is not None:
                 self._moments.finish(old.call, at, out, None, "")
             for waiting in self._graph.calls_parking(old):
-                self._unparked(waiting, None, "parkedcallgiveup", at, out)
+                self._parking.unparked(waiting, None, "parkedcallgiveup", at, out)
             self._graph.drop(old)
         for key in present:
             self._graph.gone.pop(key, None)
@@ -792,7 +652,7 @@ class CallTracker:
                 continue
             if lc is None:
                 lc = self._resync_announce(ch, app, bridged, msg, at, out, announced)
-            elif lc.state is CallState.RINGING and ch.state == _UP and (bridged or lc.role is Role.INCOMING):
+            elif lc.state is CallState.RINGING and ch.state == UP and (bridged or lc.role is Role.INCOMING):
                 self._moments.connect(lc, at, out)
         return out
 
@@ -804,9 +664,9 @@ class CallTracker:
         chans = self._graph.chans
         others = [chans[k] for k in sorted(group.chans) if k != ch.key and k in chans] if group else []
         other_line = any(o.line is not None and o.line != ch.line for o in others)
-        if app == "appdial2" or (ch.state == _RINGING and not others):
+        if app == "appdial2" or (ch.state == RINGING and not others):
             role = Role.ORIGINATED
-        elif app in ("appdial", "appqueue") or ch.state == _RINGING:
+        elif app in ("appdial", "appqueue") or ch.state == RINGING:
             role = Role.INCOMING
         else:
             role = Role.DIALING
@@ -820,7 +680,7 @@ class CallTracker:
         if duration is not None:
             lc.started_at = at - duration
             lc.call = lc.call.evolve(started_at=lc.started_at)
-        connected = ch.state == _UP and (bridged or role is Role.INCOMING)
+        connected = ch.state == UP and (bridged or role is Role.INCOMING)
         if connected and announced is not None and lc.call.id not in announced:
             lc.call = self._moments.compose(lc)
             self._moments.emit(lc, EventType.RING_STARTED, at, out)
@@ -837,12 +697,6 @@ class CallTracker:
         return self._moments.announce(ch, role, at, sink)
 
 
-def _local_exten(name: str) -> str:
-    """``Local/306@from-internal-0000000a;1`` -> ``306``."""
-    rest = name.split("/", 1)[1] if "/" in name else name
-    return rest.split("@", 1)[0]
-
-
 def _duration(value: str | None) -> float | None:
     """CoreShowChannel's Duration, ``HH:MM:SS`` (or plain seconds)."""
     if not value:
@@ -854,35 +708,3 @@ def _duration(value: str | None) -> float | None:
     for p in parts:
         seconds = seconds * 60 + int(p)
     return float(seconds)
-
-
-_Handler = Callable[[CallTracker, AmiMessage, str, float, list[LineEvent]], None]
-_HANDLERS: dict[str, _Handler] = {
-    "newchannel": CallTracker._on_snapshot,
-    "newstate": CallTracker._on_snapshot,
-    "newcallerid": CallTracker._on_snapshot,
-    "newconnectedline": CallTracker._on_snapshot,
-    "dialbegin": CallTracker._on_dial_begin,
-    "dialstate": CallTracker._on_dial_state,
-    "dialend": CallTracker._on_dial_end,
-    "hangup": CallTracker._on_hangup,
-    "localbridge": CallTracker._on_local_bridge,
-    "bridgeenter": CallTracker._on_bridge_enter,
-    "bridgeleave": CallTracker._on_bridge_leave,
-    "bridgedestroy": CallTracker._on_bridge_destroy,
-    "hold": CallTracker._on_hold,
-    "unhold": CallTracker._on_hold,
-    "musiconholdstart": CallTracker._on_moh,
-    "musiconholdstop": CallTracker._on_moh,
-    "queuecallerjoin": CallTracker._on_queue_caller_join,
-    "blindtransfer": CallTracker._on_blind_transfer,
-    "attendedtransfer": CallTracker._on_attended_transfer,
-    "rename": CallTracker._on_rename,
-    "parkedcall": CallTracker._on_parked_call,
-    "unparkedcall": CallTracker._on_unparked_call,
-    "parkedcallgiveup": CallTracker._on_unparked_call,
-    "parkedcalltimeout": CallTracker._on_unparked_call,
-    "pickup": CallTracker._on_pickup,
-    "dtmfbegin": CallTracker._on_dtmf,
-    "dtmfend": CallTracker._on_dtmf,
-}
