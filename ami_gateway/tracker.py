@@ -134,7 +134,6 @@ Agent state (queue membership and pause) is not the tracker's: see ami_gateway/a
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -203,20 +202,17 @@ class CallControl:
 class CallTracker:
     """See the module docstring. Not thread-safe; one instance per AMI connection's event stream.
 
-    Every timestamp in a :class:`~services.wire.Call` comes from the ``received_at`` given with the message,
-    so replaying a transcript is deterministic; ``clock`` is accepted (and kept) for callers that need the
-    tracker's notion of now, but no path reads it today.
+    Every timestamp in a :class:`~services.wire.Call` comes from the ``received_at`` given with the message
+    (it reads no clock), so replaying a transcript is deterministic.
     """
 
     def __init__(
         self,
         matcher: LineMatcher,
         options: TrackerOptions = TrackerOptions(),  # noqa: B008 - frozen, safe to share
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self._matcher = matcher
         self._opts = options
-        self._clock = clock
         self._graph = ChannelGraph(matcher, options.packet_info, options.max_channels, options.remember_hangups)
         self._moments = CallMoments(self._graph, options.packet_info)
         # Set by the first Hold/Unhold event: this PBX reports holds natively, music on hold is then only
