@@ -61,55 +61,6 @@ headers are ignored (debug log); a hung-up channel is remembered for a while so 
 it back. Channels, bridges and Local pairs are dropped on ``Hangup``; per-call data when the last channel
 of a Linkedid goes; a hard cap bounds the channel table if Hangups were lost.
 
-Rule 9 - consultation by ``Atxfer``. Asterisk 12+ carries out the AMI ``Atxfer`` action by calling a Local
-channel ``Local/<exten>@<context>-<seq>;1`` on behalf of the transferer (same Linkedid) and moving the
-transferer's phone channel out of its bridge into a new one with that ``;1`` half; the ``;2`` half runs the
-dialplan and dials the target. A phone channel that enters a bridge with a ``;1`` half nobody dialled, of its own
-Linkedid, is therefore consulting: the ``;1`` half becomes the line's *consultation leg* and carries a second
-call on the line (its own id, ``<linkedid>:<line>:2``, role DIALING, called number = the target), the
-original call is held (HOLD_STARTED) until the phone is back in a bridge with another party (HOLD_ENDED, the
-transfer was cancelled) or hangs up (the transfer completed: the consultation leg's call finishes with it).
-The target's view follows the ``;1`` half back to the transferer, so it is an internal call from the line.
-
-Rule 10 - parking. ``ParkedCall`` about a channel that just left a bridge holds the calls of the phones that
-were in that bridge with it (HOLD_STARTED); parked between answer and bridge, those of its Dial partner. The
-space and lot are kept for :meth:`CallTracker.control`, so a resume command knows where to pick the call up.
-Asterisk does not leave the agent's phone in the call: the two-party bridge dissolves behind the parkee and the
-phone's channel hangs up (or runs on in the dialplan after ``Dial``). While its far end is parked, that
-``Hangup`` does not finish the call: the call stays held, *detached* from any channel. ``UnParkedCall`` ends
-the hold (HOLD_ENDED): the retriever becomes the call's channel when it is a phone of the same line (the
-channel announced by :meth:`CallTracker.expect_retriever` is never announced as a call of its own, even when
-the call it was meant for ended before it appeared, and once that call ends - picked up by someone else, given
-up - its answer and hangup no longer touch it); picked up by anyone else, or given up (``ParkedCallGiveUp``),
-or timed out (``ParkedCallTimeOut``: Asterisk then calls the parker back, a new call), a detached call
-finishes. res_parking's events and the bridging core's reach AMI interleaved in any order: a ``ParkedCall``
-before or after the parkee's ``BridgeLeave``, its ``BridgeEnter`` into the lot or its partner's leaving finds
-the same partners (each channel keeps the peers of the last talking bridge it was in; holding bridges do not
-count), and an ``UnParkedCall`` anywhere among the retrieving phone's events gives the same result. Not
-covered: a ``ParkedCall`` after the phone's ``Hangup`` (res_parking hangs the parker up only after reading it
-the space, which the same ``ParkedCall`` starts).
-
-Rule 11 - call pickup. Asterisk 12+ carries out a pickup (``Pickup()``, the ``*8``/``**<exten>`` feature codes) by
-answering the picker's channel, giving it the ringing channel's connected line and *moving* it into the ringing
-channel's place (a masquerade that swaps the two channels' Uniqueid and Linkedid): the picker's channel keeps its
-Uniqueid and becomes the dialled party, the ringing channel's Uniqueid is left on a zombie that hangs up with cause
-26 ("Answered elsewhere", set by the pickup so the ringing phone does not count a missed call). Then comes the
-``Pickup`` event (``Channel`` = the picker, ``Target*`` = the ringing channel as it was) and the caller's
-``DialEnd`` ``ANSWER`` naming the picker. The rung line's call therefore finishes, unanswered, with cause 26
-"Answered elsewhere" (on that Hangup, or on ``Pickup`` if it comes first). On ``Pickup`` the picker, when it is a
-line's phone, takes the ringing channel's place in the path (dialled by the same channel, in the same Linkedid):
-its call is announced INCOMING from the original caller, with ``redirecting_number`` = the line it was meant for
-and ``redirection_number`` = the picker's line, and is connected at once (the picker is already answered).
-
-Rule 12 - DTMF. DTMF_ENTERED means "DTMF characters sent" in Creatio: its panel shows the digits the *agent*
-dialled, never the far end's. With ``read = dtmf`` Asterisk sends ``DTMFBegin``/``DTMFEnd``; a ``DTMFEnd`` with
-``Direction: Received`` on a line's phone channel is a key the agent pressed on the phone: DTMF_ENTERED with the
-digit for the line's current call (its consultation call while it consults, Rule 9). Digits other parties press
-(``Received`` on any other channel), ``Sent`` events (Asterisk passing a digit on, or ``PlayDTMF``) and
-``DTMFBegin`` (endpoints without variable-length DTMF only produce ``DTMFEnd``) are not reported, so each press
-is reported once. Digits the agent sends from the CRM (the ``dtmf`` command, played with ``PlayDTMF``) are
-echoed by the gateway once Asterisk accepted them (``ami_gateway.app``).
-
 The features, each in its own module of ami_gateway/call_features (its docstring has the rule in full):
 
 Rule 9 - consultation by ``Atxfer`` (``consultation.py``): the Local ``;1`` leg of an Atxfer is a second call
