@@ -536,7 +536,7 @@ class Gateway:
         if isinstance(args, WrapUpArgs):
             self.auto_pause.set_wrap_up(command.line, args.active)
         if isinstance(args, DtmfArgs):
-            # DTMF_ENTERED is "DTMF characters sent": the panel shows what the agent dialled (tracker Rule 12).
+            # DTMF_ENTERED is "DTMF characters sent": the panel shows what the agent dialled (tracker Rule 10).
             # PlayDTMF's own events are "Sent" ones the tracker never reports, so this is the only echo.
             call = next((c for c in self.tracker.calls_of(command.line) if c.id == args.call_id), None)
             self._emit([LineEvent(line=command.line, type=EventType.DTMF_ENTERED, call=call,

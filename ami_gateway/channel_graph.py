@@ -100,7 +100,7 @@ class LineCall:
     remote: tuple[str, str] | None = None  # set by a transfer: who the agent now talks to
     held_by_consult: bool = False  # held because the line's phone is consulting (Atxfer), not by Hold
     parked: tuple[str, str, str] | None = None  # (space, lot, parkee channel key) while its far end is parked
-    retriever: str = ""  # key of the phone channel called into the lot for it, until UnParkedCall (Rule 10)
+    retriever: str = ""  # key of the phone channel called into the lot for it, until UnParkedCall (Rule 8)
     redirecting: str = ""
     redirection: str = ""
 
@@ -134,7 +134,7 @@ class Channel:
     done: bool = False  # its call is over: never announce another one on this channel
     consult_of: str | None = None  # for an Atxfer consultation leg (Local ;1): the transferer phone's key
     # Who it last shared a talking bridge with (not a parking lot's holding bridge), kept after it leaves: a
-    # ParkedCall may come before or after the parkee's BridgeLeave and its partner's (Rule 10).
+    # ParkedCall may come before or after the parkee's BridgeLeave and its partner's (Rule 8).
     last_peers: frozenset[str] = frozenset()
 
 
@@ -168,7 +168,7 @@ class ChannelGraph:
         self.line_tech: dict[str, str] = {}  # line -> technology of its last phone channel (SIP, PJSIP)
         # Channel Uniqueid -> (line, call id): a phone the gateway calls into the parking lot to resume a call.
         self.retrievers: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        # Calls whose far end is parked (Rule 10), so a Hangup needs no scan of every call.
+        # Calls whose far end is parked (Rule 8), so a Hangup needs no scan of every call.
         self.parked_calls: set[LineCall] = set()
 
     # ---- channel table ---------------------------------------------------------------------------
@@ -247,7 +247,7 @@ class ChannelGraph:
         self.groups.setdefault(linkedid, Group()).chans.add(key)
         resumes = self.retrievers.pop(key, None)
         if resumes is not None and ch.line == resumes[0]:
-            # Rule 10: it rings and answers for the held call, which it picks up; whether that call is still
+            # Rule 8: it rings and answers for the held call, which it picks up; whether that call is still
             # parked when the phone appears (the caller may have given up a moment before), it is never a call
             # of its own.
             ch.done = True
@@ -346,7 +346,7 @@ class ChannelGraph:
     def lines_behind(self, ch: Channel) -> list[Channel]:
         """Phone channels that place a call made by ``ch``: itself, or the phone behind a Local ``;1``.
 
-        A consultation leg's ``;2`` half dials for the consultation leg (Rule 9).
+        A consultation leg's ``;2`` half dials for the consultation leg (Rule 7).
         """
         if ch.line is not None:
             return [ch]
@@ -395,7 +395,7 @@ class ChannelGraph:
             ch.done = True
         retriever = self.chans.get(lc.retriever) if lc.retriever else None
         if retriever is not None and retriever.call is lc:
-            # Rule 10: the call ended (picked up by someone else, given up) while the phone was being called
+            # Rule 8: the call ended (picked up by someone else, given up) while the phone was being called
             # into the lot for it: that phone's own events (answer, hangup) must not touch it again.
             retriever.call = None
 

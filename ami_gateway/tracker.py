@@ -63,18 +63,18 @@ of a Linkedid goes; a hard cap bounds the channel table if Hangups were lost.
 
 The features, each in its own module of ami_gateway/call_features (its docstring has the rule in full):
 
-Rule 9 - consultation by ``Atxfer`` (``consultation.py``): the Local ``;1`` leg of an Atxfer is a second call
+Rule 7 - consultation by ``Atxfer`` (``consultation.py``): the Local ``;1`` leg of an Atxfer is a second call
 of the transferer's line; the original call is held until the transfer completes or is cancelled.
 
-Rule 10 - parking (``parking.py``): a parked far end holds the calls it talked to; a call whose phone hung up
+Rule 8 - parking (``parking.py``): a parked far end holds the calls it talked to; a call whose phone hung up
 while its far end waits in the lot stays held, detached, until it is picked up again, given up or times out.
 
-Rule 11 - call pickup (``pickup.py``): the picker takes the ringing channel's place; the rung line's call
+Rule 9 - call pickup (``pickup.py``): the picker takes the ringing channel's place; the rung line's call
 finishes "Answered elsewhere".
 
-Rule 12 - DTMF (``dtmf.py``): a key the agent pressed on the phone is DTMF_ENTERED for the line's current call.
+Rule 10 - DTMF (``dtmf.py``): a key the agent pressed on the phone is DTMF_ENTERED for the line's current call.
 
-Rule 8 - resync. After an AMI (re)connect, the ``CoreShowChannel`` list is the truth: calls whose phone
+Rule 11 - resync. After an AMI (re)connect, the ``CoreShowChannel`` list is the truth: calls whose phone
 channel is gone are finished, new phone channels are announced as their state says (one still Down, Rsrvd,
 OffHook or Dialing is no call yet: its own events announce it), a ringing call found answered gets its
 COMMUTATION_STARTED.
@@ -105,7 +105,7 @@ __all__ = ["CallControl", "CallTracker", "TrackerOptions"]
 log = logging.getLogger(__name__)
 
 #: Down, Rsrvd, OffHook, Dialing: a phone channel in these states is not in a call yet (the live rules announce
-#: it when it rings or dials out); a resync that finds one must not guess a call from it (Rule 8)
+#: it when it rings or dials out); a resync that finds one must not guess a call from it (Rule 11)
 _NOT_A_CALL_YET = frozenset({0, 1, 2, 3})
 _FAILED_DIAL = frozenset({"CANCEL", "NOANSWER", "BUSY", "CONGESTION", "CHANUNAVAIL", "DONTCALL", "TORTURE"})
 _QUEUE_AGENT_EVENTS = frozenset({"agentcalled", "agentconnect", "agentcomplete", "agentringnoanswer", "agentdump"})
@@ -222,7 +222,7 @@ class CallTracker:
         if ch is None:
             if lc.parked is None:
                 return None
-            # Detached (Rule 10): the far end waits in the lot, the line's phone has left the call.
+            # Detached (Rule 8): the far end waits in the lot, the line's phone has left the call.
             space, lot, parkee_key = lc.parked
             parkee = self._graph.chans.get(parkee_key)
             return CallControl(lc.call, "", "", "", space, lot, parkee.name if parkee is not None else "",
@@ -505,7 +505,7 @@ class CallTracker:
         if target is None and second is not None:
             target = self._graph.bridge_peer(second, msg.get("SecondBridgeUniqueid"))
         if target is not None and target.local_half == ";1":
-            # Atxfer's consultation leg (Rule 9) or any Local hop: the party is what its ;2 half dialled.
+            # Atxfer's consultation leg (Rule 7) or any Local hop: the party is what its ;2 half dialled.
             target = self._graph.consult_target(target) or target
         if target is not None and target.consult_of is not None:
             target = None
@@ -548,7 +548,7 @@ class CallTracker:
     def resync(
         self, channels: list[AmiMessage], received_at: float, announced: Collection[str] | None = None,
     ) -> list[LineEvent]:
-        """Align with the PBX after an AMI (re)connect; see Rule 8 of the module docstring.
+        """Align with the PBX after an AMI (re)connect; see Rule 11 of the module docstring.
 
         ``announced``: ids of the calls the agents were already told of (the previous term's calls).
         A call found connected that is not among them rang while nobody watched: it is announced

@@ -1,6 +1,6 @@
 """Consultation by ``Atxfer``, one of the call tracker's features (ami_gateway/tracker.py).
 
-Rule 9 - consultation by ``Atxfer``. Asterisk 12+ carries out the AMI ``Atxfer`` action by calling a Local
+Rule 7 - consultation by ``Atxfer``. Asterisk 12+ carries out the AMI ``Atxfer`` action by calling a Local
 channel ``Local/<exten>@<context>-<seq>;1`` on behalf of the transferer (same Linkedid) and moving the
 transferer's phone channel out of its bridge into a new one with that ``;1`` half; the ``;2`` half runs the
 dialplan and dials the target. A phone channel that enters a bridge with a ``;1`` half nobody dialled, of its own
@@ -25,14 +25,14 @@ log = logging.getLogger(__name__)
 
 
 class Consultation:
-    """Rule 9; see the module docstring."""
+    """Rule 7; see the module docstring."""
 
     def __init__(self, graph: ChannelGraph, moments: CallMoments) -> None:
         self._graph = graph
         self._moments = moments
 
     def detect(self, members: set[str], at: float, out: list[LineEvent]) -> None:
-        """Rule 9: a phone bridged with a Local ;1 half nobody dialled, of its own call, is consulting."""
+        """Rule 7: a phone bridged with a Local ;1 half nobody dialled, of its own call, is consulting."""
         chans = [self._graph.chans[k] for k in sorted(members) if k in self._graph.chans]
         phones = [c for c in chans if c.line is not None and c.consult_of is None and c.call is not None]
         for leg in chans:

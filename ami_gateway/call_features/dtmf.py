@@ -1,9 +1,9 @@
 """DTMF keys the agent pressed, one of the call tracker's features (ami_gateway/tracker.py).
 
-Rule 12 - DTMF. DTMF_ENTERED means "DTMF characters sent" in Creatio: its panel shows the digits the *agent*
+Rule 10 - DTMF. DTMF_ENTERED means "DTMF characters sent" in Creatio: its panel shows the digits the *agent*
 dialled, never the far end's. With ``read = dtmf`` Asterisk sends ``DTMFBegin``/``DTMFEnd``; a ``DTMFEnd`` with
 ``Direction: Received`` on a line's phone channel is a key the agent pressed on the phone: DTMF_ENTERED with the
-digit for the line's current call (its consultation call while it consults, Rule 9). Digits other parties press
+digit for the line's current call (its consultation call while it consults, Rule 7). Digits other parties press
 (``Received`` on any other channel), ``Sent`` events (Asterisk passing a digit on, or ``PlayDTMF``) and
 ``DTMFBegin`` (endpoints without variable-length DTMF only produce ``DTMFEnd``) are not reported, so each press
 is reported once. Digits the agent sends from the CRM (the ``dtmf`` command, played with ``PlayDTMF``) are
@@ -26,13 +26,13 @@ _DTMF_DIGITS = frozenset("0123456789*#ABCDEabcde")
 
 
 class Dtmf:
-    """Rule 12; see the module docstring."""
+    """Rule 10; see the module docstring."""
 
     def __init__(self, graph: ChannelGraph) -> None:
         self._graph = graph
 
     def on_dtmf(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        """Rule 12: a key the agent pressed on the line's phone is DTMF_ENTERED for the line's current call."""
+        """Rule 10: a key the agent pressed on the line's phone is DTMF_ENTERED for the line's current call."""
         if event != "dtmfend" or (msg.get("Direction") or "").strip().lower() != "received":
             return
         digit = (msg.get("Digit") or "").strip()

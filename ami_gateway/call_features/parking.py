@@ -1,6 +1,6 @@
 """Hold by parking, one of the call tracker's features (ami_gateway/tracker.py).
 
-Rule 10 - parking. ``ParkedCall`` about a channel that just left a bridge holds the calls of the phones that
+Rule 8 - parking. ``ParkedCall`` about a channel that just left a bridge holds the calls of the phones that
 were in that bridge with it (HOLD_STARTED); parked between answer and bridge, those of its Dial partner. The
 space and lot are kept for :meth:`CallTracker.control`, so a resume command knows where to pick the call up.
 Asterisk does not leave the agent's phone in the call: the two-party bridge dissolves behind the parkee and the
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class Parking:
-    """Rule 10; see the module docstring."""
+    """Rule 8; see the module docstring."""
 
     def __init__(self, graph: ChannelGraph, moments: CallMoments) -> None:
         self._graph = graph
@@ -103,7 +103,7 @@ class Parking:
     def phone_gone(
         self, ch: Channel, lc: LineCall, at: float, out: list[LineEvent], cause: int | None, text: str
     ) -> None:
-        """The call's phone channel hung up: the call is over, unless its far end is parked (Rule 10)."""
+        """The call's phone channel hung up: the call is over, unless its far end is parked (Rule 8)."""
         if not self._graph.parked_alive(lc):
             self._moments.finish(lc, at, out, cause, text)
             return

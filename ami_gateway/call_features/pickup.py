@@ -1,6 +1,6 @@
 """Call pickup, one of the call tracker's features (ami_gateway/tracker.py).
 
-Rule 11 - call pickup. Asterisk 12+ carries out a pickup (``Pickup()``, the ``*8``/``**<exten>`` feature codes) by
+Rule 9 - call pickup. Asterisk 12+ carries out a pickup (``Pickup()``, the ``*8``/``**<exten>`` feature codes) by
 answering the picker's channel, giving it the ringing channel's connected line and *moving* it into the ringing
 channel's place (a masquerade that swaps the two channels' Uniqueid and Linkedid): the picker's channel keeps its
 Uniqueid and becomes the dialled party, the ringing channel's Uniqueid is left on a zombie that hangs up with cause
@@ -32,7 +32,7 @@ _ANSWERED_ELSEWHERE = 26
 
 
 class Pickup:
-    """Rule 11; see the module docstring."""
+    """Rule 9; see the module docstring."""
 
     def __init__(self, graph: ChannelGraph, moments: CallMoments) -> None:
         self._graph = graph
@@ -49,7 +49,7 @@ class Pickup:
                 self._answered_elsewhere.popitem(last=False)
 
     def on_pickup(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        """Rule 11: the picker takes the ringing channel's place."""
+        """Rule 9: the picker takes the ringing channel's place."""
         picker = self._graph.snap(msg, "", event)
         target = self._graph.find(msg, "Target")
         target_uid = (msg.get("TargetUniqueid") or "").strip()

@@ -404,6 +404,27 @@ def test_the_call_tracker_and_the_agent_states_each_take_their_own_events() -> N
     assert "305" in agents.lines() and tracker.lines() == set()
 
 
+def test_the_rules_are_numbered_in_order() -> None:
+    """The tracker's docstring numbers its rules 1, 2, 3... in the order it states them, each feature module
+    states the rule the index gives it, and no comment names a rule that does not exist."""
+    import re
+
+    from ami_gateway import tracker as tracker_module
+
+    root = Path(tracker_module.__file__).parent
+    heading = re.compile(r"^Rule (\d+) - ", re.M)
+    numbers = [int(n) for n in heading.findall(tracker_module.__doc__ or "")]
+    assert numbers == list(range(1, len(numbers) + 1))
+    index = re.findall(r"^Rule (\d+) - [^\n]*\(``(\w+\.py)``\)", tracker_module.__doc__ or "", re.M)
+    assert index
+    for number, module in index:
+        assert heading.findall((root / "call_features" / module).read_text()) == [number], module
+    sources = [root / "tracker.py", root / "channel_graph.py", root / "call_moments.py",
+               *sorted((root / "call_features").glob("*.py"))]
+    named = {int(n) for path in sources for n in re.findall(r"\bRule (\d+)\b", path.read_text())}
+    assert named <= set(numbers)
+
+
 # ---- robustness ----------------------------------------------------------------------------------
 
 
