@@ -13,6 +13,12 @@ the agent's phone) that are created, dialled, bridged and hung up. All legs of o
 ``Dest``. The tracker keeps a table of live channels, updated from every snapshot it sees, so it never
 depends on having seen ``Newchannel``.
 
+Where each part lives: :class:`CallTracker` (this module) reads each AMI event and applies the core rules
+(1 to 6) and the resync (11). Its tables - channels, Local pairs, bridges, who dialled whom, the channels and
+calls of each Linkedid, each line's live calls - are a ``ChannelGraph`` (ami_gateway/channel_graph.py); the
+moments of a call and the view its agents see are ``CallMoments`` (ami_gateway/call_moments.py); the features
+(rules 7 to 10) are one class each in ami_gateway/call_features/.
+
 Rule 1 - lines. A channel is an agent line's *phone channel* when :class:`~ami_gateway.lines.LineMatcher`
 says so (``SIP/305-00000004`` -> ``305``). Only phone channels get calls. Trunks are remote parties; Local
 channels are hops.
