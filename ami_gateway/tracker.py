@@ -552,7 +552,7 @@ class CallTracker:
     # ---- resync ----------------------------------------------------------------------------------
 
     def resync(
-        self, channels: list[AmiMessage], received_at: float, announced: Collection[str] | None = None,
+        self, channels: list[AmiMessage], received_at: float, *, announced: Collection[str] | None = None,
     ) -> list[LineEvent]:
         """Align with the PBX after an AMI (re)connect; see Rule 11 of the module docstring.
 

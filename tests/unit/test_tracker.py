@@ -486,6 +486,13 @@ def test_resync_finishes_calls_that_ended_while_away() -> None:
     assert play(msgs[cut:], tracker)[1] == []
 
 
+def test_a_resync_call_in_the_old_shape_is_refused() -> None:
+    """The queue members left ``resync`` for the AgentStateTracker: a call still written (channels, members,
+    time) must fail, not run with the members as the time and the time as the announced calls."""
+    with pytest.raises(TypeError):
+        CallTracker(matcher()).resync([], [], 100.0)  # type: ignore[misc]
+
+
 def test_resync_announces_calls_found_on_the_pbx() -> None:
     tracker = CallTracker(matcher())
     trunk = show(
