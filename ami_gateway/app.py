@@ -40,6 +40,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from ami.protocol import AmiMessage, AmiParser
 from ami.scenario import ScenarioError, load_scenario
 from ami_gateway import takeover
+from ami_gateway.agent_tracker import AgentStateTracker
 from ami_gateway.ami_client import DEFAULT_EVENT_MASK, AmiClient, AmiError, AmiSession
 from ami_gateway.call_records import CallRecordSaver
 from ami_gateway.command_executor import CommandExecutor
@@ -141,9 +142,9 @@ class Gateway:
             TrackerOptions(
                 send_ring_started_on_ringing_state=ast.send_ring_started_on_ringing_state,
                 packet_info=parse_packet_info(ast.packet_info_config) if ast.packet_info_config else None,
-                agent_codes=settings.agent_states,
             ),
         )
+        self.agents = AgentStateTracker(self.matcher, settings.agent_states)
         self.sequencer = Sequencer(epoch="")
         self.outbox = EventOutbox(
             self.writer,
@@ -263,7 +264,7 @@ class Gateway:
             except (ValueError, WireError):
                 continue
             if agent.paused and agent.code:
-                self.tracker.expect_agent_code(line, agent.code, agent.reason)
+                self.agents.expect_agent_code(line, agent.code, agent.reason)
 
     async def stop(self, flush_timeout: float = 5.0) -> None:
         GATEWAY_READY.set(0)
@@ -469,7 +470,7 @@ class Gateway:
     def _handle(self, msg: AmiMessage, received_at: float) -> None:
         if self.queue_trace is not None and self.active:
             self._trace(self.queue_trace.observe(msg))
-        self._emit(self.tracker.handle(msg, received_at))
+        self._emit(self.tracker.handle(msg, received_at) + self.agents.handle(msg, received_at))
 
     def _trace(self, changes: list[QueueChange]) -> None:
         for change in changes:
@@ -492,7 +493,7 @@ class Gateway:
             for event in events:
                 line = event.line
                 for request in self.auto_pause.observe(
-                    event, self.tracker.agent_state(line), len(self.tracker.calls_of(line))
+                    event, self.agents.agent_state(line), len(self.tracker.calls_of(line))
                 ):
                     self._pause_requests.put_nowait(request)
 
@@ -539,7 +540,7 @@ class Gateway:
         if isinstance(args, WrapUpArgs):
             self.auto_pause.set_wrap_up(command.line, args.active)
         if isinstance(args, DtmfArgs):
-            # DTMF_ENTERED is "DTMF characters sent": the panel shows what the agent dialled (tracker Rule 12).
+            # DTMF_ENTERED is "DTMF characters sent": the panel shows what the agent dialled (tracker Rule 10).
             # PlayDTMF's own events are "Sent" ones the tracker never reports, so this is the only echo.
             call = next((c for c in self.tracker.calls_of(command.line) if c.id == args.call_id), None)
             self._emit([LineEvent(line=command.line, type=EventType.DTMF_ENTERED, call=call,
@@ -564,7 +565,8 @@ class Gateway:
                 if channels is not None:
                     now = time.time()
                     # straight to the shadow log even if the lease was taken meanwhile: the takeover publishes it
-                    self._shadow.add(self.tracker.resync(channels, members or [], now), now)
+                    resynced = self.tracker.resync(channels, now) + self.agents.resync(members or [], now)
+                    self._shadow.add(resynced, now)
                 self._shadow_session = session
             except AmiError as exc:
                 log.warning("standby could not list the live channels (%s); it learns them from events", exc)
@@ -602,7 +604,8 @@ class Gateway:
                     announced = self._announced_calls()
                     if announced is not None:
                         announced |= {e.call.id for e in published if e.call is not None}
-                    resynced = self.tracker.resync(channels, members or [], now, announced=announced)
+                    resynced = (self.tracker.resync(channels, now, announced=announced)
+                                + self.agents.resync(members or [], now))
                     self._emit(resynced)
                     self._reconcile(published + resynced, now)
                     self._finish_stale_calls(now, already=takeover.finished_ids(published + resynced))
@@ -747,10 +750,10 @@ class Gateway:
         self.writer.fence(self.lease.key, term.token)
         now = time.time()
         events: list[LineEvent] = []
-        for line in self.tracker.lines():
+        for line in self.tracker.lines() | self.agents.lines():
             for call in self.tracker.calls_of(line):
                 events.append(LineEvent(line=line, type=EventType.CALL_INFO_CHANGED, call=call, ami_received_at=now))
-            agent = self.tracker.agent_state(line)
+            agent = self.agents.agent_state(line)
             if agent is not None:
                 events.append(
                     LineEvent(line=line, type=EventType.AGENT_STATE_CHANGED, agent=agent, ami_received_at=now)
@@ -871,7 +874,7 @@ class Gateway:
                                        "twice during a gateway change); check the call before trying again")
         choice = agent_choice(command, self.settings.agent_states, REASON_MAX)
         if choice is not None:  # before the QueuePause: its events may come before its answer
-            self.tracker.expect_agent_code(choice.line, choice.code, choice.reason, choice.paused)
+            self.agents.expect_agent_code(choice.line, choice.code, choice.reason, choice.paused)
         if command.name is CommandName.RECORD_OWNER:
             if self.records is None:
                 return CommandResult(command.id, True)

@@ -194,7 +194,7 @@ def _caller_id(number: str, name: str) -> str:
 
 def _pick_up(command: Command, control: CallControl, config: AsteriskConfig, matcher: LineMatcher,
              view: LineView) -> CommandPlan:
-    """Bring the line back to its parked far end: ``ParkedCall(<space>)`` in the lot's context (Rule 10 of the
+    """Bring the line back to its parked far end: ``ParkedCall(<space>)`` in the lot's context (Rule 8 of the
     tracker). A live channel of the line is redirected there; after Asterisk hung the phone's channel up (the
     usual case: the bridge dissolves when its peer is parked), the phone is called into the lot.
 

@@ -49,7 +49,7 @@ class PauseRequest:
 
 @dataclass(frozen=True, slots=True)
 class AgentChoice:
-    """The state an agent chose through us, as the PBX will report it (see CallTracker.expect_agent_code)."""
+    """The state an agent chose through us, as the PBX will report it (see AgentStateTracker.expect_agent_code)."""
 
     line: str
     code: str

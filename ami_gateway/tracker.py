@@ -13,6 +13,12 @@ the agent's phone) that are created, dialled, bridged and hung up. All legs of o
 ``Dest``. The tracker keeps a table of live channels, updated from every snapshot it sees, so it never
 depends on having seen ``Newchannel``.
 
+Where each part lives: :class:`CallTracker` (this module) reads each AMI event and applies the core rules
+(1 to 6) and the resync (11). Its tables - channels, Local pairs, bridges, who dialled whom, the channels and
+calls of each Linkedid, each line's live calls - are a ``ChannelGraph`` (ami_gateway/channel_graph.py); the
+moments of a call and the view its agents see are ``CallMoments`` (ami_gateway/call_moments.py); the features
+(rules 7 to 10) are one class each in ami_gateway/call_features/.
+
 Rule 1 - lines. A channel is an agent line's *phone channel* when :class:`~ami_gateway.lines.LineMatcher`
 says so (``SIP/305-00000004`` -> ``305``). Only phone channels get calls. Trunks are remote parties; Local
 channels are hops.
@@ -61,155 +67,61 @@ headers are ignored (debug log); a hung-up channel is remembered for a while so 
 it back. Channels, bridges and Local pairs are dropped on ``Hangup``; per-call data when the last channel
 of a Linkedid goes; a hard cap bounds the channel table if Hangups were lost.
 
-Rule 7 - agent state. ``QueueMemberStatus``/``QueueMemberPause``/``QueueMemberAdded``/``QueueMemberRemoved``
-keep, per line, each queue's pause flag (the member ``Interface``/``StateInterface`` mapped through the
-matcher). The agent is paused when paused in all its queues. Each state carries the Creatio code it is
-(``services.agent_states``: the code the agent chose if the pause has that choice's reason, else the code
-configured for the reason, else the "PBX paused" code - a supervisor's QueueMemberPause). AGENT_STATE_CHANGED
-is emitted only when the pause flag, reason or code changes (learning a membership is not a change).
+The features, each in its own module of ami_gateway/call_features (its docstring has the rule in full):
 
-Rule 9 - consultation by ``Atxfer``. Asterisk 12+ carries out the AMI ``Atxfer`` action by calling a Local
-channel ``Local/<exten>@<context>-<seq>;1`` on behalf of the transferer (same Linkedid) and moving the
-transferer's phone channel out of its bridge into a new one with that ``;1`` half; the ``;2`` half runs the
-dialplan and dials the target. A phone channel that enters a bridge with a ``;1`` half nobody dialled, of its own
-Linkedid, is therefore consulting: the ``;1`` half becomes the line's *consultation leg* and carries a second
-call on the line (its own id, ``<linkedid>:<line>:2``, role DIALING, called number = the target), the
-original call is held (HOLD_STARTED) until the phone is back in a bridge with another party (HOLD_ENDED, the
-transfer was cancelled) or hangs up (the transfer completed: the consultation leg's call finishes with it).
-The target's view follows the ``;1`` half back to the transferer, so it is an internal call from the line.
+Rule 7 - consultation by ``Atxfer`` (``consultation.py``): the Local ``;1`` leg of an Atxfer is a second call
+of the transferer's line; the original call is held until the transfer completes or is cancelled.
 
-Rule 10 - parking. ``ParkedCall`` about a channel that just left a bridge holds the calls of the phones that
-were in that bridge with it (HOLD_STARTED); parked between answer and bridge, those of its Dial partner. The
-space and lot are kept for :meth:`CallTracker.control`, so a resume command knows where to pick the call up.
-Asterisk does not leave the agent's phone in the call: the two-party bridge dissolves behind the parkee and the
-phone's channel hangs up (or runs on in the dialplan after ``Dial``). While its far end is parked, that
-``Hangup`` does not finish the call: the call stays held, *detached* from any channel. ``UnParkedCall`` ends
-the hold (HOLD_ENDED): the retriever becomes the call's channel when it is a phone of the same line (the
-channel announced by :meth:`CallTracker.expect_retriever` is never announced as a call of its own, even when
-the call it was meant for ended before it appeared, and once that call ends - picked up by someone else, given
-up - its answer and hangup no longer touch it); picked up by anyone else, or given up (``ParkedCallGiveUp``),
-or timed out (``ParkedCallTimeOut``: Asterisk then calls the parker back, a new call), a detached call
-finishes. res_parking's events and the bridging core's reach AMI interleaved in any order: a ``ParkedCall``
-before or after the parkee's ``BridgeLeave``, its ``BridgeEnter`` into the lot or its partner's leaving finds
-the same partners (each channel keeps the peers of the last talking bridge it was in; holding bridges do not
-count), and an ``UnParkedCall`` anywhere among the retrieving phone's events gives the same result. Not
-covered: a ``ParkedCall`` after the phone's ``Hangup`` (res_parking hangs the parker up only after reading it
-the space, which the same ``ParkedCall`` starts).
+Rule 8 - parking (``parking.py``): a parked far end holds the calls it talked to; a call whose phone hung up
+while its far end waits in the lot stays held, detached, until it is picked up again, given up or times out.
 
-Rule 11 - call pickup. Asterisk 12+ carries out a pickup (``Pickup()``, the ``*8``/``**<exten>`` feature codes) by
-answering the picker's channel, giving it the ringing channel's connected line and *moving* it into the ringing
-channel's place (a masquerade that swaps the two channels' Uniqueid and Linkedid): the picker's channel keeps its
-Uniqueid and becomes the dialled party, the ringing channel's Uniqueid is left on a zombie that hangs up with cause
-26 ("Answered elsewhere", set by the pickup so the ringing phone does not count a missed call). Then comes the
-``Pickup`` event (``Channel`` = the picker, ``Target*`` = the ringing channel as it was) and the caller's
-``DialEnd`` ``ANSWER`` naming the picker. The rung line's call therefore finishes, unanswered, with cause 26
-"Answered elsewhere" (on that Hangup, or on ``Pickup`` if it comes first). On ``Pickup`` the picker, when it is a
-line's phone, takes the ringing channel's place in the path (dialled by the same channel, in the same Linkedid):
-its call is announced INCOMING from the original caller, with ``redirecting_number`` = the line it was meant for
-and ``redirection_number`` = the picker's line, and is connected at once (the picker is already answered).
+Rule 9 - call pickup (``pickup.py``): the picker takes the ringing channel's place; the rung line's call
+finishes "Answered elsewhere".
 
-Rule 12 - DTMF. DTMF_ENTERED means "DTMF characters sent" in Creatio: its panel shows the digits the *agent*
-dialled, never the far end's. With ``read = dtmf`` Asterisk sends ``DTMFBegin``/``DTMFEnd``; a ``DTMFEnd`` with
-``Direction: Received`` on a line's phone channel is a key the agent pressed on the phone: DTMF_ENTERED with the
-digit for the line's current call (its consultation call while it consults, Rule 9). Digits other parties press
-(``Received`` on any other channel), ``Sent`` events (Asterisk passing a digit on, or ``PlayDTMF``) and
-``DTMFBegin`` (endpoints without variable-length DTMF only produce ``DTMFEnd``) are not reported, so each press
-is reported once. Digits the agent sends from the CRM (the ``dtmf`` command, played with ``PlayDTMF``) are
-echoed by the gateway once Asterisk accepted them (``ami_gateway.app``).
+Rule 10 - DTMF (``dtmf.py``): a key the agent pressed on the phone is DTMF_ENTERED for the line's current call.
 
-Rule 8 - resync. After an AMI (re)connect, ``CoreShowChannel`` and ``QueueMember`` lists are the truth:
-calls whose phone channel is gone are finished, new phone channels are announced as their state says (one
-still Down, Rsrvd, OffHook or Dialing is no call yet: its own events announce it), a ringing call found
-answered gets its COMMUTATION_STARTED, pause states are refreshed.
+Rule 11 - resync. After an AMI (re)connect, the ``CoreShowChannel`` list is the truth: calls whose phone
+channel is gone are finished, new phone channels are announced as their state says (one still Down, Rsrvd,
+OffHook or Dialing is no call yet: its own events announce it), a ringing call found answered gets its
+COMMUTATION_STARTED.
+
+Agent state (queue membership and pause) is not the tracker's: see ami_gateway/agent_tracker.py.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 
 from ami.protocol import AmiMessage
+from ami_gateway.agent_tracker import MEMBER_EVENTS
+from ami_gateway.call_features.consultation import Consultation
+from ami_gateway.call_features.dtmf import Dtmf
+from ami_gateway.call_features.parking import Parking
+from ami_gateway.call_features.pickup import Pickup
+from ami_gateway.call_moments import CallMoments, party
+from ami_gateway.channel_graph import RINGING, UP, Channel, ChannelGraph, LineCall, Role, as_int, dialled, meaningful
 from ami_gateway.lines import LineMatcher
-from ami_gateway.packet_info import PacketInfoSpec, Source
-from services.agent_states import DEFAULT_AGENT_CODES, AgentStateCodes
-from services.wire import AgentState, Call, CallState, Direction, EventType, LineEvent
+from ami_gateway.packet_info import PacketInfoSpec
+from services.wire import Call, CallState, Direction, EventType, LineEvent
 
 __all__ = ["CallControl", "CallTracker", "TrackerOptions"]
 
 log = logging.getLogger(__name__)
 
-_RINGING = 5
-_UP = 6
 #: Down, Rsrvd, OffHook, Dialing: a phone channel in these states is not in a call yet (the live rules announce
-#: it when it rings or dials out); a resync that finds one must not guess a call from it (Rule 8)
+#: it when it rings or dials out); a resync that finds one must not guess a call from it (Rule 11)
 _NOT_A_CALL_YET = frozenset({0, 1, 2, 3})
-_UNKNOWN = frozenset({"", "<unknown>", "unknown", "<null>", "(null)"})
-# Events that may describe a channel we never saw: anything else only updates known channels, so an event
-# about a dead channel (OriginateResponse of a failed call, a late Hangup...) cannot create a phantom.
-_CREATING = frozenset(
-    {
-        "newchannel",
-        "newstate",
-        "newcallerid",
-        "newconnectedline",
-        "newexten",
-        "dialbegin",
-        "dialstate",
-        "dialend",
-        "localbridge",
-        "bridgeenter",
-        "hold",
-        "unhold",
-        "musiconholdstart",
-        "queuecallerjoin",
-        "agentcalled",
-        "agentconnect",
-        "blindtransfer",
-        "attendedtransfer",
-        "coreshowchannel",
-        "parkedcall",
-        "unparkedcall",
-        "pickup",
-    }
-)
 _FAILED_DIAL = frozenset({"CANCEL", "NOANSWER", "BUSY", "CONGESTION", "CHANUNAVAIL", "DONTCALL", "TORTURE"})
-_MEMBER_EVENTS = frozenset(
-    {"queuememberstatus", "queuememberpause", "queuememberpaused", "queuememberadded", "queuememberremoved"}
-)
-# Q.850 cause 26, AST_CAUSE_ANSWERED_ELSEWHERE: set by Asterisk's pickup on the ringing channel it replaces.
-_ANSWERED_ELSEWHERE = 26
-_DTMF_DIGITS = frozenset("0123456789*#ABCDEabcde")
 _QUEUE_AGENT_EVENTS = frozenset({"agentcalled", "agentconnect", "agentcomplete", "agentringnoanswer", "agentdump"})
-
-
-def _meaningful(value: str | None) -> bool:
-    return value is not None and value.strip().lower() not in _UNKNOWN
+_Handler = Callable[[AmiMessage, str, float, list[LineEvent]], None]
 
 
 def _holding(msg: AmiMessage) -> bool:
     """A BridgeEnter into a holding bridge (a parking lot's): its members wait, they do not talk to each other."""
     kind = (msg.get("BridgeType") or "").strip().lower()
     return kind in ("parking", "holding") or (msg.get("BridgeTechnology") or "").strip().lower() == "holding_bridge"
-
-
-def _dialled(exten: str) -> bool:
-    """An Exten that is a number someone dialled (not the "s" start extension)."""
-    return _meaningful(exten) and exten not in ("s", "h", "i", "t")
-
-
-def _int(value: str | None) -> int | None:
-    if value is None:
-        return None
-    value = value.strip()
-    return int(value) if value.isdigit() and len(value) < 10 else None
-
-
-def _truthy(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -222,8 +134,6 @@ class TrackerOptions:
     max_channels: int = 50_000
     #: how many hung-up channel ids are remembered to ignore late events about them.
     remember_hangups: int = 10_000
-    #: Creatio agent-state codes (the ``AgentStates`` block): which code a pause is reported as (Rule 7)
-    agent_codes: AgentStateCodes = DEFAULT_AGENT_CODES
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,174 +156,103 @@ class CallControl:
     tech: str = ""
 
 
-class _Role(Enum):
-    INCOMING = "incoming"
-    ORIGINATED = "originated"
-    DIALING = "dialing"
-
-
-@dataclass(eq=False, slots=True)
-class _LineCall:
-    id: str
-    line: str
-    uid: str
-    linked_id: str
-    role: _Role
-    direction: Direction
-    state: CallState
-    started_at: float
-    call: Call
-    answered_at: float | None = None
-    dial_exten: str = ""
-    remote: tuple[str, str] | None = None  # set by a transfer: who the agent now talks to
-    held_by_consult: bool = False  # held because the line's phone is consulting (Atxfer), not by Hold
-    parked: tuple[str, str, str] | None = None  # (space, lot, parkee channel key) while its far end is parked
-    retriever: str = ""  # key of the phone channel called into the lot for it, until UnParkedCall (Rule 10)
-    redirecting: str = ""
-    redirection: str = ""
-
-
-@dataclass(eq=False, slots=True)
-class _Chan:
-    key: str
-    name: str
-    linkedid: str
-    line: str | None = None
-    local_half: str = ""  # ";1" / ";2" for Local channels
-    state: int = -1
-    caller_num: str = ""
-    caller_name: str = ""
-    own_name: str = ""  # CallerIDName when first seen: the phone's own name
-    connected_num: str = ""
-    connected_name: str = ""
-    exten: str = ""
-    pair: str | None = None
-    dialed_by: str | None = None
-    originated: bool = False
-    children: set[str] = field(default_factory=set)
-    queue: str = ""
-    bridge: str = ""
-    transferred_by: str = ""
-    transfer_target: str = ""
-    data: dict[str, str] = field(default_factory=dict)
-    call: _LineCall | None = None
-    done: bool = False  # its call is over: never announce another one on this channel
-    # A resync listed it as a Dial's or Queue's outgoing channel (Application AppDial/AppQueue) whose DialBegin
-    # this tracker never saw (it came before the listing): dialled by someone, not the agent's click-to-dial.
-    listed_as_dialled: bool = False
-    consult_of: str | None = None  # for an Atxfer consultation leg (Local ;1): the transferer phone's key
-    # Who it last shared a talking bridge with (not a parking lot's holding bridge), kept after it leaves: a
-    # ParkedCall may come before or after the parkee's BridgeLeave and its partner's (Rule 10).
-    last_peers: frozenset[str] = frozenset()
-
-
-@dataclass(eq=False, slots=True)
-class _Group:
-    """What the tracker keeps per Linkedid; dropped with the last channel."""
-
-    chans: set[str] = field(default_factory=set)
-    hints: dict[str, str] = field(default_factory=dict)  # line -> queue (from AgentCalled & co)
-    used_ids: set[str] = field(default_factory=set)
-    calls: set[_LineCall] = field(default_factory=set)
-
-
 class CallTracker:
     """See the module docstring. Not thread-safe; one instance per AMI connection's event stream.
 
-    Every timestamp in a :class:`~services.wire.Call` comes from the ``received_at`` given with the message,
-    so replaying a transcript is deterministic; ``clock`` is accepted (and kept) for callers that need the
-    tracker's notion of now, but no path reads it today.
+    Every timestamp in a :class:`~services.wire.Call` comes from the ``received_at`` given with the message
+    (it reads no clock), so replaying a transcript is deterministic.
     """
 
     def __init__(
         self,
         matcher: LineMatcher,
         options: TrackerOptions = TrackerOptions(),  # noqa: B008 - frozen, safe to share
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self._matcher = matcher
         self._opts = options
-        self._clock = clock
-        self._chans: dict[str, _Chan] = {}
-        self._by_name: dict[str, str] = {}
-        self._locals: dict[str, dict[str, str]] = {}
-        self._bridges: dict[str, set[str]] = {}
-        self._groups: dict[str, _Group] = {}
-        self._calls: dict[str, dict[str, _LineCall]] = {}
-        self._members: dict[str, dict[str, tuple[bool, str]]] = {}
-        self._agents: dict[str, AgentState] = {}
-        # line -> (code, QueuePause reason) of the agent's last choice of a pausing state (Rule 7)
-        self._chosen: dict[str, tuple[str, str]] = {}
-        # line -> (paused, reason) the agent's last choice will show as, until the PBX shows it (Rule 7)
-        self._expected: dict[str, tuple[bool, str]] = {}
-        self._gone: OrderedDict[str, None] = OrderedDict()
-        self._line_tech: dict[str, str] = {}  # line -> technology of its last phone channel (SIP, PJSIP)
+        self._graph = ChannelGraph(matcher, options.packet_info, options.max_channels, options.remember_hangups)
+        self._moments = CallMoments(self._graph, options.packet_info)
         # Set by the first Hold/Unhold event: this PBX reports holds natively, music on hold is then only
         # a consequence (and stops when a held call is transferred away, which is not an unhold).
         self._native_hold = False
-        # Channel Uniqueid -> (line, call id): a phone the gateway calls into the parking lot to resume a call.
-        self._retrievers: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        # Calls whose far end is parked (Rule 10), so a Hangup needs no scan of every call.
-        self._parked_calls: set[_LineCall] = set()
-        # Rule 11: Uniqueid of a phone channel that hung up "answered elsewhere" -> (who dialled it, Linkedid), so a
-        # Pickup that comes after that Hangup still knows whose place the picker takes.
-        self._answered_elsewhere: OrderedDict[str, tuple[str | None, str]] = OrderedDict()
+        self._consultation = Consultation(self._graph, self._moments)
+        self._parking = Parking(self._graph, self._moments)
+        self._pickup = Pickup(self._graph, self._moments)
+        dtmf = Dtmf(self._graph)
+        self._handlers: dict[str, _Handler] = {
+            "newchannel": self._on_snapshot,
+            "newstate": self._on_snapshot,
+            "newcallerid": self._on_snapshot,
+            "newconnectedline": self._on_snapshot,
+            "dialbegin": self._on_dial_begin,
+            "dialstate": self._on_dial_state,
+            "dialend": self._on_dial_end,
+            "hangup": self._on_hangup,
+            "localbridge": self._on_local_bridge,
+            "bridgeenter": self._on_bridge_enter,
+            "bridgeleave": self._on_bridge_leave,
+            "bridgedestroy": self._on_bridge_destroy,
+            "hold": self._on_hold,
+            "unhold": self._on_hold,
+            "musiconholdstart": self._on_moh,
+            "musiconholdstop": self._on_moh,
+            "queuecallerjoin": self._on_queue_caller_join,
+            "blindtransfer": self._on_blind_transfer,
+            "attendedtransfer": self._on_attended_transfer,
+            "rename": self._on_rename,
+            "parkedcall": self._parking.on_parked_call,
+            "unparkedcall": self._parking.on_unparked_call,
+            "parkedcallgiveup": self._parking.on_unparked_call,
+            "parkedcalltimeout": self._parking.on_unparked_call,
+            "pickup": self._pickup.on_pickup,
+            "dtmfbegin": dtmf.on_dtmf,
+            "dtmfend": dtmf.on_dtmf,
+        }
 
     # ---- queries ---------------------------------------------------------------------------------
 
     def calls_of(self, line: str) -> list[Call]:
         """The line's live calls (announced, not finished), oldest first."""
-        return [lc.call for lc in self._calls.get(line, {}).values()]
-
-    def agent_state(self, line: str) -> AgentState | None:
-        return self._agents.get(line)
-
-    def expect_agent_code(self, line: str, code: str, reason: str, paused: bool = True) -> None:
-        """The agent chose ``code``, which pauses (or not) with ``reason``: a pause with that reason is reported
-        as ``code``, and the change as made by the agent (Rule 7). Called before the QueuePause is sent, as
-        its events may come before its answer."""
-        if paused:
-            self._chosen[line] = (code, reason)
-        self._expected[line] = (paused, reason if paused else "")
+        return [lc.call for lc in self._graph.calls.get(line, {}).values()]
 
     def lines(self) -> set[str]:
-        """Lines with a live call or a known agent state."""
-        return {line for line, calls in self._calls.items() if calls} | set(self._agents)
+        """Lines with a live call."""
+        return {line for line, calls in self._graph.calls.items() if calls}
 
     def control(self, line: str, call_id: str) -> CallControl | None:
         """The channels behind a live call of ``line`` (``None`` if the line has no such call)."""
-        lc = self._calls.get(line, {}).get(call_id)
+        lc = self._graph.calls.get(line, {}).get(call_id)
         if lc is None:
             return None
-        ch = self._chans.get(lc.uid)
+        ch = self._graph.chans.get(lc.uid)
         if ch is None:
             if lc.parked is None:
                 return None
-            # Detached (Rule 10): the far end waits in the lot, the line's phone has left the call.
+            # Detached (Rule 8): the far end waits in the lot, the line's phone has left the call.
             space, lot, parkee_key = lc.parked
-            parkee = self._chans.get(parkee_key)
+            parkee = self._graph.chans.get(parkee_key)
             return CallControl(lc.call, "", "", "", space, lot, parkee.name if parkee is not None else "",
-                               self._line_tech.get(line, ""))
+                               self._graph.line_tech.get(line, ""))
         peer = ""
         transferer = ""
         if ch.consult_of is not None:
-            phone = self._chans.get(ch.consult_of)
+            phone = self._graph.chans.get(ch.consult_of)
             transferer = phone.name if phone is not None else ""
-            target = self._consult_target(ch)
+            target = self._graph.consult_target(ch)
             peer = target.name if target is not None else ""
         else:
-            other = self._bridge_peer(ch, None) if ch.bridge else None
+            other = self._graph.bridge_peer(ch, None) if ch.bridge else None
             if other is None and lc.state is CallState.CONNECTED:
                 # Answered a moment ago, not bridged yet: the party is the one dialling it, or the one it dials.
                 if ch.dialed_by is not None:
-                    other = self._chans.get(ch.dialed_by)
+                    other = self._graph.chans.get(ch.dialed_by)
                 else:
-                    other = next((self._chans[k] for k in sorted(ch.children) if k in self._chans), None)
+                    other = next((self._graph.chans[k] for k in sorted(ch.children) if k in self._graph.chans), None)
             peer = other.name if other is not None else ""
         space, lot, parked = "", "", ""
         if lc.parked is not None:
             space, lot, parkee_key = lc.parked
-            parkee = self._chans.get(parkee_key)
+            parkee = self._graph.chans.get(parkee_key)
             parked = parkee.name if parkee is not None else ""
         tech = ch.name.split("/", 1)[0] if ch.consult_of is None else transferer.split("/", 1)[0]
         return CallControl(lc.call, ch.name, peer, transferer, space, lot, parked, tech)
@@ -421,17 +260,18 @@ class CallTracker:
     def expect_retriever(self, line: str, call_id: str, uniqueid: str) -> None:
         """The channel with ``uniqueid`` (an ``Originate`` ``ChannelId``) is ``line``'s phone called into the
         parking lot to resume ``call_id``: it carries that call, it is not announced as a new one."""
-        self._retrievers[uniqueid] = (line, call_id)
-        while len(self._retrievers) > 1000:
-            self._retrievers.popitem(last=False)
+        self._graph.retrievers[uniqueid] = (line, call_id)
+        while len(self._graph.retrievers) > 1000:
+            self._graph.retrievers.popitem(last=False)
 
     def tech_of(self, line: str) -> str | None:
         """The channel technology the line's phone last used (``PJSIP``), ``None`` if never seen."""
-        return self._line_tech.get(line)
+        return self._graph.line_tech.get(line)
 
     def controls(self, line: str) -> list[CallControl]:
         """:meth:`control` for every live call of the line, oldest first."""
-        return [c for lc in list(self._calls.get(line, {}).values()) if (c := self.control(line, lc.id)) is not None]
+        calls = list(self._graph.calls.get(line, {}).values())
+        return [c for lc in calls if (c := self.control(line, lc.id)) is not None]
 
     # ---- input -----------------------------------------------------------------------------------
 
@@ -441,434 +281,34 @@ class CallTracker:
         if not event:
             return []
         out: list[LineEvent] = []
-        handler = _HANDLERS.get(event)
+        handler = self._handlers.get(event)
         if handler is not None:
-            handler(self, msg, event, received_at, out)
-        elif event in _MEMBER_EVENTS:
-            self._on_member(msg, event, received_at, out)
+            handler(msg, event, received_at, out)
         elif event in _QUEUE_AGENT_EVENTS:
             self._on_queue_agent(msg, event, received_at, out)
-        elif "channel" in msg and "uniqueid" in msg:
-            self._snap(msg, "", event)
+        elif event not in MEMBER_EVENTS and "channel" in msg and "uniqueid" in msg:
+            # a queue member event describes no channel (it is the AgentStateTracker's)
+            self._graph.snap(msg, "", event)
         return out
-
-    # ---- channel table ---------------------------------------------------------------------------
-
-    def _find(self, msg: AmiMessage, prefix: str) -> _Chan | None:
-        uid = msg.get(prefix + "Uniqueid")
-        if _meaningful(uid):
-            assert uid is not None
-            ch = self._chans.get(uid.strip())
-            if ch is not None:
-                return ch
-        name = msg.get(prefix + "Channel")
-        if _meaningful(name):
-            assert name is not None
-            key = self._by_name.get(name.strip())
-            if key is not None:
-                return self._chans.get(key)
-        return None
-
-    def _snap(self, msg: AmiMessage, prefix: str, event: str) -> _Chan | None:
-        """Create or update a channel from the snapshot headers with ``prefix``; None if there is none."""
-        ch = self._find(msg, prefix)
-        if ch is None:
-            ch = self._create(msg, prefix, event)
-            if ch is None:
-                return None
-        p = prefix
-        state = _int(msg.get(p + "ChannelState"))
-        if state is not None:
-            ch.state = state
-        for attr, header in (
-            ("caller_num", "CallerIDNum"),
-            ("caller_name", "CallerIDName"),
-            ("connected_num", "ConnectedLineNum"),
-            ("connected_name", "ConnectedLineName"),
-            ("exten", "Exten"),
-        ):
-            value = msg.get(p + header)
-            if value is not None:
-                setattr(ch, attr, value.strip())
-        if not ch.own_name and _meaningful(ch.caller_name):
-            ch.own_name = ch.caller_name
-        spec = self._opts.packet_info
-        if spec:
-            self._capture(ch, msg, prefix, spec)
-        return ch
-
-    def _create(self, msg: AmiMessage, prefix: str, event: str) -> _Chan | None:
-        if event not in _CREATING:
-            return None
-        name = (msg.get(prefix + "Channel") or "").strip()
-        uid = (msg.get(prefix + "Uniqueid") or "").strip()
-        if not _meaningful(name) or not _meaningful(uid):
-            return None  # every channel snapshot since Asterisk 1.8 has a Uniqueid: without one it is garbage
-        key = uid
-        if key in self._gone:
-            log.debug("ignoring %s about hung-up channel %s", event, name)
-            return None
-        linkedid = (msg.get(prefix + "Linkedid") or "").strip() or key
-        ch = _Chan(key=key, name=name, linkedid=linkedid, line=self._matcher.line_of_channel(name))
-        if ch.line is not None and len(self._line_tech) < self._opts.max_channels:
-            self._line_tech[ch.line] = name.split("/", 1)[0]
-        if self._matcher.is_local(name) and name[-2:] in (";1", ";2"):
-            ch.local_half = name[-2:]
-            halves = self._locals.setdefault(name[:-2], {})
-            halves[ch.local_half] = key
-            other = halves.get(";2" if ch.local_half == ";1" else ";1")
-            if other is not None and other in self._chans:
-                self._pair(key, other, ch, self._chans[other])
-        if len(self._chans) >= self._opts.max_channels:
-            oldest = next(iter(self._chans.values()))
-            log.warning("channel table full (%d): dropping %s", len(self._chans), oldest.name)
-            self._drop(oldest)
-        self._chans[key] = ch
-        self._by_name[name] = key
-        self._groups.setdefault(linkedid, _Group()).chans.add(key)
-        resumes = self._retrievers.pop(key, None)
-        if resumes is not None and ch.line == resumes[0]:
-            # Rule 10: it rings and answers for the held call, which it picks up; whether that call is still
-            # parked when the phone appears (the caller may have given up a moment before), it is never a call
-            # of its own.
-            ch.done = True
-            held = self._calls.get(resumes[0], {}).get(resumes[1])
-            if held is not None and held.parked is not None:
-                ch.call = held
-                held.retriever = key
-        return ch
-
-    @staticmethod
-    def _pair(key_a: str, key_b: str, a: _Chan, b: _Chan) -> None:
-        a.pair = key_b
-        b.pair = key_a
-
-    def _drop(self, ch: _Chan) -> None:
-        """Forget a channel (hung up) and everything only it kept alive."""
-        self._chans.pop(ch.key, None)
-        if self._by_name.get(ch.name) == ch.key:
-            del self._by_name[ch.name]
-        if ch.local_half:
-            halves = self._locals.get(ch.name[:-2])
-            if halves is not None and halves.get(ch.local_half) == ch.key:
-                del halves[ch.local_half]
-                if not halves:
-                    del self._locals[ch.name[:-2]]
-        self._leave_bridge(ch)
-        if ch.dialed_by is not None:
-            parent = self._chans.get(ch.dialed_by)
-            if parent is not None:
-                parent.children.discard(ch.key)
-        if ch.call is not None:
-            self._forget_call(ch.call)
-        group = self._groups.get(ch.linkedid)
-        if group is not None:
-            group.chans.discard(ch.key)
-            if not group.chans:
-                for lc in list(group.calls):
-                    if not self._parked_alive(lc):
-                        self._forget_call(lc)
-                del self._groups[ch.linkedid]
-        self._gone[ch.key] = None
-        while len(self._gone) > self._opts.remember_hangups:
-            self._gone.popitem(last=False)
-
-    def _leave_bridge(self, ch: _Chan) -> None:
-        if ch.bridge:
-            members = self._bridges.get(ch.bridge)
-            if members is not None:
-                members.discard(ch.key)
-                if not members:
-                    del self._bridges[ch.bridge]
-            ch.bridge = ""
-
-    def _capture(self, ch: _Chan, msg: AmiMessage, prefix: str, spec: PacketInfoSpec) -> None:
-        variables: dict[str, str] | None = None
-        for item in spec.items:
-            if item.source is Source.HEADER:
-                value = msg.get(prefix + item.name)
-            else:
-                if variables is None:
-                    variables = msg.variables() if not prefix else _prefixed_vars(msg, prefix)
-                value = variables.get(item.name)
-            if value is not None and value.strip():
-                ch.data[item.key] = value.strip()
-
-    # ---- paths -----------------------------------------------------------------------------------
-
-    def _up(self, ch: _Chan) -> _Chan | None:
-        if ch.dialed_by is not None:
-            return self._chans.get(ch.dialed_by)
-        if ch.local_half == ";2" and ch.pair is not None:
-            return self._chans.get(ch.pair)
-        if ch.consult_of is not None:
-            return self._chans.get(ch.consult_of)
-        return None
-
-    def _chain(self, ch: _Chan) -> list[_Chan]:
-        """The channel, then each channel upstream of it (bounded; cycles cannot loop)."""
-        chain = [ch]
-        seen = {ch.key}
-        cur = self._up(ch)
-        while cur is not None and cur.key not in seen and len(chain) < 32:
-            chain.append(cur)
-            seen.add(cur.key)
-            cur = self._up(cur)
-        return chain
-
-    def _origin(self, ch: _Chan) -> tuple[_Chan | None, bool]:
-        """(first real channel upstream, None if none) and whether the path starts with an Originate."""
-        chain = self._chain(ch)
-        for c in chain[1:]:
-            if not c.local_half:
-                return c, False
-        return None, chain[-1].originated
-
-    def _lines_behind(self, ch: _Chan) -> list[_Chan]:
-        """Phone channels that place a call made by ``ch``: itself, or the phone behind a Local ``;1``.
-
-        A consultation leg's ``;2`` half dials for the consultation leg (Rule 9).
-        """
-        if ch.line is not None:
-            return [ch]
-        if ch.local_half == ";2" and ch.pair is not None:
-            one = self._chans.get(ch.pair)
-            return [one] if one is not None and one.consult_of is not None else []
-        if ch.local_half == ";1" and ch.pair is not None:
-            two = self._chans.get(ch.pair)
-            if two is not None:
-                return [c for k in sorted(two.children) if (c := self._chans.get(k)) is not None and c.line]
-        return []
-
-    # ---- calls -----------------------------------------------------------------------------------
-
-    def _role_of(self, ch: _Chan) -> _Role:
-        origin, originated = self._origin(ch)
-        if origin is None and (originated or (ch.dialed_by is None and not ch.listed_as_dialled)):
-            return _Role.ORIGINATED
-        return _Role.INCOMING
-
-    def _direction_for(self, ch: _Chan, role: _Role, dest: _Chan | None = None) -> Direction:
-        if role is _Role.INCOMING:
-            origin, _ = self._origin(ch)
-            if origin is not None and origin.line is not None and origin.line != ch.line:
-                return Direction.INTERNAL
-            return Direction.INBOUND
-        if dest is not None and self._dest_line(dest) not in (None, ch.line):
-            return Direction.INTERNAL
-        return Direction.OUTBOUND
-
-    def _dest_line(self, dest: _Chan) -> str | None:
-        return dest.line or self._matcher.line_of_local(dest.name)
-
-    def _announce(
-        self,
-        ch: _Chan,
-        role: _Role,
-        at: float,
-        out: list[LineEvent],
-        dest: _Chan | None = None,
-        dial_exten: str = "",
-        redirect: tuple[str, str] = ("", ""),
-    ) -> _LineCall:
-        assert ch.line is not None
-        group = self._groups.setdefault(ch.linkedid, _Group())
-        base = f"{ch.linkedid}:{ch.line}"
-        call_id, n = base, 1
-        while call_id in group.used_ids:
-            n += 1
-            call_id = f"{base}:{n}"
-        group.used_ids.add(call_id)
-        direction = self._direction_for(ch, role, dest)
-        if dial_exten and self._matcher.is_line(dial_exten) and dial_exten != ch.line:
-            direction = Direction.INTERNAL
-        placeholder = Call(
-            id=call_id,
-            line=ch.line,
-            linked_id=ch.linkedid,
-            channel=ch.name,
-            direction=direction,
-            state=CallState.RINGING,
-            started_at=at,
-        )
-        lc = _LineCall(
-            id=call_id,
-            line=ch.line,
-            uid=ch.key,
-            linked_id=ch.linkedid,
-            role=role,
-            direction=direction,
-            state=CallState.RINGING,
-            started_at=at,
-            call=placeholder,
-        )
-        if role is not _Role.INCOMING and dest is not None and _dialled(ch.exten):
-            lc.dial_exten = ch.exten
-        if dial_exten:
-            lc.dial_exten = dial_exten
-        lc.redirecting, lc.redirection = redirect
-        lc.call = self._compose(lc)
-        ch.call = lc
-        group.calls.add(lc)
-        self._calls.setdefault(ch.line, {})[call_id] = lc
-        out.append(LineEvent(line=ch.line, type=EventType.RING_STARTED, call=lc.call, ami_received_at=at))
-        log.debug("call %s started on line %s (%s, %s)", call_id, ch.line, role.value, direction.value)
-        return lc
-
-    def _ensure(self, ch: _Chan, at: float, out: list[LineEvent]) -> _LineCall | None:
-        if ch.call is not None:
-            return ch.call
-        if ch.line is None or ch.done:
-            return None
-        return self._announce(ch, self._role_of(ch), at, out)
-
-    def _forget_call(self, lc: _LineCall) -> None:
-        self._parked_calls.discard(lc)
-        calls = self._calls.get(lc.line)
-        if calls is not None:
-            calls.pop(lc.id, None)
-            if not calls:
-                del self._calls[lc.line]
-        group = self._groups.get(lc.linked_id)
-        if group is not None:
-            group.calls.discard(lc)
-        ch = self._chans.get(lc.uid)
-        if ch is not None and ch.call is lc:
-            ch.call = None
-            ch.done = True
-        retriever = self._chans.get(lc.retriever) if lc.retriever else None
-        if retriever is not None and retriever.call is lc:
-            # Rule 10: the call ended (picked up by someone else, given up) while the phone was being called
-            # into the lot for it: that phone's own events (answer, hangup) must not touch it again.
-            retriever.call = None
-
-    def _emit(self, lc: _LineCall, kind: EventType, at: float, out: list[LineEvent]) -> None:
-        lc.call = lc.call.evolve(state=lc.state, direction=lc.direction, answered_at=lc.answered_at)
-        out.append(LineEvent(line=lc.line, type=kind, call=lc.call, ami_received_at=at))
-
-    def _connect(self, lc: _LineCall, at: float, out: list[LineEvent]) -> None:
-        if lc.answered_at is not None or lc.state is not CallState.RINGING:
-            return
-        lc.state = CallState.CONNECTED
-        lc.answered_at = at
-        self._refresh(lc, at, out, announce=False)
-        self._emit(lc, EventType.COMMUTATION_STARTED, at, out)
-
-    def _busy(self, lc: _LineCall, at: float, out: list[LineEvent]) -> None:
-        if lc.state is CallState.BUSY:
-            return
-        lc.state = CallState.BUSY
-        self._emit(lc, EventType.ABONENT_BUSY, at, out)
-
-    def _finish(self, lc: _LineCall, at: float, out: list[LineEvent], cause: int | None, text: str) -> None:
-        lc.state = CallState.FINISHED
-        lc.call = lc.call.evolve(
-            state=CallState.FINISHED,
-            direction=lc.direction,
-            answered_at=lc.answered_at,
-            ended_at=at,
-            hangup_cause=cause,
-            hangup_cause_text=text,
-        )
-        out.append(LineEvent(line=lc.line, type=EventType.RING_FINISHED, call=lc.call, ami_received_at=at))
-        self._forget_call(lc)
-        log.debug("call %s finished on line %s (%s)", lc.id, lc.line, text or cause)
-
-    # ---- the view the client sees ----------------------------------------------------------------
-
-    def _compose(self, lc: _LineCall) -> Call:
-        prev = lc.call
-        ch = self._chans.get(lc.uid)
-        if ch is None:
-            return prev
-        chain = self._chain(ch)
-        origin = next((c for c in chain[1:] if not c.local_half), None)
-        if lc.role is _Role.INCOMING:
-            if lc.remote is not None:
-                caller_num, caller_name = lc.remote
-            elif _meaningful(ch.connected_num):
-                caller_num = ch.connected_num
-                caller_name = ch.connected_name if _meaningful(ch.connected_name) else ""
-            elif origin is not None:
-                caller_num, caller_name = _party(origin)
-            else:
-                caller_num, caller_name = "", ""
-            called_num, called_name = lc.line, ch.own_name
-        else:
-            caller_num, caller_name = lc.line, ch.own_name
-            if lc.remote is not None:
-                called_num, called_name = lc.remote
-            elif lc.dial_exten:
-                called_num, called_name = lc.dial_exten, ""
-            elif _meaningful(ch.connected_num):
-                called_num = ch.connected_num
-                called_name = ch.connected_name if _meaningful(ch.connected_name) else ""
-            else:
-                called_num, called_name = "", ""
-        queue = next((c.queue for c in chain if c.queue), "")
-        if not queue:
-            group = self._groups.get(lc.linked_id)
-            queue = group.hints.get(lc.line, "") if group is not None else ""
-        redirecting, redirection = lc.redirecting, lc.redirection
-        if not redirecting:
-            src = next((c for c in chain if c.transferred_by), None)
-            if src is not None:
-                redirecting, redirection = src.transferred_by, src.transfer_target
-        extra = dict(prev.extra)
-        if self._opts.packet_info:
-            for c in reversed(chain):
-                extra.update(c.data)
-
-        def keep(new: str, old: str) -> str:
-            return new if new else old
-
-        return prev.evolve(
-            channel=ch.name,
-            direction=lc.direction,
-            state=lc.state,
-            caller_number=keep(caller_num, prev.caller_number),
-            caller_name=keep(caller_name, prev.caller_name),
-            called_number=keep(called_num, prev.called_number),
-            called_name=keep(called_name, prev.called_name),
-            queue=keep(queue, prev.queue),
-            redirecting_number=keep(redirecting, prev.redirecting_number),
-            redirection_number=keep(redirection, prev.redirection_number),
-            answered_at=lc.answered_at,
-            extra=extra,
-        )
-
-    def _refresh(self, lc: _LineCall, at: float, out: list[LineEvent], announce: bool = True) -> None:
-        new = self._compose(lc)
-        changed = _shown(new) != _shown(lc.call)
-        lc.call = new
-        if changed and announce:
-            out.append(LineEvent(line=lc.line, type=EventType.CALL_INFO_CHANGED, call=new, ami_received_at=at))
-
-    def _refresh_group(self, linkedid: str, at: float, out: list[LineEvent]) -> None:
-        group = self._groups.get(linkedid)
-        if group is None:
-            return
-        for lc in sorted(group.calls, key=lambda c: (c.started_at, c.id)):
-            self._refresh(lc, at, out)
 
     # ---- event handlers --------------------------------------------------------------------------
 
     def _on_snapshot(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        ch = self._snap(msg, "", event)
+        ch = self._graph.snap(msg, "", event)
         if ch is None:
             return
-        if event == "newstate" and ch.state == _RINGING:
+        if event == "newstate" and ch.state == RINGING:
             self._on_ringing(ch, at, out)
         elif event in ("newcallerid", "newconnectedline"):
-            self._refresh_group(ch.linkedid, at, out)
+            self._moments.refresh_group(ch.linkedid, at, out)
 
-    def _on_ringing(self, ch: _Chan, at: float, out: list[LineEvent]) -> None:
+    def _on_ringing(self, ch: Channel, at: float, out: list[LineEvent]) -> None:
         if ch.line is not None and ch.call is None and not ch.done and self._opts.send_ring_started_on_ringing_state:
-            self._ensure(ch, at, out)
+            self._moments.ensure(ch, at, out)
 
     def _on_dial_begin(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        caller = self._snap(msg, "", event)
-        dest = self._snap(msg, "Dest", event)
+        caller = self._graph.snap(msg, "", event)
+        dest = self._graph.snap(msg, "Dest", event)
         if dest is None:
             log.debug("DialBegin without a destination channel ignored")
             return
@@ -877,39 +317,39 @@ class CallTracker:
                 dest.dialed_by = caller.key
                 caller.children.add(dest.key)
             exten = (msg.get("Exten") or "").strip()
-            for phone in self._lines_behind(caller):
+            for phone in self._graph.lines_behind(caller):
                 lc = phone.call
                 if lc is None and phone is caller and not phone.done:
-                    lc = self._announce(phone, _Role.DIALING, at, out, dest=dest)
-                elif lc is not None and lc.role is not _Role.INCOMING:
-                    if _dialled(exten) and not lc.dial_exten:
+                    lc = self._moments.announce(phone, Role.DIALING, at, out, dest=dest)
+                elif lc is not None and lc.role is not Role.INCOMING:
+                    if dialled(exten) and not lc.dial_exten:
                         lc.dial_exten = exten
-                    if self._dest_line(dest) not in (None, lc.line):
+                    if self._graph.dest_line(dest) not in (None, lc.line):
                         lc.direction = Direction.INTERNAL
-                    self._refresh(lc, at, out)
+                    self._moments.refresh(lc, at, out)
         elif caller is None and dest.dialed_by is None:
             dest.originated = True
         if dest.line is not None and dest.call is None and not dest.done:
-            if not self._opts.send_ring_started_on_ringing_state or dest.state == _RINGING:
-                self._ensure(dest, at, out)
+            if not self._opts.send_ring_started_on_ringing_state or dest.state == RINGING:
+                self._moments.ensure(dest, at, out)
         if dest.line is not None:
             # A line rung by another line: the other line's outbound call is in fact internal.
-            origin, _ = self._origin(dest)
+            origin, _ = self._graph.origin(dest)
             if origin is not None and origin.call is not None and origin.line != dest.line:
                 lc = origin.call
-                if lc.role is not _Role.INCOMING and lc.direction is Direction.OUTBOUND:
+                if lc.role is not Role.INCOMING and lc.direction is Direction.OUTBOUND:
                     lc.direction = Direction.INTERNAL
-                    self._refresh(lc, at, out)
+                    self._moments.refresh(lc, at, out)
 
     def _on_dial_state(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        self._snap(msg, "", event)
-        dest = self._snap(msg, "Dest", event)
+        self._graph.snap(msg, "", event)
+        dest = self._graph.snap(msg, "Dest", event)
         if dest is not None and (msg.get("DialStatus") or "").strip().upper() == "RINGING":
             self._on_ringing(dest, at, out)
 
     def _on_dial_end(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        caller = self._snap(msg, "", event)
-        dest = self._snap(msg, "Dest", event)
+        caller = self._graph.snap(msg, "", event)
+        dest = self._graph.snap(msg, "Dest", event)
         status = (msg.get("DialStatus") or "").strip().upper()
         if caller is not None and dest is not None and caller is not dest and dest.dialed_by is None \
                 and not dest.originated and dest.call is None:
@@ -920,171 +360,117 @@ class CallTracker:
         if dest is not None and dest.line is not None:
             lc = dest.call
             if status == "ANSWER":
-                lc = self._ensure(dest, at, out)
-                if lc is not None and lc.role is _Role.INCOMING:
-                    self._connect(lc, at, out)
+                lc = self._moments.ensure(dest, at, out)
+                if lc is not None and lc.role is Role.INCOMING:
+                    self._moments.connect(lc, at, out)
             elif status == "BUSY" and lc is None and not dest.done and dest.call is None:
                 # Rejected as busy before it ever rang (DND, call waiting off): still the line's call, busy.
-                lc = self._ensure(dest, at, out)
+                lc = self._moments.ensure(dest, at, out)
                 if lc is not None:
-                    self._busy(lc, at, out)
-                    self._finish(lc, at, out, None, status)
+                    self._moments.busy(lc, at, out)
+                    self._moments.finish(lc, at, out, None, status)
             elif status in _FAILED_DIAL and lc is not None:
                 # The agent was the dialled party: its ring is over now, whatever the dialplan does next.
                 if status == "BUSY":
-                    self._busy(lc, at, out)
-                self._finish(lc, at, out, None, status)
+                    self._moments.busy(lc, at, out)
+                self._moments.finish(lc, at, out, None, status)
         if caller is not None and caller is not dest:
-            for phone in self._lines_behind(caller):
+            for phone in self._graph.lines_behind(caller):
                 lc = phone.call
-                if lc is None or lc.role is _Role.INCOMING:
+                if lc is None or lc.role is Role.INCOMING:
                     continue
                 if status == "ANSWER":
-                    self._connect(lc, at, out)
+                    self._moments.connect(lc, at, out)
                 elif status == "BUSY":
-                    self._busy(lc, at, out)
+                    self._moments.busy(lc, at, out)
 
     def _on_hangup(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        ch = self._find(msg, "")
+        ch = self._graph.find(msg, "")
         if ch is None:
             log.debug("Hangup of unknown channel %s ignored", msg.get("Channel"))
             return
-        cause = _int(msg.get("Cause"))
+        cause = as_int(msg.get("Cause"))
         cause_text = (msg.get("Cause-txt") or "").strip()
-        if cause == _ANSWERED_ELSEWHERE and ch.line is not None:
-            self._answered_elsewhere[ch.key] = (ch.dialed_by, ch.linkedid)
-            while len(self._answered_elsewhere) > 1000:
-                self._answered_elsewhere.popitem(last=False)
+        self._pickup.hung_up(ch, cause)
         if ch.call is not None:
-            self._phone_gone(ch, ch.call, at, out, cause, cause_text)
-        for lc in self._calls_parking(ch):
+            self._parking.phone_gone(ch, ch.call, at, out, cause, cause_text)
+        for lc in self._graph.calls_parking(ch):
             # The parked party hung up without a ParkedCallGiveUp (or it was lost).
-            self._unparked(lc, None, "parkedcallgiveup", at, out)
-        if ch.line is not None and ch.consult_of is None:
-            # The transferer hung up: its consultation legs are over for this line (the transfer completed).
-            for leg in [c for c in self._chans.values() if c.consult_of == ch.key]:
-                if leg.call is not None:
-                    self._finish(leg.call, at, out, cause, cause_text)
-                leg.consult_of = None
-                leg.line = None
-        self._drop(ch)
+            self._parking.unparked(lc, None, "parkedcallgiveup", at, out)
+        self._consultation.transferer_gone(ch, cause, cause_text, at, out)
+        self._graph.drop(ch)
 
     def _on_local_bridge(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        one = self._snap(msg, "LocalOne", event)
-        two = self._snap(msg, "LocalTwo", event)
+        one = self._graph.snap(msg, "LocalOne", event)
+        two = self._graph.snap(msg, "LocalTwo", event)
         if one is not None and two is not None and one is not two:
-            self._pair(one.key, two.key, one, two)
+            self._graph.pair(one.key, two.key, one, two)
 
     def _on_bridge_enter(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        ch = self._snap(msg, "", event)
+        ch = self._graph.snap(msg, "", event)
         bridge = (msg.get("BridgeUniqueid") or "").strip()
         if ch is None or not bridge:
             return
         if ch.bridge != bridge:
-            self._leave_bridge(ch)
-            self._bridges.setdefault(bridge, set()).add(ch.key)
+            self._graph.leave_bridge(ch)
+            self._graph.bridges.setdefault(bridge, set()).add(ch.key)
             ch.bridge = bridge
-        members = self._bridges.get(bridge, set())
+        members = self._graph.bridges.get(bridge, set())
         if len(members) < 2:
             return
         if not _holding(msg):
             for key in members:
-                m = self._chans.get(key)
+                m = self._graph.chans.get(key)
                 if m is not None:
                     m.last_peers = frozenset(members - {key})
-        self._detect_consultation(members, at, out)
+        self._consultation.detect(members, at, out)
         for key in sorted(members):
-            m = self._chans.get(key)
+            m = self._graph.chans.get(key)
             if m is None or m.call is None:
                 continue
-            if m.state == _UP:
-                self._connect(m.call, at, out)
-            lc = m.call
-            if lc.held_by_consult and m.line is not None and m.consult_of is None:
-                others = [self._chans[k] for k in members if k != m.key and k in self._chans]
-                if any(o.consult_of is None for o in others):
-                    # Back with the other party: the consultation was cancelled.
-                    lc.held_by_consult = False
-                    self._set_held(lc, False, at, out)
-
-    def _detect_consultation(self, members: set[str], at: float, out: list[LineEvent]) -> None:
-        """Rule 9: a phone bridged with a Local ;1 half nobody dialled, of its own call, is consulting."""
-        chans = [self._chans[k] for k in sorted(members) if k in self._chans]
-        phones = [c for c in chans if c.line is not None and c.consult_of is None and c.call is not None]
-        for leg in chans:
-            if leg.local_half != ";1" or leg.consult_of is not None or leg.dialed_by is not None or leg.originated:
-                continue
-            if leg.call is not None or leg.done:
-                continue
-            phone = next((p for p in phones if p.linkedid == leg.linkedid), None)
-            if phone is None or phone.call is None or phone.call.state not in (CallState.CONNECTED, CallState.HELD):
-                continue
-            original = phone.call
-            leg.consult_of = phone.key
-            leg.line = phone.line
-            leg.own_name = phone.own_name
-            if original.state is CallState.CONNECTED:
-                original.held_by_consult = True
-                self._set_held(original, True, at, out)
-            target = _local_exten(leg.name)
-            self._announce(leg, _Role.DIALING, at, out, dial_exten=target if _dialled(target) else "")
-            log.debug("line %s consults %s in call %s", leg.line, target, original.id)
-
-    def _consult_target(self, leg: _Chan) -> _Chan | None:
-        """The channel a consultation leg's ``;2`` half dialled (the transfer target), if any."""
-        two = self._chans.get(leg.pair) if leg.pair is not None else None
-        if two is None:
-            return None
-        children = [self._chans[k] for k in sorted(two.children) if k in self._chans]
-        return children[0] if children else None
+            if m.state == UP:
+                self._moments.connect(m.call, at, out)
+            self._consultation.phone_bridged(m, members, at, out)
 
     def _on_bridge_leave(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        ch = self._snap(msg, "", event)
+        ch = self._graph.snap(msg, "", event)
         if ch is not None and ch.bridge == (msg.get("BridgeUniqueid") or "").strip():
-            self._leave_bridge(ch)
+            self._graph.leave_bridge(ch)
 
     def _on_bridge_destroy(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         bridge = (msg.get("BridgeUniqueid") or "").strip()
-        for key in self._bridges.pop(bridge, set()):
-            ch = self._chans.get(key)
+        for key in self._graph.bridges.pop(bridge, set()):
+            ch = self._graph.chans.get(key)
             if ch is not None and ch.bridge == bridge:
                 ch.bridge = ""
 
     def _on_hold(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         self._native_hold = True
-        ch = self._snap(msg, "", event)
+        ch = self._graph.snap(msg, "", event)
         if ch is None or ch.call is None:
             return
-        self._set_held(ch.call, event == "hold", at, out)
-
-    def _set_held(self, lc: _LineCall, held: bool, at: float, out: list[LineEvent]) -> None:
-        if held and lc.state is CallState.CONNECTED:
-            lc.state = CallState.HELD
-            self._emit(lc, EventType.HOLD_STARTED, at, out)
-        elif not held and lc.state is CallState.HELD:
-            lc.state = CallState.CONNECTED
-            self._emit(lc, EventType.HOLD_ENDED, at, out)
+        self._moments.set_held(ch.call, event == "hold", at, out)
 
     def _on_moh(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
         """Older Asterisk: music on hold on X while bridged with the agent's phone means the agent holds."""
-        ch = self._snap(msg, "", event)
+        ch = self._graph.snap(msg, "", event)
         if ch is None or not ch.bridge or self._native_hold:
             return
-        for key in sorted(self._bridges.get(ch.bridge, ())):
-            m = self._chans.get(key)
+        for key in sorted(self._graph.bridges.get(ch.bridge, ())):
+            m = self._graph.chans.get(key)
             if m is not None and m is not ch and m.call is not None:
-                self._set_held(m.call, event == "musiconholdstart", at, out)
+                self._moments.set_held(m.call, event == "musiconholdstart", at, out)
 
     def _on_queue_caller_join(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        ch = self._snap(msg, "", event)
+        ch = self._graph.snap(msg, "", event)
         queue = (msg.get("Queue") or "").strip()
         if ch is not None and queue:
             ch.queue = queue
-            self._refresh_group(ch.linkedid, at, out)
+            self._moments.refresh_group(ch.linkedid, at, out)
 
     def _on_queue_agent(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        caller = self._snap(msg, "", event)
-        dest = self._snap(msg, "Dest", event)
+        caller = self._graph.snap(msg, "", event)
+        dest = self._graph.snap(msg, "Dest", event)
         queue = (msg.get("Queue") or "").strip()
         if not queue:
             return
@@ -1096,289 +482,85 @@ class CallTracker:
         linkedid = (msg.get("Linkedid") or msg.get("DestLinkedid") or "").strip()
         if not linkedid and caller is not None:
             linkedid = caller.linkedid
-        group = self._groups.get(linkedid)
+        group = self._graph.groups.get(linkedid)
         if group is not None and line is not None:
             group.hints.setdefault(line, queue)
-        self._refresh_group(linkedid, at, out)
+        self._moments.refresh_group(linkedid, at, out)
 
     def _on_blind_transfer(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        transferer = self._snap(msg, "Transferer", event)
-        transferee = self._snap(msg, "Transferee", event)
+        transferer = self._graph.snap(msg, "Transferer", event)
+        transferee = self._graph.snap(msg, "Transferee", event)
         if (msg.get("Result") or "").strip().lower() != "success":
             return
         target = (msg.get("Extension") or "").strip()
-        by = _party(transferer)[0] if transferer is not None else ""
+        by = party(transferer)[0] if transferer is not None else ""
         if transferer is not None and transferer.call is not None:
             lc = transferer.call
             lc.redirecting, lc.redirection = lc.line, target
-            self._refresh(lc, at, out)
+            self._moments.refresh(lc, at, out)
         if transferee is not None:
             transferee.transferred_by, transferee.transfer_target = by, target
             if transferee.call is not None:
                 lc = transferee.call
                 lc.redirecting, lc.redirection = by, target
-                self._refresh(lc, at, out)
+                self._moments.refresh(lc, at, out)
 
     def _on_attended_transfer(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        first = self._snap(msg, "OrigTransferer", event)
-        second = self._snap(msg, "SecondTransferer", event)
-        transferee = self._snap(msg, "Transferee", event)
-        target = self._snap(msg, "TransferTarget", event)
+        first = self._graph.snap(msg, "OrigTransferer", event)
+        second = self._graph.snap(msg, "SecondTransferer", event)
+        transferee = self._graph.snap(msg, "Transferee", event)
+        target = self._graph.snap(msg, "TransferTarget", event)
         if (msg.get("Result") or "").strip().lower() != "success":
             return
         if transferee is None and first is not None:
-            transferee = self._bridge_peer(first, msg.get("OrigBridgeUniqueid"))
+            transferee = self._graph.bridge_peer(first, msg.get("OrigBridgeUniqueid"))
         if target is None and second is not None:
-            target = self._bridge_peer(second, msg.get("SecondBridgeUniqueid"))
+            target = self._graph.bridge_peer(second, msg.get("SecondBridgeUniqueid"))
         if target is not None and target.local_half == ";1":
-            # Atxfer's consultation leg (Rule 9) or any Local hop: the party is what its ;2 half dialled.
-            target = self._consult_target(target) or target
+            # Atxfer's consultation leg (Rule 7) or any Local hop: the party is what its ;2 half dialled.
+            target = self._graph.consult_target(target) or target
         if target is not None and target.consult_of is not None:
             target = None
         by = next((c.line for c in (first, second) if c is not None and c.line), "")
         if not by and first is not None:
-            by = _party(first)[0]
-        target_party = _party(target) if target is not None else ("", "")
-        transferee_party = _party(transferee) if transferee is not None else ("", "")
+            by = party(first)[0]
+        target_party = party(target) if target is not None else ("", "")
+        transferee_party = party(transferee) if transferee is not None else ("", "")
         for c in (first, second):
             if c is not None and c.call is not None:
                 c.call.redirecting, c.call.redirection = by, target_party[0]
-                self._refresh(c.call, at, out)
-        if target is not None and target.call is not None and _meaningful(transferee_party[0]):
+                self._moments.refresh(c.call, at, out)
+        if target is not None and target.call is not None and meaningful(transferee_party[0]):
             lc = target.call
             lc.remote = transferee_party
             lc.redirecting, lc.redirection = by, target_party[0]
-            self._refresh(lc, at, out)
+            self._moments.refresh(lc, at, out)
         if transferee is not None:
             transferee.transferred_by, transferee.transfer_target = by, target_party[0]
-            if transferee.call is not None and _meaningful(target_party[0]):
+            if transferee.call is not None and meaningful(target_party[0]):
                 lc = transferee.call
                 lc.remote = target_party
                 lc.redirecting, lc.redirection = by, target_party[0]
-                self._refresh(lc, at, out)
-
-    def _on_parked_call(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        parkee = self._snap(msg, "Parkee", event)
-        if parkee is None:
-            return
-        space = (msg.get("ParkingSpace") or "").strip()
-        lot = (msg.get("Parkinglot") or msg.get("ParkingLot") or "").strip()
-        for phone in self._parked_partners(parkee):
-            lc = phone.call
-            if lc is None or lc.state not in (CallState.CONNECTED, CallState.HELD):
-                continue
-            lc.parked = (space, lot, parkee.key)
-            self._parked_calls.add(lc)
-            self._set_held(lc, True, at, out)
-
-    def _parked_partners(self, parkee: _Chan) -> list[_Chan]:
-        """The phones a parked channel was talking to: the peers of the last talking bridge it was in, else its
-        Dial partner (parked between the answer and the bridge). Asterisk publishes ParkedCall from res_parking
-        and the bridge events from the bridging core, and AMI interleaves the two as they come: the ParkedCall may
-        arrive while the parkee is still in its bridge, after it left, after it entered the lot, or after the
-        phone left the dissolving bridge. The peers kept at the last BridgeEnter are the same in every case."""
-        dial = set(parkee.children) | ({parkee.dialed_by} if parkee.dialed_by is not None else set())
-        for keys in (parkee.last_peers, dial):
-            chans = [self._chans[k] for k in sorted(keys) if k in self._chans and k != parkee.key]
-            phones = [c for c in chans if c.line is not None and c.consult_of is None and c.call is not None]
-            if phones:
-                return phones
-        return []
-
-    def _on_unparked_call(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        parkee = self._snap(msg, "Parkee", event)
-        if parkee is None:
-            return
-        retriever = self._snap(msg, "Retriever", event)
-        for lc in self._calls_parking(parkee):
-            self._unparked(lc, retriever, event, at, out)
-
-    def _unparked(
-        self, lc: _LineCall, retriever: _Chan | None, event: str, at: float, out: list[LineEvent]
-    ) -> None:
-        lc.parked = None
-        self._parked_calls.discard(lc)
-        attached = lc.uid in self._chans
-        if event != "unparkedcall":
-            if not attached:
-                why = "PARKED_TIMEOUT" if event == "parkedcalltimeout" else "PARKED_GIVEUP"
-                self._finish(lc, at, out, None, why)
-            return
-        if attached:
-            self._set_held(lc, False, at, out)
-            return
-        if retriever is not None and retriever.line == lc.line and retriever.call in (None, lc):
-            # The line's phone picked its call up again: it is the call's channel from now on.
-            retriever.call = lc
-            lc.uid = retriever.key
-            lc.retriever = ""
-            self._refresh(lc, at, out, announce=False)
-            self._set_held(lc, False, at, out)
-            return
-        self._finish(lc, at, out, None, "PARKED_PICKUP")  # picked up by someone else
-
-    def _phone_gone(
-        self, ch: _Chan, lc: _LineCall, at: float, out: list[LineEvent], cause: int | None, text: str
-    ) -> None:
-        """The call's phone channel hung up: the call is over, unless its far end is parked (Rule 10)."""
-        if not self._parked_alive(lc):
-            self._finish(lc, at, out, cause, text)
-            return
-        ch.call = None
-        if lc.retriever == ch.key:
-            lc.retriever = ""  # the phone called into the lot was not answered: the call stays parked
-        if lc.uid == ch.key:
-            # Keep showing the party the agent talked to, whatever the channel that picks the call up says.
-            call = lc.call
-            if lc.role is _Role.INCOMING:
-                lc.remote = (call.caller_number, call.caller_name)
-            else:
-                lc.remote = (call.called_number, call.called_name)
-            lc.uid = ""
-        log.debug("call %s on line %s stays held while parked; its phone channel %s is gone", lc.id, lc.line,
-                  ch.name)
-
-    def _parked_alive(self, lc: _LineCall) -> bool:
-        return lc.parked is not None and lc.parked[2] in self._chans
-
-    def _calls_parking(self, parkee: _Chan) -> list[_LineCall]:
-        if not self._parked_calls:
-            return []
-        return sorted(
-            (lc for lc in self._parked_calls if lc.parked is not None and lc.parked[2] == parkee.key),
-            key=lambda c: c.id,
-        )
-
-    def _bridge_peer(self, ch: _Chan, bridge: str | None) -> _Chan | None:
-        members = self._bridges.get((bridge or ch.bridge).strip(), set())
-        for key in sorted(members):
-            if key != ch.key and key in self._chans:
-                return self._chans[key]
-        return None
-
-    def _on_pickup(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        """Rule 11: the picker takes the ringing channel's place."""
-        picker = self._snap(msg, "", event)
-        target = self._find(msg, "Target")
-        target_uid = (msg.get("TargetUniqueid") or "").strip()
-        if target is not None:
-            dialer, linkedid = target.dialed_by, target.linkedid
-            target_line = target.line
-            if target.call is not None and target.call.state is CallState.RINGING:
-                self._finish(target.call, at, out, _ANSWERED_ELSEWHERE, "Answered elsewhere")
-                target.done = True
-        else:
-            dialer, linkedid = self._answered_elsewhere.get(target_uid, (None, ""))
-            target_line = self._matcher.line_of_channel((msg.get("TargetChannel") or "").strip())
-        self._answered_elsewhere.pop(target_uid, None)
-        linkedid = linkedid or (msg.get("TargetLinkedid") or "").strip()
-        if picker is None or picker is target or picker.line is None or picker.done:
-            return
-        if picker.call is not None:
-            log.debug("Pickup by %s, which already has call %s: ignored", picker.name, picker.call.id)
-            return
-        if _meaningful(linkedid) and linkedid != picker.linkedid and not picker.children:
-            # After the masquerade the picker carries the ringing channel's Linkedid: the call's id follows it.
-            old = self._groups.get(picker.linkedid)
-            if old is not None:
-                old.chans.discard(picker.key)
-                if not old.chans and not old.calls:
-                    del self._groups[picker.linkedid]
-            picker.linkedid = linkedid
-            self._groups.setdefault(linkedid, _Group()).chans.add(picker.key)
-        parent = self._chans.get(dialer) if dialer is not None else None
-        if parent is not None and parent is not picker and picker.dialed_by is None:
-            picker.dialed_by = parent.key
-            parent.children.add(picker.key)
-        redirect = (target_line, picker.line) if target_line is not None and target_line != picker.line else ("", "")
-        lc = self._announce(picker, _Role.INCOMING, at, out, redirect=redirect)
-        if picker.state == _UP:
-            self._connect(lc, at, out)
-
-    def _on_dtmf(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        """Rule 12: a key the agent pressed on the line's phone is DTMF_ENTERED for the line's current call."""
-        if event != "dtmfend" or (msg.get("Direction") or "").strip().lower() != "received":
-            return
-        digit = (msg.get("Digit") or "").strip()
-        if len(digit) != 1 or digit not in _DTMF_DIGITS:
-            log.debug("DTMFEnd with digit %r ignored", digit)
-            return
-        ch = self._find(msg, "")
-        if ch is None or ch.line is None or ch.local_half:
-            return
-        lc = ch.call
-        consulting = next((c.call for c in self._chans.values() if c.consult_of == ch.key and c.call is not None
-                           and c.call.state is not CallState.FINISHED), None)
-        if consulting is not None:
-            lc = consulting
-        if lc is None or lc.state is CallState.FINISHED:
-            return
-        out.append(LineEvent(line=lc.line, type=EventType.DTMF_ENTERED, call=lc.call, digits=digit.upper(),
-                             ami_received_at=at))
+                self._moments.refresh(lc, at, out)
 
     def _on_rename(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        ch = self._find(msg, "")
+        ch = self._graph.find(msg, "")
         new = (msg.get("Newname") or "").strip()
-        if ch is None or not _meaningful(new):
+        if ch is None or not meaningful(new):
             return
-        if self._by_name.get(ch.name) == ch.key:
-            del self._by_name[ch.name]
+        if self._graph.by_name.get(ch.name) == ch.key:
+            del self._graph.by_name[ch.name]
         ch.name = new
-        self._by_name[new] = ch.key
+        self._graph.by_name[new] = ch.key
         if ch.call is not None:
-            self._refresh(ch.call, at, out)
-
-    # ---- agent (queue member) state --------------------------------------------------------------
-
-    def _on_member(self, msg: AmiMessage, event: str, at: float, out: list[LineEvent]) -> None:
-        queue = (msg.get("Queue") or "").strip()
-        line = None
-        for header in ("Interface", "Location", "StateInterface"):
-            value = msg.get(header)
-            if value:
-                line = self._matcher.line_of_interface(value)
-                if line is not None:
-                    break
-        if line is None or not queue:
-            log.debug("%s for a non-line member ignored", event)
-            return
-        queues = self._members.setdefault(line, {})
-        if event == "queuememberremoved":
-            queues.pop(queue, None)
-        else:
-            queues[queue] = _member_pause(msg, queues.get(queue))
-        self._publish_agent(line, at, out, live=True)
-
-    def _publish_agent(self, line: str, at: float, out: list[LineEvent], live: bool = False) -> None:
-        queues = self._members.get(line, {})
-        names = tuple(sorted(queues))
-        paused = bool(names) and all(queues[q][0] for q in names)
-        reason = next((queues[q][1] for q in names if queues[q][1]), "") if paused else ""
-        code = self._opts.agent_codes.code_of(paused, reason, self._chosen.get(line)) if names else ""
-        previous = self._agents.get(line)
-        before = (previous.paused, previous.reason) if previous is not None else (False, "")
-        set_by = previous.set_by if previous is not None else ""
-        if (paused, reason) != before:
-            if self._expected.get(line) == (paused, reason):
-                set_by = "agent"
-                del self._expected[line]
-            else:
-                set_by = "pbx" if live and previous is not None else ""
-        if not paused:
-            self._chosen.pop(line, None)
-        state = AgentState(line=line, paused=paused, reason=reason, queues=names, code=code, set_by=set_by)
-        self._agents[line] = state
-        recoded = paused and previous is not None and previous.code != code
-        if (paused, reason) != before or recoded:
-            out.append(LineEvent(line=line, type=EventType.AGENT_STATE_CHANGED, agent=state, ami_received_at=at))
+            self._moments.refresh(ch.call, at, out)
 
     # ---- resync ----------------------------------------------------------------------------------
 
     def resync(
-        self, channels: list[AmiMessage], queue_members: list[AmiMessage], received_at: float,
-        announced: Collection[str] | None = None,
+        self, channels: list[AmiMessage], received_at: float, *, announced: Collection[str] | None = None,
     ) -> list[LineEvent]:
-        """Align with the PBX after an AMI (re)connect; see Rule 8 of the module docstring.
+        """Align with the PBX after an AMI (re)connect; see Rule 11 of the module docstring.
 
         ``announced``: ids of the calls the agents were already told of (the previous term's calls).
         A call found connected that is not among them rang while nobody watched: it is announced
@@ -1389,25 +571,25 @@ class CallTracker:
         present: dict[str, AmiMessage] = {}
         for msg in channels:
             uid = (msg.get("Uniqueid") or "").strip()
-            if _meaningful(uid) and _meaningful(msg.get("Channel")):
+            if meaningful(uid) and meaningful(msg.get("Channel")):
                 present[uid] = msg
         # 1. what ended while we were away
-        gone = [old for old in self._chans.values() if old.key not in present]
+        gone = [old for old in self._graph.chans.values() if old.key not in present]
         for old in gone:
             if old.call is not None and old.call.parked is not None and old.call.parked[2] in present:
-                self._phone_gone(old, old.call, at, out, None, "")
+                self._parking.phone_gone(old, old.call, at, out, None, "")
         for old in gone:
             if old.call is not None:
-                self._finish(old.call, at, out, None, "")
-            for waiting in self._calls_parking(old):
-                self._unparked(waiting, None, "parkedcallgiveup", at, out)
-            self._drop(old)
+                self._moments.finish(old.call, at, out, None, "")
+            for waiting in self._graph.calls_parking(old):
+                self._parking.unparked(waiting, None, "parkedcallgiveup", at, out)
+            self._graph.drop(old)
         for key in present:
-            self._gone.pop(key, None)
+            self._graph.gone.pop(key, None)
         # 2. the channel table as the PBX sees it
-        self._bridges.clear()
+        self._graph.bridges.clear()
         for msg in present.values():
-            ch = self._snap(msg, "", "coreshowchannel")
+            ch = self._graph.snap(msg, "", "coreshowchannel")
             if ch is None:
                 continue
             ch.bridge = ""
@@ -1415,15 +597,15 @@ class CallTracker:
                 ch.listed_as_dialled = True
             bridge = (msg.get("BridgeId") or msg.get("BridgeUniqueid") or "").strip()
             if bridge:
-                self._bridges.setdefault(bridge, set()).add(ch.key)
+                self._graph.bridges.setdefault(bridge, set()).add(ch.key)
                 ch.bridge = bridge
         # 3. calls: announce the new, bring the known up to date
         for uid, msg in present.items():
-            ch = self._chans.get(uid)
+            ch = self._graph.chans.get(uid)
             if ch is None or ch.line is None or ch.done:
                 continue
             app = (msg.get("Application") or "").strip().lower()
-            bridged = bool(ch.bridge) and len(self._bridges.get(ch.bridge, ())) > 1
+            bridged = bool(ch.bridge) and len(self._graph.bridges.get(ch.bridge, ())) > 1
             lc = ch.call
             if lc is None and ch.state in _NOT_A_CALL_YET and not bridged:
                 # Just created (its Dial events are still on their way, e.g. in the takeover's buffer): announced
@@ -1431,110 +613,49 @@ class CallTracker:
                 continue
             if lc is None:
                 lc = self._resync_announce(ch, app, bridged, msg, at, out, announced)
-            elif lc.state is CallState.RINGING and ch.state == _UP and (bridged or lc.role is _Role.INCOMING):
-                self._connect(lc, at, out)
-        # 4. pause states
-        old_lines = set(self._members)
-        self._members = {}
-        for msg in queue_members:
-            queue = (msg.get("Queue") or "").strip()
-            line = None
-            for header in ("Location", "Interface", "StateInterface"):
-                value = msg.get(header)
-                if value and (line := self._matcher.line_of_interface(value)) is not None:
-                    break
-            if line is not None and queue:
-                self._members.setdefault(line, {})[queue] = _member_pause(msg, None)
-        for line in sorted(old_lines | set(self._members)):
-            self._publish_agent(line, at, out)
+            elif lc.state is CallState.RINGING and ch.state == UP and (bridged or lc.role is Role.INCOMING):
+                self._moments.connect(lc, at, out)
         return out
 
     def _resync_announce(
-        self, ch: _Chan, app: str, bridged: bool, msg: AmiMessage, at: float, out: list[LineEvent],
+        self, ch: Channel, app: str, bridged: bool, msg: AmiMessage, at: float, out: list[LineEvent],
         announced: Collection[str] | None = None,
-    ) -> _LineCall:
-        group = self._groups.get(ch.linkedid)
-        others = [self._chans[k] for k in sorted(group.chans) if k != ch.key and k in self._chans] if group else []
+    ) -> LineCall:
+        group = self._graph.groups.get(ch.linkedid)
+        chans = self._graph.chans
+        others = [chans[k] for k in sorted(group.chans) if k != ch.key and k in chans] if group else []
         other_line = any(o.line is not None and o.line != ch.line for o in others)
-        if app == "appdial2" or (ch.state == _RINGING and not others):
-            role = _Role.ORIGINATED
-        elif app in ("appdial", "appqueue") or ch.state == _RINGING:
-            role = _Role.INCOMING
+        if app == "appdial2" or (ch.state == RINGING and not others):
+            role = Role.ORIGINATED
+        elif app in ("appdial", "appqueue") or ch.state == RINGING:
+            role = Role.INCOMING
         else:
-            role = _Role.DIALING
+            role = Role.DIALING
         lc = self._announce_quiet(ch, role, at)
         lc.direction = (
-            Direction.INTERNAL if other_line else (Direction.INBOUND if role is _Role.INCOMING else Direction.OUTBOUND)
+            Direction.INTERNAL if other_line else (Direction.INBOUND if role is Role.INCOMING else Direction.OUTBOUND)
         )
-        if role is _Role.DIALING and _dialled(ch.exten):
+        if role is Role.DIALING and dialled(ch.exten):
             lc.dial_exten = ch.exten
         duration = _duration(msg.get("Duration"))
         if duration is not None:
             lc.started_at = at - duration
             lc.call = lc.call.evolve(started_at=lc.started_at)
-        connected = ch.state == _UP and (bridged or role is _Role.INCOMING)
+        connected = ch.state == UP and (bridged or role is Role.INCOMING)
         if connected and announced is not None and lc.call.id not in announced:
-            lc.call = self._compose(lc)
-            self._emit(lc, EventType.RING_STARTED, at, out)
+            lc.call = self._moments.compose(lc)
+            self._moments.emit(lc, EventType.RING_STARTED, at, out)
         if connected:
             lc.state = CallState.CONNECTED
             lc.answered_at = at
-        lc.call = self._compose(lc)
+        lc.call = self._moments.compose(lc)
         kind = EventType.COMMUTATION_STARTED if connected else EventType.RING_STARTED
-        self._emit(lc, kind, at, out)
+        self._moments.emit(lc, kind, at, out)
         return lc
 
-    def _announce_quiet(self, ch: _Chan, role: _Role, at: float) -> _LineCall:
+    def _announce_quiet(self, ch: Channel, role: Role, at: float) -> LineCall:
         sink: list[LineEvent] = []
-        return self._announce(ch, role, at, sink)
-
-
-def _party(ch: _Chan) -> tuple[str, str]:
-    """How a channel is shown as the other party: a line by its number, anything else by its caller id."""
-    if ch.line is not None:
-        return ch.line, ch.own_name
-    num = ch.caller_num if _meaningful(ch.caller_num) else ""
-    name = ch.caller_name if _meaningful(ch.caller_name) else ""
-    return num, name
-
-
-def _shown(call: Call) -> tuple[object, ...]:
-    return (
-        call.channel,
-        call.direction,
-        call.caller_number,
-        call.caller_name,
-        call.called_number,
-        call.called_name,
-        call.queue,
-        call.redirecting_number,
-        call.redirection_number,
-        tuple(sorted(call.extra.items())),
-    )
-
-
-def _member_pause(msg: AmiMessage, previous: tuple[bool, str] | None) -> tuple[bool, str]:
-    paused_header = msg.get("Paused")
-    if paused_header is None:
-        return previous if previous is not None else (False, "")
-    paused = _truthy(paused_header)
-    reason = (msg.get("PausedReason") or msg.get("Reason") or "").strip() if paused else ""
-    return paused, reason
-
-
-def _local_exten(name: str) -> str:
-    """``Local/306@from-internal-0000000a;1`` -> ``306``."""
-    rest = name.split("/", 1)[1] if "/" in name else name
-    return rest.split("@", 1)[0]
-
-
-def _prefixed_vars(msg: AmiMessage, prefix: str) -> dict[str, str]:
-    result: dict[str, str] = {}
-    for value in msg.getall(prefix + "ChanVariable"):
-        name, sep, val = value.partition("=")
-        if sep:
-            result[name] = val
-    return result
+        return self._moments.announce(ch, role, at, sink)
 
 
 def _duration(value: str | None) -> float | None:
@@ -1548,35 +669,3 @@ def _duration(value: str | None) -> float | None:
     for p in parts:
         seconds = seconds * 60 + int(p)
     return float(seconds)
-
-
-_Handler = Callable[[CallTracker, AmiMessage, str, float, list[LineEvent]], None]
-_HANDLERS: dict[str, _Handler] = {
-    "newchannel": CallTracker._on_snapshot,
-    "newstate": CallTracker._on_snapshot,
-    "newcallerid": CallTracker._on_snapshot,
-    "newconnectedline": CallTracker._on_snapshot,
-    "dialbegin": CallTracker._on_dial_begin,
-    "dialstate": CallTracker._on_dial_state,
-    "dialend": CallTracker._on_dial_end,
-    "hangup": CallTracker._on_hangup,
-    "localbridge": CallTracker._on_local_bridge,
-    "bridgeenter": CallTracker._on_bridge_enter,
-    "bridgeleave": CallTracker._on_bridge_leave,
-    "bridgedestroy": CallTracker._on_bridge_destroy,
-    "hold": CallTracker._on_hold,
-    "unhold": CallTracker._on_hold,
-    "musiconholdstart": CallTracker._on_moh,
-    "musiconholdstop": CallTracker._on_moh,
-    "queuecallerjoin": CallTracker._on_queue_caller_join,
-    "blindtransfer": CallTracker._on_blind_transfer,
-    "attendedtransfer": CallTracker._on_attended_transfer,
-    "rename": CallTracker._on_rename,
-    "parkedcall": CallTracker._on_parked_call,
-    "unparkedcall": CallTracker._on_unparked_call,
-    "parkedcallgiveup": CallTracker._on_unparked_call,
-    "parkedcalltimeout": CallTracker._on_unparked_call,
-    "pickup": CallTracker._on_pickup,
-    "dtmfbegin": CallTracker._on_dtmf,
-    "dtmfend": CallTracker._on_dtmf,
-}

@@ -35,13 +35,15 @@ def agent_lines(count: int, first: int = 7000) -> list[str]:
 
 def _parse_and_track(data: bytes) -> tuple[int, int]:
     from ami.protocol import AmiMessage, AmiParser
+    from ami_gateway.agent_tracker import AgentStateTracker
     from ami_gateway.lines import LineMatcher
     from ami_gateway.tracker import CallTracker, TrackerOptions
 
-    tracker = CallTracker(LineMatcher(protocol="SIP", queue_extension_format="Local/{0}@from-queue/n"),
-                          TrackerOptions(send_ring_started_on_ringing_state=True))
+    matcher = LineMatcher(protocol="SIP", queue_extension_format="Local/{0}@from-queue/n")
+    tracker = CallTracker(matcher, TrackerOptions(send_ring_started_on_ringing_state=True))
     parser = AmiParser(expect_banner=False)
-    handle = tracker.handle
+    # the gateway's read path hands every message to both
+    handle, handle_agents = tracker.handle, AgentStateTracker(matcher).handle
     events = produced = 0
     for i in range(0, len(data), 65536):  # what one read() of the gateway's loop hands over
         parser.receive_data(data[i : i + 65536])
@@ -49,7 +51,7 @@ def _parse_and_track(data: bytes) -> tuple[int, int]:
         while (item := parser.next_event()) is not None:
             if isinstance(item, AmiMessage):
                 events += 1
-                produced += len(handle(item, now))
+                produced += len(handle(item, now)) + len(handle_agents(item, now))
     return events, produced
 
 

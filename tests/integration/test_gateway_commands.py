@@ -22,7 +22,7 @@ from ami_gateway.tracker import CallControl, CallTracker
 from ami_simulator.model import Call as SimCall
 from ami_simulator.server import AmiSimulator, User, parse_classes
 from local_cluster.infra import Infrastructure
-from services.wire import CallState, Command, CommandName, DialArgs, EventType, LineEvent
+from services.wire import CallArgs, CallState, Command, CommandName, DialArgs, EventType, LineEvent
 from tests.integration.test_gateway_proxy import (
     SECRET,
     CommandClient,
@@ -326,7 +326,7 @@ def test_a_resume_planned_on_a_phone_channel_asterisk_has_just_hung_up(infra: In
                                        session=lambda: gw.ami.session if gw.ami is not None else None,
                                        view=TrailingView(gw.tracker, [then]))
             result = await executor.execute(Command(id="resume-1", line="305", name=CommandName.UNHOLD,
-                                                    args={"call_id": call_id}, issued_at=time.time()))
+                                                    args=CallArgs(call_id), issued_at=time.time()))
             assert result.ok, result.error
             back = await r.event("305", EventType.HOLD_ENDED, call_id, state=CallState.CONNECTED)
             assert back.call is not None and back.call.channel not in ("", agent)

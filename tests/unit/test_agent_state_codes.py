@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from ami.protocol import AmiMessage
+from ami_gateway.agent_tracker import AgentStateTracker
 from ami_gateway.lines import LineMatcher
 from ami_gateway.queue_policy import AgentChoice, agent_choice
-from ami_gateway.tracker import CallTracker, TrackerOptions
 from services.agent_states import AgentStateCodes
 from services.config import ConfigError, parse_agent_states
 from services.wire import AgentState, Command, CommandName, EventType, LineEvent, PauseArgs, WrapUpArgs, command_args
@@ -60,7 +60,7 @@ def member_pause(paused: bool, reason: str = "") -> AmiMessage:
 
 
 def test_tracker_reports_the_chosen_code_and_a_supervisors_pause() -> None:
-    tracker = CallTracker(LineMatcher(protocol="SIP"), TrackerOptions(agent_codes=CODES))
+    tracker = AgentStateTracker(LineMatcher(protocol="SIP"), CODES)
     tracker.handle(AmiMessage(headers=(("Event", "QueueMemberAdded"), ("Queue", "support"),
                                        ("Interface", "SIP/305"), ("Paused", "0"))), 1.0)
     # the agent chose an unlisted code: the gateway registers it before the QueuePause

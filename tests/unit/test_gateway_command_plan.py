@@ -45,7 +45,7 @@ class View:
 
 
 def detached(call_id: str = "1.1:305", space: str = "701", parked_channel: str = "SIP/trunk-0000000b") -> CallControl:
-    """A held call whose far end is parked and whose phone channel Asterisk hung up (tracker Rule 10)."""
+    """A held call whose far end is parked and whose phone channel Asterisk hung up (tracker Rule 8)."""
     call = Call(id=call_id, line="305", linked_id="1.1", channel="SIP/305-0000000a", direction=Direction.INBOUND,
                 state=CallState.HELD, caller_number="79161234567", caller_name='Ivan "Vanya" Petrov',
                 called_number="305")

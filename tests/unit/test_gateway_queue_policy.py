@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ami.protocol import AmiMessage
+from ami_gateway.agent_tracker import AgentStateTracker
 from ami_gateway.queue_policy import AUTO_PAUSE_REASON, AutoPausePolicy, PauseRequest, QueueStateTrace
 from ami_gateway.tracker import CallTracker
 from services.wire import AgentState, Call, CallState, Direction, EventType, LineEvent
@@ -84,15 +85,16 @@ def test_a_refused_pause_is_not_undone() -> None:
 def test_policy_fed_by_the_tracker_on_a_recorded_queue_call() -> None:
     """The real queue capture: 305 answers (pause), 306 only rang (nothing), the call ends (restore)."""
     tracker = CallTracker(matcher())
+    agents = AgentStateTracker(matcher())
     member = AmiMessage((("Event", "QueueMember"), ("Queue", "support"), ("Location", "Local/{}@from-queue/n"),
                          ("Paused", "0")))
-    tracker.resync([], [member.with_headers((k, v.format(line)) for k, v in member.headers)
-                        for line in ("305", "306")], 0.0)
+    agents.resync([member.with_headers((k, v.format(line)) for k, v in member.headers)
+                   for line in ("305", "306")], 0.0)
     policy = AutoPausePolicy(enabled=True)
     requests: list[PauseRequest] = []
     for i, msg in enumerate(load("inbound-queue.ami")):
-        for e in tracker.handle(msg, float(i)):
-            requests += policy.observe(e, tracker.agent_state(e.line), len(tracker.calls_of(e.line)))
+        for e in tracker.handle(msg, float(i)) + agents.handle(msg, float(i)):
+            requests += policy.observe(e, agents.agent_state(e.line), len(tracker.calls_of(e.line)))
     assert requests == [PauseRequest("305", True, AUTO_PAUSE_REASON), PauseRequest("305", False)]
 
 

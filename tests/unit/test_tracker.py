@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ami.protocol import AmiMessage, AmiParser
+from ami_gateway.agent_tracker import AgentStateTracker
 from ami_gateway.lines import LineMatcher
 from ami_gateway.packet_info import parse_packet_info
 from ami_gateway.tracker import CallTracker, TrackerOptions
@@ -44,12 +45,16 @@ def matcher() -> LineMatcher:
 
 
 def play(
-    msgs: list[AmiMessage], tracker: CallTracker | None = None, ring_on_ringing: bool = True
+    msgs: list[AmiMessage], tracker: CallTracker | None = None, ring_on_ringing: bool = True,
+    agents: AgentStateTracker | None = None,
 ) -> tuple[CallTracker, list[LineEvent]]:
+    """Each message to the call tracker, then to the agent states, as the gateway feeds them."""
     tracker = tracker or CallTracker(matcher(), TrackerOptions(send_ring_started_on_ringing_state=ring_on_ringing))
+    agents = agents or AgentStateTracker(matcher())
     events: list[LineEvent] = []
     for i, msg in enumerate(msgs):
         events.extend(tracker.handle(msg, 1000.0 + i))
+        events.extend(agents.handle(msg, 1000.0 + i))
     return tracker, events
 
 
@@ -68,8 +73,9 @@ def assert_clean(tracker: CallTracker) -> None:
     """Memory is bounded: nothing of a finished call stays behind."""
     for line in tracker.lines():
         assert tracker.calls_of(line) == []
-    assert not tracker._chans and not tracker._groups and not tracker._bridges and not tracker._locals
-    assert not tracker._by_name and not tracker._calls and not tracker._parked_calls
+    graph = tracker._graph
+    assert not graph.chans and not graph.groups and not graph.bridges and not graph.local_pairs
+    assert not graph.by_name and not graph.calls and not graph.parked_calls
 
 
 # ---- the real captures --------------------------------------------------------------------------
@@ -111,7 +117,8 @@ def test_ring_started_moment_depends_on_the_option() -> None:
 
 @pytest.mark.parametrize("ring_on_ringing", [True, False])
 def test_inbound_queue_capture(ring_on_ringing: bool) -> None:
-    tracker, events = play(load("inbound-queue.ami"), ring_on_ringing=ring_on_ringing)
+    agents = AgentStateTracker(matcher())
+    tracker, events = play(load("inbound-queue.ami"), ring_on_ringing=ring_on_ringing, agents=agents)
     lines = by_line(events)
     assert set(lines) == {"305", "306"}
     assert kinds(lines["305"]) == [RS, CS, RF]
@@ -133,7 +140,7 @@ def test_inbound_queue_capture(ring_on_ringing: bool) -> None:
     assert lines["306"][-1].ami_received_at < lines["305"][-1].ami_received_at
     end = lines["305"][-1].call
     assert end is not None and end.hangup_cause == 16
-    assert tracker.agent_state("305") is not None and tracker.agent_state("305").paused is False  # type: ignore[union-attr]
+    assert agents.agent_state("305") is not None and agents.agent_state("305").paused is False  # type: ignore[union-attr]
     assert_clean(tracker)
 
 
@@ -346,12 +353,13 @@ def test_pjsip_direct_call() -> None:
 
 
 def test_asterisk_13_direct_call_and_pause_reason() -> None:
-    tracker, events = play(load("asterisk13-direct.ami"))
+    agents = AgentStateTracker(matcher())
+    tracker, events = play(load("asterisk13-direct.ami"), agents=agents)
     evs = by_line(events)["305"]
     assert kinds(evs) == [AG, AG, RS, CS, RF]
     assert evs[0].agent is not None and (evs[0].agent.paused, evs[0].agent.reason) == (True, "lunch")
     assert evs[1].agent is not None and not evs[1].agent.paused
-    assert tracker.agent_state("305") is not None
+    assert agents.agent_state("305") is not None
     assert_clean(tracker)
 
 
@@ -367,7 +375,7 @@ def member(event: str, queue: str, paused: str, reason: str = "", iface: str = "
 
 
 def test_agent_pause_changes_only() -> None:
-    tracker = CallTracker(matcher())
+    tracker = AgentStateTracker(matcher())
     assert tracker.handle(member("QueueMemberStatus", "support", "0"), 1.0) == []  # learning is not a change
     assert tracker.agent_state("305") == AgentState("305", False, "", ("support",), code="Active")
     [ev] = tracker.handle(member("QueueMemberPause", "support", "1", "break"), 2.0)
@@ -382,6 +390,39 @@ def test_agent_pause_changes_only() -> None:
     assert ev.agent is not None and ev.agent.paused and ev.agent.reason == "break"
     assert tracker.handle(member("QueueMemberPause", "support", "1", iface="SIP/trunk-in"), 6.0) == []
     assert "305" in tracker.lines()
+
+
+def test_the_call_tracker_and_the_agent_states_each_take_their_own_events() -> None:
+    """The gateway feeds both every message: calls come only from the call tracker, agent states only from
+    the agent tracker, so nothing is reported twice."""
+    msgs = load("asterisk13-direct.ami")
+    tracker, agents = CallTracker(matcher()), AgentStateTracker(matcher())
+    calls = [e for i, m in enumerate(msgs) for e in tracker.handle(m, float(i))]
+    states = [e for i, m in enumerate(msgs) for e in agents.handle(m, float(i))]
+    assert kinds(calls) == [RS, CS, RF]
+    assert kinds(states) == [AG, AG]
+    assert "305" in agents.lines() and tracker.lines() == set()
+
+
+def test_the_rules_are_numbered_in_order() -> None:
+    """The tracker's docstring numbers its rules 1, 2, 3... in the order it states them, each feature module
+    states the rule the index gives it, and no comment names a rule that does not exist."""
+    import re
+
+    from ami_gateway import tracker as tracker_module
+
+    root = Path(tracker_module.__file__).parent
+    heading = re.compile(r"^Rule (\d+) - ", re.M)
+    numbers = [int(n) for n in heading.findall(tracker_module.__doc__ or "")]
+    assert numbers == list(range(1, len(numbers) + 1))
+    index = re.findall(r"^Rule (\d+) - [^\n]*\(``(\w+\.py)``\)", tracker_module.__doc__ or "", re.M)
+    assert index
+    for number, module in index:
+        assert heading.findall((root / "call_features" / module).read_text()) == [number], module
+    sources = [root / "tracker.py", root / "channel_graph.py", root / "call_moments.py",
+               *sorted((root / "call_features").glob("*.py"))]
+    named = {int(n) for path in sources for n in re.findall(r"\bRule (\d+)\b", path.read_text())}
+    assert named <= set(numbers)
 
 
 # ---- robustness ----------------------------------------------------------------------------------
@@ -413,7 +454,7 @@ def test_unknown_channels_and_missing_headers() -> None:
     assert tracker.handle(msg("AttendedTransfer", Result="Success"), 1.0) == []
     assert tracker.handle(AmiMessage((("Response", "Success"),)), 1.0) == []
     assert tracker.handle(msg("OriginateResponse", Channel="SIP/305", Uniqueid="<null>", Response="Failure"), 1.0) == []
-    assert not tracker._chans
+    assert not tracker._graph.chans
 
 
 # ---- resync --------------------------------------------------------------------------------------
@@ -438,11 +479,18 @@ def test_resync_finishes_calls_that_ended_while_away() -> None:
     cut = next(i for i, m in enumerate(msgs) if m.event == "BridgeEnter")
     tracker, events = play(msgs[:cut])
     assert kinds(events) == [RS, CS]
-    [ev] = tracker.resync([], [], 5000.0)
+    [ev] = tracker.resync([], 5000.0)
     assert ev.type is RF and ev.call is not None and ev.call.state is CallState.FINISHED
     assert ev.call.id == "1795685548.7:305" and ev.call.ended_at == 5000.0
     assert_clean(tracker)
     assert play(msgs[cut:], tracker)[1] == []
+
+
+def test_a_resync_call_in_the_old_shape_is_refused() -> None:
+    """The queue members left ``resync`` for the AgentStateTracker: a call still written (channels, members,
+    time) must fail, not run with the members as the time and the time as the announced calls."""
+    with pytest.raises(TypeError):
+        CallTracker(matcher()).resync([], [], 100.0)  # type: ignore[misc]
 
 
 def test_resync_announces_calls_found_on_the_pbx() -> None:
@@ -474,7 +522,7 @@ def test_resync_announces_calls_found_on_the_pbx() -> None:
         "SIP/306-00000005", "2.2", "2.1", "5", "AppDial", "", CallerIDNum="306", ConnectedLineNum="74950000000"
     )
     trunk2 = show("SIP/trunk-in-00000006", "2.1", "2.1", "4", "Dial", "", CallerIDNum="74950000000")
-    events = tracker.resync([trunk, phone, trunk2, ringing], [], 100.0)
+    events = tracker.resync([trunk, phone, trunk2, ringing], 100.0)
     assert [(e.line, e.type) for e in events] == [("305", CS), ("306", RS)]
     c305, c306 = events[0].call, events[1].call
     assert c305 is not None and c306 is not None
@@ -482,10 +530,10 @@ def test_resync_announces_calls_found_on_the_pbx() -> None:
     assert c305.started_at == 90.0 and c305.id == "1.1:305"
     assert (c306.state, c306.caller_number) == (CallState.RINGING, "74950000000")
     # a second resync with the same truth says nothing; the ringing call answered meanwhile is connected
-    assert tracker.resync([trunk, phone, trunk2, ringing], [], 101.0) == []
+    assert tracker.resync([trunk, phone, trunk2, ringing], 101.0) == []
     answered = show("SIP/306-00000005", "2.2", "2.1", "6", "AppDial", "br-2", CallerIDNum="306")
     trunk2_up = show("SIP/trunk-in-00000006", "2.1", "2.1", "6", "Dial", "br-2")
-    events = tracker.resync([trunk, phone, trunk2_up, answered], [], 102.0)
+    events = tracker.resync([trunk, phone, trunk2_up, answered], 102.0)
     assert [(e.line, e.type) for e in events] == [("306", CS)]
     # later live events continue the resynced calls
     [end] = tracker.handle(msg("Hangup", Channel="SIP/305-00000004", Uniqueid="1.2", Cause="16"), 103.0)
@@ -501,7 +549,7 @@ def test_a_call_answered_while_nobody_watched_rings_before_it_connects() -> None
         trunk = show("SIP/trunk-00000003", "1.1", "1.1", "6", "Dial", "br-1", CallerIDNum="79161234567")
         phone = show("SIP/305-00000004", "1.2", "1.1", "6", "AppDial", "br-1", CallerIDNum="305",
                      ConnectedLineNum="79161234567")
-        return [(e.line, e.type) for e in tracker.resync([trunk, phone], [], 100.0, announced=announced)]
+        return [(e.line, e.type) for e in tracker.resync([trunk, phone], 100.0, announced=announced)]
 
     assert resynced(set()) == [("305", RS), ("305", CS)]
     assert resynced({"1.1:305"}) == [("305", CS)]
@@ -514,7 +562,7 @@ def test_a_phone_channel_found_just_created_is_announced_by_its_dial_not_guessed
     tracker = CallTracker(matcher())
     trunk = show("SIP/trunk-in-00000003", "1.1", "1.1", "6", "Queue", "", CallerIDNum="79161234567")
     created = show("SIP/305-00000004", "1.2", "1.1", "0", "", "", CallerIDNum="305")
-    assert tracker.resync([trunk, created], [], 100.0) == []
+    assert tracker.resync([trunk, created], 100.0) == []
     dial = msg("DialBegin", Channel="SIP/trunk-in-00000003", Uniqueid="1.1", Linkedid="1.1",
                CallerIDNum="79161234567", DestChannel="SIP/305-00000004", DestUniqueid="1.2", DestLinkedid="1.1",
                DestChannelState="0", DestCallerIDNum="305", DestConnectedLineNum="79161234567")
@@ -532,7 +580,7 @@ def test_a_phone_refused_busy_whose_dial_began_before_the_resync_is_incoming_fro
     tracker = CallTracker(matcher())
     trunk = show("SIP/trunk-in-00000003", "1.1", "1.1", "4", "Dial", "", CallerIDNum="79161234567")
     created = show("SIP/305-00000004", "1.2", "1.1", "0", "AppDial", "", CallerIDNum="305")
-    assert tracker.resync([trunk, created], [], 100.0) == []
+    assert tracker.resync([trunk, created], 100.0) == []
     busy = msg("DialEnd", Channel="SIP/trunk-in-00000003", Uniqueid="1.1", Linkedid="1.1", CallerIDNum="79161234567",
                DestChannel="SIP/305-00000004", DestUniqueid="1.2", DestLinkedid="1.1", DestChannelState="0",
                DestCallerIDNum="305", DialStatus="BUSY")
@@ -551,7 +599,7 @@ def test_a_queue_members_phone_listed_before_it_rang_rings_incoming_from_the_cal
     local2 = show("Local/305@from-queue-00000001;2", "1.3", "1.1", "4", "Dial", "", CallerIDNum="79161234567")
     phone = show("SIP/305-00000004", "1.4", "1.1", "0", "AppDial", "", CallerIDNum="305",
                  ConnectedLineNum="79161234567")
-    assert tracker.resync([trunk, local2, phone], [], 100.0) == []
+    assert tracker.resync([trunk, local2, phone], 100.0) == []
     ring = msg("Newstate", Channel="SIP/305-00000004", Uniqueid="1.4", Linkedid="1.1", ChannelState="5",
                CallerIDNum="305", ConnectedLineNum="79161234567")
     events = tracker.handle(ring, 100.2)
@@ -561,12 +609,12 @@ def test_a_queue_members_phone_listed_before_it_rang_rings_incoming_from_the_cal
 
 
 def test_resync_refreshes_pause_states() -> None:
-    tracker = CallTracker(matcher())
+    tracker = AgentStateTracker(matcher())
     qm = msg("QueueMember", Queue="support", Location="Local/305@from-queue/n", Paused="1", PausedReason="lunch")
-    [ev] = tracker.resync([], [qm], 1.0)
+    [ev] = tracker.resync([qm], 1.0)
     assert ev.type is AG and ev.agent == AgentState("305", True, "lunch", ("support",), code="Paused")
-    assert tracker.resync([], [qm], 2.0) == []
-    [ev] = tracker.resync([], [], 3.0)
+    assert tracker.resync([qm], 2.0) == []
+    [ev] = tracker.resync([], 3.0)
     assert ev.agent == AgentState("305", False, "", ())
 
 
@@ -722,10 +770,12 @@ def test_header_garbage_never_raises(msgs: list[AmiMessage], ring_on_ringing: bo
     tracker = CallTracker(
         matcher(), TrackerOptions(send_ring_started_on_ringing_state=ring_on_ringing, packet_info=spec)
     )
+    agents = AgentStateTracker(matcher())
     for i, m in enumerate(msgs):
-        for ev in tracker.handle(m, float(i)):
+        for ev in tracker.handle(m, float(i)) + agents.handle(m, float(i)):
             assert isinstance(ev, LineEvent)
-    tracker.resync(msgs[:5], msgs[5:10], 99.0)
+    tracker.resync(msgs[:5], 99.0)
+    agents.resync(msgs[5:10], 99.0)
     for line in tracker.lines():
         for call in tracker.calls_of(line):
             assert call.state is not CallState.FINISHED

@@ -1,4 +1,4 @@
-"""Rule 10 (hold by parking) whatever order AMI delivers the events in.
+"""Rule 8 (hold by parking) whatever order AMI delivers the events in.
 
 Asterisk publishes ``ParkedCall`` / ``UnParkedCall`` / ``ParkedCallGiveUp`` from res_parking and the channel and
 bridge events from the core, and the manager interleaves them as they come: the same park can reach the gateway

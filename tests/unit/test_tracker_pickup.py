@@ -1,4 +1,4 @@
-"""The tracker on call pickup (Rule 11) and DTMF digits (Rule 12).
+"""The tracker on call pickup (Rule 9) and DTMF digits (Rule 10).
 
 ``pickup.ami`` is hand-written from Asterisk 12+'s documented sequence (``ast_do_pickup``: the picker is given the
 ringing channel's connected line, answered, and moved into the ringing channel's place, which swaps the two
