@@ -198,6 +198,8 @@ class Gateway:
         # What the term this process ran before stepping down tracked and never got out (see handover()).
         self._shadow.add(inherited, time.time())
         self._shadow_session: AmiSession | None = None
+        #: taken over, shadow log not published yet: the tracker's output still goes to the shadow log
+        self._shadow_until_activated = False
         # Call records in Creatio (optional CallRecords block): its own tasks, fed from _emit.
         self.records: CallRecordSaver | None = None
         if settings.call_records.enabled:
@@ -386,10 +388,12 @@ class Gateway:
         log.warning("took the gateway lease: epoch %s%s", term.epoch,
                     " (after an earlier gateway's term)" if after_earlier_term else "")
         self.active = True
-        if self.ami is not None and self._resync_buffer is None:
-            # AMI events keep coming (a standby follows them): from now on they wait for the takeover's
-            # resync, which first publishes what the standby tracked, so nothing is published out of order
-            self._resync_buffer = []
+        if self.ami is not None:
+            # AMI events keep coming and the tracker follows them as before, but what it says still goes to the
+            # shadow log until the activation has published that log: nothing is published out of order, and
+            # nothing older than the takeover's channel listing is applied after it (a phone hung up before the
+            # listing would be forgotten, and its call's events with it).
+            self._shadow_until_activated = True
         self._after_earlier_term = after_earlier_term
         self.sequencer.restart(term.epoch)
         self.writer.fence(self.lease.key, term.token)
@@ -479,7 +483,7 @@ class Gateway:
     def _emit(self, events: list[LineEvent]) -> None:
         if not events:
             return
-        if not self.active:
+        if not self.active or self._shadow_until_activated:
             # a standby (or a term that stepped down) never publishes: what it tracked waits in the shadow log
             self._shadow.add(events, time.time())
             SHADOW_EVENTS.set(len(self._shadow))
@@ -670,9 +674,11 @@ class Gateway:
         return [*self.outbox.unconfirmed(), *self._shadow.take(time.time())]
 
     async def _publish_shadow(self, now: float) -> list[LineEvent]:
-        """At a takeover: publish what this gateway tracked as a standby that the earlier term did not."""
+        """At a takeover: publish what this gateway tracked as a standby that the earlier term did not. From here
+        on the tracker's output is published (events meanwhile wait in the resync buffer)."""
         window = self._shadow.take(now)
         SHADOW_EVENTS.set(0)
+        self._shadow_until_activated = False
         if not window or self._stale_calls is None:
             return []  # an AMI reconnect within the term: nothing was tracked unpublished
         if not self._after_earlier_term:
