@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aio_pika
+import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -51,7 +52,7 @@ from services.backoff import Backoff
 from services.broker import BROKER_FAILURES, Broker, declare_events_exchange
 from services.config import redact_url
 from services.infra_metrics import BROKER_ERRORS, RedisHealth
-from services.line_state import Fenced, LineWriter
+from services.line_state import AlreadyStored, Fenced, LineWriter
 from services.topology import Topology
 from services.wire import LineEvent
 
@@ -334,16 +335,14 @@ class EventOutbox:
         except (OSError, ConnectionError) as exc:
             await self._failed("redis", exc, backoff)
             return
-        except Exception as exc:  # redis.exceptions.* do not share a base with OSError
-            if not type(exc).__module__.startswith("redis"):
-                raise
-            if "equal or smaller than the target stream top item" not in str(exc):
-                await self._failed("redis", exc, backoff)
-                return
+        except AlreadyStored:
             # The previous attempt was stored but its reply was lost: the stream already holds these
             # ids (stream ids only grow). The rest of that transaction is idempotent; go on and publish.
             log.warning("batch of %d events was already stored; publishing it", end - self._stored)
             self._stored = end
+        except aioredis.RedisError as exc:  # redis.exceptions.* do not share a base with OSError
+            await self._failed("redis", exc, backoff)
+            return
         if not self._may_publish():
             # Stored, then paused past the lease (the check above passed before the pause): publish only
             # once the lease is renewed or resumed.

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -541,10 +540,3 @@ def _log_end(task: asyncio.Task[None]) -> None:
         # /health turns 503 (the node stops taking agents); say why, once.
         log.error("line feed task %s ended: %r", task.get_name(), task.exception())
 
-
-def new_command_id() -> str:
-    return uuid.uuid4().hex
-
-
-def now() -> float:
-    return time.time()

@@ -186,3 +186,31 @@ def test_an_overflow_while_redis_is_down_restarts_every_line_under_a_new_epoch()
             ]
 
     _run(body)
+
+
+def test_a_batch_the_writer_says_is_already_stored_is_published_not_retried() -> None:
+    """The writer raises AlreadyStored (its own type, not a Redis message the outbox must parse) when a retried
+    batch's entries are there: the outbox publishes the batch once and goes on."""
+    from services.line_state import AlreadyStored
+
+    async def body(world: MemoryWorld) -> None:
+        gateway, node = await Gateway.started(world, batch_size=8, window=4)
+        real_write = gateway.writer.write
+        said = []
+
+        async def write_then_say_stored(events):  # type: ignore[no-untyped-def]
+            await real_write(events)
+            if not said:
+                said.append(True)
+                raise AlreadyStored("entries at or below the stream top")
+
+        gateway.writer.write = write_then_say_stored  # type: ignore[method-assign]
+        async with _draining(gateway):
+            gateway.outbox.put(_batch(1, 4))
+            assert await gateway.outbox.wait_idle(10)
+            await until(lambda: len(node.events) == 12)
+            for line in LINES:
+                assert node.seqs(line) == [1, 2, 3, 4]
+        assert said
+
+    _run(body)
