@@ -248,8 +248,6 @@ _ABOUT_A_SHOWN_CALL = frozenset({
     EventType.RING_FINISHED, EventType.ABONENT_BUSY, EventType.HOLD_STARTED, EventType.HOLD_ENDED,
     EventType.CALL_INFO_CHANGED,
 })
-#: rule 6: how far behind the stream an agent's delivery record may stand (flush interval plus frames in flight)
-_RECORD_LAG = 2.0
 #: rule 10: announced calls remembered per session (a line has a handful of live calls)
 _MAX_ANNOUNCED = 64
 
@@ -460,15 +458,10 @@ class AgentSession:
         }
         if closing_only:
             # A call whose ring is among the missed events began in the gap, unless that ring is a new term
-            # restating a call older than the term (a restarted gateway restates every live call), or came
-            # so soon after where the agent's record stands that the agent may have had it: the delivery log
-            # is written behind the stream (ws_node.delivery_log's flush interval, frames in flight at a
-            # drop). Without its end the panel keeps such a call ringing; an end of a call it never showed
-            # costs nothing (Creatio's client drops what it does not know).
-            horizon = (missed[0].ami_received_at + _RECORD_LAG) if missed and missed[0].ami_received_at else 0.0
+            # restating a call older than the term (a restarted gateway restates every live call): the agent
+            # saw that one ring before it left, and without its end the panel keeps it ringing.
             ended -= {e.call.id for e in missed
-                      if e.call is not None and e.type is EventType.RING_STARTED and not _restatement(e)
-                      and not (e.epoch == missed[0].epoch and 0 < e.ami_received_at <= horizon)}
+                      if e.call is not None and e.type is EventType.RING_STARTED and not _restatement(e)}
         sent = 0
         for event in missed:
             if first_live is not None and event.epoch == first_live.epoch and event.seq >= first_live.seq:
