@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -300,14 +300,7 @@ class AmiParser:
             # Resume 2 bytes back: a terminator may straddle two chunks.
             self._scan = max(0, len(buf) - 2)
             return None
-        self._scan = 0
-        if consumed > self._max:
-            raw = bytes(buf[:_RAW_KEEP])
-            del buf[:consumed]
-            return MalformedMessage("oversized", raw)
-        block = buf[:content_end]
-        del buf[:consumed]
-        return _parse_block(block)
+        return self._take(content_end, consumed, _parse_block)
 
     def _next_follows(self) -> ParserEvent | None:
         buf = self._buf
@@ -320,6 +313,12 @@ class AmiParser:
         if consumed < 0:
             self._scan = marker  # rescan from the marker; it is found again immediately
             return None
+        return self._take(content_end, consumed, _parse_follows)
+
+    def _take(self, content_end: int, consumed: int,
+              parse: Callable[[bytearray], ParserEvent]) -> ParserEvent:
+        """Cut one complete message off the buffer; one over the size limit is reported, not parsed."""
+        buf = self._buf
         self._scan = 0
         if consumed > self._max:
             raw = bytes(buf[:_RAW_KEEP])
@@ -327,7 +326,7 @@ class AmiParser:
             return MalformedMessage("oversized", raw)
         block = buf[:content_end]
         del buf[:consumed]
-        return _parse_follows(block)
+        return parse(block)
 
 
 # One header line: a non-empty name without colon, ":", at most one space that is not part of the value,
