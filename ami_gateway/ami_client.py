@@ -35,6 +35,7 @@ the heavy lifting). An ``eventfilter`` line in manager.conf does the same withou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -236,6 +237,7 @@ class AmiClient:
         ping_interval: float = 10.0,
         ping_timeout: float = 5.0,
         backoff: Backoff | None = None,
+        auth_retry: float = _AUTH_RETRY,
         max_message_bytes: int = 256 * 1024,
         event_mask: str = DEFAULT_EVENT_MASK,
         event_filters: Iterable[str] = (),
@@ -255,6 +257,7 @@ class AmiClient:
         # refused connect costs the PBX nothing, so retries stay within 2 s. A refused login waits longer
         # (_AUTH_RETRY): Asterisk logs each one, and fail2ban-style guards ban an address that keeps failing.
         self._backoff = backoff or Backoff(initial=0.25, maximum=2.0)
+        self._auth_retry = auth_retry
         self._max_message_bytes = max_message_bytes
         self._event_mask = event_mask
         self._event_filters = tuple(event_filters)
@@ -264,6 +267,7 @@ class AmiClient:
         #: sessions that reached "logged in and resynced" (tests and health read it).
         self.sessions_established = 0
         self._stopping = False
+        self._stopped = asyncio.Event()  # wakes the reconnect wait, so a stop never waits out a backoff
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
@@ -301,12 +305,14 @@ class AmiClient:
                 break
             delay = self._backoff.next_delay()
             if auth_refused:
-                delay = max(delay, _AUTH_RETRY * random.uniform(0.8, 1.2))
+                delay = max(delay, self._auth_retry * random.uniform(0.8, 1.2))
             log.info("AMI reconnect in %.1fs", delay)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), delay)
 
     async def stop(self) -> None:
         self._stopping = True
+        self._stopped.set()
         session = self.session
         if session is not None:
             try:

@@ -101,10 +101,17 @@ def test_async_originate_waits_for_its_originate_response() -> None:
 def test_refused_credentials_are_retried_with_backoff_without_a_session() -> None:
     async def main() -> None:
         async with AmiSimulator(port=0, users={"admin": SECRET}) as sim:
-            client, _, task = await _collect(sim, secret="wrong")
+            client, _, task = await _collect(sim, secret="wrong", auth_retry=0.3)
             await wait_until(lambda: sim.metrics.connections._value.get() >= 3, 5, "retries")
             assert not client.ready.is_set() and client.sessions_established == 0
             await _stop(client, task)
+            # a refused login is not retried at the pace of a refused connect (Asterisk logs every failed login,
+            # and fail2ban-style guards ban an address that keeps failing)
+            slow, _, slow_task = await _collect(sim, secret="wrong")
+            before = sim.metrics.connections._value.get()
+            await asyncio.sleep(2.0)
+            assert sim.metrics.connections._value.get() - before == 1
+            await _stop(slow, slow_task)
 
     asyncio.run(main())
 
