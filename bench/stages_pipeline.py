@@ -40,6 +40,7 @@ from bench.stats import (
     find_knee,
     median,
     rss_drift,
+    segment_drifts,
     summarize_pauses,
 )
 
@@ -464,6 +465,17 @@ def stage_soak(ctx: Context) -> StageResult:
                       target=Target("<=", SOAK_FLAT),
                       note="" if worst is None else f"{worst[0]}: {worst[1].relative * 100:+.1f} %"
                       + ("" if duration >= LONG_SOAK_SECONDS else f"; {duration:.0f} s soak (long mode: 1 h)")))
+    # Not a repeat of the soak (that is another run of it), but the same question asked of each third: a leak
+    # grows in every third, a one-off step (a cache filling, a burst of reconnects) in one.
+    thirds: list[float] = []
+    for index in range(3):
+        worst_third = [abs(parts[index].relative) for name, series_ in series.items()
+                       if name not in LOAD_GENERATORS
+                       and len(parts := segment_drifts(series_.samples, warmup=warmup, parts=3)) == 3]
+        if worst_third:
+            thirds.append(max(worst_third))
+    result.add(Figure("RSS drift within each third of the soak, worst cluster process", median(thirds), "fraction",
+                      samples=thirds, note="" if len(thirds) == 3 else "too few samples for thirds"))
     for name, drift in sorted(measured.items()):
         trend = f", trend {drift.slope_per_hour * 100:+.1f} %/h" if duration >= 600 else ""
         role = " (load generator, not judged)" if name in LOAD_GENERATORS else ""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.storm import storm_agents, storm_figures
+from bench.storm import StormRun, storm_agents, storm_figures
 
 
 def test_storm_size_follows_the_descriptor_limit() -> None:
@@ -13,22 +13,41 @@ def test_storm_size_follows_the_descriptor_limit() -> None:
 
 
 def test_storm_verdicts() -> None:
-    by_name = {f.name: f for f in storm_figures([6.0, 7.5, 9.9], [1.0, 2.5, 4.9], 0, 0, 0, 6)}
+    run = StormRun([6.0, 7.5, 9.9], [1.0, 2.5, 4.9], 0, 0, 0, 6, bare_ready=[5.2, 5.4, 11.0])
+    by_name = {f.name: f for f in storm_figures([run])}
     back = by_name["agents of the killed node back within 10 s of the drop"]
     assert back.value == 1.0 and back.verdict == "PASS"
+    assert back.baseline == 2 / 3  # the bare server's agents: one of three past 10 s
     assert "3 agents on the killed node" in back.note
     assert by_name["reconnected agents with a correct snapshot"].verdict == "PASS"
     assert by_name["drop -> ready, max"].value == 9.9
+    assert by_name["drop -> ready, p99"].baseline == 11.0
 
-    late = {f.name: f for f in storm_figures([6.0, 10.5], [1.0, 5.5], 1, 2, 1, 6)}
+    late = {f.name: f for f in storm_figures([StormRun([6.0, 10.5], [1.0, 5.5], 1, 2, 1, 6)])}
     # one late, one never back: 1 of 3 affected agents within 10 s
     assert late["agents of the killed node back within 10 s of the drop"].value == 1 / 3
     assert late["agents of the killed node back within 10 s of the drop"].verdict == "FAIL"
     assert late["reconnected agents with a correct snapshot"].value == 0.5
     assert late["calls lost"].verdict == "FAIL"
 
-    none = {f.name: f for f in storm_figures([], [], 0, 0, 0, 6)}
+    none = {f.name: f for f in storm_figures([StormRun([], [], 0, 0, 0, 6)])}
     assert none["agents of the killed node back within 10 s of the drop"].verdict == "not measured"
+
+
+def test_repeated_storms_take_the_median_and_pool_correctness() -> None:
+    runs = [
+        StormRun([6.0] * 9 + [12.0], [1.0] * 10, 0, 0, 0, 20),  # 90 % back
+        StormRun([6.0] * 10, [1.0] * 10, 0, 0, 0, 20),  # 100 %
+        StormRun([6.0] * 8 + [12.0] * 2, [1.0] * 10, 1, 1, 0, 20),  # 80 %, one wrong snapshot, one call lost
+    ]
+    by_name = {f.name: f for f in storm_figures(runs)}
+    back = by_name["agents of the killed node back within 10 s of the drop"]
+    assert back.value == 0.9 and back.samples == [0.9, 1.0, 0.8] and back.verdict == "FAIL"
+    assert back.spread is not None and back.spread.minimum == 0.8 and back.spread.maximum == 1.0
+    # one wrong snapshot in any run fails the verdict, whatever the median run did
+    snapshots = by_name["reconnected agents with a correct snapshot"]
+    assert snapshots.value == 1 - 1 / 30 and snapshots.verdict == "FAIL"
+    assert by_name["calls lost"].value == 1
 
 
 def test_cores_after_the_kill() -> None:
