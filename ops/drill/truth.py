@@ -8,7 +8,9 @@ and end times. A call that rang line L is, for L's agent, the Creatio call whose
 ``call_guid(f"{linkedid}:{L}")`` (the gateway's call id for that line, as the node encodes it).
 
 Verdict per agent line:
-* missing: a call that rang the line and never reached the agent (no event at all);
+* missing: a call that rang the line and never reached the agent (no event at all); a call that rang and
+  ended while every agent of its lines was disconnected is not expected (issue 11: it is not replayed after
+  the reconnect, or Creatio would pop it up as a new call), as in ops/chaos/verdict.py;
 * unfinished: a call that ended before the drill's end but whose end never reached the agent;
 * wrong: the agent saw the call with another caller number than the one played.
 """
@@ -83,6 +85,18 @@ def parse_truth(payload: Mapping[str, Any], agent_lines: Iterable[str]) -> list[
             )
         )
     return calls
+
+
+def inside_every_outage(call: TruthCall, outages: Mapping[str, Iterable[tuple[float, float]]]) -> bool:
+    """The call rang and ended while every agent of its lines was disconnected (``outages``: per line, the
+    (dropped, ready again) times of its agent; ready 0 = never back). Not sent after the reconnect, by design."""
+    if call.ended is None:
+        return False
+    ended = call.ended
+    return all(
+        any(dropped <= call.started and (not ready or ended <= ready) for dropped, ready in outages.get(line, ()))
+        for line in call.lines
+    )
 
 
 def judge(
