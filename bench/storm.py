@@ -9,11 +9,13 @@ the drop to ready again (Creatio's panel waits 5 s before its first retry, so 10
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psutil
@@ -37,6 +39,8 @@ class CpuSampler:
     watch_death: str
     samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     died_at: float | None = None
+    #: called once, from the sampling thread, when ``watch_death`` is seen gone (e.g. to start a profile)
+    on_death: Callable[[], None] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -67,8 +71,61 @@ class CpuSampler:
                 except psutil.Error:
                     if name == self.watch_death and self.died_at is None:
                         self.died_at = now
+                        if self.on_death is not None:
+                            self.on_death()
             self.samples.append((now, row))
             self._stop.wait(0.25)
+
+
+@dataclass
+class GaugeSampler:
+    """One gauge of one process's /metrics every ``interval`` s (the survivor's ``cms_node_lines_bound``): how
+    fast the survivor took the killed node's lines on, next to how fast its agents came back."""
+
+    port: int
+    name: str
+    interval: float = 0.5
+    samples: list[tuple[float, float]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> GaugeSampler:
+        self._thread = threading.Thread(target=self._run, name="bench-storm-gauge", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        from bench.probe import scrape
+        from bench.stats import counter_value
+
+        while not self._stop.is_set():
+            try:
+                text = scrape(self.port, timeout=2.0)
+            except OSError:
+                text = ""  # a survivor too busy to answer: the gap in the samples shows it
+            if text:
+                self.samples.append((time.monotonic(), counter_value(text, self.name)))
+            self._stop.wait(self.interval)
+
+
+def taken_on(samples: list[tuple[float, float]], start: float, share: float = 0.95) -> tuple[float, float] | None:
+    """After ``start`` (the kill): (lines the gauge gained, seconds until it had gained ``share`` of that), or
+    ``None`` without samples on both sides."""
+    before = [v for t, v in samples if t <= start]
+    after = [(t, v) for t, v in samples if t > start]
+    if not before or not after:
+        return None
+    base = before[-1]
+    gained = max(v for _, v in after) - base
+    if gained <= 0:
+        return (0.0, 0.0)
+    reached = next(t for t, v in after if v - base >= share * gained)
+    return gained, reached - start
 
 
 def cores_after(samples: list[tuple[float, dict[str, float]]], start: float, seconds: float) -> dict[str, float]:
@@ -96,16 +153,19 @@ class StormRun:
     """One drill with a killed node, and its same-run baseline: the same number of agents reconnecting to a bare
     Autobahn server all at once, after the same first-retry delay."""
 
-    outages: list[float]  # drop -> ready, seconds, per reconnected agent of the killed node
+    outages: list[float]  # drop -> ready, seconds, per drop that ended (an agent dropped twice counts twice)
     reconnects: list[float]  # first retry -> ready
     bad_snapshots: int
     lost: int
     never_back: int
     agents: int
     bare_ready: list[float] = field(default_factory=list)  # baseline drop -> ready, seconds
+    #: agents that dropped at least once: the killed node's, and the survivor's too if it was cut off
+    agents_dropped: int = 0
 
     @property
     def affected(self) -> int:
+        """Drops to judge: every drop that ended, and every agent never back."""
         return len(self.outages) + self.never_back
 
     def share_back(self) -> float | None:
@@ -134,11 +194,14 @@ def storm_figures(runs: list[StormRun]) -> list[Figure]:
     retry_p99 = measured([exact_quantile(0.99, r.reconnects) for r in runs])
     reconnected = sum(len(r.outages) for r in runs)
     bad = sum(r.bad_snapshots for r in runs)
-    affected = median([float(r.affected) for r in runs]) or 0
-    note = "" if affected >= STORM_TARGET_AGENTS else (
-        f"{affected:,.0f} agents on the killed node here (target is for {STORM_TARGET_AGENTS:,}: fd limit)")
+    killed = median([float(r.agents // 2) for r in runs]) or 0
+    dropped = [r.agents_dropped or r.affected for r in runs]
+    note = "" if killed >= STORM_TARGET_AGENTS else (
+        f"{killed:,.0f} agents on the killed node here (target is for {STORM_TARGET_AGENTS:,}: fd limit)")
+    if any(d > r.agents // 2 for d, r in zip(dropped, runs, strict=True)):
+        note += f"; agents dropped per run {', '.join(f'{d:,}' for d in dropped)}: the survivor's too"
     return [
-        Figure("agents of the killed node back within 10 s of the drop", median(shares), "fraction",
+        Figure("drops back (ready) within 10 s", median(shares), "fraction",
                median(bare_shares), target=Target(">=", 1.0), note=note, samples=shares,
                baseline_samples=bare_shares),
         Figure("reconnected agents with a correct snapshot", 1.0 - bad / reconnected if reconnected else None,
@@ -187,6 +250,7 @@ def stage_storm(ctx: Context) -> StageResult:
             f"(fd hard limit {hard}); {ctx.repeats} run(s), each with a fresh cluster and its bare baseline")
     runs: list[StormRun] = []
     busy_runs: list[dict[str, float]] = []
+    binds: list[tuple[float, float]] = []
     details: list[dict[str, object]] = []
     for i in range(ctx.repeats):
         options = drill_main.DrillOptions(agents=agents, cps=3.5, duration=ctx.size(40.0, 12.0),
@@ -199,28 +263,48 @@ def stage_storm(ctx: Context) -> StageResult:
         pids = {c.name: int(c.process.pid) for c in cluster.children if c.alive()}
         pids["drill client (bench process)"] = os.getpid()
         sampler = CpuSampler({k: v for k, v in pids.items() if k != "simulator"}, watch_death="node1").start()
+        if ctx.profiler is not None and i == 0:
+            sampler.on_death = functools.partial(ctx.profiler.attach, "storm-survivor-node2", pids["node2"], 20)
+        bound = GaugeSampler(cluster.node_ports[1], "cms_node_lines_bound").start()
         try:
             import asyncio
 
             drill = asyncio.run(drill_main.Drill(options, cluster).run())
         finally:
             sampler.stop()
+            bound.stop()
             cluster.stop()
+        if ctx.profiler is not None and i == 0:
+            ctx.profiler.collect()
         run = StormRun(list(drill.outage_seconds), list(drill.reconnect_seconds), len(drill.bad_snapshots),
-                       drill.lost, len(drill.not_reconnected), agents)
-        run.bare_ready = bare_reconnect(run.affected, reconnect_delay, seed=i + 1)
+                       drill.lost, len(drill.not_reconnected), agents, agents_dropped=drill.affected)
+        # The baseline reconnects the killed node's share (half the agents), whatever else dropped.
+        run.bare_ready = bare_reconnect(agents // 2, reconnect_delay, seed=i + 1)
         runs.append(run)
         busy_runs.append(cores_after(sampler.samples, sampler.died_at, AFTER_KILL) if sampler.died_at is not None
                          else {})
+        took = taken_on(bound.samples, sampler.died_at) if sampler.died_at is not None else None
+        if took is not None:
+            binds.append(took)
         share, bare_share = run.share_back(), run.bare_share_back()
         p99, bare_p99 = exact_quantile(0.99, run.outages) or 0.0, exact_quantile(0.99, run.bare_ready) or 0.0
-        ctx.say(f"run {i + 1}: {run.affected:,} agents on the killed node, {(share or 0) * 100:.1f} % back within "
-                f"10 s (bare: {(bare_share or 0) * 100:.1f} %), p99 drop -> ready {p99:.2f} s (bare {bare_p99:.2f} s)")
+        ctx.say(f"run {i + 1}: {drill.affected:,} agents dropped ({agents // 2:,} on the killed node), "
+                f"{(share or 0) * 100:.1f} % of {run.affected:,} drops back within 10 s (bare: "
+                f"{(bare_share or 0) * 100:.1f} %), p99 drop -> ready {p99:.2f} s (bare {bare_p99:.2f} s)")
         details.append({"affected": drill.affected, "not_reconnected": drill.not_reconnected[:20],
                         "bad_snapshots": drill.bad_snapshots[:20], "calls_played": drill.calls_played,
-                        "cores_after_kill": busy_runs[-1]})
+                        "cores_after_kill": busy_runs[-1], "survivor_lines_bound": bound.samples,
+                        "killed_at": sampler.died_at})
     result = StageResult("storm")
     result.figures = storm_figures(runs)
+    # The survivor binds one line per queue.bind, one in flight (ws_node/line_feed.py's binding gate).
+    bind_seconds = [seconds for _, seconds in binds]
+    bind_rates = [gained / seconds for gained, seconds in binds if seconds > 0]
+    result.add(Figure("survivor: seconds from the kill to 95 % of its new lines bound", median(bind_seconds), "s",
+                      samples=bind_seconds,
+                      note=f"{median([g for g, _ in binds]) or 0:,.0f} lines gained" if binds else "not sampled"))
+    result.add(Figure("survivor: lines bound per second over that time", median(bind_rates), "lines/s",
+                      samples=bind_rates))
     for name in ("node2", "haproxy", "gateway", "drill client (bench process)"):
         values = [b[name] for b in busy_runs if name in b]
         result.add(Figure(f"{name}: cores used in the {AFTER_KILL:.0f} s after the kill", median(values), "cores",
