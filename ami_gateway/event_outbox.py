@@ -60,6 +60,11 @@ PUBLISH_SECONDS = Histogram(
     "Time to store a batch in Redis and have RabbitMQ confirm it",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+REDIS_WRITE_SECONDS = Histogram(
+    "cms_outbox_redis_write_seconds",
+    "Time to store one batch in Redis (state + history), which every event waits for before it is published",
+    buckets=(0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 EVENT_PUBLISH_LATENCY = Histogram(
     "cms_call_event_publish_latency_seconds",
     "From the AMI bytes that caused a line event to RabbitMQ confirming it (tracker, outbox wait, Redis, broker)",
@@ -308,7 +313,9 @@ class EventOutbox:
         try:
             if self._stored < end:
                 async with self._write_lock:
+                    writing = time.perf_counter()
                     await self._writer.write([self._queue[i] for i in range(self._stored, end)])
+                    REDIS_WRITE_SECONDS.observe(time.perf_counter() - writing)
                 self._redis_health.succeeded()
                 if generation != self._generation:
                     return

@@ -44,6 +44,9 @@ from bench.stats import (
     summarize_pauses,
 )
 
+GATEWAY_PUBLISH_HISTOGRAM = "cms_call_event_publish_latency_seconds"
+REDIS_WRITE_HISTOGRAM = "cms_outbox_redis_write_seconds"
+
 # Issue 15's end to end targets at 500 AMI events/s with 2,000 agents.
 E2E_TARGETS = ((0.5, 0.002), (0.99, 0.005), (0.999, 0.015))
 BURST_RATE = 5_000.0
@@ -142,6 +145,9 @@ class Window:
     play_failures: int
     redis_probe: PauseSummary
     broker_probe: PauseSummary
+    #: inside the gateway: AMI bytes read -> broker confirm, and the Redis write each batch waits for
+    gateway_publish: dict[float, float] = field(default_factory=dict)
+    redis_write: dict[float, float] = field(default_factory=dict)
 
     def quantile(self, q: float) -> float | None:
         found = bucket_quantile(q, self.observed)
@@ -165,6 +171,8 @@ def measure(ctx: Context, pipe: Pipeline, seconds: float, profile_as: str = "") 
     pids = pipe.pids()
     watched = {name: pid for name, pid in pids.items() if name == "gateway" or name.startswith("node")}
     before = scrape_histogram(nodes, E2E_HISTOGRAM)
+    publish_before = scrape_histogram([gw], GATEWAY_PUBLISH_HISTOGRAM)
+    redis_before = scrape_histogram([gw], REDIS_WRITE_HISTOGRAM)
     ami_before = scrape_counter([gw], "cms_ami_events_received_total")
     published_before = scrape_counter([gw], "cms_call_events_published_total")
     frames_before = scrape_counter(nodes, "cms_node_frames_sent_total")
@@ -198,7 +206,28 @@ def measure(ctx: Context, pipe: Pipeline, seconds: float, profile_as: str = "") 
         play_failures=pipe.driver.failures - failures_before,
         redis_probe=summarize_pauses(redis_rtts),
         broker_probe=summarize_pauses(broker_hops),
+        gateway_publish=_diff_or_empty(scrape_histogram([gw], GATEWAY_PUBLISH_HISTOGRAM), publish_before),
+        redis_write=_diff_or_empty(scrape_histogram([gw], REDIS_WRITE_HISTOGRAM), redis_before),
     )
+
+
+def _diff_or_empty(after: dict[float, float], before: dict[float, float]) -> dict[float, float]:
+    """What a gateway histogram observed in the window; empty when the gateway does not export it."""
+    return diff_buckets(after, before) if after else {}
+
+
+def stage_figures(windows: list[Window]) -> list[Figure]:
+    """Where an event's time goes before the node: the gateway's AMI read -> broker confirm, and within it the
+    Redis write every batch waits for before it is published (median over windows)."""
+    figures: list[Figure] = []
+    for attribute, label in (("gateway_publish", "gateway: AMI read -> broker confirm"),
+                             ("redis_write", "gateway: Redis write before the publish (per batch)")):
+        for q in (0.5, 0.99):
+            values = [found.value for w in windows
+                      if (found := bucket_quantile(q, getattr(w, attribute))) is not None]
+            figures.append(Figure(f"{label} p{q * 100:g}", median(values), "s", samples=values,
+                                  note="" if values else "not exported by this gateway"))
+    return figures
 
 
 def _bare_hop(ctx: Context, rate: float, seconds: float) -> list[float]:
@@ -292,6 +321,7 @@ def stage_e2e(ctx: Context) -> StageResult:
     result.add(Figure("AMI events/s sustained by the gateway", median(ami), "ev/s", note=f"offered {rate:.0f}",
                       samples=ami))
     result.figures.extend(latency_figures(windows, hops, E2E_TARGETS))
+    result.figures.extend(stage_figures(windows))
     result.figures.extend(pause_figures(windows))
     dropped = sum(w.dropped for w in windows)
     result.add(Figure("events/frames dropped", dropped, "", target=Target("<=", 0)))
