@@ -66,7 +66,7 @@ integration: setup
 e2e: setup
 	$(PY) -m pytest -q tests/e2e
 
-# The clustered-engines failover test with a 3-member RabbitMQ cluster (the integration suite runs it with 2).
+# The clustered-engines failover test with a 3-member RabbitMQ cluster (`make test`'s integration suite runs it with 2).
 engines-test: setup
 	CMS_ENGINES_BROKER_NODES=3 $(PY) -m pytest -q -s tests/integration/test_clustered_engines.py
 

@@ -743,7 +743,11 @@ class Gateway:
                     return
                 await asyncio.sleep(0.05)
             try:
-                term = await self.lease.advance_epoch()
+                # With the outbox's writes paused: one already sent with the old token would be refused
+                # once the new epoch is claimed, and stop this gateway.
+                async with self.outbox.writes_paused():
+                    term = await self.lease.advance_epoch()
+                    self.writer.fence(self.lease.key, term.token)
                 break
             except LeaseLost as exc:
                 self._step_down(f"new epoch refused: {exc}")
@@ -753,7 +757,6 @@ class Gateway:
                 log.warning("cannot claim a new epoch (%s); retry in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
         self.sequencer.restart(term.epoch)
-        self.writer.fence(self.lease.key, term.token)
         now = time.time()
         events: list[LineEvent] = []
         for line in self.tracker.lines() | self.agents.lines():

@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,6 +66,11 @@ PUBLISH_SECONDS = Histogram(
     "cms_publish_batch_seconds",
     "Time to store a batch in Redis and have RabbitMQ confirm it",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+REDIS_WRITE_SECONDS = Histogram(
+    "cms_outbox_redis_write_seconds",
+    "Time to store one batch in Redis (state + history), which every event waits for before it is published",
+    buckets=(0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 EVENT_PUBLISH_LATENCY = Histogram(
     "cms_call_event_publish_latency_seconds",
@@ -227,6 +233,8 @@ class EventOutbox:
         self._sent = 0
         self._in_flight: collections.deque[_InFlight] = collections.deque()  # oldest first
         self._generation = 0  # bumped when an overflow clears the queue under a batch in flight
+        # Held around each Redis write; see writes_paused.
+        self._write_lock = asyncio.Lock()
 
     def put(self, events: Sequence[LineEvent]) -> None:
         """Never blocks: the AMI read path calls this."""
@@ -257,6 +265,18 @@ class EventOutbox:
         OUTBOX_DEPTH.set(len(self._queue))
         self._idle.clear()
         self._wakeup.set()
+
+    @contextlib.asynccontextmanager
+    async def writes_paused(self) -> AsyncIterator[None]:
+        """No Redis write of this outbox is in flight or starts while the block runs.
+
+        The gateway claims a new epoch (which changes the lease's token) and re-fences the writer inside
+        one: a write sent with the old token that reached Redis just after the new epoch was claimed would
+        be refused as fenced, and a refused write makes the gateway step down (seen after a Sentinel
+        failover, where the restate runs beside a busy outbox).
+        """
+        async with self._write_lock:
+            yield
 
     @property
     def depth(self) -> int:
@@ -324,7 +344,10 @@ class EventOutbox:
         started = time.perf_counter()
         try:
             if self._stored < end:
-                await self._writer.write([self._queue[i] for i in range(self._stored, end)])
+                async with self._write_lock:
+                    writing = time.perf_counter()
+                    await self._writer.write([self._queue[i] for i in range(self._stored, end)])
+                    REDIS_WRITE_SECONDS.observe(time.perf_counter() - writing)
                 self._redis_health.succeeded()
                 if generation != self._generation:
                     return

@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip", action="append", choices=STAGE_NAMES, default=[], help="leave a stage out")
     parser.add_argument("--json", type=Path, default=None, help="where to write the results (default "
                         "bench-results/<timestamp>.json)")
-    parser.add_argument("--profile", choices=("gateway", "publish", "e2e", "fanout", "idle", "handshake"),
+    parser.add_argument("--profile", choices=("gateway", "publish", "e2e", "fanout", "idle", "handshake", "storm"),
                         help="run this one stage with profiles (py-spy on the processes, cProfile in-process) and "
                              "write their top costs to bench-results/")
     parser.add_argument("--repeats", type=int, default=None, help="system/baseline alternations per stage "

@@ -302,6 +302,11 @@ class Swarm:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' ids (their CPU is the load generator's)."""
+        return [int(process.pid) for process, _ in self._workers if process.pid is not None]
+
     def _all(self, commands: Sequence[tuple[str, dict[str, Any]]], timeout: float) -> list[dict[str, Any]]:
         for (_process, conn), command in zip(self._workers, commands, strict=True):
             conn.send(command)

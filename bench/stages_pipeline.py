@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -40,8 +41,12 @@ from bench.stats import (
     find_knee,
     median,
     rss_drift,
+    segment_drifts,
     summarize_pauses,
 )
+
+GATEWAY_PUBLISH_HISTOGRAM = "cms_call_event_publish_latency_seconds"
+REDIS_WRITE_HISTOGRAM = "cms_outbox_redis_write_seconds"
 
 # Issue 15's end to end targets at 500 AMI events/s with 2,000 agents.
 E2E_TARGETS = ((0.5, 0.002), (0.99, 0.005), (0.999, 0.015))
@@ -51,6 +56,7 @@ SOAK_RATE = 200.0
 SOAK_FLAT = 0.05
 LONG_SOAK_SECONDS = 3600.0
 LOAD_GENERATORS = frozenset({"simulator"})
+LOAD_DRIVERS = frozenset({"simulator", "agents", "bench driver"})
 
 # What "dropped" adds up: events the outbox let go, frames a node did not send, clients dropped as stuck.
 DROP_COUNTERS = (("gateway", "cms_call_events_dropped_total"), ("nodes", "cms_node_frames_dropped_total"),
@@ -141,6 +147,12 @@ class Window:
     play_failures: int
     redis_probe: PauseSummary
     broker_probe: PauseSummary
+    #: cores used by every process of the box over the window: the cluster's, the load generators' (simulator,
+    #: agents, this process's driver), and "machine" (all of them plus the engines and anything else running)
+    cores: dict[str, float] = field(default_factory=dict)
+    #: inside the gateway: AMI bytes read -> broker confirm, and the Redis write each batch waits for
+    gateway_publish: dict[float, float] = field(default_factory=dict)
+    redis_write: dict[float, float] = field(default_factory=dict)
 
     def quantile(self, q: float) -> float | None:
         found = bucket_quantile(q, self.observed)
@@ -164,6 +176,8 @@ def measure(ctx: Context, pipe: Pipeline, seconds: float, profile_as: str = "") 
     pids = pipe.pids()
     watched = {name: pid for name, pid in pids.items() if name == "gateway" or name.startswith("node")}
     before = scrape_histogram(nodes, E2E_HISTOGRAM)
+    publish_before = scrape_histogram([gw], GATEWAY_PUBLISH_HISTOGRAM)
+    redis_before = scrape_histogram([gw], REDIS_WRITE_HISTOGRAM)
     ami_before = scrape_counter([gw], "cms_ami_events_received_total")
     published_before = scrape_counter([gw], "cms_call_events_published_total")
     frames_before = scrape_counter(nodes, "cms_node_frames_sent_total")
@@ -173,16 +187,28 @@ def measure(ctx: Context, pipe: Pipeline, seconds: float, profile_as: str = "") 
     pauses_before = pauses.read_all(pipe.pause_dir)
     started_wall = time.time()
     window = CpuWindow.of(watched.values()).start()
+    everyone = {**{name: pid for name, pid in pids.items() if name not in watched},
+                **{f"agents{i + 1}": pid for i, pid in enumerate(pipe.swarm.pids)},
+                "bench driver": os.getpid()}
+    others = CpuWindow.of(everyone.values()).start()
+    machine_before = psutil.cpu_times()
     if ctx.profiler is not None and profile_as:
         ctx.profiler.attach(f"{profile_as}-gateway", watched["gateway"], seconds)
         ctx.profiler.attach(f"{profile_as}-node1", watched["node1"], seconds)
     with SideProbes(ctx.amqp_url, ctx.redis_url) as side:
         time.sleep(seconds)
         window.stop()
+        others.stop()
+        machine_after = psutil.cpu_times()
         ended_wall = time.time()
     redis_rtts, broker_hops = side.within(started_wall, ended_wall)
     time.sleep(pauses.WRITE_INTERVAL * 2)  # the probes' next write covers the window's end
     wall = window.wall
+    cores = {name: cpu / wall for name, cpu in zip(watched, window.cpu, strict=True)}
+    cores |= {name: cpu / others.wall for name, cpu in zip(everyone, others.cpu, strict=True)}
+    idle = (machine_after.idle + getattr(machine_after, "iowait", 0.0)) - (
+        machine_before.idle + getattr(machine_before, "iowait", 0.0))
+    cores["machine"] = max(0.0, (psutil.cpu_count() or 1) - idle / wall)
     return Window(
         seconds=wall,
         ami_rate=(scrape_counter([gw], "cms_ami_events_received_total") - ami_before) / wall,
@@ -197,7 +223,29 @@ def measure(ctx: Context, pipe: Pipeline, seconds: float, profile_as: str = "") 
         play_failures=pipe.driver.failures - failures_before,
         redis_probe=summarize_pauses(redis_rtts),
         broker_probe=summarize_pauses(broker_hops),
+        gateway_publish=_diff_or_empty(scrape_histogram([gw], GATEWAY_PUBLISH_HISTOGRAM), publish_before),
+        redis_write=_diff_or_empty(scrape_histogram([gw], REDIS_WRITE_HISTOGRAM), redis_before),
+        cores=cores,
     )
+
+
+def _diff_or_empty(after: dict[float, float], before: dict[float, float]) -> dict[float, float]:
+    """What a gateway histogram observed in the window; empty when the gateway does not export it."""
+    return diff_buckets(after, before) if after else {}
+
+
+def stage_figures(windows: list[Window]) -> list[Figure]:
+    """Where an event's time goes before the node: the gateway's AMI read -> broker confirm, and within it the
+    Redis write every batch waits for before it is published (median over windows)."""
+    figures: list[Figure] = []
+    for attribute, label in (("gateway_publish", "gateway: AMI read -> broker confirm"),
+                             ("redis_write", "gateway: Redis write before the publish (per batch)")):
+        for q in (0.5, 0.99):
+            values = [found.value for w in windows
+                      if (found := bucket_quantile(q, getattr(w, attribute))) is not None]
+            figures.append(Figure(f"{label} p{q * 100:g}", median(values), "s", samples=values,
+                                  note="" if values else "not exported by this gateway"))
+    return figures
 
 
 def _bare_hop(ctx: Context, rate: float, seconds: float) -> list[float]:
@@ -291,6 +339,7 @@ def stage_e2e(ctx: Context) -> StageResult:
     result.add(Figure("AMI events/s sustained by the gateway", median(ami), "ev/s", note=f"offered {rate:.0f}",
                       samples=ami))
     result.figures.extend(latency_figures(windows, hops, E2E_TARGETS))
+    result.figures.extend(stage_figures(windows))
     result.figures.extend(pause_figures(windows))
     dropped = sum(w.dropped for w in windows)
     result.add(Figure("events/frames dropped", dropped, "", target=Target("<=", 0)))
@@ -316,7 +365,7 @@ def _window_details(w: Window) -> dict[str, Any]:
         "frames_rate": w.frames_rate, "observations": w.observed.get(float("inf"), 0.0),
         "p50": w.quantile(0.5), "p99": w.quantile(0.99), "p999": w.quantile(0.999), "dropped": w.dropped,
         "node_line_event_verdicts": w.verdicts, "cpu_seconds": w.cpu, "driver_starved": w.starved,
-        "play_failures": w.play_failures,
+        "play_failures": w.play_failures, "cores": w.cores,
         "side_probes": {"redis_ping": {"count": w.redis_probe.count, "p99": w.redis_probe.p99,
                                        "max": w.redis_probe.maximum, "over_5ms": w.redis_probe.over},
                         "broker_hop": {"count": w.broker_probe.count, "p99": w.broker_probe.p99,
@@ -389,6 +438,16 @@ def stage_burst(ctx: Context) -> StageResult:
                       samples=capacities, note="; ".join(notes)))
     result.add(Figure("knee: last step before latency turned up", None if knee.last_good is None
                       else knee.last_good.sustained, "ev/s", note=knee.reason))
+    # Who used the two cores at the step where latency turned up: a saturated machine shows as "machine" near
+    # the core count, and the rest says which process took what.
+    if knee.first_bad is not None:
+        rate = knee.first_bad.offered
+        at_knee = [w for steps in sweeps for s, w in steps if s.offered == rate]
+        for name in ("machine", "gateway", "node1", "node2", "haproxy", "simulator", "agents", "bench driver"):
+            values = [sum(c for n, c in w.cores.items() if n.startswith(name)) for w in at_knee
+                      if any(n.startswith(name) for n in w.cores)]
+            result.add(Figure(f"cores used at the {rate:,.0f}/s step: {name}", median(values), "cores",
+                              samples=values, note="load generator" if name in LOAD_DRIVERS else ""))
     at_target = next((s for s in merged if s.offered == BURST_RATE), None)
     result.add(Figure("end to end p99 at 5,000 AMI events/s", None if at_target is None else at_target.p99, "s",
                       exact_quantile(0.99, hop_at_target), Target("<=", BURST_P99),
@@ -464,6 +523,17 @@ def stage_soak(ctx: Context) -> StageResult:
                       target=Target("<=", SOAK_FLAT),
                       note="" if worst is None else f"{worst[0]}: {worst[1].relative * 100:+.1f} %"
                       + ("" if duration >= LONG_SOAK_SECONDS else f"; {duration:.0f} s soak (long mode: 1 h)")))
+    # Not a repeat of the soak (that is another run of it), but the same question asked of each third: a leak
+    # grows in every third, a one-off step (a cache filling, a burst of reconnects) in one.
+    thirds: list[float] = []
+    for index in range(3):
+        worst_third = [abs(parts[index].relative) for name, series_ in series.items()
+                       if name not in LOAD_GENERATORS
+                       and len(parts := segment_drifts(series_.samples, warmup=warmup, parts=3)) == 3]
+        if worst_third:
+            thirds.append(max(worst_third))
+    result.add(Figure("RSS drift within each third of the soak, worst cluster process", median(thirds), "fraction",
+                      samples=thirds, note="" if len(thirds) == 3 else "too few samples for thirds"))
     for name, drift in sorted(measured.items()):
         trend = f", trend {drift.slope_per_hour * 100:+.1f} %/h" if duration >= 600 else ""
         role = " (load generator, not judged)" if name in LOAD_GENERATORS else ""

@@ -32,6 +32,7 @@ __all__ = [
     "median",
     "parse_samples",
     "rss_drift",
+    "segment_drifts",
     "spread",
     "summarize_pauses",
     "top_costs",
@@ -328,6 +329,33 @@ def rss_drift(samples: Sequence[tuple[float, float]], *, warmup: float = 0.0, ed
     var_t = sum((t - mean_t) ** 2 for t, _ in kept)
     slope = sum((t - mean_t) * (v - mean_v) for t, v in kept) / var_t if var_t > 0 else 0.0
     return Drift(start, end, (end - start) / start, slope * 3600.0 / start, len(kept))
+
+
+def segment_drifts(samples: Sequence[tuple[float, float]], *, warmup: float = 0.0, parts: int = 3,
+                   edge: float = 0.2) -> list[Drift]:
+    """:func:`rss_drift` of each of ``parts`` equal stretches of time after ``warmup``: whether the growth of a
+    soak is steady (every stretch grows: a leak) or one step (one stretch grows, the others are flat). Stretches
+    with too few samples are left out."""
+    if parts < 1:
+        raise ValueError(f"parts must be at least 1, not {parts}")
+    if not samples:
+        return []
+    t0 = min(t for t, _ in samples)
+    kept = sorted((t, v) for t, v in samples if t - t0 >= warmup)
+    if not kept:
+        return []
+    first, last = kept[0][0], kept[-1][0]
+    width = (last - first) / parts
+    if width <= 0:
+        return []
+    drifts: list[Drift] = []
+    for i in range(parts):
+        low, high = first + i * width, first + (i + 1) * width
+        inside = [(t, v) for t, v in kept if low <= t < high or (i == parts - 1 and t == high)]
+        drift = rss_drift(inside, edge=edge)
+        if drift is not None:
+            drifts.append(drift)
+    return drifts
 
 
 # ---- pauses: GC and event-loop lag --------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -222,8 +223,14 @@ def main(argv: list[str] | None = None) -> int:
 
     loop.add_signal_handler(signal.SIGTERM, on_signal)
     loop.add_signal_handler(signal.SIGINT, on_signal)
-    reactor.callWhenRunning(
-        lambda: Deferred.fromFuture(background(node.start(), report=False)).addErrback(on_start_failed))
+    async def start() -> None:
+        await node.start()
+        # What start-up made (modules, classes, the site: ~70,000 objects) lives as long as the process. Out of
+        # the collector's sight, a full collection no longer walks it: with 2,000 agents a node's longest GC
+        # pause was 110 ms, the end-to-end p99.9 of the windows that had one (bench e2e).
+        gc.freeze()
+
+    reactor.callWhenRunning(lambda: Deferred.fromFuture(background(start(), report=False)).addErrback(on_start_failed))
     reactor.run(installSignalHandlers=False)
     return 1 if start_failed else 0
 

@@ -8,7 +8,9 @@ and end times. A call that rang line L is, for L's agent, the Creatio call whose
 ``call_guid(f"{linkedid}:{L}")`` (the gateway's call id for that line, as the node encodes it).
 
 Verdict per agent line:
-* missing: a call that rang the line and never reached the agent (no event at all);
+* missing: a call that rang the line and never reached the agent (no event at all); a call that rang and
+  ended while every agent of its lines was disconnected is not expected (issue 11: it is not replayed after
+  the reconnect, or Creatio would pop it up as a new call), as in ops/chaos/verdict.py;
 * unfinished: a call that ended before the drill's end but whose end never reached the agent;
 * wrong: the agent saw the call with another caller number than the one played.
 """
@@ -114,6 +116,19 @@ def _leg_times(times_by_channel: Mapping[str, Any], lines: Iterable[str],
         if times:
             found[line] = pick(times)
     return found
+
+
+def inside_every_outage(call: TruthCall, outages: Mapping[str, Iterable[tuple[float, float]]]) -> bool:
+    """The call rang and ended while every agent of its lines was disconnected (``outages``: per line, the
+    (dropped, ready again) times of its agent; ready 0 = never back). Not sent after the reconnect, by design."""
+    def away(line: str) -> bool:
+        # judged by the line's own leg (its phone channel) when the simulator reported it
+        start, end = call.leg_start(line), call.leg_end(line)
+        if end is None:
+            return False
+        return any(dropped <= start and (not ready or end <= ready) for dropped, ready in outages.get(line, ()))
+
+    return call.ended is not None and all(away(line) for line in call.lines)
 
 
 def judge(

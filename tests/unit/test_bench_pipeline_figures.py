@@ -8,7 +8,7 @@ import math
 import pytest
 
 from bench.pauses import WindowPauses
-from bench.stages_pipeline import E2E_TARGETS, Window, latency_figures, pause_figures
+from bench.stages_pipeline import E2E_TARGETS, Window, latency_figures, pause_figures, stage_figures
 from bench.stats import summarize_pauses
 
 
@@ -62,3 +62,20 @@ def test_missing_pause_records_are_said_not_hidden() -> None:
     figures = {f.name: f for f in pause_figures([window])}
     assert figures["nodes: GC pause max"].value is None
     assert "no pause records" in figures["nodes: GC pause max"].note
+
+
+def test_where_the_time_goes_inside_the_gateway() -> None:
+    windows = [_window(0.002, 0.004, 0.001, 0.001), _window(0.003, 0.004, 0.001, 0.001)]
+    # 100 events: half confirmed within 2 ms / 3 ms of their AMI read; batches stored in Redis within 1 ms
+    windows[0].gateway_publish = {0.002: 50.0, 0.01: 100.0, math.inf: 100.0}
+    windows[1].gateway_publish = {0.003: 50.0, 0.01: 100.0, math.inf: 100.0}
+    for w in windows:
+        w.redis_write = {0.001: 10.0, math.inf: 10.0}
+    figures = {f.name: f for f in stage_figures(windows)}
+    assert figures["gateway: AMI read -> broker confirm p50"].value == pytest.approx(0.0025)
+    assert figures["gateway: AMI read -> broker confirm p50"].samples == pytest.approx([0.002, 0.003])
+    assert figures["gateway: Redis write before the publish (per batch) p99"].value == pytest.approx(0.00099)
+    # a gateway without the histograms: said, not a zero
+    empty = {f.name: f for f in stage_figures([_window(0.002, 0.004, 0.001, 0.001)])}
+    assert empty["gateway: AMI read -> broker confirm p50"].value is None
+    assert "not exported" in empty["gateway: AMI read -> broker confirm p50"].note

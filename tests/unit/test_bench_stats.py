@@ -189,3 +189,18 @@ def test_summarize_pauses() -> None:
     assert summary.total == pytest.approx(0.039) and summary.mean == pytest.approx(0.00975)
     empty = summarize_pauses([])
     assert empty.count == 0 and empty.maximum == 0.0 and empty.p99 is None and empty.mean == 0.0
+
+
+def test_segment_drifts_tell_a_steady_leak_from_one_step() -> None:
+    from bench.stats import segment_drifts
+
+    mb = 1024 * 1024
+    leak = [(float(t), 100 * mb * (1 + 0.09 * t / 900)) for t in range(0, 901, 5)]
+    steady = segment_drifts(leak, parts=3)
+    assert len(steady) == 3 and all(0.02 < d.relative < 0.035 for d in steady)
+    step = [(float(t), 100 * mb if t < 450 else 109 * mb) for t in range(0, 901, 5)]
+    drifts = [d.relative for d in segment_drifts(step, parts=3)]
+    assert drifts[0] == 0 and drifts[2] == 0 and drifts[1] > 0.08
+    # warm-up is left out, and a stretch with fewer than 4 samples is not reported
+    assert len(segment_drifts([(0.0, 1.0), (100.0, 5.0), (101.0, 5.0)], warmup=50, parts=1)) == 0
+    assert segment_drifts([], parts=3) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ops.drill.truth import (
     SeenCall,
     TruthCall,
+    inside_every_outage,
     judge,
     parse_truth,
     percentile,
@@ -88,3 +89,17 @@ def test_each_lines_leg_ends_when_its_phone_channel_hung_up() -> None:
     assert call.leg_end("4000") == 129.9 and call.leg_end("4001") == 104.0
     assert call.leg_end("4002") == 130.0  # no channel of its own: the call's end
     assert call.leg_start("4000") == 101.0 and call.leg_start("4001") == 101.5 and call.leg_start("4002") == 100.0
+
+
+def test_a_call_wholly_inside_every_agents_outage_is_not_expected() -> None:
+    queue_call = TruthCall("2.1", ("4000", "4001"), "7916", started=105.0, ended=108.0)
+    both_down = {"4000": [(100.0, 109.0)], "4001": [(104.0, 110.0)]}
+    assert inside_every_outage(queue_call, both_down)
+    # one of its agents was connected for part of it: it is expected there
+    assert not inside_every_outage(queue_call, {"4000": [(100.0, 109.0)], "4001": [(106.0, 110.0)]})
+    assert not inside_every_outage(queue_call, {"4000": [(100.0, 109.0)]})
+    # it ended after the agent was back, or it is still live: expected
+    assert not inside_every_outage(queue_call, {"4000": [(100.0, 107.0)], "4001": [(104.0, 110.0)]})
+    assert not inside_every_outage(TruthCall("2.2", ("4000",), "", 105.0, None), both_down)
+    # an agent that never came back (ready 0) misses everything after its drop
+    assert inside_every_outage(TruthCall("2.3", ("4000",), "", 105.0, 200.0), {"4000": [(100.0, 0.0)]})
