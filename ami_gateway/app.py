@@ -388,12 +388,16 @@ class Gateway:
         log.warning("took the gateway lease: epoch %s%s", term.epoch,
                     " (after an earlier gateway's term)" if after_earlier_term else "")
         self.active = True
-        if self.ami is not None:
-            # AMI events keep coming and the tracker follows them as before, but what it says still goes to the
-            # shadow log until the activation has published that log: nothing is published out of order, and
-            # nothing older than the takeover's channel listing is applied after it (a phone hung up before the
-            # listing would be forgotten, and its call's events with it).
+        if self.ami is not None and self._shadow_session is not None:
+            # A warm standby's tracker has listed the channels and followed every event since: it keeps
+            # following, but what it says still goes to the shadow log until the activation has published that
+            # log. Nothing is published out of order, and nothing older than the takeover's channel listing is
+            # applied after it (a phone hung up before the listing would be forgotten, with its call's events).
             self._shadow_until_activated = True
+        elif self.ami is not None and self._resync_buffer is None:
+            # A tracker that has not listed the channels yet (a gateway starting) would take a phone whose Dial
+            # it never saw for the agent dialling out: events wait for the activation's listing.
+            self._resync_buffer = []
         self._after_earlier_term = after_earlier_term
         self.sequencer.restart(term.epoch)
         self.writer.fence(self.lease.key, term.token)
