@@ -573,7 +573,7 @@ class Gateway:
                 if channels is not None:
                     now = time.time()
                     # straight to the shadow log even if the lease was taken meanwhile: the takeover publishes it
-                    resynced = self.tracker.resync(channels, now) + self.agents.resync(members or [], now)
+                    resynced = self.tracker.resync(channels, now) + self._agents_resync(members, now)
                     self._shadow.add(resynced, now)
                 self._shadow_session = session
             except AmiError as exc:
@@ -613,7 +613,7 @@ class Gateway:
                     if announced is not None:
                         announced |= {e.call.id for e in published if e.call is not None}
                     resynced = (self.tracker.resync(channels, now, announced=announced)
-                                + self.agents.resync(members or [], now))
+                                + self._agents_resync(members, now))
                     self._emit(resynced)
                     self._reconcile(published + resynced, now)
                     self._finish_stale_calls(now, already=takeover.finished_ids(published + resynced))
@@ -644,6 +644,11 @@ class Gateway:
         if not _succeeded(listing):
             return None
         return [status_as_core_show_channel(m) for m in listing if m.event == "Status"]
+
+    def _agents_resync(self, members: list[AmiMessage] | None, now: float) -> list[LineEvent]:
+        # A QueueStatus that failed or was refused says nothing: an empty list would be read as "every
+        # membership gone" and report paused agents ready. What the tracker knew stands until the next event.
+        return [] if members is None else self.agents.resync(members, now)
 
     @staticmethod
     async def _queue_members(session: AmiSession) -> list[AmiMessage] | None:

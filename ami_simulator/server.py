@@ -313,6 +313,8 @@ class AmiSimulator:
         self.astdb: dict[tuple[str, str], str] = {}
         #: lines whose phone is not registered: Originate to them fails like chan_sip/chan_pjsip would.
         self.unregistered: set[str] = set()
+        #: actions (lower case) of modules not loaded: Asterisk answers them as unknown (app_queue absent: QueueStatus)
+        self.unloaded_actions: set[str] = set()
         self._restart_task: asyncio.Task[int] | None = None  # a restart asked for on the control port
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -367,6 +369,14 @@ class AmiSimulator:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(server.wait_closed(), 2.0)
         self._server = self._control = None
+
+    def drop_clients(self) -> int:
+        """The manager connections break (a network cut, a firewall's idle timeout) while Asterisk runs on: every
+        session is aborted without a Shutdown event, and calls carry on. Returns how many sessions were dropped."""
+        sessions = list(self._sessions)
+        for session in sessions:
+            session.close(abort=True)
+        return len(sessions)
 
     async def restart(self, down_for: float = 0.0) -> int:
         """Asterisk restarting (``core restart now``): every manager session gets ``Shutdown`` (Restart: True)
@@ -807,7 +817,7 @@ class AmiSimulator:
         if key not in ("login", "logoff", "challenge") and not s.authenticated:
             s.error(m, "Permission denied")
             return
-        handler = getattr(self, f"_act_{key}", None)
+        handler = getattr(self, f"_act_{key}", None) if key not in self.unloaded_actions else None
         if handler is None:
             s.error(m, "Invalid/unknown command")
             return

@@ -476,6 +476,34 @@ def test_pause_and_unpause_in_every_queue_with_a_reason(infra: Infrastructure, p
     run(main())
 
 
+def test_an_ami_reconnect_whose_queue_listing_fails_keeps_a_paused_agent_paused(
+    infra: Infrastructure, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A QueueStatus that fails says nothing about the queues: it used to be read as an empty listing, every
+    membership gone, and a paused agent was reported ready after every AMI reconnect of a PBX without app_queue
+    loaded (or one whose listing timed out)."""
+    caplog.set_level(logging.WARNING, logger="ami_gateway.app")
+
+    async def main() -> None:
+        async with rig(infra, prefix) as r:
+            assert (await r.send("305", CommandName.AGENT_PAUSE, reason="Lunch")).ok
+            await r.events.wait_for(lambda e: e.line == "305" and e.agent is not None and e.agent.paused,
+                                    what="paused")
+            r.sim.unloaded_actions.add("queuestatus")
+            seen = len(r.events.of_line("305"))
+            r.gateway.ready.clear()
+            assert r.sim.drop_clients() >= 1
+            await asyncio.wait_for(r.gateway.ready.wait(), 10)  # reconnected and resynced
+            assert any("QueueStatus refused" in m for m in caplog.messages)
+            # the next event on the line comes after the resync: an agent state in it would have been published
+            r.sim.play("inbound-direct-answered", line="305")
+            await r.event("305", EventType.RING_STARTED)
+            after = r.events.of_line("305")[seen:]
+            assert not [e for e in after if e.agent is not None and not e.agent.paused], after
+
+    run(main())
+
+
 def test_an_older_nodes_command_is_carried_out_and_a_broken_one_is_answered(infra: Infrastructure,
                                                                             prefix: str) -> None:
     async def main() -> None:
