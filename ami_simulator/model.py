@@ -163,6 +163,9 @@ class Call:
     channels_ended: dict[str, float] = field(default_factory=dict)
     #: channel name -> when it was created (a queue member's phone rings seconds after the call began)
     channels_started: dict[str, float] = field(default_factory=dict)
+    #: channel name -> when it first alerted its user: off hook dialling (Ring), ringing, or up. A phone channel
+    #: created a moment before the PBX died (or the caller gave up) may never have rung at all.
+    channels_alerted: dict[str, float] = field(default_factory=dict)
     #: the digits PlayDTMF played into the call, in order (what a test checks the PBX was asked for)
     dtmf: str = ""
 
@@ -179,6 +182,7 @@ class Call:
             "liveChannels": sorted(self.live),
             "channelsEnded": dict(self.channels_ended),
             "channelsStarted": dict(self.channels_started),
+            "channelsAlerted": dict(self.channels_alerted),
         }
 
 
@@ -263,9 +267,14 @@ class PbxModel:
                     call.channels.append(channel.name)
                     call.live.add(channel.name)
                     call.channels_started[channel.name] = time.time()
+                    self._note_alerted(channel, call)
             return [msg]
         self._update_snapshot(msg, "")
         self._update_snapshot(msg, "Dest")
+        if event == "Newstate":
+            channel = self.by_uniqueid.get(msg.get("Uniqueid") or "")
+            if channel is not None:
+                self._note_alerted(channel, call or self.call_of(channel))
         if event == "Hangup":
             self._remove_channel(msg.get("Channel", "") or "")
         elif event == "BridgeCreate":
@@ -329,6 +338,12 @@ class PbxModel:
             value = msg.get(prefix + k)
             if value is not None and k != "Uniqueid":
                 channel.snapshot[k] = value
+
+    @staticmethod
+    def _note_alerted(channel: Channel, call: Call | None) -> None:
+        # ChannelState 4 Ring (off hook, dialling), 5 Ringing, 6 Up: the user has been told of the call
+        if call is not None and channel.snapshot.get("ChannelState") in ("4", "5", "6"):
+            call.channels_alerted.setdefault(channel.name, time.time())
 
     def _remove_channel(self, name: str) -> None:
         channel = self.channels.pop(name, None)

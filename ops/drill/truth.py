@@ -44,6 +44,8 @@ class TruthCall:
     leg_starts: Mapping[str, float] = field(default_factory=dict)
     #: the simulator reported the call's channels (``channelsStarted``): a line without a leg never rang
     legs_reported: bool = False
+    #: line -> when that line's phone first rang, was off hook or up; None: not reported (an older simulator)
+    leg_alerts: Mapping[str, float] | None = None
 
     def leg_end(self, line: str) -> float | None:
         return self.leg_ends.get(line, self.ended)
@@ -53,8 +55,15 @@ class TruthCall:
 
     def never_rang(self, line: str) -> bool:
         """The simulator reported the call's channels and none was ``line``'s phone (e.g. a queue call whose
-        PBX died before it rang the members); unknown (False) for a simulator that does not report them."""
-        return self.legs_reported and line not in self.leg_starts and self.ended is not None
+        PBX died before it rang the members), or whose phone channel was created but vanished without ever ringing
+        (the PBX died between creating it and the phone's 180 Ringing: no Hangup, no ring, nothing to report; a
+        phone that refused busy never rang either, but hung up, and its agent is owed the busy call); unknown
+        (False) for a simulator that does not report them."""
+        if not self.legs_reported or self.ended is None:
+            return False
+        if line not in self.leg_starts:
+            return True
+        return self.leg_alerts is not None and line not in self.leg_alerts and line not in self.leg_ends
 
 
 @dataclass(slots=True)
@@ -100,6 +109,7 @@ def parse_truth(payload: Mapping[str, Any], agent_lines: Iterable[str]) -> list[
                 leg_ends=_leg_times(item.get("channelsEnded") or {}, lines, max),
                 leg_starts=_leg_times(item.get("channelsStarted") or {}, lines, min),
                 legs_reported="channelsStarted" in item,
+                leg_alerts=(_leg_times(item["channelsAlerted"], lines, min) if "channelsAlerted" in item else None),
             )
         )
     return calls

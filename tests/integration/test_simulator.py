@@ -265,6 +265,28 @@ def test_core_show_channels_follows_a_call() -> None:
     run(t)
 
 
+def test_calls_report_when_each_phone_first_rang_and_a_restart_leaves_unrung_phones_out() -> None:
+    """``channelsAlerted``: when each channel first rang, went off hook or up (the chaos verdict owes an agent
+    nothing for a phone the PBX created and lost before it rang)."""
+    async def t(sim: AmiSimulator) -> None:
+        c = await Client.connect(sim.port)
+        await c.login()
+        call = sim.play("inbound-direct-answered", line="305")
+        await sim.wait_call(call, TIMEOUT)
+        report = call.to_json()
+        phone = call.planned[1]
+        assert report["channelsStarted"][phone] <= report["channelsAlerted"][phone] <= report["channelsEnded"][phone]
+        queued = sim.play("inbound-queue", line="305", agent2="306")
+        await c.event("Newchannel", Channel=next(n for n in queued.planned if n.startswith("SIP/306-")))
+        assert await sim.restart() == 1  # before the phones' Newstate Ringing (10 ms apart in the scenario)
+        lost = queued.to_json()
+        phones = [name for name in lost["channelsStarted"] if name.startswith(("SIP/305-", "SIP/306-"))]
+        assert phones and not any(name in lost["channelsAlerted"] or name in lost["channelsEnded"] for name in phones)
+        await c.close()
+
+    run(t)
+
+
 def test_originate_click_to_dial() -> None:
     async def t(sim: AmiSimulator) -> None:
         c = await Client.connect(sim.port)

@@ -138,6 +138,23 @@ def test_a_line_whose_phone_never_rang_is_not_owed_the_call() -> None:
     assert judge_phase(crash, [queued, nobody], obs, [], guid).lost_calls == ["500:1"]
 
 
+def test_a_phone_created_but_gone_with_the_pbx_before_it_rang_is_not_owed_one_that_rang_or_refused_is() -> None:
+    """Chaos run, asterisk-restart: the queue created both members' phone channels 0.1 s before Asterisk died;
+    neither reached Ringing (sendRingStartedOnRingingState announces on the ring), and neither hung up: they vanished
+    with the PBX. Nothing rang, nothing is owed. A phone that rang, or refused busy (hung up), is owed its call."""
+    crash = Phase("asterisk-restart", 100.0, 110.0, 112.0, 130.0)
+    vanished = TruthCall("1", ("500", "501"), "7916", 109.0, 110.1, "inbound-queue",
+                         leg_starts={"500": 110.0, "501": 110.0}, legs_reported=True, leg_alerts={})
+    rang = TruthCall("2", ("500",), "7916", 109.0, 110.1, "inbound-direct-answered",
+                     leg_starts={"500": 109.2}, legs_reported=True, leg_alerts={"500": 109.3})
+    busy = TruthCall("3", ("501",), "7916", 109.0, 110.1, "inbound-busy",
+                     leg_starts={"501": 109.2}, leg_ends={"501": 109.3}, legs_reported=True, leg_alerts={})
+    older = TruthCall("4", ("501",), "7916", 109.0, 110.1, "inbound-queue", leg_starts={"501": 110.0},
+                      legs_reported=True)  # a simulator that does not report rings: owed, as before
+    obs = [Observation("500", {}, {}, quiet_probes(112.0)), Observation("501", {}, {}, quiet_probes(112.0))]
+    assert judge_phase(crash, [vanished, rang, busy, older], obs, [], guid).lost_calls == ["500:2", "501:3", "501:4"]
+
+
 def test_a_leg_wholly_inside_an_ami_outage_left_nothing_to_report_one_outliving_it_is_expected() -> None:
     cut = Phase("ami-cut", 100.0, 110.0, 112.0, 130.0, pbx_unheard=True)
     unheard = TruthCall("1", ("500",), "7916", 110.5, 114.0, "inbound-busy", leg_ends={"500": 110.6})
