@@ -272,9 +272,9 @@ class PbxModel:
         self._update_snapshot(msg, "")
         self._update_snapshot(msg, "Dest")
         if event == "Newstate":
-            channel = self.by_uniqueid.get(msg.get("Uniqueid") or "")
-            if channel is not None:
-                self._note_alerted(channel, call or self.call_of(channel))
+            changed = self.by_uniqueid.get(msg.get("Uniqueid") or "")
+            if changed is not None:
+                self._note_alerted(changed, call or self.call_of(changed))
         if event == "Hangup":
             self._remove_channel(msg.get("Channel", "") or "")
         elif event == "BridgeCreate":
