@@ -38,12 +38,10 @@ def report_of(result: ChaosResult, fault: str) -> PhaseReport:
     return next(r for r in result.reports if r.phase.name == fault)
 
 
-#: fault -> what the cluster still misses under it now and then (issue 10 stays open for it). Not strict: it
-#: passed in the last full `make chaos` runs and in most short ones; a pass shows as XPASS.
-NOT_YET: dict[str, str] = {
-    "cluster-restart": "a call ringing while the restarted gateway lists the channels is sometimes announced "
-                       "with the agent's own number as caller (seen once in a short run on 7 Dec 2026)",
-}
+#: fault -> what the cluster still misses under it now and then (xfail, not strict: a pass shows as XPASS). Empty
+#: since the warm-standby fix (a gateway starting cold buffers events until its first channel listing) held over
+#: full `make chaos` runs on 7 Dec 2026.
+NOT_YET: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("fault", [
