@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ops.drill.truth import SeenCall, TruthCall, judge, parse_truth, percentile
+from ops.drill.truth import SeenCall, TruthCall, judge, leg_missed_while_away, parse_truth, percentile
 from ws_node.creatio_protocol import MsgEventType
 
 # Creatio's event numbers, from the one module that has them (the drill and the bench use it too).
@@ -276,10 +276,6 @@ def _drop_in(obs: Observation, phase: Phase) -> Drop | None:
 
 #: a line's leg that ends this soon after the AMI link is back was still over before the gateway could look
 UNHEARD_SLACK = 0.5
-#: frames in flight when an agent's connection dies die with it (Creatio's protocol has no acknowledgements,
-#: a proxy or node killed drops what it buffered): a leg that began this shortly before the drop counts as
-#: begun in it
-IN_FLIGHT_SLACK = 0.5
 
 
 def _expected_lines(call: TruthCall, observations: Sequence[Observation], phases: Sequence[Phase]) -> tuple[str, ...]:
@@ -302,9 +298,7 @@ def _expected_lines(call: TruthCall, observations: Sequence[Observation], phases
             continue
         agents = [o for o in observations if o.line == line]
         away = bool(agents) and all(
-            any(d.dropped_at - IN_FLIGHT_SLACK <= leg_start and (not d.ready_at or leg_end <= d.ready_at)
-                for d in o.drops)
-            for o in agents
+            leg_missed_while_away(call, line, [(d.dropped_at, d.ready_at) for d in o.drops]) for o in agents
         )
         unheard = any(p.pbx_unheard and p.fault_start <= leg_start
                       and leg_end <= max(p.fault_end, p.pbx_heard_at) + UNHEARD_SLACK for p in phases)

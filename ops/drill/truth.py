@@ -8,9 +8,10 @@ and end times. A call that rang line L is, for L's agent, the Creatio call whose
 ``call_guid(f"{linkedid}:{L}")`` (the gateway's call id for that line, as the node encodes it).
 
 Verdict per agent line:
-* missing: a call that rang the line and never reached the agent (no event at all); a call that rang and
-  ended while every agent of its lines was disconnected is not expected (issue 11: it is not replayed after
-  the reconnect, or Creatio would pop it up as a new call), as in ops/chaos/verdict.py;
+* missing: a call that rang the line and never reached the agent (no event at all); a line's leg that rang
+  and ended while that line's agent was disconnected is not expected (issue 11: it is not replayed after
+  the reconnect, or Creatio would pop it up as a new call), nor one whose phone never rang
+  (:func:`owed_lines`, shared with ops/chaos/verdict.py);
 * unfinished: a call that ended before the drill's end but whose end never reached the agent;
 * wrong: the agent saw the call with another caller number than the one played.
 """
@@ -128,17 +129,28 @@ def _leg_times(times_by_channel: Mapping[str, Any], lines: Iterable[str],
     return found
 
 
-def inside_every_outage(call: TruthCall, outages: Mapping[str, Iterable[tuple[float, float]]]) -> bool:
-    """The call rang and ended while every agent of its lines was disconnected (``outages``: per line, the
-    (dropped, ready again) times of its agent; ready 0 = never back). Not sent after the reconnect, by design."""
-    def away(line: str) -> bool:
-        # judged by the line's own leg (its phone channel) when the simulator reported it
-        start, end = call.leg_start(line), call.leg_end(line)
-        if end is None:
-            return False
-        return any(dropped <= start and (not ready or end <= ready) for dropped, ready in outages.get(line, ()))
+#: a leg that began this close before its agent's connection dropped counts as begun in the drop: frames in
+#: flight die with the connection (Creatio's protocol has no acknowledgements)
+IN_FLIGHT_SLACK = 0.5
 
-    return call.ended is not None and all(away(line) for line in call.lines)
+
+def leg_missed_while_away(call: TruthCall, line: str, outages: Iterable[tuple[float, float]]) -> bool:
+    """``line``'s leg of ``call`` (its phone channel) rang and ended while that agent was disconnected
+    (``outages``: its (dropped, ready again) times; ready 0 = never back), or began within :data:`IN_FLIGHT_SLACK`
+    before the drop. Such a call is not sent after the reconnect, by design (docs/creatio-protocol.md,
+    issue 11: Creatio would pop a replayed ring up as a new call; the call is in Creatio's call records)."""
+    start, end = call.leg_start(line), call.leg_end(line)
+    if end is None:
+        return False
+    return any(dropped - IN_FLIGHT_SLACK <= start and (not ready or end <= ready) for dropped, ready in outages)
+
+
+def owed_lines(call: TruthCall, outages: Mapping[str, Iterable[tuple[float, float]]]) -> tuple[str, ...]:
+    """The lines of ``call`` whose agent (one per line, ``outages`` by line) can be expected to hear of it: not
+    a line whose phone never rang, nor one whose leg it missed while away. Judged per line: a queue call's
+    second agent may have been away while the first was not."""
+    return tuple(line for line in call.lines
+                 if not call.never_rang(line) and not leg_missed_while_away(call, line, outages.get(line, ())))
 
 
 def judge(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from ops.drill.truth import (
     SeenCall,
     TruthCall,
-    inside_every_outage,
     judge,
+    owed_lines,
     parse_truth,
     percentile,
     snapshot_is_correct,
@@ -91,15 +91,25 @@ def test_each_lines_leg_ends_when_its_phone_channel_hung_up() -> None:
     assert call.leg_start("4000") == 101.0 and call.leg_start("4001") == 101.5 and call.leg_start("4002") == 100.0
 
 
-def test_a_call_wholly_inside_every_agents_outage_is_not_expected() -> None:
+def test_each_agents_leg_is_owed_unless_it_rang_and_ended_while_that_agent_was_away() -> None:
     queue_call = TruthCall("2.1", ("4000", "4001"), "7916", started=105.0, ended=108.0)
     both_down = {"4000": [(100.0, 109.0)], "4001": [(104.0, 110.0)]}
-    assert inside_every_outage(queue_call, both_down)
-    # one of its agents was connected for part of it: it is expected there
-    assert not inside_every_outage(queue_call, {"4000": [(100.0, 109.0)], "4001": [(106.0, 110.0)]})
-    assert not inside_every_outage(queue_call, {"4000": [(100.0, 109.0)]})
-    # it ended after the agent was back, or it is still live: expected
-    assert not inside_every_outage(queue_call, {"4000": [(100.0, 107.0)], "4001": [(104.0, 110.0)]})
-    assert not inside_every_outage(TruthCall("2.2", ("4000",), "", 105.0, None), both_down)
+    assert owed_lines(queue_call, both_down) == ()
+    # judged per line: the queue's second agent was away, the first was back before the call ended
+    assert owed_lines(queue_call, {"4000": [(100.0, 107.0)], "4001": [(104.0, 110.0)]}) == ("4000",)
+    assert owed_lines(queue_call, {"4000": [(100.0, 109.0)]}) == ("4001",)
+    # the second member's phone rang only after its agent dropped: that leg is not owed, the first is
+    late_leg = TruthCall("2.4", ("4000", "4001"), "7916", 105.0, 108.0, leg_starts={"4001": 106.5},
+                         leg_ends={"4001": 107.0})
+    assert owed_lines(late_leg, {"4001": [(106.0, 110.0)]}) == ("4000",)
+    # a leg that began just before the drop: its frames died with the connection
+    assert owed_lines(TruthCall("2.5", ("4000",), "", 105.8, 107.0), {"4000": [(106.0, 110.0)]}) == ()
+    assert owed_lines(TruthCall("2.6", ("4000",), "", 105.0, 107.0), {"4000": [(106.0, 110.0)]}) == ("4000",)
+    # still live, or ended after the agent was back: owed
+    assert owed_lines(TruthCall("2.2", ("4000",), "", 105.0, None), both_down) == ("4000",)
     # an agent that never came back (ready 0) misses everything after its drop
-    assert inside_every_outage(TruthCall("2.3", ("4000",), "", 105.0, 200.0), {"4000": [(100.0, 0.0)]})
+    assert owed_lines(TruthCall("2.3", ("4000",), "", 105.0, 200.0), {"4000": [(100.0, 0.0)]}) == ()
+    # a phone the PBX lost before it rang is owed nothing, connected agent or not
+    lost = TruthCall("2.7", ("4000",), "", 105.0, 106.0, leg_starts={"4000": 105.9}, legs_reported=True,
+                     leg_alerts={})
+    assert owed_lines(lost, {}) == ()
