@@ -506,8 +506,8 @@ class LineFeed:
             for line in due:
                 del self._settling[line]
             due = [line for line in due if self.router.position(line) is not None]
-            if not due or not self.redis_available:
-                continue  # Redis away: the lines it matters for are resynced once it is back
+            if not due:
+                continue
             try:
                 stored = await asyncio.wait_for(self.reader.positions(due), self._redis_timeout)
                 for line in due:

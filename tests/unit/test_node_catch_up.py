@@ -384,3 +384,20 @@ def test_a_repair_after_a_reconnect_waits_for_redis_to_reach_what_the_node_deliv
             assert [e.seq for e in tab.events] == [1, 2, 3] and tab.resyncs == []
 
     _run(body)
+
+
+def test_a_second_look_that_cannot_reach_redis_resyncs_the_line_once_redis_is_back() -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
+        feed, _, reader = world.node()
+        async with _running(feed):
+            (ring,) = await gateway.emit(ringing("316", 1), store=False)  # routed before the bind
+            tab = Collector()
+            await feed.follow(tab, "316")
+            reader.link.fail()  # the node's Redis goes away before its second look
+            await gateway.writer.write([ring])
+            await until(lambda: not feed.redis_available, what="the second look failing")
+            reader.link.recover()
+            await until(lambda: bool(tab.resyncs), timeout=10, what="the line resynced once Redis answers")
+            assert ring.call is not None and [c.id for c in tab.resyncs[-1].calls] == [ring.call.id]
+
+    _run(body)
