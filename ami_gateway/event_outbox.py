@@ -8,7 +8,7 @@ Redis is written beside the publish, not before it (issue 15: a Redis write in s
 event its round trip). The drain task takes batches in order and, for each, hands it to the store
 task (Redis: state + history + position, one fenced script) *and* publishes it to RabbitMQ with
 publisher confirms, in the same step, awaiting neither: an event pays the broker hop only, while its
-Redis write travels at the same time. Up to ``window`` batches are in flight at once. A batch is
+Redis write travels at the same time. Up to ``window`` batches await the broker's confirms at once. A batch is
 done, and its events leave the outbox, only when the broker confirmed it *and* Redis holds it. The
 store task writes strictly in order (the calls hash and the position are "last write wins"), merges
 what waits into one script call, and retries a failed write with backoff; a nack, a lost channel or
@@ -22,8 +22,8 @@ What this gives up, and why it is safe (docs/performance.md, "Redis beside the p
 * A node may receive event (epoch, n) a moment before Redis holds it. A node reads the history only
   when it repairs (a gap, a new epoch, a reconnect), and then waits briefly for the entry it needs
   (ws_node/line_feed.py); an event in order is delivered without touching Redis.
-* At most ``window`` batches are ever ahead of Redis: a published batch keeps its place in the window
-  until its write lands. Once a write has failed, or one has been outstanding for
+* Redis is never more than ``window * batch_size`` events behind the broker: a published batch stays in
+  the outbox until its write lands. Once a write has failed, or one has been outstanding for
   ``store_stall_seconds``, nothing more is published until Redis answers, so an outage costs only the
   batches already out when it began and the outbox is back to "store, then publish". The write is
   retried until it lands (Redis back with its data: the history is complete), or the outbox overflows
@@ -384,8 +384,7 @@ class EventOutbox:
                     self._idle.set()
                     await self._wakeup.wait()
                     continue
-                if (self._sent < self._base + len(self._queue) and len(self._in_flight) < self._window_size
-                        and not self._redis_in_trouble()):
+                if self._sent < self._base + len(self._queue) and self._room() and not self._redis_in_trouble():
                     if await self._store_and_send(backoff):
                         continue
                 # Window full, everything sent, Redis failing, or (after an outage) a batch waiting for its
@@ -410,7 +409,9 @@ class EventOutbox:
             await self._held_back()
             return True
         self._holding = False
-        end = min(self._sent + self._batch_size, self._base + len(self._queue))
+        # _room() said Redis is less than window * batch_size events behind: the batch keeps it so.
+        end = min(self._sent + self._batch_size, self._base + len(self._queue),
+                  self._stored + self._window_size * self._batch_size)
         if self._handed < end:
             # After a failed publish the same events go out again; each is written once.
             self._to_store.append(_ToStore([self._queue[i - self._base] for i in range(self._handed, end)], end))
@@ -434,6 +435,17 @@ class EventOutbox:
         self._in_flight.append(in_flight)
         return True
 
+    def _room(self) -> bool:
+        """Whether another batch may go out: at most ``window`` batches unconfirmed by the broker, and Redis at
+        most ``window * batch_size`` events behind the broker. Redis's lag is counted in events, not batches: at
+        a low rate each batch is an event or two, and a write slower than a few of them would otherwise hold
+        the publish back, Redis in series again at the tail."""
+        if self._sent - self._stored >= self._window_size * self._batch_size:
+            return False
+        if len(self._in_flight) < self._window_size:
+            return True
+        return sum(1 for batch in self._in_flight if not batch.confirms.done()) < self._window_size
+
     def _redis_in_trouble(self) -> bool:
         """Whether to stop publishing beside Redis: its last write failed, or one hangs. The batches already
         out then wait for their writes, and nothing more goes out until Redis answers again, so an outage
@@ -448,7 +460,7 @@ class EventOutbox:
         wins"), merging what waits into one script call, retrying a failed write with backoff.
 
         A batch may be on the broker already while its write waits or is retried: it keeps its place in the
-        window until the write lands, so at most ``window`` batches are ever ahead of Redis."""
+        outbox until the write lands, and at most ``window * batch_size`` events are ever ahead of Redis."""
         backoff = Backoff(initial=0.1, maximum=2.0)
         while not self.fenced:
             if not self._to_store:

@@ -350,3 +350,27 @@ def test_writes_paused_holds_the_store_task_and_the_publish_still_goes_out() -> 
             assert [e.seq for e in await gateway.stored("501")] == [1]
 
     _run(body)
+
+
+def test_a_slow_write_does_not_hold_small_batches_back_redis_lag_is_bounded_in_events() -> None:
+    """At a low rate every batch is an event or two: a Redis write slower than ``window`` of them must not hold
+    the publish back (Redis in series again). What bounds Redis's lag is ``window * batch_size`` events."""
+    async def body(world: MemoryWorld) -> None:
+        gateway, writer = _gated(world, batch_size=4, window=2, store_stall_seconds=30)
+        node = await _start(gateway)
+        async with _draining(gateway):
+            for n in range(1, 6):  # one event at a time: five batches of one, while the first write hangs
+                gateway.outbox.put([ringing("501", n)])
+                await until(lambda n=n: len(node.events) == n, what=f"event {n} published beside the slow write")
+            assert writer.waiting == 1 and gateway.outbox.published == 0
+            for n in range(6, 11):
+                gateway.outbox.put([ringing("501", n)])
+            await asyncio.sleep(0.05)
+            assert len(gateway.publisher.sent) == 2 * 4  # no more than window * batch_size events ahead of Redis
+            writer.gate.set()
+            assert await gateway.outbox.wait_idle(5)
+            await until(lambda: len(node.events) == 10)
+            assert node.seqs("501") == list(range(1, 11))
+            assert [e.seq for e in await gateway.stored("501")] == list(range(1, 11))
+
+    _run(body)
