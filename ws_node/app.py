@@ -23,12 +23,12 @@ from services.broker import Broker
 from services.config import Settings, redact_url
 from services.heartbeat import Heartbeat
 from services.line_state import LineStateReader
-from services.redis_client import redis_client
 from services.topology import Topology
 from ws_node.admission import AdmissionPolicy, CommandLimiter, DebugBudget, parse_command_limits
 from ws_node.agent_connection import ConnectionHub
 from ws_node.agent_session import SessionOptions
 from ws_node.line_feed import LineFeed, RabbitNodeBus
+from ws_node.redis_pool import node_redis_client
 from ws_node.signalr_token import ConnectionTokens, derive_secret
 from ws_node.status_page import StatusCollector, StatusPageResource
 from ws_node.web import NegotiateResource, build_site
@@ -76,8 +76,8 @@ class Node:
         # Bounded waits: a Redis that stops answering (not just refusing) must not freeze the
         # event loop's catch-ups or snapshots; live events never wait for Redis.
         # A reconnect storm asks for hundreds of snapshots at once: they queue for a connection, never fail.
-        self.redis = redis_client(settings.cluster.redis_url, max_connections=64, pool_wait_seconds=5.0,
-                                  socket_timeout=5.0, socket_connect_timeout=3.0)
+        self.redis = node_redis_client(settings.cluster.redis_url, max_connections=64, pool_wait_seconds=5.0,
+                                       socket_timeout=5.0, socket_connect_timeout=3.0)
         self.feed = LineFeed(
             self.node_id,
             RabbitNodeBus(Broker(settings.cluster.broker_urls, name=f"node {self.node_id}"),
