@@ -59,6 +59,11 @@ class NodeOptions:
     advertise_host: str = ""
     #: per-line/per-user command budgets over the defaults, ``kind=burst:per_minute,...`` (admission.py)
     command_limits: str = ""
+    #: connections the kernel queues until the node accepts them (Twisted's default is 50; the bare server in
+    #: bench/ uses 1,024). A killed node's agents arrive through HAProxy by the thousand within a second: past
+    #: the backlog their SYNs, HAProxy's health checks among them, are dropped and retried a second later, and
+    #: two missed checks make HAProxy cut every agent of this node as well.
+    listen_backlog: int = 1024
 
     def __repr__(self) -> str:  # the token secret never reaches a log through a repr
         return (
@@ -166,7 +171,8 @@ class Node:
         await self.feed.start()
         status = StatusPageResource(self.status, self.options.admin_token, self.options.admission.deployment_key)
         site = build_site(self.factory, self.health, self.negotiate, status=status)
-        self._port = reactor.listenTCP(self.options.port, site, interface=self.options.host)
+        self._port = reactor.listenTCP(self.options.port, site, interface=self.options.host,
+                                       backlog=self.options.listen_backlog)
         self.factory.start_sweeping()
         self.heartbeat.start()
         self.status.start()
