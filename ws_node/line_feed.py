@@ -72,6 +72,10 @@ HISTORY_WAIT_TIMEOUTS = Counter(
 )
 
 
+#: unbinds per round of the binder: each is its own round trip, and binds marked meanwhile wait for the round
+UNBIND_CHUNK = 32
+
+
 class LineSubscriber(Protocol):
     def deliver_event(self, event: LineEvent) -> None: ...
 
@@ -402,16 +406,34 @@ class LineFeed:
         return future
 
     async def _binder(self) -> None:
-        """Applies marked lines' bindings, many per round trip, in the order they were marked."""
+        """Applies marked lines' bindings, many per round trip.
+
+        Binds go first, whatever was marked before them: an agent waits on each (its OpenConnection), while
+        an unbind only spares the node events nobody here wants, and RabbitMQ has no unbind without an
+        answer, so unbinds cost a round trip each. A line already as wanted releases its waiters at once."""
         while True:
             await self._dirty_marked.wait()
             self._dirty_marked.clear()
             while self._dirty:
-                taken = list(self._dirty)[: self._bind_chunk]
+                binds: list[str] = []
+                unbinds: list[str] = []
+                settled: list[str] = []
+                for line in self._dirty:
+                    follows, bound = self.router.follows(line), line in self._bound
+                    if follows and not bound:
+                        if len(binds) < self._bind_chunk:
+                            binds.append(line)
+                    elif bound and not follows:
+                        if len(unbinds) < UNBIND_CHUNK:
+                            unbinds.append(line)
+                    else:
+                        settled.append(line)
+                taken = [*settled, *(binds or unbinds)]
                 waiters = [future for line in taken for future in self._dirty.pop(line)]
                 try:
-                    async with self._binding_lock:
-                        await self._reconcile(taken)
+                    if binds or unbinds:
+                        async with self._binding_lock:
+                            await self._reconcile(binds, unbinds if not binds else [])
                 finally:
                     for future in waiters:
                         if not future.done():
@@ -419,13 +441,13 @@ class LineFeed:
                 # Let the loop serve sockets, events and /health between chunks.
                 await asyncio.sleep(0)
 
-    async def _reconcile(self, lines: list[str]) -> None:
+    async def _reconcile(self, binds: list[str], unbinds: list[str]) -> None:
+        """Bind and unbind what still needs it (the router may have changed while the lock was awaited)."""
         link = self._link
         if link is None:
             return  # the reconnect binds every followed line
-        # Binds first: agents wait on them; an unbind only spares the node events nobody wants.
-        to_bind = [line for line in lines if self.router.follows(line) and line not in self._bound]
-        to_unbind = [line for line in lines if not self.router.follows(line) and line in self._bound]
+        to_bind = [line for line in binds if self.router.follows(line) and line not in self._bound]
+        to_unbind = [line for line in unbinds if not self.router.follows(line) and line in self._bound]
         if not to_bind and not to_unbind:
             return
         try:
@@ -436,7 +458,8 @@ class LineFeed:
         except BROKER_FAILURES as exc:  # a timeout among them
             # The link is unusable now; the reconnect loop binds every followed line again.
             BROKER_ERRORS.inc()
-            log.warning("binding %d lines failed (%s); they are bound again on reconnect", len(lines), exc)
+            log.warning("binding %d lines failed (%s); they are bound again on reconnect",
+                        len(to_bind) + len(to_unbind), exc)
             if self._link is link:
                 await link.close()
             return

@@ -40,14 +40,14 @@ class CountingBus(NodeBus):
 
     def __init__(self, inner: NodeBus) -> None:
         self.inner = inner
-        self.batches: list[int] = []
+        self.batches: list[list[tuple[str, bool]]] = []
 
     async def connect(self) -> NodeLink:
         return _CountingLink(await self.inner.connect(), self.batches)
 
 
 class _CountingLink(NodeLink):
-    def __init__(self, inner: NodeLink, batches: list[int]) -> None:
+    def __init__(self, inner: NodeLink, batches: list[list[tuple[str, bool]]]) -> None:
         self.inner = inner
         self.batches = batches
 
@@ -61,7 +61,7 @@ class _CountingLink(NodeLink):
         await self.inner.unbind(line)
 
     async def apply_bindings(self, changes: Sequence[tuple[str, bool]]) -> None:
-        self.batches.append(len(changes))
+        self.batches.append(list(changes))
         await self.inner.apply_bindings(changes)
 
     async def send_command(self, command: Command, ttl_seconds: float) -> None:
@@ -168,9 +168,9 @@ def test_many_lines_opened_at_once_are_bound_in_few_round_trips_with_turns_betwe
 
             original = feed._reconcile
 
-            async def noting(lines: list[str]) -> None:
+            async def noting(binds: list[str], unbinds: list[str]) -> None:
                 turns_between.append(ticks)
-                await original(lines)
+                await original(binds, unbinds)
 
             feed._reconcile = noting  # type: ignore[method-assign]
             ticking = asyncio.create_task(ticker())
@@ -180,8 +180,9 @@ def test_many_lines_opened_at_once_are_bound_in_few_round_trips_with_turns_betwe
             ticking.cancel()
             await gateway.emit(*(_event(line, 1) for line in lines))
             await until(lambda: all(len(tab.events) == 1 for tab in tabs.values()), 20, "an event on every line")
-            assert sum(bus.batches) == 1200
-            assert max(bus.batches) <= 100 and len(bus.batches) <= 20, bus.batches
+            sizes = [len(batch) for batch in bus.batches]
+            assert sum(sizes) == 1200
+            assert max(sizes) <= 100 and len(sizes) <= 20, sizes
             assert all(b > a for a, b in zip(turns_between, turns_between[1:], strict=False)), turns_between
 
     asyncio.run(main())
@@ -210,6 +211,30 @@ def test_an_unfollow_racing_a_follow_ends_with_the_binding_the_router_wants(
                 await asyncio.gather(feed.follow(flapping, "7003"), feed.unfollow(flapping, "7003"))
             await asyncio.sleep(0.2)
             await _not_bound(gateway, ["7002", "7003"], marker, "7000")
+
+    asyncio.run(main())
+
+
+def test_a_follow_is_not_held_behind_a_pile_of_unbinds(infra: Infrastructure, prefix: str) -> None:
+    """Unbinds cost a round trip each (AMQP has no unbind without an answer): hundreds of agents leaving must
+    not make the next agent's OpenConnection wait for all of them."""
+
+    async def main() -> None:
+        async with _world(infra, prefix) as (gateway, feed, bus):
+            leaving = [f"4{n:03d}" for n in range(300)]
+            tabs = {line: Collector() for line in leaving}
+            await asyncio.gather(*(feed.follow(tabs[line], line) for line in leaving))
+            bus.batches.clear()
+            unfollowing = asyncio.gather(*(feed.unfollow(tabs[line], line) for line in leaving))
+            await asyncio.sleep(0)  # every unbind is marked before the new line
+            newcomer = Collector()
+            await feed.follow(newcomer, "4999")
+            unbound_before = sum(1 for batch in bus.batches for _, bind in batch if not bind)
+            assert unbound_before < len(leaving) // 2, unbound_before
+            await gateway.emit(_event("4999", 1))
+            await until(lambda: len(newcomer.events) == 1, 15, "the newcomer's event")
+            await unfollowing
+            assert sum(1 for batch in bus.batches for _, bind in batch if not bind) == len(leaving)
 
     asyncio.run(main())
 
