@@ -10,6 +10,7 @@ frame. Then the node waits, up to ``drain_seconds``, for the close handshakes, a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -196,6 +197,10 @@ class Node:
         await self.status.stop()
         await self.heartbeat.stop()
         if self._port is not None:
-            await self._port.stopListening()
+            stopped = self._port.stopListening()
+            if stopped is not None:
+                # A Deferred: awaited directly in an asyncio task it failed the drain ("Task got bad yield"),
+                # and the feed and Redis were never closed.
+                await stopped.asFuture(asyncio.get_running_loop())
         await self.feed.stop()
         await self.redis.aclose()
