@@ -31,7 +31,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -268,33 +268,52 @@ class Gateway:
             if agent.paused and agent.code:
                 self.agents.expect_agent_code(line, agent.code, agent.reason)
 
-    async def stop(self, flush_timeout: float = 5.0) -> None:
+    async def stop(self, flush_timeout: float = 5.0, close_timeout: float = 3.0) -> None:
+        """Drain and stop within ``flush_timeout`` + ``close_timeout``: a supervisor gives a stopping process
+        about 10 s before SIGKILL. A step that outlasts what is left is abandoned with a warning naming it (a
+        broker that never answers a close must not keep the lease from being released)."""
         GATEWAY_READY.set(0)
+        deadline = time.monotonic() + flush_timeout + close_timeout
         if self.ami is not None:
-            await self.ami.stop()
+            await self._stop_step("AMI session close", self.ami.stop(), deadline)
         # The lease loop keeps renewing while the outbox flushes: the flush may outlast one ttl.
         if self.active and not await self.outbox.wait_idle(flush_timeout):
             log.warning("stopping with %d events not yet published", self.outbox.depth)
         if self.records is not None:
-            await self.records.stop()
-        for task in [*self._tasks, *self._command_tasks]:
+            await self._stop_step("call records", self.records.stop(), deadline)
+        tasks = [*self._tasks, *self._command_tasks]
+        for task in tasks:
             task.cancel()
-        for task in [*self._tasks, *self._command_tasks]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await self.outbox.close()
-        await self.heartbeat.stop()
+        await self._stop_step("tasks", asyncio.gather(*tasks, return_exceptions=True), deadline)
+        await self._stop_step("event publisher close", self.outbox.close(), deadline)
+        await self._stop_step("heartbeat", self.heartbeat.stop(), deadline)
         if self.active:
             self.active = False
             try:
-                await self.lease.release()
+                # Last of all before the lease: nothing of this term may publish or act once it is released.
+                await asyncio.wait_for(self.lease.release(), max(0.5, deadline - time.monotonic()))
                 log.info("lease released: a standby may take over now")
-            except (OSError, aioredis.RedisError) as exc:
-                log.warning("could not release the lease (%s); a standby takes over when it expires", exc)
+            except (OSError, aioredis.RedisError, TimeoutError) as exc:
+                log.warning("could not release the lease (%s); a standby takes over when it expires",
+                            exc or type(exc).__name__)
         set_lease_state("standby")
-        await self.observability.stop()
+        await self._stop_step("metrics server", self.observability.stop(), deadline)
+        await self._stop_step("Redis connections", self._close_redis(), deadline)
+
+    async def _close_redis(self) -> None:
         await self.redis.aclose()
         await self._lease_redis.aclose()
+
+    @staticmethod
+    async def _stop_step(what: str, step: Awaitable[Any], deadline: float) -> None:
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(step, max(0.2, deadline - started))
+        except TimeoutError:
+            log.warning("stop: %s did not finish within %.1fs; going on without it", what,
+                        time.monotonic() - started)
+        except Exception as exc:  # noqa: BLE001 - a step failing while stopping is logged, the stop goes on
+            log.warning("stop: %s failed (%s)", what, exc or type(exc).__name__)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> Task:
         task = asyncio.create_task(coro, name=name)

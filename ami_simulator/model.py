@@ -159,7 +159,9 @@ class Call:
     state: str = "playing"  # playing -> finished | hungup | transferred ...
     ended: float | None = None
     playing: bool = True
-    #: channel name -> when it hung up: one leg can end long before its call (a phone refusing busy)
+    #: channel name -> when its leg ended for its user: it hung up, or, first, the dial to it ended unanswered
+    #: (a queue's other member answered: the PBX cancels the ring, and the phone's Hangup follows a little
+    #: later). One leg can end long before its call (a phone refusing busy)
     channels_ended: dict[str, float] = field(default_factory=dict)
     #: channel name -> when it was created (a queue member's phone rings seconds after the call began)
     channels_started: dict[str, float] = field(default_factory=dict)
@@ -298,6 +300,11 @@ class PbxModel:
                 dest.application = "AppDial" if caller is not None else "AppDial2"
                 dest.application_data = "(Outgoing Line)"
                 dest.dialed_by = caller.name if caller is not None else ""
+        elif event == "DialEnd" and (msg.get("DialStatus") or "").upper() != "ANSWER":
+            dest = self.channels.get(msg.get("DestChannel", "") or "")
+            ended = call or (self.call_of(dest) if dest is not None else None)
+            if dest is not None and ended is not None:
+                ended.channels_ended.setdefault(dest.name, time.time())
         elif event == "QueueCallerJoin":
             q = self.queues.setdefault(msg.get("Queue", "") or "", Queue(msg.get("Queue", "") or ""))
             ch = msg.get("Channel", "") or ""
@@ -357,7 +364,7 @@ class PbxModel:
         call = self.call_of(channel)
         if call is not None:
             call.live.discard(name)
-            call.channels_ended[name] = time.time()
+            call.channels_ended.setdefault(name, time.time())
             self.maybe_finish(call)
 
     def _bridge_enter(self, msg: AmiMessage, call: Call | None) -> None:

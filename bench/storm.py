@@ -297,7 +297,7 @@ def stage_storm(ctx: Context) -> StageResult:
                         "killed_at": sampler.died_at})
     result = StageResult("storm")
     result.figures = storm_figures(runs)
-    # The survivor binds one line per queue.bind, one in flight (ws_node/line_feed.py's binding gate).
+    # How fast the survivor took the killed node's lines on (ws_node/line_feed.py's binder: many binds per round trip).
     bind_seconds = [seconds for _, seconds in binds]
     bind_rates = [gained / seconds for gained, seconds in binds if seconds > 0]
     result.add(Figure("survivor: seconds from the kill to 95 % of its new lines bound", median(bind_seconds), "s",

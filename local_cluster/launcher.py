@@ -602,11 +602,22 @@ class LocalCluster:
                 return c
         raise KeyError(name)
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = 10.0) -> None:
+        """Signal a child's process group and wait for it; one that outlives ``timeout`` (a SIGTERM it does not
+        finish draining for) is SIGKILLed, as any supervisor would."""
         child = self.child(name)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.process.pid, sig)
-        child.process.wait(timeout=10)
+        try:
+            child.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if sig == signal.SIGKILL:
+                raise
+            log.warning("%s (pid %d) did not stop within %.0fs of signal %d; killing it", name, child.process.pid,
+                        timeout, sig)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)
+            child.process.wait(timeout=timeout)
 
     def restart(self, name: str, timeout: float = 30.0, *, wait: bool = True) -> Child:
         """Start a stopped (or killed) child again with its original command line; wait for a gateway's

@@ -10,6 +10,7 @@ frame. Then the node waits, up to ``drain_seconds``, for the close handshakes, a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -23,12 +24,12 @@ from services.broker import Broker
 from services.config import Settings, redact_url
 from services.heartbeat import Heartbeat
 from services.line_state import LineStateReader
-from services.redis_client import redis_client
 from services.topology import Topology
 from ws_node.admission import AdmissionPolicy, CommandLimiter, DebugBudget, parse_command_limits
 from ws_node.agent_connection import ConnectionHub
 from ws_node.agent_session import SessionOptions
 from ws_node.line_feed import LineFeed, RabbitNodeBus
+from ws_node.redis_pool import node_redis_client
 from ws_node.signalr_token import ConnectionTokens, derive_secret
 from ws_node.status_page import StatusCollector, StatusPageResource
 from ws_node.web import NegotiateResource, build_site
@@ -59,6 +60,11 @@ class NodeOptions:
     advertise_host: str = ""
     #: per-line/per-user command budgets over the defaults, ``kind=burst:per_minute,...`` (admission.py)
     command_limits: str = ""
+    #: connections the kernel queues until the node accepts them (Twisted's default is 50; the bare server in
+    #: bench/ uses 1,024). A killed node's agents arrive through HAProxy by the thousand within a second: past
+    #: the backlog their SYNs, HAProxy's health checks among them, are dropped and retried a second later, and
+    #: two missed checks make HAProxy cut every agent of this node as well.
+    listen_backlog: int = 1024
 
     def __repr__(self) -> str:  # the token secret never reaches a log through a repr
         return (
@@ -76,8 +82,8 @@ class Node:
         # Bounded waits: a Redis that stops answering (not just refusing) must not freeze the
         # event loop's catch-ups or snapshots; live events never wait for Redis.
         # A reconnect storm asks for hundreds of snapshots at once: they queue for a connection, never fail.
-        self.redis = redis_client(settings.cluster.redis_url, max_connections=64, pool_wait_seconds=5.0,
-                                  socket_timeout=5.0, socket_connect_timeout=3.0)
+        self.redis = node_redis_client(settings.cluster.redis_url, max_connections=64, pool_wait_seconds=5.0,
+                                       socket_timeout=5.0, socket_connect_timeout=3.0)
         self.feed = LineFeed(
             self.node_id,
             RabbitNodeBus(Broker(settings.cluster.broker_urls, name=f"node {self.node_id}"),
@@ -166,7 +172,8 @@ class Node:
         await self.feed.start()
         status = StatusPageResource(self.status, self.options.admin_token, self.options.admission.deployment_key)
         site = build_site(self.factory, self.health, self.negotiate, status=status)
-        self._port = reactor.listenTCP(self.options.port, site, interface=self.options.host)
+        self._port = reactor.listenTCP(self.options.port, site, interface=self.options.host,
+                                       backlog=self.options.listen_backlog)
         self.factory.start_sweeping()
         self.heartbeat.start()
         self.status.start()
@@ -190,6 +197,10 @@ class Node:
         await self.status.stop()
         await self.heartbeat.stop()
         if self._port is not None:
-            await self._port.stopListening()
+            stopped = self._port.stopListening()
+            if stopped is not None:
+                # A Deferred: awaited directly in an asyncio task it failed the drain ("Task got bad yield"),
+                # and the feed and Redis were never closed.
+                await stopped.asFuture(asyncio.get_running_loop())
         await self.feed.stop()
         await self.redis.aclose()

@@ -7,9 +7,15 @@
   next (delivered without touching Redis), a duplicate or from an older epoch (dropped), or
   after a gap or of a newer epoch: then the line catches up from its Redis history and snapshot
   (read together) as :func:`plan_catch_up` says, so a new epoch reaches the agents from seq 1.
+* Bindings are reconciled, not replayed: a follow or unfollow marks its line, and one binder task
+  brings each marked line's binding to what the router says *now* (followed: bound; not: unbound),
+  many lines per broker round trip (see :meth:`NodeLink.apply_bindings`). A follow returns once its
+  line's binding is in effect, so no event published after its snapshot can miss the node. An
+  unfollow racing a follow of the same line, in any order, ends with the binding the router wants.
 * After a broker reconnect (backoff with jitter) the queue is declared and every followed line
   bound again, and every line caught up from the history, since events published while we were
-  away went nowhere. Sessions are never closed for a broker or Redis outage.
+  away went nowhere. Sessions are never closed for a broker or Redis outage. A channel the broker
+  closed (a refused bind) counts as a lost connection: the reconnect binds everything again.
 * Redis away: events keep flowing; a line that got events without a catch-up is resynced from
   a snapshot once Redis answers again (retried with backoff).
 * Commands go to the gateway's work queue with a per-message expiration; answers come back on
@@ -31,6 +37,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import aio_pika
+import aiormq.abc
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from prometheus_client import Counter, Gauge
@@ -69,6 +76,10 @@ HISTORY_WAIT_TIMEOUTS = Counter(
 )
 
 
+#: unbinds per round of the binder: each is its own round trip, and binds marked meanwhile wait for the round
+UNBIND_CHUNK = 32
+
+
 class LineSubscriber(Protocol):
     def deliver_event(self, event: LineEvent) -> None: ...
 
@@ -92,6 +103,11 @@ class NodeLink(Protocol):
     async def bind(self, line: str) -> None: ...
 
     async def unbind(self, line: str) -> None: ...
+
+    async def apply_bindings(self, changes: Sequence[tuple[str, bool]]) -> None:
+        """Bind (``True``) or unbind (``False``) each line, in this order; return once all are in effect.
+        A failure leaves the link unusable (its :meth:`wait_closed` returns)."""
+        ...
 
     async def send_command(self, command: Command, ttl_seconds: float) -> None:
         """Put ``command`` on the gateway's queue, to be dropped unless taken within ``ttl_seconds``;
@@ -136,6 +152,7 @@ class _RabbitNodeLink(NodeLink):
         connection.close_callbacks.add(lambda *_: self._closed.set())
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
+        self._underlay: aiormq.abc.AbstractChannel | None = None
 
     async def declare(self, on_event: Callable[[bytes], None], on_reply: Callable[[bytes, str | None], None]) -> None:
         # The commands queue exists before this node's first command, whichever process started first.
@@ -155,8 +172,12 @@ class _RabbitNodeLink(NodeLink):
 
         await queue.consume(event, no_ack=True)
         await replies.consume(reply, no_ack=True)
+        # A bind sent without waiting is refused by the broker closing the channel, connection still up:
+        # the queue is no longer consumed, so the link is as good as lost.
+        channel.close_callbacks.add(lambda *_: self._closed.set())
         self._channel = channel
         self._queue = queue
+        self._underlay = await channel.get_underlay_channel()
 
     def _declared(self) -> tuple[AbstractChannel, AbstractQueue]:
         if self._channel is None or self._queue is None:
@@ -170,6 +191,26 @@ class _RabbitNodeLink(NodeLink):
     async def unbind(self, line: str) -> None:
         _, queue = self._declared()
         await queue.unbind(self._topology.events_exchange, self._topology.line_routing_key(line))
+
+    async def apply_bindings(self, changes: Sequence[tuple[str, bool]]) -> None:
+        # One round trip for the lot: every change but the last goes without waiting (queue.bind one
+        # at a time ran at ~150-1,000/s; pipelined, several thousand), the last one waits, and as a
+        # channel handles its methods in order, its answer means every earlier one is in effect.
+        # A refused one closes the channel, which fails the last and closes this link.
+        _, queue = self._declared()
+        channel = self._underlay
+        if channel is None or not changes:
+            return
+        exchange = self._topology.events_exchange
+        last = len(changes) - 1
+        for index, (line, bind) in enumerate(changes):
+            key = self._topology.line_routing_key(line)
+            if bind and index < last:
+                await channel.queue_bind(queue.name, exchange, key, nowait=True)
+            elif bind:
+                await channel.queue_bind(queue.name, exchange, key)
+            else:
+                await channel.queue_unbind(queue.name, exchange, key)  # queue.unbind has no nowait in AMQP
 
     async def send_command(self, command: Command, ttl_seconds: float) -> None:
         channel, _ = self._declared()
@@ -206,6 +247,8 @@ class LineFeed:
         command_ttl_seconds: float = 5.0,
         history_wait_seconds: float = 1.0,
         redis_timeout_seconds: float = 5.0,
+        bind_chunk: int = 500,
+        bind_timeout_seconds: float = 15.0,
         settle_seconds: float = 0.3,
     ) -> None:
         self.node_id = node_id
@@ -220,11 +263,16 @@ class LineFeed:
         self._connection: NodeLink | None = None
         #: the current connection once its queues are declared: binds and commands go here
         self._link: NodeLink | None = None
+        #: lines bound on the current link, as of the changes sent on it
         self._bound: set[str] = set()
-        # A channel answers one RPC at a time; letting hundreds of binds wait inside aiormq (a task,
-        # futures and a lock waiter each) cost a third of a connection's CPU in a connection storm.
-        # They wait here instead, cheaply, one RPC in flight.
-        self._binding_gate = asyncio.Semaphore(1)
+        #: lines whose binding may differ from what the router wants, with the follows waiting on them;
+        #: in the order they were marked
+        self._dirty: dict[str, list[asyncio.Future[None]]] = {}
+        self._dirty_marked = asyncio.Event()
+        #: held while changes are sent: by the binder, and by a reconnect binding every line
+        self._binding_lock = asyncio.Lock()
+        self._bind_chunk = bind_chunk
+        self._bind_timeout = bind_timeout_seconds
         self._pending: dict[str, asyncio.Future[CommandResult]] = {}
         self._events: asyncio.Queue[bytes] = asyncio.Queue()
         self.connected = asyncio.Event()
@@ -249,6 +297,7 @@ class LineFeed:
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._connection_loop(), name="broker"))
         self._tasks.append(asyncio.create_task(self._process_events(), name="events"))
+        self._tasks.append(asyncio.create_task(self._binder(), name="binder"))
         for task in self._tasks:
             task.add_done_callback(_log_end)
 
@@ -271,6 +320,11 @@ class LineFeed:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+        for waiters in self._dirty.values():
+            for future in waiters:
+                if not future.done():
+                    future.set_result(None)
+        self._dirty.clear()
         if self._connection is not None:
             await self._connection.close()
 
@@ -306,6 +360,10 @@ class LineFeed:
                 self.connected.clear()
                 self._link = None
                 self._bound = set()
+                LINES_BOUND.set(0)
+                if self._connection is not None:
+                    # Its channel may be gone with the connection still up (a refused bind).
+                    await self._connection.close()
                 for future in self._pending.values():
                     if not future.done():
                         future.set_result(CommandResult("", ok=False, error="messaging broker connection lost"))
@@ -315,23 +373,28 @@ class LineFeed:
 
     async def _declare(self, link: NodeLink) -> None:
         await link.declare(self._events.put_nowait, self._on_reply)
-        self._link = link
-        self._bound = set()
-        # Every followed line, including those followed while this ran (their own bind found no
-        # queue, or this one): loop until nothing is left unbound.
+        async with self._binding_lock:
+            self._link = link
+            self._bound = set()
+        # Every followed line, including those followed while this ran: loop until nothing is left
+        # unbound. In chunks, each its own round trip, so the binder's follows and /health get turns.
         while missing := [line for line in self.router.lines() if line not in self._bound]:
-            for line in missing:
-                async with self._binding_gate:
-                    await link.bind(line)
-                self._bound.add(line)
-        LINES_BOUND.set(len(self._bound))
+            for start in range(0, len(missing), self._bind_chunk):
+                async with self._binding_lock:
+                    chunk = [line for line in missing[start:start + self._bind_chunk]
+                             if line not in self._bound and self.router.follows(line)]
+                    await asyncio.wait_for(link.apply_bindings([(line, True) for line in chunk]), self._bind_timeout)
+                    self._bound.update(chunk)
+                LINES_BOUND.set(len(self._bound))
 
     # ---- membership ------------------------------------------------------------------------
 
     async def follow(self, subscriber: LineSubscriber, line: str) -> LineSnapshot:
         """Start delivering ``line`` to ``subscriber``; returns the line's snapshot to start from."""
-        if self.router.attach(subscriber, line):
-            await self._bind(line)
+        if self.router.attach(subscriber, line) or line not in self._bound:
+            # The first follower, or one more while the first one's bind is still on its way: wait for
+            # the binding, so that every event after the snapshot below reaches this node.
+            await self._mark(line)
         snapshot = await self.reader.snapshot(line)
         self.router.start_from(line, snapshot.position)
         self._settle_later([line])
@@ -339,36 +402,81 @@ class LineFeed:
 
     async def unfollow(self, subscriber: LineSubscriber, line: str) -> None:
         if self.router.detach(subscriber, line):
-            await self._unbind(line)
+            await self._mark(line)
 
-    async def _bind(self, line: str) -> None:
-        link = self._link
-        if link is None or line in self._bound:
-            return
-        try:
-            async with self._binding_gate:
-                if line in self._bound or self._link is not link:
-                    return  # bound meanwhile (reconnect) or the queue is gone: the reconnect binds it
-                await link.bind(line)
-            self._bound.add(line)
-            LINES_BOUND.set(len(self._bound))
-        except BROKER_FAILURES as exc:
-            # The reconnect loop binds every followed line again.
-            BROKER_ERRORS.inc()
-            log.warning("bind of line %s failed (%s); will bind on reconnect", line, exc)
+    def _mark(self, line: str) -> asyncio.Future[None]:
+        """Have the binder bring ``line``'s binding to what the router wants; the future is done once it is
+        (or once there is no connection: the reconnect binds every followed line)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._link is None:
+            future.set_result(None)
+            return future
+        self._dirty.setdefault(line, []).append(future)
+        self._dirty_marked.set()
+        return future
 
-    async def _unbind(self, line: str) -> None:
+    async def _binder(self) -> None:
+        """Applies marked lines' bindings, many per round trip.
+
+        Binds go first, whatever was marked before them: an agent waits on each (its OpenConnection), while
+        an unbind only spares the node events nobody here wants, and RabbitMQ has no unbind without an
+        answer, so unbinds cost a round trip each. A line already as wanted releases its waiters at once."""
+        while True:
+            await self._dirty_marked.wait()
+            self._dirty_marked.clear()
+            while self._dirty:
+                binds: list[str] = []
+                unbinds: list[str] = []
+                settled: list[str] = []
+                for line in self._dirty:
+                    follows, bound = self.router.follows(line), line in self._bound
+                    if follows and not bound:
+                        if len(binds) < self._bind_chunk:
+                            binds.append(line)
+                    elif bound and not follows:
+                        if len(unbinds) < UNBIND_CHUNK:
+                            unbinds.append(line)
+                    else:
+                        settled.append(line)
+                taken = [*settled, *(binds or unbinds)]
+                waiters = [future for line in taken for future in self._dirty.pop(line)]
+                try:
+                    if binds or unbinds:
+                        async with self._binding_lock:
+                            await self._reconcile(binds, unbinds if not binds else [])
+                finally:
+                    for future in waiters:
+                        if not future.done():
+                            future.set_result(None)
+                # Let the loop serve sockets, events and /health between chunks.
+                await asyncio.sleep(0)
+
+    async def _reconcile(self, binds: list[str], unbinds: list[str]) -> None:
+        """Bind and unbind what still needs it (the router may have changed while the lock was awaited)."""
         link = self._link
-        self._bound.discard(line)
-        LINES_BOUND.set(len(self._bound))
         if link is None:
+            return  # the reconnect binds every followed line
+        to_bind = [line for line in binds if self.router.follows(line) and line not in self._bound]
+        to_unbind = [line for line in unbinds if not self.router.follows(line) and line in self._bound]
+        if not to_bind and not to_unbind:
             return
         try:
-            async with self._binding_gate:
-                await link.unbind(line)
-        except BROKER_FAILURES as exc:
+            await asyncio.wait_for(
+                link.apply_bindings([(line, True) for line in to_bind] + [(line, False) for line in to_unbind]),
+                self._bind_timeout,
+            )
+        except BROKER_FAILURES as exc:  # a timeout among them
+            # The link is unusable now; the reconnect loop binds every followed line again.
             BROKER_ERRORS.inc()
-            log.warning("unbind of line %s failed: %s", line, exc)
+            log.warning("binding %d lines failed (%s); they are bound again on reconnect",
+                        len(to_bind) + len(to_unbind), exc)
+            if self._link is link:
+                await link.close()
+            return
+        if self._link is link:
+            self._bound.update(to_bind)
+            self._bound.difference_update(to_unbind)
+            LINES_BOUND.set(len(self._bound))
 
     # ---- events ----------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from services.broker_memory import CommandMessage, MemoryBroker, MemoryClient, MemoryConnection
 from services.memory_store import round_trip
@@ -48,6 +48,16 @@ class _MemoryNodeLink(NodeLink):
     async def unbind(self, line: str) -> None:
         await round_trip(self._broker.outage)
         self._broker.unbind(self._connection, line, self._declared())
+
+    async def apply_bindings(self, changes: Sequence[tuple[str, bool]]) -> None:
+        # One round trip for the lot, as over RabbitMQ.
+        await round_trip(self._broker.outage)
+        deliver = self._declared()
+        for line, bind in changes:
+            if bind:
+                self._broker.bind(self._connection, line, deliver)
+            else:
+                self._broker.unbind(self._connection, line, deliver)
 
     async def send_command(self, command: Command, ttl_seconds: float) -> None:
         self._declared()

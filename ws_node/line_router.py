@@ -142,6 +142,10 @@ class LineRouter(Generic[S]):
     def lines(self) -> list[str]:
         return list(self._sessions)
 
+    def follows(self, line: str) -> bool:
+        """True while a session of this node follows ``line``."""
+        return line in self._sessions
+
     # ---- stream positions ------------------------------------------------------------------
 
     def position(self, line: str) -> StreamPosition | None:

@@ -271,3 +271,49 @@ def test_asterisk_restart_ends_the_calls_that_vanished_and_the_next_call_rings(i
             await cleanup(infra, prefix)
 
     asyncio.run(main())
+
+
+def test_a_stop_with_the_broker_silent_ends_within_its_deadline_and_releases_the_lease(
+        infra: Infrastructure, prefix: str) -> None:
+    """Seen in `make chaos` (cluster-restart): a SIGTERMed gateway logged its last command failures and then hung
+    past the 10 s its supervisor gives it, the lease unreleased. A broker that never answers a connection close
+    (here: every byte to it swallowed) must not hold up the stop nor the handover."""
+    import redis.asyncio as aioredis
+
+    async def main() -> None:
+        amqp_port = urlsplit(infra.amqp_url).port or 5672
+        broker = FaultProxy("broker", "127.0.0.1", amqp_port)
+        await broker.start()
+        sim = AmiSimulator(port=0, users={"admin": SECRET}, queues={})
+        await sim.start()
+        redis = aioredis.from_url(infra.redis_url)
+        try:
+            settings = gateway_settings(infra, prefix, sim.port, amqp_url=_via(infra.amqp_url, broker.port))
+            async with running_gateway(settings) as gateway:
+                await asyncio.wait_for(gateway.ready.wait(), 10)
+                call = sim.play("inbound-direct-answered", line="399")
+                await sim.wait_call(call, 10)
+                await wait_until(lambda: gateway.outbox.depth == 0, 10, "outbox drained")
+                assert await redis.exists(gateway.lease.key)
+                await broker.set_fault(BLACKHOLE)
+
+                async def stubborn() -> None:
+                    # what a task does that awaits the silent broker in its cancellation path (a command's requeue)
+                    try:
+                        await asyncio.sleep(3600)
+                    except asyncio.CancelledError:
+                        await asyncio.sleep(30)
+
+                gateway._spawn(stubborn(), "stubborn")
+                started = asyncio.get_running_loop().time()
+                await asyncio.wait_for(gateway.stop(flush_timeout=1.0), 10)  # and 3 s to close
+                took = asyncio.get_running_loop().time() - started
+                assert took < 1.0 + 3.0 + 1.0, took
+                assert not await redis.exists(gateway.lease.key)  # released: a standby takes over at once
+        finally:
+            await redis.aclose()
+            await sim.stop()
+            await broker.close()
+            await cleanup(infra, prefix)
+
+    asyncio.run(main())

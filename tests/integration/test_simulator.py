@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -265,7 +266,7 @@ def test_core_show_channels_follows_a_call() -> None:
     run(t)
 
 
-def test_calls_report_when_each_phone_first_rang_and_a_restart_leaves_unrung_phones_out() -> None:
+def test_calls_report_when_each_phone_rang_and_stopped_ringing_and_a_restart_leaves_unrung_phones_out() -> None:
     """``channelsAlerted``: when each channel first rang, went off hook or up (the chaos verdict owes an agent
     nothing for a phone the PBX created and lost before it rang)."""
     async def t(sim: AmiSimulator) -> None:
@@ -276,6 +277,14 @@ def test_calls_report_when_each_phone_first_rang_and_a_restart_leaves_unrung_pho
         report = call.to_json()
         phone = call.planned[1]
         assert report["channelsStarted"][phone] <= report["channelsAlerted"][phone] <= report["channelsEnded"][phone]
+        # a queue's member that another answered: its leg ends when the PBX cancels its ring, before its Hangup
+        answered_elsewhere = sim.play("inbound-queue", line="305", agent2="306")
+        phone2 = next(n for n in answered_elsewhere.planned if n.startswith("SIP/306-"))
+        await c.event("DialEnd", DestChannel=phone2, DialStatus="CANCEL")
+        cancelled_seen = time.time()
+        await c.event("Hangup", Channel=phone2)
+        assert answered_elsewhere.to_json()["channelsEnded"][phone2] <= cancelled_seen
+        await sim.wait_call(answered_elsewhere, TIMEOUT)
         queued = sim.play("inbound-queue", line="305", agent2="306")
         await c.event("Newchannel", Channel=next(n for n in queued.planned if n.startswith("SIP/306-")))
         assert await sim.restart() == 1  # before the phones' Newstate Ringing (10 ms apart in the scenario)

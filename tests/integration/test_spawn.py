@@ -64,3 +64,21 @@ def test_children_outlive_their_spawning_thread_but_not_the_launcher(tmp_path: P
         parent.wait(timeout=10)
         if parent.stdout is not None:
             parent.stdout.close()
+
+
+def test_a_child_that_outlives_its_sigterm_is_killed_not_left_running(tmp_path: Path) -> None:
+    """make chaos's cluster-restart sent a gateway SIGTERM; it did not finish within 10 s and the harness
+    crashed on the launcher's timeout, leaving the run without a table. A supervisor escalates to SIGKILL."""
+    from local_cluster.launcher import ClusterOptions, LocalCluster
+
+    cluster = LocalCluster(ClusterOptions.ephemeral(tmp_path))
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); " \
+               "time.sleep(120)"
+    child = cluster._spawn("stubborn", [sys.executable, "-c", stubborn])
+    deadline = time.monotonic() + 10
+    while "up" not in child.log_path.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    cluster.kill("stubborn", signal.SIGTERM, timeout=1.0)
+    assert child.process.poll() == -signal.SIGKILL
+    assert time.monotonic() - started < 5
