@@ -2,16 +2,41 @@
 
 The read path calls :meth:`EventOutbox.put` synchronously; it only assigns each event its
 line position and appends it to a bounded in-memory queue, so a slow or absent Redis or
-RabbitMQ never delays reading AMI. A single drain task takes batches in order and, for each
-batch, first writes Redis (state + history), then publishes it to RabbitMQ with publisher
-confirms, without waiting for those confirms before it moves to the next batch: up to
-``window`` batches are unconfirmed at once, so an event pays one Redis write and the broker
-hop, not also the confirm round trip of the batch before it. An event leaves the outbox only
-when its batch is confirmed (confirms are taken oldest first). A failed Redis write is retried
-with backoff; a nack, a lost channel or a failed publish closes the connection and republishes
-everything unconfirmed from the oldest batch, in order. So events leave in the order Asterisk
-produced them, each is in Redis before any node can see it, and none is skipped. A node may see
-an event twice after a retry; it drops duplicates by sequence number.
+RabbitMQ never delays reading AMI.
+
+Redis is written beside the publish, not before it (issue 15: a Redis write in series cost every
+event its round trip). The drain task takes batches in order and, for each, hands it to the store
+task (Redis: state + history + position, one fenced script) *and* publishes it to RabbitMQ with
+publisher confirms, in the same step, awaiting neither: an event pays the broker hop only, while its
+Redis write travels at the same time. Up to ``window`` batches await the broker's confirms at once. A batch is
+done, and its events leave the outbox, only when the broker confirmed it *and* Redis holds it. The
+store task writes strictly in order (the calls hash and the position are "last write wins"), merges
+what waits into one script call, and retries a failed write with backoff; a nack, a lost channel or
+a failed publish closes the connection and republishes everything not yet confirmed from the oldest
+batch, in order, while each event is written to Redis once whatever happens to its publish. So
+events leave in the order Asterisk produced them and none is skipped; a node may see an event twice
+after a retry and drops duplicates by sequence number.
+
+What this gives up, and why it is safe (docs/performance.md, "Redis beside the publish"):
+
+* A node may receive event (epoch, n) a moment before Redis holds it. A node reads the history only
+  when it repairs (a gap, a new epoch, a reconnect), and then waits briefly for the entry it needs
+  (ws_node/line_feed.py); an event in order is delivered without touching Redis.
+* Redis is never more than ``window * batch_size`` events behind the broker: a published batch stays in
+  the outbox until its write lands. Once a write has failed, or one has been outstanding for
+  ``store_stall_seconds``, nothing more is published until Redis answers, so an outage costs only the
+  batches already out when it began and the outbox is back to "store, then publish". The write is
+  retried until it lands (Redis back with its data: the history is complete), or the outbox overflows
+  (new epoch, every line restated), or it is refused because the lease vanished with Redis's data:
+  this term stops and the next one restates every line in a new epoch, publishing from its shadow
+  log what the histories lack. An event a node delivered that Redis never got is superseded by that
+  restatement; the events it held are handed on (:meth:`EventOutbox.unconfirmed`) as before.
+* Fencing no longer runs before each publish: ``may_publish`` (the lease's local deadline, taken
+  before the renew was sent) is what keeps a gateway whose lease ran out from publishing, as it was
+  for a batch stored before a pause. Only when Redis loses the lease key itself (restarted empty, a
+  failover that lost writes) can a term publish up to one window after a successor could have taken
+  the lease: its next write is refused and it stops, and nodes drop an older epoch's events once
+  they have the newer one.
 
 If the buffer overflows (the broker or Redis away for very long), the oldest events are
 dropped and continuity is declared lost: the next events start a new epoch, which tells every
@@ -20,10 +45,10 @@ reader to take a fresh snapshot instead of trusting its history. Until that epoc
 carries every line's state as of then.
 
 Fencing (ami_gateway/lease.py): every Redis write checks the lease in the same script; a refused
-write stops this outbox for good (``on_fenced``: the gateway steps down). Before each publish
-and each Redis write ``may_publish`` is asked (the lease's local deadline), so a gateway that wakes
-from a pause, or whose Redis comes back after an outage, writes and publishes nothing until it has
-proved the lease is still its own.
+write stops this outbox for good (``on_fenced``: the gateway steps down). Before each batch goes out
+and before each Redis write (a retry included) ``may_publish`` is asked, so a gateway that wakes from
+a pause, or whose Redis comes back after an outage, writes and publishes nothing until it has proved
+the lease is still its own.
 
 The outbox's two outputs are interfaces: the line state through a
 :class:`~services.line_state.LineWriter` (Redis: :class:`~services.line_state.LineStateWriter`) and
@@ -64,12 +89,12 @@ EVENTS_DROPPED = Counter("cms_call_events_dropped_total", "Line events dropped b
 OUTBOX_DEPTH = Gauge("cms_outbox_events", "Line events waiting to be stored and published")
 PUBLISH_SECONDS = Histogram(
     "cms_publish_batch_seconds",
-    "Time to store a batch in Redis and have RabbitMQ confirm it",
+    "Time for a batch to be both stored in Redis and confirmed by RabbitMQ (the two travel at once)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 REDIS_WRITE_SECONDS = Histogram(
     "cms_outbox_redis_write_seconds",
-    "Time to store one batch in Redis (state + history), which every event waits for before it is published",
+    "Time of one Redis write of the outbox (state + history of one or more batches), made beside their publish",
     buckets=(0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 EVENT_PUBLISH_LATENCY = Histogram(
@@ -177,20 +202,36 @@ class EventPublisher(EventSink):
 
 @dataclass(eq=False)
 class _InFlight:
-    """A batch published and not yet confirmed: the events at the head of the queue it stands for."""
+    """A batch published and not yet done: the events at the head of the queue it stands for.
+
+    Done when the broker confirmed it *and* the store task has written Redis up to ``end`` (an absolute
+    event index, see :class:`EventOutbox`)."""
 
     events: list[LineEvent]
     confirms: asyncio.Future[list[Any]]
     generation: int
-    started: float  # perf_counter when its Redis write began
+    end: int
+    started: float  # perf_counter when it was handed to Redis and the broker
     confirmed_at: float = 0.0  # wall clock, set when the broker's last confirm for it arrived
-    confirmed_perf: float = 0.0
 
     def failed(self) -> bool:
         return self.confirms.done() and (self.confirms.cancelled() or self.confirms.exception() is not None)
 
 
+@dataclass(eq=False)
+class _ToStore:
+    """Events handed to the store task, in queue order; ``end`` is the absolute index after the last one."""
+
+    events: list[LineEvent]
+    end: int
+
+
 class EventOutbox:
+    """See the module docstring. Positions in the queue are absolute event indexes (``_base`` is the index
+    of ``_queue[0]``), so the drain loop, the store task and the confirms each say how far they got without
+    renumbering when the head of the queue is taken off, and a late answer about events an overflow dropped
+    cannot be misread as one about the events that replaced them."""
+
     def __init__(
         self,
         writer: LineWriter,
@@ -200,6 +241,8 @@ class EventOutbox:
         capacity: int = 200_000,
         batch_size: int = 256,
         window: int = 8,
+        store_chunk: int = 1024,
+        store_stall_seconds: float = 0.25,
         on_continuity_lost: Callable[[], Awaitable[None]] | None = None,
         may_publish: Callable[[], bool] = lambda: True,
         on_fenced: Callable[[str], None] | None = None,
@@ -213,8 +256,18 @@ class EventOutbox:
         if window < 1:
             raise ValueError(f"window must be at least 1 batch, not {window}")
         self._window_size = window
+        self._store_chunk = max(1, store_chunk)
+        self._store_stall = store_stall_seconds
+        # Redis trouble seen by the store task: its last write failed, or one has been outstanding since then.
+        self._store_failing = False
+        self._writing_since: float | None = None
+        # "Store, then publish" until the queue is empty again: set by any outage (broker or Redis). A backlog
+        # goes out in large writes while nodes rebind after the same outage; each batch then reaches the broker
+        # only once Redis holds it, so a node's repair read after its bind finds everything published before.
+        self._serial = False
         self._queue: collections.deque[LineEvent] = collections.deque()
         self._wakeup = asyncio.Event()
+        self._store_wakeup = asyncio.Event()
         self._continuity_lost = False
         self._lost_epoch: str | None = None  # set from an overflow until the sequencer has a new epoch
         self._on_continuity_lost = on_continuity_lost
@@ -226,13 +279,14 @@ class EventOutbox:
         self._idle = asyncio.Event()
         self._idle.set()
         self.published = 0
-        # How many events at the head of the queue are already in Redis: a batch whose publish failed is
-        # retried on RabbitMQ only (its stream ids are taken; XADD would refuse them a second time).
-        self._stored = 0
-        # How many events at the head of the queue are published and waiting for their confirms (<= _stored).
-        self._sent = 0
+        # Absolute event indexes, never reset (see the class docstring):
+        self._base = 0  # index of _queue[0]
+        self._handed = 0  # events before it are handed to the store task (written, or waiting to be)
+        self._stored = 0  # events before it are in Redis
+        self._sent = 0  # events before it are published (confirmed, or waiting for their confirms)
         self._in_flight: collections.deque[_InFlight] = collections.deque()  # oldest first
         self._generation = 0  # bumped when an overflow clears the queue under a batch in flight
+        self._to_store: collections.deque[_ToStore] = collections.deque()
         # Held around each Redis write; see writes_paused.
         self._write_lock = asyncio.Lock()
 
@@ -254,9 +308,10 @@ class EventOutbox:
             # A partial history would have a hole readers cannot see; drop it all and restate
             # every line under a new epoch instead (see on_continuity_lost).
             dropped = len(self._queue)
+            self._base += dropped
             self._queue.clear()
-            self._stored = 0
-            self._sent = 0
+            self._handed = self._stored = self._sent = self._base
+            self._to_store.clear()
             self._generation += 1
             EVENTS_DROPPED.inc(dropped)
             self._continuity_lost = True
@@ -283,8 +338,9 @@ class EventOutbox:
         return len(self._queue)
 
     def unconfirmed(self) -> list[LineEvent]:
-        """The events put that the broker has not confirmed yet, oldest first (a term that stops or is fenced
-        hands them to the next one, which publishes what the line histories show was not)."""
+        """The events put that are not both confirmed by the broker and stored in Redis, oldest first (a term
+        that stops or is fenced hands them to the next one, which publishes what the line histories show was
+        not: an event published but never stored is published again, and nodes silence a repeated ring)."""
         return list(self._queue)
 
     async def wait_idle(self, timeout: float) -> bool:
@@ -300,10 +356,14 @@ class EventOutbox:
 
     async def run(self) -> None:
         backoff = Backoff(initial=0.1, maximum=2.0)
+        store = asyncio.create_task(self._store_loop(), name="outbox-store")
+        store.add_done_callback(lambda _: self._wakeup.set())  # an error in it must not go unnoticed here
         try:
             while not self.fenced:
-                # Cleared before looking at the state and awaited only when there is nothing to do: a put()
-                # or a confirm that lands while this loop works is seen by the checks below.
+                if store.done():
+                    store.result()  # the store task ends by itself only when fenced: re-raise anything else
+                # Cleared before looking at the state and awaited only when there is nothing to do: a put(), a
+                # confirm or a Redis write that lands while this loop works is seen by the checks below.
                 self._wakeup.clear()
                 if self._continuity_lost and self._on_continuity_lost is not None:
                     self._continuity_lost = False
@@ -314,92 +374,160 @@ class EventOutbox:
                 if any(batch.failed() for batch in self._in_flight):
                     await self._republish_from_oldest(backoff)
                     continue
-                if self._in_flight and self._in_flight[0].confirms.done():
-                    self._confirmed(self._in_flight.popleft())
+                head = self._in_flight[0] if self._in_flight else None
+                if head is not None and head.confirms.done() and self._stored >= head.end:
+                    self._done(self._in_flight.popleft())
                     backoff.reset()
                     continue
                 if not self._queue:
+                    self._serial = False  # the backlog of an outage is out: Redis goes beside the publish again
                     self._idle.set()
                     await self._wakeup.wait()
                     continue
-                if self._sent < len(self._queue) and len(self._in_flight) < self._window_size:
-                    await self._store_and_send(backoff)
-                    continue
-                await self._wakeup.wait()  # window full or everything sent: wait for a confirm or more events
+                if self._sent < self._base + len(self._queue) and self._room() and not self._redis_in_trouble():
+                    if await self._store_and_send(backoff):
+                        continue
+                # Window full, everything sent, Redis failing, or (after an outage) a batch waiting for its
+                # write: wait for a confirm, a write or more events.
+                await self._wakeup.wait()
         finally:
+            store.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await store
             for batch in self._in_flight:
                 batch.confirms.cancel()
             self._in_flight.clear()
 
-    async def _store_and_send(self, backoff: Backoff) -> None:
-        """Write the next batch to Redis (unless it is there already), then publish it without awaiting confirms."""
+    async def _store_and_send(self, backoff: Backoff) -> bool:
+        """Hand the next batch to the store task and publish it, together, awaiting neither; after an outage
+        (``_serial``), publish it only once it is stored. False when there is nothing to do until a write lands.
+
+        The lease is checked once, before either goes out (the store task checks it again before writing)."""
         if not self._may_publish():
             # The lease is not confirmed (Redis away, or we were paused): write and publish nothing until
             # it is renewed or resumed; if it was lost, the gateway stops this outbox.
             await self._held_back()
-            return
-        end = min(self._sent + self._batch_size, len(self._queue))
-        batch = [self._queue[i] for i in range(self._sent, end)]
+            return True
+        self._holding = False
+        # _room() said Redis is less than window * batch_size events behind: the batch keeps it so.
+        end = min(self._sent + self._batch_size, self._base + len(self._queue),
+                  self._stored + self._window_size * self._batch_size)
+        if self._handed < end:
+            # After a failed publish the same events go out again; each is written once.
+            self._to_store.append(_ToStore([self._queue[i - self._base] for i in range(self._handed, end)], end))
+            self._handed = end
+            self._store_wakeup.set()
+        if self._serial and self._stored < end:
+            return False
+        batch = [self._queue[i - self._base] for i in range(self._sent, end)]
         generation = self._generation
         started = time.perf_counter()
-        try:
-            if self._stored < end:
-                async with self._write_lock:
-                    writing = time.perf_counter()
-                    await self._writer.write([self._queue[i] for i in range(self._stored, end)])
-                    REDIS_WRITE_SECONDS.observe(time.perf_counter() - writing)
-                self._redis_health.succeeded()
-                if generation != self._generation:
-                    return
-                self._stored = end
-        except Fenced as exc:
-            self._fence(str(exc))
-            return
-        except (OSError, ConnectionError) as exc:
-            await self._failed("redis", exc, backoff)
-            return
-        except AlreadyStored:
-            # The previous attempt was stored but its reply was lost: the stream already holds these
-            # ids (stream ids only grow). The rest of that transaction is idempotent; go on and publish.
-            log.warning("batch of %d events was already stored; publishing it", end - self._stored)
-            self._stored = end
-        except aioredis.RedisError as exc:  # redis.exceptions.* do not share a base with OSError
-            await self._failed("redis", exc, backoff)
-            return
-        if not self._may_publish():
-            # Stored, then paused past the lease (the check above passed before the pause): publish only
-            # once the lease is renewed or resumed.
-            await self._held_back()
-            return
-        self._holding = False
         try:
             confirms = await self._publisher.send(batch)
         except BROKER_FAILURES as exc:
             await self._republish_from_oldest(backoff, exc)
-            return
-        in_flight = _InFlight(batch, confirms, generation, started)
+            return True
+        in_flight = _InFlight(batch, confirms, generation, end, started)
         confirms.add_done_callback(lambda _: self._on_confirms(in_flight))
         if generation != self._generation:
-            return  # an overflow dropped these events while the channel opened; their confirms are of no use
+            return True  # an overflow dropped these events while the channel opened; their confirms are of no use
         self._sent = end
         self._in_flight.append(in_flight)
+        return True
+
+    def _room(self) -> bool:
+        """Whether another batch may go out: at most ``window`` batches unconfirmed by the broker, and Redis at
+        most ``window * batch_size`` events behind the broker. Redis's lag is counted in events, not batches: at
+        a low rate each batch is an event or two, and a write slower than a few of them would otherwise hold
+        the publish back, Redis in series again at the tail."""
+        if self._sent - self._stored >= self._window_size * self._batch_size:
+            return False
+        if len(self._in_flight) < self._window_size:
+            return True
+        return sum(1 for batch in self._in_flight if not batch.confirms.done()) < self._window_size
+
+    def _redis_in_trouble(self) -> bool:
+        """Whether to stop publishing beside Redis: its last write failed, or one hangs. The batches already
+        out then wait for their writes, and nothing more goes out until Redis answers again, so an outage
+        costs at most the batches that were published before it was noticed."""
+        if self._store_failing:
+            return True
+        since = self._writing_since
+        return since is not None and time.perf_counter() - since > self._store_stall
+
+    async def _store_loop(self) -> None:
+        """Write handed batches to Redis, strictly in order (the calls hash and the position are "last write
+        wins"), merging what waits into one script call, retrying a failed write with backoff.
+
+        A batch may be on the broker already while its write waits or is retried: it keeps its place in the
+        outbox until the write lands, and at most ``window * batch_size`` events are ever ahead of Redis."""
+        backoff = Backoff(initial=0.1, maximum=2.0)
+        while not self.fenced:
+            if not self._to_store:
+                # Nothing owed to Redis (an overflow may have dropped what a failing write was retrying): no
+                # trouble to hold publishing for. The next write tells again whether Redis answers.
+                self._store_failing = False
+                self._writing_since = None
+                self._store_wakeup.clear()
+                await self._store_wakeup.wait()
+                continue
+            if not self._may_publish():
+                # The lease is not confirmed: a write now could meet a fence that has only expired (Redis was
+                # away) and stop a term that is about to resume. Wait until it is renewed or resumed.
+                await asyncio.sleep(0.05)
+                continue
+            chunk: list[LineEvent] = []
+            end = self._stored
+            for part in self._to_store:
+                if chunk and len(chunk) + len(part.events) > self._store_chunk:
+                    break
+                chunk.extend(part.events)
+                end = part.end
+            generation = self._generation
+            try:
+                async with self._write_lock:
+                    writing = self._writing_since = time.perf_counter()
+                    try:
+                        await self._writer.write(chunk)
+                    except AlreadyStored:
+                        # The previous attempt was stored but its reply was lost: the stream already holds these
+                        # ids (stream ids only grow). The rest of that transaction is idempotent.
+                        log.warning("batch of %d events was already stored", len(chunk))
+                    REDIS_WRITE_SECONDS.observe(time.perf_counter() - writing)
+            except Fenced as exc:
+                self._fence(str(exc))
+                return
+            except (OSError, ConnectionError, aioredis.RedisError) as exc:  # redis errors share no base with OSError
+                self._store_failing = generation == self._generation  # else what failed was dropped meanwhile
+                self._writing_since = None
+                self._serial = True
+                await self._failed("redis", exc, backoff)
+                continue
+            self._redis_health.succeeded()
+            backoff.reset()
+            self._writing_since = None
+            self._store_failing = False
+            self._wakeup.set()  # a batch may be done, or publishing may resume
+            if generation != self._generation:
+                continue  # an overflow dropped these events meanwhile (and cleared what was left to store)
+            while self._to_store and self._to_store[0].end <= end:
+                self._to_store.popleft()
+            self._stored = end
 
     def _on_confirms(self, batch: _InFlight) -> None:
         batch.confirmed_at = time.time()
-        batch.confirmed_perf = time.perf_counter()
         if not batch.confirms.cancelled():
             batch.confirms.exception()  # retrieved here: a batch abandoned after an overflow is never awaited
         self._wakeup.set()
 
-    def _confirmed(self, batch: _InFlight) -> None:
-        PUBLISH_SECONDS.observe(batch.confirmed_perf - batch.started)
+    def _done(self, batch: _InFlight) -> None:
+        PUBLISH_SECONDS.observe(time.perf_counter() - batch.started)
         for event in batch.events:
             if event.ami_received_at:
                 EVENT_PUBLISH_LATENCY.observe(batch.confirmed_at - event.ami_received_at)
         for _ in batch.events:
             self._queue.popleft()
-        self._stored = max(0, self._stored - len(batch.events))
-        self._sent -= len(batch.events)
+        self._base += len(batch.events)
         self.published += len(batch.events)
         EVENTS_PUBLISHED.inc(len(batch.events))
         OUTBOX_DEPTH.set(len(self._queue))
@@ -416,12 +544,14 @@ class EventOutbox:
         log.error("outbox stopped: %s; %d events of this term are discarded", reason, len(self._queue))
         self.fenced = True
         self._idle.set()
+        self._wakeup.set()
         if self._on_fenced is not None:
             self._on_fenced(reason)
 
     async def _republish_from_oldest(self, backoff: Backoff, exc: BaseException | None = None) -> None:
         """A nack, a lost channel or a failed publish: drop the connection and everything in flight; the
-        loop then publishes again from the oldest unconfirmed event (already in Redis), in order."""
+        loop then publishes again from the oldest unconfirmed event, in order, each batch once it is stored
+        (``_serial``). Redis writes go on meanwhile: each event is written once, whatever its publish."""
         if exc is None:
             failed = next(batch for batch in self._in_flight if batch.failed())
             exc = asyncio.CancelledError() if failed.confirms.cancelled() else failed.confirms.exception()
@@ -430,7 +560,8 @@ class EventOutbox:
             batch.confirms.cancel()  # closing the connection fails them already; cancelling covers a hung one
         await asyncio.gather(*(batch.confirms for batch in self._in_flight), return_exceptions=True)
         self._in_flight.clear()
-        self._sent = 0
+        self._sent = self._base
+        self._serial = True
         await self._failed("rabbitmq", exc or RuntimeError("publish failed"), backoff)
 
     async def _failed(self, what: str, exc: BaseException, backoff: Backoff) -> None:

@@ -239,7 +239,7 @@ def stage_figures(windows: list[Window]) -> list[Figure]:
     Redis write every batch waits for before it is published (median over windows)."""
     figures: list[Figure] = []
     for attribute, label in (("gateway_publish", "gateway: AMI read -> broker confirm"),
-                             ("redis_write", "gateway: Redis write before the publish (per batch)")):
+                             ("redis_write", "gateway: Redis write beside the publish (per write)")):
         for q in (0.5, 0.99):
             values = [found.value for w in windows
                       if (found := bucket_quantile(q, getattr(w, attribute))) is not None]

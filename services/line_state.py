@@ -1,10 +1,15 @@
 """Each line's state in Redis: current calls, agent state, stream position, recent history.
 
 The gateway is the single writer (the one holding the lease). For every batch of events it
-writes, in one script that first checks the lease:
-the calls hash, the agent state, the history stream entries and the position, *before* it
-publishes the events. So a node that receives event (epoch, n) from RabbitMQ can always find
-everything up to n in Redis, and a node that missed events can fill the gap from the stream.
+writes, in one script that first checks the lease: the calls hash, the agent state, the history
+stream entries and the position. Writes are applied strictly in order. The write travels beside
+the batch's publish, not before it (ami_gateway/event_outbox.py; issue 15): a node that receives
+event (epoch, n) from RabbitMQ finds everything up to n in Redis a moment later at most, as the
+gateway keeps at most its window of batches ahead of Redis and stops publishing once a write fails
+or hangs. A node that repairs (a gap, a new epoch, a reconnect) therefore waits briefly for the
+entry it needs, and looks at a line it has just bound once more a moment later, for an event
+routed before its bind whose write landed after its read (ws_node/line_feed.py). After an outage
+the gateway stores, then publishes, until its backlog is out.
 
 Keys (``P`` = deployment prefix, ``L`` = line)::
 
@@ -115,6 +120,11 @@ class LineReader(Protocol):
 
     async def history_since(self, line: str, position: StreamPosition, limit: int = 10_000) -> LineHistory:
         """Everything after ``position``, across epochs, with the snapshot it leads to (read together)."""
+        ...
+
+    async def positions(self, lines: Sequence[str]) -> dict[str, StreamPosition]:
+        """Where each of ``lines`` stands in the store (the start of a line for one never written), in one
+        round trip: a node's second look at lines it just bound (ws_node/line_feed.py, settling)."""
         ...
 
 
@@ -281,6 +291,12 @@ class LineStateReader(LineReader):
         pipe.hgetall(self._keys.pos(line))
         raw_calls, raw_agent, raw_pos = await pipe.execute()
         return _snapshot(line, raw_calls, raw_agent, raw_pos)
+
+    async def positions(self, lines: Sequence[str]) -> dict[str, StreamPosition]:
+        pipe = self._redis.pipeline(transaction=False)
+        for line in lines:
+            pipe.hgetall(self._keys.pos(line))
+        return {line: _position(raw) for line, raw in zip(lines, await pipe.execute() if lines else [], strict=True)}
 
     async def events_after(self, line: str, position: StreamPosition, limit: int = 10_000) -> list[LineEvent]:
         """Events of ``line`` after ``position``, in its epoch only.

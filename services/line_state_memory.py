@@ -140,6 +140,10 @@ class MemoryLineStateReader(LineReader):
         events = tuple(event for _id, event in entries)
         return LineHistory(events=events, anchored=anchored, snapshot=self._snapshot(line))
 
+    async def positions(self, lines: Sequence[str]) -> dict[str, StreamPosition]:
+        await round_trip(self._store.outage, self.link)
+        return {line: self._snapshot(line).position for line in lines}
+
     def _snapshot(self, line: str) -> LineSnapshot:
         state = self._store._lines.get(line)
         if state is None:

@@ -67,6 +67,10 @@ for _outcome in ("repaired", "resync"):
 LINES_BOUND = Gauge("cms_node_lines_bound", "Lines this node receives events for")
 BROKER_CONNECTED = Gauge("cms_node_broker_connected", "1 while the node's RabbitMQ connection is up")
 CATCH_UP_EVENTS = Counter("cms_node_catch_up_events_total", "Line events handed to agents from the Redis history")
+SETTLE_REPAIRS = Counter(
+    "cms_node_settle_repairs_total",
+    "Lines whose second look after a bind found Redis ahead of what the node had (an event stored after its read)",
+)
 HISTORY_WAIT_TIMEOUTS = Counter(
     "cms_node_history_wait_timeouts_total", "Catch-ups that gave up waiting for an event to reach the Redis history"
 )
@@ -245,6 +249,7 @@ class LineFeed:
         redis_timeout_seconds: float = 5.0,
         bind_chunk: int = 500,
         bind_timeout_seconds: float = 15.0,
+        settle_seconds: float = 0.3,
     ) -> None:
         self.node_id = node_id
         self._bus = bus
@@ -278,6 +283,10 @@ class LineFeed:
         #: lines handed events without a catch-up while Redis was away
         self._unsynced: set[str] = set()
         self._resync_task: asyncio.Task[None] | None = None
+        #: lines just bound, with when to look at them again (see _settle_later)
+        self._settle = settle_seconds
+        self._settling: dict[str, float] = {}
+        self._settle_task: asyncio.Task[None] | None = None
         #: set once the first broker connection is up (start-up is over)
         self.ever_connected = False
         #: False after a Redis operation failed, until one succeeds again (for /health)
@@ -303,7 +312,7 @@ class LineFeed:
                 await hook()
             except (OSError, aioredis.RedisError) as exc:
                 log.warning("stop hook failed: %s", exc)
-        tasks = [*self._tasks, *([self._resync_task] if self._resync_task is not None else [])]
+        tasks = [*self._tasks, *(t for t in (self._resync_task, self._settle_task) if t is not None)]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -388,6 +397,7 @@ class LineFeed:
             await self._mark(line)
         snapshot = await self.reader.snapshot(line)
         self.router.start_from(line, snapshot.position)
+        self._settle_later([line])
         return snapshot
 
     async def unfollow(self, subscriber: LineSubscriber, line: str) -> None:
@@ -556,22 +566,69 @@ class LineFeed:
 
     async def _read_history(self, line: str, live: LineEvent | None) -> LineHistory:
         """The line's history after our position, waiting briefly for ``live`` to be in it: the
-        gateway may publish an event before its Redis write has landed."""
+        gateway writes Redis beside the publish, so an event may arrive before its write lands.
+
+        Without ``live`` (a repair after a reconnect), Redis may likewise stand a few events behind
+        what this node already delivered in the same epoch: that is waited for too, not taken for a
+        Redis that lost them (which the catch-up answers with a resync to its snapshot)."""
         deadline = time.monotonic() + self._history_wait
+        pause = 0.001  # the write is usually well under a millisecond behind
         while True:
             position = self.router.position(line) or LINE_START
             history = await asyncio.wait_for(self.reader.history_since(line, position), self._redis_timeout)
-            snapshot = history.snapshot
-            if live is None or snapshot.position >= live.position:
+            at = history.snapshot.position
+            if live is not None:
+                if at >= live.position:
+                    return history
+            elif at.epoch != position.epoch or at >= position:
                 return history
             if time.monotonic() >= deadline:
                 HISTORY_WAIT_TIMEOUTS.inc()
                 log.warning(
                     "line %s: Redis has no %s after %.1fs (at %s)",
-                    line, live.position, self._history_wait, snapshot.position,
+                    line, live.position if live is not None else position, self._history_wait, at,
                 )
                 return history
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+    def _settle_later(self, lines: Sequence[str]) -> None:
+        """Look at ``lines`` once more in ``settle_seconds``. The gateway writes Redis beside the publish:
+        an event the broker routed just before our bind never reached our queue, and its write may land
+        just after the read that followed the bind. Nothing else would show it before the line's next
+        event; a second look, one round trip for all the lines due, does."""
+        due = time.monotonic() + self._settle
+        for line in lines:
+            self._settling.setdefault(line, due)
+        if self._settling and (self._settle_task is None or self._settle_task.done()):
+            self._settle_task = asyncio.create_task(self._settle_lines(), name="settle")
+
+    async def _settle_lines(self) -> None:
+        while self._settling:
+            now = time.monotonic()
+            wait = min(self._settling.values()) - now
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            due = [line for line, at in self._settling.items() if at <= now]
+            for line in due:
+                del self._settling[line]
+            due = [line for line in due if self.router.position(line) is not None]
+            if not due:
+                continue
+            try:
+                stored = await asyncio.wait_for(self.reader.positions(due), self._redis_timeout)
+                for line in due:
+                    position = self.router.position(line)
+                    if position is not None and stored[line] > position:
+                        SETTLE_REPAIRS.inc()
+                        await self._catch_up(line)
+            except (OSError, aioredis.RedisError, WireError, TimeoutError) as exc:
+                self._redis_state(False)
+                log.warning("second look at %d lines failed (%s); they are resynced once Redis answers",
+                            len(due), exc)
+                for line in due:
+                    self._resync_later(line)
 
     async def _repair_all(self) -> None:
         """After a broker reconnect: events published while we were away went nowhere."""
@@ -589,6 +646,7 @@ class LineFeed:
                 for rest in lines[index:]:
                     self._resync_later(rest)
                 return
+        self._settle_later(lines)
 
     def _resync_later(self, line: str) -> None:
         self._unsynced.add(line)

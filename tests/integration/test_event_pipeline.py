@@ -196,6 +196,7 @@ def test_broker_link_cut_events_published_meanwhile_arrive_in_order(infra: Infra
             await feed.follow(collector, "305")
             outbox.put([_event("305", n) for n in range(1, 4)])
             await _wait_until(lambda: len(collector.events) == 3)
+            await asyncio.sleep(0.5)  # past the node's second look at the line it bound (settle_seconds)
 
             await proxy.set_fault(CUT)
             await _wait_until(lambda: not feed.connected.is_set())

@@ -186,11 +186,17 @@ def test_redis_unreachable_the_active_keeps_reading_and_resumes_its_term_in_orde
                     await wait_until(lambda: sum(len(v) for v in recorder.expected(set(lines)).values()) == produced,
                                      10, "the recorder saw every call")
                     await wait_until(lambda: active.outbox.depth >= produced, 10, "every event read into the outbox")
-                    assert len(listener.events) == seen_before  # nothing published without Redis
+                    # Redis is written beside the publish (issue 15): the batches that went out before the first
+                    # failed write was noticed (at most the outbox's window) may reach readers, and their writes land
+                    # once Redis is back; after that, nothing is published without Redis.
+                    await asyncio.sleep(1.0)  # what is on its way to the listener has arrived
+                    published_in_outage = len(listener.events)
+                    assert published_in_outage - seen_before < produced
                     assert sim.metrics.clients_dropped._value.get() == 0  # AMI reading never stalled
                     assert active.ami is not None and active.ami.sessions_established == 1
                     await asyncio.sleep(max(0.0, 10.0 - (time.monotonic() - cut_at)))  # several lease ttls
                     assert not active.lease.held()
+                    assert len(listener.events) == published_in_outage  # nothing more published without Redis
 
                     await proxy.set_fault(PASS)
                     restored_at = time.monotonic()

@@ -1,8 +1,10 @@
 """EventOutbox's window of unconfirmed batches against the real RabbitMQ and Redis.
 
-The outbox publishes batch n+1 before batch n is confirmed. These tests check what that must not cost: a broker
-cut with a full window in flight leaves every line's stream gap-free and in order (duplicates allowed: nodes drop
-them by sequence number), and no consumer ever sees an event that is not in Redis yet.
+The outbox publishes batch n+1 before batch n is confirmed, and writes Redis beside the publish rather than before
+it. These tests check what that must not cost: a broker cut with a full window in flight leaves every line's stream
+gap-free and in order (duplicates allowed: nodes drop them by sequence number); an event counts as done only once
+Redis holds it; Redis never falls more than the window behind the broker; and a Redis outage after a publish ends
+with every event any consumer saw in the history, in order.
 """
 
 from __future__ import annotations
@@ -189,36 +191,123 @@ class SlowWriter(LineStateWriter):
         await super().write(events)
 
 
-def test_no_consumer_sees_an_event_before_it_is_in_redis(infra: Infrastructure, prefix: str) -> None:
-    per_line = 200
+async def _history(redis_client: aioredis.Redis, prefix: str, line: str) -> list[int]:
+    entries = await redis_client.xrange(LineKeys(prefix).events(line), "-", "+")
+    return [LineEvent.decode(fields[b"e"]).seq for _id, fields in entries]
+
+
+def test_redis_is_written_beside_the_publish_and_an_event_is_done_only_once_stored(infra: Infrastructure,
+                                                                                   prefix: str) -> None:
+    """The publish does not wait for Redis (a consumer may see an event a moment before its write lands), yet
+    the outbox counts an event done only when Redis holds it, and never runs more than its window ahead."""
+    per_line, batch_size, window = 200, 8, 8
 
     async def main() -> None:
         redis_client = aioredis.from_url(infra.redis_url)
         writer = SlowWriter(redis_client, prefix, delay=0.02)
         publisher = EventPublisher(infra.amqp_url, Topology(prefix))
-        outbox = EventOutbox(writer, publisher, Sequencer(await writer.new_epoch()), batch_size=8, window=8)
+        outbox = EventOutbox(writer, publisher, Sequencer(await writer.new_epoch()), batch_size=batch_size,
+                             window=window)
         consumer = Consumer(infra.amqp_url, prefix, redis_client)
         drain = asyncio.create_task(outbox.run())
         try:
             outbox.put([_event("999", 0)])
             assert await outbox.wait_idle(10)
             await consumer.start(LINES)
-            # Events trickle in while batches are in flight, so the Redis write of one batch overlaps the
-            # confirms of the ones before it.
+            published_before = outbox.published
+            done_but_not_stored: list[tuple[int, int]] = []
+            watching = True
+
+            async def watch() -> None:
+                # Its own client, and stopped by a flag: a command cancelled halfway must not hang the others.
+                client = aioredis.from_url(infra.redis_url)
+                try:
+                    while watching:
+                        done = outbox.published - published_before
+                        stored = await _stored_total(client, prefix)
+                        if done > stored:
+                            done_but_not_stored.append((done, stored))
+                        await asyncio.sleep(0.003)
+                finally:
+                    await client.aclose()
+
+            watcher = asyncio.create_task(watch())
             for n in range(1, per_line + 1):
                 outbox.put([_event(line, n) for line in LINES])
                 if n % 10 == 0:
                     await asyncio.sleep(0.005)
             assert await outbox.wait_idle(30)
+            watching = False
+            await asyncio.wait_for(watcher, 10)
             await wait_until(lambda: all(per_line in consumer.seqs(line) for line in LINES), 15, "last events")
-            assert consumer.not_yet_stored == []
+            assert done_but_not_stored == []
+            # With a 20 ms write, consumers got events before Redis held them: Redis was not in series ...
+            assert consumer.not_yet_stored, "every event waited for its Redis write before it was published"
+            # ... and never more than the window ahead of it.
+            assert max(seq - stored for _line, seq, stored in consumer.not_yet_stored) <= window * batch_size
             for line in LINES:
                 assert consumer.seqs(line) == list(range(1, per_line + 1))  # no cut: exactly once, in order
+                assert await _history(redis_client, prefix, line) == list(range(1, per_line + 1))
         finally:
             await _stop(drain)
             await outbox.close()
             await consumer.close()
             await redis_client.aclose()
+            await cleanup(infra, prefix)
+
+    asyncio.run(main())
+
+
+def test_redis_lost_after_a_publish_holds_the_window_and_the_history_lands_complete(infra: Infrastructure,
+                                                                                  prefix: str) -> None:
+    """Redis goes silent, then its connections are cut, while batches are on the broker: nothing beyond the
+    window is published, nothing counts as done, and once Redis answers again every event that any consumer
+    saw is in the line's history, in order, without a gap."""
+    per_line, batch_size, window = 120, 8, 4
+
+    async def main() -> None:
+        redis_port = urllib.parse.urlsplit(infra.redis_url).port or 6379
+        proxy = FaultProxy("redis", "127.0.0.1", redis_port)
+        await proxy.start()
+        direct = aioredis.from_url(infra.redis_url)
+        proxied = aioredis.from_url(_via(infra.redis_url, proxy.port), socket_timeout=2)
+        writer = LineStateWriter(proxied, prefix)
+        publisher = EventPublisher(infra.amqp_url, Topology(prefix))
+        outbox = EventOutbox(writer, publisher, Sequencer(await writer.new_epoch()), batch_size=batch_size,
+                             window=window)
+        consumer = Consumer(infra.amqp_url, prefix)
+        drain = asyncio.create_task(outbox.run())
+        try:
+            outbox.put([_event("999", 0)])
+            assert await outbox.wait_idle(10)
+            await consumer.start(LINES)
+            published_before = outbox.published
+
+            await proxy.set_fault(BLACKHOLE)  # writes hang: no answer, no error
+            outbox.put([_event(line, n) for n in range(1, per_line + 1) for line in LINES])
+            await wait_until(lambda: len(consumer.events) >= window * batch_size, 10, "the window published")
+            await asyncio.sleep(0.5)
+            assert outbox.published == published_before  # confirmed by the broker, but not in Redis: not done
+            assert len(consumer.events) == window * batch_size  # and nothing beyond the window went out
+            await proxy.set_fault(CUT)  # the hung write fails; the store task retries with backoff
+            await asyncio.sleep(0.5)
+            assert outbox.published == published_before
+            await proxy.set_fault(PASS)
+
+            assert await outbox.wait_idle(30)
+            assert outbox.published - published_before == per_line * len(LINES)
+            await wait_until(lambda: all(per_line in consumer.seqs(line) for line in LINES), 15, "last events")
+            for line in LINES:
+                _assert_gap_free(consumer.seqs(line), per_line)
+                assert await _history(direct, prefix, line) == list(range(1, per_line + 1))
+                assert int(await direct.hget(LineKeys(prefix).pos(line), "seq") or 0) == per_line
+        finally:
+            await _stop(drain)
+            await outbox.close()
+            await consumer.close()
+            await proxy.close()
+            await proxied.aclose()
+            await direct.aclose()
             await cleanup(infra, prefix)
 
     asyncio.run(main())

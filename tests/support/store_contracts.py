@@ -154,6 +154,18 @@ class LineStateContract(_Contract):
 
         self.run(body)
 
+    def test_positions_of_many_lines_are_read_at_once(self) -> None:
+        async def body(world: LineStateWorld) -> None:
+            writer, reader = world.writer(), world.reader()
+            assert await reader.positions([]) == {}
+            epoch = await writer.new_epoch()
+            await writer.write([event(epoch, 1), event(epoch, 2), event(epoch, 1, line="306")])
+            assert await reader.positions(["305", "306", "307"]) == {
+                "305": P(epoch, 2), "306": P(epoch, 1), "307": LINE_START,
+            }
+
+        self.run(body)
+
     def test_a_batch_stored_again_after_a_lost_reply_is_not_duplicated(self) -> None:
         async def body(world: LineStateWorld) -> None:
             writer, reader = world.writer(), world.reader()

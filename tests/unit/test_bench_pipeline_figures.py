@@ -74,7 +74,7 @@ def test_where_the_time_goes_inside_the_gateway() -> None:
     figures = {f.name: f for f in stage_figures(windows)}
     assert figures["gateway: AMI read -> broker confirm p50"].value == pytest.approx(0.0025)
     assert figures["gateway: AMI read -> broker confirm p50"].samples == pytest.approx([0.002, 0.003])
-    assert figures["gateway: Redis write before the publish (per batch) p99"].value == pytest.approx(0.00099)
+    assert figures["gateway: Redis write beside the publish (per write) p99"].value == pytest.approx(0.00099)
     # a gateway without the histograms: said, not a zero
     empty = {f.name: f for f in stage_figures([_window(0.002, 0.004, 0.001, 0.001)])}
     assert empty["gateway: AMI read -> broker confirm p50"].value is None

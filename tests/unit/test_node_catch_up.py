@@ -321,3 +321,83 @@ def test_a_broker_connect_that_ends_with_stop_async_iteration_is_retried() -> No
         assert not failures
 
     _run(body)
+
+
+def test_an_event_routed_before_the_bind_and_stored_after_the_snapshot_comes_from_a_second_look() -> None:
+    """The gateway writes Redis beside the publish: a ring the broker routed just before this node bound the
+    line is not in its queue, and its write may land just after the snapshot the node read once bound. A
+    second look at the line, ``settle_seconds`` later, hands it over (nothing else would before the next event)."""
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
+        feed, _, _ = world.node()
+        async with _running(feed):
+            (ring,) = await gateway.emit(ringing("313", 1), store=False)  # routed to nobody: not bound yet
+            tab = Collector()
+            snapshot = await feed.follow(tab, "313")
+            assert snapshot.position == P() and snapshot.calls == ()
+            repairs = REGISTRY.get_sample_value("cms_node_settle_repairs_total") or 0.0
+            await gateway.writer.write([ring])  # the write lands after the snapshot was read
+            await until(lambda: len(tab.events) == 1, what="the ring from the second look")
+            assert tab.events == [ring] and tab.resyncs == []
+            assert REGISTRY.get_sample_value("cms_node_settle_repairs_total") == repairs + 1
+            await gateway.emit(ringing("313", 2))
+            await until(lambda: len(tab.events) == 2)
+            assert tab.positions() == [ring.position, P(ring.epoch, 2)]
+
+    _run(body)
+
+
+def test_a_second_look_that_finds_nothing_new_hands_nothing() -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
+        feed, _, _ = world.node(history_wait_seconds=0.3)
+        async with _running(feed):
+            tab = Collector()
+            await feed.follow(tab, "314")
+            (ring,) = await gateway.emit(ringing("314", 1))
+            await until(lambda: len(tab.events) == 1)
+            await asyncio.sleep(0.5)  # past the second look
+            assert tab.events == [ring] and tab.resyncs == []
+
+    _run(body)
+
+
+def test_a_repair_after_a_reconnect_waits_for_redis_to_reach_what_the_node_delivered() -> None:
+    """Redis may stand a few events behind what a node delivered (written beside the publish). A repair after a
+    broker reconnect waits for those writes, instead of taking Redis for one that lost them and resyncing the
+    line to an older snapshot."""
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
+        feed, bus, _ = world.node(history_wait_seconds=2.0)
+        async with _running(feed):
+            tab = Collector()
+            await feed.follow(tab, "315")
+            await gateway.emit(ringing("315", 1))
+            (late,) = await gateway.emit(ringing("315", 2), store=False)  # delivered; its write still on its way
+            await until(lambda: len(tab.events) == 2)
+
+            bus.client.cut()
+            await until(lambda: not feed.connected.is_set())
+            bus.client.restore()
+            await asyncio.wait_for(feed.connected.wait(), 15)
+            await asyncio.sleep(0.1)  # the repair is waiting for Redis to reach 2
+            await gateway.writer.write([late])
+            await gateway.emit(ringing("315", 3))
+            await until(lambda: len(tab.events) == 3)
+            assert [e.seq for e in tab.events] == [1, 2, 3] and tab.resyncs == []
+
+    _run(body)
+
+
+def test_a_second_look_that_cannot_reach_redis_resyncs_the_line_once_redis_is_back() -> None:
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
+        feed, _, reader = world.node()
+        async with _running(feed):
+            (ring,) = await gateway.emit(ringing("316", 1), store=False)  # routed before the bind
+            tab = Collector()
+            await feed.follow(tab, "316")
+            reader.link.fail()  # the node's Redis goes away before its second look
+            await gateway.writer.write([ring])
+            await until(lambda: not feed.redis_available, what="the second look failing")
+            reader.link.recover()
+            await until(lambda: bool(tab.resyncs), timeout=10, what="the line resynced once Redis answers")
+            assert ring.call is not None and [c.id for c in tab.resyncs[-1].calls] == [ring.call.id]
+
+    _run(body)
