@@ -171,7 +171,8 @@ class AmiSession:
         self._pending[action_id] = pending
         self._writer.write(encode_action(action, fields, action_id=action_id))
         try:
-            result = await asyncio.wait_for(pending.future, timeout)
+            async with asyncio.timeout(timeout):
+                result = await pending.future
         except TimeoutError:
             AMI_ACTIONS.labels(action=action, outcome="timeout").inc()
             raise AmiError(f"{action}: no response within {timeout:.0f}s") from None
@@ -308,7 +309,8 @@ class AmiClient:
                 delay = max(delay, self._auth_retry * random.uniform(0.8, 1.2))
             log.info("AMI reconnect in %.1fs", delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._stopped.wait()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -316,16 +318,16 @@ class AmiClient:
         session = self.session
         if session is not None:
             try:
-                await asyncio.wait_for(session.send_action("Logoff"), 1.0)
+                async with asyncio.timeout(1.0):
+                    await session.send_action("Logoff")
             except (AmiError, TimeoutError, OSError):
                 pass
             session.close()
 
     async def _run_once(self) -> None:
         started = time.perf_counter()
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self._host, self._port), self._connect_timeout
-        )
+        async with asyncio.timeout(self._connect_timeout):
+            reader, writer = await asyncio.open_connection(self._host, self._port)
         parser = AmiParser(max_message_bytes=self._max_message_bytes)
         session = AmiSession(reader, writer, parser)
         session.guard = self._action_guard

@@ -64,6 +64,7 @@ from services.infra_metrics import BROKER_ERRORS, RedisHealth
 from services.line_state import LineKeys, LineStateWriter
 from services.observability import ObservabilityServer
 from services.redis_client import redis_client
+from services.tasks import stop_tasks
 from services.topology import Topology
 from services.wire import (
     AgentState,
@@ -281,17 +282,16 @@ class Gateway:
             log.warning("stopping with %d events not yet published", self.outbox.depth)
         if self.records is not None:
             await self._stop_step("call records", self.records.stop(), deadline)
-        tasks = [*self._tasks, *self._command_tasks]
-        for task in tasks:
-            task.cancel()
-        await self._stop_step("tasks", asyncio.gather(*tasks, return_exceptions=True), deadline)
+        await self._stop_step("tasks", stop_tasks([*self._tasks, *self._command_tasks],
+                                                  timeout=max(0.2, deadline - time.monotonic())), deadline)
         await self._stop_step("event publisher close", self.outbox.close(), deadline)
         await self._stop_step("heartbeat", self.heartbeat.stop(), deadline)
         if self.active:
             self.active = False
             try:
                 # Last of all before the lease: nothing of this term may publish or act once it is released.
-                await asyncio.wait_for(self.lease.release(), max(0.5, deadline - time.monotonic()))
+                async with asyncio.timeout(max(0.5, deadline - time.monotonic())):
+                    await self.lease.release()
                 log.info("lease released: a standby may take over now")
             except (OSError, aioredis.RedisError, TimeoutError) as exc:
                 log.warning("could not release the lease (%s); a standby takes over when it expires",
@@ -308,7 +308,8 @@ class Gateway:
     async def _stop_step(what: str, step: Awaitable[Any], deadline: float) -> None:
         started = time.monotonic()
         try:
-            await asyncio.wait_for(step, max(0.2, deadline - started))
+            async with asyncio.timeout(max(0.2, deadline - started)):
+                await step
         except TimeoutError:
             log.warning("stop: %s did not finish within %.1fs; going on without it", what,
                         time.monotonic() - started)

@@ -79,6 +79,7 @@ from services.broker import BROKER_FAILURES, Broker, declare_events_exchange
 from services.config import redact_url
 from services.infra_metrics import BROKER_ERRORS, RedisHealth
 from services.line_state import AlreadyStored, Fenced, LineWriter
+from services.tasks import stop_tasks
 from services.topology import Topology
 from services.wire import LineEvent
 
@@ -345,7 +346,8 @@ class EventOutbox:
 
     async def wait_idle(self, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
             return True
         except TimeoutError:
             return False
@@ -391,9 +393,7 @@ class EventOutbox:
                 # write: wait for a confirm, a write or more events.
                 await self._wakeup.wait()
         finally:
-            store.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await store
+            await stop_tasks([store])
             for batch in self._in_flight:
                 batch.confirms.cancel()
             self._in_flight.clear()
@@ -445,6 +445,11 @@ class EventOutbox:
         if len(self._in_flight) < self._window_size:
             return True
         return sum(1 for batch in self._in_flight if not batch.confirms.done()) < self._window_size
+
+    @property
+    def redis_in_trouble(self) -> bool:
+        """Whether publishing waits for Redis (its last write failed, or one hangs): the gateway's status."""
+        return self._redis_in_trouble()
 
     def _redis_in_trouble(self) -> bool:
         """Whether to stop publishing beside Redis: its last write failed, or one hangs. The batches already

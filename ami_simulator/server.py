@@ -362,12 +362,14 @@ class AmiSimulator:
         self.broadcast(event("Shutdown", "system,all", Shutdown="Cleanly", Restart="False"))
         for session in list(self._sessions):
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(session.writer.drain(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await session.writer.drain()
             session.close()
         for server in (self._server, self._control):
             if server is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(server.wait_closed(), 2.0)
+                    async with asyncio.timeout(2.0):
+                        await server.wait_closed()
         self._server = self._control = None
 
     def drop_clients(self) -> int:
@@ -396,12 +398,14 @@ class AmiSimulator:
         self.broadcast(event("Shutdown", "system,all", Shutdown="Cleanly", Restart="True"))
         for session in list(self._sessions):
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(session.writer.drain(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await session.writer.drain()
             session.close()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self._server.wait_closed()
             self._server = None
         lost = list(self.model.calls.values())
         membership = [(q.name, m.name, m.state_interface.split("/", 1)[-1])
@@ -535,7 +539,8 @@ class AmiSimulator:
     async def wait_call(self, call: Call, timeout: float | None = None) -> None:
         play = self._plays.get(call.id)
         if play is not None and call.ended is None:
-            await asyncio.wait_for(play.done.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await play.done.wait()
 
     @property
     def calls(self) -> list[Call]:
@@ -1621,11 +1626,13 @@ class AmiSimulator:
     async def _on_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         status, body = 500, {"error": "internal"}
         try:
-            request_line = await asyncio.wait_for(reader.readline(), 5)
+            async with asyncio.timeout(5):
+                request_line = await reader.readline()
             method, path, *_ = request_line.decode("latin-1").split() + ["", ""]
             length = 0
             while True:
-                header = await asyncio.wait_for(reader.readline(), 5)
+                async with asyncio.timeout(5):
+                    header = await reader.readline()
                 if header in (b"\r\n", b"\n", b""):
                     break
                 name, _, value = header.decode("latin-1").partition(":")
@@ -1633,7 +1640,10 @@ class AmiSimulator:
                     length = int(value.strip())
             if length > 65536:
                 raise ValueError("body too large")
-            raw = await asyncio.wait_for(reader.readexactly(length), 5) if length else b""
+            raw = b""
+            if length:
+                async with asyncio.timeout(5):
+                    raw = await reader.readexactly(length)
             payload = json.loads(raw) if raw.strip() else {}
             if not isinstance(payload, dict):
                 raise ValueError("JSON body must be an object")

@@ -192,12 +192,12 @@ class _Worker:
             async with gate:
                 started = time.perf_counter()
                 try:
-                    _transport, agent = await asyncio.wait_for(
-                        loop.create_connection(lambda: AgentClient(self.counters, host, port, path, line), host, port),
-                        timeout,
-                    )
+                    async with asyncio.timeout(timeout):
+                        _transport, agent = await loop.create_connection(
+                            lambda: AgentClient(self.counters, host, port, path, line), host, port)
                     self.agents.append(agent)
-                    await asyncio.wait_for(asyncio.shield(agent.opened), timeout)
+                    async with asyncio.timeout(timeout):
+                        await asyncio.shield(agent.opened)
                     latencies.append(time.perf_counter() - started)
                 except (OSError, ConnectionError, TimeoutError) as exc:
                     errors[f"{type(exc).__name__}: {str(exc)[:80]}"] += 1

@@ -314,7 +314,8 @@ async def _stall(ctx: Context) -> StageResult:
     phases: dict[str, _Phase] = {}
     try:
         await gateway.start()
-        await asyncio.wait_for(gateway.ready.wait(), 20)
+        async with asyncio.timeout(20):
+            await gateway.ready.wait()
         monitor = asyncio.create_task(monitor_loop_lag())
         driver.start()
         await asyncio.sleep(1.0)  # warm-up: the first calls of the run
@@ -348,7 +349,8 @@ async def _stall(ctx: Context) -> StageResult:
         broker.set_fault(PASS)
         redis_proxy.set_fault(PASS)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(gateway.stop(flush_timeout=5), 20)
+            async with asyncio.timeout(20):
+                await gateway.stop(flush_timeout=5)
         stop_process(simulator)
         broker.stop()
         redis_proxy.stop()

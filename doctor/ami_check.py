@@ -55,7 +55,8 @@ class _Conversation:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            data = await asyncio.wait_for(self.reader.read(65536), remaining)
+            async with asyncio.timeout(remaining):
+                data = await self.reader.read(65536)
             if not data:
                 raise _Closed
             self.parser.receive_data(data)
@@ -122,7 +123,8 @@ async def check_ami(ast: AsteriskConfig, *, listen_seconds: float = 5.0, timeout
     results.append(passed("PBX host resolves", f"{ast.url} -> {', '.join(addresses)}"))
 
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(ast.url, ast.port), timeout)
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(ast.url, ast.port)
     except (OSError, TimeoutError) as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
         results.append(failed("AMI answers", f"cannot connect to {where}: {reason}",
@@ -136,7 +138,8 @@ async def check_ami(ast: AsteriskConfig, *, listen_seconds: float = 5.0, timeout
         with contextlib.suppress(Exception):
             writer.write(encode_action("Logoff", (), "doctor-bye"))
             writer.close()
-            await asyncio.wait_for(writer.wait_closed(), 2)
+            async with asyncio.timeout(2):
+                await writer.wait_closed()
 
 
 async def _logged_in_checks(

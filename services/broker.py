@@ -233,7 +233,8 @@ async def close_quietly(connection: AbstractConnection | None) -> None:
     if connection is None or connection.is_closed:
         return
     try:
-        await asyncio.wait_for(connection.close(), 5)
+        async with asyncio.timeout(5):
+            await connection.close()
     except BROKER_FAILURES:
         pass
 

@@ -52,6 +52,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from services.backoff import Backoff
+from services.tasks import stop_tasks
 from services.wire import StreamPosition
 
 log = logging.getLogger(__name__)
@@ -302,7 +303,8 @@ class DeliveryLog:
         while self._live or self._dirty:
             await asyncio.sleep(delay)
             try:
-                await asyncio.wait_for(self.flush(), self.write_timeout)
+                async with asyncio.timeout(self.write_timeout):
+                    await self.flush()
             except (OSError, aioredis.RedisError, TimeoutError) as exc:
                 FLUSH_ERRORS.inc()
                 delay = backoff.next_delay()
@@ -358,12 +360,7 @@ class DeliveryLog:
     async def close(self) -> None:
         """Write what is pending, then stop the background task."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await stop_tasks([task])
         try:
             await self.flush()
         except (OSError, aioredis.RedisError) as exc:

@@ -26,6 +26,7 @@ from prometheus_client import Counter
 
 from services.backoff import Backoff
 from services.infra_metrics import RedisHealth
+from services.tasks import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,8 @@ class Heartbeat:
 
     async def stop(self) -> None:
         """Stop beating and leave the registry at once (a clean stop is not a lost process)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await stop_tasks([self._task])
+        self._task = None
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(record_key(self._prefix, self._member))

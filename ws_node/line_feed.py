@@ -52,6 +52,7 @@ from services.broker import (
 )
 from services.infra_metrics import BROKER_ERRORS, RedisHealth
 from services.line_state import LineHistory, LineReader, LineSnapshot
+from services.tasks import stop_tasks
 from services.topology import Topology
 from services.wire import LINE_START, Command, CommandResult, LineEvent, WireError
 from ws_node.line_router import LineRouter, Verdict, plan_catch_up
@@ -312,14 +313,7 @@ class LineFeed:
                 await hook()
             except (OSError, aioredis.RedisError) as exc:
                 log.warning("stop hook failed: %s", exc)
-        tasks = [*self._tasks, *(t for t in (self._resync_task, self._settle_task) if t is not None)]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await stop_tasks([*self._tasks, self._resync_task, self._settle_task])
         for waiters in self._dirty.values():
             for future in waiters:
                 if not future.done():
@@ -337,7 +331,8 @@ class LineFeed:
                 connection = await self._bus.connect()
                 self._connection = connection
                 try:
-                    await asyncio.wait_for(self._declare(connection), 30)
+                    async with asyncio.timeout(30):
+                        await self._declare(connection)
                 except BaseException:
                     with contextlib.suppress(Exception):
                         await connection.close()
@@ -383,7 +378,8 @@ class LineFeed:
                 async with self._binding_lock:
                     chunk = [line for line in missing[start:start + self._bind_chunk]
                              if line not in self._bound and self.router.follows(line)]
-                    await asyncio.wait_for(link.apply_bindings([(line, True) for line in chunk]), self._bind_timeout)
+                    async with asyncio.timeout(self._bind_timeout):
+                        await link.apply_bindings([(line, True) for line in chunk])
                     self._bound.update(chunk)
                 LINES_BOUND.set(len(self._bound))
 
@@ -461,10 +457,8 @@ class LineFeed:
         if not to_bind and not to_unbind:
             return
         try:
-            await asyncio.wait_for(
-                link.apply_bindings([(line, True) for line in to_bind] + [(line, False) for line in to_unbind]),
-                self._bind_timeout,
-            )
+            async with asyncio.timeout(self._bind_timeout):
+                await link.apply_bindings([(line, True) for line in to_bind] + [(line, False) for line in to_unbind])
         except BROKER_FAILURES as exc:  # a timeout among them
             # The link is unusable now; the reconnect loop binds every followed line again.
             BROKER_ERRORS.inc()
@@ -575,7 +569,8 @@ class LineFeed:
         pause = 0.001  # the write is usually well under a millisecond behind
         while True:
             position = self.router.position(line) or LINE_START
-            history = await asyncio.wait_for(self.reader.history_since(line, position), self._redis_timeout)
+            async with asyncio.timeout(self._redis_timeout):
+                history = await self.reader.history_since(line, position)
             at = history.snapshot.position
             if live is not None:
                 if at >= live.position:
@@ -617,7 +612,8 @@ class LineFeed:
             if not due:
                 continue
             try:
-                stored = await asyncio.wait_for(self.reader.positions(due), self._redis_timeout)
+                async with asyncio.timeout(self._redis_timeout):
+                    stored = await self.reader.positions(due)
                 for line in due:
                     position = self.router.position(line)
                     if position is not None and stored[line] > position:
@@ -681,7 +677,8 @@ class LineFeed:
         self._pending[command.id] = future
         try:
             await link.send_command(command, self._command_ttl)
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                return await future
         except TimeoutError:
             return CommandResult(command.id, ok=False, error="the telephony gateway did not answer in time")
         except BROKER_FAILURES as exc:

@@ -11,7 +11,6 @@ members that expire after the TTL. The set itself expires with its last member.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -20,6 +19,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter
+
+from services.tasks import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,6 @@ class LineHolders:
 
     async def close(self) -> None:
         """Release everything this node holds (on drain: the agents reconnect elsewhere)."""
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._refresher
+        await stop_tasks([self._refresher])
         for claim_id in list(self._mine):
             await self.release(claim_id)

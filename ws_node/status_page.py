@@ -31,7 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from services.heartbeat import read_registry
-from services.tasks import background
+from services.tasks import background, stop_tasks
 from ws_node.cluster_status import ProcessReading, RateWindow, counters_of, parse_metrics, summarize
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ async def http_get(url: str, timeout: float) -> tuple[int, bytes]:
             raise ValueError("not an HTTP answer")
         return int(status_line[1]), body
 
-    return await asyncio.wait_for(go(), timeout)
+    async with asyncio.timeout(timeout):
+        return await go()
 
 
 class StatusCollector:
@@ -183,10 +184,8 @@ class StatusCollector:
             self._task = asyncio.ensure_future(self._sample_forever())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await stop_tasks([self._task])
+        self._task = None
 
 
 def _arg(request: Request, name: bytes) -> str | None:

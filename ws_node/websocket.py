@@ -428,7 +428,8 @@ class AgentServerFactory(WebSocketServerFactory):  # type: ignore[misc]
             return
         self._emptied = asyncio.get_running_loop().create_future()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._emptied, timeout)
+            async with asyncio.timeout(timeout):
+                await self._emptied
 
     def close_unattached(self, code: int, reason: str) -> None:
         """Sockets still before their first message or handshake: not in the hub, closed here on drain."""

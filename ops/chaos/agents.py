@@ -146,7 +146,8 @@ class ChaosAgent:
     async def _open(self) -> Snapshot:
         if self.transport == "signalr":
             await self._ws.send(json.dumps({"protocol": "json", "version": 1}) + RS)
-            answer = await asyncio.wait_for(self._ws.recv(), 15)
+            async with asyncio.timeout(15):
+                answer = await self._ws.recv()
             if not str(answer).startswith("{}"):
                 raise ValueError(f"SignalR handshake refused: {answer!r}")
         await self._send({"command": "LoadLibrary", "parameters": {"libraryName": "Asterisk"}})
@@ -160,7 +161,8 @@ class ChaosAgent:
 
     async def _until(self, event_type: int) -> None:
         while True:
-            message = await asyncio.wait_for(self._ws.recv(), 15)
+            async with asyncio.timeout(15):
+                message = await self._ws.recv()
             now = time.time()
             found = False
             for text in self._texts(message):

@@ -208,7 +208,8 @@ class ChaosRun:
         for first in range(0, len(everyone), 50):  # in waves: a burst of handshakes is its own test
             batch = everyone[first:first + 50]
             tasks += [asyncio.create_task(a.run()) for a in batch]
-            await asyncio.wait_for(asyncio.gather(*(a.connected.wait() for a in batch)), 90)
+            async with asyncio.timeout(90):
+                await asyncio.gather(*(a.connected.wait() for a in batch))
         await asyncio.to_thread(self._check_links)
         signalr = sum(a.transport == "signalr" for a in everyone)
         print(f"{len(everyone)} agents connected ({signalr} SignalR, {len(everyone) - signalr} WebSocket, "

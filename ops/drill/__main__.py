@@ -119,7 +119,8 @@ class Drill:
         for start in range(0, len(agents), 50):  # connect in waves: a burst of handshakes is its own test
             batch = agents[start:start + 50]
             tasks += [asyncio.create_task(a.run()) for a in batch]
-            await asyncio.wait_for(asyncio.gather(*(a.connected.wait() for a in batch)), 60)
+            async with asyncio.timeout(60):
+                await asyncio.gather(*(a.connected.wait() for a in batch))
         print(f"{len(agents)} agents connected; traffic {opts.cps}/s for {opts.duration:.0f}s, "
               f"fault '{opts.fault}' at {opts.fault_at:.0f}s", flush=True)
         fault_task = asyncio.create_task(self._fault_later())

@@ -97,7 +97,8 @@ class DrillAgent:
 
     async def _until(self, ws: Any, event_type: int) -> Any:
         while True:
-            frame = await asyncio.wait_for(ws.recv(), 15)
+            async with asyncio.timeout(15):
+                frame = await ws.recv()
             envelope, content = self._record(frame)
             if envelope.get("eventType") == event_type:
                 return content

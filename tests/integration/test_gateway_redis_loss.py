@@ -174,10 +174,18 @@ def test_redis_unreachable_the_active_keeps_reading_and_resumes_its_term_in_orde
                     await sim.wait_call(warmup, 10)
                     first = await listener.wait_for(lambda e: e.line == "399" and e.type is EventType.RING_FINISHED)
                     epoch = first.epoch
-                    seen_before = len(listener.events)
 
                     await proxy.set_fault(CUT)  # Redis unreachable for both gateways
                     cut_at = time.monotonic()
+                    # Redis is written beside the publish (issue 15): what goes out before the first failed write
+                    # is noticed (at most the outbox's window) reaches readers, its writes land once Redis is
+                    # back. A call on another line shows the outbox the outage; after that nothing is published
+                    # without Redis, so none of the calls below may reach the listener before Redis is back.
+                    probe = sim.play("inbound-direct-answered", line="399", caller="79160000999")
+                    await sim.wait_call(probe, 10)
+                    await wait_until(lambda: active.outbox.redis_in_trouble, 10, "the outbox to notice the outage")
+                    await asyncio.sleep(0.5)  # what the probe got out is on its way to the listener
+                    seen_before = len(listener.events)
                     calls = [sim.play("inbound-direct-answered", line=line, caller=f"7916{n:07d}")
                              for n in range(2) for line in lines]
                     for call in calls:
@@ -186,12 +194,9 @@ def test_redis_unreachable_the_active_keeps_reading_and_resumes_its_term_in_orde
                     await wait_until(lambda: sum(len(v) for v in recorder.expected(set(lines)).values()) == produced,
                                      10, "the recorder saw every call")
                     await wait_until(lambda: active.outbox.depth >= produced, 10, "every event read into the outbox")
-                    # Redis is written beside the publish (issue 15): the batches that went out before the first
-                    # failed write was noticed (at most the outbox's window) may reach readers, and their writes land
-                    # once Redis is back; after that, nothing is published without Redis.
-                    await asyncio.sleep(1.0)  # what is on its way to the listener has arrived
+                    await asyncio.sleep(1.0)  # anything on its way to the listener has arrived
                     published_in_outage = len(listener.events)
-                    assert published_in_outage - seen_before < produced
+                    assert published_in_outage == seen_before, "published while the outbox knew Redis was away"
                     assert sim.metrics.clients_dropped._value.get() == 0  # AMI reading never stalled
                     assert active.ami is not None and active.ami.sessions_established == 1
                     await asyncio.sleep(max(0.0, 10.0 - (time.monotonic() - cut_at)))  # several lease ttls
@@ -200,7 +205,8 @@ def test_redis_unreachable_the_active_keeps_reading_and_resumes_its_term_in_orde
 
                     await proxy.set_fault(PASS)
                     restored_at = time.monotonic()
-                    await wait_until(lambda: len(listener.events) - seen_before >= produced, 30, "all delivered")
+                    await wait_until(lambda: sum(len(listener.of_line(line)) for line in lines) >= produced, 30,
+                                     "all delivered")
                     print(f"Redis back: all {produced} waiting events delivered "
                           f"{time.monotonic() - restored_at:.2f}s later")
                     await asyncio.sleep(3.0)  # the standby's grace has passed: it must not have taken over

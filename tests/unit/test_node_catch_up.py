@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from prometheus_client import REGISTRY
 
 from ami_gateway.event_outbox_memory import MemoryEventPublisher
+from services.line_state import LineHistory
 from services.line_state_memory import MemoryLineStateWriter
 from services.wire import Command, CommandName, StreamPosition
 from tests.support.memory_world import Collector, HandGateway, MemoryWorld, ringing
@@ -399,5 +400,42 @@ def test_a_second_look_that_cannot_reach_redis_resyncs_the_line_once_redis_is_ba
             reader.link.recover()
             await until(lambda: bool(tab.resyncs), timeout=10, what="the line resynced once Redis answers")
             assert ring.call is not None and [c.id for c in tab.resyncs[-1].calls] == [ring.call.id]
+
+    _run(body)
+
+
+def test_stop_ends_the_feed_when_a_redis_read_answers_in_the_same_turn_as_the_cancel() -> None:
+    """Python 3.11's ``asyncio.wait_for`` hands back a result that arrives in the same loop turn as a cancel and
+    drops the cancel (fixed in 3.12). The repair after a reconnect then went on to wait on the connection, and
+    stop() waited for it for ever: a node that never finished draining."""
+
+    async def body(world: MemoryWorld, gateway: Gateway) -> None:
+        feed, bus, reader = world.node()
+        await feed.start()
+        await asyncio.wait_for(feed.connected.wait(), 5)
+        tab = Collector()
+        await feed.follow(tab, "317")
+        await gateway.emit(ringing("317", 1))
+        await until(lambda: len(tab.events) == 1)
+
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        held: list[str] = []
+        read = reader.history_since
+
+        async def history_since(line: str, position: StreamPosition, limit: int = 10_000) -> LineHistory:
+            history = await read(line, position, limit)
+            held.append(line)
+            await gate  # answers the moment the gate opens, in the turn stop() cancels
+            return history
+
+        reader.history_since = history_since  # type: ignore[method-assign]
+        bus.client.cut()
+        await until(lambda: not feed.connected.is_set())
+        bus.client.restore()
+        await until(lambda: held == ["317"], what="the repair after the reconnect reading the history")
+        gate.set_result(None)
+        stopping = asyncio.create_task(feed.stop())
+        done, _ = await asyncio.wait([stopping], timeout=5)
+        assert stopping in done, "stop() hung: a task of the feed swallowed its cancel"
 
     _run(body)
