@@ -168,6 +168,9 @@ class Call:
     #: channel name -> when it first alerted its user: off hook dialling (Ring), ringing, or up. A phone channel
     #: created a moment before the PBX died (or the caller gave up) may never have rung at all.
     channels_alerted: dict[str, float] = field(default_factory=dict)
+    #: channel name -> when it first went Up (a phone: its user answered). A verdict needs it to tell an answer no
+    #: AMI client could hear (the link was cut) from one it could
+    channels_answered: dict[str, float] = field(default_factory=dict)
     #: the digits PlayDTMF played into the call, in order (what a test checks the PBX was asked for)
     dtmf: str = ""
 
@@ -185,6 +188,7 @@ class Call:
             "channelsEnded": dict(self.channels_ended),
             "channelsStarted": dict(self.channels_started),
             "channelsAlerted": dict(self.channels_alerted),
+            "channelsAnswered": dict(self.channels_answered),
         }
 
 
@@ -276,7 +280,10 @@ class PbxModel:
         if event == "Newstate":
             changed = self.by_uniqueid.get(msg.get("Uniqueid") or "")
             if changed is not None:
-                self._note_alerted(changed, call or self.call_of(changed))
+                owner = call or self.call_of(changed)
+                self._note_alerted(changed, owner)
+                if owner is not None and changed.snapshot.get("ChannelState") == "6":
+                    owner.channels_answered.setdefault(changed.name, time.time())
         if event == "Hangup":
             self._remove_channel(msg.get("Channel", "") or "")
         elif event == "BridgeCreate":

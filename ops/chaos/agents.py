@@ -78,6 +78,8 @@ class ChaosAgent:
         backoff = self.reconnect_delay
         outage: Outage | None = None
         while not self._stop:
+            if outage is not None:
+                outage.retry_times.append(time.time())
             try:
                 async with await self._connect() as ws:
                     if outage is not None:

@@ -462,7 +462,7 @@ def observe(agent: ChaosAgent) -> Observation:
         events={k: list(v) for k, v in agent.events.items()},
         callers=dict(agent.callers),
         snapshots=[(s.asked, s.at, s.call_ids) for s in agent.snapshots],
-        drops=[Drop(o.dropped_at, o.first_retry_at, o.ready_at) for o in agent.outages],
+        drops=[Drop(o.dropped_at, o.first_retry_at, o.ready_at, tuple(o.retry_times)) for o in agent.outages],
     )
 
 

@@ -29,6 +29,9 @@ class Outage:
     snapshot_ids: tuple[str, ...] = ()
     snapshot_at: float = 0.0
     attempts: int = 0
+    #: when each retry began (the chaos agents record them: a verdict times an agent from its first retry that
+    #: found the cluster serving, not from one its backoff made while it was down)
+    retry_times: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -47,12 +47,26 @@ class TruthCall:
     legs_reported: bool = False
     #: line -> when that line's phone first rang, was off hook or up; None: not reported (an older simulator)
     leg_alerts: Mapping[str, float] | None = None
+    #: line -> when that line's phone was answered (went Up); None: not reported (an older simulator)
+    leg_answers: Mapping[str, float] | None = None
 
     def leg_end(self, line: str) -> float | None:
         return self.leg_ends.get(line, self.ended)
 
     def leg_start(self, line: str) -> float:
         return self.leg_starts.get(line, self.started)
+
+    def first_news(self, line: str) -> float:
+        """When ``line``'s leg first gave its agent something to hear of: its ring (with sendRingStartedOnRingingState,
+        the default, the gateway announces an incoming call on the ring, not when the PBX creates the phone's
+        channel), or, for a phone that refused busy without ringing, its end; the channel's creation when the
+        simulator does not report rings."""
+        if self.leg_alerts is None:
+            return self.leg_start(line)
+        if line in self.leg_alerts:
+            return self.leg_alerts[line]
+        end = self.leg_end(line)
+        return end if end is not None else self.leg_start(line)
 
     def never_rang(self, line: str) -> bool:
         """The simulator reported the call's channels and none was ``line``'s phone (e.g. a queue call whose
@@ -111,6 +125,7 @@ def parse_truth(payload: Mapping[str, Any], agent_lines: Iterable[str]) -> list[
                 leg_starts=_leg_times(item.get("channelsStarted") or {}, lines, min),
                 legs_reported="channelsStarted" in item,
                 leg_alerts=(_leg_times(item["channelsAlerted"], lines, min) if "channelsAlerted" in item else None),
+                leg_answers=(_leg_times(item["channelsAnswered"], lines, min) if "channelsAnswered" in item else None),
             )
         )
     return calls

@@ -268,7 +268,7 @@ def test_core_show_channels_follows_a_call() -> None:
 
 def test_calls_report_when_each_phone_rang_and_stopped_ringing_and_a_restart_leaves_unrung_phones_out() -> None:
     """``channelsAlerted``: when each channel first rang, went off hook or up (the chaos verdict owes an agent
-    nothing for a phone the PBX created and lost before it rang)."""
+    nothing for a phone the PBX created and lost before it rang); ``channelsAnswered``: when it went Up."""
     async def t(sim: AmiSimulator) -> None:
         c = await Client.connect(sim.port)
         await c.login()
@@ -277,6 +277,8 @@ def test_calls_report_when_each_phone_rang_and_stopped_ringing_and_a_restart_lea
         report = call.to_json()
         phone = call.planned[1]
         assert report["channelsStarted"][phone] <= report["channelsAlerted"][phone] <= report["channelsEnded"][phone]
+        # ``channelsAnswered``: when the phone went Up (an answer the chaos verdict owes only if an AMI client heard it)
+        assert report["channelsAlerted"][phone] < report["channelsAnswered"][phone] <= report["channelsEnded"][phone]
         # a queue's member that another answered: its leg ends when the PBX cancels its ring, before its Hangup
         answered_elsewhere = sim.play("inbound-queue", line="305", agent2="306")
         phone2 = next(n for n in answered_elsewhere.planned if n.startswith("SIP/306-"))

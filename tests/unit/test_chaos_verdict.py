@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ops.chaos.verdict import (
     COMMUTATION_STARTED,
     RING_FINISHED,
@@ -172,6 +174,48 @@ def test_a_leg_wholly_inside_an_ami_outage_left_nothing_to_report_one_outliving_
     assert judge_phase(heard_phase, [unheard], [obs], [], guid).lost_calls == ["500:1"]
 
 
+def test_a_leg_that_rang_only_inside_an_ami_outage_is_not_owed_though_its_phone_was_created_before() -> None:
+    """Short chaos, ami-cut: a queue's second member's phone channel was created 37 ms before the AMI link was cut,
+    rang 94 ms after and was cancelled inside the cut; a busy phone created before the cut refused inside it. The
+    gateway announces on the ring (sendRingStartedOnRingingState) or the busy: it heard neither, and its resync found
+    both gone. Nothing to report; a phone that rang before the cut (its ring heard) is owed."""
+    cut = Phase("ami-cut", 100.0, 110.0, 112.0, 130.0, pbx_unheard=True, pbx_heard_at=113.2)
+    member = TruthCall("1", ("500", "501"), "7916", 108.7, 114.2, "inbound-queue",
+                       leg_starts={"500": 109.97, "501": 109.96}, leg_ends={"500": 114.1, "501": 111.9},
+                       legs_reported=True, leg_alerts={"500": 110.17, "501": 110.09})
+    busy = TruthCall("2", ("501",), "7916", 109.76, 112.1, "inbound-busy", leg_starts={"501": 109.78},
+                     leg_ends={"501": 110.1}, legs_reported=True, leg_alerts={})
+    heard = TruthCall("3", ("501",), "7916", 108.0, 113.0, "inbound-direct-noanswer", leg_starts={"501": 108.02},
+                      leg_ends={"501": 111.0}, legs_reported=True, leg_alerts={"501": 108.1})
+    restated = {"g-1:500": [(RING_STARTED, 113.2), (COMMUTATION_STARTED, 113.2), (RING_FINISHED, 114.1)]}
+    obs = [Observation("500", restated, {}, quiet_probes(112.0)), Observation("501", {}, {}, quiet_probes(112.0))]
+    report = judge_phase(cut, [member, busy, heard], obs, [], guid)
+    assert report.lost_calls == ["501:3"], report.lost_calls
+    assert report.missed_calls == ["501:3:inbound-direct-noanswer:-RING_FINISHED"], report.missed_calls
+
+
+def test_an_answer_no_gateway_heard_is_not_owed_even_when_the_call_began_in_the_phase_before() -> None:
+    """Short chaos: a queue call started at the very end of cluster-restart's phase; its phone rang (heard) and was
+    answered just as the next phase's AMI cut began, and hung up inside the cut. Nobody could hear the answer and the
+    resync found the call over: RING_FINISHED is owed, COMMUTATION_STARTED is not. An answer heard is owed."""
+    restart = Phase("cluster-restart", 80.0, 83.0, 87.0, 100.0, node_fault=True)
+    cut = Phase("ami-cut", 100.0, 103.0, 105.0, 120.0, pbx_unheard=True, pbx_heard_at=106.0)
+    call = TruthCall("1", ("500", "501"), "7916", 99.99, 105.5, "inbound-queue",
+                     leg_starts={"500": 101.2, "501": 101.2}, leg_ends={"500": 105.4, "501": 103.1},
+                     legs_reported=True, leg_alerts={"500": 101.4, "501": 101.3}, leg_answers={"500": 102.9})
+    seen = {"g-1:500": [(RING_STARTED, 101.4), (RING_FINISHED, 106.0)],
+            "g-1:501": [(RING_STARTED, 101.3), (RING_FINISHED, 103.1)]}
+    obs = [Observation(line, seen, {}, quiet_probes(87.0, 120.0)) for line in ("500", "501")]
+    report = judge_phase(restart, [call], obs, [], guid, run_phases=[restart, cut])
+    assert not report.missed and report.lost == 0, (report.missed_calls, report.lost_calls)
+    # judged without the run's later phases (as before), or answered well before the cut: the answer is owed
+    alone = judge_phase(restart, [call], obs, [], guid)
+    assert alone.missed_calls == ["500:1:inbound-queue:-COMMUTATION_STARTED"]
+    early = replace(call, leg_answers={"500": 101.9})
+    before = judge_phase(restart, [early], obs, [], guid, run_phases=[restart, cut])
+    assert before.missed_calls == ["500:1:inbound-queue:-COMMUTATION_STARTED"]
+
+
 def test_a_disconnect_fails_a_broker_fault_and_a_lost_agent_fails_any() -> None:
     obs = Observation("500", {}, {}, quiet_probes(), drops=[Drop(111.0, 116.0, 117.0)])
     assert not judge_phase(PHASE, [], [obs], [], guid).targets()["disconnects only for a node fault"]
@@ -292,6 +336,25 @@ def test_a_calls_end_is_judged_in_the_phase_where_it_ended() -> None:
     assert one.lost == 0 and not one.missed
     assert two.lost == 2 and two.lost_calls == ["500:1:no end", "500:2:no end"]
     assert two.missed[RING_FINISHED] == 2
+
+
+def test_after_a_cluster_restart_an_agent_is_timed_from_its_first_retry_that_found_the_cluster_back() -> None:
+    """cluster-restart on a loaded machine: the cluster served again 11.8 s after the stop; the agents' retries at
+    +2, +4, +7 and +11.5 s found it down, and their backoff made the next one at +18.25 s (6.65 s after it was back).
+    Issue 10 times a node fault's agents from their first retry: the first one that could find the cluster. An
+    agent whose retry after that failed is still timed from that retry."""
+    restart = Phase("cluster-restart", 97.0, 100.0, 111.8, 130.0, node_fault=True)
+    retries = (102.2, 104.2, 107.2, 111.7, 118.45)
+    probes = snaps(*[(118.6 + i, ()) for i in range(11)])
+    backed_off = Observation("500", {}, {}, probes, drops=[Drop(100.2, 102.2, 118.6, retries)])
+    report = judge_phase(restart, [], [backed_off], [], guid)
+    assert [round(s, 2) for s in report.consistent_dropped] == [0.15] and report.passed, report.consistent_dropped
+    # evidence without retry times is judged as before: from the moment the cluster served again
+    unrecorded = Observation("500", {}, {}, probes, drops=[Drop(100.2, 102.2, 118.6)])
+    assert not judge_phase(restart, [], [unrecorded], [], guid).targets()["consistent within 5 s"]
+    # a retry once the cluster was back that still failed is the cluster's: timed from it
+    refused = Observation("500", {}, {}, probes, drops=[Drop(100.2, 102.2, 118.6, (102.2, 112.0, 118.45))])
+    assert not judge_phase(restart, [], [refused], [], guid).targets()["consistent within 5 s"]
 
 
 def test_node_fault_needs_99_percent_of_its_agents_consistent_within_5s_of_their_first_retry() -> None:
