@@ -120,6 +120,7 @@ class Gateway:
         lease_poll_interval: float = 0.2,
         outbox_capacity: int = 200_000,
         inherited: Sequence[LineEvent] = (),
+        unstored_since: float | None = None,
     ) -> None:
         self.settings = settings
         self._ping = (ping_interval, ping_timeout)
@@ -136,6 +137,12 @@ class Gateway:
         )
         self.lease = GatewayLease(self._lease_redis, settings.cluster.prefix, ttl=lease_ttl)
         self._lease_timing = (lease_renew_interval, lease_poll_interval)
+        if unstored_since is not None:
+            # This process's term was just refused (Redis lost its lease: restarted empty, failed over). This
+            # gateway's AMI session is new and missed what rang meanwhile; a warm standby heard it all. Like any
+            # standby that saw Redis fail, it waits one ttl of Redis answering before it tries for the lease,
+            # so it does not out-race the one that can publish those calls.
+            self.lease.clock.unreachable()
         self.writer = LineStateWriter(self.redis, settings.cluster.prefix, settings.cluster.history_length)
         self.matcher = LineMatcher(protocol=ast.protocol, queue_extension_format=ast.queue_extension_format)
         self.tracker = CallTracker(
@@ -182,6 +189,9 @@ class Gateway:
         self._stale_calls: dict[str, list[Call]] | None = None
         #: whether Redis held an earlier term when this one began: then its calls are what agents were told
         self._after_earlier_term = False
+        #: when this standby last found the lease held by another gateway (time.time()); None: never. A replacement
+        #: after a step-down (``unstored_since``): from when its own earlier term's events stopped being stored.
+        self._holder_seen_at: float | None = unstored_since
         self._tasks: list[Task] = []
         self._command_tasks: set[Task] = set()
         self._commands_task: Task | None = None
@@ -233,11 +243,12 @@ class Gateway:
                 # a standby follows the PBX too (its shadow log): what rings while no gateway is active is known
                 action_guard=self._may_act,
             )
-        try:
-            taken = await self.lease.try_acquire()
-        except (OSError, aioredis.RedisError) as exc:
-            log.warning("Redis unavailable at start (%s); the lease loop keeps trying", exc)
-            taken = None
+        taken = None
+        if self.lease.clock.may_try_to_take():  # not at once after a step-down (see unstored_since in __init__)
+            try:
+                taken = await self.lease.try_acquire()
+            except (OSError, aioredis.RedisError) as exc:
+                log.warning("Redis unavailable at start (%s); the lease loop keeps trying", exc)
         if taken is not None:
             self._take_over(*taken)
         await self.observability.start()
@@ -355,7 +366,10 @@ class Gateway:
         while True:
             if not self.active:
                 try:
-                    taken = await self.lease.try_acquire() if self.lease.clock.may_try_to_take() else None
+                    tried = self.lease.clock.may_try_to_take()
+                    taken = await self.lease.try_acquire() if tried else None
+                    if tried and taken is None:
+                        self._holder_seen_at = time.time()  # another term holds it: it stores what it hears
                     if taken is None and not self.lease.clock.may_try_to_take():
                         await self.lease.probe()
                 except (OSError, aioredis.RedisError) as exc:
@@ -696,6 +710,11 @@ class Gateway:
             return None  # a first start, or a Redis that came back empty: what agents saw is unknown
         return {c.id for calls in self._stale_calls.values() for c in calls}
 
+    def unstored_since(self) -> float:
+        """From when what this term heard may be missing in Redis: its oldest event the outbox still holds (not
+        both stored and confirmed), or now."""
+        return min((e.ami_received_at for e in self.outbox.unconfirmed() if e.ami_received_at), default=time.time())
+
     def handover(self) -> list[LineEvent]:
         """What this gateway tracked and never got out, for the standby that replaces it in this process: a
         term cut off from Redis until its lease ran out holds the calls of the outage in its outbox, and the
@@ -711,15 +730,13 @@ class Gateway:
         if not window or self._stale_calls is None:
             return []  # an AMI reconnect within the term: nothing was tracked unpublished
         if not self._after_earlier_term:
-            # No earlier term (a first start, a Redis that came back empty): what agents saw is unknown. Live calls
-            # are stated as they are now (the resync and _reconcile), not replayed ring by ring; but the ends the
-            # standby saw are published, since the earlier term may have lost them with Redis (a call would stay
-            # on a panel), and a node passes an end on only to a tab that shows the call (ws_node.agent_session).
-            ends = [e for e in window if e.type is EventType.RING_FINISHED]
-            log.info("takeover without an earlier term: %d call ends the standby saw are published", len(ends))
-            SHADOW_PUBLISHED.inc(len(ends))
-            self._emit(ends)
-            return ends
+            # No earlier term (a first start, a Redis that came back empty): see takeover.after_lost_term.
+            events = takeover.after_lost_term(window, self._holder_seen_at)
+            log.info("takeover without an earlier term: %d events of calls that ended meanwhile are published",
+                     len(events))
+            SHADOW_PUBLISHED.inc(len(events))
+            self._emit(events)
+            return events
         lines = sorted({e.line for e in window})
         history: dict[str, list[LineEvent]] = {}
         try:
@@ -949,9 +966,10 @@ async def run_gateway(settings: Settings, stop: asyncio.Event, *, metrics_host: 
     """Run gateways until ``stop``: one that steps down (lease lost) is replaced by a fresh standby, which
     inherits what the lost term tracked and never published (its shadow log)."""
     inherited: list[LineEvent] = []
+    unstored_since: float | None = None
     while not stop.is_set():
         gateway = Gateway(settings, metrics_host=metrics_host, metrics_port=metrics_port, inherited=inherited,
-                          **options)
+                          unstored_since=unstored_since, **options)
         await gateway.start()
         if on_ready is not None:
             on_ready(gateway)
@@ -962,6 +980,7 @@ async def run_gateway(settings: Settings, stop: asyncio.Event, *, metrics_host: 
             for task in waits:
                 task.cancel()
             await gateway.stop()
+            unstored_since = gateway.unstored_since()
             inherited = gateway.handover()
         if not stop.is_set():
             log.warning("the lease was lost; starting again as a standby")

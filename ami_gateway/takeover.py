@@ -100,6 +100,37 @@ def unpublished(window: Sequence[LineEvent], history: Mapping[str, Sequence[Line
     return out
 
 
+def after_lost_term(window: Sequence[LineEvent], unstored_since: float | None) -> list[LineEvent]:
+    """What of a standby's shadow log to publish at a takeover that finds no earlier term in Redis (it came back
+    empty, or failed over without the term's last writes): what agents saw is unknown.
+
+    Every call end the standby saw goes out: the earlier term may have lost it with Redis (a call would stay on a
+    panel), and a node passes an end on only to a tab that shows the call. A call that began at or after
+    ``unstored_since`` (when the standby last saw the earlier term hold the lease, less :data:`CLOCK_SKEW`) and
+    ended inside the window goes out whole, in order: from the restart on that term's writes were refused, so
+    its agents may never have heard of it (a phone refusing busy while Redis restarts). Its ring, when an
+    agent did get it, is silenced by the agent's session (same call, same state: ws_node.agent_session, rule
+    10). Older calls give their end only: replaying a ring that long ago, Creatio would pop it up as a new
+    call (issue 11). Live calls are not replayed: the takeover's resync states them as they are now.
+    ``unstored_since`` None (never saw an earlier holder): ends only."""
+    first: dict[tuple[str, str], LineEvent] = {}
+    ended: set[tuple[str, str]] = set()
+    for event in window:
+        if event.call is None:
+            continue
+        key = (event.line, event.call.id)
+        first.setdefault(key, event)
+        if event.type is EventType.RING_FINISHED:
+            ended.add(key)
+    whole = {
+        key for key in ended
+        if unstored_since is not None and first[key].type in ANNOUNCING
+        and first[key].ami_received_at >= unstored_since - CLOCK_SKEW
+    }
+    return [e for e in window if e.call is not None and (
+        (e.line, e.call.id) in whole or ((e.line, e.call.id) in ended and e.type is EventType.RING_FINISHED))]
+
+
 def reconcile(
     live: Mapping[str, Sequence[Call]],
     stored: Mapping[str, Sequence[Call]],

@@ -264,6 +264,10 @@ def test_namespace_emptied_under_two_gateways_one_takes_a_new_term_and_restates(
             assert restated.call is not None and restated.call.id == up.call.id
             assert restated.call.linked_id == live.id and restated.call.state is CallState.CONNECTED
             await wait_until(lambda: sum(g[-1].active for g in (first, second)) == 1, 10, "one active gateway")
+            # The first term's process starts a fresh gateway on a new AMI login, deaf to what rang meanwhile; it
+            # waits a lease ttl, so the warm standby, which heard everything, is the one that takes over.
+            await wait_until(lambda: second[-1].active and len(first) == 2, 10, "the warm standby active")
+            assert len(second) == 1 and not first[-1].active
             snap = await reader.snapshot("305")
             deadline = time.monotonic() + 10
             while snap.epoch != restated.epoch:
@@ -339,6 +343,36 @@ def test_outbox_overflow_while_redis_is_away_restarts_under_a_new_epoch_with_the
             await sim.stop()
             await listener.close()
             await proxy.close()
+            await cleanup(infra, prefix)
+
+    asyncio.run(main())
+
+
+def test_a_replacement_after_a_step_down_leaves_a_free_lease_to_the_warm_standby(
+        infra: Infrastructure, prefix: str) -> None:
+    """Redis lost the lease (restarted empty): the active term's write is refused, it steps down, and its process
+    starts a fresh gateway on a new AMI login, deaf to what rang in between. Were it to take the free lease at once,
+    a phone that refused busy in that gap would reach no agent (seen in `make chaos`, redis-restart-empty); the
+    warm standby heard it. The replacement waits one ttl, as any standby that saw Redis fail does."""
+
+    async def main() -> None:
+        sim = AmiSimulator(port=0, users={"admin": SECRET}, queues={})
+        await sim.start()
+        settings = gateway_settings(infra, prefix, sim.port)
+        client = aioredis.from_url(infra.redis_url)
+        try:
+            async with running_gateway(settings) as active:
+                await asyncio.wait_for(active.ready.wait(), 15)
+                async with running_gateway(settings, lease_poll_interval=0.5) as standby:
+                    await wait_until(lambda: standby.ami is not None and standby.ami.ready.is_set(), 15, "standby")
+                    assert not standby.active
+                    await client.delete(active.lease.key, active.lease.epoch_key)  # Redis lost the lease
+                    async with running_gateway(settings, unstored_since=time.time()) as replacement:
+                        await wait_until(lambda: standby.active, 5, "the warm standby taking the free lease")
+                        assert not replacement.active
+        finally:
+            await client.aclose()
+            await sim.stop()
             await cleanup(infra, prefix)
 
     asyncio.run(main())

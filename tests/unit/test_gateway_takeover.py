@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from ami_gateway.takeover import ShadowLog, finished_ids, reconcile, unpublished
+from ami_gateway.takeover import ShadowLog, after_lost_term, finished_ids, reconcile, unpublished
 from services.wire import Call, CallState, Direction, EventType, LineEvent
 
 
@@ -111,3 +112,40 @@ def test_a_stepped_down_term_hands_what_it_never_got_out_to_the_standby_that_rep
     assert [e.call.id for e in old.handover() if e.call] == ["held"]
     new = Gateway(settings, metrics_port=0, inherited=old.handover())
     assert [e.call.id for e in new.handover() if e.call] == ["held"]
+
+
+def _at(event: LineEvent, at: float) -> LineEvent:
+    return dataclasses.replace(event, ami_received_at=at)
+
+
+def test_without_an_earlier_term_a_call_that_began_after_the_holder_was_last_seen_and_ended_goes_out_whole() -> None:
+    """Redis restarted empty: the earlier term's writes were refused from then on, and a phone that refused busy
+    meanwhile may never have reached its agent; the standby heard it all."""
+    busy, older, live = call("b1"), call("o1"), call("l1")
+    window = [
+        _at(ev(EventType.RING_STARTED, older), 90.0),
+        _at(ev(EventType.RING_STARTED, busy), 101.0), _at(ev(EventType.ABONENT_BUSY, busy), 101.1),
+        _at(ev(EventType.RING_STARTED, live), 101.2),
+        _at(ev(EventType.RING_FINISHED, older), 101.3),
+        _at(ev(EventType.RING_FINISHED, busy), 101.4),
+    ]
+    published = after_lost_term(window, unstored_since=100.0)
+    assert [(e.type, e.call.id if e.call else "") for e in published] == [
+        (EventType.RING_STARTED, "b1"), (EventType.ABONENT_BUSY, "b1"),  # whole, in order
+        (EventType.RING_FINISHED, "o1"),  # began long before: its end only (a replayed ring pops up as new)
+        (EventType.RING_FINISHED, "b1"),
+    ]  # the live call is not replayed: the resync states it as it is now
+
+
+def test_without_an_earlier_term_ever_seen_only_the_ends_go_out() -> None:
+    busy = call("b1")
+    window = [_at(ev(EventType.RING_STARTED, busy), 101.0), _at(ev(EventType.RING_FINISHED, busy), 101.4),
+              _at(ev(EventType.HOLD_STARTED, call("x", state=CallState.HELD)), 101.5)]
+    assert [e.type for e in after_lost_term(window, unstored_since=None)] == [EventType.RING_FINISHED]
+
+
+def test_a_call_first_seen_by_its_end_or_an_update_is_not_replayed_from_there() -> None:
+    """The shadow log keeps a window: a call whose ring fell out of it shows up first with a later event."""
+    talking = call("t1", state=CallState.CONNECTED)
+    window = [_at(ev(EventType.HOLD_STARTED, talking), 101.0), _at(ev(EventType.RING_FINISHED, talking), 102.0)]
+    assert [e.type for e in after_lost_term(window, unstored_since=100.0)] == [EventType.RING_FINISHED]
