@@ -348,10 +348,15 @@ class CallRecordSaver:
         if entry.record.version != entry.saved_version:
             self._schedule(call_id)  # changed while we were writing
             return
-        await self._persist(entry.record, done=entry.record.ended)
-        if entry.record.ended:
+        saved = entry.record
+        await self._persist(saved, done=saved.ended)
+        if entry.record.version != entry.saved_version:
+            # An event came during the journal write (an end, say): the worker writes the new state, and it is
+            # the state written, not the one that merely arrived, that may let the call be forgotten.
+            return
+        if saved.ended:
             self._forget(call_id)
-        elif self._clock() - entry.record.started_at > _STALE_OPEN_SECONDS:
+        elif self._clock() - saved.started_at > _STALE_OPEN_SECONDS:
             log.warning("call record %s open for 12 h without an end; no longer followed", call_id)
             self._forget(call_id)
 
