@@ -34,7 +34,6 @@ Redis keys (``P`` = deployment prefix)::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -49,6 +48,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from ami_gateway.call_record_model import CallRecord, RecordOwner, apply, is_guid
 from ami_gateway.creatio_api import CreatioSite, Credentials, SaveError
 from services.config import CallRecordsConfig, ConfigError, site_root
+from services.tasks import stop_tasks
 from services.wire import Command, CommandResult, LineEvent, RecordOwnerArgs
 
 log = logging.getLogger(__name__)
@@ -172,11 +172,7 @@ class CallRecordSaver:
         for entry in self._entries.values():
             if entry.retry_handle is not None:
                 entry.retry_handle.cancel()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         self._tasks.clear()
 
     async def wait_idle(self, timeout: float) -> bool:

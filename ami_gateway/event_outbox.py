@@ -386,7 +386,7 @@ class EventOutbox:
                     self._idle.set()
                     await self._wakeup.wait()
                     continue
-                if self._sent < self._base + len(self._queue) and self._room() and not self._redis_in_trouble():
+                if self._sent < self._base + len(self._queue) and self._room() and not self.redis_in_trouble:
                     if await self._store_and_send(backoff):
                         continue
                 # Window full, everything sent, Redis failing, or (after an outage) a batch waiting for its
@@ -448,10 +448,6 @@ class EventOutbox:
 
     @property
     def redis_in_trouble(self) -> bool:
-        """Whether publishing waits for Redis (its last write failed, or one hangs): the gateway's status."""
-        return self._redis_in_trouble()
-
-    def _redis_in_trouble(self) -> bool:
         """Whether to stop publishing beside Redis: its last write failed, or one hangs. The batches already
         out then wait for their writes, and nothing more goes out until Redis answers again, so an outage
         costs at most the batches that were published before it was noticed."""
