@@ -219,7 +219,12 @@ class ClusterDescription:
                     f"expected a lowercase origin like 'https://crm.example.com' or "
                     f"'http://host:8080' (no path, no trailing slash), got {origin!r}",
                 )
-        _check_path("runtime_socket", self.runtime_socket)
+        if not _check_path("runtime_socket", self.runtime_socket).is_absolute():
+            # HAProxy reads an address without a leading '/' as host:port ("missing port specification")
+            raise ClusterConfigError(
+                "runtime_socket", f"expected an absolute path (HAProxy reads a relative one as host:port), "
+                f"got {str(self.runtime_socket)!r}"
+            )
         _check_path("pidfile", self.pidfile)
         if not isinstance(self.master_worker, bool):
             raise ClusterConfigError("master_worker", f"expected true or false, got {self.master_worker!r}")

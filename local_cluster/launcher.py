@@ -190,7 +190,8 @@ class LocalCluster:
     def __init__(self, options: ClusterOptions) -> None:
         self.options = options
         self.prefix = options.prefix or "cms"
-        self.run_dir = options.run_dir
+        # absolute: HAProxy's admin socket lives here, and HAProxy reads a relative socket path as host:port
+        self.run_dir = options.run_dir.resolve()
         self.children: list[Child] = []
         if options.nodes < 1 or options.gateways < 1:
             raise LaunchError("a cluster needs at least one node and one gateway")

@@ -223,6 +223,7 @@ def good() -> dict[str, Any]:
         ({"allowed_origins": ["https://ok.example", "ftp://x"]}, "allowed_origins[1]"),
         ({"allowed_origins": ["https://A.example"]}, "allowed_origins[0]"),
         ({"runtime_socket": "/run/x y.sock"}, "runtime_socket"),
+        ({"runtime_socket": ".run/haproxy.sock"}, "runtime_socket"),
         ({"pidfile": 5}, "pidfile"),
         ({"master_worker": "yes"}, "master_worker"),
         ({"maxconn": 0}, "maxconn"),
