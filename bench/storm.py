@@ -293,6 +293,7 @@ def stage_storm(ctx: Context) -> StageResult:
                 f"{(bare_share or 0) * 100:.1f} %), p99 drop -> ready {p99:.2f} s (bare {bare_p99:.2f} s)")
         details.append({"affected": drill.affected, "not_reconnected": drill.not_reconnected[:20],
                         "bad_snapshots": drill.bad_snapshots[:20], "calls_played": drill.calls_played,
+                        "lost": drill.lost_detail,
                         "cores_after_kill": busy_runs[-1], "survivor_lines_bound": bound.samples,
                         "killed_at": sampler.died_at})
     result = StageResult("storm")

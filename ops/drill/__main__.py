@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from ops.drill.swarm import DrillAgent
 from ops.drill.truth import (
     LineVerdict,
     judge,
+    lost_evidence,
     owed_lines,
     parse_truth,
     percentile,
@@ -77,6 +78,8 @@ class DrillResult:
     agents: int
     #: agent legs not owed, not judged: rang and ended inside that agent's outage (issue 11), or never rang
     unannounced: int = 0
+    #: what each counted loss was (truth, outages, what the agent got): :func:`ops.drill.truth.lost_evidence`
+    lost_detail: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def lost(self) -> int:
@@ -201,8 +204,10 @@ class Drill:
                     bad_snapshots.append(agent.line)
         not_reconnected = [a.line for a in agents if not a.connected.is_set()]
         affected += len([a for a in agents if not a.connected.is_set() and not a.outages])
+        seen_by_line = {a.line: a.seen for a in agents}
         return DrillResult(verdicts, reconnect, outage, bad_snapshots, affected, not_reconnected,
-                           self.calls_played, self.options.fault, len(agents), unannounced)
+                           self.calls_played, self.options.fault, len(agents), unannounced,
+                           lost_evidence(verdicts, truth, seen_by_line, outages, call_guid))
 
 
 def print_report(result: DrillResult, max_reconnect: float) -> None:

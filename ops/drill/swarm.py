@@ -126,6 +126,7 @@ class DrillAgent:
             return
         seen = self.seen.setdefault(call_id, SeenCall())
         seen.event_types.append(event_type)
+        seen.arrived.append(time.time())
         caller = call.get("callerId")
         if caller and not seen.caller:
             seen.caller = str(caller)

@@ -85,6 +85,8 @@ class TruthCall:
 class SeenCall:
     caller: str = ""
     event_types: list[int] = field(default_factory=list)
+    #: when each of ``event_types`` arrived (wall clock, as the simulator's truth); empty where not recorded
+    arrived: list[float] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -194,6 +196,40 @@ def judge(
             LineVerdict(line, len(expected.get(line, [])), tuple(missing), tuple(unfinished), tuple(wrong))
         )
     return verdicts
+
+
+def lost_evidence(
+    verdicts: Iterable[LineVerdict],
+    truth: Iterable[TruthCall],
+    seen_by_line: Mapping[str, Mapping[str, SeenCall]],
+    outages: Mapping[str, Iterable[tuple[float, float]]],
+    guid: Callable[[str], str],
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """For each call a verdict counts against a line (up to ``limit``): the simulator's times for that line's leg,
+    the agent's outages and what it received of the call, so a loss can be told from a judge's mistake afterwards."""
+    by_id = {call.linkedid: call for call in truth}
+    found: list[dict[str, Any]] = []
+    for verdict in verdicts:
+        for kind, ids in (("missing", verdict.missing), ("unfinished", verdict.unfinished), ("wrong", verdict.wrong)):
+            for linkedid in ids:
+                if len(found) >= limit:
+                    return found
+                call = by_id.get(linkedid)
+                seen = seen_by_line.get(verdict.line, {}).get(guid(f"{linkedid}:{verdict.line}"))
+                line = verdict.line
+                found.append({
+                    "line": line, "kind": kind, "linkedid": linkedid,
+                    "scenario": call.scenario if call else "", "lines": list(call.lines) if call else [],
+                    "started": call.started if call else None, "ended": call.ended if call else None,
+                    "leg_start": call.leg_start(line) if call else None,
+                    "leg_rang": (call.leg_alerts or {}).get(line) if call else None,
+                    "leg_answered": (call.leg_answers or {}).get(line) if call else None,
+                    "leg_end": call.leg_end(line) if call else None,
+                    "outages": [list(o) for o in outages.get(line, ())],
+                    "seen": list(zip(seen.event_types, seen.arrived, strict=False)) if seen else [],
+                })
+    return found
 
 
 def snapshot_is_correct(

@@ -6,6 +6,7 @@ from ops.drill.truth import (
     SeenCall,
     TruthCall,
     judge,
+    lost_evidence,
     owed_lines,
     parse_truth,
     percentile,
@@ -61,6 +62,20 @@ def test_missing_unfinished_and_wrong_are_told_apart() -> None:
         "4001": {"g-1.2:4001": SeenCall("79160000002", [5, 7, 6]), "g-1.4:4001": SeenCall("79160000004", [5])},
     }
     assert all(v.ok for v in judge(truth, everything, guid))
+
+
+def test_each_loss_comes_with_its_truth_outages_and_what_the_agent_got() -> None:
+    truth = parse_truth(PAYLOAD, ["4000", "4001"])
+    seen = {"4000": {"g-1.2:4000": SeenCall("79160000002", [RING_STARTED], [106.0])}}
+    verdicts = judge(truth, seen, guid)
+    evidence = lost_evidence(verdicts, truth, seen, {"4000": [(107.0, 116.0)]}, guid)
+    by_kind = {(e["line"], e["linkedid"]): e for e in evidence}
+    assert set(by_kind) == {("4000", "1.1"), ("4000", "1.2"), ("4001", "1.2"), ("4001", "1.4")}
+    unfinished = by_kind[("4000", "1.2")]
+    assert unfinished["kind"] == "unfinished" and unfinished["seen"] == [(RING_STARTED, 106.0)]
+    assert unfinished["outages"] == [[107.0, 116.0]] and unfinished["ended"] == 115.0
+    assert by_kind[("4001", "1.4")]["kind"] == "missing" and by_kind[("4001", "1.4")]["seen"] == []
+    assert len(lost_evidence(verdicts, truth, seen, {}, guid, limit=2)) == 2
 
 
 def test_snapshot_check_allows_slack_but_not_errors() -> None:
