@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,14 @@ def test_wait_sleeps_its_timeout_when_nothing_arrives(stop_flag: StopFlag) -> No
     stop_flag.wait(0.2)
     assert time.monotonic() - started >= 0.15
     assert not stop_flag.is_set()
+
+
+def test_a_relative_run_dir_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # HAProxy's admin socket is in the run dir, and HAProxy reads a relative socket path as host:port
+    # (make chaos on a clean checkout, run dir .run/chaos: "missing port specification")
+    from local_cluster.launcher import ClusterOptions, LocalCluster
+
+    monkeypatch.chdir(tmp_path)
+    cluster = LocalCluster(ClusterOptions.ephemeral(Path(".run/chaos/cluster")))
+    assert cluster.run_dir == tmp_path.resolve() / ".run/chaos/cluster"
+    assert cluster.haproxy_config.is_absolute()
