@@ -77,7 +77,7 @@ from ami_gateway.lease import FENCED
 from services.backoff import Backoff
 from services.broker import BROKER_FAILURES, Broker, declare_events_exchange
 from services.config import redact_url
-from services.infra_metrics import BROKER_ERRORS, RedisHealth
+from services.infra_metrics import BROKER_ERRORS, EVENT_LATENCY_BUCKETS, RedisHealth
 from services.line_state import AlreadyStored, Fenced, LineWriter
 from services.tasks import stop_tasks
 from services.topology import Topology
@@ -101,7 +101,12 @@ REDIS_WRITE_SECONDS = Histogram(
 EVENT_PUBLISH_LATENCY = Histogram(
     "cms_call_event_publish_latency_seconds",
     "From the AMI bytes that caused a line event to RabbitMQ confirming it (tracker, outbox wait, Redis, broker)",
-    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    buckets=EVENT_LATENCY_BUCKETS,
+)
+OUTBOX_WAIT = Histogram(
+    "cms_call_event_outbox_wait_seconds",
+    "From the AMI bytes that caused a line event to its batch being handed to RabbitMQ (tracker and outbox queue)",
+    buckets=EVENT_LATENCY_BUCKETS,
 )
 
 
@@ -213,6 +218,7 @@ class _InFlight:
     generation: int
     end: int
     started: float  # perf_counter when it was handed to Redis and the broker
+    sent_at: float = 0.0  # wall clock of the same moment (events carry the wall clock of their AMI read)
     confirmed_at: float = 0.0  # wall clock, set when the broker's last confirm for it arrived
 
     def failed(self) -> bool:
@@ -421,13 +427,13 @@ class EventOutbox:
             return False
         batch = [self._queue[i - self._base] for i in range(self._sent, end)]
         generation = self._generation
-        started = time.perf_counter()
+        started, sent_at = time.perf_counter(), time.time()
         try:
             confirms = await self._publisher.send(batch)
         except BROKER_FAILURES as exc:
             await self._republish_from_oldest(backoff, exc)
             return True
-        in_flight = _InFlight(batch, confirms, generation, end, started)
+        in_flight = _InFlight(batch, confirms, generation, end, started, sent_at)
         confirms.add_done_callback(lambda _: self._on_confirms(in_flight))
         if generation != self._generation:
             return True  # an overflow dropped these events while the channel opened; their confirms are of no use
@@ -525,6 +531,7 @@ class EventOutbox:
         PUBLISH_SECONDS.observe(time.perf_counter() - batch.started)
         for event in batch.events:
             if event.ami_received_at:
+                OUTBOX_WAIT.observe(max(0.0, batch.sent_at - event.ami_received_at))
                 EVENT_PUBLISH_LATENCY.observe(batch.confirmed_at - event.ami_received_at)
         for _ in batch.events:
             self._queue.popleft()

@@ -47,6 +47,8 @@ from bench.stats import (
 
 GATEWAY_PUBLISH_HISTOGRAM = "cms_call_event_publish_latency_seconds"
 REDIS_WRITE_HISTOGRAM = "cms_outbox_redis_write_seconds"
+OUTBOX_WAIT_HISTOGRAM = "cms_call_event_outbox_wait_seconds"
+NODE_ARRIVAL_HISTOGRAM = "cms_node_event_arrival_latency_seconds"
 
 # Issue 15's end to end targets at 500 AMI events/s with 2,000 agents.
 E2E_TARGETS = ((0.5, 0.002), (0.99, 0.005), (0.999, 0.015))
@@ -153,6 +155,10 @@ class Window:
     #: inside the gateway: AMI bytes read -> broker confirm, and the Redis write each batch waits for
     gateway_publish: dict[float, float] = field(default_factory=dict)
     redis_write: dict[float, float] = field(default_factory=dict)
+    #: the way an event goes, cut in three: AMI read -> handed to the broker (gateway), -> taken by a node's event
+    #: task (broker), -> frame written (the nodes' end to end, ``observed``)
+    outbox_wait: dict[float, float] = field(default_factory=dict)
+    node_arrival: dict[float, float] = field(default_factory=dict)
 
     def quantile(self, q: float) -> float | None:
         found = bucket_quantile(q, self.observed)
@@ -178,6 +184,8 @@ def measure(ctx: Context, pipe: Pipeline, seconds: float, profile_as: str = "") 
     before = scrape_histogram(nodes, E2E_HISTOGRAM)
     publish_before = scrape_histogram([gw], GATEWAY_PUBLISH_HISTOGRAM)
     redis_before = scrape_histogram([gw], REDIS_WRITE_HISTOGRAM)
+    wait_before = scrape_histogram([gw], OUTBOX_WAIT_HISTOGRAM)
+    arrival_before = scrape_histogram(nodes, NODE_ARRIVAL_HISTOGRAM)
     ami_before = scrape_counter([gw], "cms_ami_events_received_total")
     published_before = scrape_counter([gw], "cms_call_events_published_total")
     frames_before = scrape_counter(nodes, "cms_node_frames_sent_total")
@@ -225,6 +233,8 @@ def measure(ctx: Context, pipe: Pipeline, seconds: float, profile_as: str = "") 
         broker_probe=summarize_pauses(broker_hops),
         gateway_publish=_diff_or_empty(scrape_histogram([gw], GATEWAY_PUBLISH_HISTOGRAM), publish_before),
         redis_write=_diff_or_empty(scrape_histogram([gw], REDIS_WRITE_HISTOGRAM), redis_before),
+        outbox_wait=_diff_or_empty(scrape_histogram([gw], OUTBOX_WAIT_HISTOGRAM), wait_before),
+        node_arrival=_diff_or_empty(scrape_histogram(nodes, NODE_ARRIVAL_HISTOGRAM), arrival_before),
         cores=cores,
     )
 
@@ -235,10 +245,12 @@ def _diff_or_empty(after: dict[float, float], before: dict[float, float]) -> dic
 
 
 def stage_figures(windows: list[Window]) -> list[Figure]:
-    """Where an event's time goes before the node: the gateway's AMI read -> broker confirm, and within it the
-    Redis write every batch waits for before it is published (median over windows)."""
+    """Where an event's time goes (median over windows): in the gateway until it is handed to the broker, until a
+    node's event task takes it, until the broker confirmed it to the gateway, and the Redis write beside it."""
     figures: list[Figure] = []
-    for attribute, label in (("gateway_publish", "gateway: AMI read -> broker confirm"),
+    for attribute, label in (("outbox_wait", "gateway: AMI read -> handed to the broker"),
+                             ("node_arrival", "node: AMI read -> taken by the node's event task"),
+                             ("gateway_publish", "gateway: AMI read -> broker confirm"),
                              ("redis_write", "gateway: Redis write beside the publish (per write)")):
         for q in (0.5, 0.99):
             values = [found.value for w in windows

@@ -40,6 +40,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.delivery_log import AgentKey, DeliveryLog, RedisDeliveryStore
+from services.infra_metrics import EVENT_LATENCY_BUCKETS
 from services.line_access import SecurityConfig, Verdict, decide
 from services.line_state import HistoryUnavailable, LineSnapshot
 from services.tasks import background
@@ -76,7 +77,7 @@ for _reason in ("assigned_to_other", "not_your_line", "unassigned", "held_by_oth
 END_TO_END = Histogram(
     "cms_end_to_end_latency_seconds",
     "From AMI bytes received by the gateway to the WebSocket frame handed to the socket",
-    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    buckets=EVENT_LATENCY_BUCKETS,
 )
 
 

@@ -40,7 +40,7 @@ import aio_pika
 import aiormq.abc
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.backoff import Backoff
 from services.broker import (
@@ -50,7 +50,7 @@ from services.broker import (
     declare_events_exchange,
     declare_node_queues,
 )
-from services.infra_metrics import BROKER_ERRORS, RedisHealth
+from services.infra_metrics import BROKER_ERRORS, EVENT_LATENCY_BUCKETS, RedisHealth
 from services.line_state import LineHistory, LineReader, LineSnapshot
 from services.tasks import stop_tasks
 from services.topology import Topology
@@ -65,6 +65,11 @@ for _verdict in (*(v.value for v in Verdict), "undecodable"):
     LINE_EVENTS.labels(verdict=_verdict)
 for _outcome in ("repaired", "resync"):
     GAP_REPAIRS.labels(outcome=_outcome)
+EVENT_ARRIVAL = Histogram(
+    "cms_node_event_arrival_latency_seconds",
+    "From the AMI bytes that caused a line event to the node's event task taking it from the broker",
+    buckets=EVENT_LATENCY_BUCKETS,
+)
 LINES_BOUND = Gauge("cms_node_lines_bound", "Lines this node receives events for")
 BROKER_CONNECTED = Gauge("cms_node_broker_connected", "1 while the node's RabbitMQ connection is up")
 CATCH_UP_EVENTS = Counter("cms_node_catch_up_events_total", "Line events handed to agents from the Redis history")
@@ -483,6 +488,8 @@ class LineFeed:
                 LINE_EVENTS.labels(verdict="undecodable").inc()
                 log.warning("dropping undecodable line event: %s", exc)
                 continue
+            if event.ami_received_at:
+                EVENT_ARRIVAL.observe(max(0.0, time.time() - event.ami_received_at))
             try:
                 await self.handle_event(event)
             except (OSError, aioredis.RedisError, WireError, TimeoutError) as exc:

@@ -79,3 +79,13 @@ def test_where_the_time_goes_inside_the_gateway() -> None:
     empty = {f.name: f for f in stage_figures([_window(0.002, 0.004, 0.001, 0.001)])}
     assert empty["gateway: AMI read -> broker confirm p50"].value is None
     assert "not exported" in empty["gateway: AMI read -> broker confirm p50"].note
+
+
+def test_the_way_of_an_event_is_cut_at_the_broker_hand_off_and_the_nodes_arrival() -> None:
+    window = _window(0.003, 0.004, 0.001, 0.001)
+    window.outbox_wait = {0.0005: 60.0, 0.001: 100.0, math.inf: 100.0}
+    window.node_arrival = {0.002: 40.0, 0.0025: 100.0, math.inf: 100.0}
+    figures = {f.name: f for f in stage_figures([window])}
+    assert figures["gateway: AMI read -> handed to the broker p50"].value == pytest.approx(0.0005 * 50 / 60)
+    assert figures["node: AMI read -> taken by the node's event task p50"].value == pytest.approx(
+        0.002 + 0.0005 * 10 / 60)
