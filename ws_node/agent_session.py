@@ -71,6 +71,12 @@ Rules, from the client's source (docs/creatio-protocol.md has the details):
 12. ProcessLogs / SetLogFilePath (Creatio: "start processing logs", "the file from which logs will be
     processed", i.e. CMS replaying a recorded PBX log) are refused with ERROR(4), open or not: a browser
     must not make the cluster replay calls, and nothing a client sends is written to a file.
+13. A call ends once. After this session sent a leg's RING_FINISHED, nothing more of that leg (same call
+    id, one of its channels) is sent, and a snapshot that still lists it leaves it out: a takeover
+    without an earlier term publishes whole the calls it cannot prove were published
+    (``ami_gateway.takeover``), and right after a Redis stall a snapshot may be read from a Redis that
+    lags what the broker delivered. Either would pop an ended call up again. A new leg of the call on
+    this line has a new channel, and rings.
 """
 
 from __future__ import annotations
@@ -250,6 +256,9 @@ _ABOUT_A_SHOWN_CALL = frozenset({
 })
 #: rule 10: announced calls remembered per session (a line has a handful of live calls)
 _MAX_ANNOUNCED = 64
+#: rule 13: ended calls remembered per session (a repeat comes within seconds of the end: a takeover's
+#: publication, a snapshot read from a Redis that lags the broker)
+_MAX_FINISHED = 32
 
 
 class AgentSession:
@@ -258,7 +267,7 @@ class AgentSession:
         "_env", "_opts", "_memo", "_clock", "_new_id", "state", "library_instance_uid", "connection_uid", "line",
         "debug_mode", "call_centre_enabled", "user_uid", "_calls",
         "_agent", "_catching_up", "_held", "_snapshot_wanted", "replayed", "_context_override",
-        "_context_refusal", "_announced", "_agent_known", "_profile_state_until", "_deferred_state",
+        "_context_refusal", "_announced", "_agent_known", "_profile_state_until", "_deferred_state", "_finished",
     )
 
     def __init__(
@@ -290,6 +299,9 @@ class AgentSession:
         #: rule 10: client GUID -> (call state the client was shown, epoch of the snapshot that showed it,
         #: "" when an event announced it)
         self._announced: OrderedDict[str, tuple[CallState, str]] = OrderedDict()
+        #: rule 13: calls whose RING_FINISHED this session sent, client GUID -> the leg's channels; made on the
+        #: first end (thousands of sessions per node, most idle)
+        self._finished: dict[str, frozenset[str]] | None = None
         self._agent: AgentState | None = None
         #: between claiming the line and ``on_claimed``: live events held back, snapshot waiting
         self._catching_up = False
@@ -372,6 +384,8 @@ class AgentSession:
             if not self.call_centre_enabled:
                 return
         elif event.call is not None:
+            if self._ended_here(event.call):
+                return  # rule 13: a call published again after its end (a takeover), or a late repeat
             if event.type in _ABOUT_A_SHOWN_CALL and not self._shows(event.call):
                 # The client has no such call (it ended here already, or was never shown): an end, hold or
                 # change of it would be a stray frame, or a second RING_FINISHED of one call. This is what
@@ -392,7 +406,8 @@ class AgentSession:
         epoch when they were read (rule 10)."""
         if self.state is not SessionState.OPEN:
             return
-        mine = sorted((c for c in calls if c.line == self.line and c.on_line), key=lambda c: c.started_at)
+        mine = sorted((c for c in calls if c.line == self.line and c.on_line and not self._ended_here(c)),
+                      key=lambda c: c.started_at)
         self._calls = {cp.call_guid(c.id): c for c in mine}
         self._shown_in_snapshot(mine, epoch)
         self._send(cp.snapshot_frame(mine, self.current_call, self.connection_uid))
@@ -416,7 +431,8 @@ class AgentSession:
         without telling the client; it asks for its own snapshot after CONNECTION_CREATED."""
         if self.state is not SessionState.OPEN:
             return
-        mine = sorted((c for c in calls if c.line == self.line and c.on_line), key=lambda c: c.started_at)
+        mine = sorted((c for c in calls if c.line == self.line and c.on_line and not self._ended_here(c)),
+                      key=lambda c: c.started_at)
         self._calls = {cp.call_guid(c.id): c for c in mine}
         self._shown_in_snapshot(mine, epoch)
 
@@ -625,6 +641,7 @@ class AgentSession:
         self.line = None
         self._calls.clear()
         self._announced.clear()
+        self._finished = None
         self._agent = None
         self._catching_up = False
         self._held = []
@@ -924,9 +941,27 @@ class AgentSession:
         assert call is not None
         guid = cp.call_guid(call.id)
         if event.type is EventType.RING_FINISHED or call.state is CallState.FINISHED:
-            self._calls.pop(guid, None)
+            before = self._calls.pop(guid, None)
+            self._remember_ended(guid, frozenset(c.channel for c in (call, before) if c is not None and c.channel))
         else:
             self._calls[guid] = call  # an existing key keeps its place: oldest stays first
+
+    def _remember_ended(self, guid: str, channels: frozenset[str]) -> None:
+        if not channels:
+            return
+        if self._finished is None:
+            self._finished = {}
+        self._finished.pop(guid, None)
+        self._finished[guid] = channels
+        while len(self._finished) > _MAX_FINISHED:
+            del self._finished[next(iter(self._finished))]
+
+    def _ended_here(self, call: Call) -> bool:
+        """Rule 13: this session sent the end of this very leg (same call id, one of its channels)."""
+        if self._finished is None:
+            return False
+        channels = self._finished.get(cp.call_guid(call.id))
+        return channels is not None and call.channel in channels
 
     def _frames_for(self, event: LineEvent) -> list[str]:
         own_id = event.call.id if event.call is not None else None
@@ -986,6 +1021,7 @@ class AgentSession:
         self.line = None
         self._calls.clear()
         self._announced.clear()
+        self._finished = None
         self._agent = None
         self._catching_up = False
         self._held = []

@@ -1,9 +1,10 @@
-"""Rule 10 of AgentSession: a restarted gateway's restatement of a live call is not a new call."""
+"""Rules 10 and 13 of AgentSession: a restatement of a live call is not a new call, and an ended call stays ended."""
 
 from __future__ import annotations
 
 from services.wire import CallState, EventType, LineEvent
 from tests.unit.test_agent_session import LINE, content, make_call, opened, with_calls
+from ws_node import creatio_protocol as cp
 
 
 def test_a_ringing_call_restated_in_a_new_epoch_does_not_ring_again() -> None:
@@ -31,14 +32,53 @@ def test_a_connected_call_restated_is_silent_and_a_new_call_still_rings() -> Non
     assert frames and frames[0]["eventType"] == 5 and content(frames[0])["callerId"] == "+70000000002"
 
 
-def test_a_call_that_ended_and_rings_again_rings() -> None:
+def test_a_new_leg_with_the_ended_calls_id_rings() -> None:
+    # a gateway that started cold after the first leg ended numbers a second leg of the same call on this line
+    # with the first one's id; its phone channel is new
     ringing = make_call()
     session, env = with_calls(ringing)
     ended = ringing.evolve(state=CallState.FINISHED)
     session.on_line_event(LineEvent(line=LINE, type=EventType.RING_FINISHED, call=ended, epoch="100", seq=1))
     env.take()
-    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_STARTED, call=ringing, epoch="100", seq=2))
+    second = ringing.evolve(channel="PJSIP/101-2")
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_STARTED, call=second, epoch="100", seq=2))
     assert [m["eventType"] for m in env.take()][0] == 5
+
+
+def test_a_call_published_whole_again_after_its_end_is_not_sent_again() -> None:
+    """Rule 13: a takeover without an earlier term publishes whole the calls that began and ended while no term
+    was known to publish (chaos redis-restart-empty: a busy call reached its agent twice, RS BUSY RF RS BUSY RF)."""
+    ringing = make_call()
+    session, env = opened()
+    busy = ringing.evolve(state=CallState.BUSY)
+    ended = ringing.evolve(state=CallState.FINISHED)
+    story = [(EventType.RING_STARTED, ringing), (EventType.ABONENT_BUSY, busy), (EventType.RING_FINISHED, ended)]
+    for seq, (kind, call) in enumerate(story, 1):
+        session.on_line_event(LineEvent(line=LINE, type=kind, call=call, epoch="100", seq=seq))
+    assert [m["eventType"] for m in env.take()][0] == 5
+    for seq, (kind, call) in enumerate(story, 1):  # the new term, its own epoch
+        session.on_line_event(LineEvent(line=LINE, type=kind, call=call, epoch="200", seq=seq))
+    assert env.take() == []
+    # other calls are untouched
+    other = make_call(id="b2", linked_id="b2", channel="PJSIP/101-3")
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_STARTED, call=other, epoch="200", seq=4))
+    assert [m["eventType"] for m in env.take()][0] == 5
+
+
+def test_a_snapshot_from_a_lagging_redis_does_not_bring_an_ended_call_back() -> None:
+    """Rule 13: right after a Redis stall a snapshot can be read before Redis got the end the broker already
+    delivered (chaos redis-stall: the panel showed the ended call again for 2 s, then got a second end)."""
+    talking = make_call(state=CallState.CONNECTED)
+    live = make_call(id="b2", linked_id="b2", channel="PJSIP/101-3", state=CallState.CONNECTED)
+    session, env = with_calls(talking, live)
+    ended = talking.evolve(state=CallState.FINISHED)
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_FINISHED, call=ended, epoch="100", seq=9))
+    env.take()
+    session.on_snapshot([talking, live], epoch="100")
+    snapshot = env.take()
+    assert [c["id"] for c in content(snapshot[0])["ActiveCalls"]] == [cp.call_guid("b2")]
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_FINISHED, call=ended, epoch="100", seq=9))
+    assert env.take() == []
 
 
 def test_a_call_a_snapshot_showed_before_its_ring_started_arrived_still_rings() -> None:
