@@ -335,7 +335,7 @@ class AgentConnection:
 
     async def _snapshot(self, session: AgentSession, line: str) -> None:
         try:
-            snapshot = await self.hub.feed.reader.snapshot(line)
+            snapshot = await self.hub.feed.snapshot(line)
         except Exception as exc:
             log.warning("line %s: snapshot failed (%s)", line, exc, extra={"conn": self.conn_id})
             if self.session is session:

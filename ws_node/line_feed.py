@@ -78,7 +78,8 @@ SETTLE_REPAIRS = Counter(
     "Lines whose second look after a bind found Redis ahead of what the node had (an event stored after its read)",
 )
 HISTORY_WAIT_TIMEOUTS = Counter(
-    "cms_node_history_wait_timeouts_total", "Catch-ups that gave up waiting for an event to reach the Redis history"
+    "cms_node_history_wait_timeouts_total",
+    "Catch-ups and snapshots that gave up waiting for Redis to reach what the node had from the broker",
 )
 
 
@@ -591,6 +592,28 @@ class LineFeed:
                     line, live.position if live is not None else position, self._history_wait, at,
                 )
                 return history
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+    async def snapshot(self, line: str) -> LineSnapshot:
+        """``line``'s state for a tab's snapshot, waiting briefly for Redis to reach what this node already
+        delivered on the line in the same epoch. Redis is written beside the publish and may stand behind the
+        broker (seconds, right after a Redis stall): a snapshot read from it then would show a call the tab
+        has seen end as live again, or one it has seen answered as ringing. Past the wait it is served as read.
+        """
+        deadline = time.monotonic() + self._history_wait
+        pause = 0.001
+        while True:
+            snapshot = await self.reader.snapshot(line)
+            delivered = self.router.position(line)
+            at = snapshot.position
+            if delivered is None or at.epoch != delivered.epoch or at >= delivered:
+                return snapshot
+            if time.monotonic() >= deadline:
+                HISTORY_WAIT_TIMEOUTS.inc()
+                log.warning("line %s: snapshot served at %s, behind %s delivered (Redis lags the broker)",
+                            line, at, delivered)
+                return snapshot
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.02)
 

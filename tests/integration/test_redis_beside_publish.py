@@ -24,7 +24,7 @@ from ami_gateway.event_outbox import EventOutbox, EventPublisher, Sequencer
 from local_cluster.infra import Infrastructure
 from services.line_state import LineStateReader, LineStateWriter
 from services.topology import Topology
-from services.wire import LineEvent
+from services.wire import CallState, LineEvent
 from tests.integration.test_event_pipeline import Collector, _cleanup, _event
 from ws_node.line_feed import LineFeed, RabbitNodeBus
 
@@ -136,6 +136,46 @@ def test_a_ring_routed_before_the_bind_and_stored_after_the_snapshot_reaches_the
             assert snapshot.calls == () and tab.events == []  # bound after the publish, read before the write
             await _until(lambda: len(tab.events) == 1, 5, what="the ring from the node's second look")
             assert _positions(tab.events) == [(sequencer.epoch, 1)] and tab.resyncs == []
+        finally:
+            await _stop(drain)
+            await outbox.close()
+            await feed.stop()
+            await _cleanup(infra, prefix, redis_client)
+            await redis_client.aclose()
+            await node_redis.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_tabs_snapshot_waits_for_redis_to_reach_what_the_node_delivered(infra: Infrastructure, prefix: str) -> None:
+    """An agent's snapshot read from a Redis behind the broker would show a call it saw end as live again (chaos
+    redis-stall: an ended call back on the panel for 2 s after the stall). The node waits for Redis to reach
+    what it delivered."""
+
+    async def main() -> None:
+        topology = Topology(prefix)
+        redis_client = aioredis.from_url(infra.redis_url)
+        node_redis = aioredis.from_url(infra.redis_url, socket_timeout=2.0)
+        writer = LateWriter(redis_client, prefix, delay=0.0)
+        sequencer = Sequencer(await writer.new_epoch())
+        outbox = EventOutbox(writer, EventPublisher(infra.amqp_url, topology), sequencer)
+        feed = _feed(infra, topology, node_redis)
+        drain = asyncio.create_task(outbox.run())
+        try:
+            outbox.put([_event("704", 1)])
+            assert await outbox.wait_idle(10)
+            await feed.start()
+            await asyncio.wait_for(feed.connected.wait(), 15)
+            tab = Collector()
+            await feed.follow(tab, "704")
+            writer.delay = 0.3  # each write lands 300 ms after its publish
+            outbox.put([_event("704", 1, CallState.FINISHED)])
+            await _until(lambda: len(tab.events) == 1, 5, what="the end delivered")
+            ended_at = tab.events[0].position
+            stale = await feed.reader.snapshot("704")
+            assert stale.position < ended_at and [c.id for c in stale.calls] == ["call-1"]  # the race is there
+            snapshot = await feed.snapshot("704")
+            assert snapshot.position >= ended_at and snapshot.calls == ()
         finally:
             await _stop(drain)
             await outbox.close()
