@@ -170,21 +170,24 @@ class _RabbitNodeLink(NodeLink):
         await declare_events_exchange(channel, self._topology)
         queue, replies = await declare_node_queues(channel, self._topology, self._node_id)
 
-        # Coroutines, as aio-pika wants; each message is handed on in the order the broker sent it.
-        async def event(message: AbstractIncomingMessage) -> None:
+        # Events are consumed on the channel under aio-pika: aio-pika's consumer wraps each delivery in a task of
+        # its own, after aiormq's, one more turn of a busy loop between the broker and the agent (issue 15:
+        # e2e). aiormq runs each consumer call as a task in delivery order, and on_event does not await.
+        async def event(message: aiormq.abc.DeliveredMessage) -> None:
             on_event(message.body)
 
         async def reply(message: AbstractIncomingMessage) -> None:
             on_reply(message.body, message.correlation_id)
 
-        await queue.consume(event, no_ack=True)
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_consume(queue.name, event, no_ack=True)
         await replies.consume(reply, no_ack=True)
         # A bind sent without waiting is refused by the broker closing the channel, connection still up:
         # the queue is no longer consumed, so the link is as good as lost.
         channel.close_callbacks.add(lambda *_: self._closed.set())
         self._channel = channel
         self._queue = queue
-        self._underlay = await channel.get_underlay_channel()
+        self._underlay = underlay
 
     def _declared(self) -> tuple[AbstractChannel, AbstractQueue]:
         if self._channel is None or self._queue is None:
@@ -281,7 +284,9 @@ class LineFeed:
         self._bind_chunk = bind_chunk
         self._bind_timeout = bind_timeout_seconds
         self._pending: dict[str, asyncio.Future[CommandResult]] = {}
-        self._events: asyncio.Queue[bytes] = asyncio.Queue()
+        #: what the event task has to do, in arrival order: bodies, or events already decoded that need a repair
+        self._events: asyncio.Queue[bytes | LineEvent] = asyncio.Queue()
+        self._handling = False  # the event task is working on one (it may be awaiting Redis)
         self.connected = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._catch_up_lock = asyncio.Lock()
@@ -373,7 +378,7 @@ class LineFeed:
                 await asyncio.sleep(delay)
 
     async def _declare(self, link: NodeLink) -> None:
-        await link.declare(self._events.put_nowait, self._on_reply)
+        await link.declare(self._receive, self._on_reply)
         async with self._binding_lock:
             self._link = link
             self._bound = set()
@@ -480,30 +485,62 @@ class LineFeed:
 
     # ---- events ----------------------------------------------------------------------------
 
-    async def _process_events(self) -> None:
-        while True:
-            body = await self._events.get()
-            try:
-                event = LineEvent.decode(body)
-            except WireError as exc:
-                LINE_EVENTS.labels(verdict="undecodable").inc()
-                log.warning("dropping undecodable line event: %s", exc)
-                continue
-            if event.ami_received_at:
-                EVENT_ARRIVAL.observe(max(0.0, time.time() - event.ami_received_at))
-            try:
-                await self.handle_event(event)
-            except (OSError, aioredis.RedisError, WireError, TimeoutError) as exc:
-                self._redis_state(False)
-                log.warning("line %s: cannot reach Redis (%s); delivering without repair", event.line, exc)
-                self._deliver_unchecked(event)
-
-    async def handle_event(self, event: LineEvent) -> None:
+    def _receive(self, body: bytes) -> None:
+        """A line event from the broker. In order and nothing ahead of it (the usual case): delivered at once,
+        in the consumer's own turn of the loop; a handoff to the event task cost every event one more turn of a
+        busy node's loop (issue 15: e2e). Anything that needs Redis (a gap, a new epoch), or that arrives while
+        the task has events queued or is repairing, goes through the task, so a line's events keep their order."""
+        if self._handling or not self._events.empty():
+            self._events.put_nowait(body)
+            return
+        event = self._decode(body)
+        if event is None:
+            return
         verdict = self.router.classify(event)
+        if verdict in (Verdict.GAP, Verdict.NEW_EPOCH):
+            self._events.put_nowait(event)
+            return
+        self._handle_in_order(event, verdict)
+
+    def _decode(self, body: bytes) -> LineEvent | None:
+        try:
+            event = LineEvent.decode(body)
+        except WireError as exc:
+            LINE_EVENTS.labels(verdict="undecodable").inc()
+            log.warning("dropping undecodable line event: %s", exc)
+            return None
+        if event.ami_received_at:
+            EVENT_ARRIVAL.observe(max(0.0, time.time() - event.ami_received_at))
+        return event
+
+    def _handle_in_order(self, event: LineEvent, verdict: Verdict) -> None:
         LINE_EVENTS.labels(verdict=verdict.value).inc()
         if verdict is Verdict.DELIVER:
             self._deliver(event)
-        elif verdict in (Verdict.GAP, Verdict.NEW_EPOCH):
+
+    async def _process_events(self) -> None:
+        while True:
+            item = await self._events.get()
+            self._handling = True
+            try:
+                event = self._decode(item) if isinstance(item, bytes) else item
+                if event is None:
+                    continue
+                try:
+                    await self.handle_event(event)
+                except (OSError, aioredis.RedisError, WireError, TimeoutError) as exc:
+                    self._redis_state(False)
+                    log.warning("line %s: cannot reach Redis (%s); delivering without repair", event.line, exc)
+                    self._deliver_unchecked(event)
+            finally:
+                self._handling = False
+
+    async def handle_event(self, event: LineEvent) -> None:
+        verdict = self.router.classify(event)
+        if verdict not in (Verdict.GAP, Verdict.NEW_EPOCH):
+            self._handle_in_order(event, verdict)
+        else:
+            LINE_EVENTS.labels(verdict=verdict.value).inc()
             if not self.redis_available:
                 # Known to be away: do not make every such event wait for a Redis timeout.
                 self._deliver_unchecked(event)
