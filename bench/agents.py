@@ -245,13 +245,23 @@ class PipeWorker:
                 command, args = self.conn.recv()
                 if command == "exit":
                     await self.shutdown()
-                    self.conn.send(("ok", {}))
+                    self._answer(("ok", {}))
                     return
                 try:
-                    reply = await self.handle(command, args)
-                    self.conn.send(("ok", reply))
+                    answer: tuple[str, dict[str, Any]] = ("ok", await self.handle(command, args))
                 except Exception as exc:  # the parent must get an answer, whatever happened
-                    self.conn.send(("error", {"error": f"{type(exc).__name__}: {exc}"}))
+                    answer = ("error", {"error": f"{type(exc).__name__}: {exc}"})
+                self._answer(answer)
+
+    def _answer(self, answer: tuple[str, dict[str, Any]]) -> None:
+        # The loop's add_reader left the pipe non-blocking: a reply larger than the pipe's buffer (a drill's
+        # records) would fail half-written. Blocking here costs nothing: the parent is waiting to read it.
+        fd = self.conn.fileno()
+        os.set_blocking(fd, True)
+        try:
+            self.conn.send(answer)
+        finally:
+            os.set_blocking(fd, False)
 
 
 class _Worker(PipeWorker):

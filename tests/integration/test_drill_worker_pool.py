@@ -12,7 +12,9 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+from bench.agents import PipeWorker, WorkerProcesses
 from bench.wsproto import OP_CLOSE, OP_TEXT, FrameDecoder, accept_key, encode_frame
 from ops.drill.swarm import AgentLog
 from ops.drill.workers import WorkerAgents
@@ -126,3 +128,18 @@ def test_worker_agents_reconnect_on_the_panels_schedule_and_record_what_they_got
         assert rings[0].caller == "200"
         live = log.seen[f"live-{line}"]
         assert live.event_types == [MsgEventType.ACTIVE_CALL_SNAPSHOT] * 2  # one snapshot per connection
+
+
+class BigReplies(PipeWorker):
+    async def handle(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        if command == "big":
+            return {"data": "x" * int(args["size"])}
+        return await super().handle(command, args)
+
+
+def test_a_worker_reply_larger_than_the_pipe_buffer_arrives_whole() -> None:
+    # the drill's records at thousands of agents are megabytes; the pipe's buffer is 64 KiB or so
+    with WorkerProcesses(2, BigReplies) as workers:
+        replies = workers.ask_all([("big", {"size": 4_000_000})] * 2, timeout=60)
+        assert [len(r["data"]) for r in replies] == [4_000_000] * 2
+        assert workers.ask_all([("big", {"size": 10})] * 2, timeout=60)[0]["data"] == "x" * 10
