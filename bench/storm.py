@@ -142,6 +142,16 @@ def cores_after(samples: list[tuple[float, dict[str, float]]], start: float, sec
     return {name: (last[name] - first[name]) / (t1 - t0) for name in last if name in first}
 
 
+def per_second(seconds: list[float]) -> dict[str, int]:
+    """How many of ``seconds`` (drop -> ready) fall in each whole second: when the agents got back, not only
+    how many by 10 s (``"never"``: not back at all)."""
+    counts: dict[str, int] = {}
+    for value in sorted(seconds):
+        key = "never" if math.isinf(value) else str(int(value))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 CLIENT_PARENT = "drill client (bench process)"
 
 
@@ -312,7 +322,8 @@ def stage_storm(ctx: Context) -> StageResult:
                         "bad_snapshots": drill.bad_snapshots[:20], "calls_played": drill.calls_played,
                         "lost": drill.lost_detail,
                         "cores_after_kill": busy_runs[-1], "survivor_lines_bound": bound.samples,
-                        "killed_at": sampler.died_at})
+                        "killed_at": sampler.died_at, "ready_after_drop": per_second(run.outages),
+                        "bare_ready_after_drop": per_second(run.bare_ready)})
     result = StageResult("storm")
     result.figures = storm_figures(runs)
     # How fast the survivor took the killed node's lines on (ws_node/line_feed.py's binder: many binds per round trip).
