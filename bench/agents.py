@@ -15,10 +15,10 @@ import multiprocessing
 import os
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, cast
+from typing import Any, Self, cast
 
 from bench.wsproto import (
     OP_CLOSE,
@@ -33,7 +33,7 @@ from bench.wsproto import (
 )
 from ws_node.creatio_protocol import MsgEventType
 
-__all__ = ["ConnectResult", "Swarm", "raise_fd_limit"]
+__all__ = ["ConnectResult", "PipeWorker", "Swarm", "WebSocketClient", "WorkerProcesses", "raise_fd_limit"]
 
 
 
@@ -59,6 +59,12 @@ def open_connection_frame(line: str) -> bytes:
     ).encode()
 
 
+def query_snapshot_frame() -> bytes:
+    return json.dumps(
+        {"command": "QueryActiveCallSnapshot", "parameters": {}, "commandUId": "", "connectionUId": ""}
+    ).encode()
+
+
 class _Counters:
     def __init__(self) -> None:
         self.frames = 0  # text frames received by open agents
@@ -69,68 +75,113 @@ class _Counters:
         self.sample: str | None = None
 
 
-class AgentClient(asyncio.Protocol):
-    """One agent; ``opened`` resolves when CONNECTION_CREATED arrives (or fails with the reason)."""
+class WebSocketClient(asyncio.Protocol):
+    """One client connection: the opening handshake and the framing of bench/wsproto.py, pings answered, a server's
+    close echoed. What to send once the handshake is through (:meth:`on_open`) and what a text message means
+    (:meth:`on_text`) is the subclass's."""
 
-    def __init__(self, counters: _Counters, host: str, port: int, path: str, line: str) -> None:
-        self.counters = counters
-        self.host, self.port, self.path, self.line = host, port, path, line
+    def __init__(self, host: str, port: int, path: str) -> None:
+        self.host, self.port, self.path = host, port, path
         self.transport: asyncio.Transport | None = None
-        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.state = "handshake"
+        self.handshaken = False
         self._head = bytearray()
         self._key = ""
         self._decoder = FrameDecoder()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
-        transport = self.transport
         request, self._key = handshake_request(self.host, self.port, self.path)
-        transport.write(request)
+        self.transport.write(request)
+
+    def send_text(self, payload: bytes) -> None:
+        self._send(OP_TEXT, payload)
 
     def _send(self, opcode: int, payload: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(encode_frame(opcode, payload, mask=os.urandom(4)))
 
     def data_received(self, data: bytes) -> None:
-        if self.state == "handshake":
+        if not self.handshaken:
             self._head += data
             end = self._head.find(b"\r\n\r\n")
             if end < 0:
                 if len(self._head) > 16384:
-                    self._fail("oversized handshake answer")
+                    self.fail("oversized handshake answer")
                 return
             head, rest = bytes(self._head[: end + 4]), bytes(self._head[end + 4 :])
             self._head.clear()
             try:
                 parse_handshake_response(head, self._key)
             except HandshakeError as exc:
-                self._fail(str(exc))
+                self.fail(str(exc))
                 return
-            self.state = "loading"
-            self._send(OP_TEXT, load_library_frame())
+            self.handshaken = True
+            self.on_open()
             data = rest
             if not data:
                 return
         try:
             messages = self._decoder.feed(data)
         except ValueError as exc:
-            self._fail(str(exc))
+            self.fail(str(exc))
             return
         for opcode, payload in messages:
             if opcode == OP_TEXT:
-                self._on_text(payload)
+                self.on_text(payload)
             elif opcode == OP_PING:
-                self.counters.pings += 1
+                self.on_ping()
                 self._send(OP_PONG, payload)
             elif opcode == OP_CLOSE:
                 self._send(OP_CLOSE, payload[:2])
-                if self.state == "open":
-                    self.counters.closed_by_server += 1
+                self.on_server_close()
                 if self.transport is not None:
                     self.transport.close()
 
-    def _on_text(self, payload: bytes) -> None:
+    def on_open(self) -> None:
+        """The handshake is through."""
+
+    def on_text(self, payload: bytes) -> None:
+        """A text message arrived."""
+
+    def on_ping(self) -> None:
+        """A ping arrived (it is answered)."""
+
+    def on_server_close(self) -> None:
+        """The server sent a close frame (it is echoed and the connection closed)."""
+
+    def fail(self, reason: str) -> None:
+        """Give the connection up: ``reason`` is for subclasses to report."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._send(OP_CLOSE, b"\x03\xe8")
+            self.transport.close()
+
+
+class AgentClient(WebSocketClient):
+    """One agent; ``opened`` resolves when CONNECTION_CREATED arrives (or fails with the reason)."""
+
+    def __init__(self, counters: _Counters, host: str, port: int, path: str, line: str) -> None:
+        super().__init__(host, port, path)
+        self.counters = counters
+        self.line = line
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.state = "handshake"
+
+    def on_open(self) -> None:
+        self.state = "loading"
+        self.send_text(load_library_frame())
+
+    def on_ping(self) -> None:
+        self.counters.pings += 1
+
+    def on_server_close(self) -> None:
+        if self.state == "open":
+            self.counters.closed_by_server += 1
+
+    def on_text(self, payload: bytes) -> None:
         if self.state == "open":
             counters = self.counters
             counters.frames += 1
@@ -144,20 +195,19 @@ class AgentClient(asyncio.Protocol):
             return
         if self.state == "loading" and event_type == MsgEventType.LIBRARY_INITIALIZED:
             self.state = "opening"
-            self._send(OP_TEXT, open_connection_frame(self.line))
+            self.send_text(open_connection_frame(self.line))
         elif self.state == "opening" and event_type == MsgEventType.CONNECTION_CREATED:
             self.state = "open"
             self.counters.open += 1
             if not self.opened.done():
                 self.opened.set_result(None)
         elif event_type == MsgEventType.ERROR:
-            self._fail(f"server error before open: {payload[:120]!r}")
+            self.fail(f"server error before open: {payload[:120]!r}")
 
-    def _fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> None:
         if not self.opened.done():
             self.opened.set_exception(ConnectionError(reason))
-        if self.transport is not None:
-            self.transport.abort()
+        super().fail(reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state == "open":
@@ -166,18 +216,57 @@ class AgentClient(asyncio.Protocol):
         if not self.opened.done():
             self.opened.set_exception(ConnectionError(f"closed before open: {exc or 'EOF'}"))
 
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self._send(OP_CLOSE, b"\x03\xe8")
-            self.transport.close()
-
 
 # ---- worker process ---------------------------------------------------------------------------
 
 
-class _Worker:
+class PipeWorker:
+    """A worker process's side of the pipe: the parent's commands, each answered in turn, ``("ok", reply)`` or
+    ``("error", {"error": ...})``; ``exit`` ends the process after :meth:`shutdown`. Subclasses answer the rest
+    in :meth:`handle`."""
+
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+
+    async def handle(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        raise ValueError(f"unknown command {command!r}")
+
+    async def shutdown(self) -> None:
+        """Before the process ends (the parent said ``exit``)."""
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        loop.add_reader(self.conn.fileno(), ready.set)
+        while True:
+            await ready.wait()
+            ready.clear()
+            while self.conn.poll():
+                command, args = self.conn.recv()
+                if command == "exit":
+                    await self.shutdown()
+                    self._answer(("ok", {}))
+                    return
+                try:
+                    answer: tuple[str, dict[str, Any]] = ("ok", await self.handle(command, args))
+                except Exception as exc:  # the parent must get an answer, whatever happened
+                    answer = ("error", {"error": f"{type(exc).__name__}: {exc}"})
+                self._answer(answer)
+
+    def _answer(self, answer: tuple[str, dict[str, Any]]) -> None:
+        # The loop's add_reader left the pipe non-blocking: a reply larger than the pipe's buffer (a drill's
+        # records) would fail half-written. Blocking here costs nothing: the parent is waiting to read it.
+        fd = self.conn.fileno()
+        os.set_blocking(fd, True)
+        try:
+            self.conn.send(answer)
+        finally:
+            os.set_blocking(fd, False)
+
+
+class _Worker(PipeWorker):
+    def __init__(self, conn: Connection) -> None:
+        super().__init__(conn)
         self.counters = _Counters()
         self.agents: list[AgentClient] = []
 
@@ -228,34 +317,20 @@ class _Worker:
         await asyncio.sleep(0.2)
         return {"closed": True}
 
-    async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
-        loop.add_reader(self.conn.fileno(), ready.set)
-        while True:
-            await ready.wait()
-            ready.clear()
-            while self.conn.poll():
-                command, args = self.conn.recv()
-                if command == "exit":
-                    await self.close_all()
-                    self.conn.send(("ok", {}))
-                    return
-                try:
-                    if command == "connect":
-                        reply: dict[str, Any] = await self.connect(**args)
-                    elif command == "stats":
-                        reply = self.stats()
-                    elif command == "close":
-                        reply = await self.close_all()
-                    else:
-                        raise ValueError(f"unknown command {command!r}")
-                    self.conn.send(("ok", reply))
-                except Exception as exc:  # the parent must get an answer, whatever happened
-                    self.conn.send(("error", {"error": f"{type(exc).__name__}: {exc}"}))
+    async def handle(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        if command == "connect":
+            return await self.connect(**args)
+        if command == "stats":
+            return self.stats()
+        if command == "close":
+            return await self.close_all()
+        return await super().handle(command, args)
+
+    async def shutdown(self) -> None:
+        await self.close_all()
 
 
-def _worker_main(conn: Connection) -> None:
+def _worker_main(conn: Connection, worker: Callable[[Connection], PipeWorker]) -> None:
     raise_fd_limit()
     try:
         import uvloop
@@ -263,7 +338,7 @@ def _worker_main(conn: Connection) -> None:
         uvloop.install()
     except ImportError:  # the plain loop only makes the client heavier, not wrong
         pass
-    asyncio.run(_Worker(conn).serve())
+    asyncio.run(worker(conn).serve())
 
 
 # ---- parent handle ----------------------------------------------------------------------------
@@ -282,18 +357,21 @@ class ConnectResult:
         return self.ok / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
 
-class Swarm:
-    """``with Swarm(2) as swarm: swarm.connect(host, port, lines)``; every worker is ended on exit."""
+class WorkerProcesses:
+    """``with WorkerProcesses(2, SomePipeWorker) as workers: workers.ask_all(...)``: spawned processes, each
+    running ``worker`` (a :class:`PipeWorker`, importable by name) on uvloop, driven over a pipe; every one is
+    ended on exit."""
 
-    def __init__(self, processes: int = 2) -> None:
+    def __init__(self, processes: int, worker: Callable[[Connection], PipeWorker]) -> None:
         self.processes = max(1, processes)
+        self._worker = worker
         self._workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
 
-    def __enter__(self) -> Swarm:
+    def __enter__(self) -> Self:
         ctx = multiprocessing.get_context("spawn")
         for _ in range(self.processes):
             parent, child = ctx.Pipe()
-            process = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+            process = ctx.Process(target=_worker_main, args=(child, self._worker), daemon=True)
             process.start()
             child.close()
             self._workers.append((process, parent))
@@ -307,7 +385,8 @@ class Swarm:
         """The worker processes' ids (their CPU is the load generator's)."""
         return [int(process.pid) for process, _ in self._workers if process.pid is not None]
 
-    def _all(self, commands: Sequence[tuple[str, dict[str, Any]]], timeout: float) -> list[dict[str, Any]]:
+    def ask_all(self, commands: Sequence[tuple[str, dict[str, Any]]], timeout: float) -> list[dict[str, Any]]:
+        """One command to each worker (in order), then every reply; raises if one fails or is late."""
         for (_process, conn), command in zip(self._workers, commands, strict=True):
             conn.send(command)
         replies: list[dict[str, Any]] = []
@@ -321,13 +400,35 @@ class Swarm:
             replies.append(reply)
         return replies
 
+    def stop(self) -> None:
+        for _process, conn in self._workers:
+            try:
+                conn.send(("exit", {}))
+                conn.poll(10)
+            except (OSError, EOFError):
+                pass
+        for process, conn in self._workers:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+            conn.close()
+        self._workers.clear()
+
+
+class Swarm(WorkerProcesses):
+    """``with Swarm(2) as swarm: swarm.connect(host, port, lines)``; every worker is ended on exit."""
+
+    def __init__(self, processes: int = 2) -> None:
+        super().__init__(processes, _Worker)
+
     def connect(self, host: str, port: int, lines: Sequence[str], *, path: str = "/", concurrency: int = 64,
                 timeout: float = 20.0) -> ConnectResult:
         """Open one agent per entry of ``lines`` (repeat a line for several tabs), spread over the workers."""
         shares = [list(lines[i :: self.processes]) for i in range(self.processes)]
         per_worker = max(1, concurrency // self.processes)
         started = time.perf_counter()
-        replies = self._all(
+        replies = self.ask_all(
             [("connect", {"host": host, "port": port, "path": path, "lines": share, "concurrency": per_worker,
                           "timeout": timeout}) for share in shares],
             timeout=timeout * (1 + len(lines) / max(1, concurrency)) + 30,
@@ -345,7 +446,7 @@ class Swarm:
         )
 
     def stats(self) -> dict[str, Any]:
-        replies = self._all([("stats", {})] * self.processes, timeout=30)
+        replies = self.ask_all([("stats", {})] * self.processes, timeout=30)
         total: dict[str, Any] = {
             key: sum(r[key] for r in replies)
             for key in ("frames", "bytes", "pings", "open", "closed_by_server", "cpu_seconds")
@@ -354,19 +455,4 @@ class Swarm:
         return total
 
     def close_all(self) -> None:
-        self._all([("close", {})] * self.processes, timeout=60)
-
-    def stop(self) -> None:
-        for _process, conn in self._workers:
-            try:
-                conn.send(("exit", {}))
-                conn.poll(10)
-            except (OSError, EOFError):
-                pass
-        for process, conn in self._workers:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-            conn.close()
-        self._workers.clear()
+        self.ask_all([("close", {})] * self.processes, timeout=60)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import random
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ops.drill.swarm import DrillAgent
+from ops.drill.swarm import AgentLog, AgentPool, InProcessAgents
 from ops.drill.truth import (
     LineVerdict,
     judge,
@@ -46,6 +47,9 @@ TRAFFIC_MIX = (
     ("inbound-direct-long", 1),
 )
 FAULTS = ("kill", "drain", "gateway-restart", "none")
+#: where the agents run: "in-process" (websockets clients in the drill's loop, as close to a browser as it gets)
+#: or "workers" (lean clients in worker processes, ops/drill/workers.py: for thousands of agents)
+POOLS = ("in-process", "workers")
 
 
 @dataclass
@@ -63,6 +67,9 @@ class DrillOptions:
     settle_timeout: float = 60.0
     max_reconnect_seconds: float = 5.0
     seed: int = 1
+    pool: str = "in-process"
+    #: worker processes of the "workers" pool
+    workers: int = 2
 
 
 @dataclass
@@ -105,9 +112,15 @@ def _get(url: str) -> dict[str, Any]:
 
 
 class Drill:
-    def __init__(self, options: DrillOptions, cluster: Any = None) -> None:
+    """``pool``: agents the caller runs (and ends), e.g. a ``WorkerAgents`` whose processes it watches; without
+    one, the drill makes the pool ``options.pool`` names and ends it."""
+
+    def __init__(self, options: DrillOptions, cluster: Any = None, pool: AgentPool | None = None) -> None:
+        if options.pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, not {options.pool!r}")
         self.options = options
         self.cluster = cluster
+        self.pool = pool
         self.client_url = options.client_url or cluster.client_url
         self.simulator_url = (options.simulator_url or
                               f"http://127.0.0.1:{cluster.options.simulator_control_port}").rstrip("/")
@@ -117,26 +130,27 @@ class Drill:
 
     async def run(self) -> DrillResult:
         opts = self.options
-        agents = [DrillAgent(self.client_url, line, reconnect_delay=opts.reconnect_delay) for line in self.lines]
-        tasks = []
-        for start in range(0, len(agents), 50):  # connect in waves: a burst of handshakes is its own test
-            batch = agents[start:start + 50]
-            tasks += [asyncio.create_task(a.run()) for a in batch]
-            async with asyncio.timeout(60):
-                await asyncio.gather(*(a.connected.wait() for a in batch))
-        print(f"{len(agents)} agents connected; traffic {opts.cps}/s for {opts.duration:.0f}s, "
-              f"fault '{opts.fault}' at {opts.fault_at:.0f}s", flush=True)
-        fault_task = asyncio.create_task(self._fault_later())
-        await self._traffic()
-        await fault_task
-        await self._settle(agents)
-        truth = parse_truth(await asyncio.to_thread(_get, f"{self.simulator_url}/calls"), self.lines)
-        for agent in agents:
-            agent.stop()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return self._result(agents, truth)
+        with contextlib.ExitStack() as owned:
+            pool = self.pool
+            if pool is None and opts.pool == "workers":
+                from ops.drill.workers import WorkerAgents  # imports bench: only when asked for
+
+                pool = owned.enter_context(WorkerAgents(opts.workers))
+            elif pool is None:
+                pool = InProcessAgents()
+            try:
+                await pool.start(self.client_url, self.lines, opts.reconnect_delay)
+                print(f"{len(self.lines)} agents connected ({type(pool).__name__}); "
+                      f"traffic {opts.cps}/s for {opts.duration:.0f}s, fault '{opts.fault}' at {opts.fault_at:.0f}s",
+                      flush=True)
+                fault_task = asyncio.create_task(self._fault_later())
+                await self._traffic()
+                await fault_task
+                await self._settle(pool)
+                truth = parse_truth(await asyncio.to_thread(_get, f"{self.simulator_url}/calls"), self.lines)
+            finally:
+                logs = await pool.stop()
+        return self._result(logs, truth)
 
     async def _traffic(self) -> None:
         opts = self.options
@@ -168,7 +182,7 @@ class Drill:
             await asyncio.to_thread(self.cluster.kill, "gateway")
             await asyncio.to_thread(self.cluster.restart, "gateway")
 
-    async def _settle(self, agents: list[DrillAgent]) -> None:
+    async def _settle(self, pool: AgentPool) -> None:
         """Let short calls end on their own, then hang up the rest: their ends must reach the agents too."""
         deadline = time.monotonic() + min(20.0, self.options.settle_timeout / 2)
         while time.monotonic() < deadline:
@@ -180,12 +194,12 @@ class Drill:
         deadline = time.monotonic() + self.options.settle_timeout
         while time.monotonic() < deadline:
             live = (await asyncio.to_thread(_get, f"{self.simulator_url}/calls")).get("live", [])
-            if not live and all(a.connected.is_set() for a in agents):
+            if not live and await pool.all_connected():
                 break
             await asyncio.sleep(0.5)
         await asyncio.sleep(2.0)  # let the last events reach the agents
 
-    def _result(self, agents: list[DrillAgent], truth: list[Any]) -> DrillResult:
+    def _result(self, agents: list[AgentLog], truth: list[Any]) -> DrillResult:
         outages = {a.line: [(o.dropped_at, o.ready_at) for o in a.outages] for a in agents}
         owed = [(call, owed_lines(call, outages)) for call in truth]
         unannounced = sum(len(call.lines) - len(lines) for call, lines in owed)
@@ -202,8 +216,8 @@ class Drill:
                 outage.append(o.ready_at - o.dropped_at)
                 if not snapshot_is_correct(o.snapshot_ids, truth, agent.line, o.snapshot_at, call_guid):
                     bad_snapshots.append(agent.line)
-        not_reconnected = [a.line for a in agents if not a.connected.is_set()]
-        affected += len([a for a in agents if not a.connected.is_set() and not a.outages])
+        not_reconnected = [a.line for a in agents if not a.connected]
+        affected += len([a for a in agents if not a.connected and not a.outages])
         seen_by_line = {a.line: a.seen for a in agents}
         return DrillResult(verdicts, reconnect, outage, bad_snapshots, affected, not_reconnected,
                            self.calls_played, self.options.fault, len(agents), unannounced,
@@ -258,12 +272,16 @@ def parse_args(argv: list[str] | None) -> DrillOptions:
     parser.add_argument("--simulator-url", default="", help="that cluster's simulator control URL")
     parser.add_argument("--fault-command", default="", help="shell command that injects the fault remotely")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--pool", choices=POOLS, default="in-process",
+                        help="where the agents run: websockets clients in this process, or lean clients in workers")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes of --pool workers")
     args = parser.parse_args(argv)
     if args.client_url and not args.simulator_url:
         parser.error("--client-url needs --simulator-url (the ground truth)")
     return DrillOptions(agents=args.agents, cps=args.cps, duration=args.duration, fault=args.fault,
                         fault_at=args.fault_at, reconnect_delay=args.reconnect_delay, client_url=args.client_url,
-                        simulator_url=args.simulator_url, fault_command=args.fault_command, seed=args.seed)
+                        simulator_url=args.simulator_url, fault_command=args.fault_command, seed=args.seed,
+                        pool=args.pool, workers=args.workers)
 
 
 def run(options: DrillOptions) -> DrillResult:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from bench.storm import StormRun, storm_agents, storm_figures
 
 
@@ -75,3 +77,11 @@ def test_lines_taken_on_by_the_survivor() -> None:
     assert gained == 100 and seconds == 3.0  # 95 of the 100 new lines were bound at t=4
     assert taken_on(samples, 10.0) is None
     assert taken_on([(0.0, 5.0), (2.0, 5.0)], 1.0) == (0.0, 0.0)
+
+
+def test_drops_back_per_second() -> None:
+    from bench.storm import per_second
+
+    assert per_second([5.2, 4.9, 5.99, 10.5, math.inf]) == {"4": 1, "5": 2, "10": 1, "never": 1}
+    assert list(per_second([12.0, 3.0])) == ["3", "12"]  # in order of time
+    assert per_second([]) == {}
