@@ -298,7 +298,8 @@ class AgentSession:
         self._calls: dict[str, Call] = {}
         #: rule 10: client GUID -> (call state the client was shown, epoch of the snapshot that showed it,
         #: "" when an event announced it)
-        self._announced: OrderedDict[str, tuple[CallState, str]] = OrderedDict()
+        #: (a dict keeps its order: oldest first; made on first use, thousands of sessions per node are idle)
+        self._announced: dict[str, tuple[CallState, str]] | None = None
         #: rule 13: calls whose RING_FINISHED this session sent, client GUID -> the leg's channels; made on the
         #: first end (thousands of sessions per node, most idle)
         self._finished: dict[str, frozenset[str]] | None = None
@@ -640,7 +641,7 @@ class AgentSession:
         uid = self.connection_uid
         self.line = None
         self._calls.clear()
-        self._announced.clear()
+        self._announced = None
         self._finished = None
         self._agent = None
         self._catching_up = False
@@ -904,35 +905,38 @@ class AgentSession:
         What a snapshot showed does not count (rule 10): it may be ahead of the events."""
         if event.type not in (EventType.RING_STARTED, EventType.COMMUTATION_STARTED) or event.call is None:
             return False
-        shown = self._announced.get(cp.call_guid(event.call.id))
+        shown = self._announced.get(cp.call_guid(event.call.id)) if self._announced else None
         if shown is None or shown[0] is not event.call.state:
             return False
         return not shown[1] or _epoch_after(event.epoch, shown[1])
 
     def _shows(self, call: Call) -> bool:
         guid = cp.call_guid(call.id)
-        return guid in self._calls or guid in self._announced
+        return guid in self._calls or (self._announced is not None and guid in self._announced)
 
     def _note_announced(self, event: LineEvent) -> None:
         call = event.call
         assert call is not None
         guid = cp.call_guid(call.id)
         if event.type is EventType.RING_FINISHED or call.state is CallState.FINISHED:
-            self._announced.pop(guid, None)
+            if self._announced:
+                self._announced.pop(guid, None)
             return
         self._remember_shown(guid, call.state, "")
 
     def _remember_shown(self, guid: str, state: CallState, snapshot_epoch: str) -> None:
+        if self._announced is None:
+            self._announced = {}
+        self._announced.pop(guid, None)  # to the end: the newest
         self._announced[guid] = (state, snapshot_epoch)
-        self._announced.move_to_end(guid)
         # calls whose end never reached this session (ended in a gap) must not grow it without bound
         while len(self._announced) > _MAX_ANNOUNCED:
-            self._announced.popitem(last=False)
+            del self._announced[next(iter(self._announced))]
 
     def _shown_in_snapshot(self, calls: Sequence[Call], epoch: str) -> None:
         for call in calls:
             guid = cp.call_guid(call.id)
-            shown = self._announced.get(guid)
+            shown = self._announced.get(guid) if self._announced else None
             if shown is None or shown[0] is not call.state:
                 self._remember_shown(guid, call.state, epoch)
 
@@ -1020,7 +1024,7 @@ class AgentSession:
         line = self.line
         self.line = None
         self._calls.clear()
-        self._announced.clear()
+        self._announced = None
         self._finished = None
         self._agent = None
         self._catching_up = False
