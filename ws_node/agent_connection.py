@@ -342,7 +342,8 @@ class AgentConnection:
                 session.on_snapshot_failed("call state store unavailable, try again shortly")
             return
         if self.session is session:
-            session.on_snapshot(list(snapshot.calls), snapshot.agent, epoch=snapshot.epoch)
+            session.on_snapshot(list(snapshot.calls), snapshot.agent, epoch=snapshot.epoch,
+                                behind=self.hub.feed.behind(line, snapshot))
 
     def request_agent_state(self, session: AgentSession, line: str) -> None:
         background(self._agent_state(session, line))

@@ -77,6 +77,11 @@ Rules, from the client's source (docs/creatio-protocol.md has the details):
     (``ami_gateway.takeover``), and right after a Redis stall a snapshot may be read from a Redis that
     lags what the broker delivered. Either would pop an ended call up again. A new leg of the call on
     this line has a new channel, and rings.
+14. A snapshot the shell read from a store behind the events this session was sent (Redis stalled, or a
+    term fenced before its writes landed) does not take the panel back: calls the session knows from
+    events are shown as the events left them, and calls it was told of after the snapshot's position
+    stay. Otherwise a talking call would show as ringing again, and the next term's restatement of it
+    would be news.
 """
 
 from __future__ import annotations
@@ -402,13 +407,20 @@ class AgentSession:
         for frame in frames:
             send(frame)
 
-    def on_snapshot(self, calls: Sequence[Call], agent: AgentState | None = None, *, epoch: str = "") -> None:
+    def on_snapshot(self, calls: Sequence[Call], agent: AgentState | None = None, *, epoch: str = "",
+                    behind: bool = False) -> None:
         """The line's calls (and, if known, agent state) as read by the shell; ``epoch``: the line's
-        epoch when they were read (rule 10)."""
+        epoch when they were read (rule 10); ``behind``: read from a store that stands behind the events this
+        session was sent (rule 14)."""
         if self.state is not SessionState.OPEN:
             return
-        mine = sorted((c for c in calls if c.line == self.line and c.on_line and not self._ended_here(c)),
-                      key=lambda c: c.started_at)
+        listed = [c for c in calls if c.line == self.line and c.on_line and not self._ended_here(c)]
+        if behind:
+            known = self._calls
+            listed = [known.get(cp.call_guid(c.id), c) for c in listed]
+            have = {cp.call_guid(c.id) for c in listed}
+            listed += [c for guid, c in known.items() if guid not in have]
+        mine = sorted(listed, key=lambda c: c.started_at)
         self._calls = {cp.call_guid(c.id): c for c in mine}
         self._shown_in_snapshot(mine, epoch)
         self._send(cp.snapshot_frame(mine, self.current_call, self.connection_uid))

@@ -642,17 +642,21 @@ class LineFeed:
         pause = 0.001
         while True:
             snapshot = await self.reader.snapshot(line)
-            delivered = self.router.position(line)
-            at = snapshot.position
-            if delivered is None or at.epoch != delivered.epoch or at >= delivered:
+            if not self.behind(line, snapshot):
                 return snapshot
             if time.monotonic() >= deadline:
                 HISTORY_WAIT_TIMEOUTS.inc()
                 log.warning("line %s: snapshot served at %s, behind %s delivered (Redis lags the broker)",
-                            line, at, delivered)
+                            line, snapshot.position, self.router.position(line))
                 return snapshot
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.02)
+
+    def behind(self, line: str, snapshot: LineSnapshot) -> bool:
+        """Whether ``snapshot`` stands behind what this node delivered on ``line`` in the same epoch."""
+        delivered = self.router.position(line)
+        at = snapshot.position
+        return delivered is not None and at.epoch == delivered.epoch and at < delivered
 
     def _settle_later(self, lines: Sequence[str]) -> None:
         """Look at ``lines`` once more in ``settle_seconds``. The gateway writes Redis beside the publish:

@@ -174,8 +174,10 @@ def test_a_tabs_snapshot_waits_for_redis_to_reach_what_the_node_delivered(infra:
             ended_at = tab.events[0].position
             stale = await feed.reader.snapshot("704")
             assert stale.position < ended_at and [c.id for c in stale.calls] == ["call-1"]  # the race is there
+            assert feed.behind("704", stale)  # what a tab is told along with such a snapshot (session rule 14)
             snapshot = await feed.snapshot("704")
             assert snapshot.position >= ended_at and snapshot.calls == ()
+            assert not feed.behind("704", snapshot)
         finally:
             await _stop(drain)
             await outbox.close()

@@ -127,3 +127,28 @@ def test_an_end_of_a_call_the_client_does_not_show_is_not_sent() -> None:
     session.on_line_event(LineEvent(line=LINE, type=EventType.RING_FINISHED, call=stranger, epoch="200", seq=3))
     assert env.take() == []
     assert session.calls == []
+
+
+def test_a_snapshot_behind_the_events_does_not_take_the_panel_back() -> None:
+    """Rule 14 (chaos redis-stall: the term was fenced before its write of the answer landed; the snapshot after
+    the stall showed the talking call ringing, and the next term's restatement of the answer reached the panel
+    as news: a second COMMUTATION_STARTED)."""
+    ringing = make_call()
+    session, env = opened()
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_STARTED, call=ringing, epoch="100", seq=1))
+    answered = ringing.evolve(state=CallState.CONNECTED)
+    session.on_line_event(LineEvent(line=LINE, type=EventType.COMMUTATION_STARTED, call=answered, epoch="100", seq=2))
+    newer = make_call(id="b2", linked_id="b2", channel="PJSIP/101-3")
+    session.on_line_event(LineEvent(line=LINE, type=EventType.RING_STARTED, call=newer, epoch="100", seq=3))
+    env.take()
+    session.on_snapshot([ringing], epoch="100", behind=True)  # the store still at seq 1
+    (snapshot,) = [m for m in env.take() if m["eventType"] == 10]
+    shown = {c["id"]: c["state"] for c in content(snapshot)["ActiveCalls"]}
+    assert shown == {cp.call_guid("a1"): 2, cp.call_guid("b2"): 1}  # talking, and the newer call still ringing
+    # the next term restates the answered call: not news
+    session.on_line_event(LineEvent(line=LINE, type=EventType.COMMUTATION_STARTED, call=answered, epoch="200", seq=1))
+    assert env.take() == []
+    # a snapshot that is not behind is taken as it is
+    session.on_snapshot([answered], epoch="200")
+    (snapshot,) = [m for m in env.take() if m["eventType"] == 10]
+    assert [c["id"] for c in content(snapshot)["ActiveCalls"]] == [cp.call_guid("a1")]
