@@ -118,6 +118,7 @@ from services.wire import (
     NoArgs,
     PauseArgs,
     RecordOwnerArgs,
+    StreamPosition,
     TransferArgs,
     TransferPairArgs,
     WrapUpArgs,
@@ -920,7 +921,8 @@ class AgentSession:
         shown = self._announced.get(cp.call_guid(event.call.id)) if self._announced else None
         if shown is None or shown[0] is not event.call.state:
             return False
-        return not shown[1] or _epoch_after(event.epoch, shown[1])
+        # an unknown epoch on either side counts as later: the conservative answer for rule 10 is silence
+        return not shown[1] or not event.epoch or event.position.newer_epoch_than(StreamPosition(shown[1]))
 
     def _shows(self, call: Call) -> bool:
         guid = cp.call_guid(call.id)
@@ -1054,17 +1056,6 @@ def _restatement(event: LineEvent) -> bool:
         return 0 < event.call.started_at * 1000 < int(event.epoch)
     except ValueError:
         return False
-
-
-def _epoch_after(epoch: str, other: str) -> bool:
-    """Whether line epoch ``epoch`` is later than ``other`` (epochs are milliseconds, strictly growing);
-    an unknown epoch on either side counts as later (the conservative answer for rule 10: silent)."""
-    if not epoch or not other:
-        return True
-    try:
-        return int(epoch) > int(other)
-    except ValueError:
-        return epoch > other
 
 
 def _get_ci(obj: Any, key: str) -> Any:
