@@ -65,6 +65,12 @@ CATCH_UPS = Counter(
     "Lines claimed by an agent, by what its gap since it last left looked like",
     ["outcome"],
 )
+SNAPSHOTS_REUSED = Counter(
+    "cms_node_snapshots_reused_total",
+    "Snapshot queries answered with the snapshot read when the line was claimed (no event on the line since)",
+)
+#: how long the claim's snapshot may answer the panel's first query (Creatio asks at once after CONNECTION_CREATED)
+CLAIM_SNAPSHOT_SECONDS = 2.0
 REPLAYED_EVENTS = Counter("cms_node_replayed_events_total", "Missed call events replayed to reconnecting agents")
 SHARED_LINE_CLAIMS = Counter(
     "cms_node_shared_line_claims_total", "Lines claimed by a Creatio user while another user held them"
@@ -130,7 +136,7 @@ class AgentConnection:
     # A node holds thousands of these: no per-instance dict, and the backlog exists only while
     # the client is not reading.
     __slots__ = ("hub", "sink", "transport", "conn_id", "session", "_lines", "_agents", "_paused", "_closing",
-                 "_backlog", "_claims", "_command_lock")
+                 "_backlog", "_claims", "_command_lock", "_claim_snapshot")
 
     def __init__(self, hub: ConnectionHub, sink: FrameSink, transport: str) -> None:
         self.hub = hub
@@ -147,6 +153,10 @@ class AgentConnection:
         #: line -> this connection's entry in the line's holder set
         self._claims: dict[str, str] = {}
         self._command_lock: asyncio.Lock | None = None
+        #: (line, monotonic time, snapshot) read when the line was claimed: the panel's own snapshot query comes
+        #: right after, and nothing on the line since means it is still the answer (one Redis read fewer for
+        #: every agent that connects; a reconnect storm is thousands at once)
+        self._claim_snapshot: tuple[str, float, LineSnapshot] | None = None
         hub.connections.add(self)
         CLIENTS.labels(transport=transport).inc()
 
@@ -257,6 +267,7 @@ class AgentConnection:
             await self._check_holders(agent, warn=admitted in ("shared", "assigned"))
         if self.session is not session or line not in self._lines:
             return
+        self._claim_snapshot = (line, time.monotonic(), snapshot)
         session.on_claimed(list(snapshot.calls), missed, epoch=snapshot.epoch)
         REPLAYED_EVENTS.inc(session.replayed)
         if agent is not None:
@@ -325,6 +336,7 @@ class AgentConnection:
             self.hub.delivery_log.detach(agent)
 
     def release_line(self, session: AgentSession, line: str) -> None:
+        self._claim_snapshot = None
         if line in self._lines:
             self._lines.discard(line)
             self._forget(line)
@@ -333,7 +345,25 @@ class AgentConnection:
     def request_snapshot(self, session: AgentSession, line: str) -> None:
         background(self._snapshot(session, line))
 
+    def _unchanged_claim_snapshot(self, line: str) -> LineSnapshot | None:
+        """The snapshot read when ``line`` was claimed, if it is recent and no event of the line reached this node
+        since (taken once)."""
+        claimed, self._claim_snapshot = self._claim_snapshot, None
+        if claimed is None:
+            return None
+        claimed_line, at, snapshot = claimed
+        if (claimed_line != line or time.monotonic() - at > CLAIM_SNAPSHOT_SECONDS
+                or self.hub.feed.router.position(line) != snapshot.position):
+            return None
+        return snapshot
+
     async def _snapshot(self, session: AgentSession, line: str) -> None:
+        reused = self._unchanged_claim_snapshot(line)
+        if reused is not None:
+            SNAPSHOTS_REUSED.inc()
+            if self.session is session:
+                session.on_snapshot(list(reused.calls), reused.agent, epoch=reused.epoch)
+            return
         try:
             snapshot = await self.hub.feed.snapshot(line)
         except Exception as exc:

@@ -18,6 +18,7 @@ from local_cluster.infra import Infrastructure
 from local_cluster.launcher import ClusterOptions, LocalCluster, http_get
 from tests.support.creatio_client import (
     ABONENT_BUSY,
+    ACTIVE_CALL_SNAPSHOT,
     AGENT_STATE_CHANGED,
     COMMUTATION_STARTED,
     DTMF_ENTERED,
@@ -323,6 +324,36 @@ def test_call_centre_commands_and_agent_state(cluster: LocalCluster) -> None:
 
 
 # ---- commands on a live call ------------------------------------------------------------------------------
+
+
+def test_the_panels_first_snapshot_is_the_one_read_at_the_claim_and_later_ones_are_read_again(
+    cluster: LocalCluster,
+) -> None:
+    """The panel asks for the snapshot right after CONNECTION_CREATED; with nothing on the line since the claim,
+    the node answers with the snapshot it read then (one Redis read fewer per connecting agent)."""
+
+    async def main() -> None:
+        first = await opened(cluster, "453")  # the call is placed before the agent under test opens the line
+        mark = len(first.events)
+        await play(cluster, "inbound-direct-long", line="453", caller=CALLER)
+        talk = obj(await first.wait_for(COMMUTATION_STARTED, after=mark, timeout=15))
+        await first.close()
+        reused = metric(cluster, "cms_node_snapshots_reused_total")
+        agent = CreatioAgent(cluster.client_url, "453")
+        await agent.connect()
+        try:
+            snapshot = await agent.open()
+            assert [c["id"] for c in calls_in_snapshot(snapshot)] == [talk["id"]]
+            assert metric(cluster, "cms_node_snapshots_reused_total") == reused + 1
+            before = len(agent.events)
+            await agent.send("QueryActiveCallSnapshot")
+            again = await agent.wait_for(ACTIVE_CALL_SNAPSHOT, after=before, timeout=10)
+            assert [c["id"] for c in calls_in_snapshot(again)] == [talk["id"]]
+            assert metric(cluster, "cms_node_snapshots_reused_total") == reused + 1  # read from Redis this time
+        finally:
+            await agent.close()
+
+    asyncio.run(main())
 
 
 def test_commands_on_a_live_call(cluster: LocalCluster) -> None:
