@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import websockets
 
-from ops.drill.swarm import Outage
+from ops.drill.swarm import Outage, decode_frame
 from services.tasks import background
 from ws_node.creatio_protocol import MsgEventType
 
@@ -207,14 +207,7 @@ class ChaosAgent:
         return events
 
     def _record(self, text: str, now: float) -> int:
-        envelope = json.loads(text)
-        event_type = int(envelope.get("eventType", 0))
-        content = envelope.get("content")
-        if isinstance(content, str):
-            try:
-                content = json.loads(content)
-            except ValueError:
-                pass
+        _, event_type, content = decode_frame(text)
         if event_type == MsgEventType.ACTIVE_CALL_SNAPSHOT:
             ids = []
             for call in (content or {}).get("ActiveCalls") or []:

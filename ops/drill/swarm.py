@@ -34,6 +34,19 @@ CALL_EVENTS = frozenset({5, 6, 7, 8, 9, 13, 17})
 MAX_BACKOFF = 30.0
 
 
+def decode_frame(frame: str | bytes) -> tuple[dict[str, Any], int, Any]:
+    """A Creatio frame from the server: its envelope, its event type, and its content (decoded when it is JSON
+    carried in a string, as Creatio's events are)."""
+    envelope = json.loads(frame)
+    content = envelope.get("content")
+    if isinstance(content, str):
+        try:
+            content = json.loads(content)
+        except ValueError:
+            pass
+    return envelope, int(envelope.get("eventType", 0)), content
+
+
 @dataclass(slots=True)
 class Outage:
     dropped_at: float
@@ -113,14 +126,7 @@ class AgentLog:
     def record(self, frame: str | bytes) -> tuple[dict[str, Any], Any]:
         """One frame from the server: its envelope and its content (decoded when it is JSON in a string)."""
         self.frames += 1
-        envelope = json.loads(frame)
-        content = envelope.get("content")
-        if isinstance(content, str):
-            try:
-                content = json.loads(content)
-            except ValueError:
-                pass
-        event_type = int(envelope.get("eventType", 0))
+        envelope, event_type, content = decode_frame(frame)
         if event_type in CALL_EVENTS and isinstance(content, dict):
             self._note(content, event_type)
         return envelope, content
