@@ -333,13 +333,13 @@ def test_the_panels_first_snapshot_is_the_one_read_at_the_claim_and_later_ones_a
     the node answers with the snapshot it read then (one Redis read fewer per connecting agent)."""
 
     async def main() -> None:
-        first = await opened(cluster, "453")  # the call is placed before the agent under test opens the line
+        first = await opened(cluster, "461")  # the call is placed before the agent under test opens the line
         mark = len(first.events)
-        await play(cluster, "inbound-direct-long", line="453", caller=CALLER)
+        await play(cluster, "inbound-direct-long", line="461", caller=CALLER)
         talk = obj(await first.wait_for(COMMUTATION_STARTED, after=mark, timeout=15))
         await first.close()
         reused = metric(cluster, "cms_node_snapshots_reused_total")
-        agent = CreatioAgent(cluster.client_url, "453")
+        agent = CreatioAgent(cluster.client_url, "461")
         await agent.connect()
         try:
             snapshot = await agent.open()
@@ -350,6 +350,9 @@ def test_the_panels_first_snapshot_is_the_one_read_at_the_claim_and_later_ones_a
             again = await agent.wait_for(ACTIVE_CALL_SNAPSHOT, after=before, timeout=10)
             assert [c["id"] for c in calls_in_snapshot(again)] == [talk["id"]]
             assert metric(cluster, "cms_node_snapshots_reused_total") == reused + 1  # read from Redis this time
+            mark = len(agent.events)
+            await agent.call_command("DropCall", talk)  # the module's cluster is shared: leave the line idle
+            await agent.wait_for(RING_FINISHED, after=mark, timeout=10)
         finally:
             await agent.close()
 
