@@ -71,8 +71,9 @@ Rules, from the client's source (docs/creatio-protocol.md has the details):
 12. ProcessLogs / SetLogFilePath (Creatio: "start processing logs", "the file from which logs will be
     processed", i.e. CMS replaying a recorded PBX log) are refused with ERROR(4), open or not: a browser
     must not make the cluster replay calls, and nothing a client sends is written to a file.
-13. A call ends once. After this session sent a leg's RING_FINISHED, nothing more of that leg (same call
-    id, one of its channels) is sent, and a snapshot that still lists it leaves it out: a takeover
+13. A call ends once. After this session sent a leg's RING_FINISHED, nothing more of that leg's story (ring,
+    answer, hold, busy, end, info; same call id, one of its channels) is sent, and a snapshot that still lists
+    it leaves it out (its record's CALL_SAVED, which often comes after the end, still goes): a takeover
     without an earlier term publishes whole the calls it cannot prove were published
     (``ami_gateway.takeover``), and right after a Redis stall a snapshot may be read from a Redis that
     lags what the broker delivered. Either would pop an ended call up again. A new leg of the call on
@@ -260,6 +261,8 @@ _ABOUT_A_SHOWN_CALL = frozenset({
     EventType.RING_FINISHED, EventType.ABONENT_BUSY, EventType.HOLD_STARTED, EventType.HOLD_ENDED,
     EventType.CALL_INFO_CHANGED,
 })
+#: rule 13: what a call goes through, which ends with its RING_FINISHED (its record's CALL_SAVED may come after)
+_A_CALLS_STORY = _ABOUT_A_SHOWN_CALL | {EventType.RING_STARTED, EventType.COMMUTATION_STARTED}
 #: rule 10: announced calls remembered per session (a line has a handful of live calls)
 _MAX_ANNOUNCED = 64
 #: rule 13: ended calls remembered per session (a repeat comes within seconds of the end: a takeover's
@@ -391,7 +394,7 @@ class AgentSession:
             if not self.call_centre_enabled:
                 return
         elif event.call is not None:
-            if self._ended_here(event.call):
+            if event.type in _A_CALLS_STORY and self._ended_here(event.call):
                 return  # rule 13: a call published again after its end (a takeover), or a late repeat
             if event.type in _ABOUT_A_SHOWN_CALL and not self._shows(event.call):
                 # The client has no such call (it ended here already, or was never shown): an end, hold or
