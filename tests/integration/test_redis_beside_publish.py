@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import pytest
 import redis.asyncio as aioredis
@@ -66,19 +67,43 @@ def _feed(infra: Infrastructure, topology: Topology, node_redis: aioredis.Redis)
                     redis_timeout_seconds=3.0)
 
 
+@dataclass
+class _Pipeline:
+    """A gateway's outbox (its writer late on demand) and a node's feed, over the real services."""
+
+    writer: LateWriter
+    sequencer: Sequencer
+    outbox: EventOutbox
+    feed: LineFeed
+
+
+@contextlib.asynccontextmanager
+async def _pipeline(infra: Infrastructure, prefix: str, **outbox_options: int) -> AsyncIterator[_Pipeline]:
+    topology = Topology(prefix)
+    redis_client = aioredis.from_url(infra.redis_url)
+    node_redis = aioredis.from_url(infra.redis_url, socket_timeout=2.0)
+    writer = LateWriter(redis_client, prefix, delay=0.0)
+    sequencer = Sequencer(await writer.new_epoch())
+    outbox = EventOutbox(writer, EventPublisher(infra.amqp_url, topology), sequencer, **outbox_options)
+    feed = _feed(infra, topology, node_redis)
+    drain = asyncio.create_task(outbox.run())
+    try:
+        yield _Pipeline(writer, sequencer, outbox, feed)
+    finally:
+        await _stop(drain)
+        await outbox.close()
+        await feed.stop()
+        await _cleanup(infra, prefix, redis_client)
+        await redis_client.aclose()
+        await node_redis.aclose()
+
+
 def test_a_new_epoch_that_reaches_the_node_before_redis_is_waited_for_and_delivered_once_in_order(
     infra: Infrastructure, prefix: str
 ) -> None:
     async def main() -> None:
-        topology = Topology(prefix)
-        redis_client = aioredis.from_url(infra.redis_url)
-        node_redis = aioredis.from_url(infra.redis_url, socket_timeout=2.0)
-        writer = LateWriter(redis_client, prefix, delay=0.0)
-        sequencer = Sequencer(await writer.new_epoch())
-        outbox = EventOutbox(writer, EventPublisher(infra.amqp_url, topology), sequencer, batch_size=4, window=4)
-        feed = _feed(infra, topology, node_redis)
-        drain = asyncio.create_task(outbox.run())
-        try:
+        async with _pipeline(infra, prefix, batch_size=4, window=4) as p:
+            writer, sequencer, outbox, feed = p.writer, p.sequencer, p.outbox, p.feed
             # An earlier term left history on the line (a restart over an old namespace).
             outbox.put([_event("701", n) for n in range(1, 4)])
             assert await outbox.wait_idle(10)
@@ -100,13 +125,6 @@ def test_a_new_epoch_that_reaches_the_node_before_redis_is_waited_for_and_delive
             assert _positions(tab.events) == [(new_epoch, n) for n in range(1, 31)]
             assert tab.resyncs == []
             assert (REGISTRY.get_sample_value("cms_node_history_wait_timeouts_total") or 0.0) == timeouts  # briefly
-        finally:
-            await _stop(drain)
-            await outbox.close()
-            await feed.stop()
-            await _cleanup(infra, prefix, redis_client)
-            await redis_client.aclose()
-            await node_redis.aclose()
 
     asyncio.run(main())
 
@@ -115,15 +133,8 @@ def test_a_ring_routed_before_the_bind_and_stored_after_the_snapshot_reaches_the
     infra: Infrastructure, prefix: str
 ) -> None:
     async def main() -> None:
-        topology = Topology(prefix)
-        redis_client = aioredis.from_url(infra.redis_url)
-        node_redis = aioredis.from_url(infra.redis_url, socket_timeout=2.0)
-        writer = LateWriter(redis_client, prefix, delay=0.0)
-        sequencer = Sequencer(await writer.new_epoch())
-        outbox = EventOutbox(writer, EventPublisher(infra.amqp_url, topology), sequencer)
-        feed = _feed(infra, topology, node_redis)
-        drain = asyncio.create_task(outbox.run())
-        try:
+        async with _pipeline(infra, prefix) as p:
+            writer, sequencer, outbox, feed = p.writer, p.sequencer, p.outbox, p.feed
             outbox.put([_event("999", 0)])  # the exchange exists
             assert await outbox.wait_idle(10)
             await feed.start()
@@ -136,13 +147,6 @@ def test_a_ring_routed_before_the_bind_and_stored_after_the_snapshot_reaches_the
             assert snapshot.calls == () and tab.events == []  # bound after the publish, read before the write
             await _until(lambda: len(tab.events) == 1, 5, what="the ring from the node's second look")
             assert _positions(tab.events) == [(sequencer.epoch, 1)] and tab.resyncs == []
-        finally:
-            await _stop(drain)
-            await outbox.close()
-            await feed.stop()
-            await _cleanup(infra, prefix, redis_client)
-            await redis_client.aclose()
-            await node_redis.aclose()
 
     asyncio.run(main())
 
@@ -153,15 +157,8 @@ def test_a_tabs_snapshot_waits_for_redis_to_reach_what_the_node_delivered(infra:
     what it delivered."""
 
     async def main() -> None:
-        topology = Topology(prefix)
-        redis_client = aioredis.from_url(infra.redis_url)
-        node_redis = aioredis.from_url(infra.redis_url, socket_timeout=2.0)
-        writer = LateWriter(redis_client, prefix, delay=0.0)
-        sequencer = Sequencer(await writer.new_epoch())
-        outbox = EventOutbox(writer, EventPublisher(infra.amqp_url, topology), sequencer)
-        feed = _feed(infra, topology, node_redis)
-        drain = asyncio.create_task(outbox.run())
-        try:
+        async with _pipeline(infra, prefix) as p:
+            writer, outbox, feed = p.writer, p.outbox, p.feed
             outbox.put([_event("704", 1)])
             assert await outbox.wait_idle(10)
             await feed.start()
@@ -178,13 +175,6 @@ def test_a_tabs_snapshot_waits_for_redis_to_reach_what_the_node_delivered(infra:
             snapshot = await feed.snapshot("704")
             assert snapshot.position >= ended_at and snapshot.calls == ()
             assert not feed.behind("704", snapshot)
-        finally:
-            await _stop(drain)
-            await outbox.close()
-            await feed.stop()
-            await _cleanup(infra, prefix, redis_client)
-            await redis_client.aclose()
-            await node_redis.aclose()
 
     asyncio.run(main())
 
