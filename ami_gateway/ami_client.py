@@ -292,7 +292,10 @@ class AmiClient:
                 if self._stopping:
                     log.info("AMI session to %s:%s closed", self._host, self._port)
                 else:
-                    AMI_DISCONNECTS.labels(reason="connect" if self.session is None else "lost").inc()
+                    # never logged in: a PBX that refuses the connection, or a port that accepts and closes
+                    # (not Asterisk's manager) is the same "cannot connect" to the admin
+                    never_in = self.session is None or not self.session.logged_in
+                    AMI_DISCONNECTS.labels(reason="connect" if never_in else "lost").inc()
                     log.warning("AMI connection to %s:%s lost: %s", self._host, self._port, exc)
             finally:
                 self.ready.clear()
@@ -355,6 +358,8 @@ class AmiClient:
         finally:
             if not read_task.done():
                 read_task.cancel()
+            elif not read_task.cancelled():
+                read_task.exception()  # the read loop's end is this session's end, reported above; not an orphan
             session.close()
             session.closed.set()
 

@@ -495,12 +495,47 @@ def test_an_ami_login_refused_is_reported_quickly_with_the_manager_conf_hint(
 
 
 def test_a_pbx_that_does_not_answer_is_named(launch: Callable[..., Launch], tmp_path: Path) -> None:
-    closed = free_port()
-    path = _write(tmp_path, json.dumps({"Asterisk": {"url": "127.0.0.1", "port": str(closed), "userName": "cms",
-                                                     "secret": "x"}}))
-    one = launch("--config", str(path))
-    assert one.finish(timeout=60) != 0
+    # Held bound, never listening, for the whole test: a connection to it is refused, and nothing else (the
+    # launcher's own --auto-ports among them: CI once gave HAProxy this very port) can take it meanwhile.
+    with socket.socket() as reserved:
+        reserved.bind(("127.0.0.1", 0))
+        closed = reserved.getsockname()[1]
+        path = _write(tmp_path, json.dumps({"Asterisk": {"url": "127.0.0.1", "port": str(closed),
+                                                         "userName": "cms", "secret": "x"}}))
+        one = launch("--config", str(path))
+        assert one.finish(timeout=60) != 0
     assert f"AMI at 127.0.0.1:{closed} does not answer" in one.err, one.err
+
+
+def test_a_port_that_accepts_and_closes_is_named_like_one_that_does_not_answer(
+    launch: Callable[..., Launch], tmp_path: Path
+) -> None:
+    """Asterisk.port pointing at something that is not Asterisk's manager (it accepts, then hangs up): the
+    gateway never logs in, which is "cannot connect" to the admin, named at start like a closed port."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        port = server.getsockname()[1]
+        stop = threading.Event()
+
+        def hang_up() -> None:
+            server.settimeout(0.2)
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    conn, _ = server.accept()
+                    conn.close()
+
+        thread = threading.Thread(target=hang_up, daemon=True)
+        thread.start()
+        try:
+            path = _write(tmp_path, json.dumps({"Asterisk": {"url": "127.0.0.1", "port": str(port),
+                                                             "userName": "cms", "secret": "x"}}))
+            one = launch("--config", str(path))
+            assert one.finish(timeout=60) != 0
+        finally:
+            stop.set()
+            thread.join(2)
+    assert f"AMI at 127.0.0.1:{port} does not answer" in one.err, one.err
 
 
 def test_the_cluster_block_is_honoured(launch: Callable[..., Launch], infra: Infrastructure, tmp_path: Path) -> None:
