@@ -30,11 +30,14 @@ class BoundedHTTPChannel(_HTTPChannel):  # type: ignore[misc]
     def __init__(self, deadline_seconds: float = 10.0) -> None:
         super().__init__()
         self.deadline_seconds = deadline_seconds
+        #: what is left of the first request's deadline when the connection was opened elsewhere
+        #: (``front_door.py`` read the head before handing the connection over)
+        self.first_deadline: float | None = None
         self._deadline: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._arm()
+        self._arm(self.first_deadline)
 
     def dataReceived(self, data: bytes) -> None:
         if self._deadline is None and not self._handlingRequest:
@@ -49,9 +52,9 @@ class BoundedHTTPChannel(_HTTPChannel):  # type: ignore[misc]
         self._disarm()
         super().connectionLost(reason)
 
-    def _arm(self) -> None:
+    def _arm(self, seconds: float | None = None) -> None:
         if self.deadline_seconds > 0:
-            self._deadline = self.callLater(self.deadline_seconds, self._expired)
+            self._deadline = self.callLater(seconds if seconds is not None else self.deadline_seconds, self._expired)
 
     def _disarm(self) -> None:
         call, self._deadline = self._deadline, None

@@ -2,6 +2,8 @@
 
 * ``/health`` (for HAProxy), ``/metrics`` (for Prometheus), ``/console`` and ``/static`` (the agent
   console page), ``/status`` (the operator's cluster status page, ``status_page.py``).
+* The node listens with ``front_door.py``: a plain agent upgrade goes to Autobahn without this
+  module; any request it leaves to twisted.web is served here, upgrades included.
 * Every other path is the agent endpoint, because Creatio's client takes the server URL
   verbatim and builds the rest from it: ``ws://host:2013`` opens a raw WebSocket at ``/``;
   ``http://host:2013[/any/hub/path]`` makes Microsoft's SignalR client ``POST
@@ -26,6 +28,7 @@ from twisted.web.server import Request, Site
 from twisted.web.static import File
 
 from ws_node.admission import AdmissionPolicy, admit, origin_allowed
+from ws_node.front_door import FrontDoorFactory
 from ws_node.http_deadline import BoundedHTTPChannel
 from ws_node.signalr_token import ConnectionTokens
 
@@ -216,3 +219,19 @@ def build_site(
     site_any: Any = site
     site_any.protocol = functools.partial(BoundedHTTPChannel, request_deadline)
     return site
+
+
+def build_front_door(
+    ws_factory: Any,
+    health: Callable[[], tuple[bool, dict[str, Any]]],
+    negotiate: NegotiateResource,
+    *,
+    idle_timeout: float = 30.0,
+    status: Resource | None = None,
+    request_deadline: float = 10.0,
+) -> FrontDoorFactory:
+    """What the node listens with: agent upgrades straight to ``ws_factory``, the rest to :func:`build_site`."""
+    site = build_site(ws_factory, health, negotiate, idle_timeout=idle_timeout, status=status,
+                      request_deadline=request_deadline)
+    root: Any = site.resource
+    return FrontDoorFactory(ws_factory, site, reserved=list(root.children), request_deadline=request_deadline)
