@@ -106,6 +106,12 @@ class DeliveryStore(Protocol):
         """Set ``agent.user``'s holder entry on the line to ``stamp``; returns every entry as it was before."""
         ...
 
+    async def read_and_claim(
+        self, agent: AgentKey, *, stamp: str, holder_ttl: int
+    ) -> tuple[StreamPosition | None, dict[str, str]]:
+        """:meth:`read` and :meth:`claim` in one round trip (an agent opening a line needs both)."""
+        ...
+
 
 class RedisDeliveryStore(DeliveryStore):
     """Delivery records as ``P:delivered:L:U[:T]`` strings, holders as the ``P:line:L:holders`` hash."""
@@ -123,16 +129,11 @@ class RedisDeliveryStore(DeliveryStore):
     def _holders_key(self, line: str) -> str:
         return f"{self._prefix}:line:{line}:holders"
 
+    def _record_keys(self, agent: AgentKey) -> list[str]:
+        return [self._tab_key(agent), self._user_key(agent)] if agent.tab else [self._user_key(agent)]
+
     async def read(self, agent: AgentKey) -> StreamPosition | None:
-        keys = [self._user_key(agent)]
-        if agent.tab:
-            keys.insert(0, self._tab_key(agent))
-        values = await self._redis.mget(keys)
-        for value in values:
-            position = StreamPosition.decode(value)
-            if position is not None:
-                return position
-        return None
+        return _first_position(await self._redis.mget(self._record_keys(agent)))
 
     async def write(self, batch: Sequence[DeliveryWrite], *, ttl: int, holder_ttl: int, stamp: str) -> None:
         pipe = self._redis.pipeline(transaction=False)
@@ -159,6 +160,26 @@ class RedisDeliveryStore(DeliveryStore):
         pipe.expire(key, holder_ttl)
         holders, _, _ = await pipe.execute()
         return {_text(user): _text(seen) for user, seen in holders.items()}
+
+    async def read_and_claim(
+        self, agent: AgentKey, *, stamp: str, holder_ttl: int
+    ) -> tuple[StreamPosition | None, dict[str, str]]:
+        key = self._holders_key(agent.line)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.mget(self._record_keys(agent))
+        pipe.hgetall(key)
+        pipe.hset(key, agent.user, stamp)
+        pipe.expire(key, holder_ttl)
+        values, holders, _, _ = await pipe.execute()
+        return _first_position(values), {_text(user): _text(seen) for user, seen in holders.items()}
+
+
+def _first_position(values: Sequence[bytes | str | None]) -> StreamPosition | None:
+    for value in values:
+        position = StreamPosition.decode(value)
+        if position is not None:
+            return position
+    return None
 
 
 def _text(value: bytes | str) -> str:
@@ -264,19 +285,29 @@ class DeliveryLog:
 
     # ---- reads -------------------------------------------------------------------------------
 
+    def _just_left(self, agent: AgentKey) -> StreamPosition | None:
+        """Where ``agent`` stood if it left this node a moment ago (its record's write may still be pending)."""
+        return self._positions.get(agent) if agent not in self._live else None
+
     async def last(self, agent: AgentKey) -> StreamPosition | None:
         """Where ``agent`` stood: its tab's record, else its user's record on that line."""
-        local = self._positions.get(agent)
-        if local is not None and agent not in self._live:
-            return local  # it left this node a moment ago; the write may still be pending
-        return await self._store.read(agent)
+        local = self._just_left(agent)
+        return local if local is not None else await self._store.read(agent)
 
-    async def claim(self, agent: AgentKey) -> list[str]:
-        """Mark ``agent.user`` as holding the line; returns the *other* users seen on it lately."""
+    async def arrive(self, agent: AgentKey) -> tuple[StreamPosition | None, list[str]]:
+        """An agent opens its line here: where it stood (:meth:`last`) and the *other* users seen on the line
+        lately; ``agent.user`` is marked as holding it. One round trip."""
         if not agent.user:
-            return []
+            return await self.last(agent), []  # anonymous: not a holder
         now = self._clock()
-        holders = await self._store.claim(agent, stamp=f"{now:.0f}", holder_ttl=int(self.holder_window * 2))
+        stamp, holder_ttl = f"{now:.0f}", int(self.holder_window * 2)
+        local = self._just_left(agent)
+        if local is not None:
+            return local, self._others(agent, await self._store.claim(agent, stamp=stamp, holder_ttl=holder_ttl), now)
+        last, holders = await self._store.read_and_claim(agent, stamp=stamp, holder_ttl=holder_ttl)
+        return last, self._others(agent, holders, now)
+
+    def _others(self, agent: AgentKey, holders: dict[str, str], now: float) -> list[str]:
         others = []
         for user, raw_seen in holders.items():
             try:

@@ -61,6 +61,11 @@ class MemoryDeliveryStore(DeliveryStore):
         self._holders[agent.line] = (holders, now + holder_ttl)
         return before
 
+    async def read_and_claim(
+        self, agent: AgentKey, *, stamp: str, holder_ttl: int
+    ) -> tuple[StreamPosition | None, dict[str, str]]:
+        return await self.read(agent), await self.claim(agent, stamp=stamp, holder_ttl=holder_ttl)
+
     def _live_holders(self, line: str, now: float) -> dict[str, str]:
         """The line's holder set, a new empty one if it expired (as the Redis hash key would have)."""
         entry = self._holders.get(line)

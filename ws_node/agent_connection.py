@@ -44,7 +44,7 @@ from services.infra_metrics import EVENT_LATENCY_BUCKETS
 from services.line_access import SecurityConfig, Verdict, decide
 from services.line_state import HistoryUnavailable, LineSnapshot
 from services.tasks import background
-from services.wire import Command, CommandResult, LineEvent, WireError
+from services.wire import Command, CommandResult, LineEvent, StreamPosition, WireError
 from ws_node.admission import CommandLimiter
 from ws_node.agent_session import AgentSession, FrameMemo, SessionOptions
 from ws_node.command_quota import CommandQuota
@@ -263,8 +263,7 @@ class AgentConnection:
             return
         missed: list[LineEvent] = []
         if agent is not None:
-            missed = await self._missed(agent, snapshot)
-            await self._check_holders(agent, warn=admitted in ("shared", "assigned"))
+            missed = await self._arrive(agent, snapshot, warn=admitted in ("shared", "assigned"))
         if self.session is not session or line not in self._lines:
             return
         self._claim_snapshot = (line, time.monotonic(), snapshot)
@@ -279,10 +278,28 @@ class AgentConnection:
             if delivered is not None and delivered.epoch:
                 self.hub.delivery_log.note(agent, delivered)
 
-    async def _missed(self, agent: AgentKey, snapshot: LineSnapshot) -> list[LineEvent]:
-        """The line's events between where ``agent`` last stood and ``snapshot``."""
+    async def _arrive(self, agent: AgentKey, snapshot: LineSnapshot, *, warn: bool) -> list[LineEvent]:
+        """The line's events between where ``agent`` last stood and ``snapshot``. The user is noted in the
+        delivery log's holders (same round trip); on a line several users may hold, says so when another
+        one is there (first come has already refused a second user elsewhere)."""
         try:
-            last = await self.hub.delivery_log.last(agent)
+            last, others = await self.hub.delivery_log.arrive(agent)
+        except (OSError, aioredis.RedisError, WireError) as exc:
+            return self._catch_up_failed(agent, exc)
+        if others and warn:
+            SHARED_LINE_CLAIMS.inc()
+            log.warning("line %s claimed by user %s while held by %s; both get its events",
+                        agent.line, agent.user, ", ".join(others), extra={"conn": self.conn_id})
+        return await self._missed(agent, last, snapshot)
+
+    def _catch_up_failed(self, agent: AgentKey, exc: Exception) -> list[LineEvent]:
+        CATCH_UPS.labels(outcome="error").inc()
+        log.warning("line %s: catch-up failed (%s); sending the snapshot only", agent.line, exc,
+                    extra={"conn": self.conn_id})
+        return []
+
+    async def _missed(self, agent: AgentKey, last: StreamPosition | None, snapshot: LineSnapshot) -> list[LineEvent]:
+        try:
             if last is None:
                 CATCH_UPS.labels(outcome="first_time").inc()
                 return []
@@ -304,28 +321,12 @@ class AgentConnection:
             )
             return []
         except (OSError, aioredis.RedisError, WireError) as exc:
-            CATCH_UPS.labels(outcome="error").inc()
-            log.warning("line %s: catch-up failed (%s); sending the snapshot only", agent.line, exc,
-                        extra={"conn": self.conn_id})
-            return []
+            return self._catch_up_failed(agent, exc)
         gap = [e for e in events if e.position <= snapshot.position]
         CATCH_UPS.labels(outcome="replayed").inc()
         log.info("line %s user %s: %d events missed since %s", agent.line, agent.user or "-", len(gap),
                  last.encode(), extra={"conn": self.conn_id})
         return gap
-
-    async def _check_holders(self, agent: AgentKey, *, warn: bool) -> None:
-        """Note the user in the delivery log's holders; on a line several users may hold, say so
-        when another one is there (first come has already refused a second user elsewhere)."""
-        try:
-            others = await self.hub.delivery_log.claim(agent)
-        except (OSError, aioredis.RedisError) as exc:
-            log.info("line %s: holders unknown (%s)", agent.line, exc)
-            return
-        if others and warn:
-            SHARED_LINE_CLAIMS.inc()
-            log.warning("line %s claimed by user %s while held by %s; both get its events",
-                        agent.line, agent.user, ", ".join(others), extra={"conn": self.conn_id})
 
     def _forget(self, line: str) -> None:
         claim_id = self._claims.pop(line, None)

@@ -316,8 +316,13 @@ class DeliveryContract(_Contract):
             # a reloaded page (a new tab uid) falls back to the user's record on that line
             assert await node_b.last(AgentKey("305", "user-1", "tab-new")) == P("17", 199)
             assert await node_b.last(AgentKey("305", "user-2", "tab-1")) is None
+            # an agent opening the line reads the same, and who else holds it, in one call
+            assert await node_b.arrive(AgentKey("305", "user-1", "tab-new")) == (P("17", 199), [])
+            assert await node_b.arrive(AgentKey("305", "user-2", "tab-1")) == (None, ["user-1"])
             node_a.note(tab, P("18", 1))  # a new epoch replaces an old one whatever its numbers
             node_a.detach(tab)
+            # back on the node it just left, before the record's write: the position in memory
+            assert (await node_a.arrive(tab))[0] == P("18", 1)
             await node_a.close()
             assert await node_b.last(tab) == P("18", 1)
             await node_b.close()
@@ -337,12 +342,12 @@ class DeliveryContract(_Contract):
         async def body(world: DeliveryWorld) -> None:
             now = [1000.0]
             log = DeliveryLog(world.store(), holder_window=60, clock=lambda: now[0])
-            assert await log.claim(AgentKey("307", "alice", "t1")) == []
-            assert await log.claim(AgentKey("307", "alice", "t2")) == []  # her second tab
-            assert await log.claim(AgentKey("307", "bob", "t3")) == ["alice"]
+            assert (await log.arrive(AgentKey("307", "alice", "t1")))[1] == []
+            assert (await log.arrive(AgentKey("307", "alice", "t2")))[1] == []  # her second tab
+            assert (await log.arrive(AgentKey("307", "bob", "t3")))[1] == ["alice"]
             now[0] += 120  # alice left long ago
-            assert await log.claim(AgentKey("307", "carol", "t4")) == []
-            assert await log.claim(AgentKey("307", "", "t5")) == []  # anonymous: not tracked
+            assert (await log.arrive(AgentKey("307", "carol", "t4")))[1] == []
+            assert (await log.arrive(AgentKey("307", "", "t5")))[1] == []  # anonymous: not tracked
 
         self.run(body)
 
