@@ -12,8 +12,12 @@ from importlib import metadata
 
 from prometheus_client import Counter, Gauge, disable_created_metrics
 
+from services.process_metrics import use_process_metrics
+
 # The `_created` series double the series count and nothing here reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
+# process_open_fds without listing every descriptor per scrape (a node holds thousands of sockets)
+use_process_metrics()
 
 BROKER_ERRORS = Counter("cms_broker_errors_total", "RabbitMQ operations that failed")
 BROKER_RECONNECTS = Counter("cms_broker_reconnects_total", "RabbitMQ connections opened after the first")
