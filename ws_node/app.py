@@ -32,7 +32,7 @@ from ws_node.line_feed import LineFeed, RabbitNodeBus
 from ws_node.redis_pool import node_redis_client
 from ws_node.signalr_token import ConnectionTokens, derive_secret
 from ws_node.status_page import StatusCollector, StatusPageResource
-from ws_node.web import NegotiateResource, build_front_door
+from ws_node.web import NegotiateResource, build_front_door, build_site
 from ws_node.websocket import AgentServerFactory
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class Node:
 
         await self.feed.start()
         status = StatusPageResource(self.status, self.options.admin_token, self.options.admission.deployment_key)
-        front = build_front_door(self.factory, self.health, self.negotiate, status=status)
+        front = build_front_door(self.factory, build_site(self.factory, self.health, self.negotiate, status=status))
         self._port = reactor.listenTCP(self.options.port, front, interface=self.options.host,
                                        backlog=self.options.listen_backlog)
         self.factory.start_sweeping()

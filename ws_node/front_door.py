@@ -20,15 +20,12 @@ a head handed to twisted.web keeps what is left of it.
 from __future__ import annotations
 
 import enum
-import logging
 from collections.abc import Callable, Collection
 from typing import Any
 
 from twisted.internet.protocol import Protocol, ServerFactory
 
-from ws_node.http_deadline import SLOW_REQUESTS, BoundedHTTPChannel
-
-log = logging.getLogger(__name__)
+from ws_node.http_deadline import BoundedHTTPChannel, abort_slow_request, cancel
 
 #: twisted.web's own limits on a request head (``HTTPChannel.totalHeadersSize``, ``maxHeaders``): a
 #: head past them goes to twisted.web, which refuses it as it always did
@@ -131,16 +128,11 @@ class FrontDoor(Protocol):
 
     def _disarm(self) -> None:
         call, self._deadline = self._deadline, None
-        if call is not None and call.active():
-            call.cancel()
+        cancel(call)
 
     def _expired(self) -> None:
         self._deadline = None
-        SLOW_REQUESTS.inc()
-        log.info("request head not complete within %.0f s; connection aborted", self.front.request_deadline)
-        transport: Any = self.transport
-        if transport is not None:
-            transport.abortConnection()
+        abort_slow_request(self.transport, "request head", self.front.request_deadline)
 
 
 class FrontDoorFactory(ServerFactory):

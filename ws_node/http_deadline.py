@@ -58,13 +58,21 @@ class BoundedHTTPChannel(_HTTPChannel):  # type: ignore[misc]
 
     def _disarm(self) -> None:
         call, self._deadline = self._deadline, None
-        if call is not None and call.active():
-            call.cancel()
+        cancel(call)
 
     def _expired(self) -> None:
         self._deadline = None
-        SLOW_REQUESTS.inc()
-        log.info("request not complete within %.0f s; connection aborted", self.deadline_seconds)
-        transport: Any = self.transport
-        if transport is not None:
-            transport.abortConnection()
+        abort_slow_request(self.transport, "request", self.deadline_seconds)
+
+
+def cancel(call: Any) -> None:
+    """Cancel a delayed call if it is still pending."""
+    if call is not None and call.active():
+        call.cancel()
+
+
+def abort_slow_request(transport: Any, what: str, seconds: float) -> None:
+    SLOW_REQUESTS.inc()
+    log.info("%s not complete within %.0f s; connection aborted", what, seconds)
+    if transport is not None:
+        transport.abortConnection()

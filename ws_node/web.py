@@ -33,6 +33,8 @@ from ws_node.http_deadline import BoundedHTTPChannel
 from ws_node.signalr_token import ConnectionTokens
 
 STATIC_DIR = Path(__file__).with_name("static")
+#: seconds a whole HTTP request may take, however slowly its bytes come (slowloris)
+REQUEST_DEADLINE = 10.0
 #: SignalR negotiate versions this node speaks (1 adds the connection token)
 MAX_NEGOTIATE_VERSION = 1
 
@@ -197,7 +199,7 @@ def build_site(
     *,
     idle_timeout: float = 30.0,
     status: Resource | None = None,
-    request_deadline: float = 10.0,
+    request_deadline: float = REQUEST_DEADLINE,
 ) -> Site:
     root = RootResource(AgentEndpoint(WebSocketResource(ws_factory), negotiate))
     children: dict[bytes, Any] = {
@@ -221,17 +223,8 @@ def build_site(
     return site
 
 
-def build_front_door(
-    ws_factory: Any,
-    health: Callable[[], tuple[bool, dict[str, Any]]],
-    negotiate: NegotiateResource,
-    *,
-    idle_timeout: float = 30.0,
-    status: Resource | None = None,
-    request_deadline: float = 10.0,
-) -> FrontDoorFactory:
-    """What the node listens with: agent upgrades straight to ``ws_factory``, the rest to :func:`build_site`."""
-    site = build_site(ws_factory, health, negotiate, idle_timeout=idle_timeout, status=status,
-                      request_deadline=request_deadline)
+def build_front_door(ws_factory: Any, site: Site, *, request_deadline: float = REQUEST_DEADLINE) -> FrontDoorFactory:
+    """What the node listens with: agent upgrades straight to ``ws_factory``, the rest to ``site``
+    (:func:`build_site`, with the same ``request_deadline``)."""
     root: Any = site.resource
     return FrontDoorFactory(ws_factory, site, reserved=list(root.children), request_deadline=request_deadline)

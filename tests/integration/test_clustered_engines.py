@@ -6,7 +6,8 @@ server behind its lease, restated every line under a new epoch. With 3 members t
 its majority, so an agent's command (a queue pause) still goes through after each failure; with 2 it cannot
 (losing either member loses the majority), and commands are not checked.
 
-The suite runs it with 2 RabbitMQ members; ``make engines-test`` runs it with 3 (CMS_ENGINES_BROKER_NODES=3).
+The suite runs it with 3 RabbitMQ members, as issue 15 asks (``make engines-test`` runs this test alone);
+CMS_ENGINES_BROKER_NODES=2 runs a lighter one.
 
 Timing, measured on the 2-core machine (quiet / with three CPU-bound loops and another suite running): the engines
 come up in 12-13 s / 18-19 s (RabbitMQ's boot is nearly all of it: see tests/support/engines.py), every step under
@@ -45,7 +46,7 @@ from tests.support.engines import RabbitCluster, SentinelSet
 
 pytestmark = pytest.mark.integration
 
-BROKER_NODES = int(os.environ.get("CMS_ENGINES_BROKER_NODES", "2"))
+BROKER_NODES = int(os.environ.get("CMS_ENGINES_BROKER_NODES", "3"))
 LINES = ("301", "302", "303")
 #: a member of the simulator's "support" queue: its pause state is a command that goes through the commands queue
 QUEUE_MEMBER = "305"
